@@ -1,0 +1,76 @@
+"""`distdl` command line: train and export. Knobs live in config files, not flags."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from distdl.config import ConfigError, config_from_dict, load_config
+from distdl.driver import CONFIG_FILE, RunDirError
+from distdl.engine import CheckpointError
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="distdl", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train (or resume) a run from a YAML config")
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. trainer.max_steps=200")
+    train.add_argument("--overwrite", action="store_true",
+                       help="if the run directory holds a different config, move it aside and start afresh")
+
+    export = commands.add_parser("export", help="consolidated fp32 weights in HF format from a run's latest checkpoint")
+    export.add_argument("run_dir")
+    export.add_argument("out_dir")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return run_train(args.config, args.overrides, args.overwrite)
+        return run_export(Path(args.run_dir), Path(args.out_dir))
+    except (ConfigError, RunDirError, CheckpointError, FileExistsError) as err:
+        print(f"distdl: error: {err}", file=sys.stderr)
+        return 2
+
+
+def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:
+    from distdl.driver import train
+
+    config = load_config(config_path, overrides)
+    summary = train(config, overwrite=overwrite)
+    if not summary:
+        print(f"distdl: the run ended without a summary; see {config.run_dir}", file=sys.stderr)
+        return 1
+    final = summary.get("final", {})
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float))
+    print(f"distdl: step {summary['steps']}/{summary['max_steps']} done; {shown}")
+    print(f"distdl: run directory {config.run_dir}")
+    return 0
+
+
+def run_export(run_dir: Path, out_dir: Path) -> int:
+    import yaml
+
+    from distdl.driver import latest_checkpoint
+    from distdl.engine import consolidated_state_dict
+    from distdl.registry import WORKLOADS
+
+    config_file = run_dir / CONFIG_FILE
+    if not config_file.is_file():
+        raise ConfigError(f"{run_dir} is not a distdl run directory (no {CONFIG_FILE})")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"export target {out_dir} exists and is not empty; choose a new folder")
+    config = config_from_dict(yaml.safe_load(config_file.read_text()))
+    checkpoint = latest_checkpoint(run_dir)
+    state_dict = consolidated_state_dict(checkpoint)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    WORKLOADS.get(config.workload).export(config.sections, run_dir, state_dict, out_dir)
+    print(f"distdl: exported {checkpoint.name} ({len(state_dict)} tensors, fp32) to {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""The run configuration: YAML file + dotted overrides, typed and validated on the driver.
+
+Precedence is command line > file > dataclass defaults (as in torchtitan and Hydra).
+The fixed sections (run, ray, scaling, engine, optimizer, scheduler, trainer,
+tracking) are the same for every workload; a workload registers its own
+sections (for BERT: model, data, tokenizer), and each component is handed only
+its own section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or impossible."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RunSection:
+    name: str = "distdl-run"
+    storage_path: str = "runs"
+    seed: int = 0
+    # Ray Train restarts the worker group from the latest checkpoint this many times.
+    max_failures: int = 0
+
+
+@dataclass
+class RaySection:
+    # None starts an embedded local Ray; "auto" or "HOST:PORT" joins a cluster.
+    address: Optional[str] = None
+    # CPUs the embedded local Ray may use (None: all of this machine's).
+    num_cpus: Optional[int] = None
+
+
+@dataclass
+class ScalingSection:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    # Ray placement of the workers' bundles: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD.
+    placement_strategy: str = "PACK"
+
+
+@dataclass
+class EngineSection:
+    zero_stage: int = 0
+    precision: str = "fp32"
+    gradient_clipping: float = 1.0
+    # ZeRO stages 1-3 only: optimizer state lives in CPU memory.
+    offload_optimizer: bool = False
+    # A raw DeepSpeed JSON merged over the derived config; conflicts are errors.
+    deepspeed_config: Optional[str] = None
+
+
+@dataclass
+class OptimizerSection:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    momentum: float = 0.9
+
+
+@dataclass
+class SchedulerSection:
+    # Names of transformers.get_scheduler: constant_with_warmup, linear, cosine, ...
+    name: str = "linear"
+    warmup_steps: int = 0
+    # Used when warmup_steps is 0: a fraction of trainer.max_steps.
+    warmup_ratio: float = 0.0
+
+
+@dataclass
+class TrainerSection:
+    max_steps: int = 100
+    # End this session after this step (with a checkpoint), keeping the LR schedule planned
+    # for max_steps; rerunning the same command goes on from there (as Slurm job chains do).
+    stop_at_step: Optional[int] = None
+    micro_batch_size: int = 8
+    # Set either of these (or neither: accumulation 1). They must agree with
+    # global = micro_batch_size x gradient_accumulation_steps x num_workers.
+    global_batch_size: Optional[int] = None
+    gradient_accumulation_steps: Optional[int] = None
+    log_every: int = 10
+    # 0: evaluate only at the end.
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class TrackingSection:
+    # auto: online when a W&B login is configured, offline otherwise.
+    wandb_mode: str = "auto"
+    wandb_project: str = "distdl"
+    wandb_entity: Optional[str] = None
+    progress_bar: bool = True
+
+
+FIXED_SECTIONS: dict[str, type] = {
+    "run": RunSection,
+    "ray": RaySection,
+    "scaling": ScalingSection,
+    "engine": EngineSection,
+    "optimizer": OptimizerSection,
+    "scheduler": SchedulerSection,
+    "trainer": TrainerSection,
+    "tracking": TrackingSection,
+}
+
+ALLOWED = {
+    "engine.zero_stage": (0, 1, 2, 3),
+    "engine.precision": ("fp32", "bf16", "fp16"),
+    "optimizer.name": ("adamw", "adam", "sgd"),
+    "scheduler.name": ("constant", "constant_with_warmup", "linear", "cosine"),
+    "tracking.wandb_mode": ("auto", "online", "offline", "disabled"),
+    "scaling.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+}
+
+# Keys a rerun may change and still resume the same run: only the budget.
+BUDGET_KEYS = ("trainer.max_steps", "trainer.stop_at_step")
+
+
+@dataclass
+class Config:
+    workload: str
+    run: RunSection
+    ray: RaySection
+    scaling: ScalingSection
+    engine: EngineSection
+    optimizer: OptimizerSection
+    scheduler: SchedulerSection
+    trainer: TrainerSection
+    tracking: TrackingSection
+    # The workload's own sections, typed by the dataclasses it registered.
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.storage_path).expanduser().resolve() / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"workload": self.workload}
+        for name in FIXED_SECTIONS:
+            out[name] = dataclasses.asdict(getattr(self, name))
+        for name, section in self.sections.items():
+            out[name] = dataclasses.asdict(section)
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file, apply `dotted.key=value` overrides, type-check and validate."""
+    raw = read_yaml(path) if path is not None else {}
+    for override in overrides:
+        key, value = parse_override(override)
+        set_dotted(raw, key, value)
+    return config_from_dict(raw)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} is not of the form dotted.key=value")
+    try:
+        # YAML typing, as Hydra does: 3 -> int, 1e-3 -> float, true -> bool, null -> None.
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key, parsed
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    from distdl.registry import WORKLOADS
+
+    raw = dict(raw)
+    workload_name = raw.pop("workload", None)
+    if workload_name is None:
+        raise ConfigError(f"missing key 'workload'; known workloads: {', '.join(WORKLOADS.names())}")
+    spec = WORKLOADS.get(str(workload_name))
+    section_types = {**FIXED_SECTIONS, **spec.sections}
+    unknown = sorted(set(raw) - set(section_types))
+    if unknown:
+        raise ConfigError(
+            f"unknown section {unknown[0]!r}; valid top-level keys: workload, {', '.join(section_types)}"
+        )
+    built: dict[str, Any] = {}
+    for name, cls in section_types.items():
+        value = raw.get(name) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping of keys, got {value!r}")
+        built[name] = build_section(cls, value, name)
+    config = Config(
+        workload=str(workload_name),
+        sections={name: built.pop(name) for name in spec.sections},
+        **built,
+    )
+    validate(config)
+    spec.validate(config)
+    return config
+
+
+def build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown key {prefix}.{key}; valid keys in {prefix}: {', '.join(names)}")
+        kwargs[key] = coerce(value, hints[key], f"{prefix}.{key}")
+    return cls(**kwargs)
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against a type hint, converting only lossless cases (int -> float)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not allowed; allowed: {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return build_section(hint, value, key)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if hint is Any or isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key} must be of type {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate(config: Config) -> None:
+    """Checks that need more than one key or knowledge of this machine."""
+    for dotted, allowed in ALLOWED.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        if value not in allowed:
+            raise ConfigError(f"{dotted}={value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
+    positive = {
+        "trainer.max_steps": config.trainer.max_steps,
+        "trainer.micro_batch_size": config.trainer.micro_batch_size,
+        "trainer.log_every": config.trainer.log_every,
+        "trainer.keep_checkpoints": config.trainer.keep_checkpoints,
+        "scaling.num_workers": config.scaling.num_workers,
+        "scaling.cpus_per_worker": config.scaling.cpus_per_worker,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1")
+    for key in ("eval_every", "checkpoint_every"):
+        if getattr(config.trainer, key) < 0:
+            raise ConfigError(f"trainer.{key}={getattr(config.trainer, key)} must be 0 (off) or positive")
+    stop = config.trainer.stop_at_step
+    if stop is not None and not 1 <= stop <= config.trainer.max_steps:
+        raise ConfigError(f"trainer.stop_at_step={stop} must lie in 1..trainer.max_steps={config.trainer.max_steps}")
+    if config.optimizer.lr <= 0:
+        raise ConfigError(f"optimizer.lr={config.optimizer.lr} must be positive")
+    if not config.run.name or "/" in config.run.name or config.run.name in (".", ".."):
+        raise ConfigError(f"run.name={config.run.name!r} must be a non-empty name without '/'")
+    if config.engine.offload_optimizer and config.engine.zero_stage == 0:
+        raise ConfigError("engine.offload_optimizer=true needs engine.zero_stage 1, 2 or 3")
+    _resolve_batch(config)
+    _check_device(config)
+
+
+def _resolve_batch(config: Config) -> None:
+    trainer, workers = config.trainer, config.scaling.num_workers
+    per_step = trainer.micro_batch_size * workers
+    if trainer.global_batch_size is not None:
+        if trainer.global_batch_size % per_step:
+            raise ConfigError(
+                f"trainer.global_batch_size={trainer.global_batch_size} is not divisible by "
+                f"trainer.micro_batch_size x scaling.num_workers = {trainer.micro_batch_size} x {workers}"
+            )
+        accumulation = trainer.global_batch_size // per_step
+        if trainer.gradient_accumulation_steps not in (None, accumulation):
+            raise ConfigError(
+                f"trainer.global_batch_size={trainer.global_batch_size} != micro_batch_size x "
+                f"gradient_accumulation_steps x num_workers = {trainer.micro_batch_size} x "
+                f"{trainer.gradient_accumulation_steps} x {workers}"
+            )
+        trainer.gradient_accumulation_steps = accumulation
+    elif trainer.gradient_accumulation_steps is not None and trainer.gradient_accumulation_steps < 1:
+        raise ConfigError(f"trainer.gradient_accumulation_steps={trainer.gradient_accumulation_steps} must be at least 1")
+    trainer.gradient_accumulation_steps = trainer.gradient_accumulation_steps or 1
+    trainer.global_batch_size = per_step * trainer.gradient_accumulation_steps
+
+
+def _check_device(config: Config) -> None:
+    precision = config.engine.precision
+    if precision == "fp16" and not config.scaling.use_gpu:
+        raise ConfigError(
+            "engine.precision=fp16 needs GPUs (scaling.use_gpu=true); on CPU workers use bf16 or fp32"
+        )
+
+
+def budget_free(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """The config without the keys a resume may change."""
+    copy = yaml.safe_load(yaml.safe_dump(config_dict))
+    for dotted in BUDGET_KEYS:
+        section, key = dotted.split(".")
+        copy.get(section, {}).pop(key, None)
+    return copy
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        dotted = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, dotted + ".")
+        elif a != b:
+            diffs.append(f"{dotted}: {a!r} -> {b!r}")
+    return diffs

@@ -1,0 +1,1 @@
+"""Data pipelines: text (tokenizer, MLM blocks) and, later, vision."""

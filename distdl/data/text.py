@@ -1,0 +1,188 @@
+"""Text corpora for BERT: WordPiece tokenizer, tokenized and cached blocks, held-out slice.
+
+The corpus is a text file, a folder of text files, or a `datasets` hub name.
+Tokenization goes through `datasets.map`, so the driver's first pass fills the
+cache and the workers' passes read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from distdl.config import ConfigError
+
+TOKENIZER_DIRNAME = "tokenizer"
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ""}
+
+
+@dataclass
+class TextDataSection:
+    # A text file, a folder of text files, or a `datasets` hub name (users with network).
+    path: Optional[str] = None
+    # Hub dataset's config name, e.g. "wikitext-103-raw-v1".
+    hub_config: Optional[str] = None
+    text_column: str = "text"
+    max_seq_length: int = 128
+    mlm_probability: float = 0.15
+    # Fraction of the blocks kept out of training for the held-out MLM accuracy.
+    eval_fraction: float = 0.05
+    next_sentence_prediction: bool = False
+    num_proc: Optional[int] = None
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class TokenizerSection:
+    # A local tokenizer directory or a hub name; None trains WordPiece on the corpus.
+    name_or_path: Optional[str] = None
+    vocab_size: int = 8000
+    min_frequency: int = 2
+    lowercase: bool = True
+
+
+def is_local_path(path: str) -> bool:
+    """Whether `data.path` names a local file or folder rather than a hub dataset."""
+    return os.path.exists(os.path.expanduser(path)) or path.startswith(("/", ".", "~")) or Path(path).suffix in {".txt", ".text"}
+
+
+def text_files(path: str) -> list[str]:
+    """The corpus files under a local path; errors name the path."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise ConfigError(f"data.path: corpus {root} does not exist (give a text file, a folder of text files, or a hub dataset name)")
+    if root.is_file():
+        return [str(root)]
+    files = sorted(str(f) for f in root.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES and not f.name.startswith("."))
+    if not files:
+        raise ConfigError(f"data.path: folder {root} holds no text files (*.txt or files without a suffix)")
+    return files
+
+
+def load_raw_corpus(data: TextDataSection) -> Any:
+    """The corpus as a `datasets.Dataset` with one text column."""
+    import datasets
+
+    if data.path is None:
+        raise ConfigError("data.path is required: a text file, a folder of text files, or a hub dataset name")
+    if is_local_path(data.path):
+        raw = datasets.load_dataset("text", data_files=text_files(data.path), split="train", cache_dir=data.cache_dir)
+        column = "text"
+    else:
+        try:
+            raw = datasets.load_dataset(data.path, data.hub_config, split="train", cache_dir=data.cache_dir)
+        except Exception as err:
+            raise ConfigError(f"data.path: could not load hub dataset {data.path!r}: {err}") from err
+        column = data.text_column
+        if column not in raw.column_names:
+            raise ConfigError(f"data.text_column={column!r} is not a column of {data.path}; columns: {raw.column_names}")
+    raw = raw.select_columns([column]).rename_column(column, "text") if column != "text" else raw.select_columns(["text"])
+    raw = raw.filter(lambda row: bool(row["text"] and row["text"].strip()), num_proc=data.num_proc)
+    if len(raw) == 0:
+        raise ConfigError(f"data.path: corpus {data.path} holds no non-empty lines")
+    return raw
+
+
+def train_tokenizer(raw: Any, section: TokenizerSection, out_dir: Path) -> Any:
+    """Train a BERT WordPiece tokenizer on the corpus and save it in HF format."""
+    from tokenizers.implementations import BertWordPieceTokenizer
+    from transformers import BertTokenizer
+
+    wordpiece = BertWordPieceTokenizer(lowercase=section.lowercase)
+    batches = (raw[i : i + 1000]["text"] for i in range(0, len(raw), 1000))
+    wordpiece.train_from_iterator(
+        batches, vocab_size=section.vocab_size, min_frequency=section.min_frequency, special_tokens=SPECIAL_TOKENS
+    )
+    tokenizer = BertTokenizer(tokenizer_object=wordpiece._tokenizer, do_lower_case=section.lowercase)
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def load_tokenizer(section: TokenizerSection, run_dir: Path) -> Any:
+    """The configured tokenizer, or the one trained for this run (see `prepare_tokenizer`)."""
+    from transformers import AutoTokenizer
+
+    source = section.name_or_path or str(run_dir / TOKENIZER_DIRNAME)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as err:
+        raise ConfigError(f"tokenizer.name_or_path: could not load a tokenizer from {source!r}: {err}") from err
+
+
+def prepare_tokenizer(raw: Any, section: TokenizerSection, run_dir: Path) -> Any:
+    """Load the tokenizer, training one on the corpus the first time a run needs it."""
+    if section.name_or_path is None and not (run_dir / TOKENIZER_DIRNAME / "tokenizer.json").is_file():
+        return train_tokenizer(raw, section, run_dir / TOKENIZER_DIRNAME)
+    tokenizer = load_tokenizer(section, run_dir)
+    missing = [t for t in ("mask_token", "pad_token", "cls_token", "sep_token") if getattr(tokenizer, t) is None]
+    if missing:
+        raise ConfigError(f"tokenizer {section.name_or_path}: lacks {', '.join(missing)}, which BERT pretraining needs")
+    return tokenizer
+
+
+def tokenized_blocks(raw: Any, tokenizer: Any, data: TextDataSection, seed: int) -> Any:
+    """Tokenize, concatenate and cut into max_seq_length blocks (as HF's run_mlm.py); split off eval."""
+    import datasets
+
+    fingerprint = _fingerprint(raw._fingerprint, tokenizer, data.max_seq_length)
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        return tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
+
+    tokens = raw.map(tokenize, batched=True, remove_columns=["text"], num_proc=data.num_proc,
+                     new_fingerprint=fingerprint + "-tok", desc="tokenizing")
+    body = data.max_seq_length - 2  # room for [CLS] and [SEP]
+
+    def to_blocks(batch: dict[str, list]) -> dict[str, list]:
+        stream = [token for ids in batch["input_ids"] for token in ids]
+        usable = len(stream) // body * body
+        return {"input_ids": [[tokenizer.cls_token_id, *stream[i : i + body], tokenizer.sep_token_id]
+                              for i in range(0, usable, body)]}
+
+    blocks = tokens.map(to_blocks, batched=True, batch_size=1000, num_proc=data.num_proc,
+                        new_fingerprint=fingerprint + "-blocks", desc="grouping")
+    if len(blocks) < 2:
+        raise ConfigError(
+            f"data.path: corpus {data.path} gives only {len(blocks)} block(s) of {data.max_seq_length} tokens; "
+            "give more text or lower data.max_seq_length"
+        )
+    split = blocks.train_test_split(test_size=data.eval_fraction, seed=seed, shuffle=True)
+    return datasets.DatasetDict(train=split["train"], eval=split["test"])
+
+
+def _fingerprint(base: str, tokenizer: Any, max_seq_length: int) -> str:
+    # datasets hashes the map function by pickling it, which is not stable for a tokenizer
+    # object across processes; an explicit fingerprint lets workers hit the driver's cache.
+    digest = hashlib.sha256()
+    digest.update(base.encode())
+    digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(str(max_seq_length).encode())
+    return digest.hexdigest()[:32]
+
+
+def shard_for_rank(dataset: Any, rank: int, world_size: int) -> Any:
+    """A disjoint, contiguous shard per rank; together the shards cover the dataset once."""
+    from datasets.distributed import split_dataset_by_node
+
+    return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+
+
+def micro_batches(dataset: Any, batch_size: int, collate: Any, seed: int, start: int = 0) -> Iterator[dict]:
+    """Endless micro-batches, reshuffled every epoch; `start` skips that many (exact resume)."""
+    import torch
+
+    per_epoch = len(dataset) // batch_size
+    if per_epoch == 0:
+        raise ConfigError(f"a rank's shard has {len(dataset)} examples, fewer than trainer.micro_batch_size={batch_size}")
+    index = start
+    while True:
+        epoch, position = divmod(index, per_epoch)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        for batch_start in range(position * batch_size, per_epoch * batch_size, batch_size):
+            rows = dataset[order[batch_start : batch_start + batch_size].tolist()]
+            yield collate([{key: rows[key][i] for key in rows} for i in range(batch_size)])
+            index += 1

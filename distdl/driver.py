@@ -1,0 +1,133 @@
+"""The driver: check the run directory, prepare the workload, connect to Ray, run the TorchTrainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distdl.config import Config, ConfigError, budget_free, config_differences
+from distdl.registry import WORKLOADS
+from distdl.tracking import SUMMARY_FILE, resolve_wandb_mode
+
+CONFIG_FILE = "config.yaml"
+# Environment the workers need to see as the driver does (Ray clusters start workers elsewhere).
+FORWARDED_ENV = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "HF_HOME", "HF_DATASETS_CACHE",
+                 "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+class RunDirError(RuntimeError):
+    """The run directory belongs to a different run."""
+
+
+def check_run_dir(config: Config, overwrite: bool) -> bool:
+    """Whether this is a resume. Refuse a run directory holding a different config, unless overwriting.
+
+    A rerun that changes only the step budget (trainer.max_steps, trainer.stop_at_step) is a resume.
+    Overwriting moves the old directory aside rather than deleting it.
+    """
+    run_dir = config.run_dir
+    if not run_dir.exists():
+        return False
+    saved_file = run_dir / CONFIG_FILE
+    if not saved_file.is_file():
+        if any(run_dir.iterdir()):
+            raise RunDirError(f"run directory {run_dir} exists and is not a distdl run (no {CONFIG_FILE}); "
+                              "choose another run.name or run.storage_path")
+        return False
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    differences = config_differences(budget_free(saved), budget_free(config.to_dict()))
+    if not differences:
+        return True
+    if not overwrite:
+        listed = "\n  ".join(differences)
+        raise RunDirError(
+            f"run directory {run_dir} holds a run with a different config:\n  {listed}\n"
+            "Only trainer.max_steps and trainer.stop_at_step may change on a resume. "
+            "Use another run.name, or pass --overwrite to move the old run aside and start afresh."
+        )
+    aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.rename(aside)
+    print(f"distdl: moved the previous run to {aside}")
+    return False
+
+
+def train(config: Config, overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume) a training run and return its summary."""
+    resuming = check_run_dir(config, overwrite)
+    workload = WORKLOADS.get(config.workload)
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        workload.prepare(config)
+    except Exception:
+        if not resuming:
+            _remove_if_only_ours(config.run_dir)
+        raise
+    (config.run_dir / CONFIG_FILE).write_text(config.to_yaml())
+    wandb_mode = resolve_wandb_mode(config.tracking.wandb_mode)
+    connect_ray(config)
+    trainer = build_trainer(config, wandb_mode)
+    print(f"distdl: {'resuming' if resuming else 'starting'} run {config.run_dir} "
+          f"({config.scaling.num_workers} workers, ZeRO-{config.engine.zero_stage}, {config.engine.precision})")
+    trainer.fit()
+    summary_file = config.run_dir / SUMMARY_FILE
+    return json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+
+
+def _remove_if_only_ours(run_dir: Path) -> None:
+    """A failed first start leaves no half-made run directory behind (only what prepare wrote)."""
+    import shutil
+
+    if run_dir.is_dir() and not (run_dir / CONFIG_FILE).exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def connect_ray(config: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    if config.ray.address is None:
+        ray.init(num_cpus=config.ray.num_cpus, runtime_env={"env_vars": env_vars}, include_dashboard=False,
+                 log_to_driver=True)
+    else:
+        ray.init(address=config.ray.address, runtime_env={"env_vars": env_vars})
+
+
+def build_trainer(config: Config, wandb_mode: str) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from distdl.loop import train_loop_per_worker
+
+    scaling = config.scaling
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.to_dict(), "wandb_mode": wandb_mode},
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+            placement_strategy=scaling.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=config.run.name,
+            storage_path=str(config.run_dir.parent),
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.trainer.keep_checkpoints),
+        ),
+    )
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The newest complete checkpoint Ray Train persisted in a run directory."""
+    candidates = sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
+    complete = [p for p in candidates if (p / "latest").is_file()]
+    if not complete:
+        raise ConfigError(f"run directory {run_dir} holds no complete checkpoint (checkpoint_*/latest)")
+    return complete[-1]

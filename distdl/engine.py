@@ -1,0 +1,206 @@
+"""The only module that imports deepspeed.
+
+Builds the DeepSpeed config from the engine section, wraps a model in a
+DeepSpeed engine, saves and loads checkpoints, and consolidates fp32 weights
+for export. Everything else in distdl talks to `Engine`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from distdl.config import ConfigError, EngineSection, TrainerSection
+
+# DeepSpeed prints a config dump every `steps_per_print` steps; distdl logs itself.
+_QUIET_STEPS = 2**31 - 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing files or cannot be read."""
+
+
+def build_deepspeed_config(
+    engine: EngineSection, trainer: TrainerSection, num_workers: int, use_gpu: bool
+) -> dict[str, Any]:
+    """The DeepSpeed JSON derived from distdl's engine and trainer sections (plus any raw JSON)."""
+    derived: dict[str, Any] = {
+        "train_batch_size": trainer.micro_batch_size * trainer.gradient_accumulation_steps * num_workers,
+        "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
+        "gradient_accumulation_steps": trainer.gradient_accumulation_steps,
+        "gradient_clipping": engine.gradient_clipping,
+        "steps_per_print": _QUIET_STEPS,
+        "wall_clock_breakdown": False,
+        # distdl hands DeepSpeed torch optimizers; these let ZeRO (and offload) take them
+        # instead of JIT-compiling DeepSpeed's own fused optimizers.
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": engine.zero_stage},
+    }
+    if engine.offload_optimizer:
+        derived["zero_force_ds_cpu_optimizer"] = False
+        derived["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    if engine.precision == "bf16":
+        derived["bf16"] = {"enabled": True}
+    elif engine.precision == "fp16":
+        derived["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if engine.deepspeed_config:
+        derived = merge_deepspeed_config(derived, read_deepspeed_json(engine.deepspeed_config))
+    return derived
+
+
+def read_deepspeed_json(path: str) -> dict[str, Any]:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"engine.deepspeed_config: {file} does not exist")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"engine.deepspeed_config: {file} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"engine.deepspeed_config: {file} must hold a JSON object")
+    return data
+
+
+def merge_deepspeed_config(derived: dict[str, Any], user: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Add the user's keys to the derived config; a key set to a different value in both is an error."""
+    merged = copy.deepcopy(derived)
+    for key, value in user.items():
+        dotted = f"{prefix}{key}"
+        if key not in merged:
+            merged[key] = copy.deepcopy(value)
+        elif isinstance(merged[key], dict) and isinstance(value, dict):
+            merged[key] = merge_deepspeed_config(merged[key], value, dotted + ".")
+        elif merged[key] != value:
+            raise ConfigError(
+                f"engine.deepspeed_config sets {dotted}={value!r} but distdl's config gives "
+                f"{merged[key]!r}; set it through the distdl key instead, or make them agree"
+            )
+    return merged
+
+
+class Engine:
+    """A model (with its optimizer and LR schedule) inside a DeepSpeed engine."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        parameters: list[dict[str, Any]],
+        make_optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
+        make_scheduler: Optional[Callable[[torch.optim.Optimizer], Any]],
+        ds_config: dict[str, Any],
+    ) -> None:
+        import deepspeed
+
+        self.ds_config = ds_config
+        self._engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=parameters,
+            optimizer=make_optimizer,
+            lr_scheduler=make_scheduler,
+            config=ds_config,
+            dist_init_required=False,
+        )
+
+    # -- training
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._engine.backward(loss)
+
+    def step(self) -> None:
+        """Called after every micro-batch; DeepSpeed steps the optimizer at accumulation boundaries."""
+        self._engine.step()
+
+    def train(self, mode: bool = True) -> None:
+        self._engine.train(mode)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self._engine.module
+
+    @property
+    def device(self) -> torch.device:
+        return self._engine.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        precision = self.ds_config
+        if precision.get("bf16", {}).get("enabled"):
+            return torch.bfloat16
+        if precision.get("fp16", {}).get("enabled"):
+            return torch.float16
+        return torch.float32
+
+    @property
+    def global_steps(self) -> int:
+        return int(self._engine.global_steps)
+
+    def lr(self) -> float:
+        return float(self._engine.get_lr()[0])
+
+    def grad_norm(self) -> Optional[float]:
+        norm = self._engine.get_global_grad_norm()
+        if norm is None:
+            return None
+        return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    def parameter_checksum(self) -> str:
+        """sha256 of this rank's full fp32 weights (gathered under ZeRO-3); equal on every rank."""
+        import hashlib
+
+        import deepspeed
+
+        params = list(self._engine.module.parameters())
+        digest = hashlib.sha256()
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            for param in params:
+                digest.update(param.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+    # -- checkpoints
+    def save(self, directory: str | Path, client_state: dict[str, Any]) -> None:
+        """Every rank calls this; each writes its own shards into `directory`."""
+        self._engine.save_checkpoint(str(directory), tag=f"global_step{self.global_steps}", client_state=client_state)
+
+    def load(self, directory: str | Path) -> dict[str, Any]:
+        """Restore weights, optimizer, LR schedule and step; return the saved client state."""
+        directory = Path(directory)
+        try:
+            path, client_state = self._engine.load_checkpoint(str(directory))
+        except Exception as err:  # DeepSpeed raises many types for damaged files
+            raise CheckpointError(f"checkpoint {directory} could not be loaded: {err}") from err
+        if path is None:
+            raise CheckpointError(f"checkpoint {directory} is missing DeepSpeed files (no 'latest' tag or shards)")
+        return client_state or {}
+
+
+def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """fp32 weights gathered from a DeepSpeed checkpoint of any ZeRO stage."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    checkpoint_dir = Path(checkpoint_dir)
+    tag_file = checkpoint_dir / "latest"
+    if not tag_file.is_file():
+        raise CheckpointError(f"checkpoint {checkpoint_dir} has no 'latest' file; is it a distdl checkpoint?")
+    tag_dir = checkpoint_dir / tag_file.read_text().strip()
+    try:
+        if any(tag_dir.glob("*optim_states.pt")) and _zero_stage(tag_dir) > 0:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
+        else:
+            model_states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+            state = model_states["module"]
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {tag_dir} could not be read: {err}") from err
+    return {name: tensor.float() for name, tensor in state.items()}
+
+
+def _zero_stage(tag_dir: Path) -> int:
+    model_states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return int(model_states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))

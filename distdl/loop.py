@@ -1,0 +1,199 @@
+"""The per-worker training loop: the one place where steps happen.
+
+Runs inside every Ray Train worker: build the workload and its DeepSpeed engine,
+resume from Ray Train's latest checkpoint, step, log (rank 0), evaluate,
+checkpoint and report to Ray Train.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from distdl.config import Config, config_from_dict
+from distdl.engine import CheckpointError, Engine, build_deepspeed_config
+from distdl.optim import optimizer_factory, param_groups, scheduler_factory
+from distdl.registry import WORKLOADS
+from distdl.tracking import Tracker
+from distdl.workloads.base import WorkerContext, Workload
+
+RNG_FILE = "rng_state_rank{rank}.pt"
+
+
+def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    """Ray Train's entry point; `payload` holds the resolved config as a plain dict."""
+    import ray.train
+    import ray.train.torch
+
+    config = config_from_dict(payload["config"])
+    train_context = ray.train.get_context()
+    rank, world_size = train_context.get_world_rank(), train_context.get_world_size()
+    # Ray gives each worker a CPU budget; more intra-op threads than that thrash (measured ~50x).
+    torch.set_num_threads(config.scaling.cpus_per_worker)
+    context = WorkerContext(
+        rank=rank,
+        world_size=world_size,
+        seed=config.run.seed,
+        micro_batch_size=config.trainer.micro_batch_size,
+        run_dir=config.run_dir,
+        device=ray.train.torch.get_device(),
+    )
+    workload: Workload = WORKLOADS.get(config.workload)(config.sections, context)
+    torch.manual_seed(config.run.seed)  # the same initial weights on every rank
+    engine = build_engine(workload.build_model(), config, world_size)
+    start_step = resume(engine, rank) if ray.train.get_checkpoint() else fresh_start(config.run.seed, rank)
+    tracker = None
+    if rank == 0:
+        tracker = Tracker(config.tracking, config.run_dir, config.run.name, config.to_dict(),
+                          payload["wandb_mode"], start_step, config.trainer.max_steps)
+    run_steps(config, workload, engine, tracker, start_step, rank, world_size)
+
+
+def build_engine(model: torch.nn.Module, config: Config, world_size: int) -> Engine:
+    ds_config = build_deepspeed_config(config.engine, config.trainer, world_size, config.scaling.use_gpu)
+    return Engine(
+        model,
+        param_groups(model, config.optimizer.weight_decay),
+        optimizer_factory(config.optimizer),
+        scheduler_factory(config.scheduler, config.trainer.max_steps),
+        ds_config,
+    )
+
+
+def fresh_start(seed: int, rank: int) -> int:
+    # Ranks draw different masks and dropout, reproducibly.
+    torch.manual_seed(seed + 1 + rank)
+    return 0
+
+
+def resume(engine: Engine, rank: int) -> int:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() as directory:
+        engine.load(directory)
+        rng_file = Path(directory) / RNG_FILE.format(rank=rank)
+        if not rng_file.is_file():
+            raise CheckpointError(f"checkpoint {directory} has no {rng_file.name}: was it saved with another world size?")
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return engine.global_steps
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Window:
+    """Sums over the steps since the last log line, reduced across ranks when logged."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.micro_batches = 0
+        self.samples = 0
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, metrics: dict[str, Any], counts: dict[str, int]) -> None:
+        for name, value in {"loss": loss, **metrics}.items():
+            value = torch.as_tensor(value).detach().float().cpu() if not torch.is_tensor(value) else value.detach().float()
+            self.sums[name] = self.sums.get(name, 0) + value
+        self.micro_batches += 1
+        self.samples += counts["samples"]
+        self.tokens += counts["tokens"]
+
+    def reduce(self, device: torch.device) -> dict[str, float]:
+        names = sorted(self.sums)
+        values = torch.stack([self.sums[n].to(device).reshape(()) for n in names]
+                             + [torch.tensor(float(x), device=device) for x in (self.samples, self.tokens)])
+        if dist.is_initialized():
+            dist.all_reduce(values)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        means = {n: values[i].item() / (self.micro_batches * world) for i, n in enumerate(names)}
+        samples, tokens = values[-2].item(), values[-1].item()
+        return {**means, "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def run_steps(config: Config, workload: Workload, engine: Engine, tracker: Optional[Tracker],
+              start_step: int, rank: int, world_size: int) -> None:
+    trainer = config.trainer
+    accumulation = trainer.gradient_accumulation_steps
+    stop = trainer.stop_at_step or trainer.max_steps
+    batches: Iterator[dict] = workload.train_batches(start=start_step * accumulation)
+    session_started = time.perf_counter()
+    window, logged = Window(), {}
+    engine.train(True)
+    for step in range(start_step + 1, stop + 1):
+        for _ in range(accumulation):
+            batch = {k: v.to(engine.device) for k, v in next(batches).items()}
+            loss, metrics = workload.loss(engine, batch)
+            engine.backward(loss)
+            engine.step()
+            window.add(loss, metrics, workload.batch_size(batch))
+        if tracker:
+            tracker.advance()
+        metrics = {}
+        if step % trainer.log_every == 0 or step == stop:
+            metrics = {**window.reduce(engine.device), "lr": engine.lr(), "grad_norm": engine.grad_norm()}
+            window = Window()
+        if (trainer.eval_every and step % trainer.eval_every == 0) or step == stop:
+            metrics.update(workload.evaluate(engine))
+        if metrics and tracker:
+            tracker.log(step, metrics)
+        logged.update(metrics)
+        if (trainer.checkpoint_every and step % trainer.checkpoint_every == 0) or step == stop:
+            save_and_report(engine, rank, step, metrics)
+    summary = {
+        "steps": engine.global_steps,
+        "max_steps": trainer.max_steps,
+        "completed": engine.global_steps >= trainer.max_steps,
+        "world_size": world_size,
+        "global_batch_size": trainer.global_batch_size,
+        "session_wall_time_s": time.perf_counter() - session_started,
+        "parameter_checksums": gather(engine.parameter_checksum()),
+        "ray_node_ids": gather(ray_node_id()),
+        "final": logged,
+    }
+    if tracker:
+        tracker.finish(summary)
+
+
+def save_and_report(engine: Engine, rank: int, step: int, metrics: dict[str, Any]) -> None:
+    """Every rank writes its shards into its own directory; Ray Train merges them into one checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="distdl-ckpt-") as directory:
+        engine.save(directory, client_state={"step": step})
+        torch.save(rng_state(), Path(directory) / RNG_FILE.format(rank=rank))
+        reported = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        ray.train.report({"step": step, **reported}, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_dir_name=f"checkpoint_{step:08d}")
+
+
+def gather(value: Any) -> list[Any]:
+    """A small Python value from every rank, in rank order (every rank calls it)."""
+    if not dist.is_initialized():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def ray_node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()

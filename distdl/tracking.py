@@ -1,0 +1,154 @@
+"""Rank-0 tracking: metrics.jsonl and summary.json in the run directory, a progress bar, W&B.
+
+W&B is best effort: a failure to start or to log warns once and training goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+from distdl.config import TrackingSection
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+WANDB_ID_FILE = "wandb_id"
+
+
+def wandb_logged_in() -> bool:
+    """Whether this machine has W&B credentials (environment or ~/.netrc), without network."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_wandb_mode(requested: str) -> str:
+    """auto -> WANDB_MODE if the user set it, else online when logged in, offline otherwise."""
+    if requested != "auto":
+        return requested
+    from_env = os.environ.get("WANDB_MODE")
+    if from_env in ("online", "offline", "disabled"):
+        return from_env
+    return "online" if wandb_logged_in() else "offline"
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """One W&B run per training run: the id is kept in the run directory so a resume continues it."""
+    id_file = run_dir / WANDB_ID_FILE
+    if id_file.is_file():
+        return id_file.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    id_file.write_text(run_id + "\n")
+    return run_id
+
+
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """Drop lines a crashed attempt logged after the checkpoint being resumed from."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+class Tracker:
+    """Lives on rank 0 only."""
+
+    def __init__(
+        self,
+        section: TrackingSection,
+        run_dir: Path,
+        run_name: str,
+        config: dict[str, Any],
+        wandb_mode: str,
+        start_step: int,
+        max_steps: int,
+    ) -> None:
+        self.run_dir = run_dir
+        truncate_metrics(run_dir, start_step)
+        self._metrics = open(run_dir / METRICS_FILE, "a")
+        self._wandb = self._start_wandb(section, run_name, config, wandb_mode)
+        self._bar = self._start_bar(section, start_step, max_steps)
+
+    def _start_wandb(self, section: TrackingSection, run_name: str, config: dict[str, Any], mode: str) -> Any:
+        if mode == "disabled":
+            return None
+        try:
+            import wandb
+
+            return wandb.init(
+                project=section.wandb_project,
+                entity=section.wandb_entity,
+                name=run_name,
+                id=wandb_run_id(self.run_dir),
+                resume="allow",
+                config=config,
+                dir=str(self.run_dir),
+                mode=mode,
+            )
+        except Exception as err:  # W&B must never stop training
+            warnings.warn(f"W&B could not start ({err}); training goes on, metrics stay in {self.run_dir / METRICS_FILE}")
+            return None
+
+    def _start_bar(self, section: TrackingSection, start_step: int, max_steps: int) -> Any:
+        if not section.progress_bar:
+            return None
+        # tqdm_ray draws worker bars on the driver's console without garbling Ray's log stream.
+        from ray.experimental.tqdm_ray import tqdm
+
+        bar = tqdm(total=max_steps, desc="train", unit="step")
+        bar.update(start_step)
+        return bar
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        if self._wandb is not None:
+            try:
+                self._wandb.log(metrics, step=step)
+            except Exception as err:
+                warnings.warn(f"W&B logging failed ({err}); continuing without W&B")
+                self._wandb = None
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        if self._wandb is not None:
+            try:
+                summary["wandb_run_dir"] = str(Path(self._wandb.dir).parent)
+                summary["wandb_run_id"] = self._wandb.id
+                self._wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+                if self._wandb.settings.mode == "offline":
+                    print(f"W&B ran offline; upload it later with: wandb sync {summary['wandb_run_dir']}")
+                self._wandb.finish()
+            except Exception as err:
+                warnings.warn(f"W&B could not finish ({err})")
+        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        self._metrics.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value

@@ -1,0 +1,3 @@
+"""Built-in workloads; importing this package registers them."""
+
+from distdl.workloads import bert_pretrain  # noqa: F401

@@ -1,0 +1,65 @@
+"""What a workload provides to the training loop; each registers a subclass by name."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+import torch
+
+from distdl.config import Config
+
+
+@dataclass
+class WorkerContext:
+    """What a workload may know about where it runs; never the whole config."""
+
+    rank: int
+    world_size: int
+    seed: int
+    micro_batch_size: int
+    run_dir: Path
+    device: torch.device
+
+
+class Workload(ABC):
+    # The workload's own top-level config sections and their dataclasses.
+    sections: ClassVar[dict[str, type]] = {}
+
+    def __init__(self, sections: dict[str, Any], context: WorkerContext) -> None:
+        self.context = context
+
+    @classmethod
+    def validate(cls, config: Config) -> None:
+        """Driver-side checks across the workload's sections (before Ray starts)."""
+
+    @classmethod
+    def prepare(cls, config: Config) -> None:
+        """Driver-side work done once before the workers start (files, tokenizer, caches)."""
+
+    @abstractmethod
+    def build_model(self) -> torch.nn.Module: ...
+
+    @abstractmethod
+    def train_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's micro-batches, beginning after the first `start` ones."""
+
+    @abstractmethod
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward one micro-batch through `model` (the engine); the loss and per-batch metrics."""
+
+    @abstractmethod
+    def evaluate(self, model: Any) -> dict[str, float]:
+        """Held-out metrics, reduced over all ranks (every rank calls it)."""
+
+    def batch_size(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Samples and tokens in a micro-batch, for throughput."""
+        first = next(iter(batch.values()))
+        return {"samples": int(first.shape[0]), "tokens": int(first.numel())}
+
+    @classmethod
+    def export(cls, sections: dict[str, Any], run_dir: Path, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+        """Write consolidated fp32 weights in the format users load (HF for text)."""
+        raise NotImplementedError(f"workload {cls.__name__} has no export format")

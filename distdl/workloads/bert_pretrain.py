@@ -1,0 +1,161 @@
+"""BERT masked-LM pretraining (Devlin et al. 2019): HF transformers model, 15% masking at 80/10/10."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from distdl.config import Config, ConfigError
+from distdl.data import text
+from distdl.registry import WORKLOADS
+from distdl.workloads.base import WorkerContext, Workload
+
+# (layers, hidden, heads) of Google's BERT checkpoints (Turc et al. 2019 for the small ones).
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "tiny": (2, 128, 2),
+    "mini": (4, 256, 4),
+    "small": (4, 512, 8),
+    "medium": (8, 512, 8),
+    "base": (12, 768, 12),
+    "large": (24, 1024, 16),
+}
+
+
+@dataclass
+class BertModelSection:
+    # One of PRESETS, or None when config_path is given.
+    preset: Optional[str] = "tiny"
+    # An HF config.json or a folder holding one (vocab size still comes from the tokenizer).
+    config_path: Optional[str] = None
+    # HF attention backend: sdpa (PyTorch scaled-dot-product attention) or eager.
+    attn_implementation: str = "sdpa"
+
+
+def bert_config(model: BertModelSection, tokenizer: Any, max_seq_length: int) -> Any:
+    from transformers import BertConfig
+
+    if model.config_path:
+        path = Path(model.config_path).expanduser()
+        if not path.exists():
+            raise ConfigError(f"model.config_path: {path} does not exist")
+        config = BertConfig.from_pretrained(str(path))
+    else:
+        layers, hidden, heads = PRESETS[model.preset]
+        config = BertConfig(
+            num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, intermediate_size=4 * hidden
+        )
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id = tokenizer.pad_token_id
+    config.max_position_embeddings = max(config.max_position_embeddings, max_seq_length)
+    config._attn_implementation = model.attn_implementation
+    return config
+
+
+@WORKLOADS.register("bert_pretrain")
+class BertPretrain(Workload):
+    sections = {"model": BertModelSection, "data": text.TextDataSection, "tokenizer": text.TokenizerSection}
+
+    def __init__(self, sections: dict[str, Any], context: WorkerContext) -> None:
+        super().__init__(sections, context)
+        self.model_section: BertModelSection = sections["model"]
+        self.data: text.TextDataSection = sections["data"]
+        raw = text.load_raw_corpus(self.data)
+        self.tokenizer = text.load_tokenizer(sections["tokenizer"], context.run_dir)
+        blocks = text.tokenized_blocks(raw, self.tokenizer, self.data, context.seed)
+        self.train_shard = text.shard_for_rank(blocks["train"], context.rank, context.world_size)
+        self.eval_shard = text.shard_for_rank(blocks["eval"], context.rank, context.world_size)
+
+    @classmethod
+    def validate(cls, config: Config) -> None:
+        model, data = config.sections["model"], config.sections["data"]
+        if model.config_path is None and model.preset not in PRESETS:
+            raise ConfigError(f"model.preset={model.preset!r} is not allowed; allowed: {', '.join(PRESETS)}")
+        if model.attn_implementation not in ("sdpa", "eager"):
+            raise ConfigError(f"model.attn_implementation={model.attn_implementation!r}; allowed: sdpa, eager")
+        if not 0 < data.mlm_probability < 1:
+            raise ConfigError(f"data.mlm_probability={data.mlm_probability} must lie in (0, 1)")
+        if not 0 < data.eval_fraction < 1:
+            raise ConfigError(f"data.eval_fraction={data.eval_fraction} must lie in (0, 1)")
+        if data.max_seq_length < 8:
+            raise ConfigError(f"data.max_seq_length={data.max_seq_length} must be at least 8")
+        if data.next_sentence_prediction:
+            raise ConfigError("data.next_sentence_prediction=true is not supported yet; allowed: false")
+        if data.path is None:
+            raise ConfigError("data.path is required: a text file, a folder of text files, or a hub dataset name")
+
+    @classmethod
+    def prepare(cls, config: Config) -> None:
+        """Train or check the tokenizer and fill the tokenization cache once, before the workers read it."""
+        data = config.sections["data"]
+        raw = text.load_raw_corpus(data)
+        tokenizer = text.prepare_tokenizer(raw, config.sections["tokenizer"], config.run_dir)
+        blocks = text.tokenized_blocks(raw, tokenizer, data, config.run.seed)
+        per_rank = len(blocks["train"]) // config.scaling.num_workers
+        if per_rank < config.trainer.micro_batch_size:
+            raise ConfigError(
+                f"data.path: {len(blocks['train'])} training blocks give each of {config.scaling.num_workers} "
+                f"workers {per_rank}, fewer than trainer.micro_batch_size={config.trainer.micro_batch_size}"
+            )
+
+    def build_model(self) -> torch.nn.Module:
+        from transformers import BertForMaskedLM
+
+        return BertForMaskedLM(bert_config(self.model_section, self.tokenizer, self.data.max_seq_length))
+
+    def _collator(self, seed: Optional[int] = None) -> Any:
+        from transformers import DataCollatorForLanguageModeling
+
+        return DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=self.data.mlm_probability, seed=seed)
+
+    def train_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        # Masking draws from the global torch RNG, which checkpoints save per rank.
+        seed = self.context.seed * 1_000 + self.context.rank
+        return text.micro_batches(self.train_shard, self.context.micro_batch_size, self._collator(), seed, start)
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = model(**batch)
+        masked = batch["labels"] != -100
+        correct = (out.logits.argmax(-1) == batch["labels"]) & masked
+        # Tensors, not floats: no device sync per micro-batch.
+        return out.loss, {"mlm_accuracy": correct.sum() / masked.sum().clamp(min=1)}
+
+    @torch.no_grad()
+    def evaluate(self, model: Any) -> dict[str, float]:
+        """MLM loss and accuracy over the whole held-out slice, the same masks at every evaluation."""
+        model.train(False)
+        collate = self._collator(seed=self.context.seed + 7919 * self.context.rank)
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, masked tokens
+        size = self.context.micro_batch_size
+        for begin in range(0, len(self.eval_shard), size):
+            rows = self.eval_shard[begin : begin + size]["input_ids"]
+            batch = {k: v.to(self.context.device) for k, v in collate([{"input_ids": r} for r in rows]).items()}
+            logits = model(**batch).logits.float()
+            labels = batch["labels"]
+            masked = labels != -100
+            totals[0] += torch.nn.functional.cross_entropy(logits[masked], labels[masked], reduction="sum").item()
+            totals[1] += (logits.argmax(-1)[masked] == labels[masked]).sum().item()
+            totals[2] += masked.sum().item()
+        model.train(True)
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        count = max(totals[2].item(), 1.0)
+        return {"eval_loss": totals[0].item() / count, "eval_mlm_accuracy": totals[1].item() / count,
+                "eval_masked_tokens": int(totals[2].item())}
+
+    @classmethod
+    def export(cls, sections: dict[str, Any], run_dir: Path, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+        from transformers import BertForMaskedLM
+
+        tokenizer = text.load_tokenizer(sections["tokenizer"], run_dir)
+        model = BertForMaskedLM(bert_config(sections["model"], tokenizer, sections["data"].max_seq_length))
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        # The MLM decoder is tied to the word embeddings, so its weight may be stored once.
+        missing = [k for k in missing if k != "cls.predictions.decoder.weight"]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model.save_pretrained(str(out_dir))
+        tokenizer.save_pretrained(str(out_dir))
