@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from distdl.config import ConfigError, config_from_dict, load_config
-from distdl.driver import CONFIG_FILE, RunDirError
-from distdl.engine import CheckpointError
+from distdl.driver import CONFIG_FILE
+from distdl.errors import USER_ERRORS
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -31,7 +31,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "train":
             return run_train(args.config, args.overrides, args.overwrite)
         return run_export(Path(args.run_dir), Path(args.out_dir))
-    except (ConfigError, RunDirError, CheckpointError, FileExistsError) as err:
+    except USER_ERRORS as err:
         print(f"distdl: error: {err}", file=sys.stderr)
         return 2
 

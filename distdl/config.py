@@ -10,6 +10,7 @@ its own section.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -277,6 +278,12 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         return build_section(hint, value, key)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads "2e-3" (no dot) as a string; people write it that way all the time.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if hint is Any or isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
@@ -311,8 +318,10 @@ def validate(config: Config) -> None:
     stop = config.trainer.stop_at_step
     if stop is not None and not 1 <= stop <= config.trainer.max_steps:
         raise ConfigError(f"trainer.stop_at_step={stop} must lie in 1..trainer.max_steps={config.trainer.max_steps}")
-    if config.optimizer.lr <= 0:
-        raise ConfigError(f"optimizer.lr={config.optimizer.lr} must be positive")
+    if not (math.isfinite(config.optimizer.lr) and config.optimizer.lr > 0):
+        raise ConfigError(f"optimizer.lr={config.optimizer.lr} must be a finite positive number")
+    if not (math.isfinite(config.engine.gradient_clipping) and config.engine.gradient_clipping >= 0):
+        raise ConfigError(f"engine.gradient_clipping={config.engine.gradient_clipping} must be finite and >= 0 (0: off)")
     if not config.run.name or "/" in config.run.name or config.run.name in (".", ".."):
         raise ConfigError(f"run.name={config.run.name!r} must be a non-empty name without '/'")
     if config.engine.offload_optimizer and config.engine.zero_stage == 0:

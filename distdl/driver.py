@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from distdl.config import Config, ConfigError, budget_free, config_differences
+from distdl.errors import RunDirError
 from distdl.registry import WORKLOADS
 from distdl.tracking import SUMMARY_FILE, resolve_wandb_mode
 
@@ -18,10 +19,6 @@ CONFIG_FILE = "config.yaml"
 # Environment the workers need to see as the driver does (Ray clusters start workers elsewhere).
 FORWARDED_ENV = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "HF_HOME", "HF_DATASETS_CACHE",
                  "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-
-
-class RunDirError(RuntimeError):
-    """The run directory belongs to a different run."""
 
 
 def check_run_dir(config: Config, overwrite: bool) -> bool:
@@ -50,7 +47,12 @@ def check_run_dir(config: Config, overwrite: bool) -> bool:
             "Only trainer.max_steps and trainer.stop_at_step may change on a resume. "
             "Use another run.name, or pass --overwrite to move the old run aside and start afresh."
         )
-    aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
+    suffix = 1
+    while aside.exists():
+        suffix += 1
+        aside = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}-{suffix}")
     run_dir.rename(aside)
     print(f"distdl: moved the previous run to {aside}")
     return False
@@ -58,6 +60,10 @@ def check_run_dir(config: Config, overwrite: bool) -> bool:
 
 def train(config: Config, overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) a training run and return its summary."""
+    from distdl.engine import build_deepspeed_config
+
+    # Built here too, so a bad raw DeepSpeed JSON fails before Ray starts, not on every worker.
+    build_deepspeed_config(config.engine, config.trainer, config.scaling.num_workers, config.scaling.use_gpu)
     resuming = check_run_dir(config, overwrite)
     workload = WORKLOADS.get(config.workload)
     config.run_dir.mkdir(parents=True, exist_ok=True)

@@ -15,13 +15,10 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from distdl.config import ConfigError, EngineSection, TrainerSection
+from distdl.errors import CheckpointError
 
 # DeepSpeed prints a config dump every `steps_per_print` steps; distdl logs itself.
 _QUIET_STEPS = 2**31 - 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing files or cannot be read."""
 
 
 def build_deepspeed_config(
@@ -48,7 +45,9 @@ def build_deepspeed_config(
     elif engine.precision == "fp16":
         derived["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     if engine.deepspeed_config:
-        derived = merge_deepspeed_config(derived, read_deepspeed_json(engine.deepspeed_config))
+        user = read_deepspeed_json(engine.deepspeed_config)
+        check_owned_keys(user, derived)
+        derived = merge_deepspeed_config(derived, user)
     return derived
 
 
@@ -63,6 +62,27 @@ def read_deepspeed_json(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"engine.deepspeed_config: {file} must hold a JSON object")
     return data
+
+
+# Keys only distdl's engine section sets: a raw JSON that sets them would silently contradict it.
+_DISTDL_OWNED = {"fp16": "engine.precision", "bf16": "engine.precision", "zero_optimization.stage": "engine.zero_stage",
+                 "zero_optimization.offload_optimizer": "engine.offload_optimizer"}
+
+
+def check_owned_keys(user: dict[str, Any], derived: dict[str, Any]) -> None:
+    """A raw JSON may repeat what distdl derived, but not add a precision or ZeRO setting of its own."""
+    for dotted, distdl_key in _DISTDL_OWNED.items():
+        theirs, ours = _lookup(user, dotted), _lookup(derived, dotted)
+        if theirs is not None and ours is None and theirs != {"enabled": False}:
+            raise ConfigError(f"engine.deepspeed_config sets {dotted}={theirs!r}, which distdl's config leaves "
+                              f"unset; set {distdl_key} instead")
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def merge_deepspeed_config(derived: dict[str, Any], user: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,0 +1,238 @@
+"""Config loading: YAML file + dotted overrides, typing, and errors that name the culprit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distdl.config import ConfigError, config_from_dict, load_config
+
+TINY = Path(__file__).resolve().parents[1] / "configs/bert/pretrain_tiny.yaml"
+
+
+def load(*overrides):
+    return load_config(TINY, list(overrides))
+
+
+def error(*overrides, path=TINY) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides))
+    return str(info.value)
+
+
+# ----------------------------------------------------------------------------- precedence
+
+
+def test_file_overrides_defaults_and_command_line_overrides_file():
+    config = load("trainer.max_steps=7", "engine.zero_stage=1")
+    assert config.trainer.max_steps == 7  # command line (file: 300, default: 100)
+    assert config.engine.zero_stage == 1  # command line (file: 2, default: 0)
+    assert config.trainer.eval_every == 100  # file (default: 0)
+    assert config.run.name == "bert-tiny"  # file (default: distdl-run)
+    assert config.sections["tokenizer"].vocab_size == 8000  # file
+    assert config.optimizer.eps == 1e-8  # default (not in file)
+    assert config.sections["data"].mlm_probability == 0.15  # default of a workload section
+    assert config.workload == "bert_pretrain"
+
+
+def test_later_override_of_the_same_key_wins():
+    assert load("trainer.max_steps=7", "trainer.max_steps=9").trainer.max_steps == 9
+
+
+def test_no_file_gives_dataclass_defaults():
+    config = load_config(None, ["workload=bert_pretrain", "data.path=/tmp/corpus.txt"])
+    assert config.trainer.max_steps == 100
+    assert config.engine.zero_stage == 0
+    assert config.sections["model"].preset == "tiny"
+
+
+# ----------------------------------------------------------------------------- override typing
+
+
+@pytest.mark.parametrize(
+    "override, getter, expected",
+    [
+        ("trainer.max_steps=42", lambda c: c.trainer.max_steps, 42),
+        ("optimizer.lr=0.002", lambda c: c.optimizer.lr, 0.002),
+        ("optimizer.lr=2.5e-4", lambda c: c.optimizer.lr, 2.5e-4),
+        ("optimizer.weight_decay=0", lambda c: c.optimizer.weight_decay, 0.0),
+        ("tracking.progress_bar=false", lambda c: c.tracking.progress_bar, False),
+        ("scaling.use_gpu=true", lambda c: c.scaling.use_gpu, True),
+        ("ray.num_cpus=null", lambda c: c.ray.num_cpus, None),
+        ("ray.num_cpus=3", lambda c: c.ray.num_cpus, 3),
+        ("tokenizer.name_or_path=null", lambda c: c.sections["tokenizer"].name_or_path, None),
+        ("optimizer.betas=[0.8,0.95]", lambda c: c.optimizer.betas, [0.8, 0.95]),
+        ("run.name=123", lambda c: c.run.name, "123"),
+    ],
+)
+def test_override_values_are_typed(override, getter, expected):
+    value = getter(load(override))
+    assert value == expected
+    assert type(value) is type(expected)
+
+
+@pytest.mark.parametrize("text, expected", [("1e-3", 1e-3), ("3e-4", 3e-4), ("1E-5", 1e-5), ("2e2", 200.0)])
+def test_exponent_floats_without_a_dot(text, expected):
+    # PyYAML (YAML 1.1) reads "1e-3" as a string; it must still become a float.
+    value = load(f"optimizer.lr={text}").optimizer.lr
+    assert value == expected and type(value) is float
+
+
+def test_exponent_float_in_the_yaml_file(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text(TINY.read_text().replace("lr: 1.0e-3", "lr: 3e-4"))
+    assert load_config(file).optimizer.lr == 3e-4
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_through_dict_and_yaml():
+    config = load("trainer.gradient_accumulation_steps=2", "trainer.global_batch_size=null",
+                  "engine.offload_optimizer=true", "optimizer.lr=0.0005")
+    assert config.trainer.global_batch_size == 64  # resolved: 16 x 2 x 2
+    again = config_from_dict(config.to_dict())
+    assert again.to_dict() == config.to_dict()
+    # The workers rebuild the config from the YAML the driver saves.
+    assert config_from_dict(yaml.safe_load(config.to_yaml())).to_dict() == config.to_dict()
+
+
+# ----------------------------------------------------------------------------- batch sizes
+
+
+def test_accumulation_is_derived_from_the_global_batch():
+    config = load("trainer.global_batch_size=96")  # micro 16 x 2 workers
+    assert config.trainer.gradient_accumulation_steps == 3
+
+
+def test_global_batch_is_derived_from_the_accumulation():
+    config = load("trainer.global_batch_size=null", "trainer.gradient_accumulation_steps=4")
+    assert config.trainer.global_batch_size == 16 * 4 * 2
+
+
+def test_agreeing_global_batch_and_accumulation_are_accepted():
+    config = load("trainer.global_batch_size=64", "trainer.gradient_accumulation_steps=2")
+    assert config.trainer.gradient_accumulation_steps == 2
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_missing_yaml_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    assert str(missing) in error(path=missing)
+
+
+def test_malformed_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("workload: bert_pretrain\ntrainer: {max_steps: 3\n")
+    message = error(path=bad)
+    assert str(bad) in message and "YAML" in message
+
+
+def test_yaml_holding_a_list(tmp_path):
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- workload\n- trainer\n")
+    message = error(path=bad)
+    assert str(bad) in message and "mapping" in message and "list" in message
+
+
+def test_unknown_section():
+    message = error("trainr.max_steps=3")
+    assert "'trainr'" in message
+    for valid in ("workload", "run", "engine", "trainer", "tracking", "model", "data", "tokenizer"):
+        assert valid in message
+
+
+def test_unknown_key_lists_valid_keys_at_its_level():
+    message = error("trainer.max_step=3")
+    assert "trainer.max_step" in message
+    for valid in ("max_steps", "micro_batch_size", "global_batch_size", "gradient_accumulation_steps"):
+        assert valid in message
+    assert "zero_stage" not in message  # keys of other sections are not listed
+
+
+def test_unknown_key_in_a_workload_section():
+    message = error("data.pth=/tmp/x")
+    assert "data.pth" in message and "max_seq_length" in message and "mlm_probability" in message
+
+
+@pytest.mark.parametrize(
+    "override, culprit, shown",
+    [
+        ("trainer.max_steps=abc", "trainer.max_steps", "abc"),
+        ("trainer.max_steps=2.5", "trainer.max_steps", "2.5"),
+        ("trainer.max_steps=true", "trainer.max_steps", "True"),  # a bool is not an int
+        ("scaling.use_gpu=yesplease", "scaling.use_gpu", "yesplease"),
+        ("optimizer.lr=fast", "optimizer.lr", "fast"),
+        ("optimizer.betas=0.9", "optimizer.betas", "0.9"),
+        ("optimizer.betas=[0.9,abc]", "optimizer.betas[1]", "abc"),
+        ("trainer=5", "trainer", "5"),
+    ],
+)
+def test_wrong_type(override, culprit, shown):
+    message = error(override)
+    assert culprit in message and shown in message
+
+
+def test_zero_stage_out_of_range():
+    message = error("engine.zero_stage=5")
+    assert "engine.zero_stage=5" in message and "0, 1, 2, 3" in message
+
+
+def test_unknown_precision_lists_allowed_values():
+    message = error("engine.precision=fp8")
+    assert "engine.precision" in message and "fp32, bf16, fp16" in message
+
+
+def test_fp16_needs_gpus():
+    message = error("engine.precision=fp16", "scaling.use_gpu=false")
+    assert "engine.precision=fp16" in message and "scaling.use_gpu" in message
+    assert load("engine.precision=fp16", "scaling.use_gpu=true").engine.precision == "fp16"
+
+
+def test_global_batch_not_divisible_by_workers_times_micro_batch():
+    message = error("trainer.global_batch_size=40")  # 16 x 2 does not divide 40
+    assert "trainer.global_batch_size=40" in message
+    assert "micro_batch_size" in message and "num_workers" in message and "16 x 2" in message
+
+
+def test_global_batch_disagreeing_with_accumulation():
+    message = error("trainer.global_batch_size=64", "trainer.gradient_accumulation_steps=3")
+    assert "trainer.global_batch_size=64" in message and "gradient_accumulation_steps" in message
+
+
+def test_unknown_workload_lists_known_ones():
+    message = error("workload=gpt_pretrain")
+    assert "gpt_pretrain" in message and "bert_pretrain" in message
+
+
+def test_unknown_model_preset_lists_presets():
+    message = error("model.preset=huge")
+    assert "model.preset='huge'" in message
+    for preset in ("tiny", "mini", "small", "medium", "base", "large"):
+        assert preset in message
+
+
+def test_offload_needs_zero():
+    message = error("engine.offload_optimizer=true", "engine.zero_stage=0")
+    assert "engine.offload_optimizer" in message and "zero_stage" in message
+    assert load("engine.offload_optimizer=true", "engine.zero_stage=1").engine.offload_optimizer
+
+
+@pytest.mark.parametrize("override", ["trainer.max_steps", "=5", "trainer..max_steps=5", "trainer.=5"])
+def test_bad_override_syntax(override):
+    message = error(override)
+    assert repr(override) in message and "dotted.key=value" in message
+
+
+def test_override_into_a_value_is_an_error():
+    message = error("trainer.max_steps.inner=3")
+    assert "trainer.max_steps.inner" in message and "max_steps" in message
+
+
+def test_stop_at_step_beyond_max_steps():
+    message = error("trainer.max_steps=10", "trainer.stop_at_step=11")
+    assert "trainer.stop_at_step=11" in message and "trainer.max_steps=10" in message

@@ -1,0 +1,123 @@
+"""Real Ray Train with 2 CPU workers and real DeepSpeed (gloo): training, ranks, resume, export, W&B."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from distdl.config import load_config
+from distdl.driver import latest_checkpoint, train
+from distdl.engine import consolidated_state_dict
+from distdl.tracking import read_metrics
+
+pytestmark = pytest.mark.distributed
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs/bert/pretrain_tiny.yaml"
+
+
+def run(tmp_path: Path, corpus: Path, *overrides: str):
+    base = [
+        f"run.storage_path={tmp_path}",
+        f"data.path={corpus}",
+        "trainer.max_steps=16",
+        "trainer.micro_batch_size=8",
+        "trainer.global_batch_size=16",
+        "trainer.log_every=4",
+        "trainer.eval_every=0",
+        "trainer.checkpoint_every=0",
+        "tokenizer.vocab_size=2000",
+        "data.max_seq_length=64",
+        "optimizer.lr=2e-3",
+        "scheduler.warmup_steps=2",
+        "tracking.wandb_mode=disabled",
+        "tracking.progress_bar=false",
+    ]
+    config = load_config(QUICKSTART, [*base, *overrides])
+    return config, train(config)
+
+
+def assert_trained(config, summary):
+    metrics = read_metrics(config.run_dir)
+    steps = [m["step"] for m in metrics]
+    assert steps == sorted(set(steps)), "rank 0 alone writes one line per logged step"
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.3, [m["loss"] for m in metrics]
+    assert summary["steps"] == config.trainer.max_steps and summary["completed"]
+    assert summary["world_size"] == 2
+    checksums = summary["parameter_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1], "ranks hold identical parameters"
+    for key in ("loss", "lr", "samples_per_s", "tokens_per_s", "grad_norm"):
+        assert all(key in m for m in metrics), key
+    assert 0 < summary["final"]["eval_mlm_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_each_zero_stage_trains_and_ranks_agree(ray_local, tmp_path, corpus, stage):
+    steps = 8 if stage == 3 else 16  # ZeRO-3 over gloo gathers every layer: ~5x slower here
+    config, summary = run(tmp_path, corpus, f"engine.zero_stage={stage}", f"trainer.max_steps={steps}")
+    assert_trained(config, summary)
+
+
+def test_bf16_trains(ray_local, tmp_path, corpus):
+    config, summary = run(tmp_path, corpus, "engine.zero_stage=2", "engine.precision=bf16", "optimizer.lr=3e-3")
+    assert_trained(config, summary)
+
+
+@pytest.fixture()
+def shared_tokenizer(tmp_path, corpus):
+    """WordPiece training is not bit-reproducible (tokenizers#1794), so runs to compare share one."""
+    from distdl.data.text import TextDataSection, TokenizerSection, load_raw_corpus, train_tokenizer
+
+    out = tmp_path / "tokenizer"
+    train_tokenizer(load_raw_corpus(TextDataSection(path=str(corpus))), TokenizerSection(vocab_size=2000), out)
+    return out
+
+
+def test_resumed_run_equals_uninterrupted(ray_local, tmp_path, corpus, shared_tokenizer):
+    common = ("engine.zero_stage=2", "trainer.max_steps=12", "trainer.checkpoint_every=6",
+              f"tokenizer.name_or_path={shared_tokenizer}")
+    straight, _ = run(tmp_path, corpus, "run.name=straight", *common)
+    first, half = run(tmp_path, corpus, "run.name=resumed", *common, "trainer.stop_at_step=6")
+    assert half["steps"] == 6 and not half["completed"]
+    resumed, summary = run(tmp_path, corpus, "run.name=resumed", *common)
+    assert summary["steps"] == 12 and summary["completed"]
+    a = consolidated_state_dict(latest_checkpoint(straight.run_dir))
+    b = consolidated_state_dict(latest_checkpoint(resumed.run_dir))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert [m["step"] for m in read_metrics(resumed.run_dir)] == [4, 6, 8, 12]
+    # The logged losses after the resume point are those of the uninterrupted run.
+    losses = {m["step"]: m["loss"] for m in read_metrics(straight.run_dir)}
+    assert read_metrics(resumed.run_dir)[-1]["loss"] == pytest.approx(losses[12], rel=1e-5)
+
+
+def test_export_loads_in_transformers_with_engine_outputs(ray_local, tmp_path, corpus):
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    from distdl.cli import main
+
+    config, _ = run(tmp_path, corpus, "engine.zero_stage=2", "trainer.max_steps=8")
+    out = tmp_path / "export"
+    assert main(["export", str(config.run_dir), str(out)]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    exported = BertForMaskedLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    # What the engine held: DeepSpeed's own copy of the module weights (not via zero_to_fp32).
+    states = torch.load(latest_checkpoint(config.run_dir) / "global_step8/mp_rank_00_model_states.pt",
+                        map_location="cpu", weights_only=False)
+    engine_model = BertForMaskedLM(exported.config).eval()
+    engine_model.load_state_dict(states["module"], strict=False)
+    batch = tokenizer(["the licensee may copy and distribute the program"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**batch).logits, engine_model(**batch).logits)
+    assert main(["export", str(config.run_dir), str(out)]) == 2, "never overwrites a non-empty folder"
+
+
+def test_wandb_offline_run_is_written_once(ray_local, tmp_path, corpus):
+    config, summary = run(tmp_path, corpus, "tracking.wandb_mode=offline", "trainer.max_steps=4")
+    runs = list((config.run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "one W&B run per training run, not per rank"
+    records = list(runs[0].glob("run-*.wandb"))
+    assert len(records) == 1 and records[0].stat().st_size > 0
+    assert summary["wandb_run_id"] in records[0].name
