@@ -38,7 +38,11 @@ preparation, which mirrors distdl's workload.prepare, then TorchTrainer.fit()):
                           line is written; the bare loop records the same moment itself.
   seconds_to_loop_start   until the first step starts: for distdl, seconds_to_first_step
                           minus the first window's duration (its samples / samples_per_s).
-The bare loop also reports the exact end of step 1 (details.bare_2w.seconds_to_step_1).
+The bare loop also reports the exact end of step 1 (details.bare_2w[i].seconds_to_step_1).
+
+On a shared machine, --repeats N runs all setups N times round-robin and reports the
+median of each measure; details holds every repeat's raw numbers (with distdl's
+per-window samples/s).
 
 Usage: .venv/bin/python benchmarks/overhead.py --out /tmp/overhead.json [--steps 60] [--micro-batch 16]
 """
@@ -48,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -75,6 +80,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--corpus", default="/usr/share/common-licenses")
     parser.add_argument("--num-cpus", type=int, default=4,
                         help="logical CPUs of the local Ray (two 1-CPU workers plus Ray Train's controller)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run all setups this many times, round-robin, and report medians (a noisy machine)")
     parser.add_argument("--only", nargs="+", choices=SETUPS, default=list(SETUPS), help="run only these setups")
     parser.add_argument("--verbose", action="store_true", help="show the workers' output")
     args = parser.parse_args()
@@ -264,17 +271,20 @@ def main() -> None:
         env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=args.verbose,
                  runtime_env={"env_vars": env_vars})
-        results: dict[str, dict[str, Any]] = {}
+        results: dict[str, list[dict[str, Any]]] = {setup: [] for setup in args.only}
         try:
-            for setup in args.only:
-                print(f"overhead: running {setup} ...", flush=True)
-                if setup.startswith("distdl_"):
-                    results[setup] = run_distdl(args, int(setup[len("distdl_"):-1]), storage, tokenizer)
-                elif setup.startswith("bare_"):
-                    results[setup] = run_bare(args, int(setup[len("bare_"):-1]), storage, tokenizer)
-                else:
-                    results[setup] = run_plain(args, storage, tokenizer)
-                print(f"overhead: {setup}: {results[setup]['samples_per_s']:.1f} samples/s", flush=True)
+            for repeat in range(1, args.repeats + 1):  # round-robin, so slow phases of a shared machine hit all
+                for setup in args.only:
+                    print(f"overhead: running {setup} ({repeat}/{args.repeats}) ...", flush=True)
+                    name = f"{setup}_r{repeat}"
+                    if setup.startswith("distdl_"):
+                        result = run_distdl(args, int(setup[len("distdl_"):-1]), storage / name, tokenizer)
+                    elif setup.startswith("bare_"):
+                        result = run_bare(args, int(setup[len("bare_"):-1]), storage / name, tokenizer)
+                    else:
+                        result = run_plain(args, storage / name, tokenizer)
+                    results[setup].append(result)
+                    print(f"overhead: {setup}: {result['samples_per_s']:.1f} samples/s", flush=True)
         finally:
             ray.shutdown()
     report = summarize(args, results)
@@ -285,22 +295,25 @@ def main() -> None:
         print(f"overhead: wrote {args.out}")
 
 
-def summarize(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    rate = {name: r["samples_per_s"] for name, r in results.items()}
+def summarize(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per setup, the median over the repeats of each measure (with one repeat: its value)."""
+
+    def median(key: str) -> dict[str, float]:
+        return {name: statistics.median(r[key] for r in runs) for name, runs in results.items()
+                if runs and all(key in r for r in runs)}
+
+    rate = median("samples_per_s")
 
     def ratio(a: str, b: str) -> float | None:
         return rate[a] / rate[b] if a in rate and b in rate else None
-
-    def times(key: str) -> dict[str, float]:
-        return {name: r[key] for name, r in results.items() if key in r}
 
     return {
         "samples_per_s": rate,
         "ratio_vs_bare": ratio("distdl_2w", "bare_2w"),
         "ratio_vs_plain": ratio("distdl_1w", "plain_1p"),
-        "seconds_to_first_step": times("seconds_to_first_step"),
-        "seconds_to_loop_start": times("seconds_to_loop_start"),
-        "settings": {"steps": args.steps, "skip": args.skip, "micro_batch": args.micro_batch,
+        "seconds_to_first_step": median("seconds_to_first_step"),
+        "seconds_to_loop_start": median("seconds_to_loop_start"),
+        "settings": {"steps": args.steps, "skip": args.skip, "micro_batch": args.micro_batch, "repeats": args.repeats,
                      "zero_stage": args.zero_stage, "seq_len": 128, "precision": "fp32", "threads_per_worker": 1,
                      "model_preset": "tiny", "corpus": args.corpus, "ray_num_cpus": args.num_cpus,
                      "machine_cpus": os.cpu_count()},
@@ -311,6 +324,7 @@ def summarize(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> d
                                      "(distdl's first logged step) has finished",
             "seconds_to_loop_start": "wall seconds from calling the setup's driver until step 1 starts "
                                      "(distdl: seconds_to_first_step minus the first window's duration)",
+            "details": "every repeat's raw measurements, per setup",
             "ratio_vs_bare": "distdl_2w / bare_2w", "ratio_vs_plain": "distdl_1w / plain_1p",
         },
         "details": results,
