@@ -17,7 +17,7 @@ from distdl.tracking import SUMMARY_FILE, resolve_wandb_mode
 
 CONFIG_FILE = "config.yaml"
 # Environment the workers need to see as the driver does (Ray clusters start workers elsewhere).
-FORWARDED_ENV = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "HF_HOME", "HF_DATASETS_CACHE",
+FORWARDED_ENV = ("DISTDL_PLUGINS", "WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "HF_HOME", "HF_DATASETS_CACHE",
                  "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -37,9 +38,29 @@ class Registry(Generic[T]):
         return iter(self.names())
 
 
+PLUGINS_ENV = "DISTDL_PLUGINS"
+_loaded = False
+
+
 def _import_builtins() -> None:
-    # Importing the package runs each workload's register() call.
+    """Import the modules whose import registers workloads: built-ins, then plugins.
+
+    Plugins are modules named in the `distdl.plugins` entry-point group of an installed
+    package, or listed (comma-separated) in $DISTDL_PLUGINS; both reach Ray workers too.
+    """
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import importlib
+    from importlib.metadata import entry_points
+
     import distdl.workloads  # noqa: F401
+
+    for entry in entry_points(group="distdl.plugins"):
+        entry.load()
+    for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        importlib.import_module(module)
 
 
 WORKLOADS: Registry = Registry("workload")

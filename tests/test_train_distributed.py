@@ -121,3 +121,18 @@ def test_wandb_offline_run_is_written_once(ray_local, tmp_path, corpus):
     records = list(runs[0].glob("run-*.wandb"))
     assert len(records) == 1 and records[0].stat().st_size > 0
     assert summary["wandb_run_id"] in records[0].name
+
+
+def test_crashed_worker_restarts_from_checkpoint(ray_local, tmp_path, corpus, shared_tokenizer):
+    common = ("engine.zero_stage=2", "trainer.max_steps=10", "trainer.checkpoint_every=5", "trainer.log_every=5",
+              f"tokenizer.name_or_path={shared_tokenizer}")
+    straight, _ = run(tmp_path, corpus, "run.name=straight", *common)
+    crashed, summary = run(tmp_path, corpus, "run.name=crashed", "workload=bert_pretrain_crash_once",
+                           "run.max_failures=1", *common)
+    assert (crashed.run_dir / "crashed_once").is_file(), "rank 1 died at step 7"
+    assert summary["steps"] == 10 and summary["completed"]
+    assert [m["step"] for m in read_metrics(crashed.run_dir)] == [5, 10]
+    a = consolidated_state_dict(latest_checkpoint(straight.run_dir))
+    b = consolidated_state_dict(latest_checkpoint(crashed.run_dir))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
