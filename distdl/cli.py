@@ -48,6 +48,8 @@ def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:
     shown = ", ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float))
     print(f"distdl: step {summary['steps']}/{summary['max_steps']} done; {shown}")
     print(f"distdl: run directory {config.run_dir}")
+    if "wandb_run_dir" in summary and "offline-run" in summary["wandb_run_dir"]:
+        print(f"distdl: W&B ran offline; upload with: wandb sync {summary['wandb_run_dir']}")
     return 0
 
 

@@ -60,11 +60,13 @@ def check_run_dir(config: Config, overwrite: bool) -> bool:
 
 def train(config: Config, overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) a training run and return its summary."""
-    from distdl.engine import build_deepspeed_config
+    from distdl.engine import build_deepspeed_config, verify_checkpoint
 
     # Built here too, so a bad raw DeepSpeed JSON fails before Ray starts, not on every worker.
     build_deepspeed_config(config.engine, config.trainer, config.scaling.num_workers, config.scaling.use_gpu)
     resuming = check_run_dir(config, overwrite)
+    if resuming and any(config.run_dir.glob("checkpoint_*")):
+        verify_checkpoint(latest_checkpoint(config.run_dir))
     workload = WORKLOADS.get(config.workload)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -130,10 +132,18 @@ def build_trainer(config: Config, wandb_mode: str) -> Any:
     )
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
 def latest_checkpoint(run_dir: Path) -> Path:
-    """The newest complete checkpoint Ray Train persisted in a run directory."""
-    candidates = sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
-    complete = [p for p in candidates if (p / "latest").is_file()]
-    if not complete:
-        raise ConfigError(f"run directory {run_dir} holds no complete checkpoint (checkpoint_*/latest)")
-    return complete[-1]
+    """The checkpoint Ray Train resumes from: its snapshot's latest, else the highest-numbered folder."""
+    run_dir = Path(run_dir)
+    snapshot = run_dir / RAY_SNAPSHOT
+    if snapshot.is_file():
+        latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+        if latest:
+            return run_dir / latest
+    candidates = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    if not candidates:
+        raise ConfigError(f"run directory {run_dir} holds no checkpoint (checkpoint_*)")
+    return candidates[-1]

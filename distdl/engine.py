@@ -199,6 +199,30 @@ class Engine:
         return client_state or {}
 
 
+def verify_checkpoint(checkpoint_dir: str | Path) -> None:
+    """Cheap integrity check before workers start: the tag exists and every torch file is a whole archive.
+
+    torch.save writes zip archives whose index sits at the end, so a truncated file fails to open.
+    """
+    import zipfile
+
+    checkpoint_dir = Path(checkpoint_dir)
+    tag_file = checkpoint_dir / "latest"
+    if not tag_file.is_file():
+        raise CheckpointError(f"checkpoint {checkpoint_dir} is corrupted: it has no 'latest' file")
+    tag_dir = checkpoint_dir / tag_file.read_text().strip()
+    files = sorted(tag_dir.glob("*.pt")) + sorted(checkpoint_dir.glob("*.pt"))
+    if not tag_dir.is_dir() or not any(tag_dir.glob("*model_states.pt")):
+        raise CheckpointError(f"checkpoint {checkpoint_dir} is corrupted: {tag_dir.name}/ has no model states")
+    for file in files:
+        try:
+            with zipfile.ZipFile(file) as archive:
+                archive.namelist()
+        except (zipfile.BadZipFile, OSError) as err:
+            raise CheckpointError(f"checkpoint file {file} is corrupted ({err}); remove {checkpoint_dir} "
+                                  "to resume from the checkpoint before it") from err
+
+
 def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     """fp32 weights gathered from a DeepSpeed checkpoint of any ZeRO stage."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

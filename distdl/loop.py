@@ -147,9 +147,9 @@ def run_steps(config: Config, workload: Workload, engine: Engine, tracker: Optio
         if tracker:
             tracker.advance()
         metrics = {}
-        if step % trainer.log_every == 0 or step == stop:
+        log_step = step % trainer.log_every == 0 or step == stop
+        if log_step:
             metrics = {**window.reduce(engine.device), "lr": engine.lr(), "grad_norm": engine.grad_norm()}
-            window = Window()
         if (trainer.eval_every and step % trainer.eval_every == 0) or step == stop:
             metrics.update(workload.evaluate(engine))
         if metrics and tracker:
@@ -157,6 +157,8 @@ def run_steps(config: Config, workload: Workload, engine: Engine, tracker: Optio
         logged.update(metrics)
         if (trainer.checkpoint_every and step % trainer.checkpoint_every == 0) or step == stop:
             save_and_report(engine, rank, step, metrics)
+        if log_step:
+            window = Window()  # after eval and checkpoint, so throughput counts training time only
     summary = {
         "steps": engine.global_steps,
         "max_steps": trainer.max_steps,

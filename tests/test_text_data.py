@@ -230,7 +230,7 @@ def test_missing_corpus_path(tmp_path):
 def test_empty_folder(tmp_path):
     folder = tmp_path / "empty"
     folder.mkdir()
-    (folder / "table.json").write_text("{}")  # not a text file
+    (folder / "image.png").write_bytes(b"\x89PNG")  # not a text file
     (folder / ".hidden.txt").write_text("hidden words")
     with pytest.raises(ConfigError, match="no text files") as info:
         text.load_raw_corpus(text.TextDataSection(path=str(folder), cache_dir=str(tmp_path / "hf")))
@@ -253,3 +253,25 @@ def test_folder_corpus_reads_text_files_only(tmp_path):
     (folder / "data.json").write_text('{"text": "not this"}\n')
     raw = text.load_raw_corpus(text.TextDataSection(path=str(folder), cache_dir=str(tmp_path / "hf")))
     assert sorted(raw["text"]) == ["first file", "second file"]
+
+
+def test_folder_of_parquet_files_loads_through_datasets(tmp_path):
+    """The same loading path as a hub dataset name: datasets infers the format and reads text_column."""
+    import datasets
+
+    folder = tmp_path / "wiki"
+    folder.mkdir()
+    rows = [{"content": f"document {i} says the quick brown fox jumps", "id": i} for i in range(50)]
+    datasets.Dataset.from_list(rows).to_parquet(str(folder / "train.parquet"))
+    raw = text.load_raw_corpus(text.TextDataSection(path=str(folder), text_column="content", cache_dir=str(tmp_path / "c")))
+    assert raw.column_names == ["text"] and len(raw) == 50 and raw[3]["text"].startswith("document 3")
+    with pytest.raises(ConfigError, match="text_column='body'"):
+        text.load_raw_corpus(text.TextDataSection(path=str(folder), text_column="body", cache_dir=str(tmp_path / "c")))
+
+
+def test_folder_of_broken_data_files_names_the_folder(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "train.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=f"could not load the data files in {folder}"):
+        text.load_raw_corpus(text.TextDataSection(path=str(folder), cache_dir=str(tmp_path / "d")))

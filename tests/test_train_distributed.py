@@ -136,3 +136,16 @@ def test_crashed_worker_restarts_from_checkpoint(ray_local, tmp_path, corpus, sh
     b = consolidated_state_dict(latest_checkpoint(crashed.run_dir))
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_corrupted_checkpoint_is_named_before_workers_start(ray_local, tmp_path, corpus, capsys):
+    from distdl.cli import main
+
+    config, _ = run(tmp_path, corpus, "trainer.max_steps=4")
+    shard = next((latest_checkpoint(config.run_dir) / "global_step4").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a save cut short
+    metrics_before = (config.run_dir / "metrics.jsonl").read_bytes()
+    # Resuming with the run's own saved config and a larger budget.
+    assert main(["train", str(config.run_dir / "config.yaml"), "trainer.max_steps=8"]) == 2
+    assert f"checkpoint file {shard} is corrupted" in capsys.readouterr().err
+    assert (config.run_dir / "metrics.jsonl").read_bytes() == metrics_before, "nothing the run had is touched"

@@ -63,20 +63,34 @@ def text_files(path: str) -> list[str]:
     return files
 
 
+TABLE_SUFFIXES = {".parquet", ".json", ".jsonl", ".csv", ".arrow"}
+
+
+def _is_saved_table_folder(path: str) -> bool:
+    """A folder of data files (and no text files): read like a hub dataset, by datasets' format inference."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        return False
+    suffixes = {f.suffix for f in root.rglob("*") if f.is_file() and not f.name.startswith(".")}
+    return bool(suffixes & TABLE_SUFFIXES) and not suffixes & TEXT_SUFFIXES
+
+
 def load_raw_corpus(data: TextDataSection) -> Any:
     """The corpus as a `datasets.Dataset` with one text column."""
     import datasets
 
     if data.path is None:
         raise ConfigError("data.path is required: a text file, a folder of text files, or a hub dataset name")
-    if is_local_path(data.path):
+    if is_local_path(data.path) and not _is_saved_table_folder(data.path):
         raw = datasets.load_dataset("text", data_files=text_files(data.path), split="train", cache_dir=data.cache_dir)
         column = "text"
     else:
+        # A hub name, or a local folder of parquet/json/csv files: datasets infers the format for both.
+        what = f"the data files in {data.path}" if is_local_path(data.path) else f"hub dataset {data.path!r}"
         try:
             raw = datasets.load_dataset(data.path, data.hub_config, split="train", cache_dir=data.cache_dir)
         except Exception as err:
-            raise ConfigError(f"data.path: could not load hub dataset {data.path!r}: {err}") from err
+            raise ConfigError(f"data.path: could not load {what}: {err}") from err
         column = data.text_column
         if column not in raw.column_names:
             raise ConfigError(f"data.text_column={column!r} is not a column of {data.path}; columns: {raw.column_names}")
