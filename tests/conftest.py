@@ -10,6 +10,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = Path("/usr/share/common-licenses")
 
+# Set before anything imports distdl's registry; Ray workers inherit it and load the test plugins too.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+os.environ["DISTDL_PLUGINS"] = "tests.plugins.crash_once"
+
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_caches(tmp_path_factory):
@@ -27,9 +31,6 @@ def isolated_caches(tmp_path_factory):
 def ray_local():
     import ray
 
-    # Workers inherit this environment: they import distdl's test plugins like the driver.
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    os.environ["DISTDL_PLUGINS"] = "tests.plugins.crash_once"
     # 4 logical CPUs: two 1-CPU workers plus Ray Train's controller, on a 2-core machine.
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
