@@ -214,6 +214,25 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
+# Keys naming local files; made absolute on the driver because Ray workers run in another directory.
+PATH_KEYS = ("run.storage_path", "engine.deepspeed_config")
+
+
+def resolve_paths(config: Config, keys: tuple[str, ...]) -> None:
+    """Make relative local paths absolute (leaving hub names and URIs alone)."""
+    for dotted in keys:
+        section_name, key = dotted.split(".")
+        section = getattr(config, section_name, None) or config.sections.get(section_name)
+        value = getattr(section, key, None) if section is not None else None
+        if not value or "://" in value:
+            continue
+        path = Path(value).expanduser()
+        if path.is_absolute():
+            setattr(section, key, str(path))
+        elif dotted.endswith(("storage_path", "cache_dir")) or path.exists():  # these may not exist yet
+            setattr(section, key, str(path.resolve()))
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     from distdl.registry import WORKLOADS
 
@@ -239,6 +258,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         sections={name: built.pop(name) for name in spec.sections},
         **built,
     )
+    resolve_paths(config, PATH_KEYS + spec.path_keys)
     validate(config)
     spec.validate(config)
     return config

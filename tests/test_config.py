@@ -236,3 +236,15 @@ def test_override_into_a_value_is_an_error():
 def test_stop_at_step_beyond_max_steps():
     message = error("trainer.max_steps=10", "trainer.stop_at_step=11")
     assert "trainer.stop_at_step=11" in message and "trainer.max_steps=10" in message
+
+
+def test_relative_local_paths_become_absolute_hub_names_stay(tmp_path, monkeypatch):
+    """Ray workers run in another directory, so the driver resolves local paths once."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text("some words\n")
+    config = load_config(TINY, ["run.storage_path=runs", "data.path=corpus.txt", "data.cache_dir=cache",
+                                "tokenizer.name_or_path=bert-base-uncased"])
+    assert config.run.storage_path == str(tmp_path / "runs")
+    assert config.sections["data"].path == str(tmp_path / "corpus.txt")
+    assert config.sections["data"].cache_dir == str(tmp_path / "cache")
+    assert config.sections["tokenizer"].name_or_path == "bert-base-uncased"

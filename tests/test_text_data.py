@@ -275,3 +275,28 @@ def test_folder_of_broken_data_files_names_the_folder(tmp_path):
     (folder / "train.json").write_text("{not json")
     with pytest.raises(ConfigError, match=f"could not load the data files in {folder}"):
         text.load_raw_corpus(text.TextDataSection(path=str(folder), cache_dir=str(tmp_path / "d")))
+
+
+def test_next_sentence_pairs(prepared):
+    """[CLS] A [SEP] B [SEP] padded; label 0 means B is A's true continuation, about half are random."""
+    from dataclasses import replace
+
+    tokenizer = prepared["tokenizer"]
+    data = replace(prepared["data"], next_sentence_prediction=True)
+    pairs = text.tokenized_blocks(prepared["raw"], tokenizer, data, seed=0)
+    examples = list(pairs["train"]) + list(pairs["eval"])
+    stream = " ".join(map(str, token_stream(prepared)))
+    labels = [e["next_sentence_label"] for e in examples]
+    assert len(examples) > 50 and 0.35 < sum(labels) / len(labels) < 0.65
+    for example in examples:
+        ids, types, mask = example["input_ids"], example["token_type_ids"], example["attention_mask"]
+        assert len(ids) == len(types) == len(mask) == SEQ
+        length = sum(mask)
+        assert ids[0] == tokenizer.cls_token_id and ids[length - 1] == tokenizer.sep_token_id
+        assert all(t == tokenizer.pad_token_id for t in ids[length:])
+        first_sep = ids.index(tokenizer.sep_token_id)
+        a, b = ids[1:first_sep], ids[first_sep + 1 : length - 1]
+        assert a and b and types[: first_sep + 1] == [0] * (first_sep + 1) and set(types[first_sep + 1 : length]) == {1}
+        if example["next_sentence_label"] == 0:
+            # Trimming may shorten the end of B, never its start: A then B's head are contiguous text.
+            assert " ".join(map(str, a + b[:1])) in stream

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -139,9 +140,10 @@ def prepare_tokenizer(raw: Any, section: TokenizerSection, run_dir: Path) -> Any
 
 
 def tokenized_blocks(raw: Any, tokenizer: Any, data: TextDataSection, seed: int) -> Any:
-    """Tokenize, concatenate and cut into max_seq_length blocks (as HF's run_mlm.py); split off eval."""
-    import datasets
+    """Tokenize, concatenate and cut into max_seq_length blocks (as HF's run_mlm.py); split off eval.
 
+    With next-sentence prediction the examples are sentence pairs instead (`sentence_pair_blocks`).
+    """
     fingerprint = _fingerprint(raw._fingerprint, tokenizer, data.max_seq_length)
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
@@ -149,6 +151,9 @@ def tokenized_blocks(raw: Any, tokenizer: Any, data: TextDataSection, seed: int)
 
     tokens = raw.map(tokenize, batched=True, remove_columns=["text"], num_proc=data.num_proc,
                      new_fingerprint=fingerprint + "-tok", desc="tokenizing")
+    if data.next_sentence_prediction:
+        blocks = sentence_pair_blocks(tokens, tokenizer, data, seed, fingerprint)
+        return _split(blocks, data, seed)
     body = data.max_seq_length - 2  # room for [CLS] and [SEP]
 
     def to_blocks(batch: dict[str, list]) -> dict[str, list]:
@@ -159,9 +164,15 @@ def tokenized_blocks(raw: Any, tokenizer: Any, data: TextDataSection, seed: int)
 
     blocks = tokens.map(to_blocks, batched=True, batch_size=1000, num_proc=data.num_proc,
                         new_fingerprint=fingerprint + "-blocks", desc="grouping")
+    return _split(blocks, data, seed)
+
+
+def _split(blocks: Any, data: TextDataSection, seed: int) -> Any:
+    import datasets
+
     if len(blocks) < 2:
         raise ConfigError(
-            f"data.path: corpus {data.path} gives only {len(blocks)} block(s) of {data.max_seq_length} tokens; "
+            f"data.path: corpus {data.path} gives only {len(blocks)} example(s) of {data.max_seq_length} tokens; "
             "give more text or lower data.max_seq_length"
         )
     split = blocks.train_test_split(test_size=data.eval_fraction, seed=seed, shuffle=True)
@@ -200,3 +211,69 @@ def micro_batches(dataset: Any, batch_size: int, collate: Any, seed: int, start:
             rows = dataset[order[batch_start : batch_start + batch_size].tolist()]
             yield collate([{key: rows[key][i] for key in rows} for i in range(batch_size)])
             index += 1
+
+
+def sentence_pair_blocks(tokens: Any, tokenizer: Any, data: TextDataSection, seed: int, fingerprint: str) -> Any:
+    """BERT's next-sentence-prediction examples, [CLS] A [SEP] B [SEP] padded to max_seq_length.
+
+    Consecutive lines fill a chunk of about max_seq_length tokens, cut at a random line into A and B.
+    Half the time B is replaced by lines from elsewhere in the corpus (label 1, "random"); otherwise
+    B is A's true continuation (label 0), the labels of HF's BertForPreTraining.
+    """
+    budget = data.max_seq_length - 3
+
+    def to_pairs(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        rng = random.Random(seed * 1_000_003 + indices[0])
+        lines = [ids for ids in batch["input_ids"] if ids]
+        out: dict[str, list] = {"input_ids": [], "token_type_ids": [], "attention_mask": [], "next_sentence_label": []}
+        start = 0
+        while start < len(lines):
+            end, length = start, 0
+            while end < len(lines) and length < budget:
+                length += len(lines[end])
+                end += 1
+            pair = _make_pair(lines, start, end, rng, budget)
+            if pair is not None:
+                _append_example(out, *pair, tokenizer, data.max_seq_length)
+            start = end
+        return out
+
+    return tokens.map(to_pairs, batched=True, batch_size=1000, with_indices=True, remove_columns=tokens.column_names,
+                      num_proc=data.num_proc, new_fingerprint=fingerprint + "-nsp", desc="pairing sentences")
+
+
+def _make_pair(lines: list[list[int]], start: int, end: int, rng: random.Random, budget: int) -> Any:
+    chunk = lines[start:end]
+    if len(chunk) >= 2:
+        cut = rng.randint(1, len(chunk) - 1)
+        a, b = [t for line in chunk[:cut] for t in line], [t for line in chunk[cut:] for t in line]
+    else:
+        tokens = chunk[0]
+        if len(tokens) < 2:
+            return None
+        cut = rng.randint(1, len(tokens) - 1)
+        a, b = tokens[:cut], tokens[cut:]
+    label = 0
+    others = [i for i in range(len(lines)) if not start <= i < end]
+    if others and rng.random() < 0.5:
+        label, first = 1, rng.choice(others)
+        b = [t for line in lines[first : first + 8] for t in line][: max(budget - len(a), 1)]
+    # Trim the longer segment one token at a time (as the BERT reference does), A from its front
+    # and B from its end, so the A|B boundary the label is about stays intact.
+    keep_a, keep_b = len(a), len(b)
+    while keep_a + keep_b > budget:
+        if keep_a > keep_b:
+            keep_a -= 1
+        else:
+            keep_b -= 1
+    a, b = a[len(a) - keep_a :], b[:keep_b]
+    return (a, b, label) if a and b else None
+
+
+def _append_example(out: dict[str, list], a: list[int], b: list[int], label: int, tokenizer: Any, length: int) -> None:
+    ids = [tokenizer.cls_token_id, *a, tokenizer.sep_token_id, *b, tokenizer.sep_token_id]
+    padding = length - len(ids)
+    out["input_ids"].append(ids + [tokenizer.pad_token_id] * padding)
+    out["token_type_ids"].append([0] * (len(a) + 2) + [1] * (len(b) + 1) + [0] * padding)
+    out["attention_mask"].append([1] * len(ids) + [0] * padding)
+    out["next_sentence_label"].append(label)

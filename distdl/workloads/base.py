@@ -27,6 +27,8 @@ class WorkerContext:
 class Workload(ABC):
     # The workload's own top-level config sections and their dataclasses.
     sections: ClassVar[dict[str, type]] = {}
+    # Dotted keys of its sections that may name local files (made absolute on the driver).
+    path_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, sections: dict[str, Any], context: WorkerContext) -> None:
         self.context = context

@@ -1,4 +1,5 @@
-"""BERT masked-LM pretraining (Devlin et al. 2019): HF transformers model, 15% masking at 80/10/10."""
+"""BERT pretraining (Devlin et al. 2019): HF transformers model, masked LM with 15% masking at
+80/10/10, and next-sentence prediction as an option (BertForPreTraining)."""
 
 from __future__ import annotations
 
@@ -55,9 +56,21 @@ def bert_config(model: BertModelSection, tokenizer: Any, max_seq_length: int) ->
     return config
 
 
+def model_class(data: text.TextDataSection) -> type:
+    from transformers import BertForMaskedLM, BertForPreTraining
+
+    return BertForPreTraining if data.next_sentence_prediction else BertForMaskedLM
+
+
+def mlm_logits(out: Any) -> torch.Tensor:
+    # BertForMaskedLM names them logits, BertForPreTraining prediction_logits.
+    return out.logits if hasattr(out, "logits") else out.prediction_logits
+
+
 @WORKLOADS.register("bert_pretrain")
 class BertPretrain(Workload):
     sections = {"model": BertModelSection, "data": text.TextDataSection, "tokenizer": text.TokenizerSection}
+    path_keys = ("data.path", "data.cache_dir", "tokenizer.name_or_path", "model.config_path")
 
     def __init__(self, sections: dict[str, Any], context: WorkerContext) -> None:
         super().__init__(sections, context)
@@ -82,8 +95,6 @@ class BertPretrain(Workload):
             raise ConfigError(f"data.eval_fraction={data.eval_fraction} must lie in (0, 1)")
         if data.max_seq_length < 8:
             raise ConfigError(f"data.max_seq_length={data.max_seq_length} must be at least 8")
-        if data.next_sentence_prediction:
-            raise ConfigError("data.next_sentence_prediction=true is not supported yet; allowed: false")
         if data.path is None:
             raise ConfigError("data.path is required: a text file, a folder of text files, or a hub dataset name")
 
@@ -102,9 +113,7 @@ class BertPretrain(Workload):
             )
 
     def build_model(self) -> torch.nn.Module:
-        from transformers import BertForMaskedLM
-
-        return BertForMaskedLM(bert_config(self.model_section, self.tokenizer, self.data.max_seq_length))
+        return model_class(self.data)(bert_config(self.model_section, self.tokenizer, self.data.max_seq_length))
 
     def _collator(self, seed: Optional[int] = None) -> Any:
         from transformers import DataCollatorForLanguageModeling
@@ -119,39 +128,50 @@ class BertPretrain(Workload):
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(**batch)
         masked = batch["labels"] != -100
-        correct = (out.logits.argmax(-1) == batch["labels"]) & masked
+        correct = (mlm_logits(out).argmax(-1) == batch["labels"]) & masked
         # Tensors, not floats: no device sync per micro-batch.
-        return out.loss, {"mlm_accuracy": correct.sum() / masked.sum().clamp(min=1)}
+        metrics = {"mlm_accuracy": correct.sum() / masked.sum().clamp(min=1)}
+        if "next_sentence_label" in batch:
+            nsp_correct = out.seq_relationship_logits.argmax(-1) == batch["next_sentence_label"]
+            metrics["nsp_accuracy"] = nsp_correct.float().mean()
+        return out.loss, metrics
 
     @torch.no_grad()
     def evaluate(self, model: Any) -> dict[str, float]:
-        """MLM loss and accuracy over the whole held-out slice, the same masks at every evaluation."""
+        """MLM loss and accuracy (and NSP accuracy) over the whole held-out slice, the same masks every time."""
         model.train(False)
         collate = self._collator(seed=self.context.seed + 7919 * self.context.rank)
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, masked tokens
+        # MLM loss sum, MLM correct, masked tokens, NSP correct, pairs
+        totals = torch.zeros(5, dtype=torch.float64)
         size = self.context.micro_batch_size
         for begin in range(0, len(self.eval_shard), size):
-            rows = self.eval_shard[begin : begin + size]["input_ids"]
-            batch = {k: v.to(self.context.device) for k, v in collate([{"input_ids": r} for r in rows]).items()}
-            logits = model(**batch).logits.float()
-            labels = batch["labels"]
+            rows = self.eval_shard[begin : begin + size]
+            examples = [dict(zip(rows, values)) for values in zip(*rows.values())]
+            batch = {k: v.to(self.context.device) for k, v in collate(examples).items()}
+            out = model(**batch)
+            logits, labels = mlm_logits(out).float(), batch["labels"]
             masked = labels != -100
             totals[0] += torch.nn.functional.cross_entropy(logits[masked], labels[masked], reduction="sum").item()
             totals[1] += (logits.argmax(-1)[masked] == labels[masked]).sum().item()
             totals[2] += masked.sum().item()
+            if "next_sentence_label" in batch:
+                totals[3] += (out.seq_relationship_logits.argmax(-1) == batch["next_sentence_label"]).sum().item()
+                totals[4] += len(batch["next_sentence_label"])
         model.train(True)
         if dist.is_initialized():
             dist.all_reduce(totals)
         count = max(totals[2].item(), 1.0)
-        return {"eval_loss": totals[0].item() / count, "eval_mlm_accuracy": totals[1].item() / count,
-                "eval_masked_tokens": int(totals[2].item())}
+        metrics = {"eval_loss": totals[0].item() / count, "eval_mlm_accuracy": totals[1].item() / count,
+                   "eval_masked_tokens": int(totals[2].item())}
+        if totals[4] > 0:
+            metrics["eval_nsp_accuracy"] = totals[3].item() / totals[4].item()
+        return metrics
 
     @classmethod
     def export(cls, sections: dict[str, Any], run_dir: Path, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
-        from transformers import BertForMaskedLM
-
         tokenizer = text.load_tokenizer(sections["tokenizer"], run_dir)
-        model = BertForMaskedLM(bert_config(sections["model"], tokenizer, sections["data"].max_seq_length))
+        config = bert_config(sections["model"], tokenizer, sections["data"].max_seq_length)
+        model = model_class(sections["data"])(config)
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         # The MLM decoder is tied to the word embeddings, so its weight may be stored once.
         missing = [k for k in missing if k != "cls.predictions.decoder.weight"]
