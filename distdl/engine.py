@@ -148,15 +148,6 @@ class Engine:
         return self._engine.device
 
     @property
-    def dtype(self) -> torch.dtype:
-        precision = self.ds_config
-        if precision.get("bf16", {}).get("enabled"):
-            return torch.bfloat16
-        if precision.get("fp16", {}).get("enabled"):
-            return torch.float16
-        return torch.float32
-
-    @property
     def global_steps(self) -> int:
         return int(self._engine.global_steps)
 

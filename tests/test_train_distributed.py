@@ -51,11 +51,29 @@ def assert_trained(config, summary):
     assert 0 < summary["final"]["eval_mlm_accuracy"] <= 1
 
 
+def weights_checksum(model):
+    """The same digest as Engine.parameter_checksum: every parameter's fp32 bytes in module order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for param in model.parameters():
+        digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_each_zero_stage_trains_and_ranks_agree(ray_local, tmp_path, corpus, stage):
+def test_each_zero_stage_trains_ranks_agree_and_exports_exactly(ray_local, tmp_path, corpus, stage):
+    from transformers import BertForMaskedLM
+
+    from distdl.cli import main
+
     steps = 8 if stage == 3 else 16  # ZeRO-3 over gloo gathers every layer: ~5x slower here
     config, summary = run(tmp_path, corpus, f"engine.zero_stage={stage}", f"trainer.max_steps={steps}")
     assert_trained(config, summary)
+    # The exported HF model holds exactly the weights the engines held at the end (fp32 run).
+    assert main(["export", str(config.run_dir), str(tmp_path / "export")]) == 0
+    exported = BertForMaskedLM.from_pretrained(tmp_path / "export")
+    assert weights_checksum(exported) == summary["parameter_checksums"][0]
 
 
 def test_bf16_trains(ray_local, tmp_path, corpus):
@@ -149,3 +167,18 @@ def test_corrupted_checkpoint_is_named_before_workers_start(ray_local, tmp_path,
     assert main(["train", str(config.run_dir / "config.yaml"), "trainer.max_steps=8"]) == 2
     assert f"checkpoint file {shard} is corrupted" in capsys.readouterr().err
     assert (config.run_dir / "metrics.jsonl").read_bytes() == metrics_before, "nothing the run had is touched"
+
+
+def test_next_sentence_prediction_trains_and_exports(ray_local, tmp_path, corpus):
+    from transformers import BertForPreTraining
+
+    from distdl.cli import main
+
+    config, summary = run(tmp_path, corpus, "data.next_sentence_prediction=true", "trainer.max_steps=12")
+    metrics = read_metrics(config.run_dir)
+    assert metrics[-1]["loss"] < metrics[0]["loss"] and all("nsp_accuracy" in m for m in metrics)
+    assert 0 <= summary["final"]["eval_nsp_accuracy"] <= 1
+    out = tmp_path / "export"
+    assert main(["export", str(config.run_dir), str(out)]) == 0
+    model = BertForPreTraining.from_pretrained(out)
+    assert model.cls.seq_relationship.out_features == 2
