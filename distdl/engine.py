@@ -223,19 +223,18 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tenso
     if not tag_file.is_file():
         raise CheckpointError(f"checkpoint {checkpoint_dir} has no 'latest' file; is it a distdl checkpoint?")
     tag_dir = checkpoint_dir / tag_file.read_text().strip()
+    model_files = sorted(tag_dir.glob("*model_states.pt"))
+    if not model_files:
+        raise CheckpointError(f"checkpoint {tag_dir} has no model states")
     try:
-        if any(tag_dir.glob("*optim_states.pt")) and _zero_stage(tag_dir) > 0:
+        model_states = torch.load(model_files[0], map_location="cpu", weights_only=False)
+        stage = int(model_states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
+        # ZeRO 1-3 (and bf16 at stage 0, whose optimizer keeps the fp32 master weights) need the
+        # optimizer shards; plain stage 0 keeps full fp32 weights in the model states.
+        if stage > 0 or any(tag_dir.glob("bf16_zero_pp_rank_*")):
             state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
         else:
-            model_states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
             state = model_states["module"]
-    except CheckpointError:
-        raise
     except Exception as err:
         raise CheckpointError(f"checkpoint {tag_dir} could not be read: {err}") from err
     return {name: tensor.float() for name, tensor in state.items()}
-
-
-def _zero_stage(tag_dir: Path) -> int:
-    model_states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return int(model_states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))

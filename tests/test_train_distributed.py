@@ -76,9 +76,22 @@ def test_each_zero_stage_trains_ranks_agree_and_exports_exactly(ray_local, tmp_p
     assert weights_checksum(exported) == summary["parameter_checksums"][0]
 
 
-def test_bf16_trains(ray_local, tmp_path, corpus):
-    config, summary = run(tmp_path, corpus, "engine.zero_stage=2", "engine.precision=bf16", "optimizer.lr=3e-3")
+def test_bf16_trains_and_exports_fp32_master_weights(ray_local, tmp_path, corpus):
+    from transformers import BertForMaskedLM
+
+    from distdl.cli import main
+
+    config, summary = run(tmp_path, corpus, "engine.zero_stage=0", "engine.precision=bf16", "optimizer.lr=3e-3")
     assert_trained(config, summary)
+    assert main(["export", str(config.run_dir), str(tmp_path / "export")]) == 0
+    exported = BertForMaskedLM.from_pretrained(tmp_path / "export")
+    assert all(p.dtype == torch.float32 for p in exported.parameters())
+    states = torch.load(next((latest_checkpoint(config.run_dir) / "global_step16").glob("*model_states.pt")),
+                        map_location="cpu", weights_only=False)
+    bf16_weights = states["module"]["bert.embeddings.word_embeddings.weight"]
+    assert bf16_weights.dtype == torch.bfloat16
+    # The fp32 masters round to the bf16 weights the engine computed with.
+    torch.testing.assert_close(exported.bert.embeddings.word_embeddings.weight.bfloat16(), bf16_weights)
 
 
 @pytest.fixture()
