@@ -95,6 +95,8 @@ def _remove_if_only_ours(run_dir: Path) -> None:
 
 
 def connect_ray(config: Config) -> None:
+    if config.ray.address is not None:
+        use_cluster_token()  # before importing ray, which reads its auth mode once
     import ray
 
     if ray.is_initialized():
@@ -105,6 +107,19 @@ def connect_ray(config: Config) -> None:
                  log_to_driver=True)
     else:
         ray.init(address=config.ray.address, runtime_env={"env_vars": env_vars})
+
+
+def use_cluster_token() -> None:
+    """Join a token-authenticated cluster (Ray 2.60's default) when this user holds its token.
+
+    A driver joining a cluster only sends the token with RAY_AUTH_MODE=token; an explicit
+    RAY_AUTH_MODE from the user wins.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def build_trainer(config: Config, wandb_mode: str) -> Any:

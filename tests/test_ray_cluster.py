@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -42,5 +44,10 @@ def test_train_joins_an_existing_cluster(ray_head, tmp_path, corpus):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Started a local Ray instance" not in done.stderr + done.stdout
     assert "step 4/4 done" in done.stdout
-    status = subprocess.run([str(RAY), "status", f"--address={ray_head}"], capture_output=True, text=True)
-    assert status.returncode == 0
+    summary = json.loads((tmp_path / "bert-tiny" / "summary.json").read_text())
+    assert summary["completed"] and len(summary["ray_node_ids"]) == 2
+    # The head is still up and answers a client holding its token.
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    status = subprocess.run([str(RAY), "status", f"--address={ray_head}"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert status.returncode == 0, status.stderr[-2000:]

@@ -68,7 +68,10 @@ def test_each_zero_stage_trains_ranks_agree_and_exports_exactly(ray_local, tmp_p
     from distdl.cli import main
 
     steps = 8 if stage == 3 else 16  # ZeRO-3 over gloo gathers every layer: ~5x slower here
-    config, summary = run(tmp_path, corpus, f"engine.zero_stage={stage}", f"trainer.max_steps={steps}")
+    # Stage 1 also covers gradient accumulation (2 micro-batches of 4) and optimizer CPU offload.
+    extra = ("trainer.micro_batch_size=4", "engine.offload_optimizer=true") if stage == 1 else ()
+    config, summary = run(tmp_path, corpus, f"engine.zero_stage={stage}", f"trainer.max_steps={steps}", *extra)
+    assert config.trainer.gradient_accumulation_steps == (2 if stage == 1 else 1)
     assert_trained(config, summary)
     # The exported HF model holds exactly the weights the engines held at the end (fp32 run).
     assert main(["export", str(config.run_dir), str(tmp_path / "export")]) == 0
