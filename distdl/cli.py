@@ -40,7 +40,19 @@ def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:
     from distdl.driver import train
 
     config = load_config(config_path, overrides)
-    summary = train(config, overwrite=overwrite)
+    try:
+        summary = train(config, overwrite=overwrite)
+    except Exception as err:
+        failures = getattr(err, "worker_failures", None)
+        if not failures:
+            raise
+        # One line per failed rank instead of Ray's nested tracebacks (those stay in the Ray logs).
+        for rank, failure in sorted(failures.items()):
+            cause = failure.__cause__ or failure
+            lines = str(cause).strip().splitlines() or [type(cause).__name__]
+            print(f"distdl: error: worker {rank} failed: {lines[-1]}", file=sys.stderr)
+        print(f"distdl: the last good checkpoint, if any, is kept in {config.run_dir}", file=sys.stderr)
+        return 1
     if not summary:
         print(f"distdl: the run ended without a summary; see {config.run_dir}", file=sys.stderr)
         return 1

@@ -87,7 +87,7 @@ class SchedulerSection:
 class TrainerSection:
     max_steps: int = 100
     # End this session after this step (with a checkpoint), keeping the LR schedule planned
-    # for max_steps; rerunning the same command goes on from there (as Slurm job chains do).
+    # for max_steps; rerun with a later stop_at_step (or none) to go on, as Slurm job chains do.
     stop_at_step: Optional[int] = None
     micro_batch_size: int = 8
     # Set either of these (or neither: accumulation 1). They must agree with
@@ -130,8 +130,14 @@ ALLOWED = {
     "scaling.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
 
-# Keys a rerun may change and still resume the same run: only the budget.
-BUDGET_KEYS = ("trainer.max_steps", "trainer.stop_at_step")
+# Keys a rerun may change and still resume the same run: the step budget, and what concerns
+# only where and how this session runs (a Slurm job chain gets a new Ray head every job).
+SESSION_KEYS = (
+    "trainer.max_steps", "trainer.stop_at_step", "trainer.log_every", "trainer.eval_every",
+    "trainer.checkpoint_every", "trainer.keep_checkpoints", "run.max_failures", "ray.address", "ray.num_cpus",
+    "scaling.cpus_per_worker", "scaling.placement_strategy", "tracking.wandb_mode", "tracking.progress_bar",
+    "data.num_proc", "data.cache_dir",
+)
 
 
 @dataclass
@@ -321,6 +327,23 @@ def validate(config: Config) -> None:
         value = getattr(getattr(config, section), key)
         if value not in allowed:
             raise ConfigError(f"{dotted}={value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
+    if config.trainer.global_batch_size is not None and config.trainer.global_batch_size < 1:
+        raise ConfigError(f"trainer.global_batch_size={config.trainer.global_batch_size} must be at least 1")
+    non_negative = {"run.seed": config.run.seed, "run.max_failures": config.run.max_failures,
+                    "optimizer.weight_decay": config.optimizer.weight_decay,
+                    "scheduler.warmup_steps": config.scheduler.warmup_steps}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be 0 or more")
+    betas = config.optimizer.betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"optimizer.betas={betas} must be two numbers in [0, 1)")
+    if not config.optimizer.eps > 0:
+        raise ConfigError(f"optimizer.eps={config.optimizer.eps} must be positive")
+    if not 0 <= config.scheduler.warmup_ratio <= 1:
+        raise ConfigError(f"scheduler.warmup_ratio={config.scheduler.warmup_ratio} must lie in [0, 1]")
+    if config.ray.num_cpus is not None and config.ray.num_cpus < 1:
+        raise ConfigError(f"ray.num_cpus={config.ray.num_cpus} must be at least 1 (or null: all)")
     positive = {
         "trainer.max_steps": config.trainer.max_steps,
         "trainer.micro_batch_size": config.trainer.micro_batch_size,
@@ -381,10 +404,10 @@ def _check_device(config: Config) -> None:
         )
 
 
-def budget_free(config_dict: dict[str, Any]) -> dict[str, Any]:
+def without_session_keys(config_dict: dict[str, Any]) -> dict[str, Any]:
     """The config without the keys a resume may change."""
     copy = yaml.safe_load(yaml.safe_dump(config_dict))
-    for dotted in BUDGET_KEYS:
+    for dotted in SESSION_KEYS:
         section, key = dotted.split(".")
         copy.get(section, {}).pop(key, None)
     return copy

@@ -10,14 +10,15 @@ from typing import Any
 
 import yaml
 
-from distdl.config import Config, ConfigError, budget_free, config_differences
+from distdl.config import Config, ConfigError, without_session_keys, config_differences
 from distdl.errors import RunDirError
 from distdl.registry import WORKLOADS
 from distdl.tracking import SUMMARY_FILE, resolve_wandb_mode
 
 CONFIG_FILE = "config.yaml"
 # Environment the workers need to see as the driver does (Ray clusters start workers elsewhere).
-FORWARDED_ENV = ("DISTDL_PLUGINS", "WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "HF_HOME", "HF_DATASETS_CACHE",
+FORWARDED_ENV = ("DISTDL_PLUGINS", "WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "HF_TOKEN", "HF_HOME",
+                 "HF_DATASETS_CACHE",
                  "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
@@ -37,7 +38,7 @@ def check_run_dir(config: Config, overwrite: bool) -> bool:
                               "choose another run.name or run.storage_path")
         return False
     saved = yaml.safe_load(saved_file.read_text()) or {}
-    differences = config_differences(budget_free(saved), budget_free(config.to_dict()))
+    differences = config_differences(without_session_keys(saved), without_session_keys(config.to_dict()))
     if not differences:
         return True
     if not overwrite:
@@ -67,6 +68,13 @@ def train(config: Config, overwrite: bool = False) -> dict[str, Any]:
     resuming = check_run_dir(config, overwrite)
     if resuming and any(config.run_dir.glob("checkpoint_*")):
         verify_checkpoint(latest_checkpoint(config.run_dir))
+        done = checkpoint_step(config.run_dir)
+        target = config.trainer.stop_at_step or config.trainer.max_steps
+        if done is not None and done >= target:
+            print(f"distdl: {config.run_dir} is at step {done} already (target {target}); nothing to train. "
+                  "Raise trainer.max_steps to go on.")
+            summary_file = config.run_dir / SUMMARY_FILE
+            return json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     workload = WORKLOADS.get(config.workload)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -148,6 +156,15 @@ def build_trainer(config: Config, wandb_mode: str) -> Any:
 
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the checkpoint Ray Train would resume from, from its own bookkeeping."""
+    snapshot = Path(run_dir) / RAY_SNAPSHOT
+    if not snapshot.is_file():
+        return None
+    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    return (latest.get("metrics") or {}).get("step")
 
 
 def latest_checkpoint(run_dir: Path) -> Path:

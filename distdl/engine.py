@@ -210,8 +210,8 @@ def verify_checkpoint(checkpoint_dir: str | Path) -> None:
             with zipfile.ZipFile(file) as archive:
                 archive.namelist()
         except (zipfile.BadZipFile, OSError) as err:
-            raise CheckpointError(f"checkpoint file {file} is corrupted ({err}); remove {checkpoint_dir} "
-                                  "to resume from the checkpoint before it") from err
+            raise CheckpointError(f"checkpoint file {file} is corrupted ({err}); the run cannot resume from "
+                                  f"{checkpoint_dir.name}") from err
 
 
 def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -80,21 +80,22 @@ def resume(engine: Engine, rank: int) -> int:
         rng_file = Path(directory) / RNG_FILE.format(rank=rank)
         if not rng_file.is_file():
             raise CheckpointError(f"checkpoint {directory} has no {rng_file.name}: was it saved with another world size?")
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(torch.load(rng_file, weights_only=True), engine.device)
     return engine.global_steps
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        # This worker's own GPU only: on resume it may sit at another index on its node.
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 class Window:
@@ -180,7 +181,7 @@ def save_and_report(engine: Engine, rank: int, step: int, metrics: dict[str, Any
 
     with tempfile.TemporaryDirectory(prefix="distdl-ckpt-") as directory:
         engine.save(directory, client_state={"step": step})
-        torch.save(rng_state(), Path(directory) / RNG_FILE.format(rank=rank))
+        torch.save(rng_state(engine.device), Path(directory) / RNG_FILE.format(rank=rank))
         reported = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         ray.train.report({"step": step, **reported}, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=f"checkpoint_{step:08d}")

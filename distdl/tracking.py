@@ -92,16 +92,16 @@ class Tracker:
         try:
             import wandb
 
-            return wandb.init(
-                project=section.wandb_project,
-                entity=section.wandb_entity,
-                name=run_name,
-                id=wandb_run_id(self.run_dir),
-                resume="allow",
-                config=config,
-                dir=str(self.run_dir),
-                mode=mode,
-            )
+            settings = dict(project=section.wandb_project, entity=section.wandb_entity, name=run_name,
+                            id=wandb_run_id(self.run_dir), resume="allow", config=config, dir=str(self.run_dir))
+            try:
+                return wandb.init(**settings, mode=mode)
+            except Exception as err:
+                if mode != "online":
+                    raise
+                # No login on this node, or no network: keep the run for a later `wandb sync`.
+                warnings.warn(f"W&B online failed ({err}); logging offline instead")
+                return wandb.init(**settings, mode="offline")
         except Exception as err:  # W&B must never stop training
             warnings.warn(f"W&B could not start ({err}); training goes on, metrics stay in {self.run_dir / METRICS_FILE}")
             return None

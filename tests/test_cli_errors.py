@@ -109,6 +109,16 @@ def test_only_the_step_budget_changed_is_a_resume(tmp_path):
     assert check_run_dir(config_in(tmp_path, "trainer.max_steps=600", "trainer.stop_at_step=400"), False) is True
 
 
+def test_session_keys_changed_is_a_resume_model_keys_are_not(tmp_path):
+    """A Slurm job chain reruns on a new Ray head with other intervals; the model must stay."""
+    saved_run(tmp_path)
+    session = ("ray.address=10.0.0.7:6379", "trainer.log_every=50", "trainer.checkpoint_every=500",
+               "run.max_failures=3", "tracking.wandb_mode=offline", "scaling.cpus_per_worker=4")
+    assert check_run_dir(config_in(tmp_path, *session), overwrite=False) is True
+    with pytest.raises(RunDirError, match="model.preset"):
+        check_run_dir(config_in(tmp_path, *session, "model.preset=mini"), overwrite=False)
+
+
 def test_different_config_is_refused_naming_the_key(tmp_path):
     run_dir = saved_run(tmp_path, "optimizer.lr=0.001")
     with pytest.raises(RunDirError) as info:

@@ -248,3 +248,19 @@ def test_relative_local_paths_become_absolute_hub_names_stay(tmp_path, monkeypat
     assert config.sections["data"].path == str(tmp_path / "corpus.txt")
     assert config.sections["data"].cache_dir == str(tmp_path / "cache")
     assert config.sections["tokenizer"].name_or_path == "bert-base-uncased"
+
+
+@pytest.mark.parametrize("override, culprit", [
+    ("trainer.global_batch_size=0", "trainer.global_batch_size"),
+    ("run.seed=-1", "run.seed"),
+    ("run.max_failures=-2", "run.max_failures"),
+    ("optimizer.betas=[0.9]", "optimizer.betas"),
+    ("optimizer.betas=[0.9,1.5]", "optimizer.betas"),
+    ("optimizer.eps=0", "optimizer.eps"),
+    ("scheduler.warmup_ratio=1.5", "scheduler.warmup_ratio"),
+    ("optimizer.lr=nan", "optimizer.lr"),
+    ("ray.num_cpus=0", "ray.num_cpus"),
+])
+def test_impossible_values_are_refused(override, culprit):
+    with pytest.raises(ConfigError, match=culprit.replace(".", r"\.")):
+        load_config(TINY, [override])

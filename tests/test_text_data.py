@@ -300,3 +300,14 @@ def test_next_sentence_pairs(prepared):
         if example["next_sentence_label"] == 0:
             # Trimming may shorten the end of B, never its start: A then B's head are contiguous text.
             assert " ".join(map(str, a + b[:1])) in stream
+
+
+def test_hub_download_folder_with_readme_is_a_data_folder(tmp_path):
+    import datasets
+
+    folder = tmp_path / "download"
+    folder.mkdir()
+    datasets.Dataset.from_list([{"text": f"row {i} of real data"} for i in range(20)]).to_parquet(str(folder / "a.parquet"))
+    (folder / "README.md").write_text("# dataset card, not training text\n")
+    raw = text.load_raw_corpus(text.TextDataSection(path=str(folder), cache_dir=str(tmp_path / "c")))
+    assert len(raw) == 20 and "dataset card" not in " ".join(raw["text"])

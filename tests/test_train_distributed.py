@@ -121,6 +121,9 @@ def test_resumed_run_equals_uninterrupted(ray_local, tmp_path, corpus, shared_to
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
     assert [m["step"] for m in read_metrics(resumed.run_dir)] == [4, 6, 8, 12]
+    # Rerunning a finished run trains nothing and keeps its summary.
+    again = train(load_config(resumed.run_dir / "config.yaml"))
+    assert again == summary
     # The logged losses after the resume point are those of the uninterrupted run.
     losses = {m["step"]: m["loss"] for m in read_metrics(straight.run_dir)}
     assert read_metrics(resumed.run_dir)[-1]["loss"] == pytest.approx(losses[12], rel=1e-5)
@@ -198,3 +201,14 @@ def test_next_sentence_prediction_trains_and_exports(ray_local, tmp_path, corpus
     assert main(["export", str(config.run_dir), str(out)]) == 0
     model = BertForPreTraining.from_pretrained(out)
     assert model.cls.seq_relationship.out_features == 2
+
+
+def test_worker_error_is_one_clear_line(ray_local, tmp_path, corpus, capsys):
+    from distdl.cli import main
+
+    args = ["train", str(QUICKSTART), f"run.storage_path={tmp_path}", f"data.path={corpus}",
+            "workload=bert_pretrain_broken_node", "trainer.max_steps=2", "tokenizer.vocab_size=1000",
+            "data.max_seq_length=32", "tracking.wandb_mode=disabled", "tracking.progress_bar=false"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "distdl: error: worker 1 failed:" in err and "corpus shard unreadable on this node" in err

@@ -73,7 +73,8 @@ def _is_saved_table_folder(path: str) -> bool:
     if not root.is_dir():
         return False
     suffixes = {f.suffix for f in root.rglob("*") if f.is_file() and not f.name.startswith(".")}
-    return bool(suffixes & TABLE_SUFFIXES) and not suffixes & TEXT_SUFFIXES
+    # A README.md or LICENSE beside parquet files (every hub download) does not make a text corpus.
+    return bool(suffixes & TABLE_SUFFIXES) and not suffixes & {".txt", ".text"}
 
 
 def load_raw_corpus(data: TextDataSection) -> Any:
@@ -144,7 +145,7 @@ def tokenized_blocks(raw: Any, tokenizer: Any, data: TextDataSection, seed: int)
 
     With next-sentence prediction the examples are sentence pairs instead (`sentence_pair_blocks`).
     """
-    fingerprint = _fingerprint(raw._fingerprint, tokenizer, data.max_seq_length)
+    fingerprint = _fingerprint(raw._fingerprint, tokenizer, data.max_seq_length, data.num_proc)
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         return tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
@@ -179,13 +180,13 @@ def _split(blocks: Any, data: TextDataSection, seed: int) -> Any:
     return datasets.DatasetDict(train=split["train"], eval=split["test"])
 
 
-def _fingerprint(base: str, tokenizer: Any, max_seq_length: int) -> str:
+def _fingerprint(base: str, tokenizer: Any, max_seq_length: int, num_proc: Optional[int]) -> str:
     # datasets hashes the map function by pickling it, which is not stable for a tokenizer
     # object across processes; an explicit fingerprint lets workers hit the driver's cache.
     digest = hashlib.sha256()
     digest.update(base.encode())
     digest.update(tokenizer.backend_tokenizer.to_str().encode())
-    digest.update(str(max_seq_length).encode())
+    digest.update(f"{max_seq_length}-{num_proc}".encode())  # num_proc moves batch boundaries
     return digest.hexdigest()[:32]
 
 
@@ -239,7 +240,7 @@ def sentence_pair_blocks(tokens: Any, tokenizer: Any, data: TextDataSection, see
         return out
 
     return tokens.map(to_pairs, batched=True, batch_size=1000, with_indices=True, remove_columns=tokens.column_names,
-                      num_proc=data.num_proc, new_fingerprint=fingerprint + "-nsp", desc="pairing sentences")
+                      num_proc=data.num_proc, new_fingerprint=f"{fingerprint}-nsp-{seed}", desc="pairing sentences")
 
 
 def _make_pair(lines: list[list[int]], start: int, end: int, rng: random.Random, budget: int) -> Any:

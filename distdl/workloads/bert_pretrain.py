@@ -80,7 +80,8 @@ class BertPretrain(Workload):
         self.tokenizer = text.load_tokenizer(sections["tokenizer"], context.run_dir)
         blocks = text.tokenized_blocks(raw, self.tokenizer, self.data, context.seed)
         self.train_shard = text.shard_for_rank(blocks["train"], context.rank, context.world_size)
-        self.eval_shard = text.shard_for_rank(blocks["eval"], context.rank, context.world_size)
+        self.eval_all = blocks["eval"]
+        self.eval_shard = text.shard_for_rank(self.eval_all, context.rank, context.world_size)
 
     @classmethod
     def validate(cls, config: Config) -> None:
@@ -138,33 +139,44 @@ class BertPretrain(Workload):
 
     @torch.no_grad()
     def evaluate(self, model: Any) -> dict[str, float]:
-        """MLM loss and accuracy (and NSP accuracy) over the whole held-out slice, the same masks every time."""
+        """MLM loss and accuracy (and NSP accuracy) over the whole held-out slice, the same masks every time.
+
+        Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively in
+        each); a rank whose shard is used up runs a filler batch whose results it does not count.
+        """
         model.train(False)
         collate = self._collator(seed=self.context.seed + 7919 * self.context.rank)
-        # MLM loss sum, MLM correct, masked tokens, NSP correct, pairs
-        totals = torch.zeros(5, dtype=torch.float64)
-        size = self.context.micro_batch_size
-        for begin in range(0, len(self.eval_shard), size):
-            rows = self.eval_shard[begin : begin + size]
+        device = self.context.device
+        # On the device: NCCL reduces only device tensors. MLM loss sum, MLM correct, masked tokens,
+        # NSP correct, pairs.
+        totals = torch.zeros(5, dtype=torch.float64, device=device)
+        size, world = self.context.micro_batch_size, self.context.world_size
+        largest_shard = -(-len(self.eval_all) // world)
+        for begin in range(0, max(largest_shard, 1), size):
+            counted = begin < len(self.eval_shard)
+            rows = self.eval_shard[begin : begin + size] if counted else self.eval_all[:size]
             examples = [dict(zip(rows, values)) for values in zip(*rows.values())]
-            batch = {k: v.to(self.context.device) for k, v in collate(examples).items()}
+            batch = {k: v.to(device) for k, v in collate(examples).items()}
             out = model(**batch)
+            if not counted:
+                continue
             logits, labels = mlm_logits(out).float(), batch["labels"]
             masked = labels != -100
-            totals[0] += torch.nn.functional.cross_entropy(logits[masked], labels[masked], reduction="sum").item()
-            totals[1] += (logits.argmax(-1)[masked] == labels[masked]).sum().item()
-            totals[2] += masked.sum().item()
+            totals[0] += torch.nn.functional.cross_entropy(logits[masked], labels[masked], reduction="sum")
+            totals[1] += (logits.argmax(-1)[masked] == labels[masked]).sum()
+            totals[2] += masked.sum()
             if "next_sentence_label" in batch:
-                totals[3] += (out.seq_relationship_logits.argmax(-1) == batch["next_sentence_label"]).sum().item()
+                totals[3] += (out.seq_relationship_logits.argmax(-1) == batch["next_sentence_label"]).sum()
                 totals[4] += len(batch["next_sentence_label"])
         model.train(True)
         if dist.is_initialized():
             dist.all_reduce(totals)
-        count = max(totals[2].item(), 1.0)
-        metrics = {"eval_loss": totals[0].item() / count, "eval_mlm_accuracy": totals[1].item() / count,
-                   "eval_masked_tokens": int(totals[2].item())}
-        if totals[4] > 0:
-            metrics["eval_nsp_accuracy"] = totals[3].item() / totals[4].item()
+        loss_sum, correct, masked_count, nsp_correct, pairs = totals.tolist()
+        count = max(masked_count, 1.0)
+        metrics = {"eval_loss": loss_sum / count, "eval_mlm_accuracy": correct / count,
+                   "eval_masked_tokens": int(masked_count)}
+        if pairs > 0:
+            metrics["eval_nsp_accuracy"] = nsp_correct / pairs
         return metrics
 
     @classmethod

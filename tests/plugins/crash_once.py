@@ -23,3 +23,13 @@ class BertPretrainCrashOnce(BertPretrain):
             marker.write_text("rank 1 exited at micro-batch 7\n")
             os._exit(1)  # as abrupt as a dead process: no exception, no cleanup
         return super().loss(model, batch)
+
+
+@WORKLOADS.register("bert_pretrain_broken_node")
+class BertPretrainBrokenNode(BertPretrain):
+    """Rank 1 cannot read its data, as on a node without the shared corpus."""
+
+    def __init__(self, sections, context):
+        if context.rank == 1:
+            raise FileNotFoundError("corpus shard unreadable on this node")
+        super().__init__(sections, context)
