@@ -68,13 +68,8 @@ def train(config: Config, overwrite: bool = False) -> dict[str, Any]:
     resuming = check_run_dir(config, overwrite)
     if resuming and any(config.run_dir.glob("checkpoint_*")):
         verify_checkpoint(latest_checkpoint(config.run_dir))
-        done = checkpoint_step(config.run_dir)
-        target = config.trainer.stop_at_step or config.trainer.max_steps
-        if done is not None and done >= target:
-            print(f"distdl: {config.run_dir} is at step {done} already (target {target}); nothing to train. "
-                  "Raise trainer.max_steps to go on.")
-            summary_file = config.run_dir / SUMMARY_FILE
-            return json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+        if reached_target(config):
+            return read_summary(config.run_dir)
     workload = WORKLOADS.get(config.workload)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -90,7 +85,22 @@ def train(config: Config, overwrite: bool = False) -> dict[str, Any]:
     print(f"distdl: {'resuming' if resuming else 'starting'} run {config.run_dir} "
           f"({config.scaling.num_workers} workers, ZeRO-{config.engine.zero_stage}, {config.engine.precision})")
     trainer.fit()
-    summary_file = config.run_dir / SUMMARY_FILE
+    return read_summary(config.run_dir)
+
+
+def reached_target(config: Config) -> bool:
+    """Whether the run's latest checkpoint is already at this session's target step."""
+    done = checkpoint_step(config.run_dir)
+    target = config.trainer.stop_at_step or config.trainer.max_steps
+    if done is None or done < target:
+        return False
+    print(f"distdl: {config.run_dir} is at step {done} already (target {target}); nothing to train. "
+          "Raise trainer.max_steps to go on.")
+    return True
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    summary_file = run_dir / SUMMARY_FILE
     return json.loads(summary_file.read_text()) if summary_file.is_file() else {}
 
 
