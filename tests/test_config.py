@@ -264,3 +264,10 @@ def test_relative_local_paths_become_absolute_hub_names_stay(tmp_path, monkeypat
 def test_impossible_values_are_refused(override, culprit):
     with pytest.raises(ConfigError, match=culprit.replace(".", r"\.")):
         load_config(TINY, [override])
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    config = load_config(path)
+    assert config.run.name and config.trainer.max_steps >= 1
