@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from distdl.config import Config, ConfigError, without_session_keys, config_differences
+from distdl.config import SESSION_KEYS, Config, ConfigError, config_differences, without_session_keys
 from distdl.errors import RunDirError
 from distdl.registry import WORKLOADS
 from distdl.tracking import SUMMARY_FILE, resolve_wandb_mode
@@ -45,7 +45,7 @@ def check_run_dir(config: Config, overwrite: bool) -> bool:
         listed = "\n  ".join(differences)
         raise RunDirError(
             f"run directory {run_dir} holds a run with a different config:\n  {listed}\n"
-            "Only trainer.max_steps and trainer.stop_at_step may change on a resume. "
+            f"A resume may change only these keys: {', '.join(SESSION_KEYS)}. "
             "Use another run.name, or pass --overwrite to move the old run aside and start afresh."
         )
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -168,23 +168,25 @@ def build_trainer(config: Config, wandb_mode: str) -> Any:
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
-def checkpoint_step(run_dir: Path) -> int | None:
-    """The step of the checkpoint Ray Train would resume from, from its own bookkeeping."""
+def _latest_checkpoint_result(run_dir: Path) -> dict[str, Any]:
+    """Ray Train's own record of the checkpoint it resumes from ({} before the first one)."""
     snapshot = Path(run_dir) / RAY_SNAPSHOT
     if not snapshot.is_file():
-        return None
-    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-    return (latest.get("metrics") or {}).get("step")
+        return {}
+    return json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+
+
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the checkpoint Ray Train would resume from."""
+    return (_latest_checkpoint_result(run_dir).get("metrics") or {}).get("step")
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
     """The checkpoint Ray Train resumes from: its snapshot's latest, else the highest-numbered folder."""
     run_dir = Path(run_dir)
-    snapshot = run_dir / RAY_SNAPSHOT
-    if snapshot.is_file():
-        latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-        if latest:
-            return run_dir / latest
+    latest = _latest_checkpoint_result(run_dir).get("checkpoint_dir_name")
+    if latest:
+        return run_dir / latest
     candidates = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     if not candidates:
         raise ConfigError(f"run directory {run_dir} holds no checkpoint (checkpoint_*)")
