@@ -190,6 +190,19 @@ class Engine:
         return client_state or {}
 
 
+def _tagged_model_states(checkpoint_dir: Path) -> tuple[Path, list[Path]]:
+    """The tag folder `latest` points at and its model-state files; an error names what is missing."""
+    tag_file = checkpoint_dir / "latest"
+    if not tag_file.is_file():
+        raise CheckpointError(f"checkpoint {checkpoint_dir} is corrupted or not a DeepSpeed checkpoint: "
+                              "it has no 'latest' file")
+    tag_dir = checkpoint_dir / tag_file.read_text().strip()
+    model_files = sorted(tag_dir.glob("*model_states.pt"))
+    if not model_files:
+        raise CheckpointError(f"checkpoint {checkpoint_dir} is corrupted: {tag_dir.name}/ has no model states")
+    return tag_dir, model_files
+
+
 def verify_checkpoint(checkpoint_dir: str | Path) -> None:
     """Cheap integrity check before workers start: the tag exists and every torch file is a whole archive.
 
@@ -198,14 +211,8 @@ def verify_checkpoint(checkpoint_dir: str | Path) -> None:
     import zipfile
 
     checkpoint_dir = Path(checkpoint_dir)
-    tag_file = checkpoint_dir / "latest"
-    if not tag_file.is_file():
-        raise CheckpointError(f"checkpoint {checkpoint_dir} is corrupted: it has no 'latest' file")
-    tag_dir = checkpoint_dir / tag_file.read_text().strip()
-    files = sorted(tag_dir.glob("*.pt")) + sorted(checkpoint_dir.glob("*.pt"))
-    if not tag_dir.is_dir() or not any(tag_dir.glob("*model_states.pt")):
-        raise CheckpointError(f"checkpoint {checkpoint_dir} is corrupted: {tag_dir.name}/ has no model states")
-    for file in files:
+    tag_dir, _ = _tagged_model_states(checkpoint_dir)
+    for file in sorted(tag_dir.glob("*.pt")) + sorted(checkpoint_dir.glob("*.pt")):
         try:
             with zipfile.ZipFile(file) as archive:
                 archive.namelist()
@@ -219,13 +226,7 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tenso
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     checkpoint_dir = Path(checkpoint_dir)
-    tag_file = checkpoint_dir / "latest"
-    if not tag_file.is_file():
-        raise CheckpointError(f"checkpoint {checkpoint_dir} has no 'latest' file; is it a distdl checkpoint?")
-    tag_dir = checkpoint_dir / tag_file.read_text().strip()
-    model_files = sorted(tag_dir.glob("*model_states.pt"))
-    if not model_files:
-        raise CheckpointError(f"checkpoint {tag_dir} has no model states")
+    tag_dir, model_files = _tagged_model_states(checkpoint_dir)
     try:
         model_states = torch.load(model_files[0], map_location="cpu", weights_only=False)
         stage = int(model_states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
