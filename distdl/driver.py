@@ -63,8 +63,10 @@ def train(config: Config, overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) a training run and return its summary."""
     from distdl.engine import build_deepspeed_config, verify_checkpoint
 
-    # Built here too, so a bad raw DeepSpeed JSON fails before Ray starts, not on every worker.
-    build_deepspeed_config(config.engine, config.trainer, config.scaling.num_workers, config.scaling.use_gpu)
+    # Built once, here: a bad raw DeepSpeed JSON fails before Ray starts, and workers on other
+    # nodes need not see the JSON file.
+    ds_config = build_deepspeed_config(config.engine, config.trainer, config.scaling.num_workers,
+                                       config.scaling.use_gpu)
     resuming = check_run_dir(config, overwrite)
     if resuming and any(config.run_dir.glob("checkpoint_*")):
         verify_checkpoint(latest_checkpoint(config.run_dir))
@@ -81,7 +83,7 @@ def train(config: Config, overwrite: bool = False) -> dict[str, Any]:
     (config.run_dir / CONFIG_FILE).write_text(config.to_yaml())
     wandb_mode = resolve_wandb_mode(config.tracking.wandb_mode)
     connect_ray(config)
-    trainer = build_trainer(config, wandb_mode)
+    trainer = build_trainer(config, ds_config, wandb_mode)
     print(f"distdl: {'resuming' if resuming else 'starting'} run {config.run_dir} "
           f"({config.scaling.num_workers} workers, ZeRO-{config.engine.zero_stage}, {config.engine.precision})")
     trainer.fit()
@@ -140,7 +142,7 @@ def use_cluster_token() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def build_trainer(config: Config, wandb_mode: str) -> Any:
+def build_trainer(config: Config, ds_config: dict[str, Any], wandb_mode: str) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -149,7 +151,7 @@ def build_trainer(config: Config, wandb_mode: str) -> Any:
     scaling = config.scaling
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "wandb_mode": wandb_mode},
+        train_loop_config={"config": config.to_dict(), "deepspeed_config": ds_config, "wandb_mode": wandb_mode},
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from distdl.config import Config, config_from_dict
-from distdl.engine import CheckpointError, Engine, build_deepspeed_config
+from distdl.engine import CheckpointError, Engine
 from distdl.optim import optimizer_factory, param_groups, scheduler_factory
 from distdl.registry import WORKLOADS
 from distdl.tracking import Tracker
@@ -45,7 +45,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     )
     workload: Workload = WORKLOADS.get(config.workload)(config.sections, context)
     torch.manual_seed(config.run.seed)  # the same initial weights on every rank
-    engine = build_engine(workload.build_model(), config, world_size)
+    engine = build_engine(workload.build_model(), config, payload["deepspeed_config"])
     start_step = resume(engine, rank) if ray.train.get_checkpoint() else fresh_start(config.run.seed, rank)
     tracker = None
     if rank == 0:
@@ -54,8 +54,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     run_steps(config, workload, engine, tracker, start_step, rank, world_size)
 
 
-def build_engine(model: torch.nn.Module, config: Config, world_size: int) -> Engine:
-    ds_config = build_deepspeed_config(config.engine, config.trainer, world_size, config.scaling.use_gpu)
+def build_engine(model: torch.nn.Module, config: Config, ds_config: dict[str, Any]) -> Engine:
     return Engine(
         model,
         param_groups(model, config.optimizer.weight_decay),
