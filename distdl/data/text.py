@@ -83,12 +83,13 @@ def load_raw_corpus(data: TextDataSection) -> Any:
 
     if data.path is None:
         raise ConfigError("data.path is required: a text file, a folder of text files, or a hub dataset name")
-    if is_local_path(data.path) and not _is_saved_table_folder(data.path):
+    local = is_local_path(data.path)
+    if local and not _is_saved_table_folder(data.path):
         raw = datasets.load_dataset("text", data_files=text_files(data.path), split="train", cache_dir=data.cache_dir)
         column = "text"
     else:
         # A hub name, or a local folder of parquet/json/csv files: datasets infers the format for both.
-        what = f"the data files in {data.path}" if is_local_path(data.path) else f"hub dataset {data.path!r}"
+        what = f"the data files in {data.path}" if local else f"hub dataset {data.path!r}"
         try:
             raw = datasets.load_dataset(data.path, data.hub_config, split="train", cache_dir=data.cache_dir)
         except Exception as err:
@@ -197,6 +198,11 @@ def shard_for_rank(dataset: Any, rank: int, world_size: int) -> Any:
     return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
 
 
+def as_examples(rows: dict[str, list]) -> list[dict[str, Any]]:
+    """A `datasets` slice (a dict of columns) as the list of rows a collator takes."""
+    return [dict(zip(rows, values)) for values in zip(*rows.values())]
+
+
 def micro_batches(dataset: Any, batch_size: int, collate: Any, seed: int, start: int = 0) -> Iterator[dict]:
     """Endless micro-batches, reshuffled every epoch; `start` skips that many (exact resume)."""
     import torch
@@ -209,8 +215,7 @@ def micro_batches(dataset: Any, batch_size: int, collate: Any, seed: int, start:
         epoch, position = divmod(index, per_epoch)
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         for batch_start in range(position * batch_size, per_epoch * batch_size, batch_size):
-            rows = dataset[order[batch_start : batch_start + batch_size].tolist()]
-            yield collate([{key: rows[key][i] for key in rows} for i in range(batch_size)])
+            yield collate(as_examples(dataset[order[batch_start : batch_start + batch_size].tolist()]))
             index += 1
 
 

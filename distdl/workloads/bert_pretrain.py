@@ -155,8 +155,7 @@ class BertPretrain(Workload):
         for begin in range(0, max(largest_shard, 1), size):
             counted = begin < len(self.eval_shard)
             rows = self.eval_shard[begin : begin + size] if counted else self.eval_all[:size]
-            examples = [dict(zip(rows, values)) for values in zip(*rows.values())]
-            batch = {k: v.to(device) for k, v in collate(examples).items()}
+            batch = {k: v.to(device) for k, v in collate(text.as_examples(rows)).items()}
             out = model(**batch)
             if not counted:
                 continue
