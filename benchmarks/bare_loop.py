@@ -32,12 +32,12 @@ def build_model(tokenizer: Any, max_seq_length: int) -> torch.nn.Module:
 
 def load_shard(spec: dict[str, Any], rank: int, world_size: int) -> tuple[Any, Any]:
     """The tokenizer the driver prepared and this rank's shard of the (cached) training blocks."""
-    from distdl.data import text
+    from distdl.data import shards, text
 
     data, tokenizer_section = text.TextDataSection(**spec["data"]), text.TokenizerSection(**spec["tokenizer"])
     tokenizer = text.load_tokenizer(tokenizer_section, Path(spec["run_dir"]))
     blocks = text.tokenized_blocks(text.load_raw_corpus(data), tokenizer, data, spec["seed"])
-    return tokenizer, text.shard_for_rank(blocks["train"], rank, world_size)
+    return tokenizer, shards.shard_for_rank(blocks["train"], rank, world_size)
 
 
 def batches(shard: Any, micro_batch: int, collate: Any, seed: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -1,4 +1,4 @@
-"""`distdl` command line: train and export. Knobs live in config files, not flags."""
+"""`distdl` command line: train, export and report. Knobs live in config files, not flags."""
 
 from __future__ import annotations
 
@@ -25,12 +25,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     export = commands.add_parser("export", help="consolidated fp32 weights in HF format from a run's latest checkpoint")
     export.add_argument("run_dir")
     export.add_argument("out_dir")
+    export.add_argument("--checkpoint", default="latest",
+                        help="latest (default), best (by the workload's metric, e.g. a GLUE task's), or a checkpoint_* name")
+
+    report = commands.add_parser("report", help="summarize finished runs as a markdown table")
+    report.add_argument("kind", choices=["glue"], help="glue: the GLUE table (task by metric, with the BERT paper's average)")
+    report.add_argument("run_dirs", nargs="+", help="run directories (several per task: the best on dev is shown)")
 
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
             return run_train(args.config, args.overrides, args.overwrite)
-        return run_export(Path(args.run_dir), Path(args.out_dir))
+        if args.command == "report":
+            return run_report(args.kind, [Path(d) for d in args.run_dirs])
+        return run_export(Path(args.run_dir), Path(args.out_dir), args.checkpoint)
     except USER_ERRORS as err:
         print(f"distdl: error: {err}", file=sys.stderr)
         return 2
@@ -65,10 +73,10 @@ def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:
     return 0
 
 
-def run_export(run_dir: Path, out_dir: Path) -> int:
+def run_export(run_dir: Path, out_dir: Path, which: str = "latest") -> int:
     import yaml
 
-    from distdl.driver import latest_checkpoint
+    from distdl.driver import find_checkpoint
     from distdl.engine import consolidated_state_dict
     from distdl.registry import WORKLOADS
 
@@ -78,11 +86,18 @@ def run_export(run_dir: Path, out_dir: Path) -> int:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"export target {out_dir} exists and is not empty; choose a new folder")
     config = config_from_dict(yaml.safe_load(config_file.read_text()))
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = find_checkpoint(run_dir, which)
     state_dict = consolidated_state_dict(checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     WORKLOADS.get(config.workload).export(config.sections, run_dir, state_dict, out_dir)
     print(f"distdl: exported {checkpoint.name} ({len(state_dict)} tensors, fp32) to {out_dir}")
+    return 0
+
+
+def run_report(kind: str, run_dirs: list[Path]) -> int:
+    from distdl import report
+
+    print(report.glue_table(run_dirs))
     return 0
 
 

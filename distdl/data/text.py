@@ -12,7 +12,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from distdl.config import ConfigError
 
@@ -146,7 +146,7 @@ def tokenized_blocks(raw: Any, tokenizer: Any, data: TextDataSection, seed: int)
 
     With next-sentence prediction the examples are sentence pairs instead (`sentence_pair_blocks`).
     """
-    fingerprint = _fingerprint(raw._fingerprint, tokenizer, data.max_seq_length, data.num_proc)
+    fingerprint = tokenizer_fingerprint(raw._fingerprint, tokenizer, data.max_seq_length, data.num_proc)
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         return tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
@@ -181,7 +181,7 @@ def _split(blocks: Any, data: TextDataSection, seed: int) -> Any:
     return datasets.DatasetDict(train=split["train"], eval=split["test"])
 
 
-def _fingerprint(base: str, tokenizer: Any, max_seq_length: int, num_proc: Optional[int]) -> str:
+def tokenizer_fingerprint(base: str, tokenizer: Any, max_seq_length: int, num_proc: Optional[int]) -> str:
     # datasets hashes the map function by pickling it, which is not stable for a tokenizer
     # object across processes; an explicit fingerprint lets workers hit the driver's cache.
     digest = hashlib.sha256()
@@ -189,34 +189,6 @@ def _fingerprint(base: str, tokenizer: Any, max_seq_length: int, num_proc: Optio
     digest.update(tokenizer.backend_tokenizer.to_str().encode())
     digest.update(f"{max_seq_length}-{num_proc}".encode())  # num_proc moves batch boundaries
     return digest.hexdigest()[:32]
-
-
-def shard_for_rank(dataset: Any, rank: int, world_size: int) -> Any:
-    """A disjoint, contiguous shard per rank; together the shards cover the dataset once."""
-    from datasets.distributed import split_dataset_by_node
-
-    return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-
-
-def as_examples(rows: dict[str, list]) -> list[dict[str, Any]]:
-    """A `datasets` slice (a dict of columns) as the list of rows a collator takes."""
-    return [dict(zip(rows, values)) for values in zip(*rows.values())]
-
-
-def micro_batches(dataset: Any, batch_size: int, collate: Any, seed: int, start: int = 0) -> Iterator[dict]:
-    """Endless micro-batches, reshuffled every epoch; `start` skips that many (exact resume)."""
-    import torch
-
-    per_epoch = len(dataset) // batch_size
-    if per_epoch == 0:
-        raise ConfigError(f"a rank's shard has {len(dataset)} examples, fewer than trainer.micro_batch_size={batch_size}")
-    index = start
-    while True:
-        epoch, position = divmod(index, per_epoch)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        for batch_start in range(position * batch_size, per_epoch * batch_size, batch_size):
-            yield collate(as_examples(dataset[order[batch_start : batch_start + batch_size].tolist()]))
-            index += 1
 
 
 def sentence_pair_blocks(tokens: Any, tokenizer: Any, data: TextDataSection, seed: int, fingerprint: str) -> Any:

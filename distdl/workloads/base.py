@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Optional
 
 import torch
 
@@ -38,8 +38,18 @@ class Workload(ABC):
         """Driver-side checks across the workload's sections (before Ray starts)."""
 
     @classmethod
-    def prepare(cls, config: Config) -> None:
-        """Driver-side work done once before the workers start (files, tokenizer, caches)."""
+    def prepare(cls, config: Config) -> Optional[int]:
+        """Driver-side work done once before the workers start (files, tokenizer, caches).
+
+        Returns the number of training examples when the workload has a fixed training set
+        (what `trainer.epochs` counts in), else None.
+        """
+        return None
+
+    @classmethod
+    def checkpoint_metric(cls, sections: dict[str, Any]) -> Optional[str]:
+        """An evaluation metric (higher is better) to keep the best checkpoints by, or None: the latest."""
+        return None
 
     @abstractmethod
     def build_model(self) -> torch.nn.Module: ...
@@ -53,8 +63,19 @@ class Workload(ABC):
         """Forward one micro-batch through `model` (the engine); the loss and per-batch metrics."""
 
     @abstractmethod
-    def evaluate(self, model: Any) -> dict[str, float]:
+    def evaluate(self, model: Any, step: int) -> dict[str, float]:
         """Held-out metrics, reduced over all ranks (every rank calls it)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the workload itself must carry across a resume (saved with every checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+    def summary(self) -> dict[str, Any]:
+        """Entries for the run's summary.json and W&B summary, beyond the final metrics."""
+        return {}
 
     def batch_size(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         """Samples and tokens in a micro-batch, for throughput."""

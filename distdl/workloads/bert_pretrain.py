@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from distdl.config import Config, ConfigError
-from distdl.data import text
+from distdl.data import shards, text
 from distdl.registry import WORKLOADS
 from distdl.workloads.base import WorkerContext, Workload
 
@@ -79,9 +79,9 @@ class BertPretrain(Workload):
         raw = text.load_raw_corpus(self.data)
         self.tokenizer = text.load_tokenizer(sections["tokenizer"], context.run_dir)
         blocks = text.tokenized_blocks(raw, self.tokenizer, self.data, context.seed)
-        self.train_shard = text.shard_for_rank(blocks["train"], context.rank, context.world_size)
+        self.train_shard = shards.shard_for_rank(blocks["train"], context.rank, context.world_size)
         self.eval_all = blocks["eval"]
-        self.eval_shard = text.shard_for_rank(self.eval_all, context.rank, context.world_size)
+        self.eval_shard = shards.shard_for_rank(self.eval_all, context.rank, context.world_size)
 
     @classmethod
     def validate(cls, config: Config) -> None:
@@ -100,7 +100,7 @@ class BertPretrain(Workload):
             raise ConfigError("data.path is required: a text file, a folder of text files, or a hub dataset name")
 
     @classmethod
-    def prepare(cls, config: Config) -> None:
+    def prepare(cls, config: Config) -> int:
         """Train or check the tokenizer and fill the tokenization cache once, before the workers read it."""
         data = config.sections["data"]
         raw = text.load_raw_corpus(data)
@@ -112,6 +112,7 @@ class BertPretrain(Workload):
                 f"data.path: {len(blocks['train'])} training blocks give each of {config.scaling.num_workers} "
                 f"workers {per_rank}, fewer than trainer.micro_batch_size={config.trainer.micro_batch_size}"
             )
+        return len(blocks["train"])
 
     def build_model(self) -> torch.nn.Module:
         return model_class(self.data)(bert_config(self.model_section, self.tokenizer, self.data.max_seq_length))
@@ -124,7 +125,7 @@ class BertPretrain(Workload):
     def train_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
         # Masking draws from the global torch RNG, which checkpoints save per rank.
         seed = self.context.seed * 1_000 + self.context.rank
-        return text.micro_batches(self.train_shard, self.context.micro_batch_size, self._collator(), seed, start)
+        return shards.micro_batches(self.train_shard, self.context.micro_batch_size, self._collator(), seed, start)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(**batch)
@@ -138,24 +139,18 @@ class BertPretrain(Workload):
         return out.loss, metrics
 
     @torch.no_grad()
-    def evaluate(self, model: Any) -> dict[str, float]:
-        """MLM loss and accuracy (and NSP accuracy) over the whole held-out slice, the same masks every time.
-
-        Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively in
-        each); a rank whose shard is used up runs a filler batch whose results it does not count.
-        """
+    def evaluate(self, model: Any, step: int) -> dict[str, float]:
+        """MLM loss and accuracy (and NSP accuracy) over the whole held-out slice, the same masks every time."""
         model.train(False)
         collate = self._collator(seed=self.context.seed + 7919 * self.context.rank)
         device = self.context.device
         # On the device: NCCL reduces only device tensors. MLM loss sum, MLM correct, masked tokens,
         # NSP correct, pairs.
         totals = torch.zeros(5, dtype=torch.float64, device=device)
-        size, world = self.context.micro_batch_size, self.context.world_size
-        largest_shard = -(-len(self.eval_all) // world)
-        for begin in range(0, max(largest_shard, 1), size):
-            counted = begin < len(self.eval_shard)
-            rows = self.eval_shard[begin : begin + size] if counted else self.eval_all[:size]
-            batch = {k: v.to(device) for k, v in collate(text.as_examples(rows)).items()}
+        slices = shards.lockstep_slices(self.eval_shard, self.eval_all, self.context.micro_batch_size,
+                                        self.context.world_size)
+        for rows, counted in slices:
+            batch = {k: v.to(device) for k, v in collate(shards.as_examples(rows)).items()}
             out = model(**batch)
             if not counted:
                 continue
