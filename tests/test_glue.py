@@ -294,3 +294,48 @@ def test_report_refuses_what_is_not_a_finished_glue_run(tmp_path):
         glue_table([pretrain])
     with pytest.raises(ConfigError, match="no config.yaml"):
         glue_table([tmp_path / "nothing"])
+
+
+# ----------------------------------------------------------------------------- the hub's layout
+
+
+def write_hub_copy(glue_dir: Path, root: Path) -> Path:
+    """A local copy of the hub's nyu-mll/glue layout (parquet per config and split, declared in the
+    README's YAML header), built from the fixtures, so the hub code path runs on real `datasets` APIs."""
+    hub_columns = {"sst2": ("sentence",), "mnli": ("premise", "hypothesis"), "ax": ("premise", "hypothesis")}
+    configs = []
+    local = {"sst2": glue.load_task(glue.TASKS["sst2"], str(glue_dir)),
+             "mnli": glue.load_task(glue.TASKS["mnli"], str(glue_dir))}
+    local["ax"] = {"test": local["mnli"]["ax"]}
+    for config, splits in local.items():
+        files = []
+        for split, dataset in splits.items():
+            if config == "mnli" and split == "ax":
+                continue
+            names = dict(zip(("text_a", "text_b"), hub_columns[config]))
+            path = f"{config}/{split}-00000-of-00001.parquet"
+            (root / config).mkdir(parents=True, exist_ok=True)
+            dataset.rename_columns(names).to_parquet(root / path)
+            files.append({"split": split, "path": path})
+        configs.append({"config_name": config, "data_files": files})
+    (root / "README.md").write_text("---\n" + yaml.safe_dump({"configs": configs}) + "---\n")
+    return root
+
+
+def test_the_hub_layout_gives_the_same_examples_as_the_distribution(glue_dir, tmp_path):
+    hub = write_hub_copy(glue_dir, tmp_path / "glue-hub")
+    for name in ("sst2", "mnli"):
+        from_hub = glue._load_hub(glue.TASKS[name], str(hub), None)
+        from_files = glue.load_task(glue.TASKS[name], str(glue_dir))
+        assert set(from_hub) == set(from_files)
+        for split in from_files:
+            assert from_hub[split].to_dict() == from_files[split].to_dict(), (name, split)
+
+
+def test_w_and_b_summary_entries_flatten_the_best_and_final_metrics():
+    from distdl.tracking import scalar_entries
+
+    summary = {"steps": 20, "task": "sst2", "final": {"eval_accuracy": 0.9, "grad_norm": None},
+               "best": {"step": 10, "eval_accuracy": 0.95}, "parameter_checksums": ["a", "b"]}
+    assert scalar_entries(summary) == {"steps": 20, "task": "sst2", "final/eval_accuracy": 0.9,
+                                       "best/step": 10, "best/eval_accuracy": 0.95}

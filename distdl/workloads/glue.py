@@ -131,6 +131,10 @@ class GlueFinetune(Workload):
         self.tokenizer = load_tokenizer(self.model_section)
         self.splits = tokenized_splits(self.task, self.data, self.tokenizer)
         self.train_shard = shards.shard_for_rank(self.splits["train"], context.rank, context.world_size)
+        from transformers import DataCollatorWithPadding
+
+        # Pads each batch to its longest sequence (a multiple of 8, for tensor cores), not to max_seq_length.
+        self.collator = DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=8)
         self.best: dict[str, Any] = {"step": None, "score": None, "metrics": {}, "submission": None}
 
     @classmethod
@@ -172,11 +176,7 @@ class GlueFinetune(Workload):
         )
 
     def _collate(self, rows: dict[str, list]) -> dict[str, torch.Tensor]:
-        from transformers import DataCollatorWithPadding
-
-        if not hasattr(self, "_collator"):
-            self._collator = DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=8)
-        return self._collator(shards.as_examples({k: v for k, v in rows.items() if k in MODEL_INPUTS}))
+        return self.collator(shards.as_examples({k: v for k, v in rows.items() if k in MODEL_INPUTS}))
 
     def train_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
         seed = self.context.seed * 1_000 + self.context.rank
