@@ -127,7 +127,9 @@ def connect_ray(config: Config) -> None:
         return
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     if config.ray.address is None:
-        ray.init(num_cpus=config.ray.num_cpus, runtime_env={"env_vars": env_vars}, include_dashboard=False,
+        # The dashboard (on 127.0.0.1) serves the State API that Ray Train's placement-group cleaner polls;
+        # without it the cleaner warns every second on the console.
+        ray.init(num_cpus=config.ray.num_cpus, runtime_env={"env_vars": env_vars}, include_dashboard=True,
                  log_to_driver=True)
     else:
         ray.init(address=config.ray.address, runtime_env={"env_vars": env_vars})
