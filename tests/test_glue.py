@@ -339,3 +339,38 @@ def test_w_and_b_summary_entries_flatten_the_best_and_final_metrics():
                "best": {"step": 10, "eval_accuracy": 0.95}, "parameter_checksums": ["a", "b"]}
     assert scalar_entries(summary) == {"steps": 20, "task": "sst2", "final/eval_accuracy": 0.9,
                                        "best/step": 10, "best/eval_accuracy": 0.95}
+
+
+# ----------------------------------------------------------------------------- every task, in one process
+
+
+@pytest.mark.parametrize("name", list(glue.TASKS))
+def test_every_task_trains_evaluates_and_writes_its_submission(name, glue_dir, tiny_bert, tmp_path):
+    import torch
+
+    from distdl.workloads.base import WorkerContext
+    from distdl.workloads.glue import GlueFinetune
+
+    task = glue.TASKS[name]
+    config = glue_config(name, f"model.name_or_path={tiny_bert}", f"data.path={glue_dir}")
+    context = WorkerContext(rank=0, world_size=1, seed=0, micro_batch_size=8, run_dir=tmp_path,
+                            device=torch.device("cpu"))
+    workload = GlueFinetune(config.sections, context)
+    torch.manual_seed(0)
+    model = workload.build_model()
+    assert model.num_labels == task.num_labels
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batches = workload.train_batches(start=0)
+    for _ in range(3):
+        loss, _ = workload.loss(model, next(batches))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    metrics = workload.evaluate(model, step=3)
+    expected = {f"eval_{split.metric_prefix}{metric}" for split in task.dev for metric in (*task.metrics, "loss")}
+    assert set(metrics) == expected and all(np.isfinite(v) for v in metrics.values())
+    assert workload.summary()["best"]["step"] == 3
+    written = sorted(p.name for p in (tmp_path / glue.SUBMISSION_DIRNAME).iterdir())
+    assert written == sorted(split.submission for _, split in glue.test_splits(task))
+    for file in written:
+        assert len((tmp_path / glue.SUBMISSION_DIRNAME / file).read_text().splitlines()) == 1 + SIZES["test"]
