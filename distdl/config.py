@@ -71,7 +71,12 @@ class OptimizerSection:
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    # sgd only.
     momentum: float = 0.9
+    nesterov: bool = False
+    # Linear scaling rule (Goyal et al. 2017): when set, the learning rate used is
+    # lr x global_batch_size / reference_batch_size (e.g. lr 0.1 at reference 256).
+    reference_batch_size: Optional[int] = None
 
 
 @dataclass
@@ -347,6 +352,10 @@ def validate(config: Config) -> None:
     betas = config.optimizer.betas
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise ConfigError(f"optimizer.betas={betas} must be two numbers in [0, 1)")
+    if config.optimizer.reference_batch_size is not None and config.optimizer.reference_batch_size < 1:
+        raise ConfigError(f"optimizer.reference_batch_size={config.optimizer.reference_batch_size} must be at least 1")
+    if config.optimizer.nesterov and config.optimizer.name != "sgd":
+        raise ConfigError("optimizer.nesterov=true applies to optimizer.name=sgd only")
     if not config.optimizer.eps > 0:
         raise ConfigError(f"optimizer.eps={config.optimizer.eps} must be positive")
     if not 0 <= config.scheduler.warmup_ratio <= 1:

@@ -173,6 +173,44 @@ class Engine:
                 digest.update(param.detach().float().cpu().numpy().tobytes())
         return digest.hexdigest()
 
+    def average_buffers(self) -> None:
+        """Make floating-point buffers (batch-norm running statistics) the mean over ranks.
+
+        Each rank updates them from its own batches; DeepSpeed neither syncs nor broadcasts them.
+        Averaging before evaluation and checkpoints (as timm's distribute_bn does) makes every
+        rank evaluate, save and resume the same model.
+        """
+        import torch.distributed as dist
+
+        buffers = [b for b in self._engine.module.buffers() if b.is_floating_point()]
+        if not buffers or not dist.is_initialized() or dist.get_world_size() == 1:
+            return
+        flat = torch.cat([b.detach().reshape(-1).float() for b in buffers])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for buffer in buffers:
+            buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
+            offset += buffer.numel()
+
+    def memory_report(self) -> dict[str, float]:
+        """What this rank holds, in MiB: parameters (its ZeRO-3 partition) and optimizer state
+        (its ZeRO-1/2/3 partition), and the process's peak (GPU allocated, or CPU resident)."""
+        import resource
+
+        mib = 2**20
+        parameters = sum(_partition(p).numel() * _partition(p).element_size() for p in self._engine.module.parameters())
+        optimizer = self._engine.optimizer
+        inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer
+        state = sum(t.numel() * t.element_size() for per_param in inner.state.values()
+                    for t in per_param.values() if torch.is_tensor(t))
+        report = {"parameters_mib": parameters / mib, "optimizer_state_mib": state / mib}
+        if self.device.type == "cuda":
+            report["peak_gpu_allocated_mib"] = torch.cuda.max_memory_allocated(self.device) / mib
+        else:
+            report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        return report
+
     # -- checkpoints
     def save(self, directory: str | Path, client_state: dict[str, Any]) -> None:
         """Every rank calls this; each writes its own shards into `directory`."""
@@ -188,6 +226,11 @@ class Engine:
         if path is None:
             raise CheckpointError(f"checkpoint {directory} is missing DeepSpeed files (no 'latest' tag or shards)")
         return client_state or {}
+
+
+def _partition(param: torch.nn.Parameter) -> torch.Tensor:
+    """The part of a parameter this rank stores: its ZeRO-3 shard, else the whole tensor."""
+    return getattr(param, "ds_tensor", param)
 
 
 def _tagged_model_states(checkpoint_dir: Path) -> tuple[Path, list[Path]]:

@@ -60,7 +60,7 @@ def build_engine(model: torch.nn.Module, config: Config, ds_config: dict[str, An
     return Engine(
         model,
         param_groups(model, config.optimizer.weight_decay),
-        optimizer_factory(config.optimizer),
+        optimizer_factory(config.optimizer, config.trainer.global_batch_size),
         scheduler_factory(config.scheduler, config.trainer.max_steps),
         ds_config,
     )
@@ -156,7 +156,10 @@ def run_steps(config: Config, workload: Workload, engine: Engine, tracker: Optio
             metrics = {**window.reduce(engine.device), "lr": engine.lr(), "grad_norm": engine.grad_norm()}
         checkpoint_step = (trainer.checkpoint_every and step % trainer.checkpoint_every == 0) or step == stop
         # Checkpoints kept by a metric are scored, so each one is evaluated.
-        if (trainer.eval_every and step % trainer.eval_every == 0) or step == stop or (checkpoint_step and score_key):
+        evaluate = (trainer.eval_every and step % trainer.eval_every == 0) or step == stop or (checkpoint_step and score_key)
+        if evaluate or checkpoint_step:
+            engine.average_buffers()
+        if evaluate:
             metrics.update(workload.evaluate(engine, step))
         if metrics and tracker:
             tracker.log(step, metrics)
@@ -175,6 +178,7 @@ def run_steps(config: Config, workload: Workload, engine: Engine, tracker: Optio
         "session_wall_time_s": time.perf_counter() - session_started,
         "parameter_checksums": gather(engine.parameter_checksum()),
         "ray_node_ids": gather(ray_node_id()),
+        "memory_per_rank": gather(engine.memory_report()),
         "final": logged,
         **workload.summary(),
     }

@@ -18,14 +18,24 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def optimizer_factory(section: OptimizerSection) -> Callable[[Iterable[Any]], torch.optim.Optimizer]:
+def effective_lr(section: OptimizerSection, global_batch_size: int) -> float:
+    """optimizer.lr, scaled linearly with the batch when a reference batch is set (Goyal et al. 2017:
+    lr = 0.1 x batch / 256 for ResNet-50 with SGD)."""
+    if section.reference_batch_size is None:
+        return section.lr
+    return section.lr * global_batch_size / section.reference_batch_size
+
+
+def optimizer_factory(section: OptimizerSection, global_batch_size: int) -> Callable[[Iterable[Any]], torch.optim.Optimizer]:
     """A callable DeepSpeed applies to the (possibly partitioned) parameter groups."""
+    lr = effective_lr(section, global_batch_size)
 
     def make(params: Iterable[Any]) -> torch.optim.Optimizer:
         if section.name == "sgd":
-            return torch.optim.SGD(params, lr=section.lr, momentum=section.momentum, weight_decay=section.weight_decay)
+            return torch.optim.SGD(params, lr=lr, momentum=section.momentum, weight_decay=section.weight_decay,
+                                   nesterov=section.nesterov)
         cls = torch.optim.AdamW if section.name == "adamw" else torch.optim.Adam
-        return cls(params, lr=section.lr, betas=tuple(section.betas), eps=section.eps, weight_decay=section.weight_decay)
+        return cls(params, lr=lr, betas=tuple(section.betas), eps=section.eps, weight_decay=section.weight_decay)
 
     return make
 

@@ -19,20 +19,27 @@ def as_examples(rows: dict[str, list]) -> list[dict[str, Any]]:
     return [dict(zip(rows, values)) for values in zip(*rows.values())]
 
 
-def micro_batches(dataset: Any, batch_size: int, collate: Any, seed: int, start: int = 0) -> Iterator[dict]:
-    """Endless micro-batches, reshuffled every epoch; `start` skips that many (exact resume)."""
+def batch_orders(size: int, batch_size: int, seed: int, start: int = 0) -> Iterator[list[int]]:
+    """Endless lists of `batch_size` positions in 0..size-1, a new permutation each epoch (the last
+    partial batch of an epoch dropped); `start` skips that many, so a resumed run continues exactly."""
     import torch
 
-    per_epoch = len(dataset) // batch_size
+    per_epoch = size // batch_size
     if per_epoch == 0:
-        raise ConfigError(f"a rank's shard has {len(dataset)} examples, fewer than trainer.micro_batch_size={batch_size}")
+        raise ConfigError(f"a rank's shard has {size} examples, fewer than trainer.micro_batch_size={batch_size}")
     index = start
     while True:
         epoch, position = divmod(index, per_epoch)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         for batch_start in range(position * batch_size, per_epoch * batch_size, batch_size):
-            yield collate(as_examples(dataset[order[batch_start : batch_start + batch_size].tolist()]))
+            yield order[batch_start : batch_start + batch_size].tolist()
             index += 1
+
+
+def micro_batches(dataset: Any, batch_size: int, collate: Any, seed: int, start: int = 0) -> Iterator[dict]:
+    """Endless collated micro-batches of a `datasets.Dataset` (see `batch_orders`)."""
+    for order in batch_orders(len(dataset), batch_size, seed, start):
+        yield collate(as_examples(dataset[order]))
 
 
 def lockstep_slices(shard: Any, everything: Any, batch_size: int, world_size: int) -> Iterator[tuple[dict, bool]]:

@@ -2,3 +2,4 @@
 
 from distdl.workloads import bert_pretrain  # noqa: F401
 from distdl.workloads import glue  # noqa: F401
+from distdl.workloads import resnet  # noqa: F401

@@ -1,0 +1,180 @@
+"""Image datasets for the vision workloads: torchvision's MNIST, FashionMNIST, CIFAR-10/100, ImageFolder
+(the ImageNet layout) and synthetic images, each with its standard augmentation, and per-rank batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from distdl.config import ConfigError
+from distdl.data.shards import batch_orders
+
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    torchvision_class: Optional[str]  # None: imagefolder, synthetic
+    channels: int
+    classes: Optional[int]  # None: from the folders
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    # What torchvision expects under data.path, for the error when it is missing.
+    expected_files: str = ""
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "mnist": DatasetSpec("MNIST", 1, 10, 28, (0.1307,), (0.3081,), "MNIST/raw/train-images-idx3-ubyte (and the other three)"),
+    "fashion_mnist": DatasetSpec("FashionMNIST", 1, 10, 28, (0.2860,), (0.3530,),
+                                 "FashionMNIST/raw/train-images-idx3-ubyte (and the other three)"),
+    "cifar10": DatasetSpec("CIFAR10", 3, 10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                           "cifar-10-batches-py/data_batch_1 ... test_batch"),
+    "cifar100": DatasetSpec("CIFAR100", 3, 100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+                            "cifar-100-python/train and test"),
+    "imagefolder": DatasetSpec(None, 3, None, 224, *IMAGENET_STATS),
+    "synthetic": DatasetSpec(None, 3, None, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+@dataclass
+class VisionDataSection:
+    # mnist, fashion_mnist, cifar10, cifar100, imagefolder or synthetic.
+    dataset: str = "cifar10"
+    # torchvision datasets: their root folder. imagefolder: a folder holding train/ and val/,
+    # each with one folder of images per class (the ImageNet layout).
+    path: Optional[str] = None
+    # Download a torchvision dataset missing under `path` (needs network; the driver does it once).
+    download: bool = True
+    # The dataset's standard training augmentation (crop and flip for CIFAR and ImageNet; none for MNIST).
+    augment: bool = True
+    # imagefolder and synthetic: the side of the square crop (default 224 and 32).
+    image_size: Optional[int] = None
+    # synthetic: classes and images (random noise images with random labels, for smoke runs).
+    synthetic_classes: int = 10
+    synthetic_train_size: int = 1024
+    synthetic_eval_size: int = 256
+    # DataLoader worker processes per rank for decoding and augmentation (0: in the training process).
+    loader_workers: int = 0
+
+
+@dataclass
+class VisionData:
+    train: Any
+    eval: Any
+    channels: int
+    classes: int
+    image_size: int
+
+
+def spec_for(data: VisionDataSection) -> DatasetSpec:
+    if data.dataset not in DATASETS:
+        raise ConfigError(f"data.dataset={data.dataset!r} is not known; known: {', '.join(DATASETS)}")
+    return DATASETS[data.dataset]
+
+
+def transforms(data: VisionDataSection, spec: DatasetSpec, size: int, train: bool) -> Any:
+    from torchvision import transforms as T
+
+    normalize = [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
+    if data.dataset == "imagefolder":
+        if train and data.augment:
+            return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *normalize])
+        return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), *normalize])
+    if data.dataset.startswith("cifar") and train and data.augment:
+        return T.Compose([T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), *normalize])
+    return T.Compose(normalize)
+
+
+def load_vision(data: VisionDataSection, allow_download: bool = False) -> VisionData:
+    """The train and eval sets; `allow_download` only on the driver, so workers never race to download."""
+    spec = spec_for(data)
+    size = data.image_size or spec.image_size
+    if data.dataset == "synthetic":
+        return _synthetic(data, spec, size)
+    if data.path is None:
+        raise ConfigError(f"data.path is required for data.dataset={data.dataset}")
+    root = Path(data.path).expanduser()
+    if data.dataset == "imagefolder":
+        return _image_folder(data, spec, root, size)
+    make = lambda train, download: _torchvision_class(spec)(  # noqa: E731
+        str(root), train=train, download=download, transform=transforms(data, spec, size, train))
+    try:
+        train, test = make(True, False), make(False, False)
+    except RuntimeError as missing:
+        if not (data.download and allow_download):
+            raise ConfigError(f"data.path: no {data.dataset} files under {root} (expected {spec.expected_files}); "
+                              "set data.download=true with network, or copy the files there") from missing
+        try:
+            train, test = make(True, True), make(False, True)
+        except Exception as err:
+            raise ConfigError(f"data.path: {data.dataset} is not under {root} (expected {spec.expected_files}) "
+                              f"and downloading it failed: {err}") from err
+    return VisionData(train, test, spec.channels, spec.classes, size)
+
+
+def _torchvision_class(spec: DatasetSpec) -> Any:
+    import torchvision.datasets
+
+    return getattr(torchvision.datasets, spec.torchvision_class)
+
+
+def _image_folder(data: VisionDataSection, spec: DatasetSpec, root: Path, size: int) -> VisionData:
+    from torchvision.datasets import ImageFolder
+
+    folders = {split: root / split for split in ("train", "val")}
+    for split, folder in folders.items():
+        if not folder.is_dir():
+            raise ConfigError(f"data.path: {folder} is missing; imagefolder expects {root}/train/<class>/<image> "
+                              f"and {root}/val/<class>/<image> (the ImageNet layout)")
+    try:
+        train = ImageFolder(str(folders["train"]), transform=transforms(data, spec, size, True))
+        val = ImageFolder(str(folders["val"]), transform=transforms(data, spec, size, False))
+    except (FileNotFoundError, RuntimeError) as err:
+        raise ConfigError(f"data.path: {err}") from err
+    if train.classes != val.classes:
+        only = sorted(set(train.classes) ^ set(val.classes))
+        raise ConfigError(f"data.path: {root}/train and {root}/val hold different classes (in one only: {only[:5]})")
+    return VisionData(train, val, spec.channels, len(train.classes), size)
+
+
+def _synthetic(data: VisionDataSection, spec: DatasetSpec, size: int) -> VisionData:
+    from torchvision.datasets import FakeData
+
+    def make(count: int, train: bool, offset: int) -> Any:
+        return FakeData(count, (spec.channels, size, size), data.synthetic_classes,
+                        transform=transforms(data, spec, size, train), random_offset=offset)
+
+    return VisionData(make(data.synthetic_train_size, True, 0), make(data.synthetic_eval_size, False, 10**6),
+                      spec.channels, data.synthetic_classes, size)
+
+
+def rank_indices(size: int, rank: int, world_size: int) -> range:
+    """A contiguous block per rank (the first size % world_size ranks one longer), as shards.shard_for_rank."""
+    base, extra = divmod(size, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def stack(examples: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+    images, labels = zip(*examples)
+    return {"images": torch.stack(images), "labels": torch.as_tensor(labels, dtype=torch.long)}
+
+
+def train_batches(dataset: Any, indices: range, batch_size: int, seed: int, start: int,
+                  loader_workers: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless micro-batches of this rank's block, reshuffled each epoch; `start` skips that many."""
+    if len(indices) < batch_size:
+        raise ConfigError(f"a rank's shard has {len(indices)} images, fewer than trainer.micro_batch_size={batch_size}")
+    orders = ([indices[i] for i in order] for order in batch_orders(len(indices), batch_size, seed, start))
+    if loader_workers == 0:
+        return (stack([dataset[i] for i in order]) for order in orders)
+    from torch.utils.data import DataLoader
+
+    # Decoding and augmentation in worker processes; the batch order stays ours (exact resume of the order).
+    return iter(DataLoader(dataset, batch_sampler=orders, num_workers=loader_workers, collate_fn=stack,
+                           persistent_workers=True))

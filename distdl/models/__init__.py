@@ -1,0 +1,1 @@
+"""Model constructors for the vision workloads (text models come from transformers)."""

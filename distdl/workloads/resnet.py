@@ -1,0 +1,136 @@
+"""Image classification with ResNets (He et al. 2016), with the large-batch recipe of Goyal et al. 2017
+as options: linear learning-rate scaling (optimizer.reference_batch_size), gradual warmup
+(scheduler.warmup_*), SGD with momentum and weight decay, label smoothing and SyncBatchNorm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from distdl.config import Config, ConfigError
+from distdl.data import vision
+from distdl.models.resnet import MODEL_NAMES, build_resnet
+from distdl.registry import WORKLOADS
+from distdl.workloads.base import WorkerContext, Workload
+
+
+@dataclass
+class ResNetModelSection:
+    # torchvision's resnet18/34/50/101/152, wide_resnet50_2/101_2, or cifar_resnet20/32/44/56/110.
+    name: str = "cifar_resnet20"
+    # Batch-norm statistics over all workers' batches (GPUs only; PyTorch has no CPU SyncBatchNorm).
+    sync_batchnorm: bool = False
+    # torchvision ResNets: start each residual branch's last BN at zero (Goyal et al. 2017, section 5.1).
+    zero_init_residual: bool = False
+
+
+@dataclass
+class LossSection:
+    # Szegedy et al. 2016; 0.1 in the common ImageNet recipes.
+    label_smoothing: float = 0.0
+
+
+@WORKLOADS.register("resnet")
+class ResNetClassification(Workload):
+    sections = {"model": ResNetModelSection, "data": vision.VisionDataSection, "loss": LossSection}
+    path_keys = ("data.path",)
+
+    def __init__(self, sections: dict[str, Any], context: WorkerContext) -> None:
+        super().__init__(sections, context)
+        self.model_section: ResNetModelSection = sections["model"]
+        self.data_section: vision.VisionDataSection = sections["data"]
+        self.label_smoothing = sections["loss"].label_smoothing
+        self.data = vision.load_vision(self.data_section)
+        self.train_indices = vision.rank_indices(len(self.data.train), context.rank, context.world_size)
+        self.eval_indices = vision.rank_indices(len(self.data.eval), context.rank, context.world_size)
+
+    @classmethod
+    def validate(cls, config: Config) -> None:
+        model, data, loss = config.sections["model"], config.sections["data"], config.sections["loss"]
+        if model.name not in MODEL_NAMES:
+            raise ConfigError(f"model.name={model.name!r} is not known; known: {', '.join(MODEL_NAMES)}")
+        vision.spec_for(data)
+        if model.sync_batchnorm and not config.scaling.use_gpu:
+            raise ConfigError("model.sync_batchnorm=true needs GPU workers (scaling.use_gpu=true): "
+                              "PyTorch's SyncBatchNorm runs on GPUs only")
+        if not 0 <= loss.label_smoothing < 1:
+            raise ConfigError(f"loss.label_smoothing={loss.label_smoothing} must lie in [0, 1)")
+        if data.image_size is not None and data.image_size < 8:
+            raise ConfigError(f"data.image_size={data.image_size} must be at least 8")
+        if data.loader_workers < 0:
+            raise ConfigError(f"data.loader_workers={data.loader_workers} must be 0 or more")
+
+    @classmethod
+    def prepare(cls, config: Config) -> int:
+        """Download (once, here) or check the dataset, and check that one image goes through the model."""
+        data = vision.load_vision(config.sections["data"], allow_download=True)
+        image, _ = _first_image(data.train, config.sections["data"])
+        expected = (data.channels, data.image_size, data.image_size)
+        if tuple(image.shape) != expected:
+            raise ConfigError(f"data.path: images come out as {tuple(image.shape)} (channels, height, width), "
+                              f"not {expected}; set data.image_size, or check the image files")
+        return len(data.train)
+
+    def build_model(self) -> torch.nn.Module:
+        model = build_resnet(self.model_section.name, self.data.channels, self.data.classes,
+                             self.model_section.zero_init_residual)
+        if self.model_section.sync_batchnorm:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
+
+    def train_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        seed = self.context.seed * 1_000 + self.context.rank
+        return vision.train_batches(self.data.train, self.train_indices, self.context.micro_batch_size, seed, start,
+                                    self.data_section.loader_workers)
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = model(batch["images"])
+        loss = F.cross_entropy(logits, batch["labels"], label_smoothing=self.label_smoothing)
+        return loss, {"accuracy": (logits.argmax(-1) == batch["labels"]).float().mean()}
+
+    def batch_size(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        # "tokens" counts pixels per channel, so tokens_per_s reads as pixels/s.
+        images = batch["images"]
+        return {"samples": int(images.shape[0]), "tokens": int(images.shape[0] * images.shape[-1] * images.shape[-2])}
+
+    @torch.no_grad()
+    def evaluate(self, model: Any, step: int) -> dict[str, float]:
+        """Loss, top-1 and top-5 accuracy over the whole eval set, each image counted once."""
+        model.train(False)
+        device, size = self.context.device, self.context.micro_batch_size
+        # Loss sum, top-1 correct, top-5 correct, images: on the device (NCCL reduces device tensors).
+        totals = torch.zeros(4, dtype=torch.float64, device=device)
+        largest = -(-len(self.data.eval) // self.context.world_size)
+        for begin in range(0, max(largest, 1), size):
+            # A rank past its block runs a filler batch, uncounted: ZeRO-3 needs every rank in each forward.
+            counted = begin < len(self.eval_indices)
+            indices = self.eval_indices[begin : begin + size] if counted else range(min(size, len(self.data.eval)))
+            batch = vision.stack([self.data.eval[i] for i in indices])
+            images, labels = batch["images"].to(device), batch["labels"].to(device)
+            logits = model(images).float()
+            if counted:
+                top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+                totals[0] += F.cross_entropy(logits, labels, reduction="sum")
+                totals[1] += (top5[:, 0] == labels).sum()
+                totals[2] += (top5 == labels[:, None]).any(-1).sum()
+                totals[3] += len(labels)
+        model.train(True)
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        loss_sum, top1, top5, count = totals.tolist()
+        if int(count) != len(self.data.eval):
+            raise RuntimeError(f"evaluation counted {int(count)} images of {len(self.data.eval)}")
+        return {"eval_loss": loss_sum / count, "eval_top1": top1 / count, "eval_top5": top5 / count,
+                "eval_images": int(count)}
+
+
+def _first_image(dataset: Any, data: vision.VisionDataSection) -> tuple[torch.Tensor, int]:
+    try:
+        return dataset[0]
+    except Exception as err:
+        raise ConfigError(f"data.path: the first training image of {data.dataset} could not be read: {err}") from err

@@ -1,0 +1,168 @@
+"""Vision without workers: model construction, datasets and their errors, sharding, the LR scaling rule."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from distdl.config import ConfigError, load_config
+from distdl.data import vision
+from distdl.models.resnet import CIFAR_RESNETS, MODEL_NAMES, TORCHVISION_RESNETS, build_resnet
+from distdl.optim import effective_lr
+
+REPO = Path(__file__).resolve().parents[1]
+LAPTOP = REPO / "configs" / "resnet" / "mnist_laptop.yaml"
+
+
+@pytest.fixture(scope="module")
+def mnist_root(tmp_path_factory) -> Path:
+    from tests.vision_fixtures import write_mnist
+
+    return write_mnist(tmp_path_factory.mktemp("mnist"))
+
+
+@pytest.fixture(scope="module")
+def digits_folder(tmp_path_factory) -> Path:
+    from tests.vision_fixtures import write_digits_folder
+
+    return write_digits_folder(tmp_path_factory.mktemp("digits"))
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("channels, classes", [(3, 10), (1, 100)])
+def test_every_model_name_builds_with_the_right_output_shape(name, channels, classes):
+    model = build_resnet(name, channels, classes).eval()
+    size = 32 if name in CIFAR_RESNETS else 64
+    with torch.no_grad():
+        assert model(torch.randn(2, channels, size, size)).shape == (2, classes)
+
+
+@pytest.mark.parametrize("name, millions", [("cifar_resnet20", 0.27), ("cifar_resnet56", 0.85),
+                                            ("cifar_resnet110", 1.7), ("resnet50", 25.6)])
+def test_parameter_counts_match_the_papers(name, millions):
+    # He et al. 2016, table 6 (CIFAR) and torchvision's ResNet-50 (1000 classes).
+    model = build_resnet(name, 3, 1000 if name == "resnet50" else 10)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, rel=0.03)
+
+
+def test_cifar_resnet_stages_halve_the_map_and_widen_16_32_64():
+    model = build_resnet("cifar_resnet20", 3, 10)
+    shapes = []
+    model.layers.register_forward_hook(lambda module, args, out: shapes.append(out.shape))
+    model(torch.randn(1, 3, 32, 32))
+    assert shapes == [(1, 64, 8, 8)] and len(model.layers) == 9  # three stages of n=3 blocks
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def test_mnist_files_are_read_by_torchvision_without_download(mnist_root):
+    data = vision.load_vision(vision.VisionDataSection(dataset="mnist", path=str(mnist_root), download=False))
+    assert (len(data.train), len(data.eval), data.channels, data.classes) == (4000, 1000, 1, 10)
+    image, label = data.train[0]
+    assert image.shape == (1, 28, 28) and 0 <= label < 10
+    assert abs(float(image.mean())) < 1.0  # normalized with MNIST's mean and std
+
+
+def test_image_folder_reads_the_imagenet_layout(digits_folder):
+    data = vision.load_vision(vision.VisionDataSection(dataset="imagefolder", path=str(digits_folder), image_size=32))
+    assert data.classes == 10 and len(data.train) + len(data.eval) == 1797
+    assert data.train[0][0].shape == (3, 32, 32) and data.eval[0][0].shape == (3, 32, 32)
+
+
+def test_cifar_training_images_are_augmented_and_eval_images_are_not():
+    section = vision.VisionDataSection(dataset="cifar10")
+    spec = vision.DATASETS["cifar10"]
+    names = [type(t).__name__ for t in vision.transforms(section, spec, 32, train=True).transforms]
+    assert names[:2] == ["RandomCrop", "RandomHorizontalFlip"]
+    assert [type(t).__name__ for t in vision.transforms(section, spec, 32, train=False).transforms] == [
+        "ToTensor", "Normalize"]
+
+
+@pytest.mark.parametrize("size, world", [(4000, 2), (1000, 3), (7, 4)])
+def test_rank_blocks_cover_every_image_once(size, world):
+    blocks = [vision.rank_indices(size, rank, world) for rank in range(world)]
+    assert [i for block in blocks for i in block] == list(range(size))
+    assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+
+
+def test_train_batches_resume_where_they_left_off(mnist_root):
+    data = vision.load_vision(vision.VisionDataSection(dataset="mnist", path=str(mnist_root)))
+    indices = vision.rank_indices(len(data.train), 1, 2)
+    first = [b["labels"] for _, b in zip(range(40), vision.train_batches(data.train, indices, 64, 3, 0, 0))]
+    resumed = [b["labels"] for _, b in zip(range(10), vision.train_batches(data.train, indices, 64, 3, 30, 0))]
+    assert all(torch.equal(a, b) for a, b in zip(first[30:], resumed))
+    assert not torch.equal(first[0], first[31]), "epoch 2 (31 batches of 64 in 2000 images) is reshuffled"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def config_error(*overrides: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(LAPTOP, list(overrides))
+    return str(info.value)
+
+
+def prepare_error(*overrides: str) -> str:
+    from distdl.workloads.resnet import ResNetClassification
+
+    with pytest.raises(ConfigError) as info:
+        ResNetClassification.prepare(load_config(LAPTOP, list(overrides)))
+    return str(info.value)
+
+
+def test_unknown_model_and_dataset_names_list_the_known_ones():
+    message = config_error("model.name=resnet9000")
+    assert "resnet9000" in message and all(name in message for name in (*TORCHVISION_RESNETS, *CIFAR_RESNETS))
+    message = config_error("data.dataset=svhn")
+    assert "svhn" in message and all(name in message for name in vision.DATASETS)
+
+
+def test_a_path_without_the_files_names_what_it_expects(tmp_path):
+    message = prepare_error(f"data.path={tmp_path}", "data.download=false")
+    assert str(tmp_path) in message and "MNIST/raw/train-images-idx3-ubyte" in message
+
+
+def test_a_failed_download_says_so(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    # A closed local port stands in for a machine without network, wherever the test runs.
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
+    message = prepare_error(f"data.path={tmp_path}", "data.dataset=fashion_mnist")
+    assert "downloading it failed" in message and "FashionMNIST/raw" in message
+
+
+def test_image_folder_without_val_and_with_other_classes(digits_folder, tmp_path):
+    shutil.copytree(digits_folder / "train", tmp_path / "train")
+    message = prepare_error("data.dataset=imagefolder", f"data.path={tmp_path}")
+    assert f"{tmp_path}/val is missing" in message and "ImageNet layout" in message
+    shutil.copytree(digits_folder / "val", tmp_path / "val")
+    shutil.rmtree(tmp_path / "val" / "7")
+    assert "different classes" in prepare_error("data.dataset=imagefolder", f"data.path={tmp_path}")
+
+
+def test_an_image_size_the_dataset_does_not_have_is_refused(mnist_root):
+    message = prepare_error(f"data.path={mnist_root}", "data.image_size=32")
+    assert "(1, 28, 28)" in message and "(1, 32, 32)" in message
+
+
+def test_sync_batchnorm_needs_gpus():
+    assert "GPU" in config_error("model.sync_batchnorm=true")
+
+
+# ----------------------------------------------------------------------------- the large-batch recipe
+
+
+def test_linear_scaling_rule():
+    config = load_config(REPO / "configs/resnet/imagenet_resnet50.yaml", ["trainer.global_batch_size=8192",
+                                                                          "scaling.num_workers=256"])
+    assert effective_lr(config.optimizer, config.trainer.global_batch_size) == pytest.approx(3.2)  # 0.1 x 8k / 256
+    laptop = load_config(LAPTOP)
+    assert effective_lr(laptop.optimizer, 128) == 0.1  # no reference batch: lr as given
