@@ -1,0 +1,48 @@
+"""GAN building blocks without workers: DCGAN nets and the Frechet distance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from distdl.config import ConfigError
+from distdl.metrics import feature_statistics, frechet_distance
+from distdl.models.dcgan import Discriminator, Generator
+
+
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 32), (3, 64)])
+@pytest.mark.parametrize("norm", ["batch", "layer", "none"])
+def test_generator_and_discriminator_shapes(channels, size, norm):
+    generator, discriminator = Generator(100, channels, size, width=16), Discriminator(channels, size, 16, norm)
+    images = generator(torch.randn(4, 100))
+    assert images.shape == (4, channels, size, size)
+    assert images.abs().max() <= 1.0  # tanh output, as the data are scaled to [-1, 1]
+    assert discriminator(images).shape == (4,)
+
+
+def test_dcgan_initialization_draws_from_n_0_002():
+    weights = torch.cat([m.weight.detach().flatten() for m in Generator(100, 3, 64).modules()
+                         if isinstance(m, torch.nn.ConvTranspose2d)])
+    assert abs(float(weights.mean())) < 1e-3 and float(weights.std()) == pytest.approx(0.02, rel=0.02)
+
+
+def test_unsupported_image_sizes_are_named():
+    with pytest.raises(ConfigError, match="not 30"):
+        Generator(100, 3, 30)
+
+
+def test_frechet_distance_of_diagonal_gaussians_has_its_closed_form():
+    mean_a, mean_b = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    var_a, var_b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
+    expected = ((mean_a - mean_b) ** 2).sum() + ((np.sqrt(var_a) - np.sqrt(var_b)) ** 2).sum()
+    assert frechet_distance(mean_a, np.diag(var_a), mean_b, np.diag(var_b)) == pytest.approx(expected)
+
+
+def test_frechet_distance_of_samples_is_near_zero_for_one_distribution_and_grows_with_a_shift():
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(8, 8))
+    a, b = rng.normal(size=(20000, 8)) @ mix, rng.normal(size=(20000, 8)) @ mix
+    same = frechet_distance(*feature_statistics(a), *feature_statistics(b))
+    shifted = frechet_distance(*feature_statistics(a), *feature_statistics(b + 0.5))
+    assert same < 0.05 and shifted == pytest.approx(same + 8 * 0.25, abs=0.1)
