@@ -87,9 +87,10 @@ def run_export(run_dir: Path, out_dir: Path, which: str = "latest") -> int:
         raise FileExistsError(f"export target {out_dir} exists and is not empty; choose a new folder")
     config = config_from_dict(yaml.safe_load(config_file.read_text()))
     checkpoint = find_checkpoint(run_dir, which)
-    state_dict = consolidated_state_dict(checkpoint)
+    workload = WORKLOADS.get(config.workload)
+    state_dict = consolidated_state_dict(checkpoint / (workload.export_engine or ""))
     out_dir.mkdir(parents=True, exist_ok=True)
-    WORKLOADS.get(config.workload).export(config.sections, run_dir, state_dict, out_dir)
+    workload.export(config.sections, run_dir, state_dict, out_dir)
     print(f"distdl: exported {checkpoint.name} ({len(state_dict)} tensors, fp32) to {out_dir}")
     return 0
 

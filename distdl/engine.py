@@ -228,6 +228,70 @@ class Engine:
         return client_state or {}
 
 
+class EngineSet:
+    """A workload's engines: one for most workloads, several for a GAN (generator and discriminator).
+
+    With one engine everything is as for that engine (a checkpoint holds its files directly);
+    with several, each saves into its own sub-folder of the checkpoint, named after it.
+    """
+
+    def __init__(self, engines: dict[str, Engine]) -> None:
+        self.engines = engines
+        self.primary = next(iter(engines.values()))
+
+    @property
+    def single(self) -> bool:
+        return len(self.engines) == 1
+
+    def for_workload(self) -> Any:
+        """What the workload's train_step and evaluate receive: the engine, or the dict of engines."""
+        return self.primary if self.single else self.engines
+
+    @property
+    def device(self) -> torch.device:
+        return self.primary.device
+
+    def train(self, mode: bool = True) -> None:
+        for engine in self.engines.values():
+            engine.train(mode)
+
+    def average_buffers(self) -> None:
+        for engine in self.engines.values():
+            engine.average_buffers()
+
+    def log_metrics(self) -> dict[str, Any]:
+        if self.single:
+            return {"lr": self.primary.lr(), "grad_norm": self.primary.grad_norm()}
+        out: dict[str, Any] = {}
+        for name, engine in self.engines.items():
+            out[f"lr_{name}"], out[f"grad_norm_{name}"] = engine.lr(), engine.grad_norm()
+        return out
+
+    def parameter_checksum(self) -> str:
+        if self.single:
+            return self.primary.parameter_checksum()
+        import hashlib
+
+        joined = ",".join(f"{name}:{engine.parameter_checksum()}" for name, engine in self.engines.items())
+        return hashlib.sha256(joined.encode()).hexdigest()
+
+    def memory_report(self) -> dict[str, Any]:
+        if self.single:
+            return self.primary.memory_report()
+        return {name: engine.memory_report() for name, engine in self.engines.items()}
+
+    def _folder(self, directory: str | Path, name: str) -> Path:
+        return Path(directory) if self.single else Path(directory) / name
+
+    def save(self, directory: str | Path, client_state: dict[str, Any]) -> None:
+        for name, engine in self.engines.items():
+            engine.save(self._folder(directory, name), client_state)
+
+    def load(self, directory: str | Path) -> dict[str, Any]:
+        states = [engine.load(self._folder(directory, name)) for name, engine in self.engines.items()]
+        return states[0]
+
+
 def _partition(param: torch.nn.Parameter) -> torch.Tensor:
     """The part of a parameter this rank stores: its ZeRO-3 shard, else the whole tensor."""
     return getattr(param, "ds_tensor", param)
@@ -251,11 +315,22 @@ def verify_checkpoint(checkpoint_dir: str | Path) -> None:
 
     torch.save writes zip archives whose index sits at the end, so a truncated file fails to open.
     """
+    checkpoint_dir = Path(checkpoint_dir)
+    engine_dirs = sorted(d for d in checkpoint_dir.iterdir() if (d / "latest").is_file())
+    if not (checkpoint_dir / "latest").is_file() and engine_dirs:
+        # Several engines (a GAN): each saved into its own sub-folder.
+        for engine_dir in engine_dirs:
+            verify_checkpoint(engine_dir)
+        _check_archives(sorted(checkpoint_dir.glob("*.pt")), checkpoint_dir)
+        return
+    tag_dir, _ = _tagged_model_states(checkpoint_dir)
+    _check_archives(sorted(tag_dir.glob("*.pt")) + sorted(checkpoint_dir.glob("*.pt")), checkpoint_dir)
+
+
+def _check_archives(files: list[Path], checkpoint_dir: Path) -> None:
     import zipfile
 
-    checkpoint_dir = Path(checkpoint_dir)
-    tag_dir, _ = _tagged_model_states(checkpoint_dir)
-    for file in sorted(tag_dir.glob("*.pt")) + sorted(checkpoint_dir.glob("*.pt")):
+    for file in files:
         try:
             with zipfile.ZipFile(file) as archive:
                 archive.namelist()

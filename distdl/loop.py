@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from distdl.config import Config, config_from_dict
-from distdl.engine import CheckpointError, Engine
+from distdl.engine import CheckpointError, Engine, EngineSet
 from distdl.optim import optimizer_factory, param_groups, scheduler_factory
 from distdl.registry import WORKLOADS
 from distdl.tracking import Tracker
@@ -47,13 +47,14 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     )
     workload: Workload = WORKLOADS.get(config.workload)(config.sections, context)
     torch.manual_seed(config.run.seed)  # the same initial weights on every rank
-    engine = build_engine(workload.build_model(), config, payload["deepspeed_config"])
-    start_step = resume(engine, workload, rank) if ray.train.get_checkpoint() else fresh_start(config.run.seed, rank)
+    engines = EngineSet({name: build_engine(model, config, payload["deepspeed_config"])
+                         for name, model in workload.build_models().items()})
+    start_step = resume(engines, workload, rank) if ray.train.get_checkpoint() else fresh_start(config.run.seed, rank)
     tracker = None
     if rank == 0:
         tracker = Tracker(config.tracking, config.run_dir, config.run.name, config.to_dict(),
                           payload["wandb_mode"], start_step, config.trainer.max_steps)
-    run_steps(config, workload, engine, tracker, start_step, rank, world_size)
+    run_steps(config, workload, engines, tracker, start_step, rank, world_size)
 
 
 def build_engine(model: torch.nn.Module, config: Config, ds_config: dict[str, Any]) -> Engine:
@@ -72,18 +73,19 @@ def fresh_start(seed: int, rank: int) -> int:
     return 0
 
 
-def resume(engine: Engine, workload: Workload, rank: int) -> int:
+def resume(engines: EngineSet, workload: Workload, rank: int) -> int:
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() as directory:
-        client_state = engine.load(directory)
+        client_state = engines.load(directory)
         workload.load_state_dict(client_state.get("workload", {}))
         rng_file = Path(directory) / RNG_FILE.format(rank=rank)
         if not rng_file.is_file():
             raise CheckpointError(f"checkpoint {directory} has no {rng_file.name}: was it saved with another world size?")
-        set_rng_state(torch.load(rng_file, weights_only=True), engine.device)
-    return engine.global_steps
+        set_rng_state(torch.load(rng_file, weights_only=True), engines.device)
+    # The loop's step (a GAN's engines may step different numbers of times).
+    return int(client_state.get("step", engines.primary.global_steps))
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -110,8 +112,8 @@ class Window:
         self.tokens = 0
         self.started = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, metrics: dict[str, Any], counts: dict[str, int]) -> None:
-        for name, value in {"loss": loss, **metrics}.items():
+    def add(self, metrics: dict[str, Any], counts: dict[str, int]) -> None:
+        for name, value in metrics.items():
             value = torch.as_tensor(value).detach().float().cpu() if not torch.is_tensor(value) else value.detach().float()
             self.sums[name] = self.sums.get(name, 0) + value
         self.micro_batches += 1
@@ -131,7 +133,7 @@ class Window:
         return {**means, "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed}
 
 
-def run_steps(config: Config, workload: Workload, engine: Engine, tracker: Optional[Tracker],
+def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: Optional[Tracker],
               start_step: int, rank: int, world_size: int) -> None:
     trainer = config.trainer
     accumulation = trainer.gradient_accumulation_steps
@@ -140,45 +142,43 @@ def run_steps(config: Config, workload: Workload, engine: Engine, tracker: Optio
     session_started = time.perf_counter()
     window, logged = Window(), {}
     score_key = workload.checkpoint_metric(config.sections)
-    engine.train(True)
+    engines.train(True)
+    model, step = engines.for_workload(), start_step
     for step in range(start_step + 1, stop + 1):
         for _ in range(accumulation):
-            batch = {k: v.to(engine.device) for k, v in next(batches).items()}
-            loss, metrics = workload.loss(engine, batch)
-            engine.backward(loss)
-            engine.step()
-            window.add(loss, metrics, workload.batch_size(batch))
+            batch = {k: v.to(engines.device) for k, v in next(batches).items()}
+            window.add(workload.train_step(model, batch), workload.batch_size(batch))
         if tracker:
             tracker.advance()
         metrics = {}
         log_step = step % trainer.log_every == 0 or step == stop
         if log_step:
-            metrics = {**window.reduce(engine.device), "lr": engine.lr(), "grad_norm": engine.grad_norm()}
+            metrics = {**window.reduce(engines.device), **engines.log_metrics()}
         checkpoint_step = (trainer.checkpoint_every and step % trainer.checkpoint_every == 0) or step == stop
         # Checkpoints kept by a metric are scored, so each one is evaluated.
         evaluate = (trainer.eval_every and step % trainer.eval_every == 0) or step == stop or (checkpoint_step and score_key)
         if evaluate or checkpoint_step:
-            engine.average_buffers()
+            engines.average_buffers()
         if evaluate:
-            metrics.update(workload.evaluate(engine, step))
+            metrics.update(workload.evaluate(model, step))
         if metrics and tracker:
             tracker.log(step, metrics)
         logged.update(metrics)
         if checkpoint_step:
             reported = {**metrics, CHECKPOINT_SCORE: metrics[score_key]} if score_key else metrics
-            save_and_report(engine, workload, rank, step, reported)
+            save_and_report(engines, workload, rank, step, reported)
         if log_step:
             window = Window()  # after eval and checkpoint, so throughput counts training time only
     summary = {
-        "steps": engine.global_steps,
+        "steps": step,
         "max_steps": trainer.max_steps,
-        "completed": engine.global_steps >= trainer.max_steps,
+        "completed": step >= trainer.max_steps,
         "world_size": world_size,
         "global_batch_size": trainer.global_batch_size,
         "session_wall_time_s": time.perf_counter() - session_started,
-        "parameter_checksums": gather(engine.parameter_checksum()),
+        "parameter_checksums": gather(engines.parameter_checksum()),
         "ray_node_ids": gather(ray_node_id()),
-        "memory_per_rank": gather(engine.memory_report()),
+        "memory_per_rank": gather(engines.memory_report()),
         "final": logged,
         **workload.summary(),
     }
@@ -186,13 +186,13 @@ def run_steps(config: Config, workload: Workload, engine: Engine, tracker: Optio
         tracker.finish(summary)
 
 
-def save_and_report(engine: Engine, workload: Workload, rank: int, step: int, metrics: dict[str, Any]) -> None:
+def save_and_report(engines: EngineSet, workload: Workload, rank: int, step: int, metrics: dict[str, Any]) -> None:
     """Every rank writes its shards into its own directory; Ray Train merges them into one checkpoint."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="distdl-ckpt-") as directory:
-        engine.save(directory, client_state={"step": step, "workload": workload.state_dict()})
-        torch.save(rng_state(engine.device), Path(directory) / RNG_FILE.format(rank=rank))
+        engines.save(directory, client_state={"step": step, "workload": workload.state_dict()})
+        torch.save(rng_state(engines.device), Path(directory) / RNG_FILE.format(rank=rank))
         reported = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         ray.train.report({"step": step, **reported}, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=f"checkpoint_{step:08d}")

@@ -120,13 +120,17 @@ class Tracker:
         if self._bar is not None:
             self._bar.update(steps)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Numbers, and image files (`Path` values: W&B images; their paths in metrics.jsonl)."""
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
         if self._wandb is not None:
             try:
-                self._wandb.log(metrics, step=step)
+                import wandb
+
+                self._wandb.log({k: wandb.Image(str(v)) if isinstance(v, Path) else v for k, v in metrics.items()},
+                                step=step)
             except Exception as err:
                 warnings.warn(f"W&B logging failed ({err}); continuing without W&B")
                 self._wandb = None
@@ -142,7 +146,7 @@ class Tracker:
                 self._wandb.finish()
             except Exception as err:
                 warnings.warn(f"W&B could not finish ({err})")
-        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=_plain) + "\n")
         self._metrics.close()
         if self._bar is not None:
             self._bar.close()
@@ -160,6 +164,8 @@ def scalar_entries(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value

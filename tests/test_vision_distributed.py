@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from distdl import cli
 from distdl.config import load_config
 from distdl.driver import train
 from distdl.tracking import read_metrics
@@ -21,12 +23,18 @@ def mnist_root(tmp_path_factory) -> Path:
     return write_mnist(tmp_path_factory.mktemp("mnist"))  # 4,000 train and 1,000 test digits
 
 
-def test_resnet_learns_real_digits_with_zero1(ray_local, tmp_path, mnist_root):
+@pytest.fixture(scope="module")
+def classifier_run(ray_local, tmp_path_factory, mnist_root):
+    """A ResNet-20 trained on the digits: tested below, and the feature space of the GANs' Frechet distance."""
     config = load_config(REPO / "configs/resnet/mnist_laptop.yaml", [
-        f"data.path={mnist_root}", f"run.storage_path={tmp_path}", "trainer.epochs=2", "trainer.log_every=5",
-        "engine.zero_stage=1", "tracking.wandb_mode=disabled", "tracking.progress_bar=false",
+        f"data.path={mnist_root}", f"run.storage_path={tmp_path_factory.mktemp('runs')}", "trainer.epochs=2",
+        "trainer.log_every=5", "engine.zero_stage=1", "tracking.wandb_mode=disabled", "tracking.progress_bar=false",
     ])
-    summary = train(config)
+    return config, train(config)
+
+
+def test_resnet_learns_real_digits_with_zero1(classifier_run):
+    config, summary = classifier_run
     losses = [m["loss"] for m in read_metrics(config.run_dir) if "loss" in m]
     assert losses[-1] < 0.5 * losses[0], losses
     final = summary["final"]
@@ -37,3 +45,55 @@ def test_resnet_learns_real_digits_with_zero1(ray_local, tmp_path, mnist_root):
     for memory in summary["memory_per_rank"]:
         assert memory["optimizer_state_mib"] == pytest.approx(0.5 * memory["parameters_mib"], rel=0.05), memory
         assert memory["peak_rss_mib"] > memory["parameters_mib"]
+
+
+def gan(tmp_path: Path, mnist_root: Path, config_name: str, *overrides: str):
+    config = load_config(REPO / "configs" / "gan" / config_name, [
+        f"data.path={mnist_root}", f"run.storage_path={tmp_path}", "trainer.max_steps=8", "trainer.log_every=2",
+        "trainer.eval_every=4", "trainer.checkpoint_every=4", "model.generator_width=16",
+        "model.discriminator_width=16", "tracking.progress_bar=false", "tracking.wandb_mode=disabled", *overrides,
+    ])
+    return config, train(config)
+
+
+def test_dcgan_logs_finite_losses_sample_grids_and_a_frechet_distance(ray_local, tmp_path, mnist_root, classifier_run):
+    from PIL import Image
+
+    config, summary = gan(tmp_path, mnist_root, "dcgan_mnist.yaml", "tracking.wandb_mode=offline",
+                          f"eval.classifier_run={classifier_run[0].run_dir}", "eval.frechet_images=200")
+    metrics = read_metrics(config.run_dir)
+    losses = [(m["loss_d"], m["loss_g"]) for m in metrics if "loss_d" in m]
+    assert len(losses) == 4 and all(np.isfinite(losses).all(axis=1)), losses
+    grids = sorted((config.run_dir / "samples").glob("*.png"))
+    assert [g.name for g in grids] == ["step_00000004.png", "step_00000008.png"]
+    assert Image.open(grids[-1]).size == (8 * 30 + 2, 8 * 30 + 2)  # 64 digits of 28 pixels, 2-pixel gaps
+    assert [m["sample_grid"] for m in metrics if "sample_grid" in m] == [str(g) for g in grids]
+    frechet = [m["eval_frechet_distance"] for m in metrics if "eval_frechet_distance" in m]
+    assert len(frechet) == 2 and all(np.isfinite(frechet)) and min(frechet) > 0
+    assert summary["parameter_checksums"][0] == summary["parameter_checksums"][1]
+    assert set(summary["memory_per_rank"][0]) == {"generator", "discriminator"}
+    # W&B got the grids as images.
+    assert len(list((config.run_dir / "wandb").glob("offline-run-*/files/media/images/*.png"))) == 2
+    # The exported generator loads and draws digits-shaped images.
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from distdl.models.dcgan import Generator
+
+    assert cli.main(["export", str(config.run_dir), str(tmp_path / "generator")]) == 0
+    generator = Generator(**json.loads((tmp_path / "generator" / "generator.json").read_text()))
+    generator.load_state_dict(load_file(tmp_path / "generator" / "generator.safetensors"))
+    assert generator.eval()(torch.randn(3, 100)).shape == (3, 1, 28, 28)
+
+
+def test_wgan_gp_resumed_run_equals_an_uninterrupted_one(ray_local, tmp_path, mnist_root):
+    common = ("objective.n_critic=3",)
+    _, whole = gan(tmp_path, mnist_root, "wgan_gp_mnist.yaml", "run.name=whole", *common)
+    first, part = gan(tmp_path, mnist_root, "wgan_gp_mnist.yaml", "run.name=parts", "trainer.stop_at_step=4", *common)
+    assert part["steps"] == 4
+    _, resumed = gan(tmp_path, mnist_root, "wgan_gp_mnist.yaml", "run.name=parts", *common)
+    assert resumed["steps"] == whole["steps"] == 8
+    assert resumed["parameter_checksums"] == whole["parameter_checksums"]
+    assert resumed["final"]["loss_d"] == whole["final"]["loss_d"]

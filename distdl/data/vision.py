@@ -77,9 +77,15 @@ def spec_for(data: VisionDataSection) -> DatasetSpec:
     return DATASETS[data.dataset]
 
 
-def transforms(data: VisionDataSection, spec: DatasetSpec, size: int, train: bool) -> Any:
+def transforms(data: VisionDataSection, spec: DatasetSpec, size: int, train: bool, symmetric: bool = False) -> Any:
+    """The dataset's standard transforms; `symmetric` scales pixels to [-1, 1] without augmentation
+    (what a GAN's tanh generator produces)."""
     from torchvision import transforms as T
 
+    if symmetric:
+        half = (0.5,) * spec.channels
+        resize = [T.Resize(size), T.CenterCrop(size)] if data.dataset == "imagefolder" else []
+        return T.Compose([*resize, T.ToTensor(), T.Normalize(half, half)])
     normalize = [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
     if data.dataset == "imagefolder":
         if train and data.augment:
@@ -90,19 +96,20 @@ def transforms(data: VisionDataSection, spec: DatasetSpec, size: int, train: boo
     return T.Compose(normalize)
 
 
-def load_vision(data: VisionDataSection, allow_download: bool = False) -> VisionData:
-    """The train and eval sets; `allow_download` only on the driver, so workers never race to download."""
+def load_vision(data: VisionDataSection, allow_download: bool = False, symmetric: bool = False) -> VisionData:
+    """The train and eval sets; `allow_download` only on the driver, so workers never race to download.
+    `symmetric`: pixels in [-1, 1], no augmentation (for GANs)."""
     spec = spec_for(data)
     size = data.image_size or spec.image_size
     if data.dataset == "synthetic":
-        return _synthetic(data, spec, size)
+        return _synthetic(data, spec, size, symmetric)
     if data.path is None:
         raise ConfigError(f"data.path is required for data.dataset={data.dataset}")
     root = Path(data.path).expanduser()
     if data.dataset == "imagefolder":
-        return _image_folder(data, spec, root, size)
+        return _image_folder(data, spec, root, size, symmetric)
     make = lambda train, download: _torchvision_class(spec)(  # noqa: E731
-        str(root), train=train, download=download, transform=transforms(data, spec, size, train))
+        str(root), train=train, download=download, transform=transforms(data, spec, size, train, symmetric))
     try:
         train, test = make(True, False), make(False, False)
     except RuntimeError as missing:
@@ -123,7 +130,7 @@ def _torchvision_class(spec: DatasetSpec) -> Any:
     return getattr(torchvision.datasets, spec.torchvision_class)
 
 
-def _image_folder(data: VisionDataSection, spec: DatasetSpec, root: Path, size: int) -> VisionData:
+def _image_folder(data: VisionDataSection, spec: DatasetSpec, root: Path, size: int, symmetric: bool) -> VisionData:
     from torchvision.datasets import ImageFolder
 
     folders = {split: root / split for split in ("train", "val")}
@@ -132,8 +139,8 @@ def _image_folder(data: VisionDataSection, spec: DatasetSpec, root: Path, size: 
             raise ConfigError(f"data.path: {folder} is missing; imagefolder expects {root}/train/<class>/<image> "
                               f"and {root}/val/<class>/<image> (the ImageNet layout)")
     try:
-        train = ImageFolder(str(folders["train"]), transform=transforms(data, spec, size, True))
-        val = ImageFolder(str(folders["val"]), transform=transforms(data, spec, size, False))
+        train = ImageFolder(str(folders["train"]), transform=transforms(data, spec, size, True, symmetric))
+        val = ImageFolder(str(folders["val"]), transform=transforms(data, spec, size, False, symmetric))
     except (FileNotFoundError, RuntimeError) as err:
         raise ConfigError(f"data.path: {err}") from err
     if train.classes != val.classes:
@@ -142,12 +149,12 @@ def _image_folder(data: VisionDataSection, spec: DatasetSpec, root: Path, size: 
     return VisionData(train, val, spec.channels, len(train.classes), size)
 
 
-def _synthetic(data: VisionDataSection, spec: DatasetSpec, size: int) -> VisionData:
+def _synthetic(data: VisionDataSection, spec: DatasetSpec, size: int, symmetric: bool) -> VisionData:
     from torchvision.datasets import FakeData
 
     def make(count: int, train: bool, offset: int) -> Any:
         return FakeData(count, (spec.channels, size, size), data.synthetic_classes,
-                        transform=transforms(data, spec, size, train), random_offset=offset)
+                        transform=transforms(data, spec, size, train, symmetric), random_offset=offset)
 
     return VisionData(make(data.synthetic_train_size, True, 0), make(data.synthetic_eval_size, False, 10**6),
                       spec.channels, data.synthetic_classes, size)

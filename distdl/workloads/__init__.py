@@ -3,3 +3,4 @@
 from distdl.workloads import bert_pretrain  # noqa: F401
 from distdl.workloads import glue  # noqa: F401
 from distdl.workloads import resnet  # noqa: F401
+from distdl.workloads import gan  # noqa: F401

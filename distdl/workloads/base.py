@@ -29,6 +29,8 @@ class Workload(ABC):
     sections: ClassVar[dict[str, type]] = {}
     # Dotted keys of its sections that may name local files (made absolute on the driver).
     path_keys: ClassVar[tuple[str, ...]] = ()
+    # With several engines: the one whose weights `distdl export` writes.
+    export_engine: ClassVar[Optional[str]] = None
 
     def __init__(self, sections: dict[str, Any], context: WorkerContext) -> None:
         self.context = context
@@ -51,20 +53,35 @@ class Workload(ABC):
         """An evaluation metric (higher is better) to keep the best checkpoints by, or None: the latest."""
         return None
 
-    @abstractmethod
-    def build_model(self) -> torch.nn.Module: ...
+    def build_model(self) -> torch.nn.Module:
+        """The model, for workloads with one engine."""
+        raise NotImplementedError
+
+    def build_models(self) -> dict[str, torch.nn.Module]:
+        """Each model gets its own DeepSpeed engine (and optimizer); most workloads have one."""
+        return {"model": self.build_model()}
 
     @abstractmethod
     def train_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's micro-batches, beginning after the first `start` ones."""
 
-    @abstractmethod
-    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward one micro-batch through `model` (the engine); the loss and per-batch metrics."""
+        raise NotImplementedError
+
+    def train_step(self, model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One micro-batch: forward, backward and step (DeepSpeed steps the optimizer at accumulation
+        boundaries). `model` is the engine, or for several engines the dict of them. Returns the
+        metrics to average over the log window (tensors: no device sync per micro-batch)."""
+        loss, metrics = self.loss(model, batch)
+        model.backward(loss)
+        model.step()
+        return {"loss": loss, **metrics}
 
     @abstractmethod
-    def evaluate(self, model: Any, step: int) -> dict[str, float]:
-        """Held-out metrics, reduced over all ranks (every rank calls it)."""
+    def evaluate(self, model: Any, step: int) -> dict[str, Any]:
+        """Held-out metrics, reduced over all ranks (every rank calls it). A `Path` value is an image
+        file (rank 0's), logged to W&B as an image."""
 
     def state_dict(self) -> dict[str, Any]:
         """What the workload itself must carry across a resume (saved with every checkpoint)."""

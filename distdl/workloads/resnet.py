@@ -6,6 +6,7 @@ as options: linear learning-rate scaling (optimizer.reference_batch_size), gradu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -134,3 +135,23 @@ def _first_image(dataset: Any, data: vision.VisionDataSection) -> tuple[torch.Te
         return dataset[0]
     except Exception as err:
         raise ConfigError(f"data.path: the first training image of {data.dataset} could not be read: {err}") from err
+
+
+def load_trained_classifier(run_dir: Path) -> tuple[torch.nn.Module, vision.VisionDataSection]:
+    """The classifier of a finished `resnet` run (its latest checkpoint, fp32, on the CPU) and its data section."""
+    import yaml
+
+    from distdl.config import config_from_dict
+    from distdl.driver import CONFIG_FILE, latest_checkpoint
+    from distdl.engine import consolidated_state_dict
+
+    config = config_from_dict(yaml.safe_load((run_dir / CONFIG_FILE).read_text()))
+    data_section = config.sections["data"]
+    data = vision.load_vision(data_section)
+    model = build_resnet(config.sections["model"].name, data.channels, data.classes)
+    state = consolidated_state_dict(latest_checkpoint(run_dir))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"classifier run {run_dir}: its checkpoint does not match {config.sections['model'].name} "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model, data_section

@@ -1,0 +1,279 @@
+"""GANs with the generator and the discriminator each in its own DeepSpeed engine.
+
+Objectives: DCGAN's non-saturating loss (Goodfellow et al. 2014, section 3; Radford et al. 2016),
+and WGAN-GP (Gulrajani et al. 2017): a critic trained with a gradient penalty, the generator
+updated once every `n_critic` critic updates. Each evaluation renders a fixed noise batch into a
+sample grid (PNG in the run directory, an image in W&B) and, when a classifier that distdl trained on
+the same dataset is given, the Frechet distance between real and generated images in that
+classifier's feature space. That is not the Inception FID of Heusel et al.: its numbers are only
+comparable between runs that use the same classifier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from distdl.config import Config, ConfigError
+from distdl.data import vision
+from distdl.metrics import feature_statistics, frechet_distance
+from distdl.models.dcgan import NORMS, Discriminator, Generator
+from distdl.registry import WORKLOADS
+from distdl.workloads.base import WorkerContext, Workload
+
+OBJECTIVES = ("dcgan", "wgan_gp")
+SAMPLES_DIRNAME = "samples"
+
+
+@dataclass
+class GanModelSection:
+    latent_dim: int = 100
+    generator_width: int = 64
+    discriminator_width: int = 64
+    # batch (DCGAN), layer (WGAN-GP's critic: the penalty is per sample) or none.
+    discriminator_norm: str = "batch"
+
+
+@dataclass
+class ObjectiveSection:
+    # dcgan (non-saturating) or wgan_gp.
+    name: str = "dcgan"
+    # wgan_gp: critic updates per generator update, and the penalty's weight (the paper's 5 and 10).
+    n_critic: int = 5
+    gradient_penalty: float = 10.0
+
+
+@dataclass
+class GanEvalSection:
+    # Images in the sample grid (a fixed noise batch, the same at every evaluation).
+    grid_images: int = 64
+    # A distdl `resnet` run trained on the same dataset: the Frechet distance in its feature space.
+    classifier_run: Optional[str] = None
+    # Real and generated images compared for the Frechet distance.
+    frechet_images: int = 1000
+
+
+@WORKLOADS.register("gan")
+class Gan(Workload):
+    sections = {"model": GanModelSection, "data": vision.VisionDataSection, "objective": ObjectiveSection,
+                "eval": GanEvalSection}
+    path_keys = ("data.path", "eval.classifier_run")
+    export_engine = "generator"
+
+    def __init__(self, sections: dict[str, Any], context: WorkerContext) -> None:
+        super().__init__(sections, context)
+        self.model_section: GanModelSection = sections["model"]
+        self.data_section: vision.VisionDataSection = sections["data"]
+        self.objective: ObjectiveSection = sections["objective"]
+        self.eval_section: GanEvalSection = sections["eval"]
+        self.data = vision.load_vision(self.data_section, symmetric=True)
+        self.train_indices = vision.rank_indices(len(self.data.train), context.rank, context.world_size)
+        self.micro_batches_seen = 0
+        self.last_generator_loss = torch.zeros(())
+        # The same grid at every evaluation and on every rank, whatever the training RNG did.
+        self.grid_noise = torch.randn(self.eval_section.grid_images, self.model_section.latent_dim,
+                                      generator=torch.Generator().manual_seed(context.seed + 4242))
+        self._classifier: Any = None
+
+    @classmethod
+    def validate(cls, config: Config) -> None:
+        model, objective, evaluation = (config.sections[k] for k in ("model", "objective", "eval"))
+        vision.spec_for(config.sections["data"])
+        if objective.name not in OBJECTIVES:
+            raise ConfigError(f"objective.name={objective.name!r} is not known; known: {', '.join(OBJECTIVES)}")
+        if model.discriminator_norm not in NORMS:
+            raise ConfigError(f"model.discriminator_norm={model.discriminator_norm!r}; allowed: {', '.join(NORMS)}")
+        if objective.name == "wgan_gp" and model.discriminator_norm == "batch":
+            raise ConfigError("objective.name=wgan_gp needs model.discriminator_norm=layer or none: the gradient "
+                              "penalty is per sample, and batch norm couples a batch's samples")
+        if config.engine.zero_stage == 3:
+            raise ConfigError("engine.zero_stage=3 is not supported for GANs: the generator's update runs the "
+                              "discriminator outside its own engine's step; use stages 0-2")
+        if config.trainer.gradient_accumulation_steps != 1:
+            raise ConfigError("GANs alternate their two updates every micro-batch: set "
+                              "trainer.global_batch_size = micro_batch_size x num_workers (no accumulation)")
+        if objective.n_critic < 1 or evaluation.grid_images < 1 or evaluation.frechet_images < 2:
+            raise ConfigError("objective.n_critic and eval.grid_images must be at least 1, eval.frechet_images 2")
+
+    @classmethod
+    def prepare(cls, config: Config) -> int:
+        data = vision.load_vision(config.sections["data"], allow_download=True, symmetric=True)
+        run = config.sections["eval"].classifier_run
+        if run is not None:
+            classifier_data = _classifier_section(Path(run))
+            if (classifier_data.dataset, classifier_data.image_size) != (config.sections["data"].dataset,
+                                                                         config.sections["data"].image_size):
+                raise ConfigError(f"eval.classifier_run: {run} was trained on {classifier_data.dataset} "
+                                  f"(image size {classifier_data.image_size}), not on this GAN's data")
+        return len(data.train)
+
+    def build_models(self) -> dict[str, torch.nn.Module]:
+        section, data = self.model_section, self.data
+        return {
+            "generator": Generator(section.latent_dim, data.channels, data.image_size, section.generator_width),
+            "discriminator": Discriminator(data.channels, data.image_size, section.discriminator_width,
+                                           section.discriminator_norm),
+        }
+
+    def train_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        self.micro_batches_seen = start
+        seed = self.context.seed * 1_000 + self.context.rank
+        return vision.train_batches(self.data.train, self.train_indices, self.context.micro_batch_size, seed, start,
+                                    self.data_section.loader_workers)
+
+    def batch_size(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        images = batch["images"]
+        return {"samples": int(images.shape[0]), "tokens": int(images.shape[0] * images.shape[-1] * images.shape[-2])}
+
+    def train_step(self, engines: dict[str, Any], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        generator, discriminator = engines["generator"], engines["discriminator"]
+        real = batch["images"]
+        noise = torch.randn(len(real), self.model_section.latent_dim, device=real.device)
+        fake = generator(noise)
+        d_real, d_fake = discriminator(real), discriminator(fake.detach())
+        if self.objective.name == "dcgan":
+            d_loss = (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
+                      + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
+        else:
+            # The penalty's inner gradient is taken through the bare module; its outer one reaches the
+            # critic's weights through discriminator.backward like the rest of the loss.
+            d_loss = d_fake.mean() - d_real.mean() + self.objective.gradient_penalty * self._penalty(
+                discriminator.module, real, fake.detach())
+        discriminator.backward(d_loss)
+        discriminator.step()
+        self.micro_batches_seen += 1
+        update_generator = self.objective.name == "dcgan" or self.micro_batches_seen % self.objective.n_critic == 0
+        if update_generator:
+            # Through the discriminator's bare module, frozen: its engine must neither see this
+            # backward pass nor gradients it did not step on (ZeRO 0-2 hold its full weights).
+            critic = discriminator.module
+            critic.requires_grad_(False)
+            scores = critic(fake)
+            critic.requires_grad_(True)
+            if self.objective.name == "dcgan":
+                g_loss = F.binary_cross_entropy_with_logits(scores, torch.ones_like(scores))  # non-saturating
+            else:
+                g_loss = -scores.mean()
+            generator.backward(g_loss)
+            generator.step()
+            self.last_generator_loss = g_loss.detach()
+        return {"loss_d": d_loss.detach(), "loss_g": self.last_generator_loss.to(real.device),
+                "d_real": d_real.detach().mean(), "d_fake": d_fake.detach().mean()}
+
+    @staticmethod
+    def _penalty(critic: Any, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """(|grad_x critic(x)| - 1)^2 at points between real and generated images (Gulrajani et al., eq. 3)."""
+        mix = torch.rand(len(real), 1, 1, 1, device=real.device)
+        between = (mix * real + (1 - mix) * fake).requires_grad_(True)
+        (gradient,) = torch.autograd.grad(critic(between).sum(), between, create_graph=True)
+        return ((gradient.flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+    @torch.no_grad()
+    def evaluate(self, engines: dict[str, Any], step: int) -> dict[str, Any]:
+        generator = engines["generator"]
+        generator.train(False)
+        metrics: dict[str, Any] = {"sample_grid": self._write_grid(generator, step)}
+        if self.eval_section.classifier_run is not None:
+            metrics["eval_frechet_distance"] = self._frechet_distance(generator)
+        generator.train(True)
+        return metrics
+
+    def _write_grid(self, generator: Any, step: int) -> Optional[Path]:
+        from torchvision.utils import save_image
+
+        images = generator(self.grid_noise.to(self.context.device)).float().cpu()
+        if self.context.rank != 0:
+            return None
+        folder = self.context.run_dir / SAMPLES_DIRNAME
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step_{step:08d}.png"
+        rows = int(np.ceil(np.sqrt(len(images))))
+        save_image(images, path, nrow=rows, normalize=True, value_range=(-1, 1))
+        return path
+
+    def _frechet_distance(self, generator: Any) -> float:
+        """Real eval images against as many generated ones, in the classifier's penultimate features;
+        each rank embeds its share and every rank computes the distance from all of them."""
+        classifier, mean, std = self._load_classifier()
+        total, world, rank = self.eval_section.frechet_images, self.context.world_size, self.context.rank
+        real_indices = vision.rank_indices(min(total, len(self.data.eval)), rank, world)
+        fake_count = len(vision.rank_indices(total, rank, world))
+        device = self.context.device
+        features: dict[str, list[np.ndarray]] = {"real": [], "fake": []}
+        size = self.context.micro_batch_size
+        noise = torch.Generator().manual_seed(self.context.seed * 7 + rank)
+        for begin in range(0, max(len(real_indices), fake_count), size):
+            real = [self.data.eval[i][0] for i in real_indices[begin : begin + size]]
+            if real:
+                features["real"].append(self._embed(classifier, torch.stack(real).to(device), mean, std))
+            count = min(size, fake_count - begin)
+            if count > 0:
+                z = torch.randn(count, self.model_section.latent_dim, generator=noise).to(device)
+                features["fake"].append(self._embed(classifier, generator(z).float(), mean, std))
+        mine = {k: np.concatenate(v) if v else np.zeros((0, 0)) for k, v in features.items()}
+        everyone = [mine]
+        if dist.is_initialized():
+            everyone = [None] * world
+            dist.all_gather_object(everyone, mine)
+        real_all = np.concatenate([m["real"] for m in everyone if m["real"].size])
+        fake_all = np.concatenate([m["fake"] for m in everyone if m["fake"].size])
+        return frechet_distance(*feature_statistics(real_all), *feature_statistics(fake_all))
+
+    @staticmethod
+    def _embed(classifier: torch.nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
+        # GAN pixels are in [-1, 1]; the classifier was trained on the dataset's normalization.
+        return classifier(((images + 1) / 2 - mean) / std).cpu().numpy()
+
+    def _load_classifier(self) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+        if self._classifier is None:
+            from distdl.workloads.resnet import load_trained_classifier
+
+            model, data = load_trained_classifier(Path(self.eval_section.classifier_run))
+            model.fc = torch.nn.Identity()  # penultimate features
+            spec = vision.spec_for(data)
+            shape = (1, -1, 1, 1)
+            device = self.context.device
+            self._classifier = (model.to(device).eval(), torch.tensor(spec.mean, device=device).view(shape),
+                                torch.tensor(spec.std, device=device).view(shape))
+        return self._classifier
+
+    @classmethod
+    def export(cls, sections: dict[str, Any], run_dir: Path, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+        """generator.safetensors and generator.json: `Generator(**json)` then `load_state_dict`."""
+        import json
+
+        from safetensors.torch import save_file
+
+        data = vision.load_vision(sections["data"], symmetric=True)
+        model = sections["model"]
+        arguments = {"latent_dim": model.latent_dim, "channels": data.channels, "image_size": data.image_size,
+                     "width": model.generator_width}
+        Generator(**arguments).load_state_dict(state_dict)  # the shapes must match before anything is written
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(out_dir / "generator.safetensors"))
+        (out_dir / "generator.json").write_text(json.dumps(arguments, indent=2) + "\n")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_generator_loss": float(self.last_generator_loss)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_generator_loss = torch.tensor(state.get("last_generator_loss", 0.0))
+
+
+def _classifier_section(run_dir: Path) -> vision.VisionDataSection:
+    import yaml
+
+    from distdl.driver import CONFIG_FILE
+
+    config_file = run_dir / CONFIG_FILE
+    if not config_file.is_file():
+        raise ConfigError(f"eval.classifier_run: {run_dir} is not a distdl run directory (no {CONFIG_FILE})")
+    saved = yaml.safe_load(config_file.read_text()) or {}
+    if saved.get("workload") != "resnet":
+        raise ConfigError(f"eval.classifier_run: {run_dir} is a {saved.get('workload')!r} run, not a resnet classifier")
+    return vision.VisionDataSection(**saved.get("data", {}))
