@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -46,3 +48,45 @@ def test_frechet_distance_of_samples_is_near_zero_for_one_distribution_and_grows
     same = frechet_distance(*feature_statistics(a), *feature_statistics(b))
     shifted = frechet_distance(*feature_statistics(a), *feature_statistics(b + 0.5))
     assert same < 0.05 and shifted == pytest.approx(same + 8 * 0.25, abs=0.1)
+
+
+# ----------------------------------------------------------------------------- config checks
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def gan_config_error(*overrides: str) -> str:
+    from distdl.config import load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(REPO / "configs/gan/dcgan_mnist.yaml", list(overrides))
+    return str(info.value)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["objective.name=wgan_gp"], "discriminator_norm=layer or none"),
+    (["objective.name=lsgan"], "dcgan, wgan_gp"),
+    (["engine.zero_stage=3"], "stages 0-2"),
+    (["trainer.global_batch_size=256"], "no accumulation"),
+    (["model.discriminator_norm=instance"], "batch, layer, none"),
+])
+def test_gan_settings_that_cannot_work_are_refused(overrides, expected):
+    assert expected in gan_config_error(*overrides)
+
+
+def test_a_classifier_from_other_data_is_refused(tmp_path):
+    import yaml
+
+    from distdl.config import load_config
+    from distdl.workloads.gan import Gan
+
+    run = tmp_path / "cifar-classifier"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"workload": "resnet", "data": {"dataset": "cifar10"}}))
+    config = load_config(REPO / "configs/gan/dcgan_mnist.yaml", ["data.dataset=synthetic", "data.image_size=32",
+                                                                  f"eval.classifier_run={run}"])
+    with pytest.raises(ConfigError, match="trained on cifar10"):
+        Gan.prepare(config)
+    (run / "config.yaml").write_text(yaml.safe_dump({"workload": "glue"}))
+    with pytest.raises(ConfigError, match="not a resnet classifier"):
+        Gan.prepare(config)
