@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from distdl.config import ConfigError, config_from_dict, load_config
-from distdl.driver import CONFIG_FILE
+from distdl.config import config_from_dict, load_config
 from distdl.errors import USER_ERRORS
 
 
@@ -74,18 +73,14 @@ def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:
 
 
 def run_export(run_dir: Path, out_dir: Path, which: str = "latest") -> int:
-    import yaml
-
-    from distdl.driver import find_checkpoint
+    from distdl.driver import find_checkpoint, saved_config
     from distdl.engine import consolidated_state_dict
     from distdl.registry import WORKLOADS
 
-    config_file = run_dir / CONFIG_FILE
-    if not config_file.is_file():
-        raise ConfigError(f"{run_dir} is not a distdl run directory (no {CONFIG_FILE})")
+    saved = saved_config(run_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"export target {out_dir} exists and is not empty; choose a new folder")
-    config = config_from_dict(yaml.safe_load(config_file.read_text()))
+    config = config_from_dict(saved)
     checkpoint = find_checkpoint(run_dir, which)
     workload = WORKLOADS.get(config.workload)
     state_dict = consolidated_state_dict(checkpoint / (workload.export_engine or ""))

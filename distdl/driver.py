@@ -105,6 +105,19 @@ def reached_target(config: Config) -> bool:
     return True
 
 
+def saved_config(run_dir: Path, workload: str | None = None, key: str = "") -> dict[str, Any]:
+    """The config a run directory holds, optionally of a given workload; errors name the directory
+    (and the config key that pointed at it)."""
+    prefix = f"{key}: " if key else ""
+    config_file = Path(run_dir) / CONFIG_FILE
+    if not config_file.is_file():
+        raise ConfigError(f"{prefix}{run_dir} is not a distdl run directory (no {CONFIG_FILE})")
+    saved = yaml.safe_load(config_file.read_text()) or {}
+    if workload is not None and saved.get("workload") != workload:
+        raise ConfigError(f"{prefix}{run_dir} is a {saved.get('workload')!r} run, not a {workload} run")
+    return saved
+
+
 def read_summary(run_dir: Path) -> dict[str, Any]:
     summary_file = run_dir / SUMMARY_FILE
     return json.loads(summary_file.read_text()) if summary_file.is_file() else {}

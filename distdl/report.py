@@ -6,11 +6,9 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from distdl.config import ConfigError
 from distdl.data import glue
-from distdl.driver import CONFIG_FILE, read_summary
+from distdl.driver import read_summary, saved_config
 
 # The BERT paper's GLUE average (Devlin et al. 2019, table 1): one number per entry, MNLI's matched
 # and mismatched sets counted as two entries, WNLI left out. Its BERT-base row averages to 79.6.
@@ -53,12 +51,7 @@ def bert_paper_average(scores: dict[tuple[str, str], float]) -> tuple[Optional[f
 
 def read_glue_run(run_dir: Path) -> dict[str, Any]:
     """A finished GLUE run's task, best dev metrics and name; errors name the directory."""
-    config_file = run_dir / CONFIG_FILE
-    if not config_file.is_file():
-        raise ConfigError(f"{run_dir} is not a distdl run directory (no {CONFIG_FILE})")
-    config = yaml.safe_load(config_file.read_text()) or {}
-    if config.get("workload") != "glue":
-        raise ConfigError(f"{run_dir} is a {config.get('workload')!r} run, not a GLUE fine-tuning run")
+    config = saved_config(run_dir, "glue")
     summary = read_summary(run_dir)
     best = summary.get("best") or {}
     if best.get("step") is None:

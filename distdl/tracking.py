@@ -12,7 +12,7 @@ import os
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlparse
 
 from distdl.config import TrackingSection

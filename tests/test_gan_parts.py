@@ -88,5 +88,5 @@ def test_a_classifier_from_other_data_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="trained on cifar10"):
         Gan.prepare(config)
     (run / "config.yaml").write_text(yaml.safe_dump({"workload": "glue"}))
-    with pytest.raises(ConfigError, match="not a resnet classifier"):
+    with pytest.raises(ConfigError, match="eval.classifier_run: .* 'glue' run, not a resnet run"):
         Gan.prepare(config)

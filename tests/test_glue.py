@@ -290,7 +290,7 @@ def test_report_refuses_what_is_not_a_finished_glue_run(tmp_path):
     pretrain = tmp_path / "bert"
     pretrain.mkdir()
     (pretrain / "config.yaml").write_text("workload: bert_pretrain\n")
-    with pytest.raises(ConfigError, match="'bert_pretrain' run, not a GLUE"):
+    with pytest.raises(ConfigError, match="'bert_pretrain' run, not a glue run"):
         glue_table([pretrain])
     with pytest.raises(ConfigError, match="no config.yaml"):
         glue_table([tmp_path / "nothing"])

@@ -266,14 +266,7 @@ class Gan(Workload):
 
 
 def _classifier_section(run_dir: Path) -> vision.VisionDataSection:
-    import yaml
+    from distdl.driver import saved_config
 
-    from distdl.driver import CONFIG_FILE
-
-    config_file = run_dir / CONFIG_FILE
-    if not config_file.is_file():
-        raise ConfigError(f"eval.classifier_run: {run_dir} is not a distdl run directory (no {CONFIG_FILE})")
-    saved = yaml.safe_load(config_file.read_text()) or {}
-    if saved.get("workload") != "resnet":
-        raise ConfigError(f"eval.classifier_run: {run_dir} is a {saved.get('workload')!r} run, not a resnet classifier")
+    saved = saved_config(run_dir, "resnet", key="eval.classifier_run")
     return vision.VisionDataSection(**saved.get("data", {}))

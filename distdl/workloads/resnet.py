@@ -139,13 +139,11 @@ def _first_image(dataset: Any, data: vision.VisionDataSection) -> tuple[torch.Te
 
 def load_trained_classifier(run_dir: Path) -> tuple[torch.nn.Module, vision.VisionDataSection]:
     """The classifier of a finished `resnet` run (its latest checkpoint, fp32, on the CPU) and its data section."""
-    import yaml
-
     from distdl.config import config_from_dict
-    from distdl.driver import CONFIG_FILE, latest_checkpoint
+    from distdl.driver import latest_checkpoint, saved_config
     from distdl.engine import consolidated_state_dict
 
-    config = config_from_dict(yaml.safe_load((run_dir / CONFIG_FILE).read_text()))
+    config = config_from_dict(saved_config(run_dir, "resnet"))
     data_section = config.sections["data"]
     data = vision.load_vision(data_section)
     model = build_resnet(config.sections["model"].name, data.channels, data.classes)
