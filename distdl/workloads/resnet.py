@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distdl.config import Config, ConfigError
-from distdl.data import vision
+from distdl.data import shards, vision
 from distdl.models.resnet import MODEL_NAMES, build_resnet
 from distdl.registry import WORKLOADS
 from distdl.workloads.base import WorkerContext, Workload
@@ -106,11 +106,8 @@ class ResNetClassification(Workload):
         device, size = self.context.device, self.context.micro_batch_size
         # Loss sum, top-1 correct, top-5 correct, images: on the device (NCCL reduces device tensors).
         totals = torch.zeros(4, dtype=torch.float64, device=device)
-        largest = -(-len(self.data.eval) // self.context.world_size)
-        for begin in range(0, max(largest, 1), size):
-            # A rank past its block runs a filler batch, uncounted: ZeRO-3 needs every rank in each forward.
-            counted = begin < len(self.eval_indices)
-            indices = self.eval_indices[begin : begin + size] if counted else range(min(size, len(self.data.eval)))
+        everything = range(len(self.data.eval))
+        for indices, counted in shards.lockstep_slices(self.eval_indices, everything, size, self.context.world_size):
             batch = vision.stack([self.data.eval[i] for i in indices])
             images, labels = batch["images"].to(device), batch["labels"].to(device)
             logits = model(images).float()
