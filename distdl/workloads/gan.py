@@ -80,6 +80,7 @@ class Gan(Workload):
         self.grid_noise = torch.randn(self.eval_section.grid_images, self.model_section.latent_dim,
                                       generator=torch.Generator().manual_seed(context.seed + 4242))
         self._classifier: Any = None
+        self._real_statistics: Optional[tuple[np.ndarray, np.ndarray]] = None
 
     @classmethod
     def validate(cls, config: Config) -> None:
@@ -199,31 +200,24 @@ class Gan(Workload):
 
     def _frechet_distance(self, generator: Any) -> float:
         """Real eval images against as many generated ones, in the classifier's penultimate features;
-        each rank embeds its share and every rank computes the distance from all of them."""
+        each rank embeds its share and every rank computes the distance from all of them. The real
+        images' statistics do not change between evaluations, so they are computed once."""
         classifier, mean, std = self._load_classifier()
         total, world, rank = self.eval_section.frechet_images, self.context.world_size, self.context.rank
-        real_indices = vision.rank_indices(min(total, len(self.data.eval)), rank, world)
-        fake_count = len(vision.rank_indices(total, rank, world))
-        device = self.context.device
-        features: dict[str, list[np.ndarray]] = {"real": [], "fake": []}
-        size = self.context.micro_batch_size
+        size, device = self.context.micro_batch_size, self.context.device
+        if self._real_statistics is None:
+            indices = vision.rank_indices(min(total, len(self.data.eval)), rank, world)
+            batches = (torch.stack([self.data.eval[i][0] for i in indices[b : b + size]]).to(device)
+                       for b in range(0, len(indices), size))
+            self._real_statistics = feature_statistics(_gather_rows(
+                [self._embed(classifier, images, mean, std) for images in batches]))
         noise = torch.Generator().manual_seed(self.context.seed * 7 + rank)
-        for begin in range(0, max(len(real_indices), fake_count), size):
-            real = [self.data.eval[i][0] for i in real_indices[begin : begin + size]]
-            if real:
-                features["real"].append(self._embed(classifier, torch.stack(real).to(device), mean, std))
-            count = min(size, fake_count - begin)
-            if count > 0:
-                z = torch.randn(count, self.model_section.latent_dim, generator=noise).to(device)
-                features["fake"].append(self._embed(classifier, generator(z).float(), mean, std))
-        mine = {k: np.concatenate(v) if v else np.zeros((0, 0)) for k, v in features.items()}
-        everyone = [mine]
-        if dist.is_initialized():
-            everyone = [None] * world
-            dist.all_gather_object(everyone, mine)
-        real_all = np.concatenate([m["real"] for m in everyone if m["real"].size])
-        fake_all = np.concatenate([m["fake"] for m in everyone if m["fake"].size])
-        return frechet_distance(*feature_statistics(real_all), *feature_statistics(fake_all))
+        fake_count = len(vision.rank_indices(total, rank, world))
+        fakes = (generator(torch.randn(min(size, fake_count - b), self.model_section.latent_dim,
+                                       generator=noise).to(device)).float()
+                 for b in range(0, fake_count, size))
+        fake = _gather_rows([self._embed(classifier, images, mean, std) for images in fakes])
+        return frechet_distance(*self._real_statistics, *feature_statistics(fake))
 
     @staticmethod
     def _embed(classifier: torch.nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
@@ -263,6 +257,16 @@ class Gan(Workload):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_generator_loss = torch.tensor(state.get("last_generator_loss", 0.0))
+
+
+def _gather_rows(pieces: list[np.ndarray]) -> np.ndarray:
+    """This rank's feature rows and every other rank's, stacked (every rank calls it)."""
+    mine = np.concatenate(pieces) if pieces else None
+    everyone = [mine]
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+    return np.concatenate([rows for rows in everyone if rows is not None])
 
 
 def _classifier_section(run_dir: Path) -> vision.VisionDataSection:
