@@ -316,7 +316,7 @@ def verify_checkpoint(checkpoint_dir: str | Path) -> None:
     torch.save writes zip archives whose index sits at the end, so a truncated file fails to open.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    engine_dirs = sorted(d for d in checkpoint_dir.iterdir() if (d / "latest").is_file())
+    engine_dirs = sorted(d for d in checkpoint_dir.glob("*") if (d / "latest").is_file())
     if not (checkpoint_dir / "latest").is_file() and engine_dirs:
         # Several engines (a GAN): each saved into its own sub-folder.
         for engine_dir in engine_dirs:
