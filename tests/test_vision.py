@@ -166,3 +166,25 @@ def test_linear_scaling_rule():
     assert effective_lr(config.optimizer, config.trainer.global_batch_size) == pytest.approx(3.2)  # 0.1 x 8k / 256
     laptop = load_config(LAPTOP)
     assert effective_lr(laptop.optimizer, 128) == 0.1  # no reference batch: lr as given
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("loss.label_smoothing=1.5", "loss.label_smoothing=1.5"),
+    ("data.image_size=4", "data.image_size=4"),
+    ("data.loader_workers=-1", "data.loader_workers=-1"),
+    ("optimizer.reference_batch_size=0", "optimizer.reference_batch_size=0"),
+    ("optimizer.nesterov=true", "optimizer.name=sgd only"),
+])
+def test_bad_vision_and_recipe_values_name_the_key(override, expected):
+    overrides = [override] + (["optimizer.name=adamw"] if "nesterov" in override else [])
+    assert expected in config_error(*overrides)
+
+
+def test_export_names_the_kept_checkpoints_when_asked_for_another(tmp_path):
+    from distdl.driver import find_checkpoint
+
+    (tmp_path / "checkpoint_00000010").mkdir()
+    with pytest.raises(ConfigError, match=r"'checkpoint_9'.*kept: checkpoint_00000010"):
+        find_checkpoint(tmp_path, "checkpoint_9")
+    with pytest.raises(ConfigError, match="no scored checkpoint"):
+        find_checkpoint(tmp_path, "best")
