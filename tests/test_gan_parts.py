@@ -1,4 +1,4 @@
-"""GAN building blocks without workers: DCGAN nets and the Frechet distance."""
+"""GAN building blocks without workers: DCGAN nets, the Frechet distance and the Inception FID network."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distdl.config import ConfigError
-from distdl.metrics import feature_statistics, frechet_distance
+from distdl.metrics import feature_statistics, frechet_distance, inception_features, load_inception
 from distdl.models.dcgan import Discriminator, Generator
 
 
@@ -38,16 +38,49 @@ def test_frechet_distance_of_diagonal_gaussians_has_its_closed_form():
     mean_a, mean_b = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
     var_a, var_b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
     expected = ((mean_a - mean_b) ** 2).sum() + ((np.sqrt(var_a) - np.sqrt(var_b)) ** 2).sum()
-    assert frechet_distance(mean_a, np.diag(var_a), mean_b, np.diag(var_b)) == pytest.approx(expected)
+    statistics_a, statistics_b = {"mu": mean_a, "sigma": np.diag(var_a)}, {"mu": mean_b, "sigma": np.diag(var_b)}
+    assert frechet_distance(statistics_a, statistics_b) == pytest.approx(expected)
 
 
 def test_frechet_distance_of_samples_is_near_zero_for_one_distribution_and_grows_with_a_shift():
     rng = np.random.default_rng(0)
     mix = rng.normal(size=(8, 8))
     a, b = rng.normal(size=(20000, 8)) @ mix, rng.normal(size=(20000, 8)) @ mix
-    same = frechet_distance(*feature_statistics(a), *feature_statistics(b))
-    shifted = frechet_distance(*feature_statistics(a), *feature_statistics(b + 0.5))
+    same = frechet_distance(feature_statistics(a), feature_statistics(b))
+    shifted = frechet_distance(feature_statistics(a), feature_statistics(b + 0.5))
     assert same < 0.05 and shifted == pytest.approx(same + 8 * 0.25, abs=0.1)
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory) -> Path:
+    from tests.vision_fixtures import write_random_inception_weights
+
+    return write_random_inception_weights(tmp_path_factory.mktemp("inception") / "inception.pth")
+
+
+def test_inception_features_take_gan_pixels_in_grayscale_and_colour(inception_weights):
+    inception = load_inception(inception_weights)
+    gray = torch.rand(2, 1, 28, 28) * 2 - 1
+    features = inception_features(inception, gray)
+    assert features.shape == (2, 2048) and np.isfinite(features).all()
+    # Gray digits are the same picture as their three-channel copy.
+    np.testing.assert_allclose(features, inception_features(inception, gray.repeat(1, 3, 1, 1)), rtol=1e-5)
+    assert not np.allclose(features[0], features[1])
+
+
+def test_inception_weights_that_are_missing_foreign_or_pickled_code_are_refused(tmp_path, inception_weights):
+    with pytest.raises(ConfigError, match="is not a file; download https://"):
+        load_inception(tmp_path / "absent.pth")
+    partial = {k: v for k, v in torch.load(inception_weights, weights_only=True).items() if "Mixed_7c" not in k}
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(ConfigError, match="partial.pth is not the FID InceptionV3.*Missing key"):
+        load_inception(tmp_path / "partial.pth")
+    torch.save(Path("not weights"), tmp_path / "pickled.pth")  # unpickling it would build an object
+    with pytest.raises(ConfigError, match="pickled.pth is not a PyTorch weights file that loads safely"):
+        load_inception(tmp_path / "pickled.pth")
+    (tmp_path / "truncated.pth").write_bytes(inception_weights.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match="truncated.pth is not a PyTorch weights file"):
+        load_inception(tmp_path / "truncated.pth")
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -90,3 +123,14 @@ def test_a_classifier_from_other_data_is_refused(tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump({"workload": "glue"}))
     with pytest.raises(ConfigError, match="eval.classifier_run: .* 'glue' run, not a resnet run"):
         Gan.prepare(config)
+
+
+def test_the_cli_refuses_a_bad_inception_file_before_any_worker_starts(tmp_path, capsys):
+    from distdl import cli
+
+    (tmp_path / "inception.pth").write_text("not a checkpoint")
+    code = cli.main(["train", str(REPO / "configs/gan/dcgan_mnist.yaml"), "data.dataset=synthetic",
+                     f"run.storage_path={tmp_path / 'runs'}", f"eval.inception_weights={tmp_path / 'inception.pth'}"])
+    assert code != 0
+    assert "eval.inception_weights:" in capsys.readouterr().err
+    assert not any((tmp_path / "runs").iterdir()), "the run directory it began is removed again"

@@ -56,11 +56,16 @@ def gan(tmp_path: Path, mnist_root: Path, config_name: str, *overrides: str):
     return config, train(config)
 
 
-def test_dcgan_logs_finite_losses_sample_grids_and_a_frechet_distance(ray_local, tmp_path, mnist_root, classifier_run):
+def test_dcgan_logs_finite_losses_sample_grids_and_frechet_distances(ray_local, tmp_path, mnist_root, classifier_run):
     from PIL import Image
 
+    from tests.vision_fixtures import write_random_inception_weights
+
+    inception = write_random_inception_weights(tmp_path / "inception.pth")
+    # 32 images keep Inception's 299x299 passes to seconds on CPU; papers' FIDs use 10k-50k.
     config, summary = gan(tmp_path, mnist_root, "dcgan_mnist.yaml", "tracking.wandb_mode=offline",
-                          f"eval.classifier_run={classifier_run[0].run_dir}", "eval.frechet_images=200")
+                          f"eval.classifier_run={classifier_run[0].run_dir}", f"eval.inception_weights={inception}",
+                          "eval.frechet_images=32")
     metrics = read_metrics(config.run_dir)
     losses = [(m["loss_d"], m["loss_g"]) for m in metrics if "loss_d" in m]
     assert len(losses) == 4 and all(np.isfinite(losses).all(axis=1)), losses
@@ -68,8 +73,9 @@ def test_dcgan_logs_finite_losses_sample_grids_and_a_frechet_distance(ray_local,
     assert [g.name for g in grids] == ["step_00000004.png", "step_00000008.png"]
     assert Image.open(grids[-1]).size == (8 * 30 + 2, 8 * 30 + 2)  # 64 digits of 28 pixels, 2-pixel gaps
     assert [m["sample_grid"] for m in metrics if "sample_grid" in m] == [str(g) for g in grids]
-    frechet = [m["eval_frechet_distance"] for m in metrics if "eval_frechet_distance" in m]
-    assert len(frechet) == 2 and all(np.isfinite(frechet)) and min(frechet) > 0
+    for name in ("eval_frechet_distance", "eval_inception_fid"):
+        frechet = [m[name] for m in metrics if name in m]
+        assert len(frechet) == 2 and all(np.isfinite(frechet)) and min(frechet) > 0, (name, frechet)
     assert summary["parameter_checksums"][0] == summary["parameter_checksums"][1]
     assert set(summary["memory_per_rank"][0]) == {"generator", "discriminator"}
     # W&B got the grids as images.

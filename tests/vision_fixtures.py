@@ -56,3 +56,20 @@ def write_digits_folder(root: Path, val_fraction: float = 0.25) -> Path:
             pixels = (digits.images[n] * (255 / 16)).astype(np.uint8)  # 0..16 in the data
             Image.fromarray(pixels, mode="L").save(folder / f"{n}.png")
     return root
+
+
+def write_random_inception_weights(path: Path) -> Path:
+    """A weights file with the FID InceptionV3's exact keys and shapes but random values: the real
+    file is a download, and what is tested here is the plumbing, not Inception's numbers."""
+    from unittest import mock
+
+    import torch
+    from torch_fidelity import feature_extractor_inceptionv3 as inception
+
+    torch.manual_seed(0)
+    # Only the download is replaced: the network is built by torch-fidelity's own code.
+    with mock.patch.object(inception, "load_state_dict_from_url", return_value={}), \
+            mock.patch.object(inception.FeatureExtractorInceptionV3, "load_state_dict"):
+        network = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.save(network.state_dict(), path)
+    return path

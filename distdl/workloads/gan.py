@@ -6,14 +6,16 @@ updated once every `n_critic` critic updates. Each evaluation renders a fixed no
 sample grid (PNG in the run directory, an image in W&B) and, when a classifier that distdl trained on
 the same dataset is given, the Frechet distance between real and generated images in that
 classifier's feature space. That is not the Inception FID of Heusel et al.: its numbers are only
-comparable between runs that use the same classifier.
+comparable between runs that use the same classifier. Given the FID InceptionV3 weights file, the
+Inception FID is computed too (with `frechet_images` images; papers use 10,000 or 50,000).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from functools import partial
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 
 from distdl.config import Config, ConfigError
 from distdl.data import vision
-from distdl.metrics import feature_statistics, frechet_distance
+from distdl.metrics import Statistics, feature_statistics, frechet_distance, inception_features, load_inception
 from distdl.models.dcgan import NORMS, Discriminator, Generator
 from distdl.registry import WORKLOADS
 from distdl.workloads.base import WorkerContext, Workload
@@ -55,6 +57,9 @@ class GanEvalSection:
     grid_images: int = 64
     # A distdl `resnet` run trained on the same dataset: the Frechet distance in its feature space.
     classifier_run: Optional[str] = None
+    # The FID InceptionV3 weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth): adds
+    # eval_inception_fid, the FID of Heusel et al. Nothing is downloaded at run time.
+    inception_weights: Optional[str] = None
     # Real and generated images compared for the Frechet distance.
     frechet_images: int = 1000
 
@@ -63,7 +68,7 @@ class GanEvalSection:
 class Gan(Workload):
     sections = {"model": GanModelSection, "data": vision.VisionDataSection, "objective": ObjectiveSection,
                 "eval": GanEvalSection}
-    path_keys = ("data.path", "eval.classifier_run")
+    path_keys = ("data.path", "eval.classifier_run", "eval.inception_weights")
     export_engine = "generator"
 
     def __init__(self, sections: dict[str, Any], context: WorkerContext) -> None:
@@ -79,8 +84,8 @@ class Gan(Workload):
         # The same grid at every evaluation and on every rank, whatever the training RNG did.
         self.grid_noise = torch.randn(self.eval_section.grid_images, self.model_section.latent_dim,
                                       generator=torch.Generator().manual_seed(context.seed + 4242))
-        self._classifier: Any = None
-        self._real_statistics: Optional[tuple[np.ndarray, np.ndarray]] = None
+        self._spaces: Optional[dict[str, Callable[[torch.Tensor], np.ndarray]]] = None
+        self._real_statistics: Optional[dict[str, Statistics]] = None
 
     @classmethod
     def validate(cls, config: Config) -> None:
@@ -112,6 +117,9 @@ class Gan(Workload):
                                                                          config.sections["data"].image_size):
                 raise ConfigError(f"eval.classifier_run: {run} was trained on {classifier_data.dataset} "
                                   f"(image size {classifier_data.image_size}), not on this GAN's data")
+        weights = config.sections["eval"].inception_weights
+        if weights is not None:
+            load_inception(Path(weights))  # a wrong file fails here, before any worker starts
         return len(data.train)
 
     def build_models(self) -> dict[str, torch.nn.Module]:
@@ -180,8 +188,8 @@ class Gan(Workload):
         generator = engines["generator"]
         generator.train(False)
         metrics: dict[str, Any] = {"sample_grid": self._write_grid(generator, step)}
-        if self.eval_section.classifier_run is not None:
-            metrics["eval_frechet_distance"] = self._frechet_distance(generator)
+        if self.eval_section.classifier_run is not None or self.eval_section.inception_weights is not None:
+            metrics.update(self._frechet_distances(generator))
         generator.train(True)
         return metrics
 
@@ -198,44 +206,54 @@ class Gan(Workload):
         save_image(images, path, nrow=rows, normalize=True, value_range=(-1, 1))
         return path
 
-    def _frechet_distance(self, generator: Any) -> float:
-        """Real eval images against as many generated ones, in the classifier's penultimate features;
-        each rank embeds its share and every rank computes the distance from all of them. The real
+    def _frechet_distances(self, generator: Any) -> dict[str, float]:
+        """Real eval images against as many generated ones, in each feature space configured; each
+        rank embeds its share and every rank computes the distances from all of them. The real
         images' statistics do not change between evaluations, so they are computed once."""
-        classifier, mean, std = self._load_classifier()
+        spaces = self._feature_spaces()
         total, world, rank = self.eval_section.frechet_images, self.context.world_size, self.context.rank
         size, device = self.context.micro_batch_size, self.context.device
         if self._real_statistics is None:
             indices = vision.rank_indices(min(total, len(self.data.eval)), rank, world)
-            batches = (torch.stack([self.data.eval[i][0] for i in indices[b : b + size]]).to(device)
-                       for b in range(0, len(indices), size))
-            self._real_statistics = feature_statistics(_gather_rows(
-                [self._embed(classifier, images, mean, std) for images in batches]))
+            reals = [torch.stack([self.data.eval[i][0] for i in indices[b : b + size]]).to(device)
+                     for b in range(0, len(indices), size)]
+            self._real_statistics = {name: feature_statistics(_gather_rows([embed(images) for images in reals]))
+                                     for name, embed in spaces.items()}
         noise = torch.Generator().manual_seed(self.context.seed * 7 + rank)
         fake_count = len(vision.rank_indices(total, rank, world))
-        fakes = (generator(torch.randn(min(size, fake_count - b), self.model_section.latent_dim,
+        fakes = [generator(torch.randn(min(size, fake_count - b), self.model_section.latent_dim,
                                        generator=noise).to(device)).float()
-                 for b in range(0, fake_count, size))
-        fake = _gather_rows([self._embed(classifier, images, mean, std) for images in fakes])
-        return frechet_distance(*self._real_statistics, *feature_statistics(fake))
+                 for b in range(0, fake_count, size)]
+        return {name: frechet_distance(self._real_statistics[name],
+                                       feature_statistics(_gather_rows([embed(images) for images in fakes])))
+                for name, embed in spaces.items()}
 
-    @staticmethod
-    def _embed(classifier: torch.nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
-        # GAN pixels are in [-1, 1]; the classifier was trained on the dataset's normalization.
-        return classifier(((images + 1) / 2 - mean) / std).cpu().numpy()
-
-    def _load_classifier(self) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-        if self._classifier is None:
-            from distdl.workloads.resnet import load_trained_classifier
-
-            model, data = load_trained_classifier(Path(self.eval_section.classifier_run))
-            model.fc = torch.nn.Identity()  # penultimate features
-            spec = vision.spec_for(data)
-            shape = (1, -1, 1, 1)
+    def _feature_spaces(self) -> dict[str, Callable[[torch.Tensor], np.ndarray]]:
+        """Metric name -> embedding of [-1, 1] images, loaded on first use."""
+        if self._spaces is None:
+            self._spaces = {}
             device = self.context.device
-            self._classifier = (model.to(device).eval(), torch.tensor(spec.mean, device=device).view(shape),
-                                torch.tensor(spec.std, device=device).view(shape))
-        return self._classifier
+            if self.eval_section.classifier_run is not None:
+                self._spaces["eval_frechet_distance"] = self._classifier_embedding(device)
+            if self.eval_section.inception_weights is not None:
+                inception = load_inception(Path(self.eval_section.inception_weights)).to(device)
+                self._spaces["eval_inception_fid"] = partial(inception_features, inception)
+        return self._spaces
+
+    def _classifier_embedding(self, device: torch.device) -> Callable[[torch.Tensor], np.ndarray]:
+        from distdl.workloads.resnet import load_trained_classifier
+
+        model, data = load_trained_classifier(Path(self.eval_section.classifier_run))
+        model.fc = torch.nn.Identity()  # penultimate features
+        model = model.to(device).eval()
+        spec = vision.spec_for(data)
+        mean, std = (torch.tensor(values, device=device).view(1, -1, 1, 1) for values in (spec.mean, spec.std))
+
+        def embed(images: torch.Tensor) -> np.ndarray:
+            # GAN pixels are in [-1, 1]; the classifier was trained on the dataset's normalization.
+            return model(((images + 1) / 2 - mean) / std).cpu().numpy()
+
+        return embed
 
     @classmethod
     def export(cls, sections: dict[str, Any], run_dir: Path, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
