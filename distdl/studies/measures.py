@@ -1,0 +1,269 @@
+"""Measurements of a trained solution, data-parallel: each rank holds a shard of the examples, and
+every loss, gradient and Hessian-vector product is summed across ranks before a solver sees it.
+
+The solvers (scipy's Lanczos and L-BFGS-B, Hutchinson's estimator) run on rank 0 only; the other
+ranks follow it in `Lockstep`, applying whatever vector rank 0 broadcasts. So every rank does the
+same number of collective operations whatever the solver does, and all get rank 0's answer.
+
+- `hessian_top_eigenvalue`: the largest Hessian eigenvalue, by Lanczos on Hessian-vector products
+  (scipy's eigsh; it converges in far fewer products than power iteration).
+- `hessian_trace`: Hutchinson's estimator, E[v^T H v] over Rademacher vectors v.
+- `epsilon_sharpness`: Keskar et al. 2017, Metric 2.1: the largest rise of the loss within the box
+  |y_i| <= eps (|x_i| + 1) around the solution x (in the full space, or in a random subspace y = A z
+  with the box taken on A^+ x), over 1 + f(x), times 100; maximized with L-BFGS-B as in the paper.
+  With `adaptive=True` the box is |y_i| <= eps |x_i| (the adaptive sharpness of Kwon et al. 2021):
+  unchanged by the rescalings of a ReLU network that Dinh et al. 2017 used to make raw sharpness
+  arbitrary, since the box rescales with the weights.
+- `noise_scale_terms`: McCandlish et al. 2018, appendix A.1: unbiased |G|^2 and tr(Sigma) from
+  the squared norms of a small-batch and a large-batch gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+Vector = torch.Tensor
+
+
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.all_reduce(values)
+    return values
+
+
+class Lockstep:
+    """Rank 0 calls `apply` as a solver needs it; the other ranks `follow()`, applying the same
+    vectors, until rank 0 calls `finish(result)`, which hands them the result."""
+
+    def __init__(self, apply: Callable[[Vector], Vector], size: int, device: torch.device) -> None:
+        self._apply, self.size, self.device = apply, size, device
+
+    def __call__(self, vector: Vector) -> Vector:
+        if _distributed():
+            dist.broadcast(torch.ones(1, device=self.device), 0)
+            vector = vector.to(self.device, torch.float64).contiguous()
+            dist.broadcast(vector, 0)
+        return self._apply(vector)
+
+    def follow(self) -> object:
+        """Other ranks: apply until rank 0 finishes; return its result."""
+        while True:
+            more = torch.zeros(1, device=self.device)
+            dist.broadcast(more, 0)
+            if not more.item():
+                break
+            vector = torch.empty(self.size, dtype=torch.float64, device=self.device)
+            dist.broadcast(vector, 0)
+            self._apply(vector)
+        return _broadcast_object(None)
+
+    def finish(self, result: object) -> object:
+        if _distributed():
+            dist.broadcast(torch.zeros(1, device=self.device), 0)
+            return _broadcast_object(result)
+        return result
+
+
+def _broadcast_object(value: object) -> object:
+    box = [value]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
+def in_lockstep(apply: Callable[[Vector], Vector], size: int, device: torch.device,
+                solve: Callable[[Lockstep], object]) -> object:
+    """Run `solve(operator)` on rank 0 with every other rank serving the operator; all get the result."""
+    operator = Lockstep(apply, size, device)
+    if _distributed() and _rank() != 0:
+        return operator.follow()
+    return operator.finish(solve(operator))
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    accuracy: float
+
+
+class LossOracle:
+    """The mean loss of `model` over every rank's examples, at the current or any given parameters.
+
+    `model` should be in eval mode (batch norm with its running statistics), so the loss is a fixed
+    function of the parameters. `loss_sum(model, batch)` returns the summed loss and correct count.
+    """
+
+    def __init__(self, model: torch.nn.Module, batches: Sequence[Batch],
+                 loss_sum: Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]],
+                 device: torch.device) -> None:
+        self.model, self.batches, self.loss_sum, self.device = model, batches, loss_sum, device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.size = sum(p.numel() for p in self.params)
+        local = sum(len(labels) for _, labels in batches)
+        self.count = int(all_reduce_sum(torch.tensor([float(local)], dtype=torch.float64, device=device)).item())
+
+    def parameters(self) -> Vector:
+        return parameters_to_vector(self.params).detach().to(torch.float64)
+
+    def set_parameters(self, vector: Vector) -> None:
+        with torch.no_grad():
+            vector_to_parameters(vector.to(self.params[0].dtype), self.params)
+
+    def evaluate(self) -> Evaluation:
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for batch in self.batches:
+                loss, correct = self.loss_sum(self.model, batch)
+                totals += torch.stack([loss.double(), correct.double()])
+        loss, correct = all_reduce_sum(totals).tolist()
+        return Evaluation(loss / self.count, correct / self.count)
+
+    def loss_and_gradient(self) -> Vector:
+        """[mean loss, gradient...] in one float64 vector (one all-reduce)."""
+        total = torch.zeros(1 + self.size, dtype=torch.float64, device=self.device)
+        for batch in self.batches:
+            loss, _ = self.loss_sum(self.model, batch)
+            gradients = torch.autograd.grad(loss, self.params)
+            total[0] += loss.detach().double()
+            total[1:] += parameters_to_vector(gradients).double()
+        return all_reduce_sum(total) / self.count
+
+    def hessian_vector_product(self, vector: Vector) -> Vector:
+        """H v of the mean loss (Pearlmutter's trick: the gradient of g . v)."""
+        product = torch.zeros(self.size, dtype=torch.float64, device=self.device)
+        direction = vector.to(self.device, self.params[0].dtype)
+        for batch in self.batches:
+            loss, _ = self.loss_sum(self.model, batch)
+            gradients = torch.autograd.grad(loss, self.params, create_graph=True)
+            dot = parameters_to_vector(gradients) @ direction
+            product += parameters_to_vector(torch.autograd.grad(dot, self.params)).double()
+        return all_reduce_sum(product) / self.count
+
+
+def hessian_top_eigenvalue(oracle: LossOracle, tolerance: float = 1e-3, max_products: int = 200,
+                           seed: int = 0) -> float:
+    """The largest (algebraic) eigenvalue of the Hessian of the mean loss at the current parameters."""
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    def solve(operator: Lockstep) -> float:
+        start = np.random.default_rng(seed).standard_normal(oracle.size)
+        matvec = LinearOperator((oracle.size, oracle.size), dtype=np.float64,
+                                matvec=lambda v: operator(torch.from_numpy(np.ravel(v))).cpu().numpy())
+        values = eigsh(matvec, k=1, which="LA", tol=tolerance, maxiter=max_products, v0=start,
+                       return_eigenvectors=False)
+        return float(values[0])
+
+    return float(in_lockstep(oracle.hessian_vector_product, oracle.size, oracle.device, solve))
+
+
+def hessian_trace(oracle: LossOracle, samples: int = 50, seed: int = 0) -> tuple[float, float]:
+    """Hutchinson's estimate of tr(H) and its standard error, from `samples` Rademacher vectors."""
+
+    def solve(operator: Lockstep) -> tuple[float, float]:
+        generator = torch.Generator().manual_seed(seed)
+        draws = []
+        for _ in range(samples):
+            v = torch.randint(0, 2, (oracle.size,), generator=generator, dtype=torch.float64) * 2 - 1
+            draws.append(float(v @ operator(v).cpu()))
+        values = np.array(draws)
+        return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values))) if samples > 1 else 0.0
+
+    return in_lockstep(oracle.hessian_vector_product, oracle.size, oracle.device, solve)  # type: ignore[return-value]
+
+
+def random_subspace(size: int, dimension: int, seed: int) -> Vector:
+    """A size x dimension matrix of independent N(0, 1) entries (Keskar's A), float32 to halve memory."""
+    if size * dimension * 4 > 4 * 2**30:
+        raise ValueError(f"a random {dimension}-dimensional subspace of {size:,} parameters needs "
+                         f"{size * dimension * 4 / 2**30:.1f} GiB; lower the subspace dimension")
+    return torch.randn(size, dimension, generator=torch.Generator().manual_seed(seed))
+
+
+def epsilon_sharpness(oracle: LossOracle, epsilon: float, subspace: Optional[Vector] = None,
+                      adaptive: bool = False, iterations: int = 10, seed: int = 0) -> float:
+    """Keskar's Metric 2.1 at the current parameters x: 100 (max_y f(x + A y) - f(x)) / (1 + f(x)),
+    the box on y as in the module docstring; the parameters are left as they were."""
+    from scipy.optimize import minimize
+
+    if not 0 < epsilon < 1:
+        raise ValueError(f"epsilon={epsilon} must lie in (0, 1)")
+    center = oracle.parameters()
+    if subspace is None:
+        reference = center
+    else:  # A^+ x, in the subspace's float32
+        reference = torch.linalg.lstsq(subspace, center.float().unsqueeze(1).cpu()).solution.squeeze(1).double()
+    radius = (epsilon * reference.abs() if adaptive else epsilon * (reference.abs() + 1)).cpu()
+    # The solver works in z = y / radius, in [-1, 1]: the same problem for every parameter scale, so
+    # a rescaled network gives the solver the very same function. It starts at a random point, since
+    # at an exact minimum the gradient is 0.
+    start = np.random.default_rng(seed).uniform(-1, 1, len(radius))
+
+    def loss_and_gradient_at(z: Vector) -> Vector:
+        y = z.cpu() * radius
+        step = y if subspace is None else (subspace @ y.float()).double()
+        oracle.set_parameters(center + step.to(center.device))
+        return oracle.loss_and_gradient()
+
+    def solve(operator: Lockstep) -> float:
+        def negative(z: np.ndarray) -> tuple[float, np.ndarray]:
+            out = operator(torch.from_numpy(z)).cpu()
+            gradient = out[1:] if subspace is None else (subspace.T @ out[1:].float()).double()
+            return -float(out[0]), -(gradient * radius).numpy()
+
+        base = float(operator(torch.zeros(len(radius), dtype=torch.float64))[0])
+        # Tolerances 0: exactly `iterations` iterations, as Keskar et al. (the rises are tiny numbers).
+        result = minimize(negative, start, jac=True, method="L-BFGS-B", bounds=[(-1.0, 1.0)] * len(radius),
+                          options={"maxiter": iterations, "ftol": 0.0, "gtol": 0.0})
+        peak = max(-float(result.fun), base)  # the box holds y = 0, so the rise is never negative
+        return 100 * (peak - base) / (1 + base)
+
+    try:
+        return float(in_lockstep(loss_and_gradient_at, len(radius), oracle.device, solve))
+    finally:
+        oracle.set_parameters(center)
+
+
+def interpolation(oracles: dict[str, LossOracle], start: Vector, end: Vector,
+                  alphas: Sequence[float]) -> list[dict[str, float]]:
+    """Loss and accuracy at (1 - alpha) start + alpha end for each alpha (Keskar's Figure 3), on each
+    oracle's data (say the train and test sets); the oracles' models share their parameters."""
+    rows = []
+    first = next(iter(oracles.values()))
+    saved = first.parameters()
+    try:
+        for alpha in alphas:
+            first.set_parameters((1 - alpha) * start + alpha * end)
+            row = {"alpha": float(alpha)}
+            for name, oracle in oracles.items():
+                result = oracle.evaluate()
+                row[f"{name}_loss"], row[f"{name}_accuracy"] = result.loss, result.accuracy
+            rows.append(row)
+    finally:
+        first.set_parameters(saved)
+    return rows
+
+
+def noise_scale_terms(small_sq_norm: float, large_sq_norm: float, small_batch: int,
+                      large_batch: int) -> tuple[float, float]:
+    """Unbiased estimates of |G|^2 and tr(Sigma) (McCandlish et al. 2018, eqs. A.2-A.3) from
+    |G_small|^2 (a gradient over `small_batch` examples; average it over ranks) and |G_large|^2
+    (over `large_batch`). B_simple = tr(Sigma) / |G|^2; average both over steps before dividing."""
+    if not 0 < small_batch < large_batch:
+        raise ValueError(f"need 0 < small batch ({small_batch}) < large batch ({large_batch})")
+    gradient_sq = (large_batch * large_sq_norm - small_batch * small_sq_norm) / (large_batch - small_batch)
+    trace = (small_sq_norm - large_sq_norm) / (1 / small_batch - 1 / large_batch)
+    return gradient_sq, trace

@@ -1,0 +1,196 @@
+"""The studies' measurements against exact answers, in one process and data-parallel over 2 gloo processes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from distdl.studies.measures import (LossOracle, epsilon_sharpness, hessian_top_eigenvalue, hessian_trace,
+                                     interpolation, noise_scale_terms, random_subspace)
+
+
+def squared_error(model: nn.Module, batch):
+    inputs, targets = batch
+    return 0.5 * ((model(inputs).squeeze(-1) - targets) ** 2).sum(), torch.zeros(())
+
+
+def regression(inputs: torch.Tensor, solution: torch.Tensor, batch: int = 16) -> LossOracle:
+    """Least squares on `inputs` with targets from `solution`: the Hessian is X^T X / N exactly, and the
+    model sits at the minimum (loss 0)."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = nn.Linear(inputs.shape[1], 1, bias=False)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    with torch.no_grad():
+        model.weight.copy_(solution)
+    solution = solution.double()
+    targets = inputs @ solution.reshape(-1)
+    batches = [(inputs[i : i + batch], targets[i : i + batch]) for i in range(0, len(inputs), batch)]
+    return LossOracle(model, batches, squared_error, torch.device("cpu"))
+
+
+def diagonal_design(curvatures: np.ndarray, copies: int = 4) -> torch.Tensor:
+    """Rows whose X^T X / N is diag(curvatures)."""
+    n = len(curvatures)
+    rows = np.concatenate([np.diag(np.sqrt(curvatures * n))] * copies)
+    return torch.from_numpy(rows)
+
+
+def test_top_eigenvalue_and_trace_of_a_quadratic_equal_its_hessians():
+    rng = np.random.default_rng(0)
+    inputs = torch.from_numpy(rng.normal(size=(200, 12)) @ np.diag(np.linspace(0.2, 3.0, 12)))
+    oracle = regression(inputs, torch.from_numpy(rng.normal(size=(1, 12))))
+    hessian = (inputs.T @ inputs / len(inputs)).numpy()
+    assert hessian_top_eigenvalue(oracle, tolerance=1e-8) == pytest.approx(np.linalg.eigvalsh(hessian)[-1], rel=1e-6)
+    trace, error = hessian_trace(oracle, samples=400)
+    assert abs(trace - np.trace(hessian)) < 4 * error and error < 0.1 * np.trace(hessian)
+
+
+def test_hutchinson_is_exact_for_a_diagonal_hessian():
+    curvatures = np.array([0.5, 1.0, 2.0, 8.0])
+    oracle = regression(diagonal_design(curvatures), torch.ones(1, 4))
+    trace, error = hessian_trace(oracle, samples=5)
+    assert trace == pytest.approx(curvatures.sum()) and error == pytest.approx(0, abs=1e-12)
+
+
+def test_epsilon_sharpness_of_a_quadratic_at_its_minimum_is_its_value_at_the_boxs_corner():
+    # f(x + y) = 0.5 sum h_i y_i^2 is largest at the corner |y_i| = eps (|x_i| + 1); f(x) = 0.
+    curvatures, solution = np.array([0.5, 1.0, 2.0, 8.0]), np.array([0.0, -1.0, 2.0, 0.5])
+    oracle = regression(diagonal_design(curvatures), torch.from_numpy(solution)[None])
+    for eps in (1e-3, 5e-4):
+        expected = 100 * 0.5 * (curvatures * (eps * (np.abs(solution) + 1)) ** 2).sum()
+        assert epsilon_sharpness(oracle, eps) == pytest.approx(expected, rel=1e-6)
+        adaptive = 100 * 0.5 * (curvatures * (eps * np.abs(solution)) ** 2).sum()
+        assert epsilon_sharpness(oracle, eps, adaptive=True) == pytest.approx(adaptive, rel=1e-6)
+    assert torch.equal(oracle.parameters(), torch.from_numpy(solution)), "the solution is put back"
+
+
+def test_subspace_sharpness_bounds_and_box():
+    curvatures = np.array([0.5, 1.0, 2.0, 8.0, 3.0, 1.0])
+    oracle = regression(diagonal_design(curvatures), torch.zeros(1, 6, dtype=torch.float64))
+    basis = random_subspace(6, 2, seed=1)
+    sharpness = epsilon_sharpness(oracle, 1e-3, subspace=basis)
+    # With x = 0 the box is |z_i| <= eps: the maximum of the convex quadratic is at one of its 4 corners.
+    hessian = np.diag(curvatures)
+    a = basis.double().numpy()
+    corners = [np.array([s, t]) * 1e-3 for s in (-1, 1) for t in (-1, 1)]
+    assert sharpness == pytest.approx(100 * max(0.5 * (a @ z) @ hessian @ (a @ z) for z in corners), rel=1e-5)
+
+
+def relu_net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def cross_entropy(model: nn.Module, batch):
+    inputs, labels = batch
+    logits = model(inputs)
+    return nn.functional.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(-1) == labels).sum()
+
+
+def classification_batches(seed: int = 0, count: int = 64):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(count, 5, generator=generator)
+    labels = torch.randint(0, 3, (count,), generator=generator)
+    return [(inputs[i : i + 16], labels[i : i + 16]) for i in range(0, count, 16)]
+
+
+def test_adaptive_sharpness_ignores_a_relu_rescaling_that_changes_keskars():
+    batches = classification_batches()
+    model = relu_net()
+    before = LossOracle(model, batches, cross_entropy, torch.device("cpu"))
+    raw, adaptive = epsilon_sharpness(before, 1e-2), epsilon_sharpness(before, 1e-2, adaptive=True)
+    with torch.no_grad():  # Dinh et al.: scale a layer's input weights by 10 and its output weights by 1/10
+        model[0].weight *= 10
+        model[0].bias *= 10
+        model[2].weight /= 10
+    after = LossOracle(model, batches, cross_entropy, torch.device("cpu"))
+    assert after.evaluate().loss == pytest.approx(before.evaluate().loss, rel=1e-5)
+    assert epsilon_sharpness(after, 1e-2, adaptive=True) == pytest.approx(adaptive, rel=1e-3)
+    assert abs(epsilon_sharpness(after, 1e-2) - raw) > 0.1 * raw
+
+
+def test_interpolation_passes_through_both_solutions():
+    batches = classification_batches()
+    first, second = relu_net(0), relu_net(1)
+    oracle = LossOracle(first, batches, cross_entropy, torch.device("cpu"))
+    start = oracle.parameters()
+    end = LossOracle(second, batches, cross_entropy, torch.device("cpu")).parameters()
+    rows = interpolation({"train": oracle}, start, end, [0.0, 0.5, 1.0])
+    assert rows[0]["train_loss"] == pytest.approx(oracle.evaluate().loss)
+    second_loss = LossOracle(second, batches, cross_entropy, torch.device("cpu")).evaluate().loss
+    assert rows[2]["train_loss"] == pytest.approx(second_loss, rel=1e-6)
+    assert torch.equal(oracle.parameters(), start)
+
+
+def test_noise_scale_terms_recover_a_known_covariance():
+    rng = np.random.default_rng(0)
+    dimension, small, large = 20, 8, 64
+    mean = rng.normal(size=dimension) * 0.3
+    scales = np.linspace(0.5, 2.0, dimension)  # Sigma = diag(scales^2)
+    estimates = []
+    for _ in range(3000):
+        per_example = mean + rng.normal(size=(large, dimension)) * scales
+        small_norms = [np.sum(per_example[i : i + small].mean(0) ** 2) for i in range(0, large, small)]
+        estimates.append(noise_scale_terms(float(np.mean(small_norms)), float(np.sum(per_example.mean(0) ** 2)),
+                                           small, large))
+    gradient_sq, trace = np.mean(estimates, axis=0)
+    assert gradient_sq == pytest.approx(np.sum(mean**2), rel=0.05)
+    assert trace == pytest.approx(np.sum(scales**2), rel=0.02)
+    with pytest.raises(ValueError, match="small batch"):
+        noise_scale_terms(1.0, 1.0, 64, 64)
+
+
+def test_epsilon_outside_0_1_is_refused():
+    oracle = LossOracle(relu_net(), classification_batches(), cross_entropy, torch.device("cpu"))
+    for eps in (0.0, 1.0, -1e-3):
+        with pytest.raises(ValueError, match=r"must lie in \(0, 1\)"):
+            epsilon_sharpness(oracle, eps)
+
+
+# ----------------------------------------------------------------------------- data-parallel
+
+def _measure(rank: int, world: int, port: int, out: dict) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        batches = classification_batches()
+        # Uneven shards: rank 0 gets 3 batches, rank 1 one.
+        mine = batches[:3] if rank == 0 else batches[3:]
+        oracle = LossOracle(relu_net(), mine if world > 1 else batches, cross_entropy, torch.device("cpu"))
+        results = {
+            "loss": oracle.evaluate().loss,
+            "eigenvalue": hessian_top_eigenvalue(oracle, tolerance=1e-6),
+            "trace": hessian_trace(oracle, samples=10)[0],
+            "sharpness": epsilon_sharpness(oracle, 1e-2),
+            "subspace": epsilon_sharpness(oracle, 1e-2, subspace=random_subspace(oracle.size, 5, 0)),
+        }
+        out[rank] = results
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(world: int) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_measure, args=(world, port, out), nprocs=world, join=True)
+    return dict(out)
+
+
+def test_measurements_on_two_gloo_ranks_equal_one_process():
+    single, parallel = _run(1)[0], _run(2)
+    assert parallel[0] == parallel[1], "every rank gets rank 0's answers"
+    for name, value in single.items():
+        assert parallel[0][name] == pytest.approx(value, rel=1e-4, abs=1e-9), name
