@@ -70,6 +70,21 @@ def test_mnist_files_are_read_by_torchvision_without_download(mnist_root):
     assert abs(float(image.mean())) < 1.0  # normalized with MNIST's mean and std
 
 
+@pytest.mark.parametrize("name, train, held_out, size", [("digits", 1437, 360, 8), ("mnist5k", 4000, 1000, 28)])
+def test_packaged_digits_need_no_files_and_equal_torchvisions_reading_of_the_same_pixels(name, train, held_out, size,
+                                                                                         mnist_root):
+    data = vision.load_vision(vision.VisionDataSection(dataset=name))
+    assert (len(data.train), len(data.eval), data.channels, data.classes, data.image_size) == (train, held_out, 1, 10, size)
+    images = torch.stack([data.train[i][0] for i in range(len(data.train))])
+    assert abs(float(images.mean())) < 0.01 and abs(float(images.std()) - 1) < 0.01  # the spec's mean and std
+    assert sorted({data.eval[i][1] for i in range(len(data.eval))}) == list(range(10))
+    if name == "mnist5k":  # the fixture wrote the same shuffled digits as torchvision's MNIST files
+        mnist = vision.load_vision(vision.VisionDataSection(dataset="mnist", path=str(mnist_root)))
+        assert torch.equal(mnist.train[7][0], data.train[7][0]) and mnist.eval[3][1] == data.eval[3][1]
+    with pytest.raises(ConfigError, match=f"{size} pixels"):
+        vision.load_vision(vision.VisionDataSection(dataset=name, image_size=size * 2))
+
+
 def test_image_folder_reads_the_imagenet_layout(digits_folder):
     data = vision.load_vision(vision.VisionDataSection(dataset="imagefolder", path=str(digits_folder), image_size=32))
     assert data.classes == 10 and len(data.train) + len(data.eval) == 1797

