@@ -51,6 +51,33 @@ def test_parameter_counts_match_the_papers(name, millions):
     assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, rel=0.03)
 
 
+def test_fully_connected_models_and_width_multipliers():
+    from distdl.workloads.resnet import ResNetModelSection, build_classifier
+
+    keskar = build_classifier(ResNetModelSection(name="mlp"), 1, 28, 10)
+    # 784-512-512-512-10 with batch norm (linear layers without bias before it).
+    assert sum(p.numel() for p in keskar.parameters()) == 784 * 512 + 2 * 512 * 512 + 512 * 10 + 10 + 3 * 2 * 512
+    du = build_classifier(ResNetModelSection(name="two_layer_relu", width=4096), 1, 8, 10)
+    assert [p.numel() for p in du.parameters() if p.requires_grad] == [4096 * 64], "only W trains"
+    assert set(du.output.weight.unique().tolist()) == {-1.0, 1.0}
+    x = torch.randn(32, 1, 8, 8)
+    with torch.no_grad():  # with 1/sqrt(m) output scaling, the outputs stay O(1) at any width
+        assert 0.3 < float(du(x).std()) / float(x.flatten(1).norm(dim=1).mean()) < 3
+    wide = build_classifier(ResNetModelSection(name="cifar_resnet20", width_multiplier=2), 3, 32, 10)
+    base = build_classifier(ResNetModelSection(name="cifar_resnet20"), 3, 32, 10)
+    ratio = sum(p.numel() for p in wide.parameters()) / sum(p.numel() for p in base.parameters())
+    assert 3.9 < ratio < 4.0 and wide(torch.randn(2, 3, 32, 32)).shape == (2, 10)  # convolutions grow as k^2
+
+
+def test_mse_loss_is_the_squared_error_against_one_hot_targets():
+    from distdl.workloads.resnet import LossSection, classification_loss
+
+    logits, labels = torch.tensor([[0.5, 0.2], [1.0, -1.0]]), torch.tensor([0, 1])
+    expected = ((0.5 - 1) ** 2 + 0.2**2 + 1.0**2 + (-1.0 - 1) ** 2) / 2
+    assert float(classification_loss(logits, labels, LossSection(name="mse"))) == pytest.approx(expected)
+    assert float(classification_loss(logits, labels, LossSection(name="mse"), "sum")) == pytest.approx(2 * expected)
+
+
 def test_cifar_resnet_stages_halve_the_map_and_widen_16_32_64():
     model = build_resnet("cifar_resnet20", 3, 10)
     shapes = []
@@ -135,7 +162,7 @@ def prepare_error(*overrides: str) -> str:
 
 def test_unknown_model_and_dataset_names_list_the_known_ones():
     message = config_error("model.name=resnet9000")
-    assert "resnet9000" in message and all(name in message for name in (*TORCHVISION_RESNETS, *CIFAR_RESNETS))
+    assert "resnet9000" in message and all(name in message for name in (*TORCHVISION_RESNETS, *CIFAR_RESNETS, "mlp"))
     message = config_error("data.dataset=svhn")
     assert "svhn" in message and all(name in message for name in vision.DATASETS)
 
@@ -166,6 +193,16 @@ def test_image_folder_without_val_and_with_other_classes(digits_folder, tmp_path
 def test_an_image_size_the_dataset_does_not_have_is_refused(mnist_root):
     message = prepare_error(f"data.path={mnist_root}", "data.image_size=32")
     assert "(1, 28, 28)" in message and "(1, 32, 32)" in message
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.width=0", "model.width=0 must be at least 1"),
+    ("model.width_multiplier=0", "model.width_multiplier=0 must be at least 1"),
+    ("model.hidden_sizes=[512,0]", "model.hidden_sizes=[512, 0] must be at least 1"),
+    ("loss.name=hinge", "cross_entropy, mse"),
+])
+def test_model_sizes_and_loss_names_are_checked(override, expected):
+    assert expected in config_error(override)
 
 
 def test_sync_batchnorm_needs_gpus():

@@ -44,21 +44,23 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int, in_channels: int = 3, num_classes: int = 10) -> None:
+    """`width` scales every stage's channels (16k, 32k, 64k), as Nakkiran et al. 2019 widen their ResNets."""
+
+    def __init__(self, depth: int, in_channels: int = 3, num_classes: int = 10, width: int = 1) -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ConfigError(f"a CIFAR ResNet has depth 6n + 2, not {depth}")
         blocks = (depth - 2) // 6
-        self.conv = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(16)
-        layers, channels = [], 16
-        for stage, width in enumerate((16, 32, 64)):
+        self.conv = nn.Conv2d(in_channels, 16 * width, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(16 * width)
+        layers, channels = [], 16 * width
+        for stage, width in enumerate((16 * width, 32 * width, 64 * width)):
             for index in range(blocks):
                 stride = 2 if stage > 0 and index == 0 else 1
                 layers.append(BasicBlock(channels, width, stride))
                 channels = width
         self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(64, num_classes)
+        self.fc = nn.Linear(channels, num_classes)
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")  # He et al. 2015, as the paper
@@ -68,10 +70,11 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 
-def build_resnet(name: str, in_channels: int, num_classes: int, zero_init_residual: bool = False) -> nn.Module:
+def build_resnet(name: str, in_channels: int, num_classes: int, zero_init_residual: bool = False,
+                 width: int = 1) -> nn.Module:
     """A freshly initialized ResNet for `in_channels`-channel images and `num_classes` classes."""
     if name in CIFAR_RESNETS:
-        return CifarResNet(CIFAR_RESNETS[name], in_channels, num_classes)
+        return CifarResNet(CIFAR_RESNETS[name], in_channels, num_classes, width)
     if name not in TORCHVISION_RESNETS:
         raise ConfigError(f"model.name={name!r} is not known; known: {', '.join(MODEL_NAMES)}")
     import torchvision

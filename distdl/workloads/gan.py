@@ -290,5 +290,11 @@ def _gather_rows(pieces: list[np.ndarray]) -> np.ndarray:
 def _classifier_section(run_dir: Path) -> vision.VisionDataSection:
     from distdl.driver import saved_config
 
+    from distdl.models.resnet import MODEL_NAMES as RESNETS
+
     saved = saved_config(run_dir, "resnet", key="eval.classifier_run")
+    name = saved.get("model", {}).get("name", "cifar_resnet20")
+    if name not in RESNETS:
+        raise ConfigError(f"eval.classifier_run: {run_dir} trained a {name}; the Frechet distance uses a ResNet's "
+                          "pooled features")
     return vision.VisionDataSection(**saved.get("data", {}))

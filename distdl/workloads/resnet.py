@@ -1,11 +1,13 @@
 """Image classification with ResNets (He et al. 2016), with the large-batch recipe of Goyal et al. 2017
 as options: linear learning-rate scaling (optimizer.reference_batch_size), gradual warmup
 (scheduler.warmup_*), SGD with momentum and weight decay, label smoothing and SyncBatchNorm.
+It also trains the studies' fully connected networks (`mlp`, `two_layer_relu`), with cross-entropy
+or the squared error on one-hot targets that the over-parametrization theory assumes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -15,25 +17,60 @@ import torch.nn.functional as F
 
 from distdl.config import Config, ConfigError
 from distdl.data import shards, vision
-from distdl.models.resnet import MODEL_NAMES, build_resnet
+from distdl.models.mlp import MLP, TwoLayerReLU
+from distdl.models.resnet import MODEL_NAMES as RESNET_NAMES
+from distdl.models.resnet import build_resnet
 from distdl.registry import WORKLOADS
 from distdl.workloads.base import WorkerContext, Workload
 
 
+FULLY_CONNECTED = ("mlp", "two_layer_relu")
+MODEL_NAMES = (*RESNET_NAMES, *FULLY_CONNECTED)
+LOSSES = ("cross_entropy", "mse")
+
+
 @dataclass
 class ResNetModelSection:
-    # torchvision's resnet18/34/50/101/152, wide_resnet50_2/101_2, or cifar_resnet20/32/44/56/110.
+    # torchvision's resnet18/34/50/101/152, wide_resnet50_2/101_2, cifar_resnet20/32/44/56/110,
+    # mlp or two_layer_relu.
     name: str = "cifar_resnet20"
     # Batch-norm statistics over all workers' batches (GPUs only; PyTorch has no CPU SyncBatchNorm).
     sync_batchnorm: bool = False
     # torchvision ResNets: start each residual branch's last BN at zero (Goyal et al. 2017, section 5.1).
     zero_init_residual: bool = False
+    # cifar_resnet*: channels 16k/32k/64k for width multiplier k.
+    width_multiplier: int = 1
+    # mlp: hidden layer sizes, and batch norm after each hidden linear layer.
+    hidden_sizes: list[int] = field(default_factory=lambda: [512, 512, 512])
+    batch_norm: bool = True
+    # two_layer_relu: hidden units m, and whether the +-1 output layer trains (Du et al. fix it).
+    width: int = 1024
+    train_output_layer: bool = False
 
 
 @dataclass
 class LossSection:
+    # cross_entropy, or mse: the squared error against one-hot targets (summed over classes).
+    name: str = "cross_entropy"
     # Szegedy et al. 2016; 0.1 in the common ImageNet recipes.
     label_smoothing: float = 0.0
+
+
+def build_classifier(section: ResNetModelSection, channels: int, image_size: int, classes: int) -> torch.nn.Module:
+    if section.name == "mlp":
+        return MLP(channels * image_size**2, section.hidden_sizes, classes, section.batch_norm)
+    if section.name == "two_layer_relu":
+        return TwoLayerReLU(channels * image_size**2, section.width, classes, section.train_output_layer)
+    return build_resnet(section.name, channels, classes, section.zero_init_residual, section.width_multiplier)
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, loss: LossSection,
+                        reduction: str = "mean") -> torch.Tensor:
+    if loss.name == "mse":
+        targets = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
+        per_example = ((logits - targets) ** 2).sum(-1)
+        return per_example.sum() if reduction == "sum" else per_example.mean()
+    return F.cross_entropy(logits, labels, label_smoothing=loss.label_smoothing, reduction=reduction)
 
 
 @WORKLOADS.register("resnet")
@@ -45,7 +82,7 @@ class ResNetClassification(Workload):
         super().__init__(sections, context)
         self.model_section: ResNetModelSection = sections["model"]
         self.data_section: vision.VisionDataSection = sections["data"]
-        self.label_smoothing = sections["loss"].label_smoothing
+        self.loss_section: LossSection = sections["loss"]
         self.data = vision.load_vision(self.data_section)
         self.train_indices = vision.rank_indices(len(self.data.train), context.rank, context.world_size)
         self.eval_indices = vision.rank_indices(len(self.data.eval), context.rank, context.world_size)
@@ -61,6 +98,13 @@ class ResNetClassification(Workload):
                               "PyTorch's SyncBatchNorm runs on GPUs only")
         if not 0 <= loss.label_smoothing < 1:
             raise ConfigError(f"loss.label_smoothing={loss.label_smoothing} must lie in [0, 1)")
+        if loss.name not in LOSSES:
+            raise ConfigError(f"loss.name={loss.name!r} is not known; known: {', '.join(LOSSES)}")
+        sizes = {"model.width_multiplier": [model.width_multiplier], "model.width": [model.width],
+                 "model.hidden_sizes": model.hidden_sizes}
+        for key, values in sizes.items():
+            if any(v < 1 for v in values):
+                raise ConfigError(f"{key}={values if key.endswith('sizes') else values[0]} must be at least 1")
         if data.image_size is not None and data.image_size < 8:
             raise ConfigError(f"data.image_size={data.image_size} must be at least 8")
         if data.loader_workers < 0:
@@ -78,8 +122,7 @@ class ResNetClassification(Workload):
         return len(data.train)
 
     def build_model(self) -> torch.nn.Module:
-        model = build_resnet(self.model_section.name, self.data.channels, self.data.classes,
-                             self.model_section.zero_init_residual)
+        model = build_classifier(self.model_section, self.data.channels, self.data.image_size, self.data.classes)
         if self.model_section.sync_batchnorm:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model
@@ -91,7 +134,7 @@ class ResNetClassification(Workload):
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(batch["images"])
-        loss = F.cross_entropy(logits, batch["labels"], label_smoothing=self.label_smoothing)
+        loss = classification_loss(logits, batch["labels"], self.loss_section)
         return loss, {"accuracy": (logits.argmax(-1) == batch["labels"]).float().mean()}
 
     def batch_size(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -113,7 +156,7 @@ class ResNetClassification(Workload):
             logits = model(images).float()
             if counted:
                 top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-                totals[0] += F.cross_entropy(logits, labels, reduction="sum")
+                totals[0] += classification_loss(logits, labels, self.loss_section, reduction="sum")
                 totals[1] += (top5[:, 0] == labels).sum()
                 totals[2] += (top5 == labels[:, None]).any(-1).sum()
                 totals[3] += len(labels)
@@ -143,7 +186,7 @@ def load_trained_classifier(run_dir: Path) -> tuple[torch.nn.Module, vision.Visi
     config = config_from_dict(saved_config(run_dir, "resnet"))
     data_section = config.sections["data"]
     data = vision.load_vision(data_section)
-    model = build_resnet(config.sections["model"].name, data.channels, data.classes)
+    model = build_classifier(config.sections["model"], data.channels, data.image_size, data.classes)
     state = consolidated_state_dict(latest_checkpoint(run_dir))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
