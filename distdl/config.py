@@ -108,6 +108,9 @@ class TrainerSection:
     # Steps, or "epoch". 0: checkpoint only at the end.
     checkpoint_every: int | str = 0
     keep_checkpoints: int = 2
+    # Log the gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018) from each
+    # rank's gradient against the all-reduced one: no extra passes. Needs 2+ workers, ZeRO 0, fp32.
+    noise_scale: bool = False
 
 
 @dataclass
@@ -385,6 +388,11 @@ def validate(config: Config) -> None:
         raise ConfigError(f"run.name={config.run.name!r} must be a non-empty name without '/'")
     if config.engine.offload_optimizer and config.engine.zero_stage == 0:
         raise ConfigError("engine.offload_optimizer=true needs engine.zero_stage 1, 2 or 3")
+    if config.trainer.noise_scale and (config.scaling.num_workers < 2 or config.engine.zero_stage != 0
+                                       or config.engine.precision != "fp32"):
+        raise ConfigError("trainer.noise_scale=true compares each worker's gradient with the all-reduced one: it "
+                          "needs scaling.num_workers >= 2, engine.zero_stage=0 and engine.precision=fp32 (got "
+                          f"{config.scaling.num_workers}, {config.engine.zero_stage}, {config.engine.precision})")
     _resolve_batch(config)
     _check_device(config)
 

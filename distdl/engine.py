@@ -112,10 +112,14 @@ class Engine:
         make_optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
         make_scheduler: Optional[Callable[[torch.optim.Optimizer], Any]],
         ds_config: dict[str, Any],
+        measure_noise: bool = False,
     ) -> None:
         import deepspeed
 
         self.ds_config = ds_config
+        self.measure_noise = measure_noise
+        # (this rank's |g|^2, the all-reduced |g|^2) of the last optimizer step, when measure_noise.
+        self.gradient_sq_norms: Optional[tuple[float, float]] = None
         self._engine, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=parameters,
@@ -130,7 +134,19 @@ class Engine:
         return self._engine(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self._engine.backward(loss)
+        if not (self.measure_noise and self._engine.is_gradient_accumulation_boundary()):
+            self._engine.backward(loss)
+            return
+        # Hold back DeepSpeed's all-reduce to see this rank's own gradient first, then reduce as it would.
+        with self._engine.no_sync():
+            self._engine.backward(loss)
+        local = self._gradient_sq_norm()
+        self._engine.allreduce_gradients()
+        self.gradient_sq_norms = (local, self._gradient_sq_norm())
+
+    def _gradient_sq_norm(self) -> float:
+        grads = [p.grad for p in self._engine.module.parameters() if p.grad is not None]
+        return float(sum(g.detach().float().pow(2).sum() for g in grads))
 
     def step(self) -> None:
         """Called after every micro-batch; DeepSpeed steps the optimizer at accumulation boundaries."""

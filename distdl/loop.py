@@ -64,6 +64,7 @@ def build_engine(model: torch.nn.Module, config: Config, ds_config: dict[str, An
         optimizer_factory(config.optimizer, config.trainer.global_batch_size),
         scheduler_factory(config.scheduler, config.trainer.max_steps),
         ds_config,
+        measure_noise=config.trainer.noise_scale,
     )
 
 
@@ -107,6 +108,8 @@ class Window:
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
+        self.step_sums: dict[str, float] = {}  # once per optimizer step, not per micro-batch
+        self.steps = 0
         self.micro_batches = 0
         self.samples = 0
         self.tokens = 0
@@ -120,17 +123,41 @@ class Window:
         self.samples += counts["samples"]
         self.tokens += counts["tokens"]
 
+    def add_step(self, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.step_sums[name] = self.step_sums.get(name, 0.0) + value
+        self.steps += 1
+
     def reduce(self, device: torch.device) -> dict[str, float]:
-        names = sorted(self.sums)
+        names, step_names = sorted(self.sums), sorted(self.step_sums)
         values = torch.stack([self.sums[n].to(device).reshape(()) for n in names]
+                             + [torch.tensor(float(self.step_sums[n]), device=device) for n in step_names]
                              + [torch.tensor(float(x), device=device) for x in (self.samples, self.tokens)])
         if dist.is_initialized():
             dist.all_reduce(values)
         world = dist.get_world_size() if dist.is_initialized() else 1
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         means = {n: values[i].item() / (self.micro_batches * world) for i, n in enumerate(names)}
+        means.update({n: values[len(names) + i].item() / (self.steps * world) for i, n in enumerate(step_names)})
         samples, tokens = values[-2].item(), values[-1].item()
         return {**means, "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def noise_terms(engine: Engine, trainer: Any) -> dict[str, float]:
+    """This step's estimates of |G|^2 and tr(Sigma) from this rank's gradient and the all-reduced one."""
+    from distdl.studies.measures import noise_scale_terms
+
+    local, reduced = engine.gradient_sq_norms
+    per_rank = trainer.micro_batch_size * trainer.gradient_accumulation_steps
+    gradient_sq, trace = noise_scale_terms(local, reduced, per_rank, trainer.global_batch_size)
+    return {"noise_gradient_sq": gradient_sq, "noise_trace": trace}
+
+
+def with_noise_scale(metrics: dict[str, float]) -> dict[str, float]:
+    """B_simple from the window's mean estimates (the ratio of means, as McCandlish et al. advise)."""
+    if "noise_trace" in metrics:
+        metrics["noise_scale"] = metrics["noise_trace"] / metrics["noise_gradient_sq"]
+    return metrics
 
 
 def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: Optional[Tracker],
@@ -148,12 +175,14 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
         for _ in range(accumulation):
             batch = {k: v.to(engines.device) for k, v in next(batches).items()}
             window.add(workload.train_step(model, batch), workload.batch_size(batch))
+        if trainer.noise_scale:
+            window.add_step(noise_terms(engines.primary, trainer))
         if tracker:
             tracker.advance()
         metrics = {}
         log_step = step % trainer.log_every == 0 or step == stop
         if log_step:
-            metrics = {**window.reduce(engines.device), **engines.log_metrics()}
+            metrics = {**with_noise_scale(window.reduce(engines.device)), **engines.log_metrics()}
         checkpoint_step = (trainer.checkpoint_every and step % trainer.checkpoint_every == 0) or step == stop
         # Checkpoints kept by a metric are scored, so each one is evaluated.
         evaluate = (trainer.eval_every and step % trainer.eval_every == 0) or step == stop or (checkpoint_step and score_key)
