@@ -68,6 +68,19 @@ def test_epsilon_sharpness_of_a_quadratic_at_its_minimum_is_its_value_at_the_box
     assert torch.equal(oracle.parameters(), torch.from_numpy(solution)), "the solution is put back"
 
 
+def test_epsilon_sharpness_away_from_the_minimum_reaches_the_corner_the_gradient_points_to():
+    # f(x + y) = 0.5 sum h_i (x_i + y_i - c_i)^2 with x != c: each term is largest at y_i = r_i sign(x_i - c_i).
+    curvatures, minimum = np.array([0.5, 1.0, 2.0, 8.0]), np.array([1.0, 0.0, -2.0, 0.5])
+    at = np.array([1.2, -0.3, -2.0005, 0.6])
+    oracle = regression(diagonal_design(curvatures), torch.from_numpy(minimum)[None])
+    oracle.set_parameters(torch.from_numpy(at))
+    radius = 1e-3 * (np.abs(at) + 1)
+    base = 0.5 * (curvatures * (at - minimum) ** 2).sum()
+    peak = 0.5 * (curvatures * (np.abs(at - minimum) + radius) ** 2).sum()
+    assert oracle.evaluate().loss == pytest.approx(base)
+    assert epsilon_sharpness(oracle, 1e-3) == pytest.approx(100 * (peak - base) / (1 + base), rel=1e-6)
+
+
 def test_subspace_sharpness_bounds_and_box():
     curvatures = np.array([0.5, 1.0, 2.0, 8.0, 3.0, 1.0])
     oracle = regression(diagonal_design(curvatures), torch.zeros(1, 6, dtype=torch.float64))
@@ -103,6 +116,7 @@ def test_adaptive_sharpness_ignores_a_relu_rescaling_that_changes_keskars():
     model = relu_net()
     before = LossOracle(model, batches, cross_entropy, torch.device("cpu"))
     raw, adaptive = epsilon_sharpness(before, 1e-2), epsilon_sharpness(before, 1e-2, adaptive=True)
+    assert raw > 0 and adaptive > 0
     with torch.no_grad():  # Dinh et al.: scale a layer's input weights by 10 and its output weights by 1/10
         model[0].weight *= 10
         model[0].bias *= 10
@@ -113,17 +127,22 @@ def test_adaptive_sharpness_ignores_a_relu_rescaling_that_changes_keskars():
     assert abs(epsilon_sharpness(after, 1e-2) - raw) > 0.1 * raw
 
 
-def test_interpolation_passes_through_both_solutions():
+def test_interpolation_passes_through_both_solutions_and_lerps_batch_norm_statistics():
     batches = classification_batches()
-    first, second = relu_net(0), relu_net(1)
+    first, second = (nn.Sequential(relu_net(seed), nn.BatchNorm1d(3)).eval() for seed in (0, 1))
+    with torch.no_grad():
+        second[1].running_mean.fill_(2.0)
     oracle = LossOracle(first, batches, cross_entropy, torch.device("cpu"))
-    start = oracle.parameters()
-    end = LossOracle(second, batches, cross_entropy, torch.device("cpu")).parameters()
-    rows = interpolation({"train": oracle}, start, end, [0.0, 0.5, 1.0])
+    start = {k: v.clone() for k, v in first.state_dict().items()}
+    end = second.state_dict()
+    seen = []
+    first[1].register_forward_hook(lambda module, args, out: seen.append(float(module.running_mean[0])))
+    rows = interpolation(first, {"train": oracle}, start, end, [0.0, 0.5, 1.0])
     assert rows[0]["train_loss"] == pytest.approx(oracle.evaluate().loss)
     second_loss = LossOracle(second, batches, cross_entropy, torch.device("cpu")).evaluate().loss
     assert rows[2]["train_loss"] == pytest.approx(second_loss, rel=1e-6)
-    assert torch.equal(oracle.parameters(), start)
+    assert seen[len(batches)] == pytest.approx(1.0), "halfway, the running mean is halfway from 0 to 2"
+    assert all(torch.equal(v, start[k]) for k, v in first.state_dict().items()), "the model is put back"
 
 
 def test_noise_scale_terms_recover_a_known_covariance():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -141,6 +141,23 @@ class ResNetClassification(Workload):
         # "tokens" counts pixels per channel, so tokens_per_s reads as pixels/s.
         images = batch["images"]
         return {"samples": int(images.shape[0]), "tokens": int(images.shape[0] * images.shape[-1] * images.shape[-2])}
+
+    # -- for the studies' measurements (distdl.studies.measures.LossOracle)
+    def measurement_batches(self, split: str, limit: Optional[int] = None,
+                            batch_size: int = 500) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's block of the first `limit` examples of `train` or `eval`, batched, on the device."""
+        dataset = self.data.train if split == "train" else self.data.eval
+        count = len(dataset) if limit is None else min(limit, len(dataset))
+        indices = vision.rank_indices(count, self.context.rank, self.context.world_size)
+        batches = [vision.stack([dataset[i] for i in indices[b : b + batch_size]])
+                   for b in range(0, len(indices), batch_size)]
+        return [(b["images"].to(self.context.device), b["labels"].to(self.context.device)) for b in batches]
+
+    def loss_sum(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training loss summed over a batch (no label smoothing's effect removed), and the correct count."""
+        images, labels = batch
+        logits = model(images).float()
+        return classification_loss(logits, labels, self.loss_section, "sum"), (logits.argmax(-1) == labels).sum()
 
     @torch.no_grad()
     def evaluate(self, model: Any, step: int) -> dict[str, float]:

@@ -1,0 +1,114 @@
+"""What a study is: its own `study:` config section, the trials it trains, what it measures on the
+trained solutions (on the Ray Train workers), and the report it writes from the measurements.
+
+A study file is an ordinary distdl training config plus a `study:` section. Command-line overrides
+`study.*` go to the study; every other key goes to the training config, exactly as for `distdl train`.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from distdl.config import Config, ConfigError, build_section, config_from_dict, parse_override, read_yaml, set_dotted
+
+STUDY_KEY = "study"
+
+
+@dataclass
+class Trial:
+    """One training run of a study: its name (its run directory's) and what it changes in the base config."""
+
+    name: str
+    overrides: dict[str, Any]
+    # What the study keeps about the trial besides the measurements (batch size, seed, protocol, ...).
+    tags: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StudyFile:
+    study: dict[str, Any]
+    training: dict[str, Any]
+
+
+def read_study_file(path: str | Path, overrides: list[str]) -> StudyFile:
+    raw = read_yaml(path)
+    study = raw.pop(STUDY_KEY, None)
+    if not isinstance(study, dict):
+        raise ConfigError(f"study file {path} needs a '{STUDY_KEY}:' section (the study's settings) next to the "
+                          "training config")
+    for override in overrides:
+        key, value = parse_override(override)
+        if key.startswith(STUDY_KEY + "."):
+            set_dotted(study, key[len(STUDY_KEY) + 1 :], value)
+        else:
+            set_dotted(raw, key, value)
+    return StudyFile(study, raw)
+
+
+class Study(ABC):
+    """Subclasses register with `@STUDIES.register(name)` and give their section's dataclass."""
+
+    section_class: type
+    # Training workloads whose models the study can measure.
+    workloads: tuple[str, ...] = ("resnet",)
+
+    def __init__(self, section: Any, base: dict[str, Any], study_dir: Path) -> None:
+        self.section, self.base, self.study_dir = section, base, study_dir
+
+    @classmethod
+    def parse_section(cls, values: dict[str, Any]) -> Any:
+        section = build_section(cls.section_class, values, STUDY_KEY)
+        if not getattr(section, "name", None) or "/" in section.name:
+            raise ConfigError(f"study.name={getattr(section, 'name', None)!r} must be a non-empty name without '/'")
+        cls.validate(section)
+        return section
+
+    @classmethod
+    def validate(cls, section: Any) -> None:
+        """Checks of the study's own settings; raise ConfigError naming the key."""
+
+    def section_dict(self) -> dict[str, Any]:
+        return asdict(self.section)
+
+    def trial_config(self, trial: Trial) -> Config:
+        raw = copy.deepcopy(self.base)
+        for key, value in trial.overrides.items():
+            set_dotted(raw, key, value)
+        set_dotted(raw, "run.name", trial.name)
+        set_dotted(raw, "run.storage_path", str(self.study_dir / "trials"))
+        set_dotted(raw, "tracking.wandb_group", self.section.name)
+        try:
+            return config_from_dict(raw)
+        except ConfigError as err:
+            raise ConfigError(f"trial {trial.name}: {err}") from err
+
+    @abstractmethod
+    def trials(self, train_examples: int) -> list[Trial]:
+        """The runs to train, given the training set's size."""
+
+    @abstractmethod
+    def measure_tasks(self, trials: list[Trial]) -> list[dict[str, Any]]:
+        """What to measure on the workers: picklable dicts with a `name` and an `out` file; the
+        study's `measure` gets each on every rank."""
+
+    @staticmethod
+    @abstractmethod
+    def measure(task: dict[str, Any], section: Any, context: Any) -> dict[str, Any]:
+        """Run on every rank of the measurement job; rank 0's return value is saved to task['out']."""
+
+    @abstractmethod
+    def write_report(self, trials: list[Trial]) -> "StudyReport":
+        """results.json entries, report.md and plots, from the trials' measurements."""
+
+
+@dataclass
+class StudyReport:
+    results: list[dict[str, Any]]
+    markdown: str
+    plots: dict[str, Path]
+    summary: dict[str, Any] = field(default_factory=dict)
+    table: Optional[Any] = None  # a pandas DataFrame for W&B
