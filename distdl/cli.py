@@ -1,4 +1,4 @@
-"""`distdl` command line: train, export and report. Knobs live in config files, not flags."""
+"""`distdl` command line: train, study, export and report. Knobs live in config files, not flags."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train.add_argument("--overwrite", action="store_true",
                        help="if the run directory holds a different config, move it aside and start afresh")
 
+    study = commands.add_parser("study", help="run a study (several training runs, measured and reported)")
+    study.add_argument("name", help="sharpness")
+    study.add_argument("config", help="YAML study file: a training config plus a study: section")
+    study.add_argument("overrides", nargs="*", help="dotted.key=value overrides; study.* go to the study's section")
+    study.add_argument("--overwrite", action="store_true",
+                       help="if the study directory holds other settings, move it aside and start afresh")
+
     export = commands.add_parser("export", help="consolidated fp32 weights in HF format from a run's latest checkpoint")
     export.add_argument("run_dir")
     export.add_argument("out_dir")
@@ -35,6 +42,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "train":
             return run_train(args.config, args.overrides, args.overwrite)
+        if args.command == "study":
+            return run_study(args.name, args.config, args.overrides, args.overwrite)
         if args.command == "report":
             return run_report(args.kind, [Path(d) for d in args.run_dirs])
         return run_export(Path(args.run_dir), Path(args.out_dir), args.checkpoint)
@@ -69,6 +78,14 @@ def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:
     print(f"distdl: run directory {config.run_dir}")
     if "wandb_run_dir" in summary and "offline-run" in summary["wandb_run_dir"]:
         print(f"distdl: W&B ran offline; upload with: wandb sync {summary['wandb_run_dir']}")
+    return 0
+
+
+def run_study(name: str, config_path: str, overrides: list[str], overwrite: bool) -> int:
+    from distdl.studies import runner
+
+    study_dir, report = runner.run_study(name, config_path, overrides, overwrite)
+    runner.print_summary(study_dir, report)
     return 0
 
 

@@ -119,6 +119,8 @@ class TrackingSection:
     wandb_mode: str = "auto"
     wandb_project: str = "distdl"
     wandb_entity: Optional[str] = None
+    # W&B's run group (a study sets it to the study's name, so its trials show together).
+    wandb_group: Optional[str] = None
     progress_bar: bool = True
 
 

@@ -1,4 +1,4 @@
-"""One small generic registry: workloads (and later studies) register themselves by name."""
+"""One small generic registry: workloads and studies register themselves by name."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ def _import_builtins() -> None:
     import importlib
     from importlib.metadata import entry_points
 
+    import distdl.studies.catalog  # noqa: F401
     import distdl.workloads  # noqa: F401
 
     for entry in entry_points(group="distdl.plugins"):
@@ -64,3 +65,4 @@ def _import_builtins() -> None:
 
 
 WORKLOADS: Registry = Registry("workload")
+STUDIES: Registry = Registry("study")

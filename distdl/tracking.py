@@ -92,7 +92,8 @@ class Tracker:
         try:
             import wandb
 
-            settings = dict(project=section.wandb_project, entity=section.wandb_entity, name=run_name,
+            settings = dict(project=section.wandb_project, entity=section.wandb_entity, group=section.wandb_group,
+                            name=run_name,
                             id=wandb_run_id(self.run_dir), resume="allow", config=config, dir=str(self.run_dir))
             try:
                 return wandb.init(**settings, mode=mode)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -70,9 +70,6 @@ class Study(ABC):
     @classmethod
     def validate(cls, section: Any) -> None:
         """Checks of the study's own settings; raise ConfigError naming the key."""
-
-    def section_dict(self) -> dict[str, Any]:
-        return asdict(self.section)
 
     def trial_config(self, trial: Trial) -> Config:
         raw = copy.deepcopy(self.base)

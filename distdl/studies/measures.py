@@ -248,13 +248,13 @@ def interpolation(model: torch.nn.Module, oracles: dict[str, LossOracle], start:
                   end: dict[str, torch.Tensor], alphas: Sequence[float]) -> list[dict[str, float]]:
     """Loss and accuracy of `model` with the state (1 - alpha) start + alpha end for each alpha
     (Keskar's Figure 3), on each oracle's data (say the train and test sets; the oracles wrap
-    `model`). Floating-point buffers (batch-norm statistics) are interpolated with the weights."""
+    `model`). Floating-point buffers (batch-norm statistics) are interpolated with the weights,
+    running variances kept at 0 or more."""
     rows = []
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
         for alpha in alphas:
-            model.load_state_dict({k: (1 - alpha) * v + alpha * end[k] if v.is_floating_point() else v
-                                   for k, v in start.items()})
+            model.load_state_dict({k: _lerp(k, v, end[k], alpha) for k, v in start.items()})
             row = {"alpha": float(alpha)}
             for name, oracle in oracles.items():
                 result = oracle.evaluate()
@@ -263,6 +263,14 @@ def interpolation(model: torch.nn.Module, oracles: dict[str, LossOracle], start:
     finally:
         model.load_state_dict(saved)
     return rows
+
+
+def _lerp(name: str, start: torch.Tensor, end: torch.Tensor, alpha: float) -> torch.Tensor:
+    if not start.is_floating_point():
+        return start
+    value = (1 - alpha) * start + alpha * end
+    # Beyond the two solutions (alpha < 0 or > 1) a running variance can come out negative.
+    return value.clamp(min=0) if name.endswith("running_var") else value
 
 
 def noise_scale_terms(small_sq_norm: float, large_sq_norm: float, small_batch: int,

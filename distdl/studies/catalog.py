@@ -1,0 +1,3 @@
+"""Built-in studies; importing this module registers them."""
+
+from distdl.studies import sharpness  # noqa: F401

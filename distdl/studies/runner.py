@@ -1,0 +1,118 @@
+"""`distdl study NAME FILE`: train a study's trials (each an ordinary distdl run), measure them on
+the workers, and write report.md, results.json and the plots into the study directory.
+
+The study directory is `<run.storage_path>/<study.name>/`; each trial is a run directory under its
+`trials/`. Running the same command again resumes: finished trials are neither retrained nor
+remeasured, and the report is written afresh.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distdl.config import ConfigError, config_differences, config_from_dict, without_session_keys
+from distdl.errors import RunDirError
+from distdl.registry import STUDIES, WORKLOADS
+from distdl.studies.base import Study, StudyReport, read_study_file
+from distdl.studies.jobs import run_measurements, write_json
+
+STUDY_FILE = "study.yaml"
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
+
+
+def run_study(name: str, path: str | Path, overrides: list[str], overwrite: bool = False) -> tuple[Path, StudyReport]:
+    study_class = STUDIES.get(name)
+    study_file = read_study_file(path, overrides)
+    section = study_class.parse_section(study_file.study)
+    base = config_from_dict(copy.deepcopy(study_file.training))
+    if base.workload not in study_class.workloads:
+        raise ConfigError(f"workload={base.workload!r}: the {name} study measures {', '.join(study_class.workloads)} "
+                          "models")
+    study_dir = Path(base.run.storage_path) / section.name
+    saved = {"study": {"kind": name, **asdict(section)},
+             "training": base.to_dict()}
+    check_study_dir(study_dir, saved, overwrite)
+    study: Study = study_class(section, base.to_dict(), study_dir)
+    train_examples = WORKLOADS.get(base.workload).prepare(base)
+    trials = study.trials(train_examples)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / STUDY_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
+    train_trials(study, trials)
+    run_measurements(base, study.measure_tasks(trials), study_class.measure, section, study_dir / "ray")
+    report = study.write_report(trials)
+    write_json(study_dir / RESULTS_FILE, report.results)
+    (study_dir / REPORT_FILE).write_text(report.markdown)
+    log_to_wandb(report, section.name, base, study_dir)
+    return study_dir, report
+
+
+def check_study_dir(study_dir: Path, saved: dict[str, Any], overwrite: bool) -> None:
+    """Refuse a study directory that holds another study, unless overwriting (moved aside, not deleted)."""
+    saved_file = study_dir / STUDY_FILE
+    if not saved_file.is_file():
+        if study_dir.exists() and any(study_dir.iterdir()):
+            raise RunDirError(f"study directory {study_dir} exists and is not a distdl study (no {STUDY_FILE}); "
+                              "choose another study.name or run.storage_path")
+        return
+    old = yaml.safe_load(saved_file.read_text()) or {}
+    differences = config_differences(old.get("study", {}), saved["study"], "study.") + config_differences(
+        without_session_keys(old.get("training", {})), without_session_keys(saved["training"]))
+    if not differences:
+        return
+    if not overwrite:
+        listed = "\n  ".join(differences)
+        raise RunDirError(f"study directory {study_dir} holds a study with other settings:\n  {listed}\n"
+                          "Use another study.name, or pass --overwrite to move the old study aside.")
+    aside = study_dir.with_name(f"{study_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    study_dir.rename(aside)
+    print(f"distdl: moved the previous study to {aside}")
+
+
+def train_trials(study: Study, trials: list[Any]) -> None:
+    from tqdm import tqdm
+
+    from distdl.driver import train
+
+    bar = tqdm(trials, desc="trials", unit="trial")
+    for trial in bar:
+        bar.set_postfix_str(trial.name)
+        summary = train(study.trial_config(trial))
+        if not summary.get("completed", True):
+            raise RuntimeError(f"trial {trial.name} stopped before its last step; run the study again to go on")
+
+
+def log_to_wandb(report: StudyReport, group: str, base: Any, study_dir: Path) -> None:
+    """One W&B run for the study, in the trials' group: the plots as images, the results as a table."""
+    from distdl.tracking import resolve_wandb_mode, scalar_entries
+
+    mode = resolve_wandb_mode(base.tracking.wandb_mode)
+    if mode == "disabled":
+        return
+    try:
+        import wandb
+
+        run = wandb.init(project=base.tracking.wandb_project, entity=base.tracking.wandb_entity, group=group,
+                         name=f"{group}-report", id=f"study-{group}"[:64], resume="allow", job_type="study",
+                         dir=str(study_dir), mode=mode)
+        run.log({name: wandb.Image(str(path)) for name, path in report.plots.items()})
+        if report.table is not None:
+            run.log({"results": wandb.Table(dataframe=report.table)})
+        run.summary.update(dict(scalar_entries(report.summary)))
+        run.finish()
+    except Exception as err:  # W&B must never lose a finished study
+        warnings.warn(f"W&B logging of the study failed ({err}); the report is in {study_dir}")
+
+
+def print_summary(study_dir: Path, report: StudyReport) -> None:
+    print(f"distdl: study written to {study_dir}: {REPORT_FILE}, {RESULTS_FILE}, "
+          + ", ".join(path.name for path in report.plots.values()))
+    print(json.dumps(report.summary, indent=1, default=str)[:2000])

@@ -1,0 +1,297 @@
+"""`distdl study sharpness`: large- against small-batch training (Keskar et al. 2017).
+
+Trains the study file's model at each batch size and seed, under two protocols:
+- equal_epochs (Keskar et al.): every batch size trains the config's `trainer.epochs`, so the
+  large batch takes far fewer optimizer steps;
+- equal_steps (Hoffer et al. 2017): every batch size trains as many steps as the smallest batch
+  does in those epochs, which separates sharp minima from under-training.
+On each solution it measures, data-parallel: train and test loss and accuracy, Keskar's
+epsilon-sharpness (full space and a random subspace), the adaptive (scale-invariant) sharpness,
+the top Hessian eigenvalue and the Hessian trace; along the line between the smallest- and the
+largest-batch solution, the loss and accuracy (Keskar's Figure 3). Training logs the gradient noise
+scale (McCandlish et al. 2018).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distdl.config import ConfigError, config_from_dict, resolve_epochs
+from distdl.registry import STUDIES
+from distdl.studies import plots
+from distdl.studies.base import Study, StudyReport, Trial
+from distdl.studies.jobs import trained_workload
+from distdl.studies.measures import (LossOracle, epsilon_sharpness, hessian_top_eigenvalue, hessian_trace,
+                                     interpolation, random_subspace)
+
+PROTOCOLS = ("equal_epochs", "equal_steps")
+MEASUREMENTS_FILE = "measurements.json"
+
+
+def eps_name(eps: float) -> str:
+    """1e-3 -> '1e-3', 5e-4 -> '5e-4': the keys results.json uses."""
+    mantissa, exponent = f"{eps:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
+@dataclass
+class SharpnessSection:
+    # The study directory's name, under the training config's run.storage_path.
+    name: str = "sharpness"
+    batch_sizes: list[int] = field(default_factory=lambda: [32, 400])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
+    epsilons: list[float] = field(default_factory=lambda: [1e-3, 5e-4])
+    # The random subspace's dimension for the subspace sharpness (Keskar et al. use 100); 0: skip.
+    subspace_dimension: int = 100
+    # L-BFGS-B iterations per sharpness (Keskar et al.: 10).
+    sharpness_iterations: int = 10
+    # The first this-many training examples are the measurements' training set (all, if fewer).
+    measure_examples: int = 10000
+    measure_batch_size: int = 500
+    # Lanczos: at most this many Hessian-vector products, to this relative tolerance.
+    hessian_products: int = 100
+    hessian_tolerance: float = 1e-3
+    # Rademacher vectors for Hutchinson's trace estimate.
+    trace_samples: int = 20
+    # Points on the line from the small- to the large-batch solution, alpha in [-1, 2] as Keskar's Figure 3.
+    interpolation_points: int = 25
+
+
+@STUDIES.register("sharpness")
+class SharpnessStudy(Study):
+    section_class = SharpnessSection
+
+    @classmethod
+    def validate(cls, section: SharpnessSection) -> None:
+        if not section.batch_sizes or any(b < 1 for b in section.batch_sizes):
+            raise ConfigError(f"study.batch_sizes={section.batch_sizes} must list at least one positive batch size")
+        if len(set(section.batch_sizes)) != len(section.batch_sizes):
+            raise ConfigError(f"study.batch_sizes={section.batch_sizes} lists a batch size twice")
+        if not section.seeds:
+            raise ConfigError("study.seeds is empty; give at least one seed")
+        unknown = [p for p in section.protocols if p not in PROTOCOLS]
+        if not section.protocols or unknown:
+            raise ConfigError(f"study.protocols={section.protocols}: allowed are {', '.join(PROTOCOLS)}")
+        bad = [e for e in section.epsilons if not 0 < e < 1]
+        if not section.epsilons or bad:
+            raise ConfigError(f"study.epsilons={section.epsilons}: each epsilon must lie in (0, 1)")
+        positive = {"study.sharpness_iterations": section.sharpness_iterations,
+                    "study.measure_examples": section.measure_examples,
+                    "study.measure_batch_size": section.measure_batch_size,
+                    "study.hessian_products": section.hessian_products, "study.trace_samples": section.trace_samples,
+                    "study.interpolation_points": section.interpolation_points}
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key}={value} must be at least 1")
+        if section.subspace_dimension < 0:
+            raise ConfigError(f"study.subspace_dimension={section.subspace_dimension} must be 0 (skip) or more")
+
+    # -- trials
+    def trials(self, train_examples: int) -> list[Trial]:
+        base = config_from_dict(self.base)
+        workers = base.scaling.num_workers
+        if base.trainer.epochs is None:
+            raise ConfigError("the sharpness study compares batch sizes at equal epochs: set trainer.epochs "
+                              "(and not trainer.max_steps) in the training config")
+        noise = workers >= 2 and base.engine.zero_stage == 0 and base.engine.precision == "fp32"
+        smallest = min(self.section.batch_sizes)
+        small_steps = self._steps(smallest, train_examples)
+        trials: dict[str, Trial] = {}
+        for protocol in self.section.protocols:
+            for batch in sorted(self.section.batch_sizes):
+                steps = small_steps if protocol == "equal_steps" else self._steps(batch, train_examples)
+                for seed in self.section.seeds:
+                    name = f"batch{batch}-seed{seed}-steps{steps}"
+                    trial = trials.setdefault(name, Trial(name, {
+                        "trainer.global_batch_size": batch, "trainer.micro_batch_size": batch // workers,
+                        "trainer.gradient_accumulation_steps": None, "trainer.max_steps": steps,
+                        "run.seed": seed, "trainer.noise_scale": noise,
+                    }, {"batch_size": batch, "seed": seed, "steps": steps, "protocols": []}))
+                    trial.tags["protocols"].append(protocol)
+        return list(trials.values())
+
+    def _steps(self, batch: int, train_examples: int) -> int:
+        workers = int(self.base.get("scaling", {}).get("num_workers", 1))
+        if batch % workers:
+            raise ConfigError(f"study.batch_sizes: {batch} does not split evenly over scaling.num_workers={workers}")
+        raw = copy.deepcopy(self.base)
+        raw.setdefault("trainer", {}).update(global_batch_size=batch, micro_batch_size=batch // workers,
+                                             gradient_accumulation_steps=None, max_steps=None)
+        config = config_from_dict(raw)
+        resolve_epochs(config, train_examples)
+        return config.trainer.max_steps
+
+    # -- measurements
+    def measure_tasks(self, trials: list[Trial]) -> list[dict[str, Any]]:
+        tasks = [{"name": trial.name, "kind": "solution", "config": self.trial_config(trial).to_dict(),
+                  "out": str(self.trial_config(trial).run_dir / MEASUREMENTS_FILE)} for trial in trials]
+        for protocol, seed, small, large in self._pairs(trials):
+            tasks.append({"name": f"interpolation {protocol} seed {seed}", "kind": "interpolation",
+                          "config": self.trial_config(small).to_dict(), "other": self.trial_config(large).to_dict(),
+                          "out": str(self.study_dir / "interpolation" / f"{protocol}-seed{seed}.json")})
+        return tasks
+
+    def _pairs(self, trials: list[Trial]) -> list[tuple[str, int, Trial, Trial]]:
+        """(protocol, seed, smallest-batch trial, largest-batch trial) for each protocol and seed."""
+        pairs = []
+        if len(self.section.batch_sizes) < 2:
+            return pairs
+        for protocol in self.section.protocols:
+            for seed in self.section.seeds:
+                mine = sorted((t for t in trials if protocol in t.tags["protocols"] and t.tags["seed"] == seed),
+                              key=lambda t: t.tags["batch_size"])
+                pairs.append((protocol, seed, mine[0], mine[-1]))
+        return pairs
+
+    @staticmethod
+    def measure(task: dict[str, Any], section: SharpnessSection, context: Any) -> dict[str, Any]:
+        workload, model = trained_workload(task["config"], context)
+        # float64: the rises measured are far below float32's resolution of the loss.
+        model = model.double()
+        oracles = {split: LossOracle(model, [(x.double(), y) for x, y in workload.measurement_batches(
+                       split, section.measure_examples if split == "train" else None, section.measure_batch_size)],
+                       workload.loss_sum, context.device)
+                   for split in ("train", "eval")}
+        if task["kind"] == "interpolation":
+            _, other = trained_workload(task["other"], context)
+            alphas = np.linspace(-1.0, 2.0, section.interpolation_points)
+            start = {k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+            end = {k: v.double() if v.is_floating_point() else v for k, v in other.state_dict().items()}
+            return {"alphas": alphas.tolist(), "rows": interpolation(model, {"train": oracles["train"],
+                                                                             "test": oracles["eval"]},
+                                                                     start, end, alphas)}
+        return measure_solution(oracles["train"], oracles["eval"], section, context.seed)
+
+    # -- report
+    def write_report(self, trials: list[Trial]) -> StudyReport:
+        import pandas as pd
+
+        results = []
+        for trial in trials:
+            config = self.trial_config(trial)
+            measured = json.loads((config.run_dir / MEASUREMENTS_FILE).read_text())
+            noise = noise_scale_of_run(config.run_dir)
+            for protocol in trial.tags["protocols"]:
+                results.append({"trial": trial.name, "protocol": protocol, "batch_size": trial.tags["batch_size"],
+                                "seed": trial.tags["seed"], "steps": trial.tags["steps"],
+                                **measured, "noise_scale": noise})
+        frame = pd.DataFrame(results)
+        ratios = sharpness_ratios(frame, self.section)
+        curves = {f"{protocol} seed {seed}": json.loads(
+                      (self.study_dir / "interpolation" / f"{protocol}-seed{seed}.json").read_text())
+                  for protocol, seed, _, _ in self._pairs(trials)}
+        figures = {
+            "sharpness_vs_batch_size": plots.sharpness_against_batch(frame, self.section, self.study_dir),
+            "interpolation": plots.interpolation_curves(curves, self.study_dir) if curves else None,
+            "noise_scale": plots.noise_scale_curves(
+                {t.name: self.trial_config(t).run_dir for t in trials}, self.study_dir),
+        }
+        figures = {k: v for k, v in figures.items() if v is not None}
+        markdown = sharpness_markdown(frame, ratios, figures, self.section)
+        return StudyReport(results=results, markdown=markdown, plots=figures, table=frame,
+                           summary={"ratios": ratios.to_dict(orient="records") if len(ratios) else []})
+
+
+def measure_solution(train: LossOracle, test: LossOracle, section: SharpnessSection, seed: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    out: dict[str, Any] = {}
+    for name, oracle in (("train", train), ("test", test)):
+        result = oracle.evaluate()
+        out[f"{name}_loss"], out[f"{name}_accuracy"] = result.loss, result.accuracy
+    basis = random_subspace(train.size, section.subspace_dimension, seed) if section.subspace_dimension else None
+    for eps in section.epsilons:
+        key = eps_name(eps)
+        out[f"sharpness_eps{key}"] = epsilon_sharpness(train, eps, iterations=section.sharpness_iterations)
+        out[f"adaptive_sharpness_eps{key}"] = epsilon_sharpness(train, eps, adaptive=True,
+                                                                iterations=section.sharpness_iterations)
+        if basis is not None:
+            out[f"subspace_sharpness_eps{key}"] = epsilon_sharpness(train, eps, subspace=basis,
+                                                                    iterations=section.sharpness_iterations)
+    out["hessian_top_eigenvalue"] = hessian_top_eigenvalue(train, section.hessian_tolerance, section.hessian_products,
+                                                           seed)
+    out["hessian_trace"], out["hessian_trace_stderr"] = hessian_trace(train, section.trace_samples, seed)
+    out["parameter_norm"] = float(train.parameters().norm())
+    out["measure_seconds"] = time.perf_counter() - started
+    return out
+
+
+def noise_scale_of_run(run_dir: Path) -> float | None:
+    """B_simple over the second half of training: the ratio of the mean tr(Sigma) and |G|^2 estimates
+    (McCandlish et al. average numerator and denominator apart; single windows are noisy)."""
+    from distdl.tracking import read_metrics
+
+    windows = [m for m in read_metrics(run_dir) if "noise_trace" in m]
+    if not windows:
+        return None
+    late = windows[len(windows) // 2 :]
+    gradient_sq = np.mean([m["noise_gradient_sq"] for m in late])
+    return float(np.mean([m["noise_trace"] for m in late]) / gradient_sq) if gradient_sq > 0 else None
+
+
+RATIO_KEYS = ("sharpness_eps{}", "subspace_sharpness_eps{}", "adaptive_sharpness_eps{}")
+
+
+def sharpness_ratios(frame: Any, section: SharpnessSection) -> Any:
+    """Largest over smallest batch, per protocol and seed: each curvature measure's ratio, and the
+    test-accuracy and train-loss differences."""
+    import pandas as pd
+
+    if len(section.batch_sizes) < 2:
+        return pd.DataFrame()
+    keys = [k.format(eps_name(e)) for e in section.epsilons for k in RATIO_KEYS] + [
+        "hessian_top_eigenvalue", "hessian_trace"]
+    keys = [k for k in keys if k in frame]
+    small, large = min(section.batch_sizes), max(section.batch_sizes)
+    rows = []
+    for (protocol, seed), group in frame.groupby(["protocol", "seed"]):
+        a = group[group.batch_size == small].iloc[0]
+        b = group[group.batch_size == large].iloc[0]
+        row = {"protocol": protocol, "seed": seed, "small_batch": small, "large_batch": large}
+        row.update({f"{k}_ratio": b[k] / a[k] if a[k] else float("nan") for k in keys})
+        row["test_accuracy_difference"] = b["test_accuracy"] - a["test_accuracy"]
+        row["train_loss_large"], row["train_loss_small"] = b["train_loss"], a["train_loss"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def sharpness_markdown(frame: Any, ratios: Any, figures: dict[str, Path], section: SharpnessSection) -> str:
+    shown = ["protocol", "batch_size", "seed", "steps", "train_loss", "train_accuracy", "test_accuracy",
+             *[c for c in frame.columns if "sharpness" in c], "hessian_top_eigenvalue", "hessian_trace", "noise_scale"]
+    lines = [
+        f"# Sharpness study `{section.name}`",
+        "",
+        "Large- against small-batch solutions (Keskar et al. 2017). **equal_epochs** trains every batch size "
+        "for the same epochs, as Keskar et al. did, so the large batch takes far fewer steps; **equal_steps** "
+        "gives every batch size the smallest batch's step count (Hoffer et al. 2017). A large batch that is "
+        "sharper only under equal_epochs, or whose training loss stays higher there, is under-trained rather "
+        "than in a sharper minimum: compare the train losses next to the ratios.",
+        "",
+        "Sharpness is Keskar's Metric 2.1 (the largest rise of the training loss within the box "
+        "|y_i| <= eps (|x_i| + 1), over 1 + f(x), times 100; L-BFGS-B, "
+        f"{section.sharpness_iterations} iterations), in the full space and in a random "
+        f"{section.subspace_dimension}-dimensional subspace. The raw values depend on the parameters' scale "
+        "(the box's +1; batch norm makes the loss blind to some scales), so read them as ratios between batch "
+        "sizes. The adaptive sharpness (box eps |x_i|, Kwon et al. 2021) does not change when a ReLU network "
+        "is rescaled without changing its function, which Dinh et al. 2017 showed can make the raw sharpness "
+        "anything.",
+        "",
+        "## Large over small batch",
+        "",
+        ratios.to_markdown(index=False, floatfmt=".4g") if len(ratios) else "(one batch size: no ratios)",
+        "",
+        "## Every solution",
+        "",
+        frame[[c for c in shown if c in frame]].to_markdown(index=False, floatfmt=".4g"),
+        "",
+    ]
+    for name, path in figures.items():
+        lines += [f"## {name.replace('_', ' ').capitalize()}", "", f"![{name}]({path.name})", ""]
+    return "\n".join(lines)

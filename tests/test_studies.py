@@ -1,0 +1,144 @@
+"""Studies end to end on 2 Ray Train workers with real DeepSpeed, at a tiny size on real digits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distdl import cli
+from distdl.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SHARPNESS = REPO / "configs/studies/sharpness.yaml"
+# scikit-learn's 8x8 digits, a small MLP, one epoch: three trials (batch 16; batch 96 at equal epochs
+# and at equal steps), each measured on 300 training digits.
+TINY = ["data.dataset=digits", "model.hidden_sizes=[32]", "trainer.epochs=1", "trainer.log_every=5", "optimizer.lr=0.01",
+        "study.batch_sizes=[16,96]", "study.seeds=[0]", "study.subspace_dimension=5", "study.measure_examples=300",
+        "study.hessian_products=30", "study.trace_samples=4", "study.interpolation_points=5",
+        "study.sharpness_iterations=3", "tracking.wandb_mode=offline"]
+
+
+@pytest.fixture(scope="module")
+def sharpness_study(ray_local, tmp_path_factory):
+    from distdl.studies.runner import run_study
+
+    storage = tmp_path_factory.mktemp("studies")
+    overrides = [*TINY, f"run.storage_path={storage}"]
+    study_dir, report = run_study("sharpness", SHARPNESS, overrides)
+    return study_dir, report, overrides
+
+
+@pytest.mark.distributed
+def test_sharpness_study_writes_its_report_results_and_plots(sharpness_study):
+    from PIL import Image
+
+    study_dir, report, _ = sharpness_study
+    results = json.loads((study_dir / "results.json").read_text())
+    assert {(r["protocol"], r["batch_size"]) for r in results} == {
+        ("equal_epochs", 16), ("equal_epochs", 96), ("equal_steps", 16), ("equal_steps", 96)}
+    steps = {(r["protocol"], r["batch_size"]): r["steps"] for r in results}
+    # 1,437 training digits over 2 workers: 718 each, 44 steps of 16 or 7 of 96 per epoch.
+    assert steps == {("equal_epochs", 16): 89, ("equal_epochs", 96): 14, ("equal_steps", 16): 89,
+                     ("equal_steps", 96): 89}
+    required = ("batch_size", "seed", "train_accuracy", "test_accuracy", "sharpness_eps1e-3", "sharpness_eps5e-4",
+                "hessian_top_eigenvalue", "hessian_trace", "subspace_sharpness_eps1e-3", "adaptive_sharpness_eps1e-3")
+    for entry in results:
+        assert all(np.isfinite(entry[key]) for key in required), entry
+        assert entry["train_accuracy"] > 0.5 and entry["test_accuracy"] > 0.5  # chance is 0.1
+        assert entry["sharpness_eps1e-3"] > entry["sharpness_eps5e-4"] > 0  # a larger box holds a higher peak
+        assert entry["hessian_top_eigenvalue"] > 0 and entry["noise_scale"] > 0
+    markdown = (study_dir / "report.md").read_text()
+    assert "equal_steps" in markdown and "## Large over small batch" in markdown
+    for name in ("sharpness_vs_batch_size", "interpolation", "noise_scale"):
+        assert f"]({name}.png)" in markdown and Image.open(study_dir / f"{name}.png").size[0] > 300
+    curve = json.loads((study_dir / "interpolation" / "equal_epochs-seed0.json").read_text())
+    assert [r["alpha"] for r in curve["rows"]] == [-1.0, -0.25, 0.5, 1.25, 2.0]
+    # The trials are W&B runs of the study's group, and the study logs its plots as images.
+    trial_config = (study_dir / "trials" / "batch16-seed0-steps89" / "config.yaml").read_text()
+    assert "wandb_group: sharpness-mnist5k" in trial_config
+    assert len(list(study_dir.glob("wandb/offline-run-*/files/media/images/*.png"))) == 3
+
+
+@pytest.mark.distributed
+def test_the_data_parallel_measurement_equals_one_process(sharpness_study):
+    """Rank 0 of 2 wrote measurements.json; the same measurement in this one process agrees."""
+    from distdl.studies.base import read_study_file
+    from distdl.studies.sharpness import SharpnessStudy, measure_solution
+    from distdl.studies.measures import LossOracle
+    from distdl.studies.jobs import trained_workload
+    from distdl.workloads.base import WorkerContext
+
+    study_dir, _, overrides = sharpness_study
+    section = SharpnessStudy.parse_section(read_study_file(SHARPNESS, overrides).study)
+    run_dir = study_dir / "trials" / "batch96-seed0-steps14"
+    config = {**json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())))}
+    context = WorkerContext(rank=0, world_size=1, seed=0, micro_batch_size=48, run_dir=run_dir,
+                            device=torch.device("cpu"))
+    workload, model = trained_workload(config, context)
+    model = model.double()
+    oracles = [LossOracle(model, [(x.double(), y) for x, y in workload.measurement_batches(split, limit, 500)],
+                          workload.loss_sum, context.device) for split, limit in (("train", 300), ("eval", None))]
+    single = measure_solution(*oracles, section, seed=0)
+    parallel = json.loads((run_dir / "measurements.json").read_text())
+    for key in ("train_loss", "test_accuracy", "sharpness_eps1e-3", "subspace_sharpness_eps5e-4",
+                "adaptive_sharpness_eps1e-3", "hessian_top_eigenvalue", "hessian_trace"):
+        assert parallel[key] == pytest.approx(single[key], rel=1e-5), key
+
+
+@pytest.mark.distributed
+def test_a_study_run_again_trains_and_measures_nothing_twice(sharpness_study):
+    from distdl.studies.runner import run_study
+
+    study_dir, _, overrides = sharpness_study
+    watched = [*study_dir.glob("trials/*/metrics.jsonl"), *study_dir.glob("trials/*/measurements.json"),
+               *study_dir.glob("interpolation/*.json")]
+    before = {path: path.stat().st_mtime_ns for path in watched}
+    assert len(before) == 3 + 3 + 2
+    run_study("sharpness", SHARPNESS, overrides)
+    assert {path: path.stat().st_mtime_ns for path in watched} == before
+    assert (study_dir / "report.md").is_file()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("study.batch_sizes=[]", "at least one positive batch size"),
+    ("study.epsilons=[1.0e-3,1.5]", "must lie in (0, 1)"),
+    ("study.epsilons=[0]", "must lie in (0, 1)"),
+    ("study.protocols=[equal_time]", "equal_epochs, equal_steps"),
+    ("study.seeds=[]", "at least one seed"),
+    ("study.batch_sizes=[32,33]", "33 does not split evenly over scaling.num_workers=2"),
+    ("trainer.max_steps=5", "set trainer.epochs"),
+])
+def test_bad_study_settings_are_refused_before_any_training(override, expected, tmp_path, capsys):
+    overrides = ["data.dataset=digits", f"run.storage_path={tmp_path}", override]
+    if override.startswith("trainer.max_steps"):
+        overrides.append("trainer.epochs=null")
+    assert cli.main(["study", "sharpness", str(SHARPNESS), *overrides]) == 2
+    assert expected in capsys.readouterr().err
+    assert not any(tmp_path.glob("*/trials/*")), "nothing was trained"
+
+
+def test_unknown_study_and_a_file_without_a_study_section(tmp_path, capsys):
+    assert cli.main(["study", "grokking", str(SHARPNESS)]) == 2
+    assert "unknown study 'grokking'; known: sharpness" in capsys.readouterr().err
+    plain = REPO / "configs/resnet/mnist_laptop.yaml"
+    assert cli.main(["study", "sharpness", str(plain)]) == 2
+    assert "needs a 'study:' section" in capsys.readouterr().err
+
+
+def test_a_study_directory_with_other_settings_is_refused(tmp_path):
+    from distdl.errors import RunDirError
+    from distdl.studies.runner import check_study_dir
+
+    saved = {"study": {"kind": "sharpness", "seeds": [0]}, "training": {"optimizer": {"lr": 0.001}}}
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "study.yaml").write_text(__import__("yaml").safe_dump(saved))
+    check_study_dir(tmp_path / "s", saved, overwrite=False)  # the same settings: a resume
+    changed = {**saved, "study": {"kind": "sharpness", "seeds": [0, 1]}}
+    with pytest.raises(RunDirError, match=r"study.seeds: \[0\] -> \[0, 1\]"):
+        check_study_dir(tmp_path / "s", changed, overwrite=False)
+    check_study_dir(tmp_path / "s", changed, overwrite=True)
+    assert not (tmp_path / "s").exists() and len(list(tmp_path.glob("s.replaced-*"))) == 1
