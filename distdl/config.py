@@ -111,6 +111,9 @@ class TrainerSection:
     # Log the gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018) from each
     # rank's gradient against the all-reduced one: no extra passes. Needs 2+ workers, ZeRO 0, fp32.
     noise_scale: bool = False
+    # End the run (with a checkpoint) at the first log step whose window-mean training loss is at or
+    # below this: the scaling study's steps-to-target runs.
+    stop_at_loss: Optional[float] = None
 
 
 @dataclass
@@ -390,6 +393,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"run.name={config.run.name!r} must be a non-empty name without '/'")
     if config.engine.offload_optimizer and config.engine.zero_stage == 0:
         raise ConfigError("engine.offload_optimizer=true needs engine.zero_stage 1, 2 or 3")
+    if config.trainer.stop_at_loss is not None and not math.isfinite(config.trainer.stop_at_loss):
+        raise ConfigError(f"trainer.stop_at_loss={config.trainer.stop_at_loss} must be a finite number")
     if config.trainer.noise_scale and (config.scaling.num_workers < 2 or config.engine.zero_stage != 0
                                        or config.engine.precision != "fp32"):
         raise ConfigError("trainer.noise_scale=true compares each worker's gradient with the all-reduced one: it "

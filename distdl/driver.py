@@ -98,6 +98,10 @@ def reached_target(config: Config) -> bool:
     """Whether the run's latest checkpoint is already at this session's target step."""
     done = checkpoint_step(config.run_dir)
     target = config.trainer.stop_at_step or config.trainer.max_steps
+    stopped = read_summary(config.run_dir).get("stopped_at_loss_step")
+    if done is not None and stopped == done and config.trainer.stop_at_loss is not None:
+        print(f"distdl: {config.run_dir} reached trainer.stop_at_loss at step {done} already; nothing to train.")
+        return True
     if done is None or done < target:
         return False
     print(f"distdl: {config.run_dir} is at step {done} already (target {target}); nothing to train. "

@@ -46,15 +46,20 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         device=ray.train.torch.get_device(),
     )
     workload: Workload = WORKLOADS.get(config.workload)(config.sections, context)
-    torch.manual_seed(config.run.seed)  # the same initial weights on every rank
     engines = EngineSet({name: build_engine(model, config, payload["deepspeed_config"])
-                         for name, model in workload.build_models().items()})
+                         for name, model in initial_models(workload, config.run.seed).items()})
     start_step = resume(engines, workload, rank) if ray.train.get_checkpoint() else fresh_start(config.run.seed, rank)
     tracker = None
     if rank == 0:
         tracker = Tracker(config.tracking, config.run_dir, config.run.name, config.to_dict(),
                           payload["wandb_mode"], start_step, config.trainer.max_steps)
     run_steps(config, workload, engines, tracker, start_step, rank, world_size)
+
+
+def initial_models(workload: Workload, seed: int) -> dict[str, torch.nn.Module]:
+    """The run's initial weights: the same on every rank, and rebuilt alike by the studies."""
+    torch.manual_seed(seed)
+    return workload.build_models()
 
 
 def build_engine(model: torch.nn.Module, config: Config, ds_config: dict[str, Any]) -> Engine:
@@ -171,6 +176,7 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
     score_key = workload.checkpoint_metric(config.sections)
     engines.train(True)
     model, step = engines.for_workload(), start_step
+    stopped_at_loss: Optional[int] = None
     for step in range(start_step + 1, stop + 1):
         for _ in range(accumulation):
             batch = {k: v.to(engines.device) for k, v in next(batches).items()}
@@ -183,6 +189,9 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
         log_step = step % trainer.log_every == 0 or step == stop
         if log_step:
             metrics = {**with_noise_scale(window.reduce(engines.device)), **engines.log_metrics()}
+        # The window's loss is all-reduced, so every rank decides alike.
+        if log_step and trainer.stop_at_loss is not None and metrics.get("loss", float("inf")) <= trainer.stop_at_loss:
+            stopped_at_loss, stop = step, step
         checkpoint_step = (trainer.checkpoint_every and step % trainer.checkpoint_every == 0) or step == stop
         # Checkpoints kept by a metric are scored, so each one is evaluated.
         evaluate = (trainer.eval_every and step % trainer.eval_every == 0) or step == stop or (checkpoint_step and score_key)
@@ -198,10 +207,13 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
             save_and_report(engines, workload, rank, step, reported)
         if log_step:
             window = Window()  # after eval and checkpoint, so throughput counts training time only
+        if step == stop:
+            break
     summary = {
         "steps": step,
         "max_steps": trainer.max_steps,
-        "completed": step >= trainer.max_steps,
+        "completed": step >= trainer.max_steps or stopped_at_loss is not None,
+        "stopped_at_loss_step": stopped_at_loss,
         "world_size": world_size,
         "global_batch_size": trainer.global_batch_size,
         "session_wall_time_s": time.perf_counter() - session_started,

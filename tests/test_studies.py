@@ -37,7 +37,7 @@ def test_sharpness_study_writes_its_report_results_and_plots(sharpness_study):
     from PIL import Image
 
     study_dir, report, _ = sharpness_study
-    results = json.loads((study_dir / "results.json").read_text())
+    results = json.loads((study_dir / "results.json").read_text())["entries"]
     assert {(r["protocol"], r["batch_size"]) for r in results} == {
         ("equal_epochs", 16), ("equal_epochs", 96), ("equal_steps", 16), ("equal_steps", 96)}
     steps = {(r["protocol"], r["batch_size"]): r["steps"] for r in results}
@@ -142,3 +142,86 @@ def test_a_study_directory_with_other_settings_is_refused(tmp_path):
         check_study_dir(tmp_path / "s", changed, overwrite=False)
     check_study_dir(tmp_path / "s", changed, overwrite=True)
     assert not (tmp_path / "s").exists() and len(list(tmp_path.glob("s.replaced-*"))) == 1
+
+
+# ----------------------------------------------------------------------------- overparam
+
+OVERPARAM = REPO / "configs/studies/overparam.yaml"
+
+
+@pytest.mark.distributed
+def test_overparam_study_fits_the_distance_exponent_and_writes_its_plots(ray_local, tmp_path):
+    from distdl.studies.runner import run_study
+
+    study_dir, report = run_study("overparam", OVERPARAM, [
+        "data.train_subset=128", "trainer.global_batch_size=128", "trainer.micro_batch_size=64",
+        "trainer.max_steps=40", "trainer.log_every=2", "study.widths=[16,1024]", f"run.storage_path={tmp_path}",
+        "tracking.wandb_mode=disabled"])
+    results = json.loads((study_dir / "results.json").read_text())
+    assert (study_dir / "ray" / "trials").is_dir(), "4 logical CPUs hold both 2-worker trials: Ray Tune ran them at once"
+    narrow, wide = sorted(results["entries"], key=lambda e: e["width"])
+    # A wrongly rebuilt W0 (another random draw) would put every network about sqrt(2) away.
+    assert 0 < wide["relative_distance"] < narrow["relative_distance"] < 1
+    assert results["distance_exponent"] == pytest.approx(
+        np.log(wide["relative_distance"] / narrow["relative_distance"]) / np.log(1024 / 16))
+    assert 0 < wide["activation_change"] < narrow["activation_change"] < 0.5
+    for entry in (narrow, wide):
+        assert entry["convergence_rate"] > 0 and entry["final_train_loss_logged"] < 1.0
+        assert 0 <= entry["train_error"] <= entry["test_error"] < 0.9
+    markdown = (study_dir / "report.md").read_text()
+    assert f"exponent {results['distance_exponent']:.3f}" in markdown
+    for name in ("loss_curves", "distance_vs_width", "error_vs_width"):
+        assert (study_dir / f"{name}.png").is_file() and f"]({name}.png)" in markdown
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("study.widths=[0,16]", "widths of at least 1"),
+    ("study.widths=[]", "widths of at least 1"),
+    ("study.width_key=model.depth", "model.width, model.width_multiplier"),
+    ("data.label_noise=1.5", "data.label_noise=1.5 must lie in [0, 1]"),
+])
+def test_bad_overparam_settings_are_refused(override, expected, tmp_path, capsys):
+    assert cli.main(["study", "overparam", str(OVERPARAM), f"run.storage_path={tmp_path}", override]) == 2
+    assert expected in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- scaling
+
+SCALING = REPO / "configs/studies/scaling.yaml"
+
+
+@pytest.mark.distributed
+def test_scaling_study_measures_throughput_and_steps_to_target(ray_local, tmp_path):
+    from distdl.studies.runner import run_study
+    from distdl.tracking import read_metrics
+
+    study_dir, report = run_study("scaling", SCALING, [
+        "data.dataset=digits", "model.hidden_sizes=[32]", "optimizer.lr=0.05", "trainer.log_every=2",
+        "study.workers=[1,2]", "study.throughput_kinds=[strong]", "study.throughput_steps=8",
+        "study.strong_batch_size=64", "study.batch_sizes=[16,64]", "study.target_loss=1.0", "study.max_steps=300",
+        f"run.storage_path={tmp_path}", "tracking.wandb_mode=disabled"])
+    results = json.loads((study_dir / "results.json").read_text())
+    speed = {row["workers"]: row for row in results["throughput"]}
+    assert speed[1]["efficiency"] == 1.0 and 0 < speed[2]["efficiency"] < 1.5
+    assert speed[2]["samples_per_s"] > 0
+    steps = {row["batch_size"]: row["steps_to_target"] for row in results["entries"]}
+    assert 0 < steps[64] < steps[16] <= 300, "four times the batch (and learning rate) needs fewer steps"
+    for batch, step in steps.items():
+        metrics = read_metrics(study_dir / "trials" / f"target-batch{batch}-seed0")
+        assert metrics[-1]["step"] == step and metrics[-1]["loss"] <= 1.0, "the run stopped at the target"
+        assert all(m["loss"] > 1.0 for m in metrics[:-1] if "loss" in m)
+    # Two points determine S = S_min (1 + B_crit / B) exactly.
+    s_min, b_crit = results["min_steps"], results["critical_batch_size"]
+    for batch, step in steps.items():
+        assert s_min * (1 + b_crit / batch) == pytest.approx(step)
+    assert results["noise_scale_batch"] > 0
+    assert {"throughput.png", "steps_to_target.png"} <= {p.name for p in study_dir.glob("*.png")}
+
+
+def test_bad_scaling_settings_are_refused(tmp_path, capsys):
+    for override, expected in (("study.strong_batch_size=65", "does not split evenly over 2 workers"),
+                               ("study.throughput_kinds=[diagonal]", "allowed are strong, weak"),
+                               ("study.workers=[]", "study.workers is empty"),
+                               ("study.target_loss=0", "must be positive")):
+        assert cli.main(["study", "scaling", str(SCALING), f"run.storage_path={tmp_path}", override]) == 2
+        assert expected in capsys.readouterr().err

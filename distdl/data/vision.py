@@ -67,6 +67,11 @@ class VisionDataSection:
     synthetic_eval_size: int = 256
     # DataLoader worker processes per rank for decoding and augmentation (0: in the training process).
     loader_workers: int = 0
+    # Train on the first this-many training images only (the studies' small-sample regimes).
+    train_subset: Optional[int] = None
+    # This fraction of the training labels replaced, once and for all, by another class drawn at
+    # random (Zhang et al. 2017; Nakkiran et al. 2019 use it to bring out double descent).
+    label_noise: float = 0.0
 
 
 @dataclass
@@ -106,6 +111,12 @@ def transforms(data: VisionDataSection, spec: DatasetSpec, size: int, train: boo
 def load_vision(data: VisionDataSection, allow_download: bool = False, symmetric: bool = False) -> VisionData:
     """The train and eval sets; `allow_download` only on the driver, so workers never race to download.
     `symmetric`: pixels in [-1, 1], no augmentation (for GANs)."""
+    if not 0 <= data.label_noise <= 1:
+        raise ConfigError(f"data.label_noise={data.label_noise} must lie in [0, 1]")
+    return restrict_training_set(_load_splits(data, allow_download, symmetric), data)
+
+
+def _load_splits(data: VisionDataSection, allow_download: bool, symmetric: bool) -> VisionData:
     spec = spec_for(data)
     size = data.image_size or spec.image_size
     if data.dataset == "synthetic":
@@ -212,6 +223,39 @@ def _packaged(data: VisionDataSection, spec: DatasetSpec, symmetric: bool) -> Vi
     train = ArrayImages(images[:cut], labels[:cut], transforms(data, spec, spec.image_size, True, symmetric))
     held_out = ArrayImages(images[cut:], labels[cut:], transforms(data, spec, spec.image_size, False, symmetric))
     return VisionData(train, held_out, spec.channels, spec.classes, spec.image_size)
+
+
+class NoisyLabels(torch.utils.data.Dataset):
+    """A dataset whose labels at a fixed random `fraction` of positions are moved to another class."""
+
+    def __init__(self, dataset: Any, fraction: float, classes: int, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.dataset = dataset
+        self.noisy = torch.rand(len(dataset), generator=generator) < fraction
+        self.shift = torch.randint(1, classes, (len(dataset),), generator=generator)
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[index]
+        if self.noisy[index]:
+            label = (label + int(self.shift[index])) % self.classes
+        return image, label
+
+
+def restrict_training_set(data: VisionData, section: VisionDataSection) -> VisionData:
+    """Apply data.train_subset and data.label_noise to the training split."""
+    train = data.train
+    if section.train_subset is not None:
+        if not 1 <= section.train_subset <= len(train):
+            raise ConfigError(f"data.train_subset={section.train_subset} must lie in 1..{len(train)} "
+                              f"(the training images of {section.dataset})")
+        train = torch.utils.data.Subset(train, range(section.train_subset))
+    if section.label_noise:
+        train = NoisyLabels(train, section.label_noise, data.classes)
+    return VisionData(train, data.eval, data.channels, data.classes, data.image_size)
 
 
 def _synthetic(data: VisionDataSection, spec: DatasetSpec, size: int, symmetric: bool) -> VisionData:

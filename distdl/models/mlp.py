@@ -3,8 +3,9 @@
 - `MLP`: flatten, then Linear [-> BatchNorm] -> ReLU per hidden layer, then the output layer: the
   784-512-512-512-10 network with batch norm on which Keskar et al.'s large-batch sharpness shows.
 - `TwoLayerReLU`: Du et al. 2018's f(x) = (1/sqrt(m)) sum_r a_r relu(w_r . x), w_r ~ N(0, I), a_r
-  uniform on {-1, +1}; by default only W trains, as in their analysis. The 1/sqrt(m) output scaling
-  (the neural-tangent parametrization) is what makes wide networks move little from their start.
+  uniform on {-1, +1}, inputs scaled to unit norm as their analysis assumes; by default only W
+  trains, as in it. The 1/sqrt(m) output scaling (the neural-tangent parametrization) is what makes
+  wide networks move little from their start.
 """
 
 from __future__ import annotations
@@ -43,11 +44,9 @@ class TwoLayerReLU(nn.Module):
         with torch.no_grad():
             self.output.weight.copy_(signs)
         self.output.weight.requires_grad_(train_output_layer)
+        self.relu = nn.ReLU()
         self.scale = 1 / math.sqrt(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output(torch.relu(self.hidden(torch.flatten(x, 1)))) * self.scale
-
-    def activation_pattern(self, x: torch.Tensor) -> torch.Tensor:
-        """Which hidden units are active for each input (the ReLU's on/off pattern)."""
-        return self.hidden(torch.flatten(x, 1)) > 0
+        x = nn.functional.normalize(torch.flatten(x, 1), dim=1)
+        return self.output(self.relu(self.hidden(x))) * self.scale

@@ -19,6 +19,16 @@ STUDY_KEY = "study"
 
 
 @dataclass
+class StudySection:
+    """Settings every study has; each study's section extends it."""
+
+    # The study directory's name, under the training config's run.storage_path.
+    name: str = "study"
+    # Trials trained at once through Ray Tune; null: as many as the Ray cluster holds side by side.
+    max_concurrent_trials: Optional[int] = None
+
+
+@dataclass
 class Trial:
     """One training run of a study: its name (its run directory's) and what it changes in the base config."""
 
@@ -64,6 +74,9 @@ class Study(ABC):
         section = build_section(cls.section_class, values, STUDY_KEY)
         if not getattr(section, "name", None) or "/" in section.name:
             raise ConfigError(f"study.name={getattr(section, 'name', None)!r} must be a non-empty name without '/'")
+        if section.max_concurrent_trials is not None and section.max_concurrent_trials < 1:
+            raise ConfigError(f"study.max_concurrent_trials={section.max_concurrent_trials} must be at least 1 "
+                              "(or null: as many as the cluster holds)")
         cls.validate(section)
         return section
 
@@ -104,7 +117,8 @@ class Study(ABC):
 
 @dataclass
 class StudyReport:
-    results: list[dict[str, Any]]
+    # results.json: {"entries": one per trial (or per trial and protocol), ...the study's fits}
+    results: dict[str, Any]
     markdown: str
     plots: dict[str, Path]
     summary: dict[str, Any] = field(default_factory=dict)

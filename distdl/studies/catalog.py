@@ -1,3 +1,3 @@
 """Built-in studies; importing this module registers them."""
 
-from distdl.studies import sharpness  # noqa: F401
+from distdl.studies import overparam, scaling, sharpness  # noqa: F401

@@ -97,3 +97,97 @@ def noise_scale_curves(run_dirs: dict[str, Path], study_dir: Path) -> Optional[P
     axis.set_title("gradient noise scale")
     axis.legend(fontsize=7)
     return _save(figure, study_dir / "noise_scale.png")
+
+
+def loss_curves(curves: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]], study_dir: Path) -> Path:
+    """Training loss against step per width, on a log scale: a straight line is linear convergence."""
+    figure, (axis,) = _figure()
+    widths = sorted({width for width, _ in curves})
+    colours = _colours(len(widths))
+    for (width, seed), (steps, losses) in sorted(curves.items()):
+        axis.plot(steps, losses, color=colours[widths.index(width)], label=f"width {width}" if seed == min(
+            s for w, s in curves if w == width) else None)
+    axis.set_yscale("log")
+    axis.set_xlabel("step")
+    axis.set_ylabel("training loss")
+    axis.legend(fontsize=7)
+    return _save(figure, study_dir / "loss_curves.png")
+
+
+def distance_against_width(frame: Any, exponent: float, intercept: float, study_dir: Path) -> Path:
+    figure, (axis,) = _figure()
+    axis.scatter(frame.width, frame.relative_distance, label="||W - W0|| / ||W0||")
+    if np.isfinite(exponent):
+        widths = np.geomspace(frame.width.min(), frame.width.max(), 50)
+        axis.plot(widths, np.exp(intercept) * widths**exponent, "--", label=f"fit: width^{exponent:.2f}")
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("width")
+    axis.set_ylabel("relative distance from initialization")
+    axis.legend()
+    return _save(figure, study_dir / "distance_vs_width.png")
+
+
+def error_against_width(frame: Any, study_dir: Path) -> Path:
+    """Train and test error (and the share of ReLU patterns that changed) against width."""
+    figure, axes = _figure(2, 4.5)
+    means = frame.groupby("width").mean(numeric_only=True)
+    axes[0].plot(means.index, means.train_error, "o-", label="train error")
+    axes[0].plot(means.index, means.test_error, "o-", label="test error")
+    axes[0].set_title("error")
+    axes[0].legend()
+    if means.activation_change.notna().any():
+        axes[1].plot(means.index, means.activation_change, "o-", color="C2")
+        axes[1].set_yscale("log")
+    axes[1].set_title("ReLU patterns changed by training")
+    for axis in axes:
+        axis.set_xscale("log")
+        axis.set_xlabel("width")
+    return _save(figure, study_dir / "error_vs_width.png")
+
+
+def _colours(count: int) -> list[Any]:
+    import matplotlib
+
+    return [matplotlib.colormaps["viridis"](i / max(count - 1, 1)) for i in range(count)]
+
+
+def throughput_against_workers(frame: Any, study_dir: Path) -> Path:
+    """Samples/s against workers (with the ideal line from the fewest workers), and the efficiency."""
+    figure, axes = _figure(2, 4.5)
+    for kind, group in frame.groupby("kind"):
+        line = axes[0].plot(group.workers, group.samples_per_s, "o-", label=f"{kind} scaling")[0]
+        first = group.iloc[0]
+        ideal = first.samples_per_s * group.workers / first.workers
+        axes[0].plot(group.workers, ideal, ":", color=line.get_color())
+        axes[1].plot(group.workers, group.efficiency, "o-", label=f"{kind} scaling")
+    axes[0].set_ylabel("samples/s (dotted: ideal)")
+    axes[1].set_ylabel("efficiency")
+    axes[1].axhline(1.0, color="grey", lw=0.5)
+    axes[1].set_ylim(0, 1.2)
+    for axis in axes:
+        axis.set_xlabel("workers")
+        axis.legend()
+    return _save(figure, study_dir / "throughput.png")
+
+
+def steps_against_batch(curve: Any, fit: dict[str, float], noise_batch: Optional[float], target: float,
+                        study_dir: Path) -> Path:
+    """Steps to the target loss against the global batch (log-log), the fitted curve and both
+    estimates of the critical batch size."""
+    figure, (axis,) = _figure(1, 5.5)
+    reached = curve.dropna(subset=["steps_to_target"])
+    axis.scatter(reached.batch_size, reached.steps_to_target, label="measured")
+    if fit.get("min_steps") and np.isfinite(fit["min_steps"]):
+        batches = np.geomspace(curve.batch_size.min(), curve.batch_size.max(), 50)
+        axis.plot(batches, fit["min_steps"] * (1 + fit["critical_batch_size"] / batches), "--",
+                  label=f"S_min (1 + B_crit/B), B_crit = {fit['critical_batch_size']:.3g}")
+        axis.axvline(fit["critical_batch_size"], color="C1", lw=0.8)
+    if noise_batch:
+        axis.axvline(noise_batch, color="C2", lw=0.8, label=f"noise scale B_simple = {noise_batch:.3g}")
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("global batch size")
+    axis.set_ylabel(f"steps to training loss {target}")
+    axis.legend(fontsize=7)
+    return _save(figure, study_dir / "steps_to_target.png")

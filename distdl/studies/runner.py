@@ -14,7 +14,7 @@ import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -46,7 +46,7 @@ def run_study(name: str, path: str | Path, overrides: list[str], overwrite: bool
     trials = study.trials(train_examples)
     study_dir.mkdir(parents=True, exist_ok=True)
     (study_dir / STUDY_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
-    train_trials(study, trials)
+    train_trials(study, trials, base, section.max_concurrent_trials)
     run_measurements(base, study.measure_tasks(trials), study_class.measure, section, study_dir / "ray")
     report = study.write_report(trials)
     write_json(study_dir / RESULTS_FILE, report.results)
@@ -77,17 +77,75 @@ def check_study_dir(study_dir: Path, saved: dict[str, Any], overwrite: bool) -> 
     print(f"distdl: moved the previous study to {aside}")
 
 
-def train_trials(study: Study, trials: list[Any]) -> None:
+def train_trials(study: Study, trials: list[Any], base: Any, limit: Optional[int]) -> None:
+    """Each trial is an ordinary `distdl train` run. Several at once through Ray Tune where the Ray
+    cluster holds their workers side by side, one after the other otherwise."""
+    from distdl.driver import connect_ray
+
+    connect_ray(base)
+    configs = [study.trial_config(trial) for trial in trials]
+    parallel = concurrent_trials(configs, limit)
+    if parallel > 1 and len(configs) > 1:
+        print(f"distdl: training {len(configs)} trials, up to {parallel} at once (Ray Tune)")
+        train_with_tune(configs, parallel, study.study_dir)
+        return
     from tqdm import tqdm
 
     from distdl.driver import train
 
-    bar = tqdm(trials, desc="trials", unit="trial")
-    for trial in bar:
-        bar.set_postfix_str(trial.name)
-        summary = train(study.trial_config(trial))
-        if not summary.get("completed", True):
-            raise RuntimeError(f"trial {trial.name} stopped before its last step; run the study again to go on")
+    bar = tqdm(configs, desc="trials", unit="trial")
+    for config in bar:
+        bar.set_postfix_str(config.run.name)
+        check_finished(config.run.name, train(config))
+
+
+def concurrent_trials(configs: list[Any], limit: Optional[int]) -> int:
+    """How many trials' workers the cluster holds at once (CPUs and GPUs), at most `limit`."""
+    import ray
+
+    available = ray.cluster_resources()
+    fits = []
+    for config in configs:
+        scaling = config.scaling
+        cpus = available.get("CPU", 0) // (scaling.num_workers * scaling.cpus_per_worker)
+        gpus = available.get("GPU", 0) // scaling.num_workers if scaling.use_gpu else cpus
+        fits.append(int(min(cpus, gpus)))
+    parallel = max(1, min(fits))
+    return min(parallel, limit) if limit else parallel
+
+
+def train_with_tune(configs: list[Any], parallel: int, study_dir: Path) -> None:
+    from ray import tune
+
+    tuner = tune.Tuner(
+        # The trial function only drives its TorchTrainer, whose workers hold the CPUs and GPUs;
+        # Tune needs some resource per trial, so it reserves the driver's memory.
+        tune.with_resources(tune_trial, {"memory": 256 * 2**20}),
+        param_space={"config": tune.grid_search([config.to_dict() for config in configs])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=parallel),
+        run_config=tune.RunConfig(name="trials", storage_path=str(study_dir / "ray"), verbose=1),
+    )
+    results = tuner.fit()
+    failed = [str(result.error).strip().splitlines()[-1] for result in results if result.error]
+    if failed:
+        raise RuntimeError(f"{len(failed)} trial(s) failed: " + "; ".join(failed))
+
+
+def tune_trial(tune_config: dict[str, Any]) -> None:
+    from ray import tune
+
+    from distdl.config import config_from_dict
+    from distdl.driver import train
+
+    config = config_from_dict(tune_config["config"])
+    summary = train(config)
+    check_finished(config.run.name, summary)
+    tune.report({"steps": summary.get("steps", 0)})
+
+
+def check_finished(name: str, summary: dict[str, Any]) -> None:
+    if not summary.get("completed", True):
+        raise RuntimeError(f"trial {name} stopped before its last step; run the study again to go on")
 
 
 def log_to_wandb(report: StudyReport, group: str, base: Any, study_dir: Path) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 from distdl.config import ConfigError, config_from_dict, resolve_epochs
 from distdl.registry import STUDIES
 from distdl.studies import plots
-from distdl.studies.base import Study, StudyReport, Trial
+from distdl.studies.base import Study, StudyReport, StudySection, Trial
 from distdl.studies.jobs import trained_workload
 from distdl.studies.measures import (LossOracle, epsilon_sharpness, hessian_top_eigenvalue, hessian_trace,
                                      interpolation, random_subspace)
@@ -42,8 +42,7 @@ def eps_name(eps: float) -> str:
 
 
 @dataclass
-class SharpnessSection:
-    # The study directory's name, under the training config's run.storage_path.
+class SharpnessSection(StudySection):
     name: str = "sharpness"
     batch_sizes: list[int] = field(default_factory=lambda: [32, 400])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
@@ -196,8 +195,9 @@ class SharpnessStudy(Study):
         }
         figures = {k: v for k, v in figures.items() if v is not None}
         markdown = sharpness_markdown(frame, ratios, figures, self.section)
-        return StudyReport(results=results, markdown=markdown, plots=figures, table=frame,
-                           summary={"ratios": ratios.to_dict(orient="records") if len(ratios) else []})
+        summary = {"ratios": {f"{r['protocol']}/seed{r['seed']}": r for r in ratios.to_dict(orient="records")}}
+        return StudyReport(results={"entries": results, **summary}, markdown=markdown, plots=figures, table=frame,
+                           summary=summary)
 
 
 def measure_solution(train: LossOracle, test: LossOracle, section: SharpnessSection, seed: int) -> dict[str, Any]:

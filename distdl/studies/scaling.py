@@ -1,0 +1,223 @@
+"""`distdl study scaling`: what more workers and larger batches buy.
+
+- Throughput against the number of workers: strong scaling (the global batch fixed, split over
+  more workers) and weak scaling (each worker's batch fixed), with the efficiency of each:
+  strong: speedup / workers; weak: per-worker throughput over the one-worker run's.
+- Steps to a target training loss against the global batch size, the learning rate scaled linearly
+  with the batch (Goyal et al. 2017; Shallue et al. 2018 measured this curve on many workloads). The
+  critical batch size is read off the curve by fitting McCandlish et al.'s S = S_min (1 + B_crit / B),
+  and set next to the gradient noise scale B_simple measured during the same runs, which predicts it.
+
+All figures come from the trials' own metrics (samples/s over windows that exclude evaluation and
+checkpoints; the window-mean training loss); nothing is measured after training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from distdl.config import ConfigError, config_from_dict
+from distdl.registry import STUDIES
+from distdl.studies import plots
+from distdl.studies.base import Study, StudyReport, StudySection, Trial
+from distdl.studies.sharpness import noise_scale_of_run
+from distdl.tracking import read_metrics
+
+
+@dataclass
+class ScalingSection(StudySection):
+    name: str = "scaling"
+    # Worker counts for the throughput runs (the Ray cluster must hold the largest).
+    workers: list[int] = field(default_factory=lambda: [1, 2])
+    # strong, weak, or both.
+    throughput_kinds: list[str] = field(default_factory=lambda: ["strong", "weak"])
+    throughput_steps: int = 40
+    # Strong scaling: this global batch at every worker count. Weak: this batch per worker.
+    strong_batch_size: int = 256
+    weak_micro_batch_size: int = 128
+    # Steps to target: global batch sizes, run on the training config's scaling.num_workers.
+    batch_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    target_loss: float = 0.3
+    # The step budget of each steps-to-target run (each stops at the target; one that does not reach
+    # it is reported as such).
+    max_steps: int = 2000
+    # optimizer.lr is the learning rate at this batch size; other sizes scale it linearly.
+    reference_batch_size: int = 32
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+
+@STUDIES.register("scaling")
+class ScalingStudy(Study):
+    section_class = ScalingSection
+
+    @classmethod
+    def validate(cls, section: ScalingSection) -> None:
+        lists = {"study.workers": section.workers, "study.batch_sizes": section.batch_sizes,
+                 "study.seeds": section.seeds}
+        for key, values in lists.items():
+            if not values:
+                raise ConfigError(f"{key} is empty")
+        for key in ("workers", "batch_sizes"):
+            values = getattr(section, key)
+            if any(v < 1 for v in values) or len(set(values)) != len(values):
+                raise ConfigError(f"study.{key}={values} must list distinct positive numbers")
+        positive = {"study.throughput_steps": section.throughput_steps, "study.max_steps": section.max_steps,
+                    "study.strong_batch_size": section.strong_batch_size,
+                    "study.weak_micro_batch_size": section.weak_micro_batch_size,
+                    "study.reference_batch_size": section.reference_batch_size}
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key}={value} must be at least 1")
+        if not section.throughput_kinds or any(k not in ("strong", "weak") for k in section.throughput_kinds):
+            raise ConfigError(f"study.throughput_kinds={section.throughput_kinds}: allowed are strong, weak")
+        if not section.target_loss > 0:
+            raise ConfigError(f"study.target_loss={section.target_loss} must be positive")
+        for workers in section.workers:
+            if section.strong_batch_size % workers:
+                raise ConfigError(f"study.strong_batch_size={section.strong_batch_size} does not split evenly over "
+                                  f"{workers} workers (study.workers)")
+
+    def trials(self, train_examples: int) -> list[Trial]:
+        section = self.section
+        base = config_from_dict(self.base)
+        workers = base.scaling.num_workers
+        noise = workers >= 2 and base.engine.zero_stage == 0 and base.engine.precision == "fp32"
+        common = {"trainer.gradient_accumulation_steps": None, "trainer.epochs": None, "trainer.stop_at_loss": None}
+        trials = []
+        for kind in section.throughput_kinds:
+            for count in sorted(section.workers):
+                micro = section.strong_batch_size // count if kind == "strong" else section.weak_micro_batch_size
+                trials.append(Trial(f"throughput-{kind}-workers{count}", {
+                    **common, "scaling.num_workers": count, "trainer.micro_batch_size": micro,
+                    "trainer.global_batch_size": micro * count, "trainer.max_steps": section.throughput_steps,
+                    "trainer.log_every": max(1, section.throughput_steps // 8), "trainer.noise_scale": False,
+                }, {"kind": kind, "workers": count, "global_batch_size": micro * count}))
+        for batch in sorted(section.batch_sizes):
+            if batch % workers:
+                raise ConfigError(f"study.batch_sizes: {batch} does not split evenly over scaling.num_workers={workers}")
+            for seed in section.seeds:
+                trials.append(Trial(f"target-batch{batch}-seed{seed}", {
+                    **common, "trainer.micro_batch_size": batch // workers, "trainer.global_batch_size": batch,
+                    "trainer.max_steps": section.max_steps, "optimizer.reference_batch_size": section.reference_batch_size,
+                    "trainer.noise_scale": noise, "trainer.stop_at_loss": section.target_loss, "run.seed": seed,
+                }, {"kind": "target", "batch_size": batch, "seed": seed}))
+        return trials
+
+    def measure_tasks(self, trials: list[Trial]) -> list[dict[str, Any]]:
+        return []  # everything comes from the trials' metrics
+
+    @staticmethod
+    def measure(task: dict[str, Any], section: Any, context: Any) -> dict[str, Any]:
+        raise NotImplementedError("the scaling study measures nothing after training")
+
+    def write_report(self, trials: list[Trial]) -> StudyReport:
+        import pandas as pd
+
+        throughput, targets = [], []
+        for trial in trials:
+            run_dir = self.trial_config(trial).run_dir
+            if trial.tags["kind"] == "target":
+                targets.append({**trial.tags, "steps_to_target": steps_to_target(run_dir, self.section.target_loss),
+                                "noise_scale": noise_scale_of_run(run_dir)})
+            else:
+                throughput.append({**trial.tags, "samples_per_s": samples_per_second(run_dir)})
+        speed = add_efficiency(pd.DataFrame(throughput))
+        curve = pd.DataFrame(targets)
+        fit = critical_batch_size(curve)
+        noise = curve["noise_scale"].dropna()
+        predicted = float(noise.median()) if len(noise) else None
+        figures = {"throughput": plots.throughput_against_workers(speed, self.study_dir),
+                   "steps_to_target": plots.steps_against_batch(curve, fit, predicted, self.section.target_loss,
+                                                                self.study_dir)}
+        summary = {"critical_batch_size": fit.get("critical_batch_size"), "min_steps": fit.get("min_steps"),
+                   "noise_scale_batch": predicted,
+                   "efficiency": {f"{r['kind']}/workers{r['workers']}": r["efficiency"] for r in speed.to_dict("records")}}
+        results = {"entries": curve.to_dict("records"), "throughput": speed.to_dict("records"), **summary}
+        markdown = scaling_markdown(speed, curve, summary, figures, self.section)
+        return StudyReport(results=results, markdown=markdown, plots=figures, table=curve, summary=summary)
+
+
+def samples_per_second(run_dir: Path) -> float:
+    """The mean throughput over the logged windows after the first (which holds the warm-up)."""
+    windows = [m["samples_per_s"] for m in read_metrics(run_dir) if "samples_per_s" in m]
+    kept = windows[1:] or windows
+    return float(np.mean(kept)) if kept else float("nan")
+
+
+def steps_to_target(run_dir: Path, target: float) -> Optional[int]:
+    """The first logged step whose window-mean training loss is at or below the target."""
+    for record in read_metrics(run_dir):
+        if "loss" in record and record["loss"] <= target:
+            return int(record["step"])
+    return None
+
+
+def add_efficiency(frame: Any) -> Any:
+    """Strong: (throughput(n) / throughput(1)) / n. Weak: per-worker throughput over one worker's."""
+    frame = frame.sort_values(["kind", "workers"]).reset_index(drop=True)
+    efficiency = []
+    for _, row in frame.iterrows():
+        same = frame[frame.kind == row.kind]
+        one = same[same.workers == same.workers.min()].iloc[0]
+        per_worker = row.samples_per_s / row.workers
+        efficiency.append(per_worker / (one.samples_per_s / one.workers))
+    frame["samples_per_s_per_worker"] = frame.samples_per_s / frame.workers
+    frame["efficiency"] = efficiency
+    return frame
+
+
+def critical_batch_size(curve: Any) -> dict[str, float]:
+    """S = S_min (1 + B_crit / B) fitted by least squares as S = a + b / B (a = S_min, b = S_min B_crit),
+    over the batch sizes that reached the target (McCandlish et al. 2018, eq. 2.11)."""
+    from scipy.stats import linregress
+
+    reached = curve.dropna(subset=["steps_to_target"]).groupby("batch_size").steps_to_target.mean()
+    if len(reached) < 2:
+        return {}
+    fit = linregress(1.0 / reached.index.to_numpy(dtype=float), reached.to_numpy(dtype=float))
+    if fit.intercept <= 0:
+        return {"min_steps": float("nan"), "critical_batch_size": float("nan")}
+    return {"min_steps": float(fit.intercept), "critical_batch_size": float(fit.slope / fit.intercept),
+            "fit_r2": float(fit.rvalue**2)}
+
+
+def scaling_markdown(speed: Any, curve: Any, summary: dict[str, Any], figures: dict[str, Path],
+                     section: ScalingSection) -> str:
+    def number(value: Any) -> str:
+        return "n/a" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{value:.4g}"
+
+    missed = curve[curve.steps_to_target.isna()].batch_size.tolist()
+    lines = [
+        f"# Scaling study `{section.name}`",
+        "",
+        "## Throughput",
+        "",
+        f"Strong scaling keeps the global batch at {section.strong_batch_size}; weak scaling gives each worker "
+        f"{section.weak_micro_batch_size}. Efficiency: strong, the speedup over the fewest workers divided by the "
+        "worker ratio; weak, the throughput per worker over the fewest workers' (1 is perfect).",
+        "",
+        speed.to_markdown(index=False, floatfmt=".4g"),
+        "",
+        "## Steps to a target loss",
+        "",
+        f"Steps until the window-mean training loss first reaches {section.target_loss}, the learning rate "
+        f"scaled linearly from batch {section.reference_batch_size} (Goyal et al. 2017). "
+        f"**Critical batch size from the curve: {number(summary['critical_batch_size'])}** (fit of "
+        f"S = S_min (1 + B_crit / B), S_min = {number(summary['min_steps'])}); **gradient noise scale "
+        f"B_simple measured in the same runs: {number(summary['noise_scale_batch'])}** (McCandlish et al. 2018 "
+        "predict B_crit from it). Below B_crit, doubling the batch nearly halves the steps; above it, it "
+        "buys little.",
+        "",
+        curve.to_markdown(index=False, floatfmt=".4g"),
+        "",
+    ]
+    if missed:
+        lines += [f"Batch sizes {missed} did not reach the target within {section.max_steps} steps "
+                  "(study.max_steps).", ""]
+    for name, path in figures.items():
+        lines += [f"## {name.replace('_', ' ').capitalize()} plot", "", f"![{name}]({path.name})", ""]
+    return "\n".join(lines)
