@@ -225,3 +225,30 @@ def test_bad_scaling_settings_are_refused(tmp_path, capsys):
                                ("study.target_loss=0", "must be positive")):
         assert cli.main(["study", "scaling", str(SCALING), f"run.storage_path={tmp_path}", override]) == 2
         assert expected in capsys.readouterr().err
+
+
+def test_critical_batch_size_fit_recovers_a_known_curve_and_efficiency_is_per_worker():
+    import pandas as pd
+
+    from distdl.studies.scaling import add_efficiency, critical_batch_size
+
+    batches = np.array([16, 32, 64, 128, 256])
+    curve = pd.DataFrame({"batch_size": batches, "steps_to_target": 400 * (1 + 96 / batches)})
+    fit = critical_batch_size(curve)
+    assert fit["min_steps"] == pytest.approx(400) and fit["critical_batch_size"] == pytest.approx(96)
+    speed = add_efficiency(pd.DataFrame({"kind": ["strong", "strong", "weak", "weak"], "workers": [1, 4, 1, 4],
+                                         "samples_per_s": [100.0, 300.0, 100.0, 360.0]}))
+    assert speed.efficiency.tolist() == pytest.approx([1.0, 0.75, 1.0, 0.9])
+
+
+def test_linear_rate_and_distance_exponent_fits():
+    import pandas as pd
+
+    from distdl.studies.overparam import distance_exponent, linear_rate
+
+    steps = np.arange(0, 200, 10.0)
+    rate, r2 = linear_rate(steps, 3.0 * np.exp(-0.02 * steps), skip=0.1)
+    assert rate == pytest.approx(0.02) and r2 == pytest.approx(1.0)
+    widths = np.array([16, 64, 256, 1024])
+    exponent, _ = distance_exponent(pd.DataFrame({"width": widths, "relative_distance": 2.0 * widths**-0.5}))
+    assert exponent == pytest.approx(-0.5)

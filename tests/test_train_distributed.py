@@ -77,15 +77,42 @@ def test_each_zero_stage_trains_ranks_agree_and_exports_exactly(ray_local, tmp_p
     assert main(["export", str(config.run_dir), str(tmp_path / "export")]) == 0
     exported = BertForMaskedLM.from_pretrained(tmp_path / "export")
     assert weights_checksum(exported) == summary["parameter_checksums"][0]
+    if stage == 2:
+        check_export_runs_like_the_engine(config, tmp_path / "export")
+    assert main(["export", str(config.run_dir), str(tmp_path / "export")]) == 2, "never overwrites a non-empty folder"
 
 
-def test_bf16_trains_and_exports_fp32_master_weights(ray_local, tmp_path, corpus):
+def check_export_runs_like_the_engine(config, out: Path) -> None:
+    """The export loads in transformers with its tokenizer and computes what the engine's own copy of
+    the module weights computes (read from DeepSpeed's files, not via zero_to_fp32)."""
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    exported = BertForMaskedLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    checkpoint = latest_checkpoint(config.run_dir)
+    states = torch.load(next(checkpoint.glob("global_step*/mp_rank_00_model_states.pt")), map_location="cpu",
+                        weights_only=False)
+    engine_model = BertForMaskedLM(exported.config).eval()
+    engine_model.load_state_dict(states["module"], strict=False)
+    batch = tokenizer(["the licensee may copy and distribute the program"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**batch).logits, engine_model(**batch).logits)
+
+
+def test_bf16_trains_logs_to_wandb_offline_once_and_exports_fp32_master_weights(ray_local, tmp_path, corpus):
     from transformers import BertForMaskedLM
 
     from distdl.cli import main
 
-    config, summary = run(tmp_path, corpus, "engine.zero_stage=0", "engine.precision=bf16", "optimizer.lr=3e-3")
+    config, summary = run(tmp_path, corpus, "engine.zero_stage=0", "engine.precision=bf16", "optimizer.lr=3e-3",
+                          "tracking.wandb_mode=offline")
     assert_trained(config, summary)
+    runs = list((config.run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "one W&B run per training run, not per rank"
+    records = list(runs[0].glob("run-*.wandb"))
+    assert len(records) == 1 and records[0].stat().st_size > 0
+    assert summary["wandb_run_id"] in records[0].name
     assert main(["export", str(config.run_dir), str(tmp_path / "export")]) == 0
     exported = BertForMaskedLM.from_pretrained(tmp_path / "export")
     assert all(p.dtype == torch.float32 for p in exported.parameters())
@@ -129,37 +156,6 @@ def test_resumed_run_equals_uninterrupted(ray_local, tmp_path, corpus, shared_to
     assert read_metrics(resumed.run_dir)[-1]["loss"] == pytest.approx(losses[12], rel=1e-5)
 
 
-def test_export_loads_in_transformers_with_engine_outputs(ray_local, tmp_path, corpus):
-    from transformers import AutoTokenizer, BertForMaskedLM
-
-    from distdl.cli import main
-
-    config, _ = run(tmp_path, corpus, "engine.zero_stage=2", "trainer.max_steps=8")
-    out = tmp_path / "export"
-    assert main(["export", str(config.run_dir), str(out)]) == 0
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
-    exported = BertForMaskedLM.from_pretrained(out).eval()
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    # What the engine held: DeepSpeed's own copy of the module weights (not via zero_to_fp32).
-    states = torch.load(latest_checkpoint(config.run_dir) / "global_step8/mp_rank_00_model_states.pt",
-                        map_location="cpu", weights_only=False)
-    engine_model = BertForMaskedLM(exported.config).eval()
-    engine_model.load_state_dict(states["module"], strict=False)
-    batch = tokenizer(["the licensee may copy and distribute the program"], return_tensors="pt")
-    with torch.no_grad():
-        torch.testing.assert_close(exported(**batch).logits, engine_model(**batch).logits)
-    assert main(["export", str(config.run_dir), str(out)]) == 2, "never overwrites a non-empty folder"
-
-
-def test_wandb_offline_run_is_written_once(ray_local, tmp_path, corpus):
-    config, summary = run(tmp_path, corpus, "tracking.wandb_mode=offline", "trainer.max_steps=4")
-    runs = list((config.run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1, "one W&B run per training run, not per rank"
-    records = list(runs[0].glob("run-*.wandb"))
-    assert len(records) == 1 and records[0].stat().st_size > 0
-    assert summary["wandb_run_id"] in records[0].name
-
-
 def test_crashed_worker_restarts_from_checkpoint(ray_local, tmp_path, corpus, shared_tokenizer):
     common = ("engine.zero_stage=2", "trainer.max_steps=10", "trainer.checkpoint_every=5", "trainer.log_every=5",
               f"tokenizer.name_or_path={shared_tokenizer}")
@@ -175,20 +171,8 @@ def test_crashed_worker_restarts_from_checkpoint(ray_local, tmp_path, corpus, sh
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_corrupted_checkpoint_is_named_before_workers_start(ray_local, tmp_path, corpus, capsys):
-    from distdl.cli import main
-
-    config, _ = run(tmp_path, corpus, "trainer.max_steps=4")
-    shard = next((latest_checkpoint(config.run_dir) / "global_step4").glob("*optim_states.pt"))
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a save cut short
-    metrics_before = (config.run_dir / "metrics.jsonl").read_bytes()
-    # Resuming with the run's own saved config and a larger budget.
-    assert main(["train", str(config.run_dir / "config.yaml"), "trainer.max_steps=8"]) == 2
-    assert f"checkpoint file {shard} is corrupted" in capsys.readouterr().err
-    assert (config.run_dir / "metrics.jsonl").read_bytes() == metrics_before, "nothing the run had is touched"
-
-
-def test_next_sentence_prediction_trains_and_exports(ray_local, tmp_path, corpus):
+def test_next_sentence_prediction_trains_exports_and_a_corrupted_checkpoint_is_named(ray_local, tmp_path, corpus,
+                                                                                    capsys):
     from transformers import BertForPreTraining
 
     from distdl.cli import main
@@ -201,6 +185,15 @@ def test_next_sentence_prediction_trains_and_exports(ray_local, tmp_path, corpus
     assert main(["export", str(config.run_dir), str(out)]) == 0
     model = BertForPreTraining.from_pretrained(out)
     assert model.cls.seq_relationship.out_features == 2
+    # The same run, its checkpoint then cut short as by a crash during the save: named before workers start.
+    shard = next((latest_checkpoint(config.run_dir) / "global_step12").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    metrics_before = (config.run_dir / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    # Resuming with the run's own saved config and a larger budget.
+    assert main(["train", str(config.run_dir / "config.yaml"), "trainer.max_steps=16"]) == 2
+    assert f"checkpoint file {shard} is corrupted" in capsys.readouterr().err
+    assert (config.run_dir / "metrics.jsonl").read_bytes() == metrics_before, "nothing the run had is touched"
 
 
 def test_worker_error_is_one_clear_line(ray_local, tmp_path, corpus, capsys):
