@@ -137,11 +137,14 @@ def test_interpolation_passes_through_both_solutions_and_lerps_batch_norm_statis
     end = second.state_dict()
     seen = []
     first[1].register_forward_hook(lambda module, args, out: seen.append(float(module.running_mean[0])))
-    rows = interpolation(first, {"train": oracle}, start, end, [0.0, 0.5, 1.0])
-    assert rows[0]["train_loss"] == pytest.approx(oracle.evaluate().loss)
+    first_loss = oracle.evaluate().loss
+    # The model's own state dict as the start, as the study passes it: loading must not change it midway.
+    rows = interpolation(first, {"train": oracle}, first.state_dict(), end, [0.5, 0.0, 1.0])
+    seen = seen[len(batches):]  # the evaluation above
+    assert rows[1]["train_loss"] == pytest.approx(first_loss), "alpha 0 after alpha 0.5 is still the start"
     second_loss = LossOracle(second, batches, cross_entropy, torch.device("cpu")).evaluate().loss
     assert rows[2]["train_loss"] == pytest.approx(second_loss, rel=1e-6)
-    assert seen[len(batches)] == pytest.approx(1.0), "halfway, the running mean is halfway from 0 to 2"
+    assert seen[0] == pytest.approx(1.0), "halfway, the running mean is halfway from 0 to 2"
     assert all(torch.equal(v, start[k]) for k, v in first.state_dict().items()), "the model is put back"
 
 

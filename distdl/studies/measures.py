@@ -252,6 +252,9 @@ def interpolation(model: torch.nn.Module, oracles: dict[str, LossOracle], start:
     running variances kept at 0 or more."""
     rows = []
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # Copies: `start` is often the model's own state dict, which loading overwrites.
+    start = {k: v.detach().clone() for k, v in start.items()}
+    end = {k: v.detach().clone() for k, v in end.items()}
     try:
         for alpha in alphas:
             model.load_state_dict({k: _lerp(k, v, end[k], alpha) for k, v in start.items()})
