@@ -476,6 +476,15 @@ def _check_device(config: Config) -> None:
         )
 
 
+def with_defaults(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the keys added to distdl since it was written, at their defaults, so
+    that a newer distdl resumes an older run whose settings it would give the same values."""
+    try:
+        return config_from_dict(yaml.safe_load(yaml.safe_dump(config_dict))).to_dict()
+    except ConfigError:
+        return config_dict
+
+
 def without_session_keys(config_dict: dict[str, Any]) -> dict[str, Any]:
     """The config without the keys a resume may change."""
     copy = yaml.safe_load(yaml.safe_dump(config_dict))

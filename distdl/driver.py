@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from distdl.config import (SESSION_KEYS, Config, ConfigError, config_differences, resolve_epochs,
+from distdl.config import (SESSION_KEYS, Config, ConfigError, config_differences, resolve_epochs, with_defaults,
                            without_session_keys)
 from distdl.errors import RunDirError
 from distdl.registry import WORKLOADS
@@ -38,7 +38,7 @@ def check_run_dir(config: Config, overwrite: bool) -> bool:
             raise RunDirError(f"run directory {run_dir} exists and is not a distdl run (no {CONFIG_FILE}); "
                               "choose another run.name or run.storage_path")
         return False
-    saved = yaml.safe_load(saved_file.read_text()) or {}
+    saved = with_defaults(yaml.safe_load(saved_file.read_text()) or {})
     differences = config_differences(without_session_keys(saved), without_session_keys(config.to_dict()))
     if not differences:
         return True

@@ -252,3 +252,24 @@ def test_linear_rate_and_distance_exponent_fits():
     widths = np.array([16, 64, 256, 1024])
     exponent, _ = distance_exponent(pd.DataFrame({"width": widths, "relative_distance": 2.0 * widths**-0.5}))
     assert exponent == pytest.approx(-0.5)
+
+
+def test_a_run_saved_before_a_key_existed_still_resumes(tmp_path):
+    """distdl grows keys; a run directory written without one resumes when the key has its default."""
+    import yaml
+
+    from distdl.config import load_config
+    from distdl.driver import check_run_dir
+
+    config = load_config(REPO / "configs/resnet/mnist_laptop.yaml", [f"run.storage_path={tmp_path}"])
+    older = config.to_dict()
+    del older["data"]["label_noise"], older["trainer"]["stop_at_loss"]
+    config.run_dir.mkdir(parents=True)
+    (config.run_dir / "config.yaml").write_text(yaml.safe_dump(older))
+    assert check_run_dir(config, overwrite=False) is True
+    changed = load_config(REPO / "configs/resnet/mnist_laptop.yaml", [f"run.storage_path={tmp_path}",
+                                                                       "data.label_noise=0.1"])
+    from distdl.errors import RunDirError
+
+    with pytest.raises(RunDirError, match=r"data.label_noise: 0.0 -> 0.1"):
+        check_run_dir(changed, overwrite=False)

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
-from distdl.config import ConfigError, config_differences, config_from_dict, without_session_keys
+from distdl.config import ConfigError, config_differences, config_from_dict, with_defaults, without_session_keys
 from distdl.errors import RunDirError
 from distdl.registry import STUDIES, WORKLOADS
 from distdl.studies.base import Study, StudyReport, read_study_file
@@ -64,8 +64,9 @@ def check_study_dir(study_dir: Path, saved: dict[str, Any], overwrite: bool) -> 
                               "choose another study.name or run.storage_path")
         return
     old = yaml.safe_load(saved_file.read_text()) or {}
-    differences = config_differences(old.get("study", {}), saved["study"], "study.") + config_differences(
-        without_session_keys(old.get("training", {})), without_session_keys(saved["training"]))
+    old_study = {**saved["study"], **old.get("study", {})}  # settings added since: at today's values
+    differences = config_differences(old_study, saved["study"], "study.") + config_differences(
+        without_session_keys(with_defaults(old.get("training", {}))), without_session_keys(saved["training"]))
     if not differences:
         return
     if not overwrite:

@@ -104,6 +104,8 @@ class ScalingStudy(Study):
                     **common, "trainer.micro_batch_size": batch // workers, "trainer.global_batch_size": batch,
                     "trainer.max_steps": section.max_steps, "optimizer.reference_batch_size": section.reference_batch_size,
                     "trainer.noise_scale": noise, "trainer.stop_at_loss": section.target_loss, "run.seed": seed,
+                    # Every step logged: the step the target is reached, not the next log step after it.
+                    "trainer.log_every": 1,
                 }, {"kind": "target", "batch_size": batch, "seed": seed}))
         return trials
 
