@@ -218,11 +218,16 @@ def test_measurements_on_two_gloo_ranks_equal_one_process():
         assert parallel[0][name] == pytest.approx(value, rel=1e-4, abs=1e-9), name
 
 
-def test_interpolating_past_the_solutions_keeps_batch_norm_variances_non_negative():
+def test_interpolating_past_the_solutions_keeps_batch_norm_variances_positive():
     model = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3)).eval()
     oracle = LossOracle(model, classification_batches(), cross_entropy, torch.device("cpu"))
     start = {k: v.clone() for k, v in model.state_dict().items()}
     end = {k: v.clone() for k, v in start.items()}
     end["1.running_var"] = torch.full((3,), 4.0)  # at alpha = -1: 2 x 1 - 4 < 0
-    rows = interpolation(model, {"train": oracle}, start, end, [-1.0, 2.0])
+    seen = []
+    model[1].register_forward_hook(lambda module, args, out: seen.append(module.running_var.clone()))
+    rows = interpolation(model, {"train": oracle}, start, end, [-1.0, 0.5, 2.0])
     assert all(np.isfinite(row["train_loss"]) for row in rows)
+    per_alpha = seen[:: len(classification_batches())]
+    # Geometric: 1^2 / 4 = 0.25 at alpha -1, sqrt(1 x 4) = 2 halfway, 4^2 = 16 at alpha 2.
+    assert [float(v[0]) for v in per_alpha] == pytest.approx([0.25, 2.0, 16.0])

@@ -249,7 +249,7 @@ def interpolation(model: torch.nn.Module, oracles: dict[str, LossOracle], start:
     """Loss and accuracy of `model` with the state (1 - alpha) start + alpha end for each alpha
     (Keskar's Figure 3), on each oracle's data (say the train and test sets; the oracles wrap
     `model`). Floating-point buffers (batch-norm statistics) are interpolated with the weights,
-    running variances kept at 0 or more."""
+    running variances geometrically."""
     rows = []
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # Copies: `start` is often the model's own state dict, which loading overwrites.
@@ -271,9 +271,12 @@ def interpolation(model: torch.nn.Module, oracles: dict[str, LossOracle], start:
 def _lerp(name: str, start: torch.Tensor, end: torch.Tensor, alpha: float) -> torch.Tensor:
     if not start.is_floating_point():
         return start
-    value = (1 - alpha) * start + alpha * end
-    # Beyond the two solutions (alpha < 0 or > 1) a running variance can come out negative.
-    return value.clamp(min=0) if name.endswith("running_var") else value
+    if name.endswith("running_var"):
+        # A scale: interpolated geometrically, so that past the two solutions (alpha < 0 or > 1) it
+        # stays positive instead of crossing zero, where batch norm would divide by sqrt(eps).
+        tiny = torch.finfo(start.dtype).tiny
+        return torch.exp((1 - alpha) * start.clamp(min=tiny).log() + alpha * end.clamp(min=tiny).log())
+    return (1 - alpha) * start + alpha * end
 
 
 def noise_scale_terms(small_sq_norm: float, large_sq_norm: float, small_batch: int,
