@@ -54,6 +54,7 @@ def interpolation_curves(curves: dict[str, dict[str, Any]], study_dir: Path) -> 
     """Keskar's Figure 3: loss (log scale) and accuracy from the small-batch solution (alpha 0) to the
     large-batch one (alpha 1), and beyond on both sides."""
     figure, axes = _figure(len(curves), 4.5)
+    twins = []
     for axis, (title, curve) in zip(axes, curves.items()):
         rows = curve["rows"]
         alphas = [r["alpha"] for r in rows]
@@ -63,12 +64,13 @@ def interpolation_curves(curves: dict[str, dict[str, Any]], study_dir: Path) -> 
         axis.set_xlabel("alpha (0: small batch, 1: large batch)")
         axis.set_title(title)
         twin = axis.twinx()
+        twins.append(twin)
         for split, style in (("train", "-"), ("test", "--")):
             twin.plot(alphas, [r[f"{split}_accuracy"] for r in rows], "C1" + style, label=f"{split} accuracy")
         twin.set_ylim(0, 1)
         twin.set_ylabel("accuracy")
         axis.set_ylabel("loss")
-    lines = [line for axis in figure.axes for line in axis.get_lines()][:4]
+    lines = [*axes[0].get_lines(), *twins[0].get_lines()]
     axes[0].legend(lines, [line.get_label() for line in lines], loc="upper left", fontsize=7)
     return _save(figure, study_dir / "interpolation.png")
 
