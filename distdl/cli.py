@@ -22,7 +22,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        help="if the run directory holds a different config, move it aside and start afresh")
 
     study = commands.add_parser("study", help="run a study (several training runs, measured and reported)")
-    study.add_argument("name", help="sharpness")
+    study.add_argument("name", help="sharpness, overparam or scaling")
     study.add_argument("config", help="YAML study file: a training config plus a study: section")
     study.add_argument("overrides", nargs="*", help="dotted.key=value overrides; study.* go to the study's section")
     study.add_argument("--overwrite", action="store_true",

@@ -197,22 +197,10 @@ def _measure(rank: int, world: int, port: int, out: dict) -> None:
         dist.destroy_process_group()
 
 
-def _run(world: int) -> dict:
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_measure, args=(world, port, out), nprocs=world, join=True)
-    return dict(out)
-
-
 def test_measurements_on_two_gloo_ranks_equal_one_process():
-    single, parallel = _run(1)[0], _run(2)
+    from tests.gloo import spawn_gloo
+
+    single, parallel = spawn_gloo(_measure, 1)[0], spawn_gloo(_measure, 2)
     assert parallel[0] == parallel[1], "every rank gets rank 0's answers"
     for name, value in single.items():
         assert parallel[0][name] == pytest.approx(value, rel=1e-4, abs=1e-9), name

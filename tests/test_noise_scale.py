@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -48,19 +47,10 @@ def _train(rank: int, world: int, port: int, measure: bool, out: dict) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(measure: bool) -> dict:
-    import torch.multiprocessing as mp
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_train, args=(2, port, measure, out), nprocs=2, join=True)
-    return dict(out)
-
-
 def test_measuring_the_noise_scale_leaves_training_unchanged_and_sees_each_ranks_gradient():
-    plain, measured = _spawn(False), _spawn(True)
+    from tests.gloo import spawn_gloo
+
+    plain, measured = spawn_gloo(_train, 2, False), spawn_gloo(_train, 2, True)
     for rank in (0, 1):
         for a, b in zip(plain[(rank, False)]["weights"], measured[(rank, True)]["weights"]):
             assert torch.equal(a, b), "holding back DeepSpeed's all-reduce must not change the update"

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from distdl import cli
-from distdl.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARPNESS = REPO / "configs/studies/sharpness.yaml"
@@ -104,7 +103,7 @@ def test_a_study_run_again_trains_and_measures_nothing_twice(sharpness_study):
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("study.batch_sizes=[]", "at least one positive batch size"),
+    ("study.batch_sizes=[]", "must list batch sizes of at least 1"),
     ("study.epsilons=[1.0e-3,1.5]", "must lie in (0, 1)"),
     ("study.epsilons=[0]", "must lie in (0, 1)"),
     ("study.protocols=[equal_time]", "equal_epochs, equal_steps"),
@@ -123,7 +122,7 @@ def test_bad_study_settings_are_refused_before_any_training(override, expected, 
 
 def test_unknown_study_and_a_file_without_a_study_section(tmp_path, capsys):
     assert cli.main(["study", "grokking", str(SHARPNESS)]) == 2
-    assert "unknown study 'grokking'; known: sharpness" in capsys.readouterr().err
+    assert "unknown study 'grokking'; known: overparam, scaling, sharpness" in capsys.readouterr().err
     plain = REPO / "configs/resnet/mnist_laptop.yaml"
     assert cli.main(["study", "sharpness", str(plain)]) == 2
     assert "needs a 'study:' section" in capsys.readouterr().err
@@ -221,7 +220,7 @@ def test_scaling_study_measures_throughput_and_steps_to_target(ray_local, tmp_pa
 def test_bad_scaling_settings_are_refused(tmp_path, capsys):
     for override, expected in (("study.strong_batch_size=65", "does not split evenly over 2 workers"),
                                ("study.throughput_kinds=[diagonal]", "allowed are strong, weak"),
-                               ("study.workers=[]", "study.workers is empty"),
+                               ("study.workers=[]", "must list worker counts of at least 1"),
                                ("study.target_loss=0", "must be positive")):
         assert cli.main(["study", "scaling", str(SCALING), f"run.storage_path={tmp_path}", override]) == 2
         assert expected in capsys.readouterr().err

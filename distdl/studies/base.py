@@ -59,6 +59,19 @@ def read_study_file(path: str | Path, overrides: list[str]) -> StudyFile:
     return StudyFile(study, raw)
 
 
+def check_sweep(key: str, values: list[int], what: str) -> None:
+    """A list of distinct values of at least 1, with at least one in it (batch sizes, widths, workers)."""
+    if not values or any(v < 1 for v in values):
+        raise ConfigError(f"{key}={values} must list {what} of at least 1")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{key}={values} lists a value twice")
+
+
+def check_seeds(seeds: list[int]) -> None:
+    if not seeds:
+        raise ConfigError("study.seeds is empty; give at least one seed")
+
+
 class Study(ABC):
     """Subclasses register with `@STUDIES.register(name)` and give their section's dataclass."""
 

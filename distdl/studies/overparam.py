@@ -24,7 +24,7 @@ import torch
 from distdl.config import ConfigError
 from distdl.registry import STUDIES
 from distdl.studies import plots
-from distdl.studies.base import Study, StudyReport, StudySection, Trial
+from distdl.studies.base import Study, StudyReport, StudySection, Trial, check_seeds, check_sweep
 from distdl.studies.jobs import trained_workload
 from distdl.studies.measures import LossOracle, all_reduce_sum
 
@@ -50,12 +50,8 @@ class OverparamStudy(Study):
 
     @classmethod
     def validate(cls, section: OverparamSection) -> None:
-        if not section.widths or any(w < 1 for w in section.widths):
-            raise ConfigError(f"study.widths={section.widths} must list widths of at least 1")
-        if len(set(section.widths)) != len(section.widths):
-            raise ConfigError(f"study.widths={section.widths} lists a width twice")
-        if not section.seeds:
-            raise ConfigError("study.seeds is empty; give at least one seed")
+        check_sweep("study.widths", section.widths, "widths")
+        check_seeds(section.seeds)
         if section.width_key not in WIDTH_KEYS:
             raise ConfigError(f"study.width_key={section.width_key!r}; allowed: {', '.join(WIDTH_KEYS)}")
         if not 0 <= section.fit_skip < 1:

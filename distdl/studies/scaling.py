@@ -23,7 +23,7 @@ import numpy as np
 from distdl.config import ConfigError, config_from_dict
 from distdl.registry import STUDIES
 from distdl.studies import plots
-from distdl.studies.base import Study, StudyReport, StudySection, Trial
+from distdl.studies.base import Study, StudyReport, StudySection, Trial, check_seeds, check_sweep
 from distdl.studies.sharpness import noise_scale_of_run
 from distdl.tracking import read_metrics
 
@@ -56,15 +56,9 @@ class ScalingStudy(Study):
 
     @classmethod
     def validate(cls, section: ScalingSection) -> None:
-        lists = {"study.workers": section.workers, "study.batch_sizes": section.batch_sizes,
-                 "study.seeds": section.seeds}
-        for key, values in lists.items():
-            if not values:
-                raise ConfigError(f"{key} is empty")
-        for key in ("workers", "batch_sizes"):
-            values = getattr(section, key)
-            if any(v < 1 for v in values) or len(set(values)) != len(values):
-                raise ConfigError(f"study.{key}={values} must list distinct positive numbers")
+        check_sweep("study.workers", section.workers, "worker counts")
+        check_sweep("study.batch_sizes", section.batch_sizes, "batch sizes")
+        check_seeds(section.seeds)
         positive = {"study.throughput_steps": section.throughput_steps, "study.max_steps": section.max_steps,
                     "study.strong_batch_size": section.strong_batch_size,
                     "study.weak_micro_batch_size": section.weak_micro_batch_size,

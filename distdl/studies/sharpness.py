@@ -26,7 +26,7 @@ import numpy as np
 from distdl.config import ConfigError, config_from_dict, resolve_epochs
 from distdl.registry import STUDIES
 from distdl.studies import plots
-from distdl.studies.base import Study, StudyReport, StudySection, Trial
+from distdl.studies.base import Study, StudyReport, StudySection, Trial, check_seeds, check_sweep
 from distdl.studies.jobs import trained_workload
 from distdl.studies.measures import (LossOracle, epsilon_sharpness, hessian_top_eigenvalue, hessian_trace,
                                      interpolation, random_subspace)
@@ -70,12 +70,8 @@ class SharpnessStudy(Study):
 
     @classmethod
     def validate(cls, section: SharpnessSection) -> None:
-        if not section.batch_sizes or any(b < 1 for b in section.batch_sizes):
-            raise ConfigError(f"study.batch_sizes={section.batch_sizes} must list at least one positive batch size")
-        if len(set(section.batch_sizes)) != len(section.batch_sizes):
-            raise ConfigError(f"study.batch_sizes={section.batch_sizes} lists a batch size twice")
-        if not section.seeds:
-            raise ConfigError("study.seeds is empty; give at least one seed")
+        check_sweep("study.batch_sizes", section.batch_sizes, "batch sizes")
+        check_seeds(section.seeds)
         unknown = [p for p in section.protocols if p not in PROTOCOLS]
         if not section.protocols or unknown:
             raise ConfigError(f"study.protocols={section.protocols}: allowed are {', '.join(PROTOCOLS)}")
