@@ -14,6 +14,7 @@ checkpoints; the window-mean training loss); nothing is measured after training.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -167,18 +168,32 @@ def add_efficiency(frame: Any) -> Any:
 
 
 def critical_batch_size(curve: Any) -> dict[str, float]:
-    """S = S_min (1 + B_crit / B) fitted by least squares as S = a + b / B (a = S_min, b = S_min B_crit),
-    over the batch sizes that reached the target (McCandlish et al. 2018, eq. 2.11)."""
+    """S = S_min (1 + B_crit / B) (McCandlish et al. 2018, eq. 2.11) fitted over the batch sizes that
+    reached the target, by least squares on log S: the steps span decades, and a fit on S itself is
+    decided by the smallest batches alone."""
+    from scipy.optimize import OptimizeWarning, curve_fit
     from scipy.stats import linregress
 
     reached = curve.dropna(subset=["steps_to_target"]).groupby("batch_size").steps_to_target.mean()
     if len(reached) < 2:
         return {}
-    fit = linregress(1.0 / reached.index.to_numpy(dtype=float), reached.to_numpy(dtype=float))
-    if fit.intercept <= 0:
+    batches, steps = reached.index.to_numpy(dtype=float), reached.to_numpy(dtype=float)
+    start = linregress(1.0 / batches, steps)  # S = a + b / B, a = S_min, b = S_min B_crit: a first guess
+    guess = (max(start.intercept, steps.min() / 2), max(start.slope / max(start.intercept, 1e-9), batches.min()))
+
+    def log_steps(batch: np.ndarray, log_min: float, log_crit: float) -> np.ndarray:
+        return log_min + np.log1p(np.exp(log_crit) / batch)
+
+    try:
+        with warnings.catch_warnings():  # two batch sizes fit exactly, leaving no covariance to estimate
+            warnings.simplefilter("ignore", OptimizeWarning)
+            (log_min, log_crit), _ = curve_fit(log_steps, batches, np.log(steps), p0=np.log(guess), maxfev=10000)
+    except RuntimeError:
         return {"min_steps": float("nan"), "critical_batch_size": float("nan")}
-    return {"min_steps": float(fit.intercept), "critical_batch_size": float(fit.slope / fit.intercept),
-            "fit_r2": float(fit.rvalue**2)}
+    residual = np.log(steps) - log_steps(batches, log_min, log_crit)
+    spread = np.log(steps) - np.log(steps).mean()
+    return {"min_steps": float(np.exp(log_min)), "critical_batch_size": float(np.exp(log_crit)),
+            "fit_r2_log": float(1 - (residual**2).sum() / max((spread**2).sum(), 1e-300))}
 
 
 def scaling_markdown(speed: Any, curve: Any, summary: dict[str, Any], figures: dict[str, Path],
@@ -203,7 +218,7 @@ def scaling_markdown(speed: Any, curve: Any, summary: dict[str, Any], figures: d
         f"Steps until the window-mean training loss first reaches {section.target_loss}, the learning rate "
         f"scaled linearly from batch {section.reference_batch_size} (Goyal et al. 2017). "
         f"**Critical batch size from the curve: {number(summary['critical_batch_size'])}** (fit of "
-        f"S = S_min (1 + B_crit / B), S_min = {number(summary['min_steps'])}); **gradient noise scale "
+        f"S = S_min (1 + B_crit / B) on log S, S_min = {number(summary['min_steps'])}); **gradient noise scale "
         f"B_simple measured in the same runs: {number(summary['noise_scale_batch'])}** (McCandlish et al. 2018 "
         "predict B_crit from it). Below B_crit, doubling the batch nearly halves the steps; above it, it "
         "buys little.",
