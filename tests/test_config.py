@@ -269,7 +269,16 @@ def test_impossible_values_are_refused(override, culprit):
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")),
                          ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
-    config = load_config(path)
+    if path.parent.name == "studies":  # a training config plus a study: section
+        from distdl.config import config_from_dict
+        from distdl.registry import STUDIES
+        from distdl.studies.base import read_study_file
+
+        study_file = read_study_file(path, [])
+        STUDIES.get(path.stem).parse_section(study_file.study)
+        config = config_from_dict(study_file.training)
+    else:
+        config = load_config(path)
     assert config.run.name and (config.trainer.max_steps or config.trainer.epochs) >= 1
 
 
