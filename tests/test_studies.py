@@ -196,13 +196,13 @@ def test_scaling_study_measures_throughput_and_steps_to_target(ray_local, tmp_pa
 
     study_dir, report = run_study("scaling", SCALING, [
         "data.dataset=digits", "model.hidden_sizes=[32]", "optimizer.lr=0.05", "trainer.log_every=2",
-        "study.workers=[1,2]", "study.throughput_kinds=[strong]", "study.throughput_steps=8",
+        "study.workers=[2]", "study.throughput_kinds=[strong]", "study.throughput_steps=8",
         "study.strong_batch_size=64", "study.batch_sizes=[16,64]", "study.target_loss=1.0", "study.max_steps=300",
         f"run.storage_path={tmp_path}", "tracking.wandb_mode=disabled"])
     results = json.loads((study_dir / "results.json").read_text())
-    speed = {row["workers"]: row for row in results["throughput"]}
-    assert speed[1]["efficiency"] == 1.0 and 0 < speed[2]["efficiency"] < 1.5
-    assert speed[2]["samples_per_s"] > 0
+    # One worker count keeps the test short; the efficiency arithmetic is tested on known numbers below.
+    (speed,) = results["throughput"]
+    assert speed["workers"] == 2 and speed["efficiency"] == 1.0 and speed["samples_per_s"] > 0
     steps = {row["batch_size"]: row["steps_to_target"] for row in results["entries"]}
     assert 0 < steps[64] < steps[16] <= 300, "four times the batch (and learning rate) needs fewer steps"
     for batch, step in steps.items():
