@@ -60,9 +60,11 @@ def test_fully_connected_models_and_width_multipliers():
     du = build_classifier(ResNetModelSection(name="two_layer_relu", width=4096), 1, 8, 10)
     assert [p.numel() for p in du.parameters() if p.requires_grad] == [4096 * 64], "only W trains"
     assert set(du.output.weight.unique().tolist()) == {-1.0, 1.0}
-    x = torch.randn(32, 1, 8, 8)
-    with torch.no_grad():  # with 1/sqrt(m) output scaling, the outputs stay O(1) at any width
-        assert 0.3 < float(du(x).std()) / float(x.flatten(1).norm(dim=1).mean()) < 3
+    x = torch.randn(32, 1, 8, 8) * 5
+    narrow = build_classifier(ResNetModelSection(name="two_layer_relu", width=64), 1, 8, 10)
+    with torch.no_grad():  # unit-norm inputs and 1/sqrt(m) output scaling: outputs O(1) at any width and input scale
+        assert 0.3 < float(du(x).std()) < 3 and 0.3 < float(narrow(x).std()) < 3
+        torch.testing.assert_close(du(x), du(x / 5))
     wide = build_classifier(ResNetModelSection(name="cifar_resnet20", width_multiplier=2), 3, 32, 10)
     base = build_classifier(ResNetModelSection(name="cifar_resnet20"), 3, 32, 10)
     ratio = sum(p.numel() for p in wide.parameters()) / sum(p.numel() for p in base.parameters())
