@@ -395,13 +395,18 @@ def validate(config: Config) -> None:
         raise ConfigError("engine.offload_optimizer=true needs engine.zero_stage 1, 2 or 3")
     if config.trainer.stop_at_loss is not None and not math.isfinite(config.trainer.stop_at_loss):
         raise ConfigError(f"trainer.stop_at_loss={config.trainer.stop_at_loss} must be a finite number")
-    if config.trainer.noise_scale and (config.scaling.num_workers < 2 or config.engine.zero_stage != 0
-                                       or config.engine.precision != "fp32"):
+    if config.trainer.noise_scale and not noise_scale_possible(config):
         raise ConfigError("trainer.noise_scale=true compares each worker's gradient with the all-reduced one: it "
                           "needs scaling.num_workers >= 2, engine.zero_stage=0 and engine.precision=fp32 (got "
                           f"{config.scaling.num_workers}, {config.engine.zero_stage}, {config.engine.precision})")
     _resolve_batch(config)
     _check_device(config)
+
+
+def noise_scale_possible(config: Config) -> bool:
+    """trainer.noise_scale needs each rank's whole gradient before the all-reduce: 2+ workers, no
+    ZeRO partitioning of gradients, and fp32 gradients in the parameters' .grad."""
+    return config.scaling.num_workers >= 2 and config.engine.zero_stage == 0 and config.engine.precision == "fp32"
 
 
 def _check_budget(trainer: TrainerSection) -> None:

@@ -166,27 +166,34 @@ def use_cluster_token() -> None:
 
 
 def build_trainer(config: Config, ds_config: dict[str, Any], wandb_mode: str) -> Any:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from distdl.loop import train_loop_per_worker
 
-    scaling = config.scaling
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "deepspeed_config": ds_config, "wandb_mode": wandb_mode},
-        scaling_config=ScalingConfig(
-            num_workers=scaling.num_workers,
-            use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
-            placement_strategy=scaling.placement_strategy,
-        ),
+        scaling_config=scaling_config(config),
         run_config=RunConfig(
             name=config.run.name,
             storage_path=str(config.run_dir.parent),
             failure_config=FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=checkpoint_config(config),
         ),
+    )
+
+
+def scaling_config(config: Config) -> Any:
+    """Ray Train's workers for a config: training runs and the studies' measurement jobs alike."""
+    from ray.train import ScalingConfig
+
+    scaling = config.scaling
+    return ScalingConfig(
+        num_workers=scaling.num_workers,
+        use_gpu=scaling.use_gpu,
+        resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+        placement_strategy=scaling.placement_strategy,
     )
 
 

@@ -33,18 +33,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     import ray.train.torch
 
     config = config_from_dict(payload["config"])
-    train_context = ray.train.get_context()
-    rank, world_size = train_context.get_world_rank(), train_context.get_world_size()
-    # Ray gives each worker a CPU budget; more intra-op threads than that thrash (measured ~50x).
-    torch.set_num_threads(config.scaling.cpus_per_worker)
-    context = WorkerContext(
-        rank=rank,
-        world_size=world_size,
-        seed=config.run.seed,
-        micro_batch_size=config.trainer.micro_batch_size,
-        run_dir=config.run_dir,
-        device=ray.train.torch.get_device(),
-    )
+    context = worker_context(config)
+    rank, world_size = context.rank, context.world_size
     workload: Workload = WORKLOADS.get(config.workload)(config.sections, context)
     engines = EngineSet({name: build_engine(model, config, payload["deepspeed_config"])
                          for name, model in initial_models(workload, config.run.seed).items()})
@@ -54,6 +44,24 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         tracker = Tracker(config.tracking, config.run_dir, config.run.name, config.to_dict(),
                           payload["wandb_mode"], start_step, config.trainer.max_steps)
     run_steps(config, workload, engines, tracker, start_step, rank, world_size)
+
+
+def worker_context(config: Config) -> WorkerContext:
+    """This Ray Train worker's place, for a training run or a study's measurement job."""
+    import ray.train
+    import ray.train.torch
+
+    train_context = ray.train.get_context()
+    # Ray gives each worker a CPU budget; more intra-op threads than that thrash (measured ~50x).
+    torch.set_num_threads(config.scaling.cpus_per_worker)
+    return WorkerContext(
+        rank=train_context.get_world_rank(),
+        world_size=train_context.get_world_size(),
+        seed=config.run.seed,
+        micro_batch_size=config.trainer.micro_batch_size,
+        run_dir=config.run_dir,
+        device=ray.train.torch.get_device(),
+    )
 
 
 def initial_models(workload: Workload, seed: int) -> dict[str, torch.nn.Module]:

@@ -67,6 +67,20 @@ def check_sweep(key: str, values: list[int], what: str) -> None:
         raise ConfigError(f"{key}={values} lists a value twice")
 
 
+def check_at_least_one(settings: dict[str, int]) -> None:
+    """Each `study.key: value` must be at least 1."""
+    for key, value in settings.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1")
+
+
+def per_worker(batch: int, workers: int) -> int:
+    """A global batch's share per worker; a batch that does not split evenly is named."""
+    if batch % workers:
+        raise ConfigError(f"study.batch_sizes: {batch} does not split evenly over scaling.num_workers={workers}")
+    return batch // workers
+
+
 def check_seeds(seeds: list[int]) -> None:
     if not seeds:
         raise ConfigError("study.seeds is empty; give at least one seed")

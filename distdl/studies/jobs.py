@@ -23,24 +23,20 @@ from distdl.workloads.base import WorkerContext, Workload
 def run_measurements(config: Config, tasks: list[dict[str, Any]], measure: Callable[..., dict[str, Any]],
                      section: Any, storage: Path) -> None:
     """Run `measure(task, section, context)` for each task on the workers `config` asks for."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
-    from distdl.driver import connect_ray
+    from distdl.driver import connect_ray, scaling_config
 
     missing = [task for task in tasks if not Path(task["out"]).is_file()]
     if not missing:
         return
     connect_ray(config)
-    scaling = config.scaling
-    print(f"distdl: measuring {len(missing)} of {len(tasks)} on {scaling.num_workers} workers")
+    print(f"distdl: measuring {len(missing)} of {len(tasks)} on {config.scaling.num_workers} workers")
     trainer = TorchTrainer(
         measure_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "tasks": missing, "measure": measure, "section": section},
-        scaling_config=ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
-            placement_strategy=scaling.placement_strategy),
+        scaling_config=scaling_config(config),
         run_config=RunConfig(name="measurements", storage_path=str(storage)),
     )
     trainer.fit()
@@ -50,15 +46,9 @@ def run_measurements(config: Config, tasks: list[dict[str, Any]], measure: Calla
 
 
 def measure_loop_per_worker(payload: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
+    from distdl.loop import worker_context
 
-    config = config_from_dict(payload["config"])
-    torch.set_num_threads(config.scaling.cpus_per_worker)
-    context = ray.train.get_context()
-    worker = WorkerContext(rank=context.get_world_rank(), world_size=context.get_world_size(), seed=config.run.seed,
-                           micro_batch_size=config.trainer.micro_batch_size, run_dir=config.run_dir,
-                           device=ray.train.torch.get_device())
+    worker = worker_context(config_from_dict(payload["config"]))
     for task in payload["tasks"]:
         result = payload["measure"](task, payload["section"], worker)
         if worker.rank == 0:

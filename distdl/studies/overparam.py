@@ -24,7 +24,7 @@ import torch
 from distdl.config import ConfigError
 from distdl.registry import STUDIES
 from distdl.studies import plots
-from distdl.studies.base import Study, StudyReport, StudySection, Trial, check_seeds, check_sweep
+from distdl.studies.base import Study, StudyReport, StudySection, Trial, check_at_least_one, check_seeds, check_sweep
 from distdl.studies.jobs import trained_workload
 from distdl.studies.measures import LossOracle, all_reduce_sum
 
@@ -56,8 +56,7 @@ class OverparamStudy(Study):
             raise ConfigError(f"study.width_key={section.width_key!r}; allowed: {', '.join(WIDTH_KEYS)}")
         if not 0 <= section.fit_skip < 1:
             raise ConfigError(f"study.fit_skip={section.fit_skip} must lie in [0, 1)")
-        if section.measure_batch_size < 1:
-            raise ConfigError(f"study.measure_batch_size={section.measure_batch_size} must be at least 1")
+        check_at_least_one({"study.measure_batch_size": section.measure_batch_size})
 
     def trials(self, train_examples: int) -> list[Trial]:
         return [Trial(f"width{width}-seed{seed}", {self.section.width_key: width, "run.seed": seed},

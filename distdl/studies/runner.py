@@ -135,7 +135,6 @@ def train_with_tune(configs: list[Any], parallel: int, study_dir: Path) -> None:
 def tune_trial(tune_config: dict[str, Any]) -> None:
     from ray import tune
 
-    from distdl.config import config_from_dict
     from distdl.driver import train
 
     config = config_from_dict(tune_config["config"])

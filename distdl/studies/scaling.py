@@ -21,10 +21,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from distdl.config import ConfigError, config_from_dict
+from distdl.config import ConfigError, config_from_dict, noise_scale_possible
 from distdl.registry import STUDIES
 from distdl.studies import plots
-from distdl.studies.base import Study, StudyReport, StudySection, Trial, check_seeds, check_sweep
+from distdl.studies.base import (Study, StudyReport, StudySection, Trial, check_at_least_one, check_seeds,
+                                 check_sweep, per_worker)
 from distdl.studies.sharpness import noise_scale_of_run
 from distdl.tracking import read_metrics
 
@@ -60,13 +61,10 @@ class ScalingStudy(Study):
         check_sweep("study.workers", section.workers, "worker counts")
         check_sweep("study.batch_sizes", section.batch_sizes, "batch sizes")
         check_seeds(section.seeds)
-        positive = {"study.throughput_steps": section.throughput_steps, "study.max_steps": section.max_steps,
-                    "study.strong_batch_size": section.strong_batch_size,
-                    "study.weak_micro_batch_size": section.weak_micro_batch_size,
-                    "study.reference_batch_size": section.reference_batch_size}
-        for key, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{key}={value} must be at least 1")
+        check_at_least_one({"study.throughput_steps": section.throughput_steps, "study.max_steps": section.max_steps,
+                            "study.strong_batch_size": section.strong_batch_size,
+                            "study.weak_micro_batch_size": section.weak_micro_batch_size,
+                            "study.reference_batch_size": section.reference_batch_size})
         if not section.throughput_kinds or any(k not in ("strong", "weak") for k in section.throughput_kinds):
             raise ConfigError(f"study.throughput_kinds={section.throughput_kinds}: allowed are strong, weak")
         if not section.target_loss > 0:
@@ -80,7 +78,7 @@ class ScalingStudy(Study):
         section = self.section
         base = config_from_dict(self.base)
         workers = base.scaling.num_workers
-        noise = workers >= 2 and base.engine.zero_stage == 0 and base.engine.precision == "fp32"
+        noise = noise_scale_possible(base)
         common = {"trainer.gradient_accumulation_steps": None, "trainer.epochs": None, "trainer.stop_at_loss": None}
         trials = []
         for kind in section.throughput_kinds:
@@ -92,11 +90,10 @@ class ScalingStudy(Study):
                     "trainer.log_every": max(1, section.throughput_steps // 8), "trainer.noise_scale": False,
                 }, {"kind": kind, "workers": count, "global_batch_size": micro * count}))
         for batch in sorted(section.batch_sizes):
-            if batch % workers:
-                raise ConfigError(f"study.batch_sizes: {batch} does not split evenly over scaling.num_workers={workers}")
+            micro = per_worker(batch, workers)
             for seed in section.seeds:
                 trials.append(Trial(f"target-batch{batch}-seed{seed}", {
-                    **common, "trainer.micro_batch_size": batch // workers, "trainer.global_batch_size": batch,
+                    **common, "trainer.micro_batch_size": micro, "trainer.global_batch_size": batch,
                     "trainer.max_steps": section.max_steps, "optimizer.reference_batch_size": section.reference_batch_size,
                     "trainer.noise_scale": noise, "trainer.stop_at_loss": section.target_loss, "run.seed": seed,
                 }, {"kind": "target", "batch_size": batch, "seed": seed}))

@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from distdl.config import ConfigError, config_from_dict, resolve_epochs
+from distdl.config import ConfigError, config_from_dict, noise_scale_possible, resolve_epochs
 from distdl.registry import STUDIES
 from distdl.studies import plots
-from distdl.studies.base import Study, StudyReport, StudySection, Trial, check_seeds, check_sweep
+from distdl.studies.base import (Study, StudyReport, StudySection, Trial, check_at_least_one, check_seeds,
+                                 check_sweep, per_worker)
 from distdl.studies.jobs import trained_workload
 from distdl.studies.measures import (LossOracle, epsilon_sharpness, hessian_top_eigenvalue, hessian_trace,
                                      interpolation, random_subspace)
@@ -78,14 +79,12 @@ class SharpnessStudy(Study):
         bad = [e for e in section.epsilons if not 0 < e < 1]
         if not section.epsilons or bad:
             raise ConfigError(f"study.epsilons={section.epsilons}: each epsilon must lie in (0, 1)")
-        positive = {"study.sharpness_iterations": section.sharpness_iterations,
-                    "study.measure_examples": section.measure_examples,
-                    "study.measure_batch_size": section.measure_batch_size,
-                    "study.hessian_products": section.hessian_products, "study.trace_samples": section.trace_samples,
-                    "study.interpolation_points": section.interpolation_points}
-        for key, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{key}={value} must be at least 1")
+        check_at_least_one({"study.sharpness_iterations": section.sharpness_iterations,
+                            "study.measure_examples": section.measure_examples,
+                            "study.measure_batch_size": section.measure_batch_size,
+                            "study.hessian_products": section.hessian_products,
+                            "study.trace_samples": section.trace_samples,
+                            "study.interpolation_points": section.interpolation_points})
         if section.subspace_dimension < 0:
             raise ConfigError(f"study.subspace_dimension={section.subspace_dimension} must be 0 (skip) or more")
 
@@ -96,29 +95,26 @@ class SharpnessStudy(Study):
         if base.trainer.epochs is None:
             raise ConfigError("the sharpness study compares batch sizes at equal epochs: set trainer.epochs "
                               "(and not trainer.max_steps) in the training config")
-        noise = workers >= 2 and base.engine.zero_stage == 0 and base.engine.precision == "fp32"
-        smallest = min(self.section.batch_sizes)
-        small_steps = self._steps(smallest, train_examples)
+        noise = noise_scale_possible(base)
+        small_steps = self._steps(min(self.section.batch_sizes), workers, train_examples)
         trials: dict[str, Trial] = {}
         for protocol in self.section.protocols:
             for batch in sorted(self.section.batch_sizes):
-                steps = small_steps if protocol == "equal_steps" else self._steps(batch, train_examples)
+                steps = small_steps if protocol == "equal_steps" else self._steps(batch, workers, train_examples)
                 for seed in self.section.seeds:
                     name = f"batch{batch}-seed{seed}-steps{steps}"
                     trial = trials.setdefault(name, Trial(name, {
-                        "trainer.global_batch_size": batch, "trainer.micro_batch_size": batch // workers,
+                        "trainer.global_batch_size": batch, "trainer.micro_batch_size": per_worker(batch, workers),
                         "trainer.gradient_accumulation_steps": None, "trainer.max_steps": steps,
                         "run.seed": seed, "trainer.noise_scale": noise,
                     }, {"batch_size": batch, "seed": seed, "steps": steps, "protocols": []}))
                     trial.tags["protocols"].append(protocol)
         return list(trials.values())
 
-    def _steps(self, batch: int, train_examples: int) -> int:
-        workers = int(self.base.get("scaling", {}).get("num_workers", 1))
-        if batch % workers:
-            raise ConfigError(f"study.batch_sizes: {batch} does not split evenly over scaling.num_workers={workers}")
+    def _steps(self, batch: int, workers: int, train_examples: int) -> int:
+        """Optimizer steps for the config's epochs at this batch size, as the driver would count them."""
         raw = copy.deepcopy(self.base)
-        raw.setdefault("trainer", {}).update(global_batch_size=batch, micro_batch_size=batch // workers,
+        raw.setdefault("trainer", {}).update(global_batch_size=batch, micro_batch_size=per_worker(batch, workers),
                                              gradient_accumulation_steps=None, max_steps=None)
         config = config_from_dict(raw)
         resolve_epochs(config, train_examples)
