@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from distdl.config import config_from_dict, load_config
 from distdl.errors import USER_ERRORS
+
+# Exit status of `distdl train` that checkpointed and stopped on SIGUSR1 (slurm/ray_cluster.sbatch requeues on it).
+STOPPED_ON_REQUEST = 3
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -38,8 +41,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report.add_argument("kind", choices=["glue"], help="glue: the GLUE table (task by metric, with the BERT paper's average)")
     report.add_argument("run_dirs", nargs="+", help="run directories (several per task: the best on dev is shown)")
 
-    args = parser.parse_args(argv)
+    add_submit_commands(commands)
+
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "submit":
+        # Overrides may follow the submit flags (key=value after --nodes 2 ...), as users type them.
+        args.overrides += [item for item in extra if "=" in item and not item.startswith("-")]
+        extra = [item for item in extra if item not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.command == "submit":
+            return run_submit(args)
         if args.command == "train":
             return run_train(args.config, args.overrides, args.overwrite)
         if args.command == "study":
@@ -50,6 +63,57 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except USER_ERRORS as err:
         print(f"distdl: error: {err}", file=sys.stderr)
         return 2
+
+
+def add_submit_commands(commands: Any) -> None:
+    submit = commands.add_parser("submit", help="run training or a study on a Slurm allocation or a Ray cluster")
+    targets = submit.add_subparsers(dest="target", required=True)
+    slurm = targets.add_parser("slurm", help="sbatch a job that starts Ray across its nodes and runs distdl on it")
+    ray = targets.add_parser("ray", help="submit to a running Ray cluster through the Ray Jobs API")
+    for target in (slurm, ray):
+        target.add_argument("config", help="YAML config (a study file with --study)")
+        target.add_argument("overrides", nargs="*", help="dotted.key=value overrides, as for distdl train")
+        target.add_argument("--study", metavar="NAME", help="run this study (sharpness, overparam, scaling) instead "
+                            "of training")
+    slurm.add_argument("--nodes", type=int, required=True)
+    slurm.add_argument("--gpus-per-node", type=int, required=True, help="0 for CPU workers")
+    slurm.add_argument("--cpus-per-task", type=int, required=True, help="CPUs per node (one task per node runs Ray)")
+    slurm.add_argument("--time", required=True, help="Slurm time limit, e.g. 2:00:00 or 1-00:00:00")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--account")
+    slurm.add_argument("--qos")
+    slurm.add_argument("--workers-per-node", type=int, help="CPU jobs: Ray Train workers per node (default 1)")
+    slurm.add_argument("--signal-seconds", type=int, default=120,
+                       help="warning before the time limit, when the run checkpoints and requeues (default 120)")
+    slurm.add_argument("--ray-port-base", type=int,
+                       help="first of the job's Ray ports (default: from the job id, so jobs sharing nodes differ)")
+    slurm.add_argument("--dry-run", action="store_true", help="print the sbatch script instead of submitting it")
+    ray.add_argument("--address", required=True, help="the cluster's Ray Jobs API (dashboard), http://HEAD:8265")
+    ray.add_argument("--working-dir", default=".", help="folder shipped to the cluster as the job's working "
+                     "directory; the config must be inside it (default: .)")
+    ray.add_argument("--python", default="python", help="the cluster's Python with distdl installed (default: python)")
+    ray.add_argument("--follow", action="store_true", help="stream the job's logs and exit with its outcome")
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    from distdl import submit
+
+    plan = submit.plan_job(args.config, args.overrides, args.study)
+    if args.target == "ray":
+        return submit.submit_ray(plan, args.address, Path(args.working_dir), args.python, args.follow)
+    from distdl import slurm
+
+    request = slurm.SlurmRequest(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+                                 time=args.time, partition=args.partition, account=args.account, qos=args.qos,
+                                 workers_per_node=args.workers_per_node, signal_seconds=args.signal_seconds,
+                                 ray_port_base=args.ray_port_base)
+    slurm.check_request(request)
+    derived = slurm.scaling_overrides(request, args.overrides, plan.scaling)
+    if derived:
+        print(f"distdl: from the Slurm request: {' '.join(derived)}", file=sys.stderr)
+        plan = submit.plan_job(args.config, [*args.overrides, *derived], args.study)
+    slurm.submit(request, plan, args.dry_run)
+    return 0
 
 
 def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:
@@ -72,6 +136,10 @@ def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:
     if not summary:
         print(f"distdl: the run ended without a summary; see {config.run_dir}", file=sys.stderr)
         return 1
+    if summary.get("stopped_on_request_step"):
+        print(f"distdl: stopped on request at step {summary['stopped_on_request_step']} with a checkpoint; "
+              f"run the same command to resume ({config.run_dir})")
+        return STOPPED_ON_REQUEST
     final = summary.get("final", {})
     shown = ", ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float))
     print(f"distdl: step {summary['steps']}/{summary['max_steps']} done; {shown}")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -17,6 +20,10 @@ from distdl.registry import WORKLOADS
 from distdl.tracking import SUMMARY_FILE, resolve_wandb_mode
 
 CONFIG_FILE = "config.yaml"
+# A Slurm job's logs, written into the run directory before the run itself starts.
+SLURM_LOGS = "slurm"
+# A file whose presence asks a running run to checkpoint and stop (SIGUSR1 to the driver writes it).
+STOP_REQUEST_FILE = "stop_request"
 # Environment the workers need to see as the driver does (Ray clusters start workers elsewhere).
 FORWARDED_ENV = ("DISTDL_PLUGINS", "WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "HF_TOKEN", "HF_HOME",
                  "HF_DATASETS_CACHE",
@@ -34,7 +41,7 @@ def check_run_dir(config: Config, overwrite: bool) -> bool:
         return False
     saved_file = run_dir / CONFIG_FILE
     if not saved_file.is_file():
-        if any(run_dir.iterdir()):
+        if any(p.name != SLURM_LOGS for p in run_dir.iterdir()):
             raise RunDirError(f"run directory {run_dir} exists and is not a distdl run (no {CONFIG_FILE}); "
                               "choose another run.name or run.storage_path")
         return False
@@ -69,6 +76,8 @@ def train(config: Config, overwrite: bool = False) -> dict[str, Any]:
     ds_config = build_deepspeed_config(config.engine, config.trainer, config.scaling.num_workers,
                                        config.scaling.use_gpu)
     resuming = check_run_dir(config, overwrite)
+    if config.ray.address is not None:
+        connect_ray(config)  # a cluster that is unreachable or refuses us fails before the run directory is touched
     workload = WORKLOADS.get(config.workload)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -86,12 +95,38 @@ def train(config: Config, overwrite: bool = False) -> dict[str, Any]:
             return read_summary(config.run_dir)
     (config.run_dir / CONFIG_FILE).write_text(config.to_yaml())
     wandb_mode = resolve_wandb_mode(config.tracking.wandb_mode)
-    connect_ray(config)
+    connect_ray(config)  # the embedded local Ray starts only once the run is known to be good
     trainer = build_trainer(config, ds_config, wandb_mode)
     print(f"distdl: {'resuming' if resuming else 'starting'} run {config.run_dir} "
           f"({config.scaling.num_workers} workers, ZeRO-{config.engine.zero_stage}, {config.engine.precision})")
-    trainer.fit()
+    with stop_on_signal(config.run_dir):
+        trainer.fit()
     return read_summary(config.run_dir)
+
+
+@contextlib.contextmanager
+def stop_on_signal(run_dir: Path) -> Iterator[None]:
+    """SIGUSR1 (Slurm's warning before a time limit) asks the workers to checkpoint and stop.
+
+    The request is a file in the run directory, which every node sees; rank 0 looks for it at each
+    log step. A request left by an earlier session is dropped first.
+    """
+    request = run_dir / STOP_REQUEST_FILE
+    request.unlink(missing_ok=True)
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread (a study's trials run elsewhere)
+        return
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        request.write_text(f"{signal.Signals(signum).name} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        print(f"distdl: got {signal.Signals(signum).name}: checkpointing at the next log step, then stopping",
+              flush=True)
+
+    previous = signal.signal(signal.SIGUSR1, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def reached_target(config: Config) -> bool:
@@ -149,7 +184,41 @@ def connect_ray(config: Config) -> None:
         ray.init(num_cpus=config.ray.num_cpus, runtime_env={"env_vars": env_vars}, include_dashboard=True,
                  log_to_driver=True)
     else:
-        ray.init(address=config.ray.address, runtime_env={"env_vars": env_vars})
+        join_cluster(config.ray.address, env_vars)
+
+
+def join_cluster(address: str, env_vars: dict[str, str]) -> None:
+    """Connect to a running cluster, or say plainly why not (unreachable, or refused for its token)."""
+    import ray
+
+    if address != "auto":
+        check_reachable(address)
+    try:
+        ray.init(address=address, runtime_env={"env_vars": env_vars})
+    except (ConnectionError, ray.exceptions.AuthenticationError) as err:
+        causes = []
+        cause: BaseException | None = err
+        while cause is not None and len(causes) < 10:
+            causes.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        if any(isinstance(c, ray.exceptions.AuthenticationError) or "Authentication" in str(c) for c in causes):
+            raise ConfigError(f"ray.address={address}: the cluster refused this driver's token; run with the "
+                              "cluster's token in RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or ~/.ray/auth_token)") from err
+        raise ConfigError(f"ray.address={address}: cannot connect ({err})") from err
+
+
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail in seconds, not after Ray's minute of retries, when nothing listens at host:port."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise ConfigError(f"ray.address={address!r} is not host:port (or auto)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConfigError(f"ray.address={address}: nothing answers there ({err.strerror or err}); "
+                          "is the cluster's head up, and is this its GCS port (ray start --port)?") from None
 
 
 def use_cluster_token() -> None:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from distdl.config import Config, config_from_dict
+from distdl.driver import STOP_REQUEST_FILE
 from distdl.engine import CheckpointError, Engine, EngineSet
 from distdl.optim import optimizer_factory, param_groups, scheduler_factory
 from distdl.registry import WORKLOADS
@@ -185,6 +186,7 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
     engines.train(True)
     model, step = engines.for_workload(), start_step
     stopped_at_loss: Optional[int] = None
+    stopped_on_request: Optional[int] = None
     for step in range(start_step + 1, stop + 1):
         for _ in range(accumulation):
             batch = {k: v.to(engines.device) for k, v in next(batches).items()}
@@ -197,6 +199,8 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
         log_step = step % trainer.log_every == 0 or step == stop
         if log_step:
             metrics = {**with_noise_scale(window.reduce(engines.device)), **engines.log_metrics()}
+        if log_step and any_rank(rank == 0 and (config.run_dir / STOP_REQUEST_FILE).exists(), engines.device):
+            stopped_on_request, stop = step, step
         # The window's loss is all-reduced, so every rank decides alike.
         if log_step and trainer.stop_at_loss is not None and metrics.get("loss", float("inf")) <= trainer.stop_at_loss:
             stopped_at_loss, stop = step, step
@@ -222,6 +226,7 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
         "max_steps": trainer.max_steps,
         "completed": step >= trainer.max_steps or stopped_at_loss is not None,
         "stopped_at_loss_step": stopped_at_loss,
+        "stopped_on_request_step": stopped_on_request,
         "world_size": world_size,
         "global_batch_size": trainer.global_batch_size,
         "session_wall_time_s": time.perf_counter() - session_started,
@@ -245,6 +250,15 @@ def save_and_report(engines: EngineSet, workload: Workload, rank: int, step: int
         reported = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         ray.train.report({"step": step, **reported}, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=f"checkpoint_{step:08d}")
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether any rank's flag is set; every rank calls it and gets the same answer."""
+    if not dist.is_initialized():
+        return flag
+    total = torch.tensor(float(flag), device=device)
+    dist.all_reduce(total)
+    return total.item() > 0
 
 
 def gather(value: Any) -> list[Any]:

@@ -9,6 +9,7 @@ import json
 import math
 import netrc
 import os
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -123,7 +124,8 @@ class Tracker:
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Numbers, and image files (`Path` values: W&B images; their paths in metrics.jsonl)."""
-        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        # Wall-clock time as W&B's _timestamp: start-up and queueing delays are read from it.
+        record = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
         if self._wandb is not None:

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import yaml
 
 from distdl.config import ConfigError, config_differences, config_from_dict, with_defaults, without_session_keys
+from distdl.driver import SLURM_LOGS
 from distdl.errors import RunDirError
 from distdl.registry import STUDIES, WORKLOADS
 from distdl.studies.base import Study, StudyReport, read_study_file
@@ -30,16 +31,9 @@ REPORT_FILE = "report.md"
 
 
 def run_study(name: str, path: str | Path, overrides: list[str], overwrite: bool = False) -> tuple[Path, StudyReport]:
-    study_class = STUDIES.get(name)
-    study_file = read_study_file(path, overrides)
-    section = study_class.parse_section(study_file.study)
-    base = config_from_dict(copy.deepcopy(study_file.training))
-    if base.workload not in study_class.workloads:
-        raise ConfigError(f"workload={base.workload!r}: the {name} study measures {', '.join(study_class.workloads)} "
-                          "models")
+    study_class, section, base = read_study(name, path, overrides)
     study_dir = Path(base.run.storage_path) / section.name
-    saved = {"study": {"kind": name, **asdict(section)},
-             "training": base.to_dict()}
+    saved = saved_settings(name, section, base)
     check_study_dir(study_dir, saved, overwrite)
     study: Study = study_class(section, base.to_dict(), study_dir)
     train_examples = WORKLOADS.get(base.workload).prepare(base)
@@ -55,11 +49,35 @@ def run_study(name: str, path: str | Path, overrides: list[str], overwrite: bool
     return study_dir, report
 
 
+def read_study(name: str, path: str | Path, overrides: list[str]) -> tuple[type[Study], Any, Any]:
+    """The study's class, its validated section and the trials' base training config."""
+    study_class = STUDIES.get(name)
+    study_file = read_study_file(path, overrides)
+    section = study_class.parse_section(study_file.study)
+    base = config_from_dict(copy.deepcopy(study_file.training))
+    if base.workload not in study_class.workloads:
+        raise ConfigError(f"workload={base.workload!r}: the {name} study measures {', '.join(study_class.workloads)} "
+                          "models")
+    return study_class, section, base
+
+
+def saved_settings(name: str, section: Any, base: Any) -> dict[str, Any]:
+    return {"study": {"kind": name, **asdict(section)}, "training": base.to_dict()}
+
+
+def locate_study(name: str, path: str | Path, overrides: list[str]) -> tuple[Path, Any]:
+    """The study directory and base config a `distdl study` command would use, checked as it would."""
+    _, section, base = read_study(name, path, overrides)
+    study_dir = Path(base.run.storage_path) / section.name
+    check_study_dir(study_dir, saved_settings(name, section, base), overwrite=False)
+    return study_dir, base
+
+
 def check_study_dir(study_dir: Path, saved: dict[str, Any], overwrite: bool) -> None:
     """Refuse a study directory that holds another study, unless overwriting (moved aside, not deleted)."""
     saved_file = study_dir / STUDY_FILE
     if not saved_file.is_file():
-        if study_dir.exists() and any(study_dir.iterdir()):
+        if study_dir.exists() and any(p.name != SLURM_LOGS for p in study_dir.iterdir()):
             raise RunDirError(f"study directory {study_dir} exists and is not a distdl study (no {STUDY_FILE}); "
                               "choose another study.name or run.storage_path")
         return

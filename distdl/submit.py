@@ -1,0 +1,114 @@
+"""`distdl submit slurm|ray`: check a run locally, then send its command line to a cluster.
+
+The config and overrides are validated here, before anything is queued, and the run directory is
+checked as `distdl train` would; the job then runs the same `distdl train` (or `distdl study`)
+command line, with the cluster's Ray address added.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from distdl.config import ConfigError, load_config
+from distdl.driver import FORWARDED_ENV, check_run_dir, use_cluster_token
+
+# Job states the Ray Jobs API ends in.
+FINISHED_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+@dataclass
+class JobPlan:
+    """What a cluster job runs, and where its results land."""
+    args: list[str]  # distdl's arguments: train CONFIG key=value ... (or study NAME CONFIG ...)
+    run_dir: Path
+    run_name: str
+    scaling: Any  # the scaling section after the overrides
+    storage_path: str
+    # train checkpoints on Slurm's warning signal; a study's trials resume from their own checkpoints.
+    on_signal: str
+
+
+def plan_job(config_path: str, overrides: list[str], study: Optional[str]) -> JobPlan:
+    config_file = Path(config_path).resolve()
+    if study is None:
+        config = load_config(config_file, overrides)
+        check_run_dir(config, overwrite=False)
+        return JobPlan(["train", str(config_file), *overrides], config.run_dir, config.run.name, config.scaling,
+                       config.run.storage_path, "checkpoint")
+    from distdl.studies.runner import locate_study
+
+    study_dir, base = locate_study(study, config_file, overrides)
+    return JobPlan(["study", study, str(config_file), *overrides], study_dir, study_dir.name, base.scaling,
+                   base.run.storage_path, "requeue")
+
+
+def submit_ray(plan: JobPlan, address: str, working_dir: Path, python: str, follow: bool) -> int:
+    """Submit to a running Ray cluster through the Ray Jobs API, the working directory as runtime env."""
+    if not Path(plan.storage_path).is_absolute():
+        raise ConfigError(f"run.storage_path={plan.storage_path!r} is relative: on a Ray cluster the job runs in a "
+                          "temporary copy of the working directory, and the run would be lost with it. "
+                          "Give an absolute path that the cluster's nodes share")
+    working_dir = working_dir.resolve()
+    args = [_relative_to(Path(arg), working_dir) if _is_config_arg(plan, i) else arg for i, arg in enumerate(plan.args)]
+    entrypoint = shlex.join([python, "-m", "distdl.cli", *args, "ray.address=auto"])
+    client = job_client(address)
+    env_vars = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+    submission_id = f"distdl-{plan.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    job_id = client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                               runtime_env={"working_dir": str(working_dir), "excludes": [".git", ".venv"],
+                                            "env_vars": env_vars})
+    print(f"distdl: submitted Ray job {job_id} to {address}: {entrypoint}")
+    print(f"distdl: run directory {plan.run_dir}")
+    print(f"distdl: follow with: ray job logs --address {address} --follow {job_id}; "
+          f"stop with: ray job stop --address {address} {job_id}")
+    if not follow:
+        return 0
+    return follow_job(client, job_id)
+
+
+def _is_config_arg(plan: JobPlan, index: int) -> bool:
+    return index == (2 if plan.args[0] == "study" else 1)
+
+
+def _relative_to(config: Path, working_dir: Path) -> str:
+    try:
+        return str(config.relative_to(working_dir))
+    except ValueError:
+        raise ConfigError(f"config {config} is outside the working directory {working_dir}, which is what the "
+                          "cluster receives; move the config there or pass --working-dir") from None
+
+
+def job_client(address: str) -> Any:
+    """A Jobs API client, sending this user's Ray token when the cluster asks for one."""
+    use_cluster_token()
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as err:
+        raise ConfigError(f"cannot reach the Ray Jobs API at {address}: {str(err).splitlines()[0]}\n"
+                          "Give the dashboard's address (http://HEAD:8265) of a running cluster, and its token "
+                          "(RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) if it uses token authentication") from err
+
+
+def follow_job(client: Any, job_id: str) -> int:
+    """Stream the job's logs until it ends; 0 when it succeeded."""
+    import asyncio
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())
+    status = str(client.get_job_status(job_id))
+    while status.split(".")[-1] not in FINISHED_STATES:
+        time.sleep(1.0)
+        status = str(client.get_job_status(job_id))
+    status = status.split(".")[-1]
+    print(f"distdl: Ray job {job_id} {status}")
+    return 0 if status == "SUCCEEDED" else 1

@@ -1,0 +1,238 @@
+"""`distdl submit slurm`: the request checks and the rendered script, then real jobs on a real Slurm.
+
+The jobs run on the two-node cluster slurm/local_cluster.sh starts on this machine (as in CI); where
+it cannot start (no root, no apt), those tests are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distdl.config import ConfigError
+from distdl.slurm import SlurmRequest, check_request, render_script, scaling_overrides, time_limit_seconds
+from distdl.submit import JobPlan, plan_job
+from tests.conftest import REPO
+
+TINY = REPO / "configs/bert/pretrain_tiny.yaml"
+HOSTILE = "it's a \"run\"; $(touch pwned) `touch pwned` & echo"
+
+
+def request(**changes) -> SlurmRequest:
+    settings = dict(nodes=2, gpus_per_node=4, cpus_per_task=16, time="2:00:00", partition="gpu")
+    return SlurmRequest(**{**settings, **changes})
+
+
+def scaling_after(overrides: list[str]):
+    from distdl.config import load_config
+
+    # The batch follows the worker count here (no fixed global batch to divide).
+    return load_config(TINY, ["data.path=/usr/share/common-licenses", "trainer.global_batch_size=null",
+                              *overrides]).scaling
+
+
+def test_time_limits_in_slurm_forms():
+    assert [time_limit_seconds(t) for t in ("30", "30:15", "2:00:00", "1-0", "1-02:03", "1-00:00:10")] == [
+        1800, 1815, 7200, 86400, 93780, 86410]
+    with pytest.raises(ConfigError, match="--time '2h'.*HH:MM:SS"):
+        time_limit_seconds("2h")
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(nodes=0), "--nodes=0 must be at least 1"),
+    (dict(gpus_per_node=-1), "--gpus-per-node=-1"),
+    (dict(partition="gpu;rm -rf /"), "--partition 'gpu;rm -rf /' has characters"),
+    (dict(account="$(id)"), "--account"),
+    (dict(time="1:00", signal_seconds=120), "leaves no time before the checkpoint warning"),
+    (dict(workers_per_node=2), "--workers-per-node is for CPU jobs"),
+    (dict(ray_port_base=80), "--ray-port-base=80 must lie in"),
+])
+def test_bad_requests_are_refused_naming_the_flag(changes, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_request(request(**changes))
+
+
+def test_scaling_follows_the_request_unless_given():
+    derived = scaling_overrides(request(), [], scaling_after([]))
+    assert derived == ["scaling.use_gpu=true", "scaling.num_workers=8"]
+    cpu = request(gpus_per_node=0, cpus_per_task=1)
+    assert scaling_overrides(cpu, [], scaling_after([])) == [
+        "scaling.use_gpu=false", "scaling.num_workers=2", "scaling.placement_strategy=STRICT_SPREAD"]
+    given = ["scaling.num_workers=2", "scaling.use_gpu=true"]
+    assert scaling_overrides(request(), given, scaling_after(given)) == []
+
+
+@pytest.mark.parametrize("overrides, changes, message", [
+    (["scaling.num_workers=9", "scaling.use_gpu=true"], {}, "scaling.num_workers=9 does not fit 2 node(s) x 4"),
+    (["scaling.use_gpu=true"], dict(gpus_per_node=0), "scaling.use_gpu=true but --gpus-per-node=0"),
+    (["scaling.cpus_per_worker=8"], {}, "need 32 CPUs per node, but --cpus-per-task=16"),
+])
+def test_requests_that_cannot_hold_the_workers_are_refused(overrides, changes, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        scaling_overrides(request(**changes), overrides, scaling_after(overrides))
+
+
+def header_values(script: str, tmp_path: Path) -> list[str]:
+    """What bash makes of the settings distdl wrote: the run directory, then distdl's arguments."""
+    header = script.split("\n# distdl on Slurm:")[0]
+    probe = tmp_path / "probe.sh"
+    probe.write_text(header + '\nprintf "%s\\0" "$DISTDL_RUN_DIR" "${DISTDL_ARGS[@]}"\n')
+    done = subprocess.run(["bash", str(probe)], capture_output=True, check=True, cwd=tmp_path)
+    return done.stdout.decode().split("\0")[:-1]
+
+
+def test_hostile_values_reach_the_job_verbatim_and_run_nothing(tmp_path):
+    storage = tmp_path / "shared $(touch pwned) dir"
+    overrides = ["data.path=/usr/share/common-licenses", f"run.name={HOSTILE}", f"run.storage_path={storage}"]
+    plan = plan_job(str(TINY), overrides, None)
+    script = render_script(request(), plan)
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0, "the script parses"
+    assert "--job-name=distdl-it_s_a__run____" in script  # #SBATCH lines get a name Slurm takes as is
+    values = header_values(script, tmp_path)
+    assert values[0] == str(storage / HOSTILE)
+    assert values[1:] == ["train", str(TINY), *overrides]
+    assert not (tmp_path / "pwned").exists() and not (REPO / "pwned").exists()
+
+
+def test_dry_run_prints_the_script_and_submits_nothing(tmp_path, capsys):
+    from distdl.cli import main
+
+    code = main(["submit", "slurm", str(TINY), "data.path=/usr/share/common-licenses", f"run.storage_path={tmp_path}",
+                 "trainer.global_batch_size=null",
+                 "--nodes=2", "--gpus-per-node=8", "--cpus-per-task=64", "--time=1-00:00:00", "--partition=gpu",
+                 "--dry-run"])
+    out = capsys.readouterr()
+    assert code == 0
+    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --signal=B:USR1@120",
+                 "#SBATCH --requeue", "#SBATCH --partition=gpu", "scaling.num_workers=16"):
+        assert line in out.out
+    assert not (tmp_path / "bert-tiny").exists()
+
+
+def test_missing_sbatch_and_bad_requests_exit_2(tmp_path):
+    base = [sys.executable, "-m", "distdl.cli", "submit", "slurm", str(TINY), "data.path=/usr/share/common-licenses",
+            f"run.storage_path={tmp_path}", "trainer.global_batch_size=null", "--gpus-per-node=0", "--cpus-per-task=1",
+            "--time=10"]
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no sbatch on it
+    cases = {"sbatch is not on PATH": [*base, "--nodes=1"],
+             "scaling.num_workers=3 does not fit 1 node(s) x 1": [*base, "--nodes=1", "scaling.num_workers=3"]}
+    for message, command in cases.items():
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+# --- real jobs on the local two-node Slurm cluster ---------------------------------------------------
+
+JOB_OVERRIDES = ["data.path=/usr/share/common-licenses", "trainer.max_steps=40", "trainer.log_every=2",
+                 "trainer.micro_batch_size=4", "trainer.global_batch_size=8", "tokenizer.vocab_size=1000",
+                 "data.max_seq_length=32", "tracking.wandb_mode=disabled", "tracking.progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("slurm-state")
+    env = {**os.environ, "DISTDL_SLURM_DIR": str(state)}
+    try:
+        started = subprocess.run([str(REPO / "slurm/local_cluster.sh"), "start"], capture_output=True, text=True,
+                                 env=env, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.skip("slurm/local_cluster.sh did not start Slurm within 300 s")
+    if started.returncode != 0:
+        pytest.skip(f"cannot start a local Slurm cluster here: {started.stderr.strip()[-300:]}")
+    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+    yield
+    subprocess.run([str(REPO / "slurm/local_cluster.sh"), "stop"], env=env, timeout=120)
+    os.environ.pop("SLURM_CONF", None)
+
+
+def submit(storage: Path, name: str) -> str:
+    command = [sys.executable, "-m", "distdl.cli", "submit", "slurm", str(TINY), *JOB_OVERRIDES,
+               f"run.storage_path={storage}", f"run.name={name}", "--nodes=2", "--gpus-per-node=0",
+               "--cpus-per-task=1", "--time=20", "--signal-seconds=60"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=storage)
+    assert done.returncode == 0, done.stderr
+    return re.search(r"submitted Slurm job (\d+)", done.stdout).group(1)
+
+
+def job_field(job_id: str, field: str) -> str:
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    return re.search(rf"\b{field}=(\S+)", shown).group(1)
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(1.0)
+
+
+def job_tokens(job_id: str) -> set[str]:
+    """The Ray tokens in the environments of this job's processes (root reads /proc/PID/environ)."""
+    tokens = set()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            variables = dict(item.split("=", 1) for item in environ.read_bytes().decode(errors="replace").split("\0")
+                             if "=" in item)
+        except OSError:
+            continue
+        if variables.get("SLURM_JOB_ID") == job_id and "RAY_AUTH_TOKEN" in variables:
+            tokens.add(variables["RAY_AUTH_TOKEN"])
+    return tokens
+
+
+def final_weights(run_dir: Path) -> dict:
+    from distdl.driver import latest_checkpoint
+    from distdl.engine import consolidated_state_dict
+
+    return consolidated_state_dict(latest_checkpoint(run_dir))
+
+
+@pytest.mark.distributed
+def test_two_node_jobs_train_and_a_warned_job_requeues_and_resumes(slurm_cluster, tmp_path):
+    """Two jobs share the two nodes (ports per job); one is warned before its limit, checkpoints,
+    requeues itself and ends as the uninterrupted one does."""
+    submitted_at = time.time()
+    plain, warned = submit(tmp_path, "plain"), submit(tmp_path, "warned")
+    plain_dir, warned_dir = tmp_path / "plain", tmp_path / "warned"
+    wait_for(lambda: (warned_dir / "metrics.jsonl").is_file(), 400, "the warned job's first logged step")
+    tokens = job_tokens(warned)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", warned], check=True)
+    # Slurm holds a requeued batch job for two minutes; CI releases it at once.
+    wait_for(lambda: job_field(warned, "Restarts") == "1" and job_field(warned, "JobState") == "PENDING", 300,
+             "the warned job to requeue")
+    subprocess.run(["scontrol", "update", f"JobId={warned}", "StartTime=now"], check=True)
+    for job in (plain, warned):
+        wait_for(lambda: job_field(job, "JobState") not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED"), 600,
+                 f"job {job} to end")
+        assert job_field(job, "JobState") == "COMPLETED", (plain_dir / "slurm" / f"slurm-{job}.out").read_text()[-3000:]
+
+    summary = json.loads((plain_dir / "summary.json").read_text())
+    assert summary["completed"] and summary["steps"] == 40
+    assert len(set(summary["ray_node_ids"])) == 2, "one worker on each of the two Ray nodes"
+    first_step = json.loads((plain_dir / "metrics.jsonl").read_text().splitlines()[0])
+    print(f"submit to first logged step (step {first_step['step']}): {first_step['time'] - submitted_at:.1f} s")
+    assert sorted(p.name for p in (plain_dir / "slurm" / f"job-{plain}").iterdir()) == ["ray-node1.log", "ray-node2.log"]
+
+    log = (warned_dir / "slurm" / f"slurm-{warned}.out").read_text()
+    stopped = int(re.search(r"stopped on request at step (\d+)", log).group(1))
+    assert 0 < stopped < 40 and "resuming run" in log and "step 40/40 done" in log
+    warned_summary = json.loads((warned_dir / "summary.json").read_text())
+    assert warned_summary["final"]["loss"] == pytest.approx(summary["final"]["loss"], rel=1e-5)
+    plain_weights, warned_weights = final_weights(plain_dir), final_weights(warned_dir)
+    for name, tensor in plain_weights.items():
+        assert warned_weights[name].allclose(tensor, rtol=1e-5, atol=1e-6), name
+
+    assert len(tokens) == 1, "the job's Ray nodes and driver share one token"
+    token = tokens.pop()
+    assert token not in job_tokens(plain), "each job has its own token"
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            assert token.encode() not in path.read_bytes(), f"the token leaked into {path}"
+    assert not list(Path("/tmp").glob(f"distdl-{warned}-*")), "the job's private Ray directory is removed"
