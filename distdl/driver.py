@@ -28,6 +28,14 @@ STOP_REQUEST_FILE = "stop_request"
 FORWARDED_ENV = ("DISTDL_PLUGINS", "WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "HF_TOKEN", "HF_HOME",
                  "HF_DATASETS_CACHE",
                  "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+# NCCL's settings (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...) are per cluster and set by the user on the driver.
+FORWARDED_PREFIXES = ("NCCL_",)
+
+
+def forwarded_env() -> dict[str, str]:
+    """The driver's environment variables the workers must see too."""
+    return {key: value for key, value in os.environ.items()
+            if key in FORWARDED_ENV or key.startswith(FORWARDED_PREFIXES)}
 
 
 def check_run_dir(config: Config, overwrite: bool) -> bool:
@@ -177,7 +185,7 @@ def connect_ray(config: Config) -> None:
 
     if ray.is_initialized():
         return
-    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env_vars = forwarded_env()
     if config.ray.address is None:
         # The dashboard (on 127.0.0.1) serves the State API that Ray Train's placement-group cleaner polls;
         # without it the cleaner warns every second on the console.

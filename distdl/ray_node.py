@@ -52,21 +52,22 @@ def ray_start_command(port_base: int, head_address: Optional[str], num_cpus: int
 
 
 def run_node(command: list[str]) -> int:
-    """Run `ray start --block`; on SIGTERM/SIGINT (Slurm ending the task) stop it and every child."""
+    """Run `ray start --block`; on SIGUSR2, SIGTERM or SIGINT stop it and every child."""
     node = subprocess.Popen(command)
 
     def stop(signum: int, _frame: object) -> None:
         stop_tree()
-        sys.exit(128 + signum)
+        sys.exit(0 if signum == signal.SIGUSR2 else 128 + signum)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    # SIGUSR2 is the job's own request (srun forwards it to the task); SIGTERM/SIGINT come from Slurm.
+    for signum in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
     code = node.wait()
     stop_tree()  # nothing of ours may outlive the node, even when `ray start` failed
     return code
 
 
-def stop_tree(grace_s: float = 10.0) -> None:
+def stop_tree(grace_s: float = 5.0) -> None:
     """Terminate every descendant of this process (raylet, GCS, workers), then kill what is left."""
     import psutil
 
@@ -85,24 +86,30 @@ def stop_tree(grace_s: float = 10.0) -> None:
 
 
 def wait_for_nodes(address: str, count: int, timeout_s: float) -> None:
-    """Block until `count` nodes are alive in the cluster at `address` (GCS host:port)."""
+    """Block until `count` nodes are alive in the cluster at `address` (GCS host:port).
+
+    Connecting is retried too: a head that is still starting, or busy, may time a driver out.
+    """
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "token")
-    ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-    try:
-        deadline = time.monotonic() + timeout_s
-        alive = 0
-        while time.monotonic() < deadline:
+    deadline = time.monotonic() + timeout_s
+    alive, last_error = 0, None
+    while time.monotonic() < deadline:
+        try:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=False)
             alive = sum(node["Alive"] for node in ray.nodes())
-            if alive >= count:
-                print(f"distdl: {alive} Ray nodes joined", flush=True)
-                return
-            time.sleep(1.0)
-        raise SystemExit(f"distdl: only {alive} of {count} Ray nodes joined within {timeout_s:.0f} s; "
-                         "see the ray-*.log files beside this job's log")
-    finally:
-        ray.shutdown()
+        except (ConnectionError, RuntimeError) as err:
+            last_error = err
+        finally:
+            ray.shutdown()
+        if alive >= count:
+            print(f"distdl: {alive} Ray nodes joined", flush=True)
+            return
+        time.sleep(2.0)
+    raise SystemExit(f"distdl: only {alive} of {count} Ray nodes joined within {timeout_s:.0f} s"
+                     f"{f' (last error: {last_error})' if last_error else ''}; "
+                     "see the ray-*.log files beside this job's log")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

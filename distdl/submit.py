@@ -7,7 +7,6 @@ command line, with the cluster's Ray address added.
 
 from __future__ import annotations
 
-import os
 import shlex
 import time
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from distdl.config import ConfigError, load_config
-from distdl.driver import FORWARDED_ENV, check_run_dir, use_cluster_token
+from distdl.driver import check_run_dir, forwarded_env, use_cluster_token
 
 # Job states the Ray Jobs API ends in.
 FINISHED_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -57,11 +56,10 @@ def submit_ray(plan: JobPlan, address: str, working_dir: Path, python: str, foll
     args = [_relative_to(Path(arg), working_dir) if _is_config_arg(plan, i) else arg for i, arg in enumerate(plan.args)]
     entrypoint = shlex.join([python, "-m", "distdl.cli", *args, "ray.address=auto"])
     client = job_client(address)
-    env_vars = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
     submission_id = f"distdl-{plan.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     job_id = client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
                                runtime_env={"working_dir": str(working_dir), "excludes": [".git", ".venv"],
-                                            "env_vars": env_vars})
+                                            "env_vars": forwarded_env()})
     print(f"distdl: submitted Ray job {job_id} to {address}: {entrypoint}")
     print(f"distdl: run directory {plan.run_dir}")
     print(f"distdl: follow with: ray job logs --address {address} --follow {job_id}; "

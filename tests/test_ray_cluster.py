@@ -1,9 +1,11 @@
-"""`ray.address` joins a real Ray cluster started with `ray start --head` (token auth on, as Ray 2.60 does)."""
+"""A real `ray start --head` with token authentication (Ray 2.60's default): `distdl submit ray` trains
+on it through the Ray Jobs API, and drivers, clients and nodes without its token are refused."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.distributed
 RAY = Path(sys.executable).with_name("ray")
+TINY = "configs/bert/pretrain_tiny.yaml"  # inside the working directory the job ships
 
 
 def free_port() -> int:
@@ -23,31 +26,72 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture()
-def ray_head(tmp_path):
-    port = free_port()
-    start = [str(RAY), "start", "--head", f"--port={port}", "--num-cpus=4", "--include-dashboard=false",
-             "--disable-usage-stats"]
-    subprocess.run(start, check=True, capture_output=True, timeout=120)
-    yield f"127.0.0.1:{port}"
+def env_with_token(home: Path, token: str | None) -> dict[str, str]:
+    """A user whose only token is `token` (none at all when None): no ~/.ray/auth_token to fall back on."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_AUTH")}
+    env["HOME"] = str(home)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the job's `python` is this venv's
+    if token is not None:
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    home = tmp_path_factory.mktemp("head-home")
+    token = secrets.token_hex(32)
+    gcs_port, dashboard_port = free_port(), free_port()
+    start = [str(RAY), "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
+             "--num-cpus=4", "--disable-usage-stats"]
+    subprocess.run(start, check=True, capture_output=True, timeout=120, env=env_with_token(home, token), cwd=home)
+    yield {"gcs": f"127.0.0.1:{gcs_port}", "jobs": f"http://127.0.0.1:{dashboard_port}", "token": token}
     # `ray stop` ends this machine's Ray processes; tests never leave another Ray running.
     subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=120)
 
 
-def test_train_joins_an_existing_cluster(ray_head, tmp_path, corpus):
-    command = [sys.executable, "-m", "distdl.cli", "train", str(REPO / "configs/bert/pretrain_tiny.yaml"),
-               f"ray.address={ray_head}", f"run.storage_path={tmp_path}", f"data.path={corpus}",
-               "trainer.max_steps=4", "trainer.micro_batch_size=4", "trainer.global_batch_size=8",
-               "tokenizer.vocab_size=1000", "data.max_seq_length=32", "tracking.wandb_mode=disabled",
-               "tracking.progress_bar=false"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Started a local Ray instance" not in done.stderr + done.stdout
-    assert "step 4/4 done" in done.stdout
+def distdl(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distdl.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=REPO)
+
+
+def test_submit_ray_trains_through_the_jobs_api(ray_head, tmp_path, corpus):
+    overrides = [f"run.storage_path={tmp_path}", f"data.path={corpus}", "trainer.max_steps=4",
+                 "trainer.micro_batch_size=4", "trainer.global_batch_size=8", "tokenizer.vocab_size=1000",
+                 "data.max_seq_length=32", "tracking.wandb_mode=disabled", "tracking.progress_bar=false"]
+    done = distdl("submit", "ray", TINY, *overrides, "--address", ray_head["jobs"], "--follow",
+                  env=env_with_token(tmp_path, ray_head["token"]))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "submitted Ray job distdl-bert-tiny-" in done.stdout and "SUCCEEDED" in done.stdout
+    assert "ray job logs --address" in done.stdout
     summary = json.loads((tmp_path / "bert-tiny" / "summary.json").read_text())
-    assert summary["completed"] and len(summary["ray_node_ids"]) == 2
-    # The head is still up and answers a client holding its token.
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    status = subprocess.run([str(RAY), "status", f"--address={ray_head}"], capture_output=True, text=True,
-                            env=env, timeout=120)
-    assert status.returncode == 0, status.stderr[-2000:]
+    assert summary["completed"] and summary["steps"] == 4 and len(summary["ray_node_ids"]) == 2
+
+
+def test_cluster_refuses_whoever_lacks_its_token(ray_head, tmp_path):
+    wrong = env_with_token(tmp_path, secrets.token_hex(32))
+    refused = distdl("submit", "ray", TINY, f"run.storage_path={tmp_path}", "--address", ray_head["jobs"], env=wrong)
+    assert refused.returncode == 2 and "Invalid authentication token" in refused.stderr, refused.stderr
+
+    no_token = env_with_token(tmp_path, None)
+    driver = distdl("train", TINY, f"ray.address={ray_head['gcs']}", f"run.storage_path={tmp_path}",
+                    "data.path=/usr/share/common-licenses", env=no_token, timeout=300)
+    assert driver.returncode == 2 and "refused this driver's token" in driver.stderr, driver.stderr[-2000:]
+    assert not (tmp_path / "bert-tiny").exists(), "a refused driver leaves no run directory"
+
+    port = free_port()
+    node = subprocess.run([str(RAY), "start", f"--address={ray_head['gcs']}", f"--node-manager-port={port}",
+                           "--disable-usage-stats"], capture_output=True, text=True, env=wrong, timeout=300)
+    assert node.returncode != 0 and "Authentication token is missing or incorrect" in node.stdout + node.stderr
+
+
+def test_unreachable_cluster_and_relative_storage_are_clear_errors(tmp_path):
+    env = env_with_token(tmp_path, secrets.token_hex(32))
+    closed = f"http://127.0.0.1:{free_port()}"
+    unreachable = distdl("submit", "ray", TINY, f"run.storage_path={tmp_path}", "--address", closed, env=env)
+    assert unreachable.returncode == 2 and f"cannot reach the Ray Jobs API at {closed}" in unreachable.stderr
+    relative = distdl("submit", "ray", TINY, "run.storage_path=runs", "--address", closed, env=env)
+    assert relative.returncode == 2 and "run.storage_path='runs' is relative" in relative.stderr
+    outside = tmp_path / "elsewhere.yaml"
+    outside.write_text((REPO / TINY).read_text())
+    moved = distdl("submit", "ray", str(outside), f"run.storage_path={tmp_path}", "--address", closed, env=env)
+    assert moved.returncode == 2 and "outside the working directory" in moved.stderr
