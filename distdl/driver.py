@@ -201,8 +201,11 @@ def join_cluster(address: str, env_vars: dict[str, str]) -> None:
 
     if address != "auto":
         check_reachable(address)
+    # A Ray Job's driver already runs in the job's runtime env (distdl submit ray put the variables
+    # there), which Ray refuses to merge with a second one.
+    runtime_env = None if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ else {"env_vars": env_vars}
     try:
-        ray.init(address=address, runtime_env={"env_vars": env_vars})
+        ray.init(address=address, runtime_env=runtime_env)
     except (ConnectionError, ray.exceptions.AuthenticationError) as err:
         causes = []
         cause: BaseException | None = err

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from distdl.config import ConfigError, load_config
+from distdl.config import ConfigError, RunSection, load_config, parse_override, read_yaml
 from distdl.driver import check_run_dir, forwarded_env, use_cluster_token
 
 # Job states the Ray Jobs API ends in.
@@ -27,7 +27,7 @@ class JobPlan:
     run_dir: Path
     run_name: str
     scaling: Any  # the scaling section after the overrides
-    storage_path: str
+    storage_path: str  # as written in the config or on the command line, before resolving
     # train checkpoints on Slurm's warning signal; a study's trials resume from their own checkpoints.
     on_signal: str
 
@@ -38,12 +38,22 @@ def plan_job(config_path: str, overrides: list[str], study: Optional[str]) -> Jo
         config = load_config(config_file, overrides)
         check_run_dir(config, overwrite=False)
         return JobPlan(["train", str(config_file), *overrides], config.run_dir, config.run.name, config.scaling,
-                       config.run.storage_path, "checkpoint")
+                       written_storage_path(config_file, overrides), "checkpoint")
     from distdl.studies.runner import locate_study
 
     study_dir, base = locate_study(study, config_file, overrides)
     return JobPlan(["study", study, str(config_file), *overrides], study_dir, study_dir.name, base.scaling,
-                   base.run.storage_path, "requeue")
+                   written_storage_path(config_file, overrides), "requeue")
+
+
+def written_storage_path(config_file: Path, overrides: list[str]) -> str:
+    """run.storage_path as the user gave it (load_config resolves it against this machine's cwd)."""
+    raw = read_yaml(config_file)
+    for override in overrides:
+        key, value = parse_override(override)
+        if key == "run.storage_path":
+            return str(value)
+    return str((raw.get("run") or {}).get("storage_path", RunSection.storage_path))
 
 
 def submit_ray(plan: JobPlan, address: str, working_dir: Path, python: str, follow: bool) -> int:
