@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 # Offsets in a node's port block. The GCS and dashboard are the head's; workers get the rest.
 GCS_OFFSET = 0
 DASHBOARD_OFFSET = 1
+CLIENT_SERVER_OFFSET = 8
 NODE_PORT_OFFSETS = {
     "--node-manager-port": 2,
     "--object-manager-port": 3,
@@ -42,6 +43,8 @@ def ray_start_command(port_base: int, head_address: Optional[str], num_cpus: int
         # The dashboard serves the job API and the State API Ray Train polls; it listens on this node only.
         command += ["--head", f"--port={port_base + GCS_OFFSET}", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={port_base + DASHBOARD_OFFSET}"]
+        if ray_client_installed():  # Ray starts its client server (on 10001) only when it can
+            command += [f"--ray-client-server-port={port_base + CLIENT_SERVER_OFFSET}"]
     else:
         command += [f"--address={head_address}"]
     command += [f"{flag}={port_base + offset}" for flag, offset in NODE_PORT_OFFSETS.items()]
@@ -49,6 +52,12 @@ def ray_start_command(port_base: int, head_address: Optional[str], num_cpus: int
     if temp_dir:
         command += [f"--temp-dir={temp_dir}"]
     return command
+
+
+def ray_client_installed() -> bool:
+    from ray._private.utils import get_ray_client_dependency_error
+
+    return get_ray_client_dependency_error() is None
 
 
 def run_node(command: list[str]) -> int:
