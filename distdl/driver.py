@@ -191,8 +191,16 @@ def connect_ray(config: Config) -> None:
         # without it the cleaner warns every second on the console.
         ray.init(num_cpus=config.ray.num_cpus, runtime_env={"env_vars": env_vars}, include_dashboard=True,
                  log_to_driver=True)
+        restrict_default_token()
     else:
         join_cluster(config.ray.address, env_vars)
+
+
+def restrict_default_token() -> None:
+    """Ray 2.60 writes the token it generates for a local cluster world-readable (0644); make it the user's."""
+    token_file = Path.home() / ".ray" / "auth_token"
+    if token_file.is_file() and token_file.stat().st_mode & 0o077:
+        token_file.chmod(0o600)
 
 
 def join_cluster(address: str, env_vars: dict[str, str]) -> None:

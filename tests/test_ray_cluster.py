@@ -95,3 +95,15 @@ def test_unreachable_cluster_and_relative_storage_are_clear_errors(tmp_path):
     outside.write_text((REPO / TINY).read_text())
     moved = distdl("submit", "ray", str(outside), f"run.storage_path={tmp_path}", "--address", closed, env=env)
     assert moved.returncode == 2 and "outside the working directory" in moved.stderr
+
+
+def test_the_token_ray_writes_for_a_local_cluster_is_made_private(tmp_path, monkeypatch):
+    from distdl.driver import restrict_default_token
+
+    token_file = tmp_path / ".ray" / "auth_token"
+    token_file.parent.mkdir()
+    token_file.write_text(secrets.token_hex(32))
+    token_file.chmod(0o644)  # as Ray 2.60 writes it
+    monkeypatch.setenv("HOME", str(tmp_path))
+    restrict_default_token()
+    assert token_file.stat().st_mode & 0o777 == 0o600
