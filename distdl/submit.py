@@ -49,7 +49,7 @@ def plan_job(config_path: str, overrides: list[str], study: Optional[str]) -> Jo
 def written_storage_path(config_file: Path, overrides: list[str]) -> str:
     """run.storage_path as the user gave it (load_config resolves it against this machine's cwd)."""
     raw = read_yaml(config_file)
-    for override in overrides:
+    for override in reversed(overrides):  # the last one wins, as in load_config
         key, value = parse_override(override)
         if key == "run.storage_path":
             return str(value)
