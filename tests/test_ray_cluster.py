@@ -84,17 +84,22 @@ def test_cluster_refuses_whoever_lacks_its_token(ray_head, tmp_path):
     assert node.returncode != 0 and "Authentication token is missing or incorrect" in node.stdout + node.stderr
 
 
-def test_unreachable_cluster_and_relative_storage_are_clear_errors(tmp_path):
-    env = env_with_token(tmp_path, secrets.token_hex(32))
+def test_unreachable_cluster_and_relative_storage_are_clear_errors(tmp_path, monkeypatch, capsys):
+    from distdl.cli import main
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
     closed = f"http://127.0.0.1:{free_port()}"
-    unreachable = distdl("submit", "ray", TINY, f"run.storage_path={tmp_path}", "--address", closed, env=env)
-    assert unreachable.returncode == 2 and f"cannot reach the Ray Jobs API at {closed}" in unreachable.stderr
-    relative = distdl("submit", "ray", TINY, "run.storage_path=runs", "--address", closed, env=env)
-    assert relative.returncode == 2 and "run.storage_path='runs' is relative" in relative.stderr
     outside = tmp_path / "elsewhere.yaml"
     outside.write_text((REPO / TINY).read_text())
-    moved = distdl("submit", "ray", str(outside), f"run.storage_path={tmp_path}", "--address", closed, env=env)
-    assert moved.returncode == 2 and "outside the working directory" in moved.stderr
+    cases = {f"cannot reach the Ray Jobs API at {closed}": [TINY, f"run.storage_path={tmp_path}"],
+             "run.storage_path='runs' is relative": [TINY, "run.storage_path=runs"],
+             "outside the working directory": [str(outside), f"run.storage_path={tmp_path}"]}
+    for message, args in cases.items():
+        assert main(["submit", "ray", *args, "--address", closed]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_the_token_ray_writes_for_a_local_cluster_is_made_private(tmp_path, monkeypatch):
