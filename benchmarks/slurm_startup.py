@@ -5,7 +5,7 @@
 
 Each repeat submits the tiny BERT pretraining config as a CPU job with one worker per node and reads
 the phases from the job's log (its timestamped `distdl:` lines) and the run's metrics.jsonl:
-queued (submit to job start), Ray up (to every node joined), driver (to the workers' start), and
+queued (from running `distdl submit`, whose imports and checks take ~5 s, to the job's start), Ray up (to every node joined), driver (to the workers' start), and
 first step (to the first logged step). Results go to benchmarks/results/slurm_startup.json.
 """
 
