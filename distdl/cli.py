@@ -98,8 +98,8 @@ def add_submit_commands(commands: Any) -> None:
 def run_submit(args: argparse.Namespace) -> int:
     from distdl import submit
 
-    plan = submit.plan_job(args.config, args.overrides, args.study)
     if args.target == "ray":
+        plan = submit.plan_job(args.config, args.overrides, args.study)
         return submit.submit_ray(plan, args.address, Path(args.working_dir), args.python, args.follow)
     from distdl import slurm
 
@@ -108,16 +108,24 @@ def run_submit(args: argparse.Namespace) -> int:
                                  workers_per_node=args.workers_per_node, signal_seconds=args.signal_seconds,
                                  ray_port_base=args.ray_port_base)
     slurm.check_request(request)
-    derived = slurm.scaling_overrides(request, args.overrides, plan.scaling)
+    # The run directory is checked with the scaling the request implies, as the job will run it
+    # (so the same command submitted again resumes).
+    unscaled = submit.plan_job(args.config, args.overrides, args.study, check_dir=False)
+    derived = slurm.scaling_overrides(request, args.overrides, unscaled.scaling)
     if derived:
         print(f"distdl: from the Slurm request: {' '.join(derived)}", file=sys.stderr)
-        plan = submit.plan_job(args.config, [*args.overrides, *derived], args.study)
-    slurm.submit(request, plan, args.dry_run)
+    slurm.submit(request, submit.plan_job(args.config, [*args.overrides, *derived], args.study), args.dry_run)
     return 0
 
 
 def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:
+    import signal
+
     from distdl.driver import train
+
+    # A warning signal before or after training must not kill the driver (its default action);
+    # during training the driver turns it into a checkpoint (driver.stop_on_signal).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
     config = load_config(config_path, overrides)
     try:
@@ -136,7 +144,7 @@ def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:
     if not summary:
         print(f"distdl: the run ended without a summary; see {config.run_dir}", file=sys.stderr)
         return 1
-    if summary.get("stopped_on_request_step"):
+    if summary.get("stopped_on_request_step") and not summary.get("completed"):
         print(f"distdl: stopped on request at step {summary['stopped_on_request_step']} with a checkpoint; "
               f"run the same command to resume ({config.run_dir})")
         return STOPPED_ON_REQUEST

@@ -77,6 +77,11 @@ def check_run_dir(config: Config, overwrite: bool) -> bool:
 
 def train(config: Config, overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) a training run and return its summary."""
+    with stop_on_signal(config.run_dir):
+        return run_training(config, overwrite)
+
+
+def run_training(config: Config, overwrite: bool) -> dict[str, Any]:
     from distdl.engine import build_deepspeed_config, verify_checkpoint
 
     # Built once, here: a bad raw DeepSpeed JSON fails before Ray starts, and workers on other
@@ -107,8 +112,7 @@ def train(config: Config, overwrite: bool = False) -> dict[str, Any]:
     trainer = build_trainer(config, ds_config, wandb_mode)
     print(f"distdl: {'resuming' if resuming else 'starting'} run {config.run_dir} "
           f"({config.scaling.num_workers} workers, ZeRO-{config.engine.zero_stage}, {config.engine.precision})")
-    with stop_on_signal(config.run_dir):
-        trainer.fit()
+    trainer.fit()
     return read_summary(config.run_dir)
 
 
@@ -126,6 +130,7 @@ def stop_on_signal(run_dir: Path) -> Iterator[None]:
         return
 
     def request_stop(signum: int, _frame: Any) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)  # a warning may come while the run is being prepared
         request.write_text(f"{signal.Signals(signum).name} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         print(f"distdl: got {signal.Signals(signum).name}: checkpointing at the next log step, then stopping",
               flush=True)
@@ -174,8 +179,16 @@ def _remove_if_only_ours(run_dir: Path) -> None:
     """A failed first start leaves no half-made run directory behind (only what prepare wrote)."""
     import shutil
 
-    if run_dir.is_dir() and not (run_dir / CONFIG_FILE).exists():
-        shutil.rmtree(run_dir, ignore_errors=True)
+    if not run_dir.is_dir() or (run_dir / CONFIG_FILE).exists():
+        return
+    if (run_dir / SLURM_LOGS).is_dir():  # the job's own log is in there, telling what failed
+        for path in run_dir.iterdir():
+            if path.is_dir() and path.name != SLURM_LOGS:
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.is_file():
+                path.unlink(missing_ok=True)
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def connect_ray(config: Config) -> None:
@@ -207,7 +220,7 @@ def join_cluster(address: str, env_vars: dict[str, str]) -> None:
     """Connect to a running cluster, or say plainly why not (unreachable, or refused for its token)."""
     import ray
 
-    if address != "auto":
+    if address != "auto" and "://" not in address:  # ray:// and other schemes are Ray's to resolve
         check_reachable(address)
     # A Ray Job's driver already runs in the job's runtime env (distdl submit ray put the variables
     # there), which Ray refuses to merge with a second one.

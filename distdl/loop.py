@@ -199,7 +199,9 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
         log_step = step % trainer.log_every == 0 or step == stop
         if log_step:
             metrics = {**with_noise_scale(window.reduce(engines.device)), **engines.log_metrics()}
-        if log_step and any_rank(rank == 0 and (config.run_dir / STOP_REQUEST_FILE).exists(), engines.device):
+        # Not at the last step: that one checkpoints and completes anyway.
+        if log_step and step < stop and any_rank(rank == 0 and (config.run_dir / STOP_REQUEST_FILE).exists(),
+                                                 engines.device):
             stopped_on_request, stop = step, step
         # The window's loss is all-reduced, so every rank decides alike.
         if log_step and trainer.stop_at_loss is not None and metrics.get("loss", float("inf")) <= trainer.stop_at_loss:

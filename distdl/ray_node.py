@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,8 +38,8 @@ PORT_BLOCK = 100
 def ray_start_command(port_base: int, head_address: Optional[str], num_cpus: int, num_gpus: int,
                       temp_dir: Optional[str]) -> list[str]:
     """`ray start --block` for a head (no address) or a worker node, ports from `port_base` on."""
-    ray = str(Path(sys.executable).with_name("ray"))
-    command = [ray, "start", "--block", "--disable-usage-stats", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}"]
+    # Ray's CLI through this Python, wherever pip put the `ray` script.
+    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}"]
     if head_address is None:
         # The dashboard serves the job API and the State API Ray Train polls; it listens on this node only.
         command += ["--head", f"--port={port_base + GCS_OFFSET}", "--dashboard-host=127.0.0.1",
@@ -99,9 +100,9 @@ def wait_for_nodes(address: str, count: int, timeout_s: float) -> None:
 
     Connecting is retried too: a head that is still starting, or busy, may time a driver out.
     """
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # before importing ray, which reads it once
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     deadline = time.monotonic() + timeout_s
     alive, last_error = 0, None
     while time.monotonic() < deadline:
@@ -125,7 +126,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distdl.ray_node", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("start", help="run one Ray node in the foreground")
-    start.add_argument("--address", help="the head's GCS host:port (omit to start the head)")
+    role = start.add_mutually_exclusive_group(required=True)
+    role.add_argument("--head", action="store_true", help="start the head")
+    role.add_argument("--address", help="join the head at this GCS host:port")
     start.add_argument("--port-base", type=int, required=True, help=f"first of {PORT_BLOCK} ports this node may use")
     start.add_argument("--num-cpus", type=int, required=True)
     start.add_argument("--num-gpus", type=int, default=0)
@@ -140,7 +143,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "start":
         if args.temp_dir:
             Path(args.temp_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
-        return run_node(ray_start_command(args.port_base, args.address, args.num_cpus, args.num_gpus, args.temp_dir))
+        try:
+            return run_node(ray_start_command(args.port_base, args.address, args.num_cpus, args.num_gpus,
+                                              args.temp_dir))
+        finally:
+            if args.temp_dir:  # Ray's session files on this node go with it
+                shutil.rmtree(args.temp_dir, ignore_errors=True)
     if args.command == "wait":
         wait_for_nodes(args.address, args.nodes, args.timeout)
         return 0

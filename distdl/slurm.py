@@ -23,15 +23,15 @@ from distdl.submit import JobPlan
 
 TEMPLATE = "ray_cluster.sbatch"
 
-SLURM_NAME = re.compile(r"^[A-Za-z0-9_.,+:@-]+$")
+SLURM_NAME = re.compile(r"[A-Za-z0-9_.,+:@-]+")
 # Slurm's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
 TIME_FORMS = (
-    (re.compile(r"^(\d+)$"), ("minutes",)),
-    (re.compile(r"^(\d+):(\d+)$"), ("minutes", "seconds")),
-    (re.compile(r"^(\d+):(\d+):(\d+)$"), ("hours", "minutes", "seconds")),
-    (re.compile(r"^(\d+)-(\d+)$"), ("days", "hours")),
-    (re.compile(r"^(\d+)-(\d+):(\d+)$"), ("days", "hours", "minutes")),
-    (re.compile(r"^(\d+)-(\d+):(\d+):(\d+)$"), ("days", "hours", "minutes", "seconds")),
+    (re.compile(r"(\d+)"), ("minutes",)),
+    (re.compile(r"(\d+):(\d+)"), ("minutes", "seconds")),
+    (re.compile(r"(\d+):(\d+):(\d+)"), ("hours", "minutes", "seconds")),
+    (re.compile(r"(\d+)-(\d+)"), ("days", "hours")),
+    (re.compile(r"(\d+)-(\d+):(\d+)"), ("days", "hours", "minutes")),
+    (re.compile(r"(\d+)-(\d+):(\d+):(\d+)"), ("days", "hours", "minutes", "seconds")),
 )
 SECONDS = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
 
@@ -58,7 +58,7 @@ class SlurmRequest:
 
 def time_limit_seconds(text: str) -> int:
     for pattern, units in TIME_FORMS:
-        match = pattern.match(text)
+        match = pattern.fullmatch(text)
         if match:
             return sum(int(value) * SECONDS[unit] for value, unit in zip(match.groups(), units))
     raise ConfigError(f"--time {text!r} is not a Slurm time; allowed forms: minutes, MM:SS, HH:MM:SS, "
@@ -79,7 +79,7 @@ def check_request(request: SlurmRequest) -> None:
         if request.workers_per_node < 1:
             raise ConfigError(f"--workers-per-node={request.workers_per_node} must be at least 1")
     for flag, value in (("--partition", request.partition), ("--account", request.account), ("--qos", request.qos)):
-        if value is not None and not SLURM_NAME.match(value):
+        if value is not None and not SLURM_NAME.fullmatch(value):
             raise ConfigError(f"{flag} {value!r} has characters Slurm names do not use; "
                               "allowed: letters, digits and _ . , + : @ -")
     limit = time_limit_seconds(request.time)
@@ -162,7 +162,8 @@ def render_script(request: SlurmRequest, plan: JobPlan, python: str = sys.execut
 
 def sbatch_arguments(run_dir: Path) -> list[str]:
     """Paths go on sbatch's command line, where no shell or #SBATCH parsing touches them."""
-    return ["--parsable", f"--chdir={Path.cwd()}", f"--output={run_dir / SLURM_LOGS / 'slurm-%j.out'}"]
+    log_pattern = str(run_dir / SLURM_LOGS).replace("%", "%%") + "/slurm-%j.out"  # % starts Slurm's patterns
+    return ["--parsable", f"--chdir={Path.cwd()}", f"--output={log_pattern}"]
 
 
 def submit(request: SlurmRequest, plan: JobPlan, dry_run: bool) -> Optional[str]:

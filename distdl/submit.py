@@ -32,16 +32,18 @@ class JobPlan:
     on_signal: str
 
 
-def plan_job(config_path: str, overrides: list[str], study: Optional[str]) -> JobPlan:
+def plan_job(config_path: str, overrides: list[str], study: Optional[str], check_dir: bool = True) -> JobPlan:
+    """The job's command line and run directory; `check_dir` checks that directory as the job will."""
     config_file = Path(config_path).resolve()
     if study is None:
         config = load_config(config_file, overrides)
-        check_run_dir(config, overwrite=False)
+        if check_dir:
+            check_run_dir(config, overwrite=False)
         return JobPlan(["train", str(config_file), *overrides], config.run_dir, config.run.name, config.scaling,
                        written_storage_path(config_file, overrides), "checkpoint")
     from distdl.studies.runner import locate_study
 
-    study_dir, base = locate_study(study, config_file, overrides)
+    study_dir, base = locate_study(study, config_file, overrides, check_dir)
     return JobPlan(["study", study, str(config_file), *overrides], study_dir, study_dir.name, base.scaling,
                    written_storage_path(config_file, overrides), "requeue")
 

@@ -41,8 +41,9 @@ def scaling_after(overrides: list[str]):
 def test_time_limits_in_slurm_forms():
     assert [time_limit_seconds(t) for t in ("30", "30:15", "2:00:00", "1-0", "1-02:03", "1-00:00:10")] == [
         1800, 1815, 7200, 86400, 93780, 86410]
-    with pytest.raises(ConfigError, match="--time '2h'.*HH:MM:SS"):
-        time_limit_seconds("2h")
+    for bad in ("2h", "2:00:00\n", "-1"):
+        with pytest.raises(ConfigError, match="is not a Slurm time.*HH:MM:SS"):
+            time_limit_seconds(bad)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -128,6 +129,34 @@ def test_a_study_job_runs_distdl_study_and_requeues_on_the_warning(tmp_path, cap
     assert "DISTDL_ON_SIGNAL=requeue" in script
     assert f"DISTDL_RUN_DIR={tmp_path / 'widths'}" in script
     assert f"DISTDL_ARGS=(study overparam {study_file} run.storage_path={tmp_path} study.name=widths" in script
+
+
+def test_the_same_submit_command_again_resumes_the_run(tmp_path, capsys):
+    """The job saves its config with the scaling the request implied; submitting again must match it."""
+    from distdl.cli import main
+    from distdl.config import load_config
+    from distdl.driver import CONFIG_FILE
+
+    overrides = ["data.path=/usr/share/common-licenses", f"run.storage_path={tmp_path}", "trainer.global_batch_size=null"]
+    flags = ["--nodes=4", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10", "--dry-run"]
+    assert main(["submit", "slurm", str(TINY), *overrides, *flags]) == 0
+    derived = capsys.readouterr().err.split("from the Slurm request: ")[1].split()
+    saved = load_config(TINY, [*overrides, *derived])  # what the first job's driver wrote
+    saved.run_dir.mkdir(parents=True)
+    (saved.run_dir / CONFIG_FILE).write_text(saved.to_yaml())
+    assert main(["submit", "slurm", str(TINY), *overrides, *flags]) == 0, capsys.readouterr().err
+
+
+def test_a_failed_first_start_keeps_the_slurm_logs(tmp_path):
+    from distdl.driver import SLURM_LOGS, _remove_if_only_ours
+
+    (tmp_path / SLURM_LOGS).mkdir()
+    (tmp_path / SLURM_LOGS / "slurm-7.out").write_text("the error the user needs")
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "stop_request").write_text("")
+    _remove_if_only_ours(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [SLURM_LOGS]
+    assert (tmp_path / SLURM_LOGS / "slurm-7.out").read_text() == "the error the user needs"
 
 
 def test_missing_sbatch_and_bad_requests_exit_2(tmp_path):

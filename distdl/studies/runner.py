@@ -65,11 +65,12 @@ def saved_settings(name: str, section: Any, base: Any) -> dict[str, Any]:
     return {"study": {"kind": name, **asdict(section)}, "training": base.to_dict()}
 
 
-def locate_study(name: str, path: str | Path, overrides: list[str]) -> tuple[Path, Any]:
+def locate_study(name: str, path: str | Path, overrides: list[str], check_dir: bool = True) -> tuple[Path, Any]:
     """The study directory and base config a `distdl study` command would use, checked as it would."""
     _, section, base = read_study(name, path, overrides)
     study_dir = Path(base.run.storage_path) / section.name
-    check_study_dir(study_dir, saved_settings(name, section, base), overwrite=False)
+    if check_dir:
+        check_study_dir(study_dir, saved_settings(name, section, base), overwrite=False)
     return study_dir, base
 
 
