@@ -38,6 +38,11 @@ def forwarded_env() -> dict[str, str]:
             if key in FORWARDED_ENV or key.startswith(FORWARDED_PREFIXES)}
 
 
+def foreign_entries(directory: Path) -> list[Path]:
+    """What a run or study directory holds besides a Slurm job's logs (written before the run starts)."""
+    return [path for path in directory.iterdir() if path.name != SLURM_LOGS]
+
+
 def check_run_dir(config: Config, overwrite: bool) -> bool:
     """Whether this is a resume. Refuse a run directory holding a different config, unless overwriting.
 
@@ -49,7 +54,7 @@ def check_run_dir(config: Config, overwrite: bool) -> bool:
         return False
     saved_file = run_dir / CONFIG_FILE
     if not saved_file.is_file():
-        if any(p.name != SLURM_LOGS for p in run_dir.iterdir()):
+        if foreign_entries(run_dir):
             raise RunDirError(f"run directory {run_dir} exists and is not a distdl run (no {CONFIG_FILE}); "
                               "choose another run.name or run.storage_path")
         return False
@@ -181,14 +186,13 @@ def _remove_if_only_ours(run_dir: Path) -> None:
 
     if not run_dir.is_dir() or (run_dir / CONFIG_FILE).exists():
         return
-    if (run_dir / SLURM_LOGS).is_dir():  # the job's own log is in there, telling what failed
-        for path in run_dir.iterdir():
-            if path.is_dir() and path.name != SLURM_LOGS:
-                shutil.rmtree(path, ignore_errors=True)
-            elif path.is_file():
-                path.unlink(missing_ok=True)
-        return
-    shutil.rmtree(run_dir, ignore_errors=True)
+    for path in foreign_entries(run_dir):  # a Slurm job's own log stays: it tells what failed
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if not any(run_dir.iterdir()):
+        run_dir.rmdir()
 
 
 def connect_ray(config: Config) -> None:

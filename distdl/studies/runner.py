@@ -19,7 +19,7 @@ from typing import Any, Optional
 import yaml
 
 from distdl.config import ConfigError, config_differences, config_from_dict, with_defaults, without_session_keys
-from distdl.driver import SLURM_LOGS
+from distdl.driver import foreign_entries
 from distdl.errors import RunDirError
 from distdl.registry import STUDIES, WORKLOADS
 from distdl.studies.base import Study, StudyReport, read_study_file
@@ -78,7 +78,7 @@ def check_study_dir(study_dir: Path, saved: dict[str, Any], overwrite: bool) -> 
     """Refuse a study directory that holds another study, unless overwriting (moved aside, not deleted)."""
     saved_file = study_dir / STUDY_FILE
     if not saved_file.is_file():
-        if study_dir.exists() and any(p.name != SLURM_LOGS for p in study_dir.iterdir()):
+        if study_dir.exists() and foreign_entries(study_dir):
             raise RunDirError(f"study directory {study_dir} exists and is not a distdl study (no {STUDY_FILE}); "
                               "choose another study.name or run.storage_path")
         return
