@@ -151,8 +151,9 @@ def run_distdl(args: argparse.Namespace, workers: int, storage: Path, tokenizer:
         f"trainer.log_every={args.skip}",
         # Evaluation and checkpoints then happen only after the last step, outside every timed window.
         "trainer.eval_every=0", "trainer.checkpoint_every=0",
-        "model.preset=tiny", f"data.path={args.corpus}", "data.max_seq_length=128",
+        f"model.preset={getattr(args, 'preset', 'tiny')}", f"data.path={args.corpus}", "data.max_seq_length=128",
         f"tokenizer.name_or_path={tokenizer}", "tracking.wandb_mode=disabled", "tracking.progress_bar=false",
+        *getattr(args, "extra_overrides", ()),
     ])
     watcher = FirstLineWatcher(config.run_dir / "metrics.jsonl")
     watcher.start()

@@ -139,10 +139,16 @@ def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:
             cause = failure.__cause__ or failure
             lines = str(cause).strip().splitlines() or [type(cause).__name__]
             print(f"distdl: error: worker {rank} failed: {lines[-1]}", file=sys.stderr)
-        print(f"distdl: the last good checkpoint, if any, is kept in {config.run_dir}", file=sys.stderr)
+        print(f"distdl: {last_good_checkpoint(config.run_dir)}", file=sys.stderr)
         return 1
     if not summary:
         print(f"distdl: the run ended without a summary; see {config.run_dir}", file=sys.stderr)
+        return 1
+    if summary.get("non_finite_step") is not None:
+        print(f"distdl: error: the loss or gradient norm was not finite at step {summary['non_finite_step']}; "
+              f"training stopped at step {summary['steps']} without saving. {last_good_checkpoint(config.run_dir)}. "
+              "Lower the learning rate, raise warmup or gradient clipping, or use bf16 instead of fp16, "
+              "in a new run (or --overwrite).", file=sys.stderr)
         return 1
     if summary.get("stopped_on_request_step") and not summary.get("completed"):
         print(f"distdl: stopped on request at step {summary['stopped_on_request_step']} with a checkpoint; "
@@ -155,6 +161,17 @@ def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:
     if "wandb_run_dir" in summary and "offline-run" in summary["wandb_run_dir"]:
         print(f"distdl: W&B ran offline; upload with: wandb sync {summary['wandb_run_dir']}")
     return 0
+
+
+def last_good_checkpoint(run_dir: Path) -> str:
+    """Which checkpoint a rerun of a failed run resumes from, in words."""
+    from distdl.driver import checkpoint_step, latest_checkpoint
+
+    try:
+        latest = latest_checkpoint(run_dir)
+    except USER_ERRORS:
+        return f"no checkpoint was saved yet in {run_dir}; a rerun starts afresh"
+    return f"the last good checkpoint is {latest} (step {checkpoint_step(run_dir)}); the same command resumes from it"
 
 
 def run_study(name: str, config_path: str, overrides: list[str], overwrite: bool) -> int:

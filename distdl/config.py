@@ -60,6 +60,11 @@ class EngineSection:
     gradient_clipping: float = 1.0
     # ZeRO stages 1-3 only: optimizer state lives in CPU memory.
     offload_optimizer: bool = False
+    # ZeRO 1-3: reduce gradients bucket by bucket while the backward pass still runs (DeepSpeed
+    # leaves this off for ZeRO 1-2), in buckets of this many elements for ZeRO's gradient reduce and
+    # parameter all-gather (DeepSpeed's default, 5e8, makes one bucket of most models: no overlap).
+    overlap_comm: bool = True
+    bucket_elements: int = 25_000_000
     # A raw DeepSpeed JSON merged over the derived config; conflicts are errors.
     deepspeed_config: Optional[str] = None
 
@@ -124,6 +129,8 @@ class TrackingSection:
     wandb_entity: Optional[str] = None
     # W&B's run group (a study sets it to the study's name, so its trials show together).
     wandb_group: Optional[str] = None
+    # Seconds W&B online may take to reach its server before the run logs offline instead (W&B's default).
+    wandb_init_timeout: float = 90.0
     progress_bar: bool = True
 
 
@@ -153,7 +160,7 @@ SESSION_KEYS = (
     "trainer.max_steps", "trainer.epochs", "trainer.stop_at_step", "trainer.log_every", "trainer.eval_every",
     "trainer.checkpoint_every", "trainer.keep_checkpoints", "run.max_failures", "ray.address", "ray.num_cpus",
     "scaling.cpus_per_worker", "scaling.placement_strategy", "tracking.wandb_mode", "tracking.progress_bar",
-    "data.num_proc", "data.cache_dir",
+    "tracking.wandb_init_timeout", "data.num_proc", "data.cache_dir",
 )
 
 
@@ -377,6 +384,7 @@ def validate(config: Config) -> None:
         "trainer.keep_checkpoints": config.trainer.keep_checkpoints,
         "scaling.num_workers": config.scaling.num_workers,
         "scaling.cpus_per_worker": config.scaling.cpus_per_worker,
+        "engine.bucket_elements": config.engine.bucket_elements,
     }
     for key, value in positive.items():
         if value < 1:
@@ -385,6 +393,9 @@ def validate(config: Config) -> None:
         value = getattr(config.trainer, key)
         if value != "epoch" and not (isinstance(value, int) and value >= 0):
             raise ConfigError(f"trainer.{key}={value!r} must be 0 (off), a number of steps, or 'epoch'")
+    if not (math.isfinite(config.tracking.wandb_init_timeout) and config.tracking.wandb_init_timeout > 0):
+        raise ConfigError(f"tracking.wandb_init_timeout={config.tracking.wandb_init_timeout} must be a positive "
+                          "number of seconds")
     if not (math.isfinite(config.optimizer.lr) and config.optimizer.lr > 0):
         raise ConfigError(f"optimizer.lr={config.optimizer.lr} must be a finite positive number")
     if not (math.isfinite(config.engine.gradient_clipping) and config.engine.gradient_clipping >= 0):

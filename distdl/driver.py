@@ -97,7 +97,7 @@ def run_training(config: Config, overwrite: bool) -> dict[str, Any]:
     if config.ray.address is not None:
         connect_ray(config)  # a cluster that is unreachable or refuses us fails before the run directory is touched
     workload = WORKLOADS.get(config.workload)
-    config.run_dir.mkdir(parents=True, exist_ok=True)
+    make_writable_run_dir(config.run_dir)
     try:
         # Before the step checks: with trainer.epochs the step budget follows from the data's size.
         steps_per_epoch = resolve_epochs(config, workload.prepare(config))
@@ -107,7 +107,7 @@ def run_training(config: Config, overwrite: bool) -> dict[str, Any]:
         raise
     if steps_per_epoch:
         print(f"distdl: one epoch is {steps_per_epoch} steps; training for {config.trainer.max_steps} steps")
-    if resuming and any(config.run_dir.glob("checkpoint_*")):
+    if resuming and checkpoint_step(config.run_dir) is not None:
         verify_checkpoint(latest_checkpoint(config.run_dir))
         if reached_target(config):
             return read_summary(config.run_dir)
@@ -119,6 +119,19 @@ def run_training(config: Config, overwrite: bool) -> dict[str, Any]:
           f"({config.scaling.num_workers} workers, ZeRO-{config.engine.zero_stage}, {config.engine.precision})")
     trainer.fit()
     return read_summary(config.run_dir)
+
+
+def make_writable_run_dir(run_dir: Path) -> None:
+    """Create the run directory and prove a file can be written there, before any worker starts."""
+    import tempfile
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".distdl-write-check-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"run.storage_path: cannot write to {err.filename or run_dir} ({err.strerror or err}); "
+                          "choose a writable run.storage_path (every node must be able to write there)") from None
 
 
 @contextlib.contextmanager
@@ -360,12 +373,15 @@ def find_checkpoint(run_dir: Path, which: str) -> Path:
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint Ray Train resumes from: its snapshot's latest, else the highest-numbered folder."""
+    """The checkpoint Ray Train resumes from: the latest one its snapshot records as complete.
+
+    Never the highest-numbered folder: a save cut short leaves a folder that was never recorded.
+    """
     run_dir = Path(run_dir)
     latest = _latest_checkpoint_result(run_dir).get("checkpoint_dir_name")
     if latest:
         return run_dir / latest
-    candidates = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
-    if not candidates:
-        raise ConfigError(f"run directory {run_dir} holds no checkpoint (checkpoint_*)")
-    return candidates[-1]
+    if any(run_dir.glob("checkpoint_*")):
+        raise ConfigError(f"run directory {run_dir} holds no complete checkpoint: Ray Train recorded none of its "
+                          "checkpoint_* folders (a save cut short?)")
+    raise ConfigError(f"run directory {run_dir} holds no checkpoint (checkpoint_*)")

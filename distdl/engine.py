@@ -37,6 +37,9 @@ def build_deepspeed_config(
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": engine.zero_stage},
     }
+    if engine.zero_stage > 0:
+        derived["zero_optimization"].update(overlap_comm=engine.overlap_comm, reduce_bucket_size=engine.bucket_elements,
+                                            allgather_bucket_size=engine.bucket_elements)
     if engine.offload_optimizer:
         derived["zero_force_ds_cpu_optimizer"] = False
         derived["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
@@ -85,6 +88,19 @@ def _lookup(tree: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+# Where the derived DeepSpeed keys come from in distdl's config, for conflict messages.
+_DERIVED_FROM = {
+    "train_batch_size": "trainer.global_batch_size",
+    "train_micro_batch_size_per_gpu": "trainer.micro_batch_size",
+    "gradient_accumulation_steps": "trainer.gradient_accumulation_steps",
+    "gradient_clipping": "engine.gradient_clipping",
+    "zero_optimization.stage": "engine.zero_stage",
+    "zero_optimization.overlap_comm": "engine.overlap_comm",
+    "zero_optimization.reduce_bucket_size": "engine.bucket_elements",
+    "zero_optimization.allgather_bucket_size": "engine.bucket_elements",
+}
+
+
 def merge_deepspeed_config(derived: dict[str, Any], user: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Add the user's keys to the derived config; a key set to a different value in both is an error."""
     merged = copy.deepcopy(derived)
@@ -95,9 +111,10 @@ def merge_deepspeed_config(derived: dict[str, Any], user: dict[str, Any], prefix
         elif isinstance(merged[key], dict) and isinstance(value, dict):
             merged[key] = merge_deepspeed_config(merged[key], value, dotted + ".")
         elif merged[key] != value:
+            source = _DERIVED_FROM.get(dotted, "the distdl key")
             raise ConfigError(
                 f"engine.deepspeed_config sets {dotted}={value!r} but distdl's config gives "
-                f"{merged[key]!r}; set it through the distdl key instead, or make them agree"
+                f"{merged[key]!r}; set it through {source} instead, or make them agree"
             )
     return merged
 
@@ -171,10 +188,14 @@ class Engine:
         return float(self._engine.get_lr()[0])
 
     def grad_norm(self) -> Optional[float]:
-        norm = self._engine.get_global_grad_norm()
+        norm = self.raw_grad_norm()
         if norm is None:
             return None
         return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    def raw_grad_norm(self) -> Optional[torch.Tensor | float]:
+        """The last optimizer step's global gradient norm as DeepSpeed keeps it (a tensor is not synced)."""
+        return self._engine.get_global_grad_norm()
 
     def parameter_checksum(self) -> str:
         """sha256 of this rank's full fp32 weights (gathered under ZeRO-3); equal on every rank."""
@@ -282,6 +303,9 @@ class EngineSet:
         for name, engine in self.engines.items():
             out[f"lr_{name}"], out[f"grad_norm_{name}"] = engine.lr(), engine.grad_norm()
         return out
+
+    def grad_norms(self) -> list[Optional[torch.Tensor | float]]:
+        return [engine.raw_grad_norm() for engine in self.engines.values()]
 
     def parameter_checksum(self) -> str:
         if self.single:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -157,6 +157,47 @@ class Window:
         return {**means, "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed}
 
 
+class FiniteWatch:
+    """Whether each step's metrics (loss included) and gradient norms were finite on this rank.
+
+    Kept as device tensors, so watching costs no sync per step; `first_bad_step` all-reduces them
+    at log and checkpoint steps, so every rank stops at the same step and nothing non-finite is saved.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.bad: list[torch.Tensor] = []
+        self._current: Optional[torch.Tensor] = None
+
+    def add(self, values: Iterable[Any]) -> None:
+        for value in values:
+            if value is None:
+                continue
+            tensor = value.detach() if torch.is_tensor(value) else torch.tensor(float(value))
+            if not tensor.is_floating_point():
+                continue
+            bad = ~torch.isfinite(tensor).all()
+            self._current = bad if self._current is None else self._current | bad.to(self._current.device)
+
+    def end_step(self, step: int, device: torch.device) -> None:
+        self.steps.append(step)
+        self.bad.append(torch.zeros((), dtype=torch.bool, device=device) if self._current is None
+                        else self._current.to(device))
+        self._current = None
+
+    def first_bad_step(self, device: torch.device) -> Optional[int]:
+        """The first watched step whose values were not finite on any rank (every rank calls it)."""
+        if not self.steps:
+            return None
+        flags = torch.stack(self.bad).float().to(device)
+        if dist.is_initialized():
+            dist.all_reduce(flags)
+        bad = torch.nonzero(flags > 0).flatten().tolist()
+        first = self.steps[bad[0]] if bad else None
+        self.steps, self.bad = [], []
+        return first
+
+
 def noise_terms(engine: Engine, trainer: Any) -> dict[str, float]:
     """This step's estimates of |G|^2 and tr(Sigma) from this rank's gradient and the all-reduced one."""
     from distdl.studies.measures import noise_scale_terms
@@ -187,10 +228,19 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
     model, step = engines.for_workload(), start_step
     stopped_at_loss: Optional[int] = None
     stopped_on_request: Optional[int] = None
+    non_finite_step: Optional[int] = None
+    watch = FiniteWatch()
+    # fp16's dynamic loss scale overflows by design; DeepSpeed skips those steps itself.
+    watch_gradients = config.engine.precision != "fp16"
     for step in range(start_step + 1, stop + 1):
         for _ in range(accumulation):
             batch = {k: v.to(engines.device) for k, v in next(batches).items()}
-            window.add(workload.train_step(model, batch), workload.batch_size(batch))
+            step_metrics = workload.train_step(model, batch)
+            watch.add(step_metrics.values())
+            window.add(step_metrics, workload.batch_size(batch))
+        if watch_gradients:
+            watch.add(engines.grad_norms())
+        watch.end_step(step, engines.device)
         if trainer.noise_scale:
             window.add_step(noise_terms(engines.primary, trainer))
         if tracker:
@@ -207,8 +257,14 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
         if log_step and trainer.stop_at_loss is not None and metrics.get("loss", float("inf")) <= trainer.stop_at_loss:
             stopped_at_loss, stop = step, step
         checkpoint_step = (trainer.checkpoint_every and step % trainer.checkpoint_every == 0) or step == stop
+        # Before evaluating and saving: a diverged model is never saved over the last good checkpoint.
+        if (log_step or checkpoint_step) and (non_finite_step := watch.first_bad_step(engines.device)) is not None:
+            if metrics and tracker:
+                tracker.log(step, metrics)
+            break
         # Checkpoints kept by a metric are scored, so each one is evaluated.
-        evaluate = (trainer.eval_every and step % trainer.eval_every == 0) or step == stop or (checkpoint_step and score_key)
+        evaluate = ((trainer.eval_every and step % trainer.eval_every == 0) or step == stop
+                    or (checkpoint_step and score_key))
         if evaluate or checkpoint_step:
             engines.average_buffers()
         if evaluate:
@@ -218,7 +274,7 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
         logged.update(metrics)
         if checkpoint_step:
             reported = {**metrics, CHECKPOINT_SCORE: metrics[score_key]} if score_key else metrics
-            save_and_report(engines, workload, rank, step, reported)
+            save_and_report(engines, workload, config.run_dir, rank, step, reported)
         if log_step:
             window = Window()  # after eval and checkpoint, so throughput counts training time only
         if step == stop:
@@ -226,10 +282,12 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
     summary = {
         "steps": step,
         "max_steps": trainer.max_steps,
-        "completed": step >= trainer.max_steps or stopped_at_loss is not None,
+        "completed": non_finite_step is None and (step >= trainer.max_steps or stopped_at_loss is not None),
         "stopped_at_loss_step": stopped_at_loss,
         "stopped_on_request_step": stopped_on_request,
+        "non_finite_step": non_finite_step,
         "world_size": world_size,
+        "backend": dist.get_backend() if dist.is_initialized() else None,
         "global_batch_size": trainer.global_batch_size,
         "session_wall_time_s": time.perf_counter() - session_started,
         "parameter_checksums": gather(engines.parameter_checksum()),
@@ -242,16 +300,24 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
         tracker.finish(summary)
 
 
-def save_and_report(engines: EngineSet, workload: Workload, rank: int, step: int, metrics: dict[str, Any]) -> None:
-    """Every rank writes its shards into its own directory; Ray Train merges them into one checkpoint."""
+def save_and_report(engines: EngineSet, workload: Workload, run_dir: Path, rank: int, step: int,
+                    metrics: dict[str, Any]) -> None:
+    """Every rank writes its shards into a local temporary directory; Ray Train copies them into one
+    checkpoint in storage and records it as the latest only once every rank's copy is complete, so a
+    crash or a full disk mid-save leaves the previous checkpoint the one a rerun resumes from."""
     import ray.train
 
-    with tempfile.TemporaryDirectory(prefix="distdl-ckpt-") as directory:
-        engines.save(directory, client_state={"step": step, "workload": workload.state_dict()})
-        torch.save(rng_state(engines.device), Path(directory) / RNG_FILE.format(rank=rank))
-        reported = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        ray.train.report({"step": step, **reported}, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                         checkpoint_dir_name=f"checkpoint_{step:08d}")
+    name = f"checkpoint_{step:08d}"
+    try:
+        with tempfile.TemporaryDirectory(prefix="distdl-ckpt-") as directory:
+            engines.save(directory, client_state={"step": step, "workload": workload.state_dict()})
+            torch.save(rng_state(engines.device), Path(directory) / RNG_FILE.format(rank=rank))
+            reported = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            ray.train.report({"step": step, **reported}, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=name)
+    except OSError as err:
+        raise CheckpointError(f"could not write the checkpoint of step {step} to {run_dir / name} ({err}); "
+                              "the run's previous checkpoint is kept and a rerun resumes from it") from err
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

@@ -97,12 +97,14 @@ class Tracker:
                             name=run_name,
                             id=wandb_run_id(self.run_dir), resume="allow", config=config, dir=str(self.run_dir))
             try:
-                return wandb.init(**settings, mode=mode)
+                return wandb.init(**settings, mode=mode,
+                                  settings=wandb.Settings(init_timeout=section.wandb_init_timeout))
             except Exception as err:
                 if mode != "online":
                     raise
                 # No login on this node, or no network: keep the run for a later `wandb sync`.
-                warnings.warn(f"W&B online failed ({err}); logging offline instead")
+                warnings.warn(f"W&B online failed ({err}); logging offline instead, to upload later with wandb sync")
+                wandb.teardown()  # the failed online attempt still holds the run id
                 return wandb.init(**settings, mode="offline")
         except Exception as err:  # W&B must never stop training
             warnings.warn(f"W&B could not start ({err}); training goes on, metrics stay in {self.run_dir / METRICS_FILE}")
@@ -126,8 +128,11 @@ class Tracker:
         """Numbers, and image files (`Path` values: W&B images; their paths in metrics.jsonl)."""
         # Wall-clock time as W&B's _timestamp: start-up and queueing delays are read from it.
         record = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
-        self._metrics.write(json.dumps(record) + "\n")
-        self._metrics.flush()
+        try:
+            self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.flush()
+        except OSError as err:
+            raise OSError(err.errno, f"could not write {self._metrics.name}: {err.strerror}") from err
         if self._wandb is not None:
             try:
                 import wandb

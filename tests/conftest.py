@@ -12,7 +12,7 @@ CORPUS = Path("/usr/share/common-licenses")
 
 # Set before anything imports distdl's registry; Ray workers inherit it and load the test plugins too.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-os.environ["DISTDL_PLUGINS"] = "tests.plugins.crash_once"
+os.environ["DISTDL_PLUGINS"] = "tests.plugins.faults"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -132,6 +132,16 @@ def test_malformed_yaml(tmp_path):
     assert str(bad) in message and "YAML" in message
 
 
+@pytest.mark.parametrize("tag", ["!!python/object/apply:subprocess.call", "!!python/object/new:subprocess.Popen"])
+def test_yaml_that_would_run_code_is_refused_and_runs_nothing(tmp_path, tag):
+    marker = tmp_path / "ran"
+    hostile = tmp_path / "hostile.yaml"
+    hostile.write_text(f"workload: bert_pretrain\nrun:\n  name: {tag} [['touch', '{marker}']]\n")
+    message = error(path=hostile)
+    assert str(hostile) in message and "YAML" in message
+    assert not marker.exists()
+
+
 def test_yaml_holding_a_list(tmp_path):
     bad = tmp_path / "list.yaml"
     bad.write_text("- workload\n- trainer\n")

@@ -189,6 +189,16 @@ def test_a_run_directory_given_as_model_points_to_export(glue_dir, tmp_path):
     assert "distdl export" in message
 
 
+@pytest.mark.parametrize("file", ["model.safetensors", "tokenizer.json", "config.json"])
+def test_a_damaged_model_or_tokenizer_file_is_named(glue_dir, tiny_bert, tmp_path, file):
+    model = tmp_path / "damaged"
+    shutil.copytree(tiny_bert, model)
+    content = (model / file).read_bytes()
+    (model / file).write_bytes(content[: len(content) // 2])  # a copy cut short
+    message = prepare_error(f"model.name_or_path={model}", f"data.path={glue_dir}")
+    assert f"model.name_or_path: {model / file} is damaged" in message
+
+
 def test_a_sequence_longer_than_the_models_positions_is_refused(glue_dir, tiny_bert):
     message = prepare_error(f"model.name_or_path={tiny_bert}", f"data.path={glue_dir}", "data.max_seq_length=512")
     assert "max_position_embeddings=128" in message

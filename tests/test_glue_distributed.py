@@ -61,16 +61,14 @@ def single_process_metrics(model_dir: Path, task: glue.GlueTask, split: Any) -> 
     return glue.compute_metrics(task, predictions, np.asarray(split["label"]))
 
 
-def test_sst2_from_real_weights_resumes_keeps_the_best_and_matches_single_process_eval(
-        ray_local, tmp_path, glue_dir, minilm):
-    first, summary = finetune(tmp_path, glue_dir, minilm, "sst2", "trainer.stop_at_step=10")
-    assert summary["steps"] == 10 and summary["best"]["step"] == 10
+def test_sst2_from_real_weights_keeps_the_best_and_matches_single_process_eval(ray_local, tmp_path, glue_dir, minilm):
+    # (Resuming is the same code for every workload: tests/test_faults.py resumes BERT pretraining.)
     config, summary = finetune(tmp_path, glue_dir, minilm, "sst2")
     run_dir = config.run_dir
     assert summary["completed"] and summary["steps"] == 20
     assert_learned(run_dir)
     accuracy = evaluations(run_dir, "eval_accuracy")
-    assert sorted(accuracy) == [10, 20], "evaluated at each epoch's end, across both sessions"
+    assert sorted(accuracy) == [10, 20], "evaluated at each epoch's end"
     best = summary["best"]
     assert best["eval_accuracy"] == max(accuracy.values()) >= 0.9
     # Ray Train keeps the best checkpoint by the task's metric, and it holds that step.

@@ -326,3 +326,18 @@ def test_hub_download_folder_with_readme_is_a_data_folder(tmp_path):
     (folder / "README.md").write_text("# dataset card, not training text\n")
     raw = text.load_raw_corpus(text.TextDataSection(path=str(folder), cache_dir=str(tmp_path / "c")))
     assert len(raw) == 20 and "dataset card" not in " ".join(raw["text"])
+
+
+def test_a_truncated_tokenizer_file_is_named(prepared, tmp_path):
+    import shutil
+
+    copy = tmp_path / "tokenizer"
+    shutil.copytree(prepared["tmp"] / "tokenizer", copy)
+    content = (copy / "tokenizer.json").read_bytes()
+    (copy / "tokenizer.json").write_bytes(content[: len(content) // 3])
+    with pytest.raises(ConfigError, match=f"tokenizer.name_or_path: {copy / 'tokenizer.json'} is damaged: not valid JSON"):
+        text.load_tokenizer(text.TokenizerSection(name_or_path=str(copy)), tmp_path)
+    # The tokenizer a run trained for itself, damaged in its run directory, is named as such.
+    shutil.copytree(copy, tmp_path / "run" / text.TOKENIZER_DIRNAME)
+    with pytest.raises(ConfigError, match="the run's tokenizer: .*tokenizer.json is damaged"):
+        text.prepare_tokenizer(None, text.TokenizerSection(), tmp_path / "run")

@@ -7,35 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from distdl.config import load_config
-from distdl.driver import latest_checkpoint, train
-from distdl.engine import consolidated_state_dict
+from distdl.driver import latest_checkpoint
 from distdl.tracking import read_metrics
-from tests.conftest import CORPUS
+from tests.bert_runs import QUICKSTART, run
 
 pytestmark = pytest.mark.distributed
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs/bert/pretrain_tiny.yaml"
-
-
-def run(tmp_path: Path, corpus: Path, *overrides: str):
-    base = [
-        f"run.storage_path={tmp_path}",
-        f"data.path={corpus}",
-        "trainer.max_steps=16",
-        "trainer.micro_batch_size=8",
-        "trainer.global_batch_size=16",
-        "trainer.log_every=4",
-        "trainer.eval_every=0",
-        "trainer.checkpoint_every=0",
-        "tokenizer.vocab_size=2000",
-        "data.max_seq_length=64",
-        "optimizer.lr=2e-3",
-        "scheduler.warmup_steps=2",
-        "tracking.wandb_mode=disabled",
-        "tracking.progress_bar=false",
-    ]
-    config = load_config(QUICKSTART, [*base, *overrides])
-    return config, train(config)
 
 
 def assert_trained(config, summary):
@@ -124,63 +100,6 @@ def test_bf16_trains_logs_to_wandb_offline_once_and_exports_fp32_master_weights(
     assert bf16_weights.dtype == torch.bfloat16
     # The fp32 masters round to the bf16 weights the engine computed with.
     torch.testing.assert_close(exported.bert.embeddings.word_embeddings.weight.bfloat16(), bf16_weights)
-
-
-@pytest.fixture(scope="module")
-def shared_tokenizer(tmp_path_factory):
-    """WordPiece training is not bit-reproducible (tokenizers#1794), so runs to compare share one."""
-    from distdl.data.text import TextDataSection, TokenizerSection, load_raw_corpus, train_tokenizer
-
-    if not CORPUS.is_dir():
-        pytest.skip("needs the Debian license texts in /usr/share/common-licenses")
-    out = tmp_path_factory.mktemp("shared") / "tokenizer"
-    train_tokenizer(load_raw_corpus(TextDataSection(path=str(CORPUS))), TokenizerSection(vocab_size=2000), out)
-    return out
-
-
-RESUME_COMMON = ("engine.zero_stage=2", "trainer.max_steps=12", "trainer.checkpoint_every=6")
-
-
-@pytest.fixture(scope="module")
-def straight_run(ray_local, tmp_path_factory, shared_tokenizer):
-    """The uninterrupted run that the resumed and the crashed runs must end equal to."""
-    tmp_path = tmp_path_factory.mktemp("straight")
-    return run(tmp_path, CORPUS, "run.name=straight", *RESUME_COMMON,
-               f"tokenizer.name_or_path={shared_tokenizer}")[0]
-
-
-def assert_same_final_weights(straight, other) -> None:
-    a = consolidated_state_dict(latest_checkpoint(straight.run_dir))
-    b = consolidated_state_dict(latest_checkpoint(other.run_dir))
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
-
-
-def test_resumed_run_equals_uninterrupted(straight_run, tmp_path, corpus, shared_tokenizer):
-    common = (*RESUME_COMMON, f"tokenizer.name_or_path={shared_tokenizer}")
-    first, half = run(tmp_path, corpus, "run.name=resumed", *common, "trainer.stop_at_step=6")
-    assert half["steps"] == 6 and not half["completed"]
-    resumed, summary = run(tmp_path, corpus, "run.name=resumed", *common)
-    assert summary["steps"] == 12 and summary["completed"]
-    assert_same_final_weights(straight_run, resumed)
-    assert [m["step"] for m in read_metrics(resumed.run_dir)] == [4, 6, 8, 12]
-    # Rerunning a finished run trains nothing and keeps its summary.
-    again = train(load_config(resumed.run_dir / "config.yaml"))
-    assert again == summary
-    # The logged losses after the resume point are those of the uninterrupted run.
-    losses = {m["step"]: m["loss"] for m in read_metrics(straight_run.run_dir)}
-    assert read_metrics(resumed.run_dir)[-1]["loss"] == pytest.approx(losses[12], rel=1e-5)
-
-
-def test_crashed_worker_restarts_from_checkpoint(straight_run, tmp_path, corpus, shared_tokenizer):
-    crashed, summary = run(tmp_path, corpus, "run.name=crashed", "workload=bert_pretrain_crash_once",
-                           "run.max_failures=1", *RESUME_COMMON, f"tokenizer.name_or_path={shared_tokenizer}")
-    assert (crashed.run_dir / "crashed_once").is_file(), "rank 1 died at step 7"
-    assert summary["steps"] == 12 and summary["completed"]
-    # Step 4 from the first attempt; the restart resumed from step 6's checkpoint.
-    assert [m["step"] for m in read_metrics(crashed.run_dir)] == [4, 8, 12]
-    assert_same_final_weights(straight_run, crashed)
 
 
 def test_next_sentence_prediction_trains_exports_and_a_corrupted_checkpoint_is_named(ray_local, tmp_path, corpus,

@@ -120,6 +120,22 @@ def test_image_folder_reads_the_imagenet_layout(digits_folder):
     assert data.train[0][0].shape == (3, 32, 32) and data.eval[0][0].shape == (3, 32, 32)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not an image"])
+def test_an_unreadable_image_is_named(digits_folder, tmp_path, damage):
+    import shutil
+
+    root = tmp_path / "images"
+    shutil.copytree(digits_folder, root)
+    data = vision.load_vision(vision.VisionDataSection(dataset="imagefolder", path=str(root), image_size=32))
+    index = 5
+    path = Path(data.train.samples[index][0])
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2] if damage == "truncated" else b"not a picture\n")
+    data.train[index - 1]  # its neighbours still read
+    with pytest.raises(vision.UnreadableImageError, match=f"image file {path} cannot be read"):
+        data.train[index]
+
+
 def test_cifar_training_images_are_augmented_and_eval_images_are_not():
     section = vision.VisionDataSection(dataset="cifar10")
     spec = vision.DATASETS["cifar10"]

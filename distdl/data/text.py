@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from distdl.config import ConfigError
+from distdl.data.files import check_local_model_files
 
 TOKENIZER_DIRNAME = "tokenizer"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -129,6 +130,7 @@ def load_tokenizer(section: TokenizerSection, run_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     source = section.name_or_path or str(run_dir / TOKENIZER_DIRNAME)
+    check_local_model_files(source, "tokenizer.name_or_path" if section.name_or_path else "the run's tokenizer")
     try:
         return AutoTokenizer.from_pretrained(source)
     except Exception as err:

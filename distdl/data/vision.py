@@ -159,14 +159,32 @@ def _image_folder(data: VisionDataSection, spec: DatasetSpec, root: Path, size: 
             raise ConfigError(f"data.path: {folder} is missing; imagefolder expects {root}/train/<class>/<image> "
                               f"and {root}/val/<class>/<image> (the ImageNet layout)")
     try:
-        train = ImageFolder(str(folders["train"]), transform=transforms(data, spec, size, True, symmetric))
-        val = ImageFolder(str(folders["val"]), transform=transforms(data, spec, size, False, symmetric))
+        train = ImageFolder(str(folders["train"]), transform=transforms(data, spec, size, True, symmetric),
+                            loader=read_image)
+        val = ImageFolder(str(folders["val"]), transform=transforms(data, spec, size, False, symmetric),
+                          loader=read_image)
     except (FileNotFoundError, RuntimeError) as err:
         raise ConfigError(f"data.path: {err}") from err
     if train.classes != val.classes:
         only = sorted(set(train.classes) ^ set(val.classes))
         raise ConfigError(f"data.path: {root}/train and {root}/val hold different classes (in one only: {only[:5]})")
     return VisionData(train, val, spec.channels, len(train.classes), size)
+
+
+class UnreadableImageError(OSError):
+    """An image file that PIL cannot decode (damaged, truncated, or not an image)."""
+
+
+def read_image(path: str) -> Any:
+    """torchvision's default loader, with an error that names the file: PIL's errors for a truncated
+    image ("image file is truncated") do not, and a bad file in a million is found mid-epoch."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as handle:
+            return Image.open(handle).convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise UnreadableImageError(f"image file {path} cannot be read ({err}); replace or remove it") from None
 
 
 class ArrayImages(torch.utils.data.Dataset):

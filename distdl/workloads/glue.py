@@ -17,6 +17,7 @@ import torch
 
 from distdl.config import Config, ConfigError
 from distdl.data import glue, shards, text
+from distdl.data.files import check_local_model_files
 from distdl.registry import WORKLOADS
 from distdl.workloads.base import WorkerContext, Workload
 
@@ -52,10 +53,11 @@ def load_tokenizer(model: GlueModelSection) -> Any:
     from transformers import AutoTokenizer
 
     source = model.tokenizer or model.name_or_path
+    key = "model.tokenizer" if model.tokenizer else "model.name_or_path"
+    check_local_model_files(source, key)
     try:
         return AutoTokenizer.from_pretrained(source)
     except Exception as err:
-        key = "model.tokenizer" if model.tokenizer else "model.name_or_path"
         raise ConfigError(f"{key}: could not load a tokenizer from {source!r}: {err}") from err
 
 
@@ -156,6 +158,7 @@ class GlueFinetune(Workload):
         """Check model, tokenizer and data together, and fill the tokenization cache for the workers."""
         model, data = config.sections["model"], config.sections["data"]
         task = glue.get_task(data.task)
+        check_local_model_files(model.name_or_path, "model.name_or_path")
         config = model_config(model, task)
         tokenizer = load_tokenizer(model)
         check_tokenizer(tokenizer, config, model, data.max_seq_length)

@@ -1,0 +1,129 @@
+"""Test workloads that meet faults at known points, so real kills and real full disks hit mid-run.
+
+Each fault happens once per run directory (a marker file records it), so the restarted or rerun
+attempt trains normally. Where a test must deliver the fault itself (SIGKILL from outside), the
+worker writes its pid and waits to be killed at the chosen point.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from distdl.registry import WORKLOADS
+from distdl.workloads.bert_pretrain import BertPretrain
+
+# Longer than any test waits: a worker nobody kills must not hang the suite.
+WAIT_TO_BE_KILLED_S = 300
+
+
+def wait_to_be_killed(marker: Path) -> None:
+    marker.write_text(f"{os.getpid()}\n")
+    time.sleep(WAIT_TO_BE_KILLED_S)
+    os._exit(1)
+
+
+class CountingBertPretrain(BertPretrain):
+    """Counts micro-batches across resumes: the fault points are micro-batch numbers of the whole run."""
+
+    def train_batches(self, start):
+        self.micro_batch = start
+        return super().train_batches(start)
+
+    def loss(self, model, batch):
+        self.micro_batch += 1
+        self.before_micro_batch(self.micro_batch)
+        return super().loss(model, batch)
+
+    def before_micro_batch(self, micro_batch: int) -> None:
+        pass
+
+    def first_time(self, name: str) -> bool:
+        """True once per run directory, on the rank that creates the marker `name`."""
+        marker = self.context.run_dir / name
+        try:
+            marker.touch(exist_ok=False)
+        except FileExistsError:
+            return False
+        return True
+
+
+@WORKLOADS.register("bert_pretrain_killed_once")
+class BertPretrainKilledOnce(CountingBertPretrain):
+    """Rank 1 writes its pid at micro-batch 7 and waits there for the test's SIGKILL."""
+
+    def before_micro_batch(self, micro_batch):
+        if micro_batch == 7 and self.context.rank == 1 and self.first_time("killed_once"):
+            wait_to_be_killed(self.context.run_dir / "worker_pid")
+
+
+@WORKLOADS.register("bert_pretrain_killed_while_saving")
+class BertPretrainKilledWhileSaving(CountingBertPretrain):
+    """Rank 1 copies one file of its step-12 checkpoint into storage, then waits there to be killed
+    (the test kills the driver): a checkpoint folder cut short in the middle of Ray Train's upload."""
+
+    def __init__(self, sections, context):
+        super().__init__(sections, context)
+        if context.rank == 1 and not (context.run_dir / "killed_while_saving").exists():
+            from ray.train.v2._internal.execution import storage
+
+            upload = storage._pyarrow_fs_copy_files
+
+            def upload_then_hang(source, destination, **kwargs):
+                if "checkpoint_00000012" in str(destination) and self.first_time("killed_while_saving"):
+                    first = sorted(p for p in Path(source).rglob("*") if p.is_file())[0]
+                    target = Path(destination) / first.relative_to(source)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(first.read_bytes())
+                    wait_to_be_killed(self.context.run_dir / "saving_pid")
+                return upload(source, destination, **kwargs)
+
+            storage._pyarrow_fs_copy_files = upload_then_hang
+
+
+@WORKLOADS.register("bert_pretrain_fills_storage")
+class BertPretrainFillsStorage(CountingBertPretrain):
+    """At micro-batch 10 rank 0 fills the storage filesystem, as another job might, leaving 256 KiB:
+    room for log lines, not for a checkpoint."""
+
+    def before_micro_batch(self, micro_batch):
+        if micro_batch == 10 and self.context.rank == 0 and self.first_time("filled_storage"):
+            fill_filesystem(self.context.run_dir.parent / "filler", leave_bytes=256 * 1024)
+
+
+def fill_filesystem(path: Path, leave_bytes: int) -> None:
+    chunk = b"\0" * 2**20
+    with open(path, "wb") as out:
+        try:
+            while True:
+                out.write(chunk)
+                out.flush()
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+        out.truncate(max(0, out.tell() - leave_bytes))
+
+
+@WORKLOADS.register("bert_pretrain_diverges")
+class BertPretrainDiverges(CountingBertPretrain):
+    """Rank 1's loss becomes NaN from micro-batch 9 on (rank 0's stays finite)."""
+
+    def loss(self, model, batch):
+        loss, metrics = super().loss(model, batch)
+        if self.micro_batch >= 9 and self.context.rank == 1:
+            loss = loss * torch.tensor(float("nan"))
+        return loss, metrics
+
+
+@WORKLOADS.register("bert_pretrain_broken_node")
+class BertPretrainBrokenNode(BertPretrain):
+    """Rank 1 cannot read its data, as on a node without the shared corpus."""
+
+    def __init__(self, sections, context):
+        if context.rank == 1:
+            raise FileNotFoundError("corpus shard unreadable on this node")
+        super().__init__(sections, context)

@@ -1,0 +1,221 @@
+"""Faults met with real processes: killed workers and drivers, saves cut short, full and read-only
+storage, a diverging loss, an unreachable W&B. Each run must end equal to an uninterrupted one, or
+stop with a clear message and its last good checkpoint intact."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distdl.config import load_config
+from distdl.driver import checkpoint_step, latest_checkpoint, train
+from distdl.engine import consolidated_state_dict, verify_checkpoint
+from distdl.tracking import read_metrics
+from tests.bert_runs import QUICKSTART, overrides, run
+from tests.conftest import CORPUS
+
+pytestmark = pytest.mark.distributed
+RESUME_COMMON = ("engine.zero_stage=2", "trainer.max_steps=12", "trainer.checkpoint_every=6")
+
+
+@pytest.fixture(scope="module")
+def shared_tokenizer(tmp_path_factory):
+    """WordPiece training is not bit-reproducible (tokenizers#1794), so runs to compare share one."""
+    from distdl.data.text import TextDataSection, TokenizerSection, load_raw_corpus, train_tokenizer
+
+    if not CORPUS.is_dir():
+        pytest.skip("needs the Debian license texts in /usr/share/common-licenses")
+    out = tmp_path_factory.mktemp("shared") / "tokenizer"
+    train_tokenizer(load_raw_corpus(TextDataSection(path=str(CORPUS))), TokenizerSection(vocab_size=2000), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def common(shared_tokenizer):
+    return (*RESUME_COMMON, f"tokenizer.name_or_path={shared_tokenizer}")
+
+
+@pytest.fixture(scope="module")
+def straight_run(ray_local, tmp_path_factory, common):
+    """The uninterrupted run that every resumed, restarted and rerun run must end equal to."""
+    return run(tmp_path_factory.mktemp("straight"), CORPUS, "run.name=straight", *common)[0]
+
+
+def assert_same_final_weights(straight, other) -> None:
+    a = consolidated_state_dict(latest_checkpoint(straight.run_dir))
+    b = consolidated_state_dict(latest_checkpoint(other.run_dir))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A killed child of a live parent stays a zombie until reaped: dead all the same.
+    status = Path(f"/proc/{pid}/status")
+    return not (status.is_file() and "\nState:\tZ" in status.read_text())
+
+
+def test_resumed_run_equals_uninterrupted(straight_run, tmp_path, corpus, common):
+    first, half = run(tmp_path, corpus, "run.name=resumed", *common, "trainer.stop_at_step=6")
+    assert half["steps"] == 6 and not half["completed"]
+    resumed, summary = run(tmp_path, corpus, "run.name=resumed", *common)
+    assert summary["steps"] == 12 and summary["completed"]
+    assert_same_final_weights(straight_run, resumed)
+    assert [m["step"] for m in read_metrics(resumed.run_dir)] == [4, 6, 8, 12]
+    # Rerunning a finished run trains nothing and keeps its summary.
+    again = train(load_config(resumed.run_dir / "config.yaml"))
+    assert again == summary
+    # The logged losses after the resume point are those of the uninterrupted run.
+    losses = {m["step"]: m["loss"] for m in read_metrics(straight_run.run_dir)}
+    assert read_metrics(resumed.run_dir)[-1]["loss"] == pytest.approx(losses[12], rel=1e-5)
+
+
+def test_a_worker_killed_with_sigkill_is_restarted_from_the_last_checkpoint(straight_run, tmp_path, corpus, common):
+    config = load_config(QUICKSTART, overrides(tmp_path, corpus, "run.name=killed", "workload=bert_pretrain_killed_once",
+                                               "run.max_failures=1", *common))
+    outcome: dict = {}
+    driver = threading.Thread(target=lambda: outcome.update(summary=train(config)))
+    driver.start()
+    pid_file = config.run_dir / "worker_pid"
+    wait_for(lambda: pid_file.is_file() and pid_file.read_text().strip() or not driver.is_alive(), 300,
+             "rank 1 to reach micro-batch 7")
+    pid = int(pid_file.read_text())
+    os.kill(pid, signal.SIGKILL)
+    driver.join(300)
+    assert not driver.is_alive() and not alive(pid)
+    summary = outcome["summary"]
+    assert summary["steps"] == 12 and summary["completed"]
+    # Step 4 from the first attempt; the restart resumed from step 6's checkpoint.
+    assert [m["step"] for m in read_metrics(config.run_dir)] == [4, 8, 12]
+    assert_same_final_weights(straight_run, config)
+
+
+def test_a_driver_killed_while_a_checkpoint_is_written_resumes_from_the_one_before(straight_run, tmp_path, corpus,
+                                                                                 common):
+    args = overrides(tmp_path, corpus, "run.name=driver_killed", "workload=bert_pretrain_killed_while_saving", *common)
+    config = load_config(QUICKSTART, args)
+    log = (tmp_path / "driver.log").open("w")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded Ray, as a user's would be
+    driver = subprocess.Popen([sys.executable, "-m", "distdl.cli", "train", str(QUICKSTART), *args],
+                              stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    pid_file = config.run_dir / "saving_pid"
+    try:
+        wait_for(lambda: pid_file.is_file() and pid_file.read_text().strip() or driver.poll() is not None, 400,
+                 "the step-12 checkpoint upload")
+        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    worker = int(pid_file.read_text())
+    wait_for(lambda: not alive(worker), 60, "the dead driver's workers to go too")
+    # Half of step 12's checkpoint is in storage, but Ray Train never recorded it.
+    half_written = config.run_dir / "checkpoint_00000012"
+    assert half_written.is_dir() and any(half_written.rglob("*.pt"))
+    assert latest_checkpoint(config.run_dir).name == "checkpoint_00000006" and checkpoint_step(config.run_dir) == 6
+    verify_checkpoint(latest_checkpoint(config.run_dir))
+    # The same command again: resumes from step 6 and ends where the uninterrupted run did.
+    rerun, summary = run(tmp_path, corpus, "run.name=driver_killed", "workload=bert_pretrain_killed_while_saving",
+                         *common)
+    assert summary["steps"] == 12 and summary["completed"]
+    # Step 12's line from the killed attempt was dropped and written again by the rerun.
+    assert [m["step"] for m in read_metrics(rerun.run_dir)] == [4, 8, 12]
+    assert_same_final_weights(straight_run, rerun)
+
+
+def test_a_diverging_loss_stops_the_run_at_once_and_keeps_the_last_good_checkpoint(ray_local, tmp_path, corpus,
+                                                                                   common, capsys):
+    from distdl.cli import main
+
+    args = overrides(tmp_path, corpus, "run.name=diverged", "workload=bert_pretrain_diverges", *common)
+    assert main(["train", str(QUICKSTART), *args]) == 1
+    err = capsys.readouterr().err
+    run_dir = tmp_path / "diverged"
+    assert "not finite at step 9" in err and "training stopped at step 12 without saving" in err
+    assert f"the last good checkpoint is {run_dir / 'checkpoint_00000006'} (step 6)" in err
+    assert not (run_dir / "checkpoint_00000012").exists() and checkpoint_step(run_dir) == 6
+    verify_checkpoint(run_dir / "checkpoint_00000006")
+
+
+@pytest.fixture()
+def small_filesystem(tmp_path):
+    """A real 64 MiB filesystem (tmpfs), to fill up or make read-only; needs mount rights."""
+    mount_point = tmp_path / "storage"
+    mount_point.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here ({made.stderr.strip()})")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_storage_that_fills_up_fails_the_save_naming_the_path_and_keeps_the_last_checkpoint(
+        ray_local, small_filesystem, corpus, common, capsys):
+    from distdl.cli import main
+
+    args = overrides(small_filesystem, corpus, "run.name=full", "workload=bert_pretrain_fills_storage", *common)
+    assert main(["train", str(QUICKSTART), *args]) == 1
+    err = capsys.readouterr().err
+    run_dir = small_filesystem / "full"
+    assert f"could not write the checkpoint of step 12 to {run_dir / 'checkpoint_00000012'}" in err
+    assert "No space left on device" in err
+    assert f"the last good checkpoint is {run_dir / 'checkpoint_00000006'} (step 6)" in err
+    assert latest_checkpoint(run_dir).name == "checkpoint_00000006"
+    verify_checkpoint(run_dir / "checkpoint_00000006")
+
+
+def test_storage_that_cannot_be_written_is_refused_before_anything_starts(small_filesystem, corpus, capsys):
+    from distdl.cli import main
+
+    subprocess.run(["mount", "-o", "remount,ro", str(small_filesystem)], check=True)
+    args = overrides(small_filesystem / "runs", corpus, "run.name=readonly")
+    assert main(["train", str(QUICKSTART), *args]) == 2
+    err = capsys.readouterr().err
+    assert f"run.storage_path: cannot write to {small_filesystem / 'runs'}" in err and "Read-only" in err
+
+
+def test_wandb_unreachable_online_warns_and_keeps_the_run_offline_for_wandb_sync(tmp_path, monkeypatch):
+    import socket
+
+    from distdl.config import TrackingSection
+    from distdl.tracking import Tracker
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port}")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    section = TrackingSection(wandb_mode="online", wandb_init_timeout=3, progress_bar=False)
+    started = time.monotonic()
+    with pytest.warns(UserWarning, match="(?s)W&B online failed.*connection refused.*logging offline instead"):
+        tracker = Tracker(section, tmp_path, "unreachable", {"lr": 1e-3}, "online", 0, 4)
+    assert time.monotonic() - started < 60, "training waited for W&B no longer than its timeout"
+    for step in (1, 2):
+        tracker.log(step, {"loss": 1.0 / step})
+    summary = {"steps": 2}
+    tracker.finish(summary)
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2]
+    offline = Path(summary["wandb_run_dir"])
+    assert offline.name.startswith("offline-run-") and list(offline.glob("run-*.wandb"))
