@@ -8,7 +8,10 @@ import os
 import secrets
 import socket
 import subprocess
+import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -41,12 +44,17 @@ def ray_head(tmp_path_factory):
     home = tmp_path_factory.mktemp("head-home")
     token = secrets.token_hex(32)
     gcs_port, dashboard_port = free_port(), free_port()
+    # Its own short temp dir (Unix socket paths are limited to 107 bytes) names its processes.
+    temp_dir = tempfile.mkdtemp(prefix="distdl-head-", dir="/tmp")
     start = [str(RAY), "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
-             "--num-cpus=4", "--disable-usage-stats"]
+             "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
     subprocess.run(start, check=True, capture_output=True, timeout=120, env=env_with_token(home, token), cwd=home)
     yield {"gcs": f"127.0.0.1:{gcs_port}", "jobs": f"http://127.0.0.1:{dashboard_port}", "token": token}
-    # `ray stop` ends this machine's Ray processes; tests never leave another Ray running.
-    subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=120)
+    # Only this head's processes: `ray stop` would end every Ray instance on the machine (other tests' too).
+    for signal_name in ("TERM", "KILL"):
+        subprocess.run(["pkill", f"-{signal_name}", "-f", f"{temp_dir}/"], capture_output=True)
+        time.sleep(3)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def distdl(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:

@@ -261,7 +261,7 @@ def test_two_node_jobs_train_and_a_warned_job_requeues_and_resumes(slurm_cluster
     first_step = json.loads((plain_dir / "metrics.jsonl").read_text().splitlines()[0])
     print(f"submit to first logged step (step {first_step['step']}): {first_step['time'] - submitted_at:.1f} s")
     assert sorted(p.name for p in (plain_dir / "slurm" / f"job-{plain}").iterdir()) == ["ray-node1.log", "ray-node2.log"]
-    wait_for(lambda: not ps_lines("raylet"), 30, "the job's Ray nodes to end with it")
+    wait_for(lambda: not job_processes(plain), 30, "the job's Ray nodes to end with it")
 
     # The same vocabulary as the plain run (WordPiece training is not deterministic across processes).
     warned = submit(tmp_path, "warned", f"tokenizer.name_or_path={plain_dir / 'tokenizer'}")
@@ -291,6 +291,8 @@ def test_two_node_jobs_train_and_a_warned_job_requeues_and_resumes(slurm_cluster
     assert not left, "the job's private Ray directory is removed"
 
 
-def ps_lines(name: str) -> list[str]:
-    listed = subprocess.run(["ps", "-eo", "comm"], capture_output=True, text=True).stdout.splitlines()
-    return [line for line in listed if name in line]
+def job_processes(job_id: str) -> list[str]:
+    """This job's Ray processes (their command lines name its private directory); other Ray instances
+    on the machine are not the job's."""
+    listed = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in listed if f"/distdl-{job_id}-" in line]
