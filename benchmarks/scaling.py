@@ -52,9 +52,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", choices=list(SETUPS), default=list(SETUPS))
     parser.add_argument("--corpus", default="/usr/share/common-licenses")
     parser.add_argument("--num-cpus", type=int, default=4)
+    parser.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2))
     args = parser.parse_args()
     # What overhead.run_distdl reads besides these.
-    args.config, args.zero_stage, args.verbose = overhead.REPO / "configs/bert/pretrain_tiny.yaml", 2, False
+    args.config, args.verbose = overhead.REPO / "configs/bert/pretrain_tiny.yaml", False
     return args
 
 
@@ -100,7 +101,7 @@ def summarize(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]
         "samples_per_s": rate,
         "efficiency": efficiency,
         "settings": {"preset": args.preset, "seq_len": 128, "micro_batch": args.micro_batch, "steps": args.steps,
-                     "skip": args.skip, "repeats": args.repeats, "zero_stage": 2, "precision": "fp32",
+                     "skip": args.skip, "repeats": args.repeats, "zero_stage": args.zero_stage, "precision": "fp32",
                      "threads_per_worker": 1, "machine_cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus},
         "definitions": {"efficiency": "samples/s at N workers / (N x samples/s at 1 worker), medians over repeats",
                         "samples_per_s": "global samples / rank-0 seconds over the logged windows after the first"},

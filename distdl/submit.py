@@ -58,6 +58,12 @@ def written_storage_path(config_file: Path, overrides: list[str]) -> str:
     return str((raw.get("run") or {}).get("storage_path", RunSection.storage_path))
 
 
+def ray_entrypoint(plan: JobPlan, working_dir: Path, python: str) -> str:
+    """The shell command the Ray job runs (Ray's job supervisor hands it to a shell): every word quoted."""
+    args = [_relative_to(Path(arg), working_dir) if _is_config_arg(plan, i) else arg for i, arg in enumerate(plan.args)]
+    return shlex.join([python, "-m", "distdl.cli", *args, "ray.address=auto"])
+
+
 def submit_ray(plan: JobPlan, address: str, working_dir: Path, python: str, follow: bool) -> int:
     """Submit to a running Ray cluster through the Ray Jobs API, the working directory as runtime env."""
     if not Path(plan.storage_path).is_absolute():
@@ -65,8 +71,7 @@ def submit_ray(plan: JobPlan, address: str, working_dir: Path, python: str, foll
                           "temporary copy of the working directory, and the run would be lost with it. "
                           "Give an absolute path that the cluster's nodes share")
     working_dir = working_dir.resolve()
-    args = [_relative_to(Path(arg), working_dir) if _is_config_arg(plan, i) else arg for i, arg in enumerate(plan.args)]
-    entrypoint = shlex.join([python, "-m", "distdl.cli", *args, "ray.address=auto"])
+    entrypoint = ray_entrypoint(plan, working_dir, python)
     client = job_client(address)
     submission_id = f"distdl-{plan.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     job_id = client.submit_job(entrypoint=entrypoint, submission_id=submission_id,

@@ -102,6 +102,23 @@ def test_hostile_values_reach_the_job_verbatim_and_run_nothing(tmp_path):
     assert not (tmp_path / "pwned").exists() and not (REPO / "pwned").exists()
 
 
+def test_hostile_values_reach_a_ray_job_verbatim_and_run_nothing(tmp_path):
+    from distdl.submit import ray_entrypoint
+
+    storage = tmp_path / "shared $(touch pwned) dir"
+    overrides = ["data.path=/usr/share/common-licenses", f"run.name={HOSTILE}", f"run.storage_path={storage}"]
+    plan = plan_job(str(TINY), overrides, None)
+    # A stand-in for python that prints the words the job's shell hands it, NUL-separated.
+    echo_args = tmp_path / "echo-args"
+    echo_args.write_text('#!/bin/bash\nprintf "%s\\0" "$@"\n')
+    echo_args.chmod(0o755)
+    entrypoint = ray_entrypoint(plan, REPO, str(echo_args))
+    words = subprocess.run(["bash", "-c", entrypoint], capture_output=True, check=True, cwd=tmp_path).stdout
+    assert words.decode().split("\0")[:-1] == ["-m", "distdl.cli", "train", "configs/bert/pretrain_tiny.yaml",
+                                                *overrides, "ray.address=auto"]
+    assert not (tmp_path / "pwned").exists() and not (REPO / "pwned").exists()
+
+
 def test_dry_run_prints_the_script_and_submits_nothing(tmp_path, capsys):
     from distdl.cli import main
 

@@ -57,14 +57,17 @@ def bert_config(model: BertModelSection, tokenizer: Any, max_seq_length: int) ->
 
 
 def model_class(data: text.TextDataSection) -> type:
+    """The stock transformers class that `distdl export` writes."""
     from transformers import BertForMaskedLM, BertForPreTraining
 
     return BertForPreTraining if data.next_sentence_prediction else BertForMaskedLM
 
 
-def mlm_logits(out: Any) -> torch.Tensor:
-    # BertForMaskedLM names them logits, BertForPreTraining prediction_logits.
-    return out.logits if hasattr(out, "logits") else out.prediction_logits
+def training_class(data: text.TextDataSection) -> type:
+    """The same model and parameter names, with the vocabulary predicted at masked positions only."""
+    from distdl.models.bert import BertForMaskedPositionsLM, BertForMaskedPositionsPreTraining
+
+    return BertForMaskedPositionsPreTraining if data.next_sentence_prediction else BertForMaskedPositionsLM
 
 
 @WORKLOADS.register("bert_pretrain")
@@ -115,7 +118,7 @@ class BertPretrain(Workload):
         return len(blocks["train"])
 
     def build_model(self) -> torch.nn.Module:
-        return model_class(self.data)(bert_config(self.model_section, self.tokenizer, self.data.max_seq_length))
+        return training_class(self.data)(bert_config(self.model_section, self.tokenizer, self.data.max_seq_length))
 
     def _collator(self, seed: Optional[int] = None) -> Any:
         from transformers import DataCollatorForLanguageModeling
@@ -129,10 +132,9 @@ class BertPretrain(Workload):
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(**batch)
-        masked = batch["labels"] != -100
-        correct = (mlm_logits(out).argmax(-1) == batch["labels"]) & masked
+        correct = (out.mlm_logits.argmax(-1) == out.mlm_labels).sum()
         # Tensors, not floats: no device sync per micro-batch.
-        metrics = {"mlm_accuracy": correct.sum() / masked.sum().clamp(min=1)}
+        metrics = {"mlm_accuracy": correct / max(len(out.mlm_labels), 1)}
         if "next_sentence_label" in batch:
             nsp_correct = out.seq_relationship_logits.argmax(-1) == batch["next_sentence_label"]
             metrics["nsp_accuracy"] = nsp_correct.float().mean()
@@ -154,11 +156,10 @@ class BertPretrain(Workload):
             out = model(**batch)
             if not counted:
                 continue
-            logits, labels = mlm_logits(out).float(), batch["labels"]
-            masked = labels != -100
-            totals[0] += torch.nn.functional.cross_entropy(logits[masked], labels[masked], reduction="sum")
-            totals[1] += (logits.argmax(-1)[masked] == labels[masked]).sum()
-            totals[2] += masked.sum()
+            logits, labels = out.mlm_logits.float(), out.mlm_labels
+            totals[0] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+            totals[1] += (logits.argmax(-1) == labels).sum()
+            totals[2] += len(labels)
             if "next_sentence_label" in batch:
                 totals[3] += (out.seq_relationship_logits.argmax(-1) == batch["next_sentence_label"]).sum()
                 totals[4] += len(batch["next_sentence_label"])

@@ -1,0 +1,55 @@
+"""The pretraining models that predict only masked positions compute what transformers' stock ones do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM, BertForPreTraining
+
+from distdl.models.bert import BertForMaskedPositionsLM, BertForMaskedPositionsPreTraining
+
+CONFIG = BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def batch(nsp: bool) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 300, (4, 16), generator=generator)
+    labels = torch.full_like(ids, -100)
+    masked = torch.rand(ids.shape, generator=generator) < 0.15
+    labels[masked] = ids[masked]
+    out = {"input_ids": ids, "labels": labels, "token_type_ids": torch.zeros_like(ids)}
+    if nsp:
+        out["next_sentence_label"] = torch.tensor([0, 1, 1, 0])
+    return out
+
+
+@pytest.mark.parametrize("stock_class, sparse_class, nsp", [(BertForMaskedLM, BertForMaskedPositionsLM, False),
+                                                            (BertForPreTraining, BertForMaskedPositionsPreTraining, True)])
+def test_loss_and_gradients_equal_the_stock_models(stock_class, sparse_class, nsp):
+    torch.manual_seed(0)
+    stock = stock_class(CONFIG)
+    sparse = sparse_class(CONFIG)
+    sparse.load_state_dict(stock.state_dict())
+    assert stock.state_dict().keys() == sparse.state_dict().keys(), "checkpoints export to the stock class"
+    inputs = batch(nsp)
+    expected = stock(**inputs)
+    got = sparse(**inputs)
+    torch.testing.assert_close(got.loss, expected.loss)
+    logits = expected.logits if not nsp else expected.prediction_logits
+    masked = inputs["labels"] != -100
+    torch.testing.assert_close(got.mlm_logits, logits[masked])
+    assert torch.equal(got.mlm_labels, inputs["labels"][masked])
+    expected.loss.backward()
+    got.loss.backward()
+    for (name, a), b in zip(stock.named_parameters(), sparse.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name, atol=1e-6, rtol=1e-5)
+
+
+def test_a_batch_without_masked_tokens_gives_a_zero_loss_not_nan():
+    model = BertForMaskedPositionsLM(CONFIG)
+    inputs = batch(False)
+    inputs["labels"][:] = -100
+    out = model(**inputs)
+    assert out.loss.item() == 0 and len(out.mlm_labels) == 0
+    out.loss.backward()
