@@ -35,7 +35,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     config = config_from_dict(payload["config"])
     context = worker_context(config)
-    rank, world_size = context.rank, context.world_size
+    rank = context.rank
     workload: Workload = WORKLOADS.get(config.workload)(config.sections, context)
     engines = EngineSet({name: build_engine(model, config, payload["deepspeed_config"])
                          for name, model in initial_models(workload, config.run.seed).items()})
@@ -44,7 +44,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     if rank == 0:
         tracker = Tracker(config.tracking, config.run_dir, config.run.name, config.to_dict(),
                           payload["wandb_mode"], start_step, config.trainer.max_steps)
-    run_steps(config, workload, engines, tracker, start_step, rank, world_size)
+    run_steps(config, workload, engines, tracker, start_step, rank)
 
 
 def worker_context(config: Config) -> WorkerContext:
@@ -216,7 +216,7 @@ def with_noise_scale(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: Optional[Tracker],
-              start_step: int, rank: int, world_size: int) -> None:
+              start_step: int, rank: int) -> None:
     trainer = config.trainer
     accumulation = trainer.gradient_accumulation_steps
     stop = trainer.stop_at_step or trainer.max_steps
@@ -279,25 +279,33 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
             window = Window()  # after eval and checkpoint, so throughput counts training time only
         if step == stop:
             break
-    summary = {
+    stops = {"stopped_at_loss_step": stopped_at_loss, "stopped_on_request_step": stopped_on_request,
+             "non_finite_step": non_finite_step}
+    summary = run_summary(config, workload, engines, step, stops, logged, time.perf_counter() - session_started)
+    if tracker:
+        tracker.finish(summary)
+
+
+def run_summary(config: Config, workload: Workload, engines: EngineSet, step: int, stops: dict[str, Optional[int]],
+                final: dict[str, Any], wall_time_s: float) -> dict[str, Any]:
+    """summary.json: where the session ended and why, what each rank holds, the final metrics (every rank calls it)."""
+    trainer = config.trainer
+    completed = stops["non_finite_step"] is None and (step >= trainer.max_steps or stops["stopped_at_loss_step"] is not None)
+    return {
         "steps": step,
         "max_steps": trainer.max_steps,
-        "completed": non_finite_step is None and (step >= trainer.max_steps or stopped_at_loss is not None),
-        "stopped_at_loss_step": stopped_at_loss,
-        "stopped_on_request_step": stopped_on_request,
-        "non_finite_step": non_finite_step,
-        "world_size": world_size,
+        "completed": completed,
+        **stops,
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "backend": dist.get_backend() if dist.is_initialized() else None,
         "global_batch_size": trainer.global_batch_size,
-        "session_wall_time_s": time.perf_counter() - session_started,
+        "session_wall_time_s": wall_time_s,
         "parameter_checksums": gather(engines.parameter_checksum()),
         "ray_node_ids": gather(ray_node_id()),
         "memory_per_rank": gather(engines.memory_report()),
-        "final": logged,
+        "final": final,
         **workload.summary(),
     }
-    if tracker:
-        tracker.finish(summary)
 
 
 def save_and_report(engines: EngineSet, workload: Workload, run_dir: Path, rank: int, step: int,
