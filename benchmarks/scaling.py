@@ -5,11 +5,12 @@ per worker, trained through distdl's real path (distdl.driver.train) on one loca
 the same tokenizer, blocks, micro batch and steps for every setup (benchmarks/overhead.py's
 run_distdl measures them: samples/s over the steady-state windows after the first).
 
-  1w             1 worker: no gradient exchange
-  2w_deepspeed   2 workers with DeepSpeed's own ZeRO-2 defaults (overlap_comm off, 5e8-element
-                 buckets: one bucket here, reduced after the whole backward pass)
-  2w_distdl      2 workers with distdl's defaults (overlap_comm on, buckets of
-                 engine.bucket_elements, so reduction runs while backward still computes)
+  1w              1 worker: no gradient exchange
+  2w_overlap_off  2 workers, DeepSpeed's own ZeRO-2 defaults: overlap_comm off, 5e8-element buckets
+                  (one bucket here, reduced after the whole backward pass). distdl's default for CPU
+                  workers is the same (overlap off; its 25M-element buckets also hold this whole model)
+  2w_overlap_on   2 workers, overlap_comm on with 25M-element buckets: distdl's default for GPU
+                  workers, where reduction runs beside the backward pass's compute
 
 efficiency = (samples/s at 2 workers) / (2 x samples/s at 1 worker): per-worker throughput
 at 2 workers as a fraction of 1 worker's. Setups run round-robin --repeats times; medians.
@@ -35,8 +36,8 @@ import overhead  # noqa: E402
 # Extra overrides per setup, on top of overhead.run_distdl's.
 SETUPS: dict[str, tuple[int, tuple[str, ...]]] = {
     "1w": (1, ()),
-    "2w_deepspeed": (2, ("engine.overlap_comm=false", "engine.bucket_elements=500000000")),
-    "2w_distdl": (2, ()),
+    "2w_overlap_off": (2, ("engine.overlap_comm=false", "engine.bucket_elements=500000000")),
+    "2w_overlap_on": (2, ("engine.overlap_comm=true", "engine.bucket_elements=25000000")),
 }
 
 

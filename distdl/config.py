@@ -60,10 +60,12 @@ class EngineSection:
     gradient_clipping: float = 1.0
     # ZeRO stages 1-3 only: optimizer state lives in CPU memory.
     offload_optimizer: bool = False
-    # ZeRO 1-3: reduce gradients bucket by bucket while the backward pass still runs (DeepSpeed
-    # leaves this off for ZeRO 1-2), in buckets of this many elements for ZeRO's gradient reduce and
-    # parameter all-gather (DeepSpeed's default, 5e8, makes one bucket of most models: no overlap).
-    overlap_comm: bool = True
+    # ZeRO 1-3: reduce gradients bucket by bucket while the backward pass still runs. null: on for
+    # GPU workers (communication runs beside compute), off for CPU workers, where it competes with
+    # compute for the same cores (benchmarks/scaling.py: 0.80 against 0.86 efficiency on 2 workers).
+    overlap_comm: Optional[bool] = None
+    # Elements per bucket of ZeRO's gradient reduce and parameter all-gather (DeepSpeed's default,
+    # 5e8, makes one bucket of most models, which leaves nothing to overlap).
     bucket_elements: int = 25_000_000
     # A raw DeepSpeed JSON merged over the derived config; conflicts are errors.
     deepspeed_config: Optional[str] = None

@@ -38,7 +38,8 @@ def build_deepspeed_config(
         "zero_optimization": {"stage": engine.zero_stage},
     }
     if engine.zero_stage > 0:
-        derived["zero_optimization"].update(overlap_comm=engine.overlap_comm, reduce_bucket_size=engine.bucket_elements,
+        overlap = use_gpu if engine.overlap_comm is None else engine.overlap_comm
+        derived["zero_optimization"].update(overlap_comm=overlap, reduce_bucket_size=engine.bucket_elements,
                                             allgather_bucket_size=engine.bucket_elements)
     if engine.offload_optimizer:
         derived["zero_force_ds_cpu_optimizer"] = False

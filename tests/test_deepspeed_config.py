@@ -31,7 +31,8 @@ def test_derived_keys(stage, precision):
     assert ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 3
     assert ds["gradient_clipping"] == 0.5
-    overlap = {"overlap_comm": True, "reduce_bucket_size": 25_000_000, "allgather_bucket_size": 25_000_000}
+    # Overlapping communication pays on GPUs; on CPU workers it competes with compute (measured).
+    overlap = {"overlap_comm": gpu == "true", "reduce_bucket_size": 25_000_000, "allgather_bucket_size": 25_000_000}
     assert ds["zero_optimization"] == ({"stage": 0} if stage == 0 else {"stage": stage, **overlap})
     assert "zero_force_ds_cpu_optimizer" not in ds
     if precision == "fp32":
@@ -114,7 +115,7 @@ def test_raw_json_file_is_merged(tmp_path):
     file = write(tmp_path, json.dumps({"zero_optimization": {"contiguous_gradients": False}, "train_batch_size": 24,
                                        "communication_data_type": "fp32"}))
     ds = ds_config("engine.zero_stage=1", f"engine.deepspeed_config={file}")
-    assert ds["zero_optimization"] == {"stage": 1, "contiguous_gradients": False, "overlap_comm": True,
+    assert ds["zero_optimization"] == {"stage": 1, "contiguous_gradients": False, "overlap_comm": False,
                                        "reduce_bucket_size": 25_000_000, "allgather_bucket_size": 25_000_000}
     assert ds["communication_data_type"] == "fp32"
     assert ds["train_batch_size"] == 24
