@@ -163,6 +163,9 @@ def tune_trial(tune_config: dict[str, Any]) -> None:
 
 
 def check_finished(name: str, summary: dict[str, Any]) -> None:
+    if summary.get("non_finite_step") is not None:
+        raise RuntimeError(f"trial {name} diverged: its loss or gradient norm was not finite at step "
+                           f"{summary['non_finite_step']}; lower its learning rate (or batch size) in the study")
     if not summary.get("completed", True):
         raise RuntimeError(f"trial {name} stopped before its last step; run the study again to go on")
 
