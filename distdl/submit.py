@@ -74,9 +74,8 @@ def submit_ray(plan: JobPlan, address: str, working_dir: Path, python: str, foll
     entrypoint = ray_entrypoint(plan, working_dir, python)
     client = job_client(address)
     submission_id = f"distdl-{plan.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    job_id = client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
-                               runtime_env={"working_dir": str(working_dir), "excludes": [".git", ".venv"],
-                                            "env_vars": forwarded_env()})
+    runtime_env = {"working_dir": str(working_dir), "excludes": [".git", ".venv"], "env_vars": forwarded_env()}
+    job_id = submit_when_ready(client, entrypoint, submission_id, runtime_env)
     print(f"distdl: submitted Ray job {job_id} to {address}: {entrypoint}")
     print(f"distdl: run directory {plan.run_dir}")
     print(f"distdl: follow with: ray job logs --address {address} --follow {job_id}; "
@@ -84,6 +83,21 @@ def submit_ray(plan: JobPlan, address: str, working_dir: Path, python: str, foll
     if not follow:
         return 0
     return follow_job(client, job_id)
+
+
+def submit_when_ready(client: Any, entrypoint: str, submission_id: str, runtime_env: dict[str, Any],
+                      wait_s: float = 120.0) -> str:
+    """Submit, waiting out a head that is up but whose job agent is not yet (Ray answers 500 "No
+    available agent to submit job, please try again later" for a while after `ray start`)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            print("distdl: the cluster's job agent is not ready yet; retrying", flush=True)
+            time.sleep(3)
 
 
 def _is_config_arg(plan: JobPlan, index: int) -> bool:
