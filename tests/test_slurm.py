@@ -268,25 +268,9 @@ def wait_until_ended(job_id: str, run_dir: Path) -> None:
 def test_two_node_jobs_train_and_a_warned_job_requeues_and_resumes(slurm_cluster, tmp_path):
     """A 2-node job trains with one worker per node; a second, warned before its time limit,
     checkpoints, requeues itself and ends as the uninterrupted one did."""
-    from distdl.data.text import TextDataSection, TokenizerSection, load_raw_corpus, train_tokenizer
-
     plain_dir, warned_dir = tmp_path / "plain", tmp_path / "warned"
-    # One vocabulary for both (WordPiece training is not deterministic across processes), so that
-    # both jobs can run at once: each takes one CPU of each node.
-    tokenizer = tmp_path / "tokenizer"
-    train_tokenizer(load_raw_corpus(TextDataSection(path="/usr/share/common-licenses")),
-                    TokenizerSection(vocab_size=2000), tokenizer)
     submitted_at = time.time()
-    plain = submit(tmp_path, "plain", f"tokenizer.name_or_path={tokenizer}")
-    warned = submit(tmp_path, "warned", f"tokenizer.name_or_path={tokenizer}")
-    wait_for(lambda: (warned_dir / "metrics.jsonl").is_file(), 600, "the warned job's first logged step")
-    tokens = job_tokens(warned)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", warned], check=True)
-    # Slurm holds a requeued batch job for two minutes; CI releases it at once.
-    wait_for(lambda: job_field(warned, "Restarts") == "1" and job_field(warned, "JobState") == "PENDING", 300,
-             "the warned job to requeue")
-    subprocess.run(["scontrol", "update", f"JobId={warned}", "StartTime=now"], check=True)
-
+    plain = submit(tmp_path, "plain")
     wait_until_ended(plain, plain_dir)
     summary = json.loads((plain_dir / "summary.json").read_text())
     assert summary["completed"] and summary["steps"] == 100
@@ -296,6 +280,15 @@ def test_two_node_jobs_train_and_a_warned_job_requeues_and_resumes(slurm_cluster
     assert sorted(p.name for p in (plain_dir / "slurm" / f"job-{plain}").iterdir()) == ["ray-node1.log", "ray-node2.log"]
     wait_for(lambda: not job_processes(plain), 30, "the job's Ray nodes to end with it")
 
+    # The same vocabulary as the plain run (WordPiece training is not deterministic across processes).
+    warned = submit(tmp_path, "warned", f"tokenizer.name_or_path={plain_dir / 'tokenizer'}")
+    wait_for(lambda: (warned_dir / "metrics.jsonl").is_file(), 400, "the warned job's first logged step")
+    tokens = job_tokens(warned)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", warned], check=True)
+    # Slurm holds a requeued batch job for two minutes; CI releases it at once.
+    wait_for(lambda: job_field(warned, "Restarts") == "1" and job_field(warned, "JobState") == "PENDING", 300,
+             "the warned job to requeue")
+    subprocess.run(["scontrol", "update", f"JobId={warned}", "StartTime=now"], check=True)
     wait_until_ended(warned, warned_dir)
     log = (warned_dir / "slurm" / f"slurm-{warned}.out").read_text()
     stopped = int(re.search(r"stopped on request at step (\d+)", log).group(1))
