@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from distdl.config import config_from_dict, load_config
-from distdl.errors import USER_ERRORS
+from distdl.errors import USER_ERRORS, TrainingFailed
 
 # Exit status of `distdl train` that checkpointed and stopped on SIGUSR1 (slurm/ray_cluster.sbatch requeues on it).
 STOPPED_ON_REQUEST = 3
@@ -130,15 +130,9 @@ def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:
     config = load_config(config_path, overrides)
     try:
         summary = train(config, overwrite=overwrite)
-    except Exception as err:
-        failures = getattr(err, "worker_failures", None)
-        if not failures:
-            raise
-        # One line per failed rank instead of Ray's nested tracebacks (those stay in the Ray logs).
-        for rank, failure in sorted(failures.items()):
-            cause = failure.__cause__ or failure
-            lines = str(cause).strip().splitlines() or [type(cause).__name__]
-            print(f"distdl: error: worker {rank} failed: {lines[-1]}", file=sys.stderr)
+    except TrainingFailed as failed:
+        for line in failed.lines:
+            print(f"distdl: error: {line}", file=sys.stderr)
         print(f"distdl: {last_good_checkpoint(config.run_dir)}", file=sys.stderr)
         return 1
     if not summary:
@@ -165,7 +159,7 @@ def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:
 
 def last_good_checkpoint(run_dir: Path) -> str:
     """Which checkpoint a rerun of a failed run resumes from, in words."""
-    from distdl.driver import checkpoint_step, latest_checkpoint
+    from distdl.rundir import checkpoint_step, latest_checkpoint
 
     try:
         latest = latest_checkpoint(run_dir)
@@ -183,7 +177,7 @@ def run_study(name: str, config_path: str, overrides: list[str], overwrite: bool
 
 
 def run_export(run_dir: Path, out_dir: Path, which: str = "latest") -> int:
-    from distdl.driver import find_checkpoint, saved_config
+    from distdl.rundir import find_checkpoint, saved_config
     from distdl.engine import consolidated_state_dict
     from distdl.registry import WORKLOADS
 

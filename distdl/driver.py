@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import threading
@@ -15,15 +14,13 @@ import yaml
 
 from distdl.config import (SESSION_KEYS, Config, ConfigError, config_differences, resolve_epochs, with_defaults,
                            without_session_keys)
-from distdl.errors import RunDirError
+from distdl.errors import RunDirError, TrainingFailed
 from distdl.registry import WORKLOADS
-from distdl.tracking import SUMMARY_FILE, resolve_wandb_mode
+from distdl.rundir import (CHECKPOINT_SCORE, CONFIG_FILE, RAY_SNAPSHOT, SLURM_LOGS, STOP_REQUEST_FILE,  # noqa: F401
+                           best_checkpoint, checkpoint_step, find_checkpoint, foreign_entries, latest_checkpoint,
+                           read_summary, restore_snapshot, saved_config)
+from distdl.tracking import resolve_wandb_mode
 
-CONFIG_FILE = "config.yaml"
-# A Slurm job's logs, written into the run directory before the run itself starts.
-SLURM_LOGS = "slurm"
-# A file whose presence asks a running run to checkpoint and stop (SIGUSR1 to the driver writes it).
-STOP_REQUEST_FILE = "stop_request"
 # Environment the workers need to see as the driver does (Ray clusters start workers elsewhere).
 FORWARDED_ENV = ("DISTDL_PLUGINS", "WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "HF_TOKEN", "HF_HOME",
                  "HF_DATASETS_CACHE",
@@ -36,11 +33,6 @@ def forwarded_env() -> dict[str, str]:
     """The driver's environment variables the workers must see too."""
     return {key: value for key, value in os.environ.items()
             if key in FORWARDED_ENV or key.startswith(FORWARDED_PREFIXES)}
-
-
-def foreign_entries(directory: Path) -> list[Path]:
-    """What a run or study directory holds besides a Slurm job's logs (written before the run starts)."""
-    return [path for path in directory.iterdir() if path.name != SLURM_LOGS]
 
 
 def check_run_dir(config: Config, overwrite: bool) -> bool:
@@ -107,6 +99,8 @@ def run_training(config: Config, overwrite: bool) -> dict[str, Any]:
         raise
     if steps_per_epoch:
         print(f"distdl: one epoch is {steps_per_epoch} steps; training for {config.trainer.max_steps} steps")
+    if resuming and (repaired := restore_snapshot(config.run_dir)):
+        print(f"distdl: {repaired}")
     if resuming and checkpoint_step(config.run_dir) is not None:
         verify_checkpoint(latest_checkpoint(config.run_dir))
         if reached_target(config):
@@ -117,8 +111,38 @@ def run_training(config: Config, overwrite: bool) -> dict[str, Any]:
     trainer = build_trainer(config, ds_config, wandb_mode)
     print(f"distdl: {'resuming' if resuming else 'starting'} run {config.run_dir} "
           f"({config.scaling.num_workers} workers, ZeRO-{config.engine.zero_stage}, {config.engine.precision})")
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as err:
+        raise training_failure(err, config.run_dir) from err
     return read_summary(config.run_dir)
+
+
+def training_failure(err: Exception, run_dir: Path) -> Exception:
+    """What `fit()` raised, as one line per cause: a failed worker, or Ray Train's controller.
+
+    Either may meet a fault first (a full disk: a worker saving its shards, or the controller
+    recording the checkpoint). A checkpoint record the controller cut short is restored first, so
+    the last complete checkpoint stays the one a rerun resumes from.
+    """
+    repaired = restore_snapshot(run_dir)
+    failures = getattr(err, "worker_failures", None)
+    if failures:
+        lines = [f"worker {rank} failed: {_last_line(failure.__cause__ or failure)}"
+                 for rank, failure in sorted(failures.items())]
+    else:
+        controller_failure = getattr(err, "controller_failure", None)
+        if controller_failure is None:
+            return err
+        lines = [f"Ray Train's controller failed while recording the run's state in {run_dir}: "
+                 f"{_last_line(controller_failure)}"]
+    return TrainingFailed(lines + ([repaired] if repaired else []))
+
+
+def _last_line(error: BaseException) -> str:
+    """The message's last line: Ray's nested tracebacks end in the cause (they stay in the Ray logs)."""
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
 
 
 def make_writable_run_dir(run_dir: Path) -> None:
@@ -173,24 +197,6 @@ def reached_target(config: Config) -> bool:
     print(f"distdl: {config.run_dir} is at step {done} already (target {target}); nothing to train. "
           "Raise trainer.max_steps to go on.")
     return True
-
-
-def saved_config(run_dir: Path, workload: str | None = None, key: str = "") -> dict[str, Any]:
-    """The config a run directory holds, optionally of a given workload; errors name the directory
-    (and the config key that pointed at it)."""
-    prefix = f"{key}: " if key else ""
-    config_file = Path(run_dir) / CONFIG_FILE
-    if not config_file.is_file():
-        raise ConfigError(f"{prefix}{run_dir} is not a distdl run directory (no {CONFIG_FILE})")
-    saved = yaml.safe_load(config_file.read_text()) or {}
-    if workload is not None and saved.get("workload") != workload:
-        raise ConfigError(f"{prefix}{run_dir} is a {saved.get('workload')!r} run, not a {workload} run")
-    return saved
-
-
-def read_summary(run_dir: Path) -> dict[str, Any]:
-    summary_file = run_dir / SUMMARY_FILE
-    return json.loads(summary_file.read_text()) if summary_file.is_file() else {}
 
 
 def _remove_if_only_ours(run_dir: Path) -> None:
@@ -319,69 +325,7 @@ def checkpoint_config(config: Config) -> Any:
     """Keep the latest checkpoints, or the best by the workload's metric (Ray always keeps the latest too)."""
     from ray.train import CheckpointConfig
 
-    from distdl.loop import CHECKPOINT_SCORE
-
     scored = WORKLOADS.get(config.workload).checkpoint_metric(config.sections) is not None
     return CheckpointConfig(num_to_keep=config.trainer.keep_checkpoints,
                             checkpoint_score_attribute=CHECKPOINT_SCORE if scored else None,
                             checkpoint_score_order="max")
-
-
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
-
-
-def _latest_checkpoint_result(run_dir: Path) -> dict[str, Any]:
-    """Ray Train's own record of the checkpoint it resumes from ({} before the first one)."""
-    snapshot = Path(run_dir) / RAY_SNAPSHOT
-    if not snapshot.is_file():
-        return {}
-    return json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-
-
-def checkpoint_step(run_dir: Path) -> int | None:
-    """The step of the checkpoint Ray Train would resume from."""
-    return (_latest_checkpoint_result(run_dir).get("metrics") or {}).get("step")
-
-
-def best_checkpoint(run_dir: Path) -> Path:
-    """The kept checkpoint with the highest score, for runs that rank checkpoints by a metric."""
-    from distdl.loop import CHECKPOINT_SCORE
-
-    snapshot = Path(run_dir) / RAY_SNAPSHOT
-    results = json.loads(snapshot.read_text()).get("checkpoint_results", []) if snapshot.is_file() else []
-    scored = [r for r in results if isinstance((r.get("metrics") or {}).get(CHECKPOINT_SCORE), (int, float))
-              and (Path(run_dir) / r["checkpoint_dir_name"]).is_dir()]
-    if not scored:
-        raise ConfigError(f"run directory {run_dir} holds no scored checkpoint (its workload keeps the latest only); "
-                          "use --checkpoint latest")
-    # Ties go to the later checkpoint, as Ray Train ranks them.
-    best = max(scored, key=lambda r: (r["metrics"][CHECKPOINT_SCORE], r["checkpoint_dir_name"]))
-    return Path(run_dir) / best["checkpoint_dir_name"]
-
-
-def find_checkpoint(run_dir: Path, which: str) -> Path:
-    """`latest`, `best`, or a checkpoint folder's name."""
-    if which == "latest":
-        return latest_checkpoint(run_dir)
-    if which == "best":
-        return best_checkpoint(run_dir)
-    named = Path(run_dir) / which
-    if not named.is_dir() or not named.name.startswith("checkpoint_"):
-        kept = ", ".join(sorted(p.name for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())) or "none"
-        raise ConfigError(f"--checkpoint {which!r}: not latest, best, or a checkpoint of {run_dir} (kept: {kept})")
-    return named
-
-
-def latest_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint Ray Train resumes from: the latest one its snapshot records as complete.
-
-    Never the highest-numbered folder: a save cut short leaves a folder that was never recorded.
-    """
-    run_dir = Path(run_dir)
-    latest = _latest_checkpoint_result(run_dir).get("checkpoint_dir_name")
-    if latest:
-        return run_dir / latest
-    if any(run_dir.glob("checkpoint_*")):
-        raise ConfigError(f"run directory {run_dir} holds no complete checkpoint: Ray Train recorded none of its "
-                          "checkpoint_* folders (a save cut short?)")
-    raise ConfigError(f"run directory {run_dir} holds no checkpoint (checkpoint_*)")

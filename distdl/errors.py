@@ -11,4 +11,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing files or cannot be read."""
 
 
+class TrainingFailed(RuntimeError):
+    """Training started but a worker or Ray Train's controller failed; one line per cause."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
 USER_ERRORS = (ConfigError, RunDirError, CheckpointError, FileExistsError)

@@ -16,16 +16,14 @@ import torch
 import torch.distributed as dist
 
 from distdl.config import Config, config_from_dict
-from distdl.driver import STOP_REQUEST_FILE
 from distdl.engine import CheckpointError, Engine, EngineSet
 from distdl.optim import optimizer_factory, param_groups, scheduler_factory
 from distdl.registry import WORKLOADS
+from distdl.rundir import CHECKPOINT_SCORE, STOP_REQUEST_FILE, back_up_snapshot
 from distdl.tracking import Tracker
 from distdl.workloads.base import WorkerContext, Workload
 
 RNG_FILE = "rng_state_rank{rank}.pt"
-# The metric Ray Train ranks checkpoints by, when the workload names one (see Workload.checkpoint_metric).
-CHECKPOINT_SCORE = "checkpoint_score"
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
@@ -226,6 +224,7 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
     score_key = workload.checkpoint_metric(config.sections)
     engines.train(True)
     model, step = engines.for_workload(), start_step
+    previous_checkpoint = checkpoint_name(start_step) if start_step else None
     stopped_at_loss: Optional[int] = None
     stopped_on_request: Optional[int] = None
     non_finite_step: Optional[int] = None
@@ -274,7 +273,8 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
         logged.update(metrics)
         if checkpoint_step:
             reported = {**metrics, CHECKPOINT_SCORE: metrics[score_key]} if score_key else metrics
-            save_and_report(engines, workload, config.run_dir, rank, step, reported)
+            save_and_report(engines, workload, config.run_dir, rank, step, reported, previous_checkpoint)
+            previous_checkpoint = checkpoint_name(step)
         if log_step:
             window = Window()  # after eval and checkpoint, so throughput counts training time only
         if step == stop:
@@ -308,15 +308,24 @@ def run_summary(config: Config, workload: Workload, engines: EngineSet, step: in
     }
 
 
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
+
+
 def save_and_report(engines: EngineSet, workload: Workload, run_dir: Path, rank: int, step: int,
-                    metrics: dict[str, Any]) -> None:
+                    metrics: dict[str, Any], previous: Optional[str]) -> None:
     """Every rank writes its shards into a local temporary directory; Ray Train copies them into one
     checkpoint in storage and records it as the latest only once every rank's copy is complete, so a
-    crash or a full disk mid-save leaves the previous checkpoint the one a rerun resumes from."""
+    crash or a full disk mid-save leaves the previous checkpoint the one a rerun resumes from.
+
+    Rank 0 first copies Ray Train's record of the `previous` checkpoint: the controller rewrites it in
+    place, and a full disk would otherwise leave no record of any complete checkpoint."""
     import ray.train
 
-    name = f"checkpoint_{step:08d}"
+    name = checkpoint_name(step)
     try:
+        if rank == 0 and previous is not None:
+            back_up_snapshot(run_dir, previous)
         with tempfile.TemporaryDirectory(prefix="distdl-ckpt-") as directory:
             engines.save(directory, client_state={"step": step, "workload": workload.state_dict()})
             torch.save(rng_state(engines.device), Path(directory) / RNG_FILE.format(rank=rank))

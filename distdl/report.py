@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from distdl.config import ConfigError
 from distdl.data import glue
-from distdl.driver import read_summary, saved_config
+from distdl.rundir import read_summary, saved_config
 
 # The BERT paper's GLUE average (Devlin et al. 2019, table 1): one number per entry, MNLI's matched
 # and mismatched sets counted as two entries, WNLI left out. Its BERT-base row averages to 79.6.

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from distdl.config import ConfigError
-from distdl.driver import SLURM_LOGS
+from distdl.rundir import SLURM_LOGS
 from distdl.submit import JobPlan
 
 TEMPLATE = "ray_cluster.sbatch"

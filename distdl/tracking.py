@@ -17,9 +17,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from distdl.config import TrackingSection
+from distdl.rundir import SUMMARY_FILE
 
 METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
 WANDB_ID_FILE = "wandb_id"
 
 

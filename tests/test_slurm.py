@@ -285,10 +285,9 @@ def test_two_node_jobs_train_and_a_warned_job_requeues_and_resumes(slurm_cluster
     wait_for(lambda: (warned_dir / "metrics.jsonl").is_file(), 400, "the warned job's first logged step")
     tokens = job_tokens(warned)
     subprocess.run(["scancel", "--signal=USR1", "--batch", warned], check=True)
-    # Slurm holds a requeued batch job for two minutes; CI releases it at once.
     wait_for(lambda: job_field(warned, "Restarts") == "1" and job_field(warned, "JobState") == "PENDING", 300,
              "the warned job to requeue")
-    subprocess.run(["scontrol", "update", f"JobId={warned}", "StartTime=now"], check=True)
+    release_requeue_hold(warned)
     wait_until_ended(warned, warned_dir)
     log = (warned_dir / "slurm" / f"slurm-{warned}.out").read_text()
     stopped = int(re.search(r"stopped on request at step (\d+)", log).group(1))
@@ -306,6 +305,26 @@ def test_two_node_jobs_train_and_a_warned_job_requeues_and_resumes(slurm_cluster
             assert token.encode() not in path.read_bytes(), f"the token leaked into {path}"
     left = [p for p in Path("/tmp").glob(f"distdl-{warned}-*") if p.stat().st_mtime > submitted_at]
     assert not left, "the job's private Ray directory is removed"
+
+
+def release_requeue_hold(job_id: str) -> None:
+    """Start a requeued job now rather than after Slurm's hold (BeginTime, the credential lifetime:
+    two minutes by default), but only once its old allocation is over everywhere.
+
+    Each slurmd revokes the old allocation's credential when it ends the job there, and refuses to
+    launch the job again under a credential created in or before that second ("Job credential
+    revoked"). So: no step of the job left, every node done completing (its slurmd has processed the
+    end), and then the next whole second on the clock before the new credential is made.
+    """
+    def old_allocation_gone() -> bool:
+        steps = subprocess.run(["squeue", "-h", "-s", "-j", job_id], capture_output=True, text=True).stdout.strip()
+        states = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True).stdout.split()
+        return not steps and bool(states) and all(state == "idle" for state in states)
+
+    wait_for(old_allocation_gone, 120, f"job {job_id}'s old allocation to end on every node")
+    ended_by = int(time.time())
+    wait_for(lambda: int(time.time()) > ended_by, 5, "the next second")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
 
 
 def job_processes(job_id: str) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import yaml
 
 from distdl.config import ConfigError, config_differences, config_from_dict, with_defaults, without_session_keys
-from distdl.driver import foreign_entries
+from distdl.rundir import foreign_entries
 from distdl.errors import RunDirError
 from distdl.registry import STUDIES, WORKLOADS
 from distdl.studies.base import Study, StudyReport, read_study_file

@@ -288,8 +288,7 @@ def _gather_rows(pieces: list[np.ndarray]) -> np.ndarray:
 
 
 def _classifier_section(run_dir: Path) -> vision.VisionDataSection:
-    from distdl.driver import saved_config
-
+    from distdl.rundir import saved_config
     from distdl.models.resnet import MODEL_NAMES as RESNETS
 
     saved = saved_config(run_dir, "resnet", key="eval.classifier_run")

@@ -197,7 +197,7 @@ def _first_image(dataset: Any, data: vision.VisionDataSection) -> tuple[torch.Te
 def load_trained_classifier(run_dir: Path) -> tuple[torch.nn.Module, vision.VisionDataSection]:
     """The classifier of a finished `resnet` run (its latest checkpoint, fp32, on the CPU) and its data section."""
     from distdl.config import config_from_dict
-    from distdl.driver import latest_checkpoint, saved_config
+    from distdl.rundir import latest_checkpoint, saved_config
     from distdl.engine import consolidated_state_dict
 
     config = config_from_dict(saved_config(run_dir, "resnet"))

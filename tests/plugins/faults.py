@@ -127,3 +127,44 @@ class BertPretrainBrokenNode(BertPretrain):
         if context.rank == 1:
             raise FileNotFoundError("corpus shard unreadable on this node")
         super().__init__(sections, context)
+
+
+@WORKLOADS.register("bert_pretrain_fills_storage_before_the_controller")
+class BertPretrainFillsStorageBeforeTheController(CountingBertPretrain):
+    """Both ranks upload their step-12 shards whole; then rank 0 fills the storage filesystem before
+    Ray Train's controller records the checkpoint, so the controller, not a worker, meets the full disk
+    first. The workers then wait to be stopped with the failed run, writing nothing more.
+
+    The step's report carries enough metrics that the controller's new snapshot needs more room than
+    truncating its old one frees (a long run's snapshot grows with its checkpoints the same way)."""
+
+    def __init__(self, sections, context):
+        super().__init__(sections, context)
+        import ray.train
+        import torch.distributed as dist
+        from ray.train.v2._internal.execution import storage
+
+        upload, report = storage._pyarrow_fs_copy_files, ray.train.report
+
+        def upload_then_fill(source, destination, **kwargs):
+            result = upload(source, destination, **kwargs)
+            if "checkpoint_00000012" in str(destination):
+                dist.barrier()  # every rank's shards are in storage
+                if context.rank == 0 and self.first_time("filled_storage"):
+                    fill_filesystem(context.run_dir.parent / "filler", leave_bytes=0)
+            return result
+
+        def report_then_wait(metrics, checkpoint=None, checkpoint_dir_name=None, **kwargs):
+            report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name, **kwargs)
+            if checkpoint_dir_name == "checkpoint_00000012":
+                time.sleep(WAIT_TO_BE_KILLED_S)
+                os._exit(1)
+
+        storage._pyarrow_fs_copy_files = upload_then_fill
+        ray.train.report = report_then_wait
+
+    def evaluate(self, model, step):
+        metrics = super().evaluate(model, step)
+        if step == 12:
+            metrics.update({f"padding_{i:04d}": float(i) for i in range(1000)})
+        return metrics
