@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from distdl.config import config_from_dict, load_config
+from distdl.config import ConfigError, config_from_dict, load_config
 from distdl.errors import USER_ERRORS, TrainingFailed
 
 # Exit status of `distdl train` that checkpointed and stopped on SIGUSR1 (slurm/ray_cluster.sbatch requeues on it).
@@ -185,11 +187,21 @@ def run_export(run_dir: Path, out_dir: Path, which: str = "latest") -> int:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"export target {out_dir} exists and is not empty; choose a new folder")
     config = config_from_dict(saved)
-    checkpoint = find_checkpoint(run_dir, which)
     workload = WORKLOADS.get(config.workload)
+    if not workload.has_export_format():
+        raise ConfigError(f"workload {config.workload} defines no export format; its checkpoints stay in {run_dir}")
+    checkpoint = find_checkpoint(run_dir, which)
     state_dict = consolidated_state_dict(checkpoint / (workload.export_engine or ""))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    workload.export(config.sections, run_dir, state_dict, out_dir)
+    # Written beside the target and renamed into place: a failed export leaves nothing behind.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        workload.export(config.sections, run_dir, state_dict, staging)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"distdl: exported {checkpoint.name} ({len(state_dict)} tensors, fp32) to {out_dir}")
     return 0
 

@@ -437,8 +437,8 @@ def _check_budget(trainer: TrainerSection) -> None:
 def resolve_epochs(config: Config, train_examples: Optional[int]) -> Optional[int]:
     """Turn `epochs` and "epoch" intervals into steps, once the driver knows the training set's size.
 
-    An epoch is the steps in which every rank goes once through its shard (the last partial
-    micro-batch of a shard is dropped; the next epoch reshuffles). Returns the steps per epoch.
+    An epoch is one pass over a permutation of the training set in global batches (the last partial
+    global batch is dropped; the next epoch reshuffles). Returns the steps per epoch.
     """
     trainer = config.trainer
     if trainer.max_steps is not None and "epoch" not in (trainer.eval_every, trainer.checkpoint_every):
@@ -446,13 +446,13 @@ def resolve_epochs(config: Config, train_examples: Optional[int]) -> Optional[in
     if train_examples is None:
         raise ConfigError(f"workload {config.workload} has no fixed training set: give trainer.max_steps, and "
                           "trainer.eval_every and trainer.checkpoint_every in steps")
-    per_rank = train_examples // config.scaling.num_workers
-    steps_per_epoch = per_rank // trainer.micro_batch_size // trainer.gradient_accumulation_steps
+    steps_per_epoch = train_examples // trainer.global_batch_size
     if steps_per_epoch < 1:
         raise ConfigError(
-            f"the training set's {train_examples} examples give each of {config.scaling.num_workers} workers "
-            f"{per_rank}, less than one step of trainer.micro_batch_size x gradient_accumulation_steps = "
-            f"{trainer.micro_batch_size} x {trainer.gradient_accumulation_steps}"
+            f"the training set's {train_examples} examples are fewer than one global batch of "
+            f"trainer.global_batch_size={trainer.global_batch_size} (micro_batch_size x gradient_accumulation_steps "
+            f"x num_workers = {trainer.micro_batch_size} x {trainer.gradient_accumulation_steps} x "
+            f"{config.scaling.num_workers})"
         )
     if trainer.max_steps is None:
         trainer.max_steps = math.ceil(trainer.epochs * steps_per_epoch)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -27,12 +29,38 @@ FORWARDED_ENV = ("DISTDL_PLUGINS", "WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_UR
                  "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 # NCCL's settings (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...) are per cluster and set by the user on the driver.
 FORWARDED_PREFIXES = ("NCCL_",)
+# Console settings for the whole job (console_for_batch_logs sets them when the console is a file).
+CONSOLE_ENV = ("RAY_COLOR_PREFIX", "HF_DATASETS_DISABLE_PROGRESS_BARS")
 
 
 def forwarded_env() -> dict[str, str]:
     """The driver's environment variables the workers must see too."""
     return {key: value for key, value in os.environ.items()
-            if key in FORWARDED_ENV or key.startswith(FORWARDED_PREFIXES)}
+            if key in FORWARDED_ENV or key in CONSOLE_ENV or key.startswith(FORWARDED_PREFIXES)}
+
+
+def console_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def console_for_batch_logs() -> None:
+    """When the console is a file (a Slurm log, a Ray Job's log): no colour codes in Ray's line
+    prefixes and no redrawn progress bars (datasets'), on the driver and, forwarded, on the workers.
+    A user's own setting of either wins."""
+    if console_is_terminal():
+        return
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1" and "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()  # read at import time; the driver may have imported it
+
+
+class _HideTokenNotice(logging.Filter):
+    """Ray's notice that token authentication is on: distdl manages the token (restrict_default_token)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled" not in record.getMessage()
+
 
 
 def check_run_dir(config: Config, overwrite: bool) -> bool:
@@ -81,6 +109,7 @@ def train(config: Config, overwrite: bool = False) -> dict[str, Any]:
 def run_training(config: Config, overwrite: bool) -> dict[str, Any]:
     from distdl.engine import build_deepspeed_config, verify_checkpoint
 
+    console_for_batch_logs()
     # Built once, here: a bad raw DeepSpeed JSON fails before Ray starts, and workers on other
     # nodes need not see the JSON file.
     ds_config = build_deepspeed_config(config.engine, config.trainer, config.scaling.num_workers,
@@ -221,15 +250,20 @@ def connect_ray(config: Config) -> None:
 
     if ray.is_initialized():
         return
-    env_vars = forwarded_env()
+    # Ray Train would send workers' print() through its logger as well as to stdout: each line twice.
+    env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **forwarded_env()}
+    for name in ("ray", "ray._private.authentication.authentication_token_setup"):
+        logging.getLogger(name).addFilter(_HideTokenNotice())
+    # Ray's INFO lines (start-up, the dashboard's address) stay in its log files (Ray Train's: quiet_train_logs).
+    quiet = {"logging_level": logging.WARNING}
     if config.ray.address is None:
         # The dashboard (on 127.0.0.1) serves the State API that Ray Train's placement-group cleaner polls;
         # without it the cleaner warns every second on the console.
         ray.init(num_cpus=config.ray.num_cpus, runtime_env={"env_vars": env_vars}, include_dashboard=True,
-                 log_to_driver=True)
+                 log_to_driver=True, **quiet)
         restrict_default_token()
     else:
-        join_cluster(config.ray.address, env_vars)
+        join_cluster(config.ray.address, env_vars, quiet)
 
 
 def restrict_default_token() -> None:
@@ -239,7 +273,7 @@ def restrict_default_token() -> None:
         token_file.chmod(0o600)
 
 
-def join_cluster(address: str, env_vars: dict[str, str]) -> None:
+def join_cluster(address: str, env_vars: dict[str, str], options: dict[str, Any]) -> None:
     """Connect to a running cluster, or say plainly why not (unreachable, or refused for its token)."""
     import ray
 
@@ -249,7 +283,7 @@ def join_cluster(address: str, env_vars: dict[str, str]) -> None:
     # there), which Ray refuses to merge with a second one.
     runtime_env = None if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ else {"env_vars": env_vars}
     try:
-        ray.init(address=address, runtime_env=runtime_env)
+        ray.init(address=address, runtime_env=runtime_env, **options)
     except (ConnectionError, ray.exceptions.AuthenticationError) as err:
         causes = []
         cause: BaseException | None = err
@@ -289,6 +323,14 @@ def use_cluster_token() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+def quiet_train_logs() -> Any:
+    """Ray Train's INFO lines (worker-group set-up, every reported checkpoint) in its log files only;
+    its warnings and errors still reach the console."""
+    from ray.train import LoggingConfig
+
+    return LoggingConfig(log_level="WARNING")
+
+
 def build_trainer(config: Config, ds_config: dict[str, Any], wandb_mode: str) -> Any:
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -297,13 +339,15 @@ def build_trainer(config: Config, ds_config: dict[str, Any], wandb_mode: str) ->
 
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "deepspeed_config": ds_config, "wandb_mode": wandb_mode},
+        train_loop_config={"config": config.to_dict(), "deepspeed_config": ds_config, "wandb_mode": wandb_mode,
+                           "console_is_terminal": console_is_terminal()},
         scaling_config=scaling_config(config),
         run_config=RunConfig(
             name=config.run.name,
             storage_path=str(config.run_dir.parent),
             failure_config=FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=checkpoint_config(config),
+            logging_config=quiet_train_logs(),
         ),
     )
 

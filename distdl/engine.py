@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from distdl.config import ConfigError, EngineSection, TrainerSection
+from distdl.config import ConfigError, EngineSection, OptimizerSection, TrainerSection
 from distdl.errors import CheckpointError
 
 # DeepSpeed prints a config dump every `steps_per_print` steps; distdl logs itself.
@@ -120,6 +120,43 @@ def merge_deepspeed_config(derived: dict[str, Any], user: dict[str, Any], prefix
     return merged
 
 
+def offload_adam_factory(section: OptimizerSection, lr: float) -> Callable[[Iterable[Any]], torch.optim.Optimizer]:
+    """DeepSpeed's vectorized CPU Adam/AdamW, for optimizer states offloaded to CPU memory (as Accelerate
+    uses it): torch's AdamW steps CPU tensors one parameter at a time. Its C++ op is compiled on first
+    use, once per machine (cached in ~/.cache/torch_extensions; launch/install.sh builds it)."""
+
+    def make(params: Iterable[Any]) -> torch.optim.Optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        if not _cpu_adam_built():
+            print("distdl: compiling DeepSpeed's CPU Adam op for the offloaded optimizer (once per machine, "
+                  "a minute or more)", flush=True)
+        return DeepSpeedCPUAdam(params, lr=lr, betas=tuple(section.betas), eps=section.eps,
+                                weight_decay=section.weight_decay, adamw_mode=section.name == "adamw")
+
+    return make
+
+
+def _cpu_adam_built() -> bool:
+    """Whether DeepSpeed's CPU Adam op is already compiled here (prebuilt, or in torch's JIT cache)."""
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    builder = CPUAdamBuilder()
+    try:
+        import importlib
+
+        importlib.import_module(builder.absolute_name())  # built with DS_BUILD_CPU_ADAM=1
+        return True
+    except ImportError:
+        pass
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory(builder.name, verbose=False)) / f"{builder.name}.so").is_file()
+    except Exception:  # a private torch helper: if it moves, only the notice is lost
+        return False
+
+
 class Engine:
     """A model (with its optimizer and LR schedule) inside a DeepSpeed engine."""
 
@@ -146,10 +183,22 @@ class Engine:
             config=ds_config,
             dist_init_required=False,
         )
+        self.compute_dtype = compute_dtype(ds_config)
+        # DeepSpeed reports the global gradient norm from its ZeRO and mixed-precision optimizers only;
+        # at ZeRO-0 in fp32 it clips without keeping the norm, so distdl measures it itself.
+        self._measures_grad_norm = self._engine.zero_optimization_stage() == 0 and self.compute_dtype == torch.float32
+        self._grad_norm: Optional[torch.Tensor] = None
 
     # -- training
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._engine(*args, **kwargs)
+        """The model's forward, with floating-point inputs in the dtype it computes in."""
+        return self._engine(*self.cast(args), **self.cast(kwargs))
+
+    def cast(self, value: Any) -> Any:
+        """Floating-point tensors (in dicts, lists and tuples too) in the engine's compute dtype, as HF
+        Trainer prepares inputs for DeepSpeed: DeepSpeed casts the model for bf16 and fp16, not its
+        inputs. Integer tensors (token ids, class labels) stay as they are."""
+        return cast_floating(value, self.compute_dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
         if not (self.measure_noise and self._engine.is_gradient_accumulation_boundary()):
@@ -168,6 +217,10 @@ class Engine:
 
     def step(self) -> None:
         """Called after every micro-batch; DeepSpeed steps the optimizer at accumulation boundaries."""
+        if self._measures_grad_norm and self._engine.is_gradient_accumulation_boundary():
+            # The all-reduced gradients clipping is about to see; a device tensor (no sync).
+            grads = [p.grad for p in self._engine.module.parameters() if p.grad is not None]
+            self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
         self._engine.step()
 
     def train(self, mode: bool = True) -> None:
@@ -196,7 +249,7 @@ class Engine:
 
     def raw_grad_norm(self) -> Optional[torch.Tensor | float]:
         """The last optimizer step's global gradient norm as DeepSpeed keeps it (a tensor is not synced)."""
-        return self._engine.get_global_grad_norm()
+        return self._grad_norm if self._measures_grad_norm else self._engine.get_global_grad_norm()
 
     def parameter_checksum(self) -> str:
         """sha256 of this rank's full fp32 weights (gathered under ZeRO-3); equal on every rank."""
@@ -266,6 +319,25 @@ class Engine:
         return client_state or {}
 
 
+def compute_dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    """The dtype DeepSpeed casts the model to under this config."""
+    if (ds_config.get("bf16") or {}).get("enabled"):
+        return torch.bfloat16
+    if (ds_config.get("fp16") or {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def cast_floating(value: Any, dtype: torch.dtype) -> Any:
+    if torch.is_tensor(value):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+    if isinstance(value, dict):
+        return {key: cast_floating(item, dtype) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cast_floating(item, dtype) for item in value)
+    return value
+
+
 class EngineSet:
     """A workload's engines: one for most workloads, several for a GAN (generator and discriminator).
 
@@ -288,6 +360,10 @@ class EngineSet:
     @property
     def device(self) -> torch.device:
         return self.primary.device
+
+    def prepare_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A batch on the workers' device, its floating-point tensors in the compute dtype."""
+        return self.primary.cast({key: value.to(self.device) for key, value in batch.items()})
 
     def train(self, mode: bool = True) -> None:
         for engine in self.engines.values():

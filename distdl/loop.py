@@ -7,8 +7,11 @@ checkpoint and report to Ray Train.
 
 from __future__ import annotations
 
+import logging
+import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
@@ -16,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from distdl.config import Config, config_from_dict
-from distdl.engine import CheckpointError, Engine, EngineSet
-from distdl.optim import optimizer_factory, param_groups, scheduler_factory
+from distdl.engine import CheckpointError, Engine, EngineSet, offload_adam_factory
+from distdl.optim import effective_lr, optimizer_factory, param_groups, scheduler_factory
 from distdl.registry import WORKLOADS
 from distdl.rundir import CHECKPOINT_SCORE, STOP_REQUEST_FILE, back_up_snapshot
 from distdl.tracking import Tracker
@@ -41,8 +44,28 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     tracker = None
     if rank == 0:
         tracker = Tracker(config.tracking, config.run_dir, config.run.name, config.to_dict(),
-                          payload["wandb_mode"], start_step, config.trainer.max_steps)
+                          payload["wandb_mode"], start_step, config.trainer.max_steps,
+                          payload.get("console_is_terminal", False))
     run_steps(config, workload, engines, tracker, start_step, rank)
+
+
+def quiet_worker(use_gpu: bool) -> None:
+    """Keep what says nothing to a distdl user off the console (Ray forwards workers' output there).
+
+    DeepSpeed is told its accelerator rather than guessing (CPU workers on a GPU node must not pick
+    CUDA; on a CPU it warns that it guessed), torch's note that CUDA is absent and a deprecation
+    warning DeepSpeed's own collectives trigger are dropped. Called before DeepSpeed is imported.
+    """
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    try:  # Ray Train logs every report at INFO under this file's path, which its log level misses
+        from ray.train.v2._internal.execution import context as ray_train_context
+
+        logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
 def worker_context(config: Config) -> WorkerContext:
@@ -50,6 +73,7 @@ def worker_context(config: Config) -> WorkerContext:
     import ray.train
     import ray.train.torch
 
+    quiet_worker(config.scaling.use_gpu)
     train_context = ray.train.get_context()
     # Ray gives each worker a CPU budget; more intra-op threads than that thrash (measured ~50x).
     torch.set_num_threads(config.scaling.cpus_per_worker)
@@ -60,6 +84,7 @@ def worker_context(config: Config) -> WorkerContext:
         micro_batch_size=config.trainer.micro_batch_size,
         run_dir=config.run_dir,
         device=ray.train.torch.get_device(),
+        gradient_accumulation_steps=config.trainer.gradient_accumulation_steps,
     )
 
 
@@ -70,10 +95,14 @@ def initial_models(workload: Workload, seed: int) -> dict[str, torch.nn.Module]:
 
 
 def build_engine(model: torch.nn.Module, config: Config, ds_config: dict[str, Any]) -> Engine:
+    make_optimizer = optimizer_factory(config.optimizer, config.trainer.global_batch_size)
+    if config.engine.offload_optimizer and config.optimizer.name in ("adam", "adamw"):
+        make_optimizer = offload_adam_factory(config.optimizer,
+                                              effective_lr(config.optimizer, config.trainer.global_batch_size))
     return Engine(
         model,
         param_groups(model, config.optimizer.weight_decay),
-        optimizer_factory(config.optimizer, config.trainer.global_batch_size),
+        make_optimizer,
         scheduler_factory(config.scheduler, config.trainer.max_steps),
         ds_config,
         measure_noise=config.trainer.noise_scale,
@@ -233,7 +262,7 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
     watch_gradients = config.engine.precision != "fp16"
     for step in range(start_step + 1, stop + 1):
         for _ in range(accumulation):
-            batch = {k: v.to(engines.device) for k, v in next(batches).items()}
+            batch = engines.prepare_batch(next(batches))
             step_metrics = workload.train_step(model, batch)
             watch.add(step_metrics.values())
             window.add(step_metrics, workload.batch_size(batch))

@@ -1,4 +1,7 @@
-"""Rank-0 tracking: metrics.jsonl and summary.json in the run directory, a progress bar, W&B.
+"""Rank-0 tracking: metrics.jsonl and summary.json in the run directory, progress on the console, W&B.
+
+Progress is a live bar when the driver's console is a terminal, and otherwise (a Slurm log, a Ray
+Job's log) one plain line per log step, as HF Trainer and Lightning log in batch jobs.
 
 W&B is best effort: a failure to start or to log warns once and training goes on.
 """
@@ -9,6 +12,7 @@ import json
 import math
 import netrc
 import os
+import sys
 import time
 import uuid
 import warnings
@@ -80,12 +84,14 @@ class Tracker:
         wandb_mode: str,
         start_step: int,
         max_steps: int,
+        console_is_terminal: bool = False,
     ) -> None:
         self.run_dir = run_dir
         truncate_metrics(run_dir, start_step)
         self._metrics = open(run_dir / METRICS_FILE, "a")
         self._wandb = self._start_wandb(section, run_name, config, wandb_mode)
-        self._bar = self._start_bar(section, start_step, max_steps)
+        self._bar = self._start_bar(start_step, max_steps) if section.progress_bar and console_is_terminal else None
+        self._progress = ProgressLine(start_step, max_steps)
 
     def _start_wandb(self, section: TrackingSection, run_name: str, config: dict[str, Any], mode: str) -> Any:
         if mode == "disabled":
@@ -110,9 +116,7 @@ class Tracker:
             warnings.warn(f"W&B could not start ({err}); training goes on, metrics stay in {self.run_dir / METRICS_FILE}")
             return None
 
-    def _start_bar(self, section: TrackingSection, start_step: int, max_steps: int) -> Any:
-        if not section.progress_bar:
-            return None
+    def _start_bar(self, start_step: int, max_steps: int) -> Any:
         # tqdm_ray draws worker bars on the driver's console without garbling Ray's log stream.
         from ray.experimental.tqdm_ray import tqdm
 
@@ -133,6 +137,10 @@ class Tracker:
             self._metrics.flush()
         except OSError as err:
             raise OSError(err.errno, f"could not write {self._metrics.name}: {err.strerror}") from err
+        if self._bar is None:
+            # Written, not printed: Ray Train would pass a print through its logger as well.
+            sys.stdout.write(self._progress.line(step, metrics) + "\n")
+            sys.stdout.flush()
         if self._wandb is not None:
             try:
                 import wandb
@@ -149,8 +157,6 @@ class Tracker:
                 summary["wandb_run_dir"] = str(Path(self._wandb.dir).parent)
                 summary["wandb_run_id"] = self._wandb.id
                 self._wandb.summary.update(scalar_entries(summary))
-                if self._wandb.settings.mode == "offline":
-                    print(f"W&B ran offline; upload it later with: wandb sync {summary['wandb_run_dir']}")
                 self._wandb.finish()
             except Exception as err:
                 warnings.warn(f"W&B could not finish ({err})")
@@ -158,6 +164,30 @@ class Tracker:
         self._metrics.close()
         if self._bar is not None:
             self._bar.close()
+
+
+class ProgressLine:
+    """One plain line per log step: the step, the losses and evaluation metrics, throughput, the
+    learning rate and the time left at this session's mean step rate."""
+
+    SHOWN = ("loss", "loss_d", "loss_g", "lr", "samples_per_s")
+
+    def __init__(self, start_step: int, max_steps: int) -> None:
+        self.start_step, self.max_steps = start_step, max_steps
+        self.started = time.monotonic()
+
+    def line(self, step: int, metrics: dict[str, Any]) -> str:
+        shown = [name for name in self.SHOWN if name in metrics]
+        shown += sorted(name for name in metrics if name.startswith("eval_"))
+        values = " ".join(f"{name}={_short(metrics[name])}" for name in shown if isinstance(metrics[name], (int, float)))
+        done = step - self.start_step
+        left = (time.monotonic() - self.started) / done * (self.max_steps - step) if done > 0 else float("nan")
+        eta = time.strftime("%H:%M:%S", time.gmtime(left)) if math.isfinite(left) else "?"
+        return f"distdl: step {step}/{self.max_steps} {values} eta={eta}"
+
+
+def _short(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def scalar_entries(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

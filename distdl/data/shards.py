@@ -1,14 +1,16 @@
-"""Splitting a `datasets.Dataset` across ranks and into micro-batches, the same way for every workload."""
+"""The training data's order and its split across ranks and micro-batches, the same for every workload;
+and the evaluation sets' disjoint per-rank shards."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from distdl.config import ConfigError
 
 
 def shard_for_rank(dataset: Any, rank: int, world_size: int) -> Any:
-    """A disjoint, contiguous shard per rank; together the shards cover the dataset once."""
+    """A disjoint, contiguous shard per rank; together the shards cover the dataset once (evaluation)."""
     from datasets.distributed import split_dataset_by_node
 
     return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
@@ -19,26 +21,69 @@ def as_examples(rows: dict[str, list]) -> list[dict[str, Any]]:
     return [dict(zip(rows, values)) for values in zip(*rows.values())]
 
 
-def batch_orders(size: int, batch_size: int, seed: int, start: int = 0) -> Iterator[list[int]]:
-    """Endless lists of `batch_size` positions in 0..size-1, a new permutation each epoch (the last
-    partial batch of an epoch dropped); `start` skips that many, so a resumed run continues exactly."""
-    import torch
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the global batch of an optimizer step is made and split: `world_size` ranks, each running
+    `accumulation_steps` micro-batches of `micro_batch_size`, with data order seeded by `seed`."""
 
-    per_epoch = size // batch_size
+    micro_batch_size: int
+    accumulation_steps: int
+    world_size: int
+    rank: int
+    seed: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.accumulation_steps * self.world_size
+
+
+def epoch_permutation(size: int, seed: int, epoch: int) -> Any:
+    """The epoch's order of the whole training set: from (seed, epoch) alone, as DistributedSampler's."""
+    import numpy as np
+
+    return np.random.default_rng((seed, epoch)).permutation(size)
+
+
+def global_batches(size: int, global_batch_size: int, seed: int, start: int = 0) -> Iterator[Any]:
+    """Endless global batches (arrays of positions in 0..size-1), from global batch `start` on.
+
+    Each epoch is one permutation of the whole set cut into global batches; the last
+    size % global_batch_size positions of each epoch's permutation are left out (torch's
+    `drop_last=True`), so every step has the full batch; the next epoch reshuffles, so no example is
+    left out for good. The sequence depends on the seed and the global batch size only, never on
+    how many workers split it.
+    """
+    per_epoch = size // global_batch_size
     if per_epoch == 0:
-        raise ConfigError(f"a rank's shard has {size} examples, fewer than trainer.micro_batch_size={batch_size}")
-    index = start
+        raise ConfigError(f"the training set has {size} examples, fewer than one global batch of "
+                          f"{global_batch_size} (trainer.global_batch_size)")
+    epoch, position = divmod(start, per_epoch)
     while True:
-        epoch, position = divmod(index, per_epoch)
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        for batch_start in range(position * batch_size, per_epoch * batch_size, batch_size):
-            yield order[batch_start : batch_start + batch_size].tolist()
-            index += 1
+        order = epoch_permutation(size, seed, epoch)
+        for batch in range(position, per_epoch):
+            yield order[batch * global_batch_size : (batch + 1) * global_batch_size]
+        epoch, position = epoch + 1, 0
 
 
-def micro_batches(dataset: Any, batch_size: int, collate: Any, seed: int, start: int = 0) -> Iterator[dict]:
-    """Endless collated micro-batches of a `datasets.Dataset` (see `batch_orders`)."""
-    for order in batch_orders(len(dataset), batch_size, seed, start):
+def rank_batch_orders(size: int, plan: BatchPlan, start: int = 0) -> Iterator[list[int]]:
+    """This rank's micro-batches (lists of positions), beginning after its first `start` ones.
+
+    Each global batch is cut into one contiguous part per rank, in rank order, and each part into the
+    rank's accumulation steps; together the ranks' micro-batches of a step are the global batch.
+    """
+    step, micro = divmod(start, plan.accumulation_steps)
+    per_rank = plan.micro_batch_size * plan.accumulation_steps
+    for batch in global_batches(size, plan.global_batch_size, plan.seed, step):
+        mine = batch[plan.rank * per_rank : (plan.rank + 1) * per_rank]
+        for accumulation_step in range(micro, plan.accumulation_steps):
+            begin = accumulation_step * plan.micro_batch_size
+            yield mine[begin : begin + plan.micro_batch_size].tolist()
+        micro = 0
+
+
+def micro_batches(dataset: Any, plan: BatchPlan, collate: Any, start: int = 0) -> Iterator[dict]:
+    """Endless collated micro-batches of this rank from a whole `datasets.Dataset` (see `rank_batch_orders`)."""
+    for order in rank_batch_orders(len(dataset), plan, start):
         yield collate(as_examples(dataset[order]))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -118,7 +119,8 @@ def train_tokenizer(raw: Any, section: TokenizerSection, out_dir: Path) -> Any:
     wordpiece = BertWordPieceTokenizer(lowercase=section.lowercase)
     batches = (raw[i : i + 1000]["text"] for i in range(0, len(raw), 1000))
     wordpiece.train_from_iterator(
-        batches, vocab_size=section.vocab_size, min_frequency=section.min_frequency, special_tokens=SPECIAL_TOKENS
+        batches, vocab_size=section.vocab_size, min_frequency=section.min_frequency, special_tokens=SPECIAL_TOKENS,
+        show_progress=sys.stdout.isatty(),  # its bars leave blank lines in a log file
     )
     tokenizer = BertTokenizer(tokenizer_object=wordpiece._tokenizer, do_lower_case=section.lowercase)
     tokenizer.save_pretrained(str(out_dir))

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from distdl.config import ConfigError
-from distdl.data.shards import batch_orders
+from distdl.data.shards import BatchPlan, rank_batch_orders
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -81,12 +81,22 @@ class VisionData:
     channels: int
     classes: int
     image_size: int
+    # The label ids' names (an ImageFolder's folder names, torchvision's class names, or the ids).
+    class_names: Optional[list[str]] = None
+
+    def names(self) -> list[str]:
+        return self.class_names or [str(label) for label in range(self.classes)]
 
 
 def spec_for(data: VisionDataSection) -> DatasetSpec:
     if data.dataset not in DATASETS:
         raise ConfigError(f"data.dataset={data.dataset!r} is not known; known: {', '.join(DATASETS)}")
     return DATASETS[data.dataset]
+
+
+def eval_resize(data: VisionDataSection, size: int) -> Optional[int]:
+    """The shorter side images are resized to before the center crop, in evaluation (ImageNet's 256 for 224)."""
+    return round(size * 256 / 224) if data.dataset == "imagefolder" else None
 
 
 def transforms(data: VisionDataSection, spec: DatasetSpec, size: int, train: bool, symmetric: bool = False) -> Any:
@@ -102,7 +112,7 @@ def transforms(data: VisionDataSection, spec: DatasetSpec, size: int, train: boo
     if data.dataset == "imagefolder":
         if train and data.augment:
             return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *normalize])
-        return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), *normalize])
+        return T.Compose([T.Resize(eval_resize(data, size)), T.CenterCrop(size), *normalize])
     if data.dataset.startswith("cifar") and train and data.augment:
         return T.Compose([T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), *normalize])
     return T.Compose(normalize)
@@ -141,7 +151,8 @@ def _load_splits(data: VisionDataSection, allow_download: bool, symmetric: bool)
         except Exception as err:
             raise ConfigError(f"data.path: {data.dataset} is not under {root} (expected {spec.expected_files}) "
                               f"and downloading it failed: {err}") from err
-    return VisionData(train, test, spec.channels, spec.classes, size)
+    return VisionData(train, test, spec.channels, spec.classes, size, [str(name) for name in getattr(train, "classes", [])]
+                      or None)
 
 
 def _torchvision_class(spec: DatasetSpec) -> Any:
@@ -168,7 +179,7 @@ def _image_folder(data: VisionDataSection, spec: DatasetSpec, root: Path, size: 
     if train.classes != val.classes:
         only = sorted(set(train.classes) ^ set(val.classes))
         raise ConfigError(f"data.path: {root}/train and {root}/val hold different classes (in one only: {only[:5]})")
-    return VisionData(train, val, spec.channels, len(train.classes), size)
+    return VisionData(train, val, spec.channels, len(train.classes), size, list(train.classes))
 
 
 class UnreadableImageError(OSError):
@@ -273,7 +284,7 @@ def restrict_training_set(data: VisionData, section: VisionDataSection) -> Visio
         train = torch.utils.data.Subset(train, range(section.train_subset))
     if section.label_noise:
         train = NoisyLabels(train, section.label_noise, data.classes)
-    return VisionData(train, data.eval, data.channels, data.classes, data.image_size)
+    return VisionData(train, data.eval, data.channels, data.classes, data.image_size, data.class_names)
 
 
 def _synthetic(data: VisionDataSection, spec: DatasetSpec, size: int, symmetric: bool) -> VisionData:
@@ -299,12 +310,9 @@ def stack(examples: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
     return {"images": torch.stack(images), "labels": torch.as_tensor(labels, dtype=torch.long)}
 
 
-def train_batches(dataset: Any, indices: range, batch_size: int, seed: int, start: int,
-                  loader_workers: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless micro-batches of this rank's block, reshuffled each epoch; `start` skips that many."""
-    if len(indices) < batch_size:
-        raise ConfigError(f"a rank's shard has {len(indices)} images, fewer than trainer.micro_batch_size={batch_size}")
-    orders = ([indices[i] for i in order] for order in batch_orders(len(indices), batch_size, seed, start))
+def train_batches(dataset: Any, plan: BatchPlan, start: int, loader_workers: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless micro-batches of this rank (see `shards.rank_batch_orders`); `start` skips that many."""
+    orders = rank_batch_orders(len(dataset), plan, start)
     if loader_workers == 0:
         return (stack([dataset[i] for i in order]) for order in orders)
     from torch.utils.data import DataLoader

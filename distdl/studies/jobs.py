@@ -26,7 +26,7 @@ def run_measurements(config: Config, tasks: list[dict[str, Any]], measure: Calla
     from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
-    from distdl.driver import connect_ray, scaling_config
+    from distdl.driver import connect_ray, quiet_train_logs, scaling_config
 
     missing = [task for task in tasks if not Path(task["out"]).is_file()]
     if not missing:
@@ -37,7 +37,7 @@ def run_measurements(config: Config, tasks: list[dict[str, Any]], measure: Calla
         measure_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "tasks": missing, "measure": measure, "section": section},
         scaling_config=scaling_config(config),
-        run_config=RunConfig(name="measurements", storage_path=str(storage)),
+        run_config=RunConfig(name="measurements", storage_path=str(storage), logging_config=quiet_train_logs()),
     )
     trainer.fit()
     still = [task["name"] for task in missing if not Path(task["out"]).is_file()]

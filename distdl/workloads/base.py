@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Iterator, Optional
 import torch
 
 from distdl.config import Config
+from distdl.data.shards import BatchPlan
 
 
 @dataclass
@@ -22,6 +23,12 @@ class WorkerContext:
     micro_batch_size: int
     run_dir: Path
     device: torch.device
+    gradient_accumulation_steps: int = 1
+
+    def batch_plan(self) -> BatchPlan:
+        """This rank's part of every global batch (the training data's order, from the run's seed)."""
+        return BatchPlan(self.micro_batch_size, self.gradient_accumulation_steps, self.world_size, self.rank,
+                         self.seed)
 
 
 class Workload(ABC):
@@ -101,5 +108,10 @@ class Workload(ABC):
 
     @classmethod
     def export(cls, sections: dict[str, Any], run_dir: Path, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
-        """Write consolidated fp32 weights in the format users load (HF for text)."""
-        raise NotImplementedError(f"workload {cls.__name__} has no export format")
+        """Write consolidated fp32 weights in the format users load (HF for text, safetensors and a
+        JSON for vision). A mismatch between weights and model is a ConfigError naming both."""
+        raise NotImplementedError
+
+    @classmethod
+    def has_export_format(cls) -> bool:
+        return cls.export.__func__ is not Workload.export.__func__

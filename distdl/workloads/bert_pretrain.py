@@ -82,7 +82,7 @@ class BertPretrain(Workload):
         raw = text.load_raw_corpus(self.data)
         self.tokenizer = text.load_tokenizer(sections["tokenizer"], context.run_dir)
         blocks = text.tokenized_blocks(raw, self.tokenizer, self.data, context.seed)
-        self.train_shard = shards.shard_for_rank(blocks["train"], context.rank, context.world_size)
+        self.train_set = blocks["train"]
         self.eval_all = blocks["eval"]
         self.eval_shard = shards.shard_for_rank(self.eval_all, context.rank, context.world_size)
 
@@ -109,11 +109,10 @@ class BertPretrain(Workload):
         raw = text.load_raw_corpus(data)
         tokenizer = text.prepare_tokenizer(raw, config.sections["tokenizer"], config.run_dir)
         blocks = text.tokenized_blocks(raw, tokenizer, data, config.run.seed)
-        per_rank = len(blocks["train"]) // config.scaling.num_workers
-        if per_rank < config.trainer.micro_batch_size:
+        if len(blocks["train"]) < config.trainer.global_batch_size:
             raise ConfigError(
-                f"data.path: {len(blocks['train'])} training blocks give each of {config.scaling.num_workers} "
-                f"workers {per_rank}, fewer than trainer.micro_batch_size={config.trainer.micro_batch_size}"
+                f"data.path: {len(blocks['train'])} training blocks of {data.max_seq_length} tokens are fewer than "
+                f"one global batch (trainer.global_batch_size={config.trainer.global_batch_size}); give more text"
             )
         return len(blocks["train"])
 
@@ -127,8 +126,7 @@ class BertPretrain(Workload):
 
     def train_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
         # Masking draws from the global torch RNG, which checkpoints save per rank.
-        seed = self.context.seed * 1_000 + self.context.rank
-        return shards.micro_batches(self.train_shard, self.context.micro_batch_size, self._collator(), seed, start)
+        return shards.micro_batches(self.train_set, self.context.batch_plan(), self._collator(), start)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(**batch)
@@ -183,6 +181,7 @@ class BertPretrain(Workload):
         # The MLM decoder is tied to the word embeddings, so its weight may be stored once.
         missing = [k for k in missing if k != "cls.predictions.decoder.weight"]
         if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ConfigError(f"{run_dir}: the checkpoint does not match the model (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
         model.save_pretrained(str(out_dir))
         tokenizer.save_pretrained(str(out_dir))

@@ -78,7 +78,6 @@ class Gan(Workload):
         self.objective: ObjectiveSection = sections["objective"]
         self.eval_section: GanEvalSection = sections["eval"]
         self.data = vision.load_vision(self.data_section, symmetric=True)
-        self.train_indices = vision.rank_indices(len(self.data.train), context.rank, context.world_size)
         self.micro_batches_seen = 0
         self.last_generator_loss = torch.zeros(())
         # The same grid at every evaluation and on every rank, whatever the training RNG did.
@@ -132,9 +131,7 @@ class Gan(Workload):
 
     def train_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
         self.micro_batches_seen = start
-        seed = self.context.seed * 1_000 + self.context.rank
-        return vision.train_batches(self.data.train, self.train_indices, self.context.micro_batch_size, seed, start,
-                                    self.data_section.loader_workers)
+        return vision.train_batches(self.data.train, self.context.batch_plan(), start, self.data_section.loader_workers)
 
     def batch_size(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         images = batch["images"]
@@ -145,7 +142,8 @@ class Gan(Workload):
         real = batch["images"]
         noise = torch.randn(len(real), self.model_section.latent_dim, device=real.device)
         fake = generator(noise)
-        d_real, d_fake = discriminator(real), discriminator(fake.detach())
+        # Losses in fp32 whatever the engines compute in (bf16 logits round the BCE's log terms).
+        d_real, d_fake = discriminator(real).float(), discriminator(fake.detach()).float()
         if self.objective.name == "dcgan":
             d_loss = (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
                       + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
@@ -163,7 +161,7 @@ class Gan(Workload):
             # backward pass nor gradients it did not step on (ZeRO 0-2 hold its full weights).
             critic = discriminator.module
             critic.requires_grad_(False)
-            scores = critic(fake)
+            scores = critic(fake).float()
             critic.requires_grad_(True)
             if self.objective.name == "dcgan":
                 g_loss = F.binary_cross_entropy_with_logits(scores, torch.ones_like(scores))  # non-saturating
@@ -178,10 +176,11 @@ class Gan(Workload):
     @staticmethod
     def _penalty(critic: Any, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         """(|grad_x critic(x)| - 1)^2 at points between real and generated images (Gulrajani et al., eq. 3)."""
-        mix = torch.rand(len(real), 1, 1, 1, device=real.device)
+        # In the images' dtype: the critic here is the bare module, whose weights are in the compute dtype.
+        mix = torch.rand(len(real), 1, 1, 1, device=real.device, dtype=real.dtype)
         between = (mix * real + (1 - mix) * fake).requires_grad_(True)
         (gradient,) = torch.autograd.grad(critic(between).sum(), between, create_graph=True)
-        return ((gradient.flatten(1).norm(dim=1) - 1) ** 2).mean()
+        return ((gradient.float().flatten(1).norm(dim=1) - 1) ** 2).mean()
 
     @torch.no_grad()
     def evaluate(self, engines: dict[str, Any], step: int) -> dict[str, Any]:
@@ -266,7 +265,10 @@ class Gan(Workload):
         model = sections["model"]
         arguments = {"latent_dim": model.latent_dim, "channels": data.channels, "image_size": data.image_size,
                      "width": model.generator_width}
-        Generator(**arguments).load_state_dict(state_dict)  # the shapes must match before anything is written
+        try:  # the shapes must match before anything is written
+            Generator(**arguments).load_state_dict(state_dict)
+        except RuntimeError as err:
+            raise ConfigError(f"{run_dir}: the generator's checkpoint does not match its config ({err})") from None
         save_file({k: v.contiguous() for k, v in state_dict.items()}, str(out_dir / "generator.safetensors"))
         (out_dir / "generator.json").write_text(json.dumps(arguments, indent=2) + "\n")
 

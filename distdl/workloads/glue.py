@@ -132,7 +132,6 @@ class GlueFinetune(Workload):
         self.task = glue.get_task(self.data.task)
         self.tokenizer = load_tokenizer(self.model_section)
         self.splits = tokenized_splits(self.task, self.data, self.tokenizer)
-        self.train_shard = shards.shard_for_rank(self.splits["train"], context.rank, context.world_size)
         from transformers import DataCollatorWithPadding
 
         # Pads each batch to its longest sequence (a multiple of 8, for tensor cores), not to max_seq_length.
@@ -182,9 +181,9 @@ class GlueFinetune(Workload):
         return self.collator(shards.as_examples({k: v for k, v in rows.items() if k in MODEL_INPUTS}))
 
     def train_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        seed = self.context.seed * 1_000 + self.context.rank
-        columns = [c for c in (*MODEL_INPUTS, "label") if c in self.train_shard.column_names]
-        shard = self.train_shard.select_columns(columns)
+        train = self.splits["train"]
+        columns = [c for c in (*MODEL_INPUTS, "label") if c in train.column_names]
+        train = train.select_columns(columns)
         dtype = torch.float32 if self.task.is_regression else torch.long
 
         def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -192,7 +191,7 @@ class GlueFinetune(Workload):
             batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=dtype)
             return batch
 
-        return shards.micro_batches(shard, self.context.micro_batch_size, collate, seed, start)
+        return shards.micro_batches(train, self.context.batch_plan(), collate, start)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(**batch)
@@ -282,7 +281,8 @@ class GlueFinetune(Workload):
         model = AutoModelForSequenceClassification.from_config(model_config(sections["model"], task))
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ConfigError(f"{run_dir}: the checkpoint does not match the model (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
         model.save_pretrained(str(out_dir))
         load_tokenizer(sections["model"]).save_pretrained(str(out_dir))
 

@@ -7,6 +7,7 @@ or the squared error on one-hot targets that the over-parametrization theory ass
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -17,16 +18,15 @@ import torch.nn.functional as F
 
 from distdl.config import Config, ConfigError
 from distdl.data import shards, vision
-from distdl.models.mlp import MLP, TwoLayerReLU
-from distdl.models.resnet import MODEL_NAMES as RESNET_NAMES
-from distdl.models.resnet import build_resnet
+from distdl.models import classifiers
+from distdl.models.classifiers import CLASSIFIER_NAMES as MODEL_NAMES
 from distdl.registry import WORKLOADS
 from distdl.workloads.base import WorkerContext, Workload
 
 
-FULLY_CONNECTED = ("mlp", "two_layer_relu")
-MODEL_NAMES = (*RESNET_NAMES, *FULLY_CONNECTED)
 LOSSES = ("cross_entropy", "mse")
+# What `distdl export` writes beside the weights, kept in the run directory when the run starts.
+EXPORT_SPEC_FILE = "classifier.json"
 
 
 @dataclass
@@ -57,11 +57,13 @@ class LossSection:
 
 
 def build_classifier(section: ResNetModelSection, channels: int, image_size: int, classes: int) -> torch.nn.Module:
-    if section.name == "mlp":
-        return MLP(channels * image_size**2, section.hidden_sizes, classes, section.batch_norm)
-    if section.name == "two_layer_relu":
-        return TwoLayerReLU(channels * image_size**2, section.width, classes, section.train_output_layer)
-    return build_resnet(section.name, channels, classes, section.zero_init_residual, section.width_multiplier)
+    return classifiers.build_classifier(section.name, channels, image_size, classes, **_options(section))
+
+
+def _options(section: ResNetModelSection) -> dict[str, Any]:
+    return {"zero_init_residual": section.zero_init_residual, "width_multiplier": section.width_multiplier,
+            "hidden_sizes": section.hidden_sizes, "batch_norm": section.batch_norm, "width": section.width,
+            "train_output_layer": section.train_output_layer}
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, loss: LossSection,
@@ -84,7 +86,6 @@ class ResNetClassification(Workload):
         self.data_section: vision.VisionDataSection = sections["data"]
         self.loss_section: LossSection = sections["loss"]
         self.data = vision.load_vision(self.data_section)
-        self.train_indices = vision.rank_indices(len(self.data.train), context.rank, context.world_size)
         self.eval_indices = vision.rank_indices(len(self.data.eval), context.rank, context.world_size)
 
     @classmethod
@@ -112,14 +113,27 @@ class ResNetClassification(Workload):
 
     @classmethod
     def prepare(cls, config: Config) -> int:
-        """Download (once, here) or check the dataset, and check that one image goes through the model."""
+        """Download (once, here) or check the dataset, and check that one image goes through the model.
+        What `distdl export` needs to know of the data is kept in the run directory."""
         data = vision.load_vision(config.sections["data"], allow_download=True)
         image, _ = _first_image(data.train, config.sections["data"])
         expected = (data.channels, data.image_size, data.image_size)
         if tuple(image.shape) != expected:
             raise ConfigError(f"data.path: images come out as {tuple(image.shape)} (channels, height, width), "
                               f"not {expected}; set data.image_size, or check the image files")
+        spec = _export_spec(config.sections, data)
+        (config.run_dir / EXPORT_SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
         return len(data.train)
+
+    @classmethod
+    def export(cls, sections: dict[str, Any], run_dir: Path, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+        """model.safetensors and model.json (distdl.models.classifiers): a torchvision ResNet on colour
+        images loads into torchvision's constructor strictly; every classifier loads with
+        `distdl.models.classifiers.load_exported`."""
+        saved = run_dir / EXPORT_SPEC_FILE
+        spec = (json.loads(saved.read_text()) if saved.is_file()
+                else _export_spec(sections, vision.load_vision(sections["data"])))  # runs from before it was kept
+        classifiers.write_exported(out_dir, spec, state_dict)
 
     def build_model(self) -> torch.nn.Module:
         model = build_classifier(self.model_section, self.data.channels, self.data.image_size, self.data.classes)
@@ -128,12 +142,10 @@ class ResNetClassification(Workload):
         return model
 
     def train_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        seed = self.context.seed * 1_000 + self.context.rank
-        return vision.train_batches(self.data.train, self.train_indices, self.context.micro_batch_size, seed, start,
-                                    self.data_section.loader_workers)
+        return vision.train_batches(self.data.train, self.context.batch_plan(), start, self.data_section.loader_workers)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = model(batch["images"])
+        logits = model(batch["images"]).float()  # the loss in fp32 whatever the engine computes in
         loss = classification_loss(logits, batch["labels"], self.loss_section)
         return loss, {"accuracy": (logits.argmax(-1) == batch["labels"]).float().mean()}
 
@@ -156,7 +168,8 @@ class ResNetClassification(Workload):
     def loss_sum(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The training loss summed over a batch (no label smoothing's effect removed), and the correct count."""
         images, labels = batch
-        logits = model(images).float()
+        logits = model(images)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
         return classification_loss(logits, labels, self.loss_section, "sum"), (logits.argmax(-1) == labels).sum()
 
     @torch.no_grad()
@@ -185,6 +198,13 @@ class ResNetClassification(Workload):
             raise RuntimeError(f"evaluation counted {int(count)} images of {len(self.data.eval)}")
         return {"eval_loss": loss_sum / count, "eval_top1": top1 / count, "eval_top5": top5 / count,
                 "eval_images": int(count)}
+
+
+def _export_spec(sections: dict[str, Any], data: vision.VisionData) -> dict[str, Any]:
+    spec = vision.spec_for(sections["data"])
+    return classifiers.export_spec(sections["model"].name, _options(sections["model"]), data.channels,
+                                   data.image_size, data.names(), spec.mean, spec.std,
+                                   vision.eval_resize(sections["data"], data.image_size))
 
 
 def _first_image(dataset: Any, data: vision.VisionDataSection) -> tuple[torch.Tensor, int]:
