@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import yaml
 
@@ -107,9 +107,25 @@ def train(config: Config, overwrite: bool = False) -> dict[str, Any]:
 
 
 def run_training(config: Config, overwrite: bool) -> dict[str, Any]:
+    console_for_batch_logs()
+    payload = prepare_run(config, overwrite)
+    if payload is None:
+        return read_summary(config.run_dir)
+    connect_ray(config)  # the embedded local Ray starts only once the run is known to be good
+    trainer = build_trainer(config, payload)
+    try:
+        trainer.fit()
+    except Exception as err:
+        raise training_failure(err, config.run_dir) from err
+    return read_summary(config.run_dir)
+
+
+def prepare_run(config: Config, overwrite: bool) -> Optional[dict[str, Any]]:
+    """Everything before the workers start: the run directory checked and made, the workload's data
+    prepared, the checkpoint to resume from verified, the config saved. Returns what every worker gets
+    (train_loop_per_worker's payload), or None when the run is at its target already."""
     from distdl.engine import build_deepspeed_config, verify_checkpoint
 
-    console_for_batch_logs()
     # Built once, here: a bad raw DeepSpeed JSON fails before Ray starts, and workers on other
     # nodes need not see the JSON file.
     ds_config = build_deepspeed_config(config.engine, config.trainer, config.scaling.num_workers,
@@ -133,18 +149,12 @@ def run_training(config: Config, overwrite: bool) -> dict[str, Any]:
     if resuming and checkpoint_step(config.run_dir) is not None:
         verify_checkpoint(latest_checkpoint(config.run_dir))
         if reached_target(config):
-            return read_summary(config.run_dir)
+            return None
     (config.run_dir / CONFIG_FILE).write_text(config.to_yaml())
-    wandb_mode = resolve_wandb_mode(config.tracking.wandb_mode)
-    connect_ray(config)  # the embedded local Ray starts only once the run is known to be good
-    trainer = build_trainer(config, ds_config, wandb_mode)
     print(f"distdl: {'resuming' if resuming else 'starting'} run {config.run_dir} "
           f"({config.scaling.num_workers} workers, ZeRO-{config.engine.zero_stage}, {config.engine.precision})")
-    try:
-        trainer.fit()
-    except Exception as err:
-        raise training_failure(err, config.run_dir) from err
-    return read_summary(config.run_dir)
+    return {"config": config.to_dict(), "deepspeed_config": ds_config,
+            "wandb_mode": resolve_wandb_mode(config.tracking.wandb_mode), "console_is_terminal": console_is_terminal()}
 
 
 def training_failure(err: Exception, run_dir: Path) -> Exception:
@@ -331,7 +341,7 @@ def quiet_train_logs() -> Any:
     return LoggingConfig(log_level="WARNING")
 
 
-def build_trainer(config: Config, ds_config: dict[str, Any], wandb_mode: str) -> Any:
+def build_trainer(config: Config, payload: dict[str, Any]) -> Any:
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -339,8 +349,7 @@ def build_trainer(config: Config, ds_config: dict[str, Any], wandb_mode: str) ->
 
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "deepspeed_config": ds_config, "wandb_mode": wandb_mode,
-                           "console_is_terminal": console_is_terminal()},
+        train_loop_config=payload,
         scaling_config=scaling_config(config),
         run_config=RunConfig(
             name=config.run.name,

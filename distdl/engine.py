@@ -173,6 +173,13 @@ class Engine:
 
         self.ds_config = ds_config
         self.measure_noise = measure_noise
+        self.compute_dtype = compute_dtype(ds_config)
+        # DeepSpeed casts parameters to bf16/fp16 but not buffers; batch norm then meets fp32 running
+        # statistics with bf16 inputs and weights and refuses. The buffers go to the compute dtype too,
+        # as model.to(dtype) would do.
+        for buffer in model.buffers():
+            if buffer.is_floating_point():
+                buffer.data = buffer.data.to(self.compute_dtype)
         # (this rank's |g|^2, the all-reduced |g|^2) of the last optimizer step, when measure_noise.
         self.gradient_sq_norms: Optional[tuple[float, float]] = None
         self._engine, _, _, _ = deepspeed.initialize(
@@ -183,7 +190,6 @@ class Engine:
             config=ds_config,
             dist_init_required=False,
         )
-        self.compute_dtype = compute_dtype(ds_config)
         # DeepSpeed reports the global gradient norm from its ZeRO and mixed-precision optimizers only;
         # at ZeRO-0 in fp32 it clips without keeping the norm, so distdl measures it itself.
         self._measures_grad_norm = self._engine.zero_optimization_stage() == 0 and self.compute_dtype == torch.float32
@@ -378,7 +384,9 @@ class EngineSet:
             return {"lr": self.primary.lr(), "grad_norm": self.primary.grad_norm()}
         out: dict[str, Any] = {}
         for name, engine in self.engines.items():
-            out[f"lr_{name}"], out[f"grad_norm_{name}"] = engine.lr(), engine.grad_norm()
+            out[f"lr_{name}"] = engine.lr()
+            if (norm := engine.grad_norm()) is not None:  # none before the engine's first step (a WGAN's generator)
+                out[f"grad_norm_{name}"] = norm
         return out
 
     def grad_norms(self) -> list[Optional[torch.Tensor | float]]:

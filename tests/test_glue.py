@@ -245,7 +245,7 @@ def test_every_task_config_holds_the_bert_recipe(name):
 def test_epochs_become_steps_once_the_data_size_is_known():
     config = glue_config("rte")  # 2 workers x micro-batch 16, 3 epochs
     assert config.trainer.max_steps is None
-    assert resolve_epochs(config, 2490) == 2490 // 2 // 16
+    assert resolve_epochs(config, 2490) == 2490 // 32  # one epoch: the global batches of one permutation
     assert config.trainer.max_steps == 3 * 77 and config.trainer.eval_every == 77 == config.trainer.checkpoint_every
 
 
@@ -253,7 +253,7 @@ def test_max_steps_wins_over_epochs_and_too_little_data_is_refused():
     config = glue_config("rte", "trainer.max_steps=10")
     resolve_epochs(config, 2490)
     assert config.trainer.max_steps == 10 and config.trainer.eval_every == 77
-    with pytest.raises(ConfigError, match="20 examples give each of 2 workers 10"):
+    with pytest.raises(ConfigError, match="20 examples are fewer than one global batch of trainer.global_batch_size=32"):
         resolve_epochs(glue_config("rte"), 20)
 
 

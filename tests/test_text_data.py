@@ -165,8 +165,9 @@ def stack(examples):
     return {"input_ids": torch.tensor([e["input_ids"] for e in examples])}
 
 
-def take(dataset, seed, start, count):
-    return [b["input_ids"] for b in itertools.islice(shards.micro_batches(dataset, 4, stack, seed, start), count)]
+def take(dataset, seed, start, count, world_size=1, rank=0):
+    plan = shards.BatchPlan(micro_batch_size=4, accumulation_steps=1, world_size=world_size, rank=rank, seed=seed)
+    return [b["input_ids"] for b in itertools.islice(shards.micro_batches(dataset, plan, stack, start), count)]
 
 
 @pytest.fixture(scope="module")
@@ -192,9 +193,20 @@ def test_batches_shuffle_each_epoch_without_repeats(numbered):
     assert epochs[0] != torch.cat(take(numbered, seed=4, start=0, count=5))[:, 0].tolist()
 
 
-def test_shard_smaller_than_a_micro_batch(numbered):
-    with pytest.raises(ConfigError, match="micro_batch_size=4"):
-        next(shards.micro_batches(numbered.select(range(3)), 4, stack, 0))
+def test_two_ranks_read_the_one_process_order_between_them(numbered):
+    """Global batches of 8: with 2 ranks of 4 each, rank 0 reads each global batch's first half."""
+    one = take(numbered, seed=3, start=0, count=4, world_size=1)
+    plan = shards.BatchPlan(micro_batch_size=8, accumulation_steps=1, world_size=1, rank=0, seed=3)
+    whole = [b["input_ids"] for b in itertools.islice(shards.micro_batches(numbered, plan, stack), 2)]
+    halves = [take(numbered, seed=3, start=0, count=2, world_size=2, rank=rank) for rank in (0, 1)]
+    assert torch.equal(whole[0], torch.cat([halves[0][0], halves[1][0]]))
+    assert torch.equal(whole[1], torch.cat([halves[0][1], halves[1][1]]))
+    assert len(one) == 4
+
+
+def test_a_training_set_smaller_than_one_global_batch_is_refused(numbered):
+    with pytest.raises(ConfigError, match="3 examples, fewer than one global batch of 4"):
+        take(numbered.select(range(3)), seed=0, start=0, count=1)
 
 
 # ----------------------------------------------------------------------------- masking

@@ -17,20 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 LAPTOP = REPO / "configs" / "resnet" / "mnist_laptop.yaml"
 
 
-@pytest.fixture(scope="module")
-def mnist_root(tmp_path_factory) -> Path:
-    from tests.vision_fixtures import write_mnist
-
-    return write_mnist(tmp_path_factory.mktemp("mnist"))
-
-
-@pytest.fixture(scope="module")
-def digits_folder(tmp_path_factory) -> Path:
-    from tests.vision_fixtures import write_digits_folder
-
-    return write_digits_folder(tmp_path_factory.mktemp("digits"))
-
-
 # ----------------------------------------------------------------------------- models
 
 
@@ -153,12 +139,14 @@ def test_rank_blocks_cover_every_image_once(size, world):
 
 
 def test_train_batches_resume_where_they_left_off(mnist_root):
+    from distdl.data.shards import BatchPlan
+
     data = vision.load_vision(vision.VisionDataSection(dataset="mnist", path=str(mnist_root)))
-    indices = vision.rank_indices(len(data.train), 1, 2)
-    first = [b["labels"] for _, b in zip(range(40), vision.train_batches(data.train, indices, 64, 3, 0, 0))]
-    resumed = [b["labels"] for _, b in zip(range(10), vision.train_batches(data.train, indices, 64, 3, 30, 0))]
+    plan = BatchPlan(micro_batch_size=64, accumulation_steps=1, world_size=2, rank=1, seed=3)
+    first = [b["labels"] for _, b in zip(range(40), vision.train_batches(data.train, plan, 0, 0))]
+    resumed = [b["labels"] for _, b in zip(range(10), vision.train_batches(data.train, plan, 30, 0))]
     assert all(torch.equal(a, b) for a, b in zip(first[30:], resumed))
-    assert not torch.equal(first[0], first[31]), "epoch 2 (31 batches of 64 in 2000 images) is reshuffled"
+    assert not torch.equal(first[0], first[31]), "epoch 2 (31 global batches of 128 in 4000 images) is reshuffled"
 
 
 # ----------------------------------------------------------------------------- bad input

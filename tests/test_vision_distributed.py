@@ -17,13 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def mnist_root(tmp_path_factory) -> Path:
-    from tests.vision_fixtures import write_mnist
-
-    return write_mnist(tmp_path_factory.mktemp("mnist"))  # 4,000 train and 1,000 test digits
-
-
-@pytest.fixture(scope="module")
 def classifier_run(ray_local, tmp_path_factory, mnist_root):
     """A ResNet-20 trained on the digits: tested below, and the feature space of the GANs' Frechet distance."""
     config = load_config(REPO / "configs/resnet/mnist_laptop.yaml", [

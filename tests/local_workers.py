@@ -1,0 +1,83 @@
+"""distdl's worker loop on 2 real gloo ranks in 2 long-lived processes, through Ray Train's local mode.
+
+Each run goes through `driver.prepare_run` (the run directory, the data, the payload), then every
+process runs `loop.train_loop_per_worker` with the context Ray Train's local mode gives a torchrun
+process (TorchTrainer with num_workers=0): the same loop, DeepSpeed engines, workloads, checkpoint
+saves and Ray Train calls as a Ray Train run, over a real gloo process group. What it
+leaves out is Ray itself (actors, placement, storage upload), which the Ray Train tests cover; what it
+saves is ~30 s of Ray start-up and imports per run on 2 cores, so dozens of configs fit in CI.
+"""
+
+from __future__ import annotations
+
+import socket
+import traceback
+from typing import Any
+
+import torch.multiprocessing as mp
+
+
+def _serve(rank: int, world: int, port: int, jobs: Any, results: Any) -> None:
+    import os
+
+    import torch.distributed as dist
+    from ray.train.v2._internal.execution.train_fn_utils import LocalTrainFnUtils, set_train_fn_utils
+
+    from distdl.loop import train_loop_per_worker
+
+    # One process group for the processes' lifetime: DeepSpeed caches its groups, so a group destroyed
+    # and made again between runs would leave it holding dead ones.
+    # As in a Ray worker or a torchrun process: transformers' seeded collators refuse to run in what looks
+    # like a multiprocessing child ("SpawnProcess-1").
+    import multiprocessing
+
+    multiprocessing.current_process().name = "MainProcess"
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # torchrun's, which DeepSpeed reads
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    while (payload := jobs.get()) is not None:
+        try:
+            # What Ray Train's local mode (TorchTrainer with num_workers=0) sets for a torchrun process.
+            set_train_fn_utils(LocalTrainFnUtils(experiment_name="local", world_size=world, world_rank=rank,
+                                                 local_rank=rank, local_world_size=world, node_rank=0))
+            train_loop_per_worker(payload)
+            results.put((rank, None))
+        except BaseException:  # noqa: BLE001 - reported to the test, which fails with it
+            results.put((rank, traceback.format_exc()))
+
+
+class LocalWorkers:
+    def __init__(self, world: int = 2) -> None:
+        context = mp.get_context("spawn")
+        self.world = world
+        self.jobs = [context.Queue() for _ in range(world)]
+        self.results = context.Queue()
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.processes = [context.Process(target=_serve, args=(rank, world, port, self.jobs[rank], self.results),
+                                          daemon=False)  # a config's DataLoader workers are its children
+                          for rank in range(world)]
+        for process in self.processes:
+            process.start()
+
+    def train(self, config: Any, timeout_s: float = 600) -> dict[str, Any]:
+        """Prepare and run `config` on the workers; its summary (the run's summary.json)."""
+        from distdl.driver import prepare_run, read_summary
+
+        payload = prepare_run(config, overwrite=False)
+        for queue in self.jobs:
+            queue.put(payload)
+        errors = [self.results.get(timeout=timeout_s) for _ in range(self.world)]
+        failed = {rank: error for rank, error in errors if error}
+        if failed:
+            raise AssertionError("\n".join(f"rank {rank}:\n{error}" for rank, error in sorted(failed.items())))
+        return read_summary(config.run_dir)
+
+    def close(self) -> None:
+        for queue in self.jobs:
+            queue.put(None)
+        for process in self.processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()

@@ -1,0 +1,141 @@
+"""Every workload at every precision and ZeRO stage, and every shipped config as shipped: a few steps
+each on 2 gloo ranks of the real worker loop and DeepSpeed (tests/local_workers.py).
+
+Each run must end with finite losses, a real (non-null, finite) gradient norm at every log step, and
+identical weights on both ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+
+from distdl.config import load_config
+from distdl.tracking import read_metrics
+from tests.conftest import CORPUS, REPO
+
+# ----------------------------------------------------------------------------- the checks
+
+
+def check_run(config, summary) -> list[dict]:
+    assert summary["completed"] and summary["steps"] == config.trainer.max_steps, summary
+    assert summary["world_size"] == 2
+    assert summary["parameter_checksums"][0] == summary["parameter_checksums"][1], "the ranks' weights differ"
+    logged = [m for m in read_metrics(config.run_dir) if any(k.startswith("loss") for k in m)]
+    assert [m["step"] for m in logged] == list(range(1, config.trainer.max_steps + 1))
+    for metrics in logged:
+        losses = {k: v for k, v in metrics.items() if k.startswith("loss")}
+        norms = {k: v for k, v in metrics.items() if k.startswith("grad_norm")}
+        assert losses and all(isinstance(v, float) and math.isfinite(v) for v in losses.values()), metrics
+        assert norms and all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in norms.values()), metrics
+    return logged
+
+
+def short_run(*overrides: str) -> list[str]:
+    """A few steps, a line and an evaluation at each, W&B off, nothing else changed."""
+    return ["trainer.max_steps=3", "trainer.epochs=null", "trainer.log_every=1", "trainer.eval_every=0",
+            "trainer.checkpoint_every=0", "tracking.wandb_mode=disabled", "tracking.progress_bar=false", *overrides]
+
+
+# ----------------------------------------------------------------------------- every workload x precision x stage
+
+MATRIX_BASES = {
+    "bert_pretrain": ("bert/pretrain_tiny.yaml", lambda f: [
+        f"data.path={CORPUS}", f"tokenizer.name_or_path={f['minilm']}", "data.max_seq_length=32",
+        "data.eval_fraction=0.01", "trainer.micro_batch_size=4", "trainer.global_batch_size=8"]),
+    # STS-B: float regression labels, which reach the model in the compute dtype too.
+    "glue_stsb": ("glue/stsb.yaml", lambda f: [
+        f"model.name_or_path={f['tiny_bert']}", f"data.path={f['glue_dir']}", "data.max_seq_length=32",
+        "trainer.micro_batch_size=4", "trainer.global_batch_size=8"]),
+    "resnet": ("resnet/mnist_laptop.yaml", lambda f: [
+        f"data.path={f['mnist_root']}", "data.train_subset=512", "trainer.micro_batch_size=8",
+        "trainer.global_batch_size=16"]),
+    # Noise, real images and the generator's update through the bare critic, in both objectives.
+    "gan_dcgan": ("gan/dcgan_mnist.yaml", lambda f: [
+        f"data.path={f['mnist_root']}", "data.train_subset=512", "model.generator_width=16",
+        "model.discriminator_width=16", "trainer.micro_batch_size=8", "trainer.global_batch_size=16"]),
+    "gan_wgan_gp": ("gan/wgan_gp_mnist.yaml", lambda f: [
+        f"data.path={f['mnist_root']}", "data.train_subset=512", "model.generator_width=16",
+        "model.discriminator_width=16", "objective.n_critic=1", "trainer.micro_batch_size=8",
+        "trainer.global_batch_size=16"]),
+}
+# GANs step their generator outside its engine's step, which ZeRO-3 cannot (Gan.validate refuses it).
+MATRIX = [(name, precision, stage) for name in MATRIX_BASES for precision in ("fp32", "bf16") for stage in (0, 2, 3)
+          if not (name.startswith("gan") and stage == 3)]
+
+
+@pytest.fixture(scope="module")
+def data(minilm, tiny_bert, glue_dir, mnist_root, digits_folder) -> dict[str, Path]:
+    return {"minilm": minilm, "tiny_bert": tiny_bert, "glue_dir": glue_dir, "mnist_root": mnist_root,
+            "digits_folder": digits_folder}
+
+
+@pytest.mark.parametrize("name, precision, stage", MATRIX, ids=[f"{n}-{p}-zero{s}" for n, p, s in MATRIX])
+def test_every_workload_trains_at_every_precision_and_zero_stage(local_workers, data, tmp_path, name, precision,
+                                                                 stage):
+    if not CORPUS.is_dir() and name == "bert_pretrain":
+        pytest.skip("needs the Debian license texts in /usr/share/common-licenses")
+    file, overrides = MATRIX_BASES[name]
+    config = load_config(REPO / "configs" / file, [
+        f"run.storage_path={tmp_path}", *overrides(data), *short_run(), f"engine.precision={precision}",
+        f"engine.zero_stage={stage}"])
+    check_run(config, local_workers.train(config))
+
+
+# ----------------------------------------------------------------------------- every shipped config
+
+SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def shipped_config(path: Path, storage: Path, data: dict[str, Path]):
+    """The config as shipped, and as run here: only its data source, its sizes and scaling.use_gpu changed."""
+    import copy
+
+    import yaml
+
+    from distdl.config import config_from_dict, parse_override, set_dotted
+    from distdl.studies.base import read_study_file
+
+    # A study file is a training config plus a study: section (its trials set their own batches).
+    raw = read_study_file(path, []).training if path.parent.name == "studies" else yaml.safe_load(path.read_text())
+    shipped = config_from_dict(copy.deepcopy(raw))
+    accumulation = shipped.trainer.gradient_accumulation_steps
+    sizes = ["scaling.num_workers=2", "scaling.use_gpu=false", "trainer.micro_batch_size=4",
+             f"trainer.global_batch_size={4 * 2 * accumulation}"]
+    for override in [f"run.storage_path={storage}", *sizes, *short_run(), *data_source(shipped, data)]:
+        set_dotted(raw, *parse_override(override))
+    return shipped, config_from_dict(raw)
+
+
+def data_source(shipped, data: dict[str, Path]) -> list[str]:
+    """Where each shipped config's data comes from here (no hub, no downloads), and sizes that must shrink."""
+    if shipped.workload == "bert_pretrain":
+        # bert-base-uncased's WordPiece vocabulary is the one MiniLM ships.
+        tokenizer = [f"tokenizer.name_or_path={data['minilm']}"] if shipped.sections["tokenizer"].name_or_path else []
+        return [f"data.path={CORPUS}", "data.max_seq_length=32", "data.eval_fraction=0.01", *tokenizer]
+    if shipped.workload == "glue":  # bert-base-uncased from the hub: a 2-layer BERT with its tokenizer here
+        return [f"model.name_or_path={data['tiny_bert']}", f"data.path={data['glue_dir']}", "data.max_seq_length=32"]
+    dataset = shipped.sections["data"].dataset
+    sources = {"mnist": [f"data.path={data['mnist_root']}", "data.train_subset=512"],
+               "imagefolder": [f"data.path={data['digits_folder']}", "data.image_size=32"],
+               "cifar10": ["data.dataset=synthetic", "data.synthetic_train_size=64", "data.synthetic_eval_size=16"]}
+    return sources.get(dataset, [])  # digits, mnist5k: they ship inside installed packages
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_trains_as_shipped(local_workers, data, tmp_path, path):
+    if not CORPUS.is_dir() and "bert" in path.parent.name:
+        pytest.skip("needs the Debian license texts in /usr/share/common-licenses")
+    shipped, config = shipped_config(path, tmp_path, data)
+    # What the config is about stays as shipped (GLUE's hub model aside, which cannot load here).
+    assert config.engine == shipped.engine and config.optimizer == shipped.optimizer
+    assert config.workload == shipped.workload and config.scheduler == shipped.scheduler
+    model, as_shipped = (dataclasses.asdict(c.sections["model"]) for c in (config, shipped))
+    if config.workload == "glue":
+        model.pop("name_or_path"), as_shipped.pop("name_or_path")
+    assert model == as_shipped
+    summary = local_workers.train(config)
+    check_run(config, summary)
