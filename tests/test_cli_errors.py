@@ -156,3 +156,16 @@ def test_two_overwrites_in_the_same_second(tmp_path, monkeypatch):
     saved_run(tmp_path, "optimizer.lr=0.003")
     assert check_run_dir(config_in(tmp_path, "optimizer.lr=0.002"), overwrite=True) is False
     assert len(list(tmp_path.iterdir())) == 2  # both earlier runs kept
+
+
+def test_export_of_a_workload_without_a_format_is_refused_and_creates_nothing(tmp_path, capsys):
+    from distdl.cli import main
+
+    config = load_config(None, ["workload=no_export_format", "trainer.max_steps=1", f"run.storage_path={tmp_path}"])
+    config.run_dir.mkdir()
+    (config.run_dir / CONFIG_FILE).write_text(config.to_yaml())
+    target = tmp_path / "exported"
+    assert main(["export", str(config.run_dir), str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "workload no_export_format defines no export format" in err and "Traceback" not in err
+    assert not target.exists() and sorted(p.name for p in tmp_path.iterdir()) == [config.run.name]

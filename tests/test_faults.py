@@ -23,7 +23,8 @@ from tests.bert_runs import QUICKSTART, overrides, run
 from tests.conftest import CORPUS
 
 pytestmark = pytest.mark.distributed
-RESUME_COMMON = ("engine.zero_stage=2", "trainer.max_steps=12", "trainer.checkpoint_every=6")
+# bf16: a resumed, restarted or rerun run must equal the uninterrupted one in bf16 too.
+RESUME_COMMON = ("engine.zero_stage=2", "engine.precision=bf16", "trainer.max_steps=12", "trainer.checkpoint_every=6")
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,9 @@ def test_a_driver_killed_while_a_checkpoint_is_written_resumes_from_the_one_befo
     config = load_config(QUICKSTART, args)
     log = (tmp_path / "driver.log").open("w")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded Ray, as a user's would be
-    driver = subprocess.Popen([sys.executable, "-m", "distdl.cli", "train", str(QUICKSTART), *args],
+    # As in a Slurm job: stdout and stderr into a file, with the progress bar asked for.
+    driver = subprocess.Popen([sys.executable, "-m", "distdl.cli", "train", str(QUICKSTART), *args,
+                               "tracking.progress_bar=true"],
                               stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     pid_file = config.run_dir / "saving_pid"
     try:
@@ -130,6 +133,13 @@ def test_a_driver_killed_while_a_checkpoint_is_written_resumes_from_the_one_befo
             os.killpg(driver.pid, signal.SIGKILL)
     worker = int(pid_file.read_text())
     wait_for(lambda: not alive(worker), 60, "the dead driver's workers to go too")
+    # The job log: one plain line per log step (4 and 8; 12's may have been cut off by the kill), no
+    # redrawn bar, no carriage returns, no colour codes.
+    text = (tmp_path / "driver.log").read_text()
+    assert "\r" not in text and "\x1b[" not in text and "%|" not in text, text[-3000:]
+    progress = [line for line in text.splitlines() if "distdl: step " in line]
+    assert [line.split("distdl: step ")[1].split()[0] for line in progress][:2] == ["4/12", "8/12"], text[-3000:]
+    assert len(progress) <= 3 and all("loss=" in line and "eta=" in line for line in progress), progress
     # Half of step 12's checkpoint is in storage, but Ray Train never recorded it.
     half_written = config.run_dir / "checkpoint_00000012"
     assert half_written.is_dir() and any(half_written.rglob("*.pt"))

@@ -246,3 +246,35 @@ def test_export_names_the_kept_checkpoints_when_asked_for_another(tmp_path):
         find_checkpoint(tmp_path, "checkpoint_9")
     with pytest.raises(ConfigError, match="no scored checkpoint"):
         find_checkpoint(tmp_path, "best")
+
+
+@pytest.mark.parametrize("architecture, channels, options", [
+    ("cifar_resnet20", 3, {"width_multiplier": 2}), ("mlp", 1, {"hidden_sizes": [32, 16], "batch_norm": True}),
+    ("two_layer_relu", 1, {"width": 64}), ("resnet18", 1, {}), ("resnet18", 3, {})])
+def test_every_classifier_exports_and_loads_back_the_same_model(tmp_path, architecture, channels, options):
+    from distdl.models import classifiers
+
+    torch.manual_seed(0)
+    model = classifiers.build_classifier(architecture, channels, 16, 10, **options).eval()
+    spec = classifiers.export_spec(architecture, {"width_multiplier": 1, "hidden_sizes": [512], "batch_norm": False,
+                                                  "width": 1024, "train_output_layer": False, **options},
+                                   channels, 16, [f"class {i}" for i in range(10)], (0.5,) * channels,
+                                   (0.25,) * channels, None)
+    classifiers.write_exported(tmp_path, spec, model.state_dict())
+    loaded = classifiers.load_exported(tmp_path)
+    images = torch.randn(4, channels, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+    # torchvision's own constructor takes a 3-channel ResNet's weights as they are.
+    assert spec["torchvision"] == ("resnet18" if architecture == "resnet18" and channels == 3 else None)
+
+
+def test_weights_that_do_not_fit_the_architecture_are_refused_naming_it(tmp_path):
+    from distdl.models import classifiers
+
+    spec = classifiers.export_spec("cifar_resnet20", {"width_multiplier": 1}, 3, 32, ["a", "b"], (0.5,) * 3,
+                                   (0.5,) * 3, None)
+    other = classifiers.build_classifier("cifar_resnet32", 3, 32, 2).state_dict()
+    with pytest.raises(ConfigError, match="does not match cifar_resnet20"):
+        classifiers.write_exported(tmp_path, spec, other)
+    assert not list(tmp_path.iterdir())

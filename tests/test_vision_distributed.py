@@ -96,3 +96,40 @@ def test_wgan_gp_resumed_run_equals_an_uninterrupted_one(ray_local, tmp_path, mn
     assert resumed["steps"] == whole["steps"] == 8
     assert resumed["parameter_checksums"] == whole["parameter_checksums"]
     assert resumed["final"]["loss_d"] == whole["final"]["loss_d"]
+
+
+def test_a_resnet18_exports_weights_torchvision_loads_strictly_with_the_runs_accuracy(ray_local, tmp_path,
+                                                                                    digits_folder):
+    """ResNet-18 on a class-sorted ImageFolder (real digits, 3 channels as ImageFolder reads them)."""
+    import json
+
+    import torch
+    import torchvision
+    from safetensors.torch import load_file
+
+    from distdl.data import vision
+    from distdl.models.classifiers import load_exported
+
+    config = load_config(REPO / "configs/resnet/mnist_laptop.yaml", [
+        f"data.path={digits_folder}", "data.dataset=imagefolder", "data.image_size=32", "model.name=resnet18",
+        f"run.storage_path={tmp_path}", "trainer.epochs=null", "trainer.max_steps=20", "trainer.log_every=10",
+        "trainer.micro_batch_size=16", "trainer.global_batch_size=32", "optimizer.lr=0.05",
+        "tracking.wandb_mode=disabled", "tracking.progress_bar=false"])
+    summary = train(config)
+    assert cli.main(["export", str(config.run_dir), str(tmp_path / "exported")]) == 0
+    spec = json.loads((tmp_path / "exported" / "model.json").read_text())
+    assert spec["torchvision"] == "resnet18" and spec["class_names"] == [str(d) for d in range(10)]
+    assert spec["preprocessing"] == {"resize": 37, "crop": 32, "mean": [0.485, 0.456, 0.406],
+                                     "std": [0.229, 0.224, 0.225]}
+    model = torchvision.models.resnet18(num_classes=spec["num_classes"])
+    model.load_state_dict(load_file(tmp_path / "exported" / "model.safetensors"), strict=True)
+    model.eval()
+    # The exported model on the run's eval set, in this process: the run's own top-1.
+    data = vision.load_vision(config.sections["data"])
+    batch = vision.stack([data.eval[i] for i in range(len(data.eval))])
+    with torch.no_grad():
+        predicted = model(batch["images"]).argmax(-1)
+        again = load_exported(tmp_path / "exported")(batch["images"]).argmax(-1)
+    top1 = (predicted == batch["labels"]).float().mean().item()
+    assert top1 == pytest.approx(summary["final"]["eval_top1"], abs=0.5 / len(data.eval))
+    assert torch.equal(predicted, again)

@@ -68,11 +68,11 @@ def write_exported(out_dir: Path, spec: dict[str, Any], state_dict: dict[str, to
     """Check the weights against the architecture (strictly), then write both files."""
     from safetensors.torch import save_file
 
-    model = _from_spec(spec)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"the checkpoint does not match {spec['architecture']} (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]})")
+    try:
+        _from_spec(spec).load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:  # missing, unexpected or differently shaped tensors
+        first_problem = (str(err).splitlines()[1:] or [str(err)])[0].strip()
+        raise ConfigError(f"the checkpoint does not match {spec['architecture']}: {first_problem} ...") from None
     save_file({key: value.contiguous() for key, value in state_dict.items()}, str(out_dir / WEIGHTS_FILE))
     (out_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from distdl.registry import WORKLOADS
+from distdl.workloads.base import Workload
 from distdl.workloads.bert_pretrain import BertPretrain
 
 # Longer than any test waits: a worker nobody kills must not hang the suite.
@@ -168,3 +169,14 @@ class BertPretrainFillsStorageBeforeTheController(CountingBertPretrain):
         if step == 12:
             metrics.update({f"padding_{i:04d}": float(i) for i in range(1000)})
         return metrics
+
+
+@WORKLOADS.register("no_export_format")
+class NoExportFormat(Workload):
+    """A plugin's workload that defines no export format."""
+
+    def train_batches(self, start):
+        return iter(())
+
+    def evaluate(self, model, step):
+        return {}
