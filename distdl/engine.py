@@ -290,6 +290,12 @@ class Engine:
             buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
             offset += buffer.numel()
 
+    @property
+    def inner_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer distdl built, under ZeRO's or the mixed-precision wrapper."""
+        optimizer = self._engine.optimizer
+        return getattr(optimizer, "optimizer", optimizer)
+
     def memory_report(self) -> dict[str, float]:
         """What this rank holds, in MiB: parameters (its ZeRO-3 partition) and optimizer state
         (its ZeRO-1/2/3 partition), and the process's peak (GPU allocated, or CPU resident)."""
@@ -297,9 +303,7 @@ class Engine:
 
         mib = 2**20
         parameters = sum(_partition(p).numel() * _partition(p).element_size() for p in self._engine.module.parameters())
-        optimizer = self._engine.optimizer
-        inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer
-        state = sum(t.numel() * t.element_size() for per_param in inner.state.values()
+        state = sum(t.numel() * t.element_size() for per_param in self.inner_optimizer.state.values()
                     for t in per_param.values() if torch.is_tensor(t))
         report = {"parameters_mib": parameters / mib, "optimizer_state_mib": state / mib}
         if self.device.type == "cuda":
@@ -404,6 +408,10 @@ class EngineSet:
         if self.single:
             return self.primary.memory_report()
         return {name: engine.memory_report() for name, engine in self.engines.items()}
+
+    def optimizers(self) -> dict[str, str]:
+        """Each engine's optimizer class, under DeepSpeed's ZeRO or mixed-precision wrapper."""
+        return {name: type(engine.inner_optimizer).__name__ for name, engine in self.engines.items()}
 
     def _folder(self, directory: str | Path, name: str) -> Path:
         return Path(directory) if self.single else Path(directory) / name

@@ -332,6 +332,7 @@ def run_summary(config: Config, workload: Workload, engines: EngineSet, step: in
         "parameter_checksums": gather(engines.parameter_checksum()),
         "ray_node_ids": gather(ray_node_id()),
         "memory_per_rank": gather(engines.memory_report()),
+        "optimizers": engines.optimizers(),
         "final": final,
         **workload.summary(),
     }

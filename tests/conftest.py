@@ -54,6 +54,14 @@ def digits_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_digits_folder(tmp_path_factory) -> Path:
+    """200 of those digits in the same layout: for runs whose every evaluation is costly (ResNet-50 on CPUs)."""
+    from tests.vision_fixtures import write_digits_folder
+
+    return write_digits_folder(tmp_path_factory.mktemp("small-digits"), images=200)
+
+
+@pytest.fixture(scope="session")
 def local_workers(isolated_caches):
     """Two long-lived processes running distdl's worker loop over gloo (tests/local_workers.py)."""
     from tests.local_workers import LocalWorkers

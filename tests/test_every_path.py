@@ -68,9 +68,9 @@ MATRIX = [(name, precision, stage) for name in MATRIX_BASES for precision in ("f
 
 
 @pytest.fixture(scope="module")
-def data(minilm, tiny_bert, glue_dir, mnist_root, digits_folder) -> dict[str, Path]:
+def data(minilm, tiny_bert, glue_dir, mnist_root, small_digits_folder) -> dict[str, Path]:
     return {"minilm": minilm, "tiny_bert": tiny_bert, "glue_dir": glue_dir, "mnist_root": mnist_root,
-            "digits_folder": digits_folder}
+            "digits_folder": small_digits_folder}
 
 
 @pytest.mark.parametrize("name, precision, stage", MATRIX, ids=[f"{n}-{p}-zero{s}" for n, p, s in MATRIX])
@@ -139,3 +139,47 @@ def test_every_shipped_config_trains_as_shipped(local_workers, data, tmp_path, p
     assert model == as_shipped
     summary = local_workers.train(config)
     check_run(config, summary)
+
+
+# ----------------------------------------------------------------------------- offloaded optimizer states
+
+
+@pytest.mark.parametrize("name, reference", [("adamw", "AdamW"), ("adam", "Adam")])
+def test_deepspeeds_cpu_adam_takes_torchs_steps(name, reference):
+    """The offloaded optimizer distdl picks updates as torch's does, decoupled decay (AdamW) or L2 (Adam)."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from distdl.config import OptimizerSection
+    from distdl.engine import offload_adam_factory
+
+    section = OptimizerSection(name=name, lr=1e-2, weight_decay=0.1)
+    torch.manual_seed(0)
+    start = [torch.randn(64, 32), torch.randn(32)]
+    ours, theirs = ([torch.nn.Parameter(p.clone()) for p in start] for _ in range(2))
+    groups = lambda params: [{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0}]
+    deepspeed_adam = offload_adam_factory(section, section.lr)(groups(ours))
+    torch_adam = getattr(torch.optim, reference)(groups(theirs), lr=section.lr, betas=tuple(section.betas),
+                                                 eps=section.eps)
+    for step in range(5):
+        gradients = [torch.randn_like(p) for p in start]
+        for params, optimizer in ((ours, deepspeed_adam), (theirs, torch_adam)):
+            for param, gradient in zip(params, gradients):
+                param.grad = gradient.clone()
+            optimizer.step()
+    assert type(deepspeed_adam).__name__ == "DeepSpeedCPUAdam"
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_offloaded_optimizer_states_train_with_deepspeeds_cpu_adam(local_workers, data, tmp_path, precision):
+    file, overrides = MATRIX_BASES["bert_pretrain"]
+    config = load_config(REPO / "configs" / file, [
+        f"run.storage_path={tmp_path}", *overrides(data), *short_run(), f"engine.precision={precision}",
+        "engine.zero_stage=2", "engine.offload_optimizer=true"])
+    summary = local_workers.train(config)
+    check_run(config, summary)
+    assert summary["optimizers"] == {"model": "DeepSpeedCPUAdam"}

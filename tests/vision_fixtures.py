@@ -37,13 +37,14 @@ def write_mnist(root: Path, folder: str = "MNIST", train: int = 4000) -> Path:
     return root
 
 
-def write_digits_folder(root: Path, val_fraction: float = 0.25) -> Path:
-    """scikit-learn's 8x8 digits as PNG files in the ImageNet layout: root/{train,val}/<class>/<n>.png."""
+def write_digits_folder(root: Path, val_fraction: float = 0.25, images: int | None = None) -> Path:
+    """scikit-learn's 8x8 digits as PNG files in the ImageNet layout: root/{train,val}/<class>/<n>.png
+    (the first `images` of a fixed shuffle, or all 1,797)."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    order = np.random.default_rng(0).permutation(len(digits.images))
+    order = np.random.default_rng(0).permutation(len(digits.images))[:images]
     cut = int(len(order) * (1 - val_fraction))
     for split, part in (("train", order[:cut]), ("val", order[cut:])):
         for n in part:

@@ -86,9 +86,6 @@ class ResNetClassification(Workload):
         self.data_section: vision.VisionDataSection = sections["data"]
         self.loss_section: LossSection = sections["loss"]
         self.data = vision.load_vision(self.data_section)
-        if context.rank == 0:  # what `distdl export` needs to know of the data, kept with the run
-            spec = _export_spec(sections, self.data)
-            (context.run_dir / EXPORT_SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
         self.eval_indices = vision.rank_indices(len(self.data.eval), context.rank, context.world_size)
 
     @classmethod
@@ -116,13 +113,18 @@ class ResNetClassification(Workload):
 
     @classmethod
     def prepare(cls, config: Config) -> int:
-        """Download (once, here) or check the dataset, and check that one image goes through the model."""
+        """Download (once, here) or check the dataset, and check that one image goes through the model.
+        What `distdl export` needs to know of the data is kept in the run directory (when there is one
+        yet: a study checks its settings before its trials' directories exist)."""
         data = vision.load_vision(config.sections["data"], allow_download=True)
         image, _ = _first_image(data.train, config.sections["data"])
         expected = (data.channels, data.image_size, data.image_size)
         if tuple(image.shape) != expected:
             raise ConfigError(f"data.path: images come out as {tuple(image.shape)} (channels, height, width), "
                               f"not {expected}; set data.image_size, or check the image files")
+        if config.run_dir.is_dir():
+            (config.run_dir / EXPORT_SPEC_FILE).write_text(json.dumps(_export_spec(config.sections, data), indent=2)
+                                                           + "\n")
         return len(data.train)
 
     @classmethod
