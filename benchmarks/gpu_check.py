@@ -15,6 +15,10 @@
    step counted by torch.utils.flop_counter give a second, lower MFU, the hardware's real use.
 2. A ResNet-50 step loop (torchvision, bf16 autocast, channels_last, SGD, synthetic 224x224 images):
    images/s, and MFU from the step's FLOPs counted by torch.utils.flop_counter.
+3. The shipped configs/resnet/imagenet_resnet50.yaml through `distdl train` for 50 steps on one GPU,
+   in its own bf16, on synthetic 224-pixel images: images/s as distdl logs them.
+4. One short run each of ZeRO-3 (bf16) and fp16 (ZeRO-2, dynamic loss scale) through `distdl train`
+   on tiny BERT: paths no CPU machine can take (fp16) or takes only over gloo (ZeRO-3).
 
 The peak is the GPU's dense bf16 tensor-core figure from its datasheet (table below, matched on the
 device name), or --peak-tflops. The issue's target: MFU >= 0.5 for BERT-base at length 128 on an H100.
@@ -54,6 +58,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--corpus", default="/usr/share/common-licenses")
     parser.add_argument("--skip-bert", action="store_true")
     parser.add_argument("--skip-resnet", action="store_true")
+    parser.add_argument("--config-steps", type=int, default=50, help="steps of imagenet_resnet50.yaml")
+    parser.add_argument("--skip-configs", action="store_true", help="skip parts 3 and 4")
     return parser.parse_args()
 
 
@@ -150,6 +156,49 @@ def run_bert(args: argparse.Namespace, facts: dict[str, Any], work: Path) -> dic
     }
 
 
+def distdl_train(config: str, overrides: list[str], work: Path, name: str) -> tuple[dict[str, Any], list[dict]]:
+    """`distdl train` in a subprocess on one GPU; its summary and metrics lines."""
+    command = [sys.executable, "-m", "distdl.cli", "train", str(REPO / config), f"run.storage_path={work / 'runs'}",
+               f"run.name={name}", "scaling.num_workers=1", "scaling.use_gpu=true",
+               f"scaling.cpus_per_worker={min(8, os.cpu_count() or 1)}", "tracking.wandb_mode=disabled", *overrides]
+    print("gpu_check:", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+    run_dir = work / "runs" / name
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return json.loads((run_dir / "summary.json").read_text()), records
+
+
+def config_runs(args: argparse.Namespace, corpus: str) -> dict[str, tuple[str, list[str]]]:
+    """Parts 3 and 4: (config, overrides) per run; tests/test_every_path.py checks that they validate."""
+    tiny = [f"data.path={corpus}", "data.max_seq_length=128", "trainer.max_steps=4", "trainer.micro_batch_size=32",
+            "trainer.global_batch_size=32", "trainer.log_every=1", "trainer.eval_every=0",
+            "trainer.checkpoint_every=0"]
+    return {
+        "imagenet_resnet50_config": ("configs/resnet/imagenet_resnet50.yaml", [
+            "data.dataset=synthetic", "data.image_size=224", "data.synthetic_classes=1000",
+            f"data.synthetic_train_size={32 * (args.config_steps + 1)}", "data.synthetic_eval_size=64",
+            "data.loader_workers=4", "trainer.epochs=null", f"trainer.max_steps={args.config_steps}",
+            "trainer.micro_batch_size=32", "trainer.global_batch_size=32", "trainer.log_every=10",
+            "trainer.eval_every=0", "trainer.checkpoint_every=0"]),
+        "zero3_bf16": ("configs/bert/pretrain_tiny.yaml", [*tiny, "engine.zero_stage=3", "engine.precision=bf16"]),
+        "fp16_zero2": ("configs/bert/pretrain_tiny.yaml", [*tiny, "engine.zero_stage=2", "engine.precision=fp16"]),
+    }
+
+
+def run_configs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, (config, overrides) in config_runs(args, args.corpus).items():
+        summary, records = distdl_train(config, overrides, work, name)
+        rates = [r["samples_per_s"] for r in records if "samples_per_s" in r]
+        out[name] = {"completed": summary.get("completed"), "steps": summary.get("steps"),
+                     "backend": summary.get("backend"), "final_loss": summary.get("final", {}).get("loss"),
+                     "grad_norms": [r.get("grad_norm") for r in records if "loss" in r],
+                     # images/s (or sequences/s) over the windows after the first (start-up and warm-up)
+                     "samples_per_s": sum(rates[1:]) / len(rates[1:]) if len(rates) > 1 else None,
+                     "memory": summary.get("memory_per_rank")}
+    return out
+
+
 def run_resnet(args: argparse.Namespace, facts: dict[str, Any]) -> dict[str, Any]:
     import torch
     import torchvision
@@ -201,6 +250,11 @@ def main() -> None:
                   f"{bert['tokens_per_s']:.0f} tokens/s, MFU {bert['mfu_6nd']:.3f} (6·N·tokens, N="
                   f"{bert['parameters'] / 1e6:.1f}M), {bert['mfu_counted_flops']:.3f} (counted FLOPs); "
                   f"backend {bert['backend']}", flush=True)
+        if not args.skip_configs:
+            report["configs"] = configs = run_configs(args, Path(tmp))
+            for name, result in configs.items():
+                print(f"gpu_check: {name}: completed {result['completed']}, {result['samples_per_s']} samples/s, "
+                      f"final loss {result['final_loss']}", flush=True)
     if not args.skip_resnet:
         report["resnet50"] = resnet = run_resnet(args, facts)
         print(f"gpu_check: ResNet-50 bf16: {resnet['images_per_s']:.0f} images/s, MFU {resnet['mfu_counted_flops']:.3f}",

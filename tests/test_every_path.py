@@ -183,3 +183,18 @@ def test_offloaded_optimizer_states_train_with_deepspeeds_cpu_adam(local_workers
     summary = local_workers.train(config)
     check_run(config, summary)
     assert summary["optimizers"] == {"model": "DeepSpeedCPUAdam"}
+
+
+def test_the_gpu_checks_prepared_runs_are_valid_configs():
+    """benchmarks/gpu_check.py runs these on a GPU machine; a typo must not wait for one to show."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks/gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    runs = gpu_check.config_runs(argparse.Namespace(config_steps=50), str(CORPUS))
+    assert set(runs) == {"imagenet_resnet50_config", "zero3_bf16", "fp16_zero2"}
+    for config, overrides in runs.values():
+        loaded = load_config(REPO / config, ["scaling.num_workers=1", "scaling.use_gpu=true", *overrides])
+        assert loaded.trainer.max_steps >= 4

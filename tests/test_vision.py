@@ -278,3 +278,21 @@ def test_weights_that_do_not_fit_the_architecture_are_refused_naming_it(tmp_path
     with pytest.raises(ConfigError, match="does not match cifar_resnet20"):
         classifiers.write_exported(tmp_path, spec, other)
     assert not list(tmp_path.iterdir())
+
+
+def test_the_measured_loss_keeps_float64_and_training_losses_are_fp32(tmp_path):
+    """The studies measure in float64 (rises far below float32's resolution); training under bf16
+    computes its loss in fp32 from bf16 logits."""
+    from distdl.workloads.base import WorkerContext
+    from distdl.workloads.resnet import ResNetClassification
+
+    config = load_config(LAPTOP, ["data.dataset=digits", "data.path=null", "model.name=mlp"])
+    context = WorkerContext(rank=0, world_size=1, seed=0, micro_batch_size=8, run_dir=tmp_path,
+                            device=torch.device("cpu"))
+    workload = ResNetClassification(config.sections, context)
+    model = workload.build_model()
+    images, labels = workload.measurement_batches("eval", limit=16)[0]
+    loss, correct = workload.loss_sum(model.double(), (images.double(), labels))
+    assert loss.dtype == torch.float64
+    loss, _ = workload.loss(model.bfloat16(), {"images": images.bfloat16(), "labels": labels})
+    assert loss.dtype == torch.float32
