@@ -263,7 +263,9 @@ def connect_ray(config: Config) -> None:
     # Ray Train would send workers' print() through its logger as well as to stdout: each line twice.
     env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **forwarded_env()}
     for name in ("ray", "ray._private.authentication.authentication_token_setup"):
-        logging.getLogger(name).addFilter(_HideTokenNotice())
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, _HideTokenNotice) for existing in logger.filters):
+            logger.addFilter(_HideTokenNotice())
     # Ray's INFO lines (start-up, the dashboard's address) stay in its log files (Ray Train's: quiet_train_logs).
     quiet = {"logging_level": logging.WARNING}
     if config.ray.address is None:
