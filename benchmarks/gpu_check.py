@@ -84,7 +84,8 @@ def gpu_facts(peak_tflops: float | None) -> dict[str, Any]:
 
 def train_tokenizer(corpus: str, out: Path) -> Path:
     """BERT's vocabulary size, trained locally: the model's shapes are BERT-base's without a download."""
-    from distdl.data.text import TextDataSection, TokenizerSection, load_raw_corpus, train_tokenizer as train
+    from distdl.data.text import TextDataSection, TokenizerSection, load_raw_corpus
+    from distdl.data.text import train_tokenizer as train
 
     train(load_raw_corpus(TextDataSection(path=corpus)), TokenizerSection(vocab_size=30522), out)
     return out

@@ -187,10 +187,9 @@ def run_distdl(args: argparse.Namespace, workers: int, storage: Path, tokenizer:
 
 
 def run_bare(args: argparse.Namespace, workers: int, storage: Path, tokenizer: Path) -> dict[str, Any]:
+    import bare_loop
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    import bare_loop
 
     run_dir = storage / f"bare_{workers}w"
     run_dir.mkdir(parents=True)
@@ -217,10 +216,9 @@ def run_bare(args: argparse.Namespace, workers: int, storage: Path, tokenizer: P
 
 
 def run_plain(args: argparse.Namespace, storage: Path, tokenizer: Path) -> dict[str, Any]:
+    import bare_loop
     import torch
     from transformers import DataCollatorForLanguageModeling
-
-    import bare_loop
 
     spec = data_spec(args, tokenizer, storage / "plain")
     prepare_data(spec)

@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from distdl.config import ConfigError, config_from_dict, load_config
-from distdl.errors import USER_ERRORS, TrainingFailed
+from distdl.config import config_from_dict, load_config
+from distdl.errors import USER_ERRORS, ConfigError, TrainingFailed
 
 # Exit status of `distdl train` that checkpointed and stopped on SIGUSR1 (slurm/ray_cluster.sbatch requeues on it).
 STOPPED_ON_REQUEST = 3
@@ -179,9 +179,9 @@ def run_study(name: str, config_path: str, overrides: list[str], overwrite: bool
 
 
 def run_export(run_dir: Path, out_dir: Path, which: str = "latest") -> int:
-    from distdl.rundir import find_checkpoint, saved_config
     from distdl.engine import consolidated_state_dict
     from distdl.registry import WORKLOADS
+    from distdl.rundir import find_checkpoint, saved_config
 
     saved = saved_config(run_dir)
     if out_dir.exists() and any(out_dir.iterdir()):

@@ -19,10 +19,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown, of the wrong type or impossible."""
-
+from distdl.errors import ConfigError
 
 # ----------------------------------------------------------------------------- sections
 

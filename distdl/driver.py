@@ -14,13 +14,24 @@ from typing import Any, Iterator, Optional
 
 import yaml
 
-from distdl.config import (SESSION_KEYS, Config, ConfigError, config_differences, resolve_epochs, with_defaults,
-                           without_session_keys)
-from distdl.errors import RunDirError, TrainingFailed
+from distdl.config import SESSION_KEYS, Config, config_differences, resolve_epochs, with_defaults, without_session_keys
+from distdl.errors import ConfigError, RunDirError, TrainingFailed
 from distdl.registry import WORKLOADS
-from distdl.rundir import (CHECKPOINT_SCORE, CONFIG_FILE, RAY_SNAPSHOT, SLURM_LOGS, STOP_REQUEST_FILE,  # noqa: F401
-                           best_checkpoint, checkpoint_step, find_checkpoint, foreign_entries, latest_checkpoint,
-                           read_summary, restore_snapshot, saved_config)
+from distdl.rundir import (  # noqa: F401
+    CHECKPOINT_SCORE,
+    CONFIG_FILE,
+    RAY_SNAPSHOT,
+    SLURM_LOGS,
+    STOP_REQUEST_FILE,
+    best_checkpoint,
+    checkpoint_step,
+    find_checkpoint,
+    foreign_entries,
+    latest_checkpoint,
+    read_summary,
+    restore_snapshot,
+    saved_config,
+)
 from distdl.tracking import resolve_wandb_mode
 
 # Environment the workers need to see as the driver does (Ray clusters start workers elsewhere).

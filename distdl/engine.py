@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from distdl.config import ConfigError, EngineSection, OptimizerSection, TrainerSection
-from distdl.errors import CheckpointError
+from distdl.config import EngineSection, OptimizerSection, TrainerSection
+from distdl.errors import CheckpointError, ConfigError
 
 # DeepSpeed prints a config dump every `steps_per_print` steps; distdl logs itself.
 _QUIET_STEPS = 2**31 - 1

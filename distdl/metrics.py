@@ -11,7 +11,7 @@ import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
-from distdl.config import ConfigError
+from distdl.errors import ConfigError
 
 Statistics = dict[str, np.ndarray]
 

@@ -25,7 +25,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         _import_builtins()
         if name not in self._entries:
-            from distdl.config import ConfigError
+            from distdl.errors import ConfigError
 
             raise ConfigError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
         return self._entries[name]

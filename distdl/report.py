@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from distdl.config import ConfigError
 from distdl.data import glue
+from distdl.errors import ConfigError
 from distdl.rundir import read_summary, saved_config
 
 # The BERT paper's GLUE average (Devlin et al. 2019, table 1): one number per entry, MNLI's matched

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import yaml
 
-from distdl.config import ConfigError
+from distdl.errors import ConfigError
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from distdl.config import ConfigError
+from distdl.errors import ConfigError
 from distdl.rundir import SLURM_LOGS
 from distdl.submit import JobPlan
 

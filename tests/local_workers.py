@@ -18,18 +18,17 @@ import torch.multiprocessing as mp
 
 
 def _serve(rank: int, world: int, port: int, jobs: Any, results: Any) -> None:
+    # One process group for the processes' lifetime: DeepSpeed caches its groups, so a group destroyed
+    # and made again between runs would leave it holding dead ones.
+    # As in a Ray worker or a torchrun process: transformers' seeded collators refuse to run in what looks
+    # like a multiprocessing child ("SpawnProcess-1").
+    import multiprocessing
     import os
 
     import torch.distributed as dist
     from ray.train.v2._internal.execution.train_fn_utils import LocalTrainFnUtils, set_train_fn_utils
 
     from distdl.loop import train_loop_per_worker
-
-    # One process group for the processes' lifetime: DeepSpeed caches its groups, so a group destroyed
-    # and made again between runs would leave it holding dead ones.
-    # As in a Ray worker or a torchrun process: transformers' seeded collators refuse to run in what looks
-    # like a multiprocessing child ("SpawnProcess-1").
-    import multiprocessing
 
     multiprocessing.current_process().name = "MainProcess"
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),

@@ -159,7 +159,10 @@ def test_deepspeeds_cpu_adam_takes_torchs_steps(name, reference):
     torch.manual_seed(0)
     start = [torch.randn(64, 32), torch.randn(32)]
     ours, theirs = ([torch.nn.Parameter(p.clone()) for p in start] for _ in range(2))
-    groups = lambda params: [{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0}]
+
+    def groups(params):
+        return [{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0}]
+
     deepspeed_adam = offload_adam_factory(section, section.lr)(groups(ours))
     torch_adam = getattr(torch.optim, reference)(groups(theirs), lr=section.lr, betas=tuple(section.betas),
                                                  eps=section.eps)

@@ -117,23 +117,23 @@ def edit_line(file: Path, number: int, edit) -> None:
 
 
 BAD_DATA = {
-    "label outside the set": ("sst2", "SST-2/dev.tsv", lambda f: edit_line(f, 5, lambda l: l.rsplit("\t", 1)[0] + "\t7"),
+    "label outside the set": ("sst2", "SST-2/dev.tsv", lambda f: edit_line(f, 5, lambda line: line.rsplit("\t", 1)[0] + "\t7"),
                               ["SST-2/dev.tsv:5", "'7'", "0, 1"]),
     "mnli label outside the set": ("mnli", "MNLI/train.tsv",
-                                   lambda f: edit_line(f, 9, lambda l: l.rsplit("\t", 1)[0] + "\tmaybe"),
+                                   lambda f: edit_line(f, 9, lambda line: line.rsplit("\t", 1)[0] + "\tmaybe"),
                                    ["MNLI/train.tsv:9", "'maybe'", "entailment, neutral, contradiction"]),
-    "missing column": ("mrpc", "MRPC/train.tsv", lambda f: edit_line(f, 1, lambda l: l.replace("Quality", "Qualty")),
+    "missing column": ("mrpc", "MRPC/train.tsv", lambda f: edit_line(f, 1, lambda line: line.replace("Quality", "Qualty")),
                        ["MRPC/train.tsv", "'Quality'", "Qualty"]),
     "empty split": ("rte", "RTE/dev.tsv", lambda f: f.write_text(""), ["RTE/dev.tsv", "empty"]),
     "header only": ("qnli", "QNLI/train.tsv", lambda f: f.write_text(f.read_text().splitlines()[0] + "\n"),
                     ["QNLI/train.tsv", "no rows"]),
-    "row with an extra field": ("cola", "CoLA/train.tsv", lambda f: edit_line(f, 3, lambda l: l + "\textra"),
+    "row with an extra field": ("cola", "CoLA/train.tsv", lambda f: edit_line(f, 3, lambda line: line + "\textra"),
                                 ["CoLA/train.tsv", "line 3"]),
-    "row cut short": ("sst2", "SST-2/train.tsv", lambda f: edit_line(f, 4, lambda l: l.split("\t")[0]),
+    "row cut short": ("sst2", "SST-2/train.tsv", lambda f: edit_line(f, 4, lambda line: line.split("\t")[0]),
                       ["SST-2/train.tsv:4", "'label'"]),
-    "score out of range": ("stsb", "STS-B/dev.tsv", lambda f: edit_line(f, 6, lambda l: l.rsplit("\t", 1)[0] + "\t9.5"),
+    "score out of range": ("stsb", "STS-B/dev.tsv", lambda f: edit_line(f, 6, lambda line: line.rsplit("\t", 1)[0] + "\t9.5"),
                            ["STS-B/dev.tsv:6", "'9.5'", "[0, 5]"]),
-    "test index not a number": ("wnli", "WNLI/test.tsv", lambda f: edit_line(f, 2, lambda l: "x" + l),
+    "test index not a number": ("wnli", "WNLI/test.tsv", lambda f: edit_line(f, 2, lambda line: "x" + line),
                                 ["WNLI/test.tsv:2", "index"]),
     "missing dev file": ("qqp", "QQP/dev.tsv", lambda f: f.unlink(), ["QQP/dev.tsv", "missing"]),
 }
@@ -206,7 +206,7 @@ def test_a_sequence_longer_than_the_models_positions_is_refused(glue_dir, tiny_b
 
 def test_bad_data_exits_2_with_the_message_from_the_command_line(glue_dir, tiny_bert, tmp_path, capsys):
     shutil.copytree(glue_dir / "SST-2", tmp_path / "glue" / "SST-2")
-    edit_line(tmp_path / "glue" / "SST-2" / "train.tsv", 3, lambda l: l.rsplit("\t", 1)[0] + "\tpositive")
+    edit_line(tmp_path / "glue" / "SST-2" / "train.tsv", 3, lambda line: line.rsplit("\t", 1)[0] + "\tpositive")
     code = cli.main(["train", str(REPO / "configs/glue/sst2.yaml"), f"model.name_or_path={tiny_bert}",
                      f"data.path={tmp_path / 'glue'}", f"run.storage_path={tmp_path / 'runs'}"])
     assert code == 2

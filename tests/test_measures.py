@@ -7,8 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from distdl.studies.measures import (LossOracle, epsilon_sharpness, hessian_top_eigenvalue, hessian_trace,
-                                     interpolation, noise_scale_terms, random_subspace)
+from distdl.studies.measures import (
+    LossOracle,
+    epsilon_sharpness,
+    hessian_top_eigenvalue,
+    hessian_trace,
+    interpolation,
+    noise_scale_terms,
+    random_subspace,
+)
 
 
 def squared_error(model: nn.Module, batch):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
-import shutil
 import sys
 import tempfile
 import time

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from distdl.config import ConfigError
+from distdl.errors import ConfigError
 
 
 def check_local_model_files(source: str | Path, key: str) -> None:

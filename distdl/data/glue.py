@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from distdl.config import ConfigError
+from distdl.errors import ConfigError
 
 HUB_DATASET = "nyu-mll/glue"
 SUBMISSION_DIRNAME = "glue_submission"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from distdl.config import ConfigError
+from distdl.errors import ConfigError
 
 
 def shard_for_rank(dataset: Any, rank: int, world_size: int) -> Any:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from distdl.config import ConfigError
 from distdl.data.files import check_local_model_files
+from distdl.errors import ConfigError
 
 TOKENIZER_DIRNAME = "tokenizer"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -12,8 +12,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from distdl.config import ConfigError
 from distdl.data.shards import BatchPlan, rank_batch_orders
+from distdl.errors import ConfigError
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 

@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
-from distdl.config import ConfigError
+from distdl.errors import ConfigError
 from distdl.models.mlp import MLP, TwoLayerReLU
-from distdl.models.resnet import CIFAR_RESNETS, MODEL_NAMES as RESNET_NAMES, TORCHVISION_RESNETS, build_resnet
+from distdl.models.resnet import CIFAR_RESNETS, TORCHVISION_RESNETS, build_resnet
+from distdl.models.resnet import MODEL_NAMES as RESNET_NAMES
 
 FULLY_CONNECTED = ("mlp", "two_layer_relu")
 CLASSIFIER_NAMES = (*RESNET_NAMES, *FULLY_CONNECTED)

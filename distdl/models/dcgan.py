@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distdl.config import ConfigError
+from distdl.errors import ConfigError
 
 NORMS = ("batch", "layer", "none")
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from distdl.config import Config, ConfigError, build_section, config_from_dict, parse_override, read_yaml, set_dotted
+from distdl.config import Config, build_section, config_from_dict, parse_override, read_yaml, set_dotted
+from distdl.errors import ConfigError
 
 STUDY_KEY = "study"
 

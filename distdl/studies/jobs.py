@@ -67,8 +67,8 @@ def write_json(path: Path, value: Any) -> None:
 def trained_workload(trial_config: dict[str, Any], context: WorkerContext) -> tuple[Workload, torch.nn.Module]:
     """A trial's workload with augmentation off (the loss is a fixed function of the weights), and
     its model with the trial's final weights, in eval mode (batch norm uses its running statistics)."""
-    from distdl.rundir import latest_checkpoint
     from distdl.engine import consolidated_state_dict
+    from distdl.rundir import latest_checkpoint
 
     config = config_from_dict(trial_config)
     sections = dict(config.sections)

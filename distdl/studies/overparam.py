@@ -21,7 +21,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from distdl.config import ConfigError
+from distdl.errors import ConfigError
 from distdl.registry import STUDIES
 from distdl.studies import plots
 from distdl.studies.base import Study, StudyReport, StudySection, Trial, check_at_least_one, check_seeds, check_sweep

@@ -18,10 +18,10 @@ from typing import Any, Optional
 
 import yaml
 
-from distdl.config import ConfigError, config_differences, config_from_dict, with_defaults, without_session_keys
-from distdl.rundir import foreign_entries
-from distdl.errors import RunDirError
+from distdl.config import config_differences, config_from_dict, with_defaults, without_session_keys
+from distdl.errors import ConfigError, RunDirError
 from distdl.registry import STUDIES, WORKLOADS
+from distdl.rundir import foreign_entries
 from distdl.studies.base import Study, StudyReport, read_study_file
 from distdl.studies.jobs import run_measurements, write_json
 

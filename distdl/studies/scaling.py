@@ -21,11 +21,20 @@ from typing import Any, Optional
 
 import numpy as np
 
-from distdl.config import ConfigError, config_from_dict, noise_scale_possible
+from distdl.config import config_from_dict, noise_scale_possible
+from distdl.errors import ConfigError
 from distdl.registry import STUDIES
 from distdl.studies import plots
-from distdl.studies.base import (Study, StudyReport, StudySection, Trial, check_at_least_one, check_seeds,
-                                 check_sweep, per_worker)
+from distdl.studies.base import (
+    Study,
+    StudyReport,
+    StudySection,
+    Trial,
+    check_at_least_one,
+    check_seeds,
+    check_sweep,
+    per_worker,
+)
 from distdl.studies.sharpness import noise_scale_of_run
 from distdl.tracking import read_metrics
 

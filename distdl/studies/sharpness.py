@@ -23,14 +23,29 @@ from typing import Any
 
 import numpy as np
 
-from distdl.config import ConfigError, config_from_dict, noise_scale_possible, resolve_epochs
+from distdl.config import config_from_dict, noise_scale_possible, resolve_epochs
+from distdl.errors import ConfigError
 from distdl.registry import STUDIES
 from distdl.studies import plots
-from distdl.studies.base import (Study, StudyReport, StudySection, Trial, check_at_least_one, check_seeds,
-                                 check_sweep, per_worker)
+from distdl.studies.base import (
+    Study,
+    StudyReport,
+    StudySection,
+    Trial,
+    check_at_least_one,
+    check_seeds,
+    check_sweep,
+    per_worker,
+)
 from distdl.studies.jobs import trained_workload
-from distdl.studies.measures import (LossOracle, epsilon_sharpness, hessian_top_eigenvalue, hessian_trace,
-                                     interpolation, random_subspace)
+from distdl.studies.measures import (
+    LossOracle,
+    epsilon_sharpness,
+    hessian_top_eigenvalue,
+    hessian_trace,
+    interpolation,
+    random_subspace,
+)
 
 PROTOCOLS = ("equal_epochs", "equal_steps")
 MEASUREMENTS_FILE = "measurements.json"

@@ -10,8 +10,9 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from distdl.config import Config, ConfigError
+from distdl.config import Config
 from distdl.data import shards, text
+from distdl.errors import ConfigError
 from distdl.registry import WORKLOADS
 from distdl.workloads.base import WorkerContext, Workload
 

@@ -13,8 +13,8 @@ Inception FID is computed too (with `frechet_images` images; papers use 10,000 o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from distdl.config import Config, ConfigError
+from distdl.config import Config
 from distdl.data import vision
+from distdl.errors import ConfigError
 from distdl.metrics import Statistics, feature_statistics, frechet_distance, inception_features, load_inception
 from distdl.models.dcgan import NORMS, Discriminator, Generator
 from distdl.registry import WORKLOADS
@@ -290,8 +291,8 @@ def _gather_rows(pieces: list[np.ndarray]) -> np.ndarray:
 
 
 def _classifier_section(run_dir: Path) -> vision.VisionDataSection:
-    from distdl.rundir import saved_config
     from distdl.models.resnet import MODEL_NAMES as RESNETS
+    from distdl.rundir import saved_config
 
     saved = saved_config(run_dir, "resnet", key="eval.classifier_run")
     name = saved.get("model", {}).get("name", "cifar_resnet20")

@@ -15,9 +15,10 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from distdl.config import Config, ConfigError
+from distdl.config import Config
 from distdl.data import glue, shards, text
 from distdl.data.files import check_local_model_files
+from distdl.errors import ConfigError
 from distdl.registry import WORKLOADS
 from distdl.workloads.base import WorkerContext, Workload
 

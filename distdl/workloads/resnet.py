@@ -16,13 +16,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from distdl.config import Config, ConfigError
+from distdl.config import Config
 from distdl.data import shards, vision
+from distdl.errors import ConfigError
 from distdl.models import classifiers
 from distdl.models.classifiers import CLASSIFIER_NAMES as MODEL_NAMES
 from distdl.registry import WORKLOADS
 from distdl.workloads.base import WorkerContext, Workload
-
 
 LOSSES = ("cross_entropy", "mse")
 # What `distdl export` writes beside the weights, kept in the run directory when the run starts.
@@ -219,8 +219,8 @@ def _first_image(dataset: Any, data: vision.VisionDataSection) -> tuple[torch.Te
 def load_trained_classifier(run_dir: Path) -> tuple[torch.nn.Module, vision.VisionDataSection]:
     """The classifier of a finished `resnet` run (its latest checkpoint, fp32, on the CPU) and its data section."""
     from distdl.config import config_from_dict
-    from distdl.rundir import latest_checkpoint, saved_config
     from distdl.engine import consolidated_state_dict
+    from distdl.rundir import latest_checkpoint, saved_config
 
     config = config_from_dict(saved_config(run_dir, "resnet"))
     data_section = config.sections["data"]
