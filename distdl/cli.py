@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 
 from distdl.config import config_from_dict, load_config
 from distdl.errors import USER_ERRORS, ConfigError, TrainingFailed
+from distdl.registry import STUDIES
 
 # Exit status of `distdl train` that checkpointed and stopped on SIGUSR1 (slurm/ray_cluster.sbatch requeues on it).
 STOPPED_ON_REQUEST = 3
@@ -27,7 +28,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        help="if the run directory holds a different config, move it aside and start afresh")
 
     study = commands.add_parser("study", help="run a study (several training runs, measured and reported)")
-    study.add_argument("name", help="sharpness, overparam or scaling")
+    study.add_argument("name", help=f"one of: {', '.join(STUDIES.names())}")
     study.add_argument("config", help="YAML study file: a training config plus a study: section")
     study.add_argument("overrides", nargs="*", help="dotted.key=value overrides; study.* go to the study's section")
     study.add_argument("--overwrite", action="store_true",
@@ -75,7 +76,7 @@ def add_submit_commands(commands: Any) -> None:
     for target in (slurm, ray):
         target.add_argument("config", help="YAML config (a study file with --study)")
         target.add_argument("overrides", nargs="*", help="dotted.key=value overrides, as for distdl train")
-        target.add_argument("--study", metavar="NAME", help="run this study (sharpness, overparam, scaling) instead "
+        target.add_argument("--study", metavar="NAME", help=f"run this study ({', '.join(STUDIES.names())}) instead "
                             "of training")
     slurm.add_argument("--nodes", type=int, required=True)
     slurm.add_argument("--gpus-per-node", type=int, required=True, help="0 for CPU workers")

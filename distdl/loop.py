@@ -24,7 +24,7 @@ from distdl.optim import effective_lr, optimizer_factory, param_groups, schedule
 from distdl.registry import WORKLOADS
 from distdl.rundir import CHECKPOINT_SCORE, STOP_REQUEST_FILE, back_up_snapshot
 from distdl.tracking import Tracker
-from distdl.workloads.base import WorkerContext, Workload
+from distdl.workloads.base import WorkerContext, Workload, initial_models
 
 RNG_FILE = "rng_state_rank{rank}.pt"
 
@@ -86,12 +86,6 @@ def worker_context(config: Config) -> WorkerContext:
         device=ray.train.torch.get_device(),
         gradient_accumulation_steps=config.trainer.gradient_accumulation_steps,
     )
-
-
-def initial_models(workload: Workload, seed: int) -> dict[str, torch.nn.Module]:
-    """The run's initial weights: the same on every rank, and rebuilt alike by the studies."""
-    torch.manual_seed(seed)
-    return workload.build_models()
 
 
 def build_engine(model: torch.nn.Module, config: Config, ds_config: dict[str, Any]) -> Engine:

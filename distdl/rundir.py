@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -34,6 +35,14 @@ CHECKPOINT_SCORE = "checkpoint_score"
 def foreign_entries(directory: Path) -> list[Path]:
     """What a run or study directory holds besides a Slurm job's logs (written before the run starts)."""
     return [path for path in directory.iterdir() if path.name != SLURM_LOGS]
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Whole or not at all: a temporary file renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        json.dump(value, handle, indent=2)
+    os.replace(handle.name, path)
 
 
 def saved_config(run_dir: Path, workload: str | None = None, key: str = "") -> dict[str, Any]:

@@ -8,13 +8,19 @@ A study file is an ordinary distdl training config plus a `study:` section. Comm
 from __future__ import annotations
 
 import copy
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 from distdl.config import Config, build_section, config_from_dict, parse_override, read_yaml, set_dotted
 from distdl.errors import ConfigError
+from distdl.registry import WORKLOADS
+from distdl.workloads.base import WorkerContext, Workload
 
 STUDY_KEY = "study"
 
@@ -151,3 +157,19 @@ class StudyReport:
     plots: dict[str, Path]
     summary: dict[str, Any] = field(default_factory=dict)
     table: Optional[Any] = None  # a pandas DataFrame for W&B
+
+
+def trained_workload(trial_config: dict[str, Any], context: WorkerContext) -> tuple[Workload, torch.nn.Module]:
+    """A trial's workload with augmentation off (the loss is a fixed function of the weights), and
+    its model with the trial's final weights, in eval mode (batch norm uses its running statistics)."""
+    from distdl.engine import consolidated_state_dict
+    from distdl.rundir import latest_checkpoint
+
+    config = config_from_dict(trial_config)
+    sections = dict(config.sections)
+    if dataclasses.is_dataclass(sections.get("data")) and hasattr(sections["data"], "augment"):
+        sections["data"] = dataclasses.replace(sections["data"], augment=False)
+    workload = WORKLOADS.get(config.workload)(sections, context)
+    model = workload.build_model()
+    model.load_state_dict(consolidated_state_dict(latest_checkpoint(config.run_dir)))
+    return workload, model.to(context.device).eval()

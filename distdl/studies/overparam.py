@@ -24,8 +24,16 @@ import torch
 from distdl.errors import ConfigError
 from distdl.registry import STUDIES
 from distdl.studies import plots
-from distdl.studies.base import Study, StudyReport, StudySection, Trial, check_at_least_one, check_seeds, check_sweep
-from distdl.studies.jobs import trained_workload
+from distdl.studies.base import (
+    Study,
+    StudyReport,
+    StudySection,
+    Trial,
+    check_at_least_one,
+    check_seeds,
+    check_sweep,
+    trained_workload,
+)
 from distdl.studies.measures import LossOracle, all_reduce_sum
 
 WIDTH_KEYS = ("model.width", "model.width_multiplier")
@@ -69,7 +77,7 @@ class OverparamStudy(Study):
 
     @staticmethod
     def measure(task: dict[str, Any], section: OverparamSection, context: Any) -> dict[str, Any]:
-        from distdl.loop import initial_models
+        from distdl.workloads.base import initial_models
 
         workload, model = trained_workload(task["config"], context)
         initial = initial_models(workload, context.seed)["model"].to(context.device).eval()

@@ -8,6 +8,11 @@ from typing import Any, Optional
 import numpy as np
 
 
+def eps_name(eps: float) -> str:
+    """1e-3 -> '1e-3', 5e-4 -> '5e-4': the keys results.json uses."""
+    mantissa, exponent = f"{eps:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
 def _figure(columns: int = 1, width: float = 5.0) -> tuple[Any, Any]:
     import matplotlib
 
@@ -29,8 +34,6 @@ def _save(figure: Any, path: Path) -> Path:
 
 def sharpness_against_batch(frame: Any, section: Any, study_dir: Path) -> Path:
     """Sharpness, top Hessian eigenvalue and test accuracy against batch size, one line per protocol."""
-    from distdl.studies.sharpness import eps_name
-
     eps = eps_name(section.epsilons[0])
     panels = [(f"sharpness_eps{eps}", f"sharpness (eps={eps})", True),
               ("hessian_top_eigenvalue", "top Hessian eigenvalue", True),

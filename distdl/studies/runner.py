@@ -14,16 +14,17 @@ import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
-from distdl.config import config_differences, config_from_dict, with_defaults, without_session_keys
+from distdl.config import Config, config_differences, config_from_dict, with_defaults, without_session_keys
+from distdl.driver import connect_ray, quiet_train_logs, scaling_config
 from distdl.errors import ConfigError, RunDirError
 from distdl.registry import STUDIES, WORKLOADS
-from distdl.rundir import foreign_entries
+from distdl.rundir import foreign_entries, write_json
+from distdl.studies import jobs
 from distdl.studies.base import Study, StudyReport, read_study_file
-from distdl.studies.jobs import run_measurements, write_json
 
 STUDY_FILE = "study.yaml"
 RESULTS_FILE = "results.json"
@@ -47,6 +48,29 @@ def run_study(name: str, path: str | Path, overrides: list[str], overwrite: bool
     (study_dir / REPORT_FILE).write_text(report.markdown)
     log_to_wandb(report, section.name, base, study_dir)
     return study_dir, report
+
+
+def run_measurements(config: Config, tasks: list[dict[str, Any]], measure: Callable[..., dict[str, Any]],
+                     section: Any, storage: Path) -> None:
+    """Run `measure(task, section, context)` for each task on the workers `config` asks for."""
+    from ray.train import RunConfig
+    from ray.train.torch import TorchTrainer
+
+    missing = [task for task in tasks if not Path(task["out"]).is_file()]
+    if not missing:
+        return
+    connect_ray(config)
+    print(f"distdl: measuring {len(missing)} of {len(tasks)} on {config.scaling.num_workers} workers")
+    trainer = TorchTrainer(
+        jobs.measure_loop_per_worker,
+        train_loop_config={"config": config.to_dict(), "tasks": missing, "measure": measure, "section": section},
+        scaling_config=scaling_config(config),
+        run_config=RunConfig(name="measurements", storage_path=str(storage), logging_config=quiet_train_logs()),
+    )
+    trainer.fit()
+    still = [task["name"] for task in missing if not Path(task["out"]).is_file()]
+    if still:
+        raise RuntimeError(f"the measurement job ended without results for {', '.join(still)}")
 
 
 def read_study(name: str, path: str | Path, overrides: list[str]) -> tuple[type[Study], Any, Any]:

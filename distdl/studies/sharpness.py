@@ -36,8 +36,8 @@ from distdl.studies.base import (
     check_seeds,
     check_sweep,
     per_worker,
+    trained_workload,
 )
-from distdl.studies.jobs import trained_workload
 from distdl.studies.measures import (
     LossOracle,
     epsilon_sharpness,
@@ -46,15 +46,10 @@ from distdl.studies.measures import (
     interpolation,
     random_subspace,
 )
+from distdl.studies.plots import eps_name
 
 PROTOCOLS = ("equal_epochs", "equal_steps")
 MEASUREMENTS_FILE = "measurements.json"
-
-
-def eps_name(eps: float) -> str:
-    """1e-3 -> '1e-3', 5e-4 -> '5e-4': the keys results.json uses."""
-    mantissa, exponent = f"{eps:e}".split("e")
-    return f"{float(mantissa):g}e{int(exponent)}"
 
 
 @dataclass

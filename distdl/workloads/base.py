@@ -115,3 +115,9 @@ class Workload(ABC):
     @classmethod
     def has_export_format(cls) -> bool:
         return cls.export.__func__ is not Workload.export.__func__
+
+
+def initial_models(workload: Workload, seed: int) -> dict[str, torch.nn.Module]:
+    """The run's initial weights: the same on every rank, and rebuilt alike by the studies."""
+    torch.manual_seed(seed)
+    return workload.build_models()
