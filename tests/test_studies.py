@@ -65,8 +65,7 @@ def test_sharpness_study_writes_its_report_results_and_plots(sharpness_study):
 @pytest.mark.distributed
 def test_the_data_parallel_measurement_equals_one_process(sharpness_study):
     """Rank 0 of 2 wrote measurements.json; the same measurement in this one process agrees."""
-    from distdl.studies.base import read_study_file
-    from distdl.studies.base import trained_workload
+    from distdl.studies.base import read_study_file, trained_workload
     from distdl.studies.measures import LossOracle
     from distdl.studies.sharpness import SharpnessStudy, measure_solution
     from distdl.workloads.base import WorkerContext
