@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from distdl.collectives import all_reduce_sum, distributed, world_size
 from distdl.config import EngineSection, OptimizerSection, TrainerSection
 from distdl.errors import CheckpointError, ConfigError
 
@@ -277,14 +278,10 @@ class Engine:
         Averaging before evaluation and checkpoints (as timm's distribute_bn does) makes every
         rank evaluate, save and resume the same model.
         """
-        import torch.distributed as dist
-
         buffers = [b for b in self._engine.module.buffers() if b.is_floating_point()]
-        if not buffers or not dist.is_initialized() or dist.get_world_size() == 1:
+        if not buffers or not distributed():
             return
-        flat = torch.cat([b.detach().reshape(-1).float() for b in buffers])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
+        flat = all_reduce_sum(torch.cat([b.detach().reshape(-1).float() for b in buffers])) / world_size()
         offset = 0
         for buffer in buffers:
             buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))

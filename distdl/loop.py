@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from distdl.collectives import all_reduce_sum, any_rank, gather_objects, world_size
 from distdl.config import Config, config_from_dict
 from distdl.engine import CheckpointError, Engine, EngineSet, offload_adam_factory
 from distdl.optim import effective_lr, optimizer_factory, param_groups, scheduler_factory
@@ -168,9 +169,8 @@ class Window:
         values = torch.stack([self.sums[n].to(device).reshape(()) for n in names]
                              + [torch.tensor(float(self.step_sums[n]), device=device) for n in step_names]
                              + [torch.tensor(float(x), device=device) for x in (self.samples, self.tokens)])
-        if dist.is_initialized():
-            dist.all_reduce(values)
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        all_reduce_sum(values)
+        world = world_size()
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         means = {n: values[i].item() / (self.micro_batches * world) for i, n in enumerate(names)}
         means.update({n: values[len(names) + i].item() / (self.steps * world) for i, n in enumerate(step_names)})
@@ -211,8 +211,7 @@ class FiniteWatch:
         if not self.steps:
             return None
         flags = torch.stack(self.bad).float().to(device)
-        if dist.is_initialized():
-            dist.all_reduce(flags)
+        all_reduce_sum(flags)
         bad = torch.nonzero(flags > 0).flatten().tolist()
         first = self.steps[bad[0]] if bad else None
         self.steps, self.bad = [], []
@@ -319,13 +318,13 @@ def run_summary(config: Config, workload: Workload, engines: EngineSet, step: in
         "max_steps": trainer.max_steps,
         "completed": completed,
         **stops,
-        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "world_size": world_size(),
         "backend": dist.get_backend() if dist.is_initialized() else None,
         "global_batch_size": trainer.global_batch_size,
         "session_wall_time_s": wall_time_s,
-        "parameter_checksums": gather(engines.parameter_checksum()),
-        "ray_node_ids": gather(ray_node_id()),
-        "memory_per_rank": gather(engines.memory_report()),
+        "parameter_checksums": gather_objects(engines.parameter_checksum()),
+        "ray_node_ids": gather_objects(ray_node_id()),
+        "memory_per_rank": gather_objects(engines.memory_report()),
         "optimizers": engines.optimizers(),
         "final": final,
         **workload.summary(),
@@ -359,24 +358,6 @@ def save_and_report(engines: EngineSet, workload: Workload, run_dir: Path, rank:
     except OSError as err:
         raise CheckpointError(f"could not write the checkpoint of step {step} to {run_dir / name} ({err}); "
                               "the run's previous checkpoint is kept and a rerun resumes from it") from err
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """Whether any rank's flag is set; every rank calls it and gets the same answer."""
-    if not dist.is_initialized():
-        return flag
-    total = torch.tensor(float(flag), device=device)
-    dist.all_reduce(total)
-    return total.item() > 0
-
-
-def gather(value: Any) -> list[Any]:
-    """A small Python value from every rank, in rank order (every rank calls it)."""
-    if not dist.is_initialized():
-        return [value]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
 
 
 def ray_node_id() -> Optional[str]:

@@ -28,22 +28,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from distdl.collectives import all_reduce_sum, broadcast_object, distributed, rank
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 Vector = torch.Tensor
-
-
-def _distributed() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if _distributed():
-        dist.all_reduce(values)
-    return values
 
 
 class Lockstep:
@@ -54,7 +42,7 @@ class Lockstep:
         self._apply, self.size, self.device = apply, size, device
 
     def __call__(self, vector: Vector) -> Vector:
-        if _distributed():
+        if distributed():
             dist.broadcast(torch.ones(1, device=self.device), 0)
             vector = vector.to(self.device, torch.float64).contiguous()
             dist.broadcast(vector, 0)
@@ -70,26 +58,20 @@ class Lockstep:
             vector = torch.empty(self.size, dtype=torch.float64, device=self.device)
             dist.broadcast(vector, 0)
             self._apply(vector)
-        return _broadcast_object(None)
+        return broadcast_object(None)
 
     def finish(self, result: object) -> object:
-        if _distributed():
+        if distributed():
             dist.broadcast(torch.zeros(1, device=self.device), 0)
-            return _broadcast_object(result)
+            return broadcast_object(result)
         return result
-
-
-def _broadcast_object(value: object) -> object:
-    box = [value]
-    dist.broadcast_object_list(box, 0)
-    return box[0]
 
 
 def in_lockstep(apply: Callable[[Vector], Vector], size: int, device: torch.device,
                 solve: Callable[[Lockstep], object]) -> object:
     """Run `solve(operator)` on rank 0 with every other rank serving the operator; all get the result."""
     operator = Lockstep(apply, size, device)
-    if _distributed() and _rank() != 0:
+    if distributed() and rank() != 0:
         return operator.follow()
     return operator.finish(solve(operator))
 

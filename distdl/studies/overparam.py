@@ -21,6 +21,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from distdl.collectives import all_reduce_sum
 from distdl.errors import ConfigError
 from distdl.registry import STUDIES
 from distdl.studies import plots
@@ -34,7 +35,7 @@ from distdl.studies.base import (
     check_sweep,
     trained_workload,
 )
-from distdl.studies.measures import LossOracle, all_reduce_sum
+from distdl.studies.measures import LossOracle
 
 WIDTH_KEYS = ("model.width", "model.width_multiplier")
 MEASUREMENTS_FILE = "measurements.json"

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 
+from distdl.collectives import all_reduce_sum
 from distdl.config import Config
 from distdl.data import shards, text
 from distdl.errors import ConfigError
@@ -163,8 +163,7 @@ class BertPretrain(Workload):
                 totals[3] += (out.seq_relationship_logits.argmax(-1) == batch["next_sentence_label"]).sum()
                 totals[4] += len(batch["next_sentence_label"])
         model.train(True)
-        if dist.is_initialized():
-            dist.all_reduce(totals)
+        all_reduce_sum(totals)
         loss_sum, correct, masked_count, nsp_correct, pairs = totals.tolist()
         count = max(masked_count, 1.0)
         metrics = {"eval_loss": loss_sum / count, "eval_mlm_accuracy": correct / count,

@@ -19,9 +19,9 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from distdl.collectives import gather_objects
 from distdl.config import Config
 from distdl.data import vision
 from distdl.errors import ConfigError
@@ -282,11 +282,7 @@ class Gan(Workload):
 
 def _gather_rows(pieces: list[np.ndarray]) -> np.ndarray:
     """This rank's feature rows and every other rank's, stacked (every rank calls it)."""
-    mine = np.concatenate(pieces) if pieces else None
-    everyone = [mine]
-    if dist.is_initialized():
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
+    everyone = gather_objects(np.concatenate(pieces) if pieces else None)
     return np.concatenate([rows for rows in everyone if rows is not None])
 
 

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
+from distdl.collectives import gather_objects
 from distdl.config import Config
 from distdl.data import glue, shards, text
 from distdl.data.files import check_local_model_files
@@ -206,8 +207,6 @@ class GlueFinetune(Workload):
     @torch.no_grad()
     def predict(self, model: Any, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
         """(idx, logits) of every example of `dataset`, in its order, from all ranks together."""
-        import torch.distributed as dist
-
         rank, world = self.context.rank, self.context.world_size
         shard = shards.shard_for_rank(dataset, rank, world)
         indices: list[int] = []
@@ -220,10 +219,7 @@ class GlueFinetune(Workload):
                 logits.append(out.cpu().numpy())
         mine = (np.asarray(indices, dtype=np.int64),
                 np.concatenate(logits) if logits else np.zeros((0, self.task.num_labels), np.float32))
-        gathered = [mine]
-        if dist.is_initialized():
-            gathered = [None] * world
-            dist.all_gather_object(gathered, mine)
+        gathered = gather_objects(mine)
         # Shards are contiguous blocks in rank order, so concatenation restores the dataset's order.
         return np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered])
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from distdl.collectives import all_reduce_sum
 from distdl.config import Config
 from distdl.data import shards, vision
 from distdl.errors import ConfigError
@@ -193,8 +193,7 @@ class ResNetClassification(Workload):
                 totals[2] += (top5 == labels[:, None]).any(-1).sum()
                 totals[3] += len(labels)
         model.train(True)
-        if dist.is_initialized():
-            dist.all_reduce(totals)
+        all_reduce_sum(totals)
         loss_sum, top1, top5, count = totals.tolist()
         if int(count) != len(self.data.eval):
             raise RuntimeError(f"evaluation counted {int(count)} images of {len(self.data.eval)}")

@@ -1,0 +1,51 @@
+"""The few collectives distdl needs beyond DeepSpeed's, each safe to call without a process group
+(one process: the identity). Every rank must call them, in the same order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if distributed() else 1
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (a device tensor: NCCL reduces only those); returns it."""
+    if distributed():
+        dist.all_reduce(values)
+    return values
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether any rank's flag is set; every rank gets the same answer."""
+    return all_reduce_sum(torch.tensor(float(flag), device=device)).item() > 0
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """A picklable value from every rank, in rank order."""
+    if not distributed():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def broadcast_object(value: Any, source: int = 0) -> Any:
+    """Rank `source`'s value, on every rank."""
+    if not distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, source)
+    return box[0]
