@@ -170,7 +170,7 @@ def distdl_train(config: str, overrides: list[str], work: Path, name: str) -> tu
 
 
 def config_runs(args: argparse.Namespace, corpus: str) -> dict[str, tuple[str, list[str]]]:
-    """Parts 3 and 4: (config, overrides) per run; tests/test_every_path.py checks that they validate."""
+    """Parts 3 and 4: (config, overrides) per run; tests/distributed/test_every_path.py checks that they validate."""
     tiny = [f"data.path={corpus}", "data.max_seq_length=128", "trainer.max_steps=4", "trainer.micro_batch_size=32",
             "trainer.global_batch_size=32", "trainer.log_every=1", "trainer.eval_every=0",
             "trainer.checkpoint_every=0"]

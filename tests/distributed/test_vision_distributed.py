@@ -13,7 +13,7 @@ from distdl.driver import train
 from distdl.tracking import read_metrics
 
 pytestmark = pytest.mark.distributed
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def gan(tmp_path: Path, mnist_root: Path, config_name: str, *overrides: str):
 def test_dcgan_logs_finite_losses_sample_grids_and_frechet_distances(ray_local, tmp_path, mnist_root, classifier_run):
     from PIL import Image
 
-    from tests.vision_fixtures import write_random_inception_weights
+    from tests.helpers.vision_fixtures import write_random_inception_weights
 
     inception = write_random_inception_weights(tmp_path / "inception.pth")
     # 32 images keep Inception's 299x299 passes to seconds on CPU; papers' FIDs use 10k-50k.

@@ -205,7 +205,7 @@ def _measure(rank: int, world: int, port: int, out: dict) -> None:
 
 
 def test_measurements_on_two_gloo_ranks_equal_one_process():
-    from tests.gloo import spawn_gloo
+    from tests.helpers.gloo import spawn_gloo
 
     single, parallel = spawn_gloo(_measure, 1)[0], spawn_gloo(_measure, 2)
     assert parallel[0] == parallel[1], "every rank gets rank 0's answers"

@@ -11,7 +11,7 @@ import torch
 
 from distdl import cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARPNESS = REPO / "configs/studies/sharpness.yaml"
 # scikit-learn's 8x8 digits, a small MLP, one epoch: three trials (batch 16; batch 96 at equal epochs
 # and at equal steps), each measured on 300 training digits.

@@ -7,7 +7,7 @@ from pathlib import Path
 from distdl.config import load_config
 from distdl.driver import train
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs/bert/pretrain_tiny.yaml"
+QUICKSTART = Path(__file__).resolve().parents[2] / "configs/bert/pretrain_tiny.yaml"
 
 
 def overrides(tmp_path: Path, corpus: Path, *extra: str) -> list[str]:

@@ -15,7 +15,7 @@ from distdl.config import load_config
 from distdl.driver import CONFIG_FILE, check_run_dir
 from distdl.errors import RunDirError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs/bert/pretrain_tiny.yaml"
 
 

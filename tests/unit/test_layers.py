@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "distdl"
+PACKAGE = Path(__file__).resolve().parents[2] / "distdl"
 
 # Top (0) to bottom (6); a module not listed takes its package's layer.
 LAYERS = {

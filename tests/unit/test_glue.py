@@ -16,9 +16,9 @@ from distdl import cli
 from distdl.config import ConfigError, load_config, resolve_epochs
 from distdl.data import glue
 from distdl.report import bert_paper_average, glue_table
-from tests.glue_fixtures import SIZES
+from tests.helpers.glue_fixtures import SIZES
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PAIR_TASKS = [name for name, task in glue.TASKS.items() if len(task.text_columns) == 2]
 
 

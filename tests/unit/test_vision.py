@@ -13,7 +13,7 @@ from distdl.data import vision
 from distdl.models.resnet import CIFAR_RESNETS, MODEL_NAMES, TORCHVISION_RESNETS, build_resnet
 from distdl.optim import effective_lr
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAPTOP = REPO / "configs" / "resnet" / "mnist_laptop.yaml"
 
 

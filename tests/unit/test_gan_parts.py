@@ -53,7 +53,7 @@ def test_frechet_distance_of_samples_is_near_zero_for_one_distribution_and_grows
 
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory) -> Path:
-    from tests.vision_fixtures import write_random_inception_weights
+    from tests.helpers.vision_fixtures import write_random_inception_weights
 
     return write_random_inception_weights(tmp_path_factory.mktemp("inception") / "inception.pth")
 
@@ -85,7 +85,7 @@ def test_inception_weights_that_are_missing_foreign_or_pickled_code_are_refused(
 
 # ----------------------------------------------------------------------------- config checks
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def gan_config_error(*overrides: str) -> str:

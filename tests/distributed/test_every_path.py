@@ -1,5 +1,5 @@
 """Every workload at every precision and ZeRO stage, and every shipped config as shipped: a few steps
-each on 2 gloo ranks of the real worker loop and DeepSpeed (tests/local_workers.py).
+each on 2 gloo ranks of the real worker loop and DeepSpeed (tests/helpers/local_workers.py).
 
 Each run must end with finite losses, a real (non-null, finite) gradient norm at every log step, and
 identical weights on both ranks.

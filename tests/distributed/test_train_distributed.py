@@ -9,7 +9,7 @@ import torch
 
 from distdl.driver import latest_checkpoint
 from distdl.tracking import read_metrics
-from tests.bert_runs import QUICKSTART, run
+from tests.helpers.bert_runs import QUICKSTART, run
 
 pytestmark = pytest.mark.distributed
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _train(rank: int, world: int, port: int, measure: bool, out: dict) -> None:
@@ -48,7 +48,7 @@ def _train(rank: int, world: int, port: int, measure: bool, out: dict) -> None:
 
 
 def test_measuring_the_noise_scale_leaves_training_unchanged_and_sees_each_ranks_gradient():
-    from tests.gloo import spawn_gloo
+    from tests.helpers.gloo import spawn_gloo
 
     plain, measured = spawn_gloo(_train, 2, False), spawn_gloo(_train, 2, True)
     for rank in (0, 1):

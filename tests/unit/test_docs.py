@@ -13,7 +13,7 @@ import yaml
 from distdl.config import FIXED_SECTIONS
 from distdl.registry import WORKLOADS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REFERENCE = REPO / "docs" / "configuration.md"
 
 

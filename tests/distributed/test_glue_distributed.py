@@ -16,10 +16,10 @@ from distdl.data import glue
 from distdl.driver import RAY_SNAPSHOT, train
 from distdl.report import glue_table
 from distdl.tracking import read_metrics
-from tests.glue_fixtures import SIZES
+from tests.helpers.glue_fixtures import SIZES
 
 pytestmark = pytest.mark.distributed
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def finetune(tmp_path: Path, glue_dir: Path, model: Path, task: str, *overrides: str):
@@ -62,7 +62,7 @@ def single_process_metrics(model_dir: Path, task: glue.GlueTask, split: Any) -> 
 
 
 def test_sst2_from_real_weights_keeps_the_best_and_matches_single_process_eval(ray_local, tmp_path, glue_dir, minilm):
-    # (Resuming is the same code for every workload: tests/test_faults.py resumes BERT pretraining.)
+    # (Resuming is the same code for every workload: tests/distributed/test_faults.py resumes BERT pretraining.)
     config, summary = finetune(tmp_path, glue_dir, minilm, "sst2")
     run_dir = config.run_dir
     assert summary["completed"] and summary["steps"] == 20
@@ -103,8 +103,8 @@ def test_pair_task_rte_learns_from_real_weights(ray_local, tmp_path, glue_dir, m
     assert {r.split("\t")[1] for r in rows} <= {"entailment", "not_entailment"}
 
 
-# ZeRO-3 with GLUE's model, and STS-B in bf16, train in tests/test_every_path.py; ZeRO-3's export in
-# tests/test_train_distributed.py. Here: the regression task learns, and its export evaluates alike.
+# ZeRO-3 with GLUE's model, and STS-B in bf16, train in tests/distributed/test_every_path.py; ZeRO-3's export in
+# tests/distributed/test_train_distributed.py. Here: the regression task learns, and its export evaluates alike.
 def test_regression_task_stsb(ray_local, tmp_path, glue_dir, minilm):
     config, summary = finetune(tmp_path, glue_dir, minilm, "stsb", "trainer.epochs=4")
     assert_learned(config.run_dir)

@@ -19,8 +19,8 @@ from distdl.config import load_config
 from distdl.driver import checkpoint_step, latest_checkpoint, train
 from distdl.engine import consolidated_state_dict, verify_checkpoint
 from distdl.tracking import read_metrics
-from tests.bert_runs import QUICKSTART, overrides, run
 from tests.conftest import CORPUS
+from tests.helpers.bert_runs import QUICKSTART, overrides, run
 
 pytestmark = pytest.mark.distributed
 # bf16: a resumed, restarted or rerun run must equal the uninterrupted one in bf16 too.

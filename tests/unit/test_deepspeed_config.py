@@ -11,7 +11,7 @@ import pytest
 from distdl.config import ConfigError, load_config
 from distdl.engine import build_deepspeed_config, merge_deepspeed_config
 
-TINY = Path(__file__).resolve().parents[1] / "configs/bert/pretrain_tiny.yaml"
+TINY = Path(__file__).resolve().parents[2] / "configs/bert/pretrain_tiny.yaml"
 
 
 def ds_config(*overrides):

@@ -9,7 +9,7 @@ import yaml
 
 from distdl.config import ConfigError, config_from_dict, load_config
 
-TINY = Path(__file__).resolve().parents[1] / "configs/bert/pretrain_tiny.yaml"
+TINY = Path(__file__).resolve().parents[2] / "configs/bert/pretrain_tiny.yaml"
 
 
 def load(*overrides):
@@ -276,7 +276,7 @@ def test_impossible_values_are_refused(override, culprit):
         load_config(TINY, [override])
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")),
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml")),
                          ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     if path.parent.name == "studies":  # a training config plus a study: section
