@@ -15,7 +15,7 @@ from typing import Any, Iterator, Optional
 import yaml
 
 from distdl.config import SESSION_KEYS, Config, config_differences, resolve_epochs, with_defaults, without_session_keys
-from distdl.errors import ConfigError, RunDirError, TrainingFailed
+from distdl.errors import ClusterError, ConfigError, RunDirError, TrainingFailed
 from distdl.registry import WORKLOADS
 from distdl.rundir import (  # noqa: F401
     CHECKPOINT_SCORE,
@@ -314,9 +314,9 @@ def join_cluster(address: str, env_vars: dict[str, str], options: dict[str, Any]
             causes.append(cause)
             cause = cause.__cause__ or cause.__context__
         if any(isinstance(c, ray.exceptions.AuthenticationError) or "Authentication" in str(c) for c in causes):
-            raise ConfigError(f"ray.address={address}: the cluster refused this driver's token; run with the "
+            raise ClusterError(f"ray.address={address}: the cluster refused this driver's token; run with the "
                               "cluster's token in RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or ~/.ray/auth_token)") from err
-        raise ConfigError(f"ray.address={address}: cannot connect ({err})") from err
+        raise ClusterError(f"ray.address={address}: cannot connect ({err})") from err
 
 
 def check_reachable(address: str, timeout_s: float = 10.0) -> None:
@@ -329,7 +329,7 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as err:
-        raise ConfigError(f"ray.address={address}: nothing answers there ({err.strerror or err}); "
+        raise ClusterError(f"ray.address={address}: nothing answers there ({err.strerror or err}); "
                           "is the cluster's head up, and is this its GCS port (ray start --port)?") from None
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from distdl.errors import ConfigError
+from distdl.errors import ClusterError, ConfigError
 from distdl.rundir import SLURM_LOGS
 from distdl.submit import JobPlan
 
@@ -176,7 +176,7 @@ def submit(request: SlurmRequest, plan: JobPlan, dry_run: bool) -> Optional[str]
         return None
     sbatch = shutil.which("sbatch")
     if sbatch is None:
-        raise ConfigError("sbatch is not on PATH: run distdl submit slurm on a Slurm login node "
+        raise ClusterError("sbatch is not on PATH: run distdl submit slurm on a Slurm login node "
                           "(--dry-run prints the script without Slurm)")
     logs = plan.run_dir / SLURM_LOGS
     logs.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -184,7 +184,7 @@ def submit(request: SlurmRequest, plan: JobPlan, dry_run: bool) -> Optional[str]
     script.write_text(script_text)
     done = subprocess.run([sbatch, *sbatch_arguments(plan.run_dir), str(script)], capture_output=True, text=True)
     if done.returncode != 0:
-        raise ConfigError(f"sbatch refused the job (exit {done.returncode}): {done.stderr.strip()}\n"
+        raise ClusterError(f"sbatch refused the job (exit {done.returncode}): {done.stderr.strip()}\n"
                           f"the script is kept in {script}")
     job_id = done.stdout.strip().split(";")[0]
     job_log = logs / f"slurm-{job_id}.out"

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from distdl.config import RunSection, load_config, parse_override, read_yaml
 from distdl.driver import check_run_dir, forwarded_env, use_cluster_token
-from distdl.errors import ConfigError
+from distdl.errors import ClusterError, ConfigError
 
 # Job states the Ray Jobs API ends in.
 FINISHED_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -121,7 +121,7 @@ def job_client(address: str) -> Any:
     try:
         return JobSubmissionClient(address)
     except Exception as err:
-        raise ConfigError(f"cannot reach the Ray Jobs API at {address}: {str(err).splitlines()[0]}\n"
+        raise ClusterError(f"cannot reach the Ray Jobs API at {address}: {str(err).splitlines()[0]}\n"
                           "Give the dashboard's address (http://HEAD:8265) of a running cluster, and its token "
                           "(RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) if it uses token authentication") from err
 
