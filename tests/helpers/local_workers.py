@@ -18,10 +18,6 @@ import torch.multiprocessing as mp
 
 
 def _serve(rank: int, world: int, port: int, jobs: Any, results: Any) -> None:
-    # One process group for the processes' lifetime: DeepSpeed caches its groups, so a group destroyed
-    # and made again between runs would leave it holding dead ones.
-    # As in a Ray worker or a torchrun process: transformers' seeded collators refuse to run in what looks
-    # like a multiprocessing child ("SpawnProcess-1").
     import multiprocessing
     import os
 
@@ -30,9 +26,13 @@ def _serve(rank: int, world: int, port: int, jobs: Any, results: Any) -> None:
 
     from distdl.loop import train_loop_per_worker
 
+    # As in a Ray worker or a torchrun process: transformers' seeded collators refuse to run in what looks
+    # like a multiprocessing child ("SpawnProcess-1").
     multiprocessing.current_process().name = "MainProcess"
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # torchrun's, which DeepSpeed reads
+    # One process group for the processes' lifetime: DeepSpeed caches its groups, so a group destroyed
+    # and made again between runs would leave it holding dead ones.
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     while (payload := jobs.get()) is not None:
         try:
