@@ -17,20 +17,16 @@ import yaml
 from distdl.config import SESSION_KEYS, Config, config_differences, resolve_epochs, with_defaults, without_session_keys
 from distdl.errors import ClusterError, ConfigError, RunDirError, TrainingFailed
 from distdl.registry import WORKLOADS
-from distdl.rundir import (  # noqa: F401
+from distdl.rundir import (
     CHECKPOINT_SCORE,
     CONFIG_FILE,
-    RAY_SNAPSHOT,
-    SLURM_LOGS,
     STOP_REQUEST_FILE,
-    best_checkpoint,
     checkpoint_step,
-    find_checkpoint,
     foreign_entries,
     latest_checkpoint,
+    move_aside,
     read_summary,
     restore_snapshot,
-    saved_config,
 )
 from distdl.tracking import resolve_wandb_mode
 
@@ -100,14 +96,7 @@ def check_run_dir(config: Config, overwrite: bool) -> bool:
             f"A resume may change only these keys: {', '.join(SESSION_KEYS)}. "
             "Use another run.name, or pass --overwrite to move the old run aside and start afresh."
         )
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
-    suffix = 1
-    while aside.exists():
-        suffix += 1
-        aside = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}-{suffix}")
-    run_dir.rename(aside)
-    print(f"distdl: moved the previous run to {aside}")
+    print(f"distdl: moved the previous run to {move_aside(run_dir)}")
     return False
 
 

@@ -37,6 +37,21 @@ def foreign_entries(directory: Path) -> list[Path]:
     return [path for path in directory.iterdir() if path.name != SLURM_LOGS]
 
 
+def move_aside(directory: Path) -> Path:
+    """Rename a run or study directory to `<name>.replaced-<time>` (never deleted), and return the new path.
+
+    Two replacements within one second get `-2`, `-3`, ... rather than colliding.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = directory.with_name(f"{directory.name}.replaced-{stamp}")
+    suffix = 1
+    while aside.exists():
+        suffix += 1
+        aside = directory.with_name(f"{directory.name}.replaced-{stamp}-{suffix}")
+    directory.rename(aside)
+    return aside
+
+
 def write_json(path: Path, value: Any) -> None:
     """Whole or not at all: a temporary file renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)

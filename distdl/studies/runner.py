@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +21,7 @@ from distdl.config import Config, config_differences, config_from_dict, with_def
 from distdl.driver import connect_ray, quiet_train_logs, scaling_config
 from distdl.errors import ConfigError, RunDirError
 from distdl.registry import STUDIES, WORKLOADS
-from distdl.rundir import foreign_entries, write_json
+from distdl.rundir import foreign_entries, move_aside, write_json
 from distdl.studies import jobs
 from distdl.studies.base import Study, StudyReport, read_study_file
 
@@ -116,9 +115,7 @@ def check_study_dir(study_dir: Path, saved: dict[str, Any], overwrite: bool) -> 
         listed = "\n  ".join(differences)
         raise RunDirError(f"study directory {study_dir} holds a study with other settings:\n  {listed}\n"
                           "Use another study.name, or pass --overwrite to move the old study aside.")
-    aside = study_dir.with_name(f"{study_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    study_dir.rename(aside)
-    print(f"distdl: moved the previous study to {aside}")
+    print(f"distdl: moved the previous study to {move_aside(study_dir)}")
 
 
 def train_trials(study: Study, trials: list[Any], base: Any, limit: Optional[int]) -> None:

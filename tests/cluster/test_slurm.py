@@ -152,7 +152,7 @@ def test_the_same_submit_command_again_resumes_the_run(tmp_path, capsys):
     """The job saves its config with the scaling the request implied; submitting again must match it."""
     from distdl.cli import main
     from distdl.config import load_config
-    from distdl.driver import CONFIG_FILE
+    from distdl.rundir import CONFIG_FILE
 
     overrides = ["data.path=/usr/share/common-licenses", f"run.storage_path={tmp_path}", "trainer.global_batch_size=null"]
     flags = ["--nodes=4", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10", "--dry-run"]
@@ -165,7 +165,8 @@ def test_the_same_submit_command_again_resumes_the_run(tmp_path, capsys):
 
 
 def test_a_failed_first_start_keeps_the_slurm_logs(tmp_path):
-    from distdl.driver import SLURM_LOGS, _remove_if_only_ours
+    from distdl.driver import _remove_if_only_ours
+    from distdl.rundir import SLURM_LOGS
 
     (tmp_path / SLURM_LOGS).mkdir()
     (tmp_path / SLURM_LOGS / "slurm-7.out").write_text("the error the user needs")
@@ -248,8 +249,8 @@ def job_tokens(job_id: str) -> set[str]:
 
 
 def final_weights(run_dir: Path) -> dict:
-    from distdl.driver import latest_checkpoint
     from distdl.engine import consolidated_state_dict
+    from distdl.rundir import latest_checkpoint
 
     return consolidated_state_dict(latest_checkpoint(run_dir))
 

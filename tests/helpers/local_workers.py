@@ -62,7 +62,8 @@ class LocalWorkers:
 
     def train(self, config: Any, timeout_s: float = 600) -> dict[str, Any]:
         """Prepare and run `config` on the workers; its summary (the run's summary.json)."""
-        from distdl.driver import prepare_run, read_summary
+        from distdl.driver import prepare_run
+        from distdl.rundir import read_summary
 
         payload = prepare_run(config, overwrite=False)
         for queue in self.jobs:

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from distdl import driver
+from distdl import driver, rundir
 from distdl.config import load_config
-from distdl.driver import CONFIG_FILE, check_run_dir
+from distdl.driver import check_run_dir
 from distdl.errors import RunDirError
+from distdl.rundir import CONFIG_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs/bert/pretrain_tiny.yaml"
@@ -150,7 +151,7 @@ def test_overwrite_moves_the_old_run_aside(tmp_path):
 
 
 def test_two_overwrites_in_the_same_second(tmp_path, monkeypatch):
-    monkeypatch.setattr(driver.time, "strftime", lambda fmt, *args: "20250101-000000")
+    monkeypatch.setattr(rundir.time, "strftime", lambda fmt, *args: "20250101-000000")
     saved_run(tmp_path, "optimizer.lr=0.001")
     check_run_dir(config_in(tmp_path, "optimizer.lr=0.002"), overwrite=True)
     saved_run(tmp_path, "optimizer.lr=0.003")
