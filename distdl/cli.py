@@ -134,8 +134,7 @@ def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:
     try:
         summary = train(config, overwrite=overwrite)
     except TrainingFailed as failed:
-        for line in failed.lines:
-            print(f"distdl: error: {line}", file=sys.stderr)
+        print_failure(failed)
         print(f"distdl: {last_good_checkpoint(config.run_dir)}", file=sys.stderr)
         return 1
     if not summary:
@@ -160,6 +159,11 @@ def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:
     return 0
 
 
+def print_failure(failed: TrainingFailed) -> None:
+    for line in failed.lines:
+        print(f"distdl: error: {line}", file=sys.stderr)
+
+
 def last_good_checkpoint(run_dir: Path) -> str:
     """Which checkpoint a rerun of a failed run resumes from, in words."""
     from distdl.rundir import checkpoint_step, latest_checkpoint
@@ -174,7 +178,12 @@ def last_good_checkpoint(run_dir: Path) -> str:
 def run_study(name: str, config_path: str, overrides: list[str], overwrite: bool) -> int:
     from distdl.studies import runner
 
-    study_dir, report = runner.run_study(name, config_path, overrides, overwrite)
+    try:
+        study_dir, report = runner.run_study(name, config_path, overrides, overwrite)
+    except TrainingFailed as failed:
+        # Finished trials and measurements stay in the study directory; the same command goes on from them.
+        print_failure(failed)
+        return 1
     runner.print_summary(study_dir, report)
     return 0
 

@@ -18,8 +18,8 @@ from typing import Any, Callable, Optional
 import yaml
 
 from distdl.config import Config, config_differences, config_from_dict, with_defaults, without_session_keys
-from distdl.driver import connect_ray, quiet_train_logs, scaling_config
-from distdl.errors import ConfigError, RunDirError
+from distdl.driver import connect_ray, quiet_train_logs, scaling_config, train, training_failure
+from distdl.errors import ConfigError, RunDirError, TrainingFailed
 from distdl.registry import STUDIES, WORKLOADS
 from distdl.rundir import foreign_entries, move_aside, write_json
 from distdl.studies import jobs
@@ -66,10 +66,13 @@ def run_measurements(config: Config, tasks: list[dict[str, Any]], measure: Calla
         scaling_config=scaling_config(config),
         run_config=RunConfig(name="measurements", storage_path=str(storage), logging_config=quiet_train_logs()),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as err:  # a worker's failure, in one line per rank as for a training run
+        raise training_failure(err, storage / "measurements") from err
     still = [task["name"] for task in missing if not Path(task["out"]).is_file()]
     if still:
-        raise RuntimeError(f"the measurement job ended without results for {', '.join(still)}")
+        raise TrainingFailed([f"the measurement job ended without results for {', '.join(still)}"])
 
 
 def read_study(name: str, path: str | Path, overrides: list[str]) -> tuple[type[Study], Any, Any]:
@@ -121,8 +124,6 @@ def check_study_dir(study_dir: Path, saved: dict[str, Any], overwrite: bool) -> 
 def train_trials(study: Study, trials: list[Any], base: Any, limit: Optional[int]) -> None:
     """Each trial is an ordinary `distdl train` run. Several at once through Ray Tune where the Ray
     cluster holds their workers side by side, one after the other otherwise."""
-    from distdl.driver import connect_ray
-
     connect_ray(base)
     configs = [study.trial_config(trial) for trial in trials]
     parallel = concurrent_trials(configs, limit)
@@ -131,8 +132,6 @@ def train_trials(study: Study, trials: list[Any], base: Any, limit: Optional[int
         train_with_tune(configs, parallel, study.study_dir)
         return
     from tqdm import tqdm
-
-    from distdl.driver import train
 
     bar = tqdm(configs, desc="trials", unit="trial")
     for config in bar:
@@ -169,13 +168,11 @@ def train_with_tune(configs: list[Any], parallel: int, study_dir: Path) -> None:
     results = tuner.fit()
     failed = [str(result.error).strip().splitlines()[-1] for result in results if result.error]
     if failed:
-        raise RuntimeError(f"{len(failed)} trial(s) failed: " + "; ".join(failed))
+        raise TrainingFailed([f"{len(failed)} of {len(results)} trials failed:", *failed])
 
 
 def tune_trial(tune_config: dict[str, Any]) -> None:
     from ray import tune
-
-    from distdl.driver import train
 
     config = config_from_dict(tune_config["config"])
     summary = train(config)
@@ -184,11 +181,12 @@ def tune_trial(tune_config: dict[str, Any]) -> None:
 
 
 def check_finished(name: str, summary: dict[str, Any]) -> None:
+    """A trial that diverged or stopped early fails the study in one line (exit status 1), as a run does."""
     if summary.get("non_finite_step") is not None:
-        raise RuntimeError(f"trial {name} diverged: its loss or gradient norm was not finite at step "
-                           f"{summary['non_finite_step']}; lower its learning rate (or batch size) in the study")
+        raise TrainingFailed([f"trial {name} diverged: its loss or gradient norm was not finite at step "
+                              f"{summary['non_finite_step']}; lower its learning rate (or batch size) in the study"])
     if not summary.get("completed", True):
-        raise RuntimeError(f"trial {name} stopped before its last step; run the study again to go on")
+        raise TrainingFailed([f"trial {name} stopped before its last step; run the study again to go on"])
 
 
 def log_to_wandb(report: StudyReport, group: str, base: Any, study_dir: Path) -> None:

@@ -216,6 +216,20 @@ def test_scaling_study_measures_throughput_and_steps_to_target(ray_local, tmp_pa
     assert {"throughput.png", "steps_to_target.png"} <= {p.name for p in study_dir.glob("*.png")}
 
 
+@pytest.mark.distributed
+def test_a_diverged_trial_fails_the_study_in_one_line(ray_local, tmp_path, capsys):
+    code = cli.main(["study", "scaling", str(SCALING), "data.dataset=digits", "model.hidden_sizes=[32]",
+                     "optimizer.lr=1e30", "trainer.log_every=2", "study.workers=[2]", "study.throughput_kinds=[strong]",
+                     "study.throughput_steps=4", "study.strong_batch_size=64", "study.batch_sizes=[64]",
+                     "study.max_steps=20", "study.max_concurrent_trials=1", f"run.storage_path={tmp_path}",
+                     "tracking.wandb_mode=disabled"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    [line] = [line for line in err.splitlines() if line.startswith("distdl: error:")]
+    assert "diverged: its loss or gradient norm was not finite at step" in line
+    assert "Traceback" not in err
+
+
 def test_bad_scaling_settings_are_refused(tmp_path, capsys):
     for override, expected in (("study.strong_batch_size=65", "does not split evenly over 2 workers"),
                                ("study.throughput_kinds=[diagonal]", "allowed are strong, weak"),
