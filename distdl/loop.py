@@ -21,6 +21,7 @@ import torch.distributed as dist
 from distdl.collectives import all_reduce_sum, any_rank, gather_objects, world_size
 from distdl.config import Config, config_from_dict
 from distdl.engine import CheckpointError, Engine, EngineSet, offload_adam_factory
+from distdl.noise_scale import step_terms, with_noise_scale
 from distdl.optim import effective_lr, optimizer_factory, param_groups, scheduler_factory
 from distdl.registry import WORKLOADS
 from distdl.rundir import CHECKPOINT_SCORE, STOP_REQUEST_FILE, back_up_snapshot
@@ -220,19 +221,9 @@ class FiniteWatch:
 
 def noise_terms(engine: Engine, trainer: Any) -> dict[str, float]:
     """This step's estimates of |G|^2 and tr(Sigma) from this rank's gradient and the all-reduced one."""
-    from distdl.studies.measures import noise_scale_terms
-
     local, reduced = engine.gradient_sq_norms
     per_rank = trainer.micro_batch_size * trainer.gradient_accumulation_steps
-    gradient_sq, trace = noise_scale_terms(local, reduced, per_rank, trainer.global_batch_size)
-    return {"noise_gradient_sq": gradient_sq, "noise_trace": trace}
-
-
-def with_noise_scale(metrics: dict[str, float]) -> dict[str, float]:
-    """B_simple from the window's mean estimates (the ratio of means, as McCandlish et al. advise)."""
-    if "noise_trace" in metrics:
-        metrics["noise_scale"] = metrics["noise_trace"] / metrics["noise_gradient_sq"]
-    return metrics
+    return step_terms(local, reduced, per_rank, trainer.global_batch_size)
 
 
 def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: Optional[Tracker],

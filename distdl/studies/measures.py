@@ -14,8 +14,6 @@ same number of collective operations whatever the solver does, and all get rank 
   With `adaptive=True` the box is |y_i| <= eps |x_i| (the adaptive sharpness of Kwon et al. 2021):
   unchanged by the rescalings of a ReLU network that Dinh et al. 2017 used to make raw sharpness
   arbitrary, since the box rescales with the weights.
-- `noise_scale_terms`: McCandlish et al. 2018, appendix A.1: unbiased |G|^2 and tr(Sigma) from
-  the squared norms of a small-batch and a large-batch gradient.
 """
 
 from __future__ import annotations
@@ -259,15 +257,3 @@ def _lerp(name: str, start: torch.Tensor, end: torch.Tensor, alpha: float) -> to
         tiny = torch.finfo(start.dtype).tiny
         return torch.exp((1 - alpha) * start.clamp(min=tiny).log() + alpha * end.clamp(min=tiny).log())
     return (1 - alpha) * start + alpha * end
-
-
-def noise_scale_terms(small_sq_norm: float, large_sq_norm: float, small_batch: int,
-                      large_batch: int) -> tuple[float, float]:
-    """Unbiased estimates of |G|^2 and tr(Sigma) (McCandlish et al. 2018, eqs. A.2-A.3) from
-    |G_small|^2 (a gradient over `small_batch` examples; average it over ranks) and |G_large|^2
-    (over `large_batch`). B_simple = tr(Sigma) / |G|^2; average both over steps before dividing."""
-    if not 0 < small_batch < large_batch:
-        raise ValueError(f"need 0 < small batch ({small_batch}) < large batch ({large_batch})")
-    gradient_sq = (large_batch * large_sq_norm - small_batch * small_sq_norm) / (large_batch - small_batch)
-    trace = (small_sq_norm - large_sq_norm) / (1 / small_batch - 1 / large_batch)
-    return gradient_sq, trace

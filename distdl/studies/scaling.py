@@ -23,6 +23,7 @@ import numpy as np
 
 from distdl.config import config_from_dict, noise_scale_possible
 from distdl.errors import ConfigError
+from distdl.noise_scale import noise_scale_of_run
 from distdl.registry import STUDIES
 from distdl.studies import plots
 from distdl.studies.base import (
@@ -35,7 +36,6 @@ from distdl.studies.base import (
     check_sweep,
     per_worker,
 )
-from distdl.studies.sharpness import noise_scale_of_run
 from distdl.tracking import read_metrics
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from distdl.config import config_from_dict, noise_scale_possible, resolve_epochs
 from distdl.errors import ConfigError
+from distdl.noise_scale import noise_scale_of_run
 from distdl.registry import STUDIES
 from distdl.studies import plots
 from distdl.studies.base import (
@@ -223,19 +224,6 @@ def measure_solution(train: LossOracle, test: LossOracle, section: SharpnessSect
     out["parameter_norm"] = float(train.parameters().norm())
     out["measure_seconds"] = time.perf_counter() - started
     return out
-
-
-def noise_scale_of_run(run_dir: Path) -> float | None:
-    """B_simple over the second half of training: the ratio of the mean tr(Sigma) and |G|^2 estimates
-    (McCandlish et al. average numerator and denominator apart; single windows are noisy)."""
-    from distdl.tracking import read_metrics
-
-    windows = [m for m in read_metrics(run_dir) if "noise_trace" in m]
-    if not windows:
-        return None
-    late = windows[len(windows) // 2 :]
-    gradient_sq = np.mean([m["noise_gradient_sq"] for m in late])
-    return float(np.mean([m["noise_trace"] for m in late]) / gradient_sq) if gradient_sq > 0 else None
 
 
 RATIO_KEYS = ("sharpness_eps{}", "subspace_sharpness_eps{}", "adaptive_sharpness_eps{}")

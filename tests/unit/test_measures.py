@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from distdl.noise_scale import noise_scale_terms
 from distdl.studies.measures import (
     LossOracle,
     epsilon_sharpness,
     hessian_top_eigenvalue,
     hessian_trace,
     interpolation,
-    noise_scale_terms,
     random_subspace,
 )
 
@@ -171,6 +173,20 @@ def test_noise_scale_terms_recover_a_known_covariance():
     assert trace == pytest.approx(np.sum(scales**2), rel=0.02)
     with pytest.raises(ValueError, match="small batch"):
         noise_scale_terms(1.0, 1.0, 64, 64)
+
+
+def test_a_runs_noise_scale_is_the_ratio_of_mean_terms_over_the_second_half(tmp_path):
+    from distdl.noise_scale import noise_scale_of_run, with_noise_scale
+    from distdl.tracking import METRICS_FILE
+
+    windows = [{"step": 10 * i, **with_noise_scale({"noise_gradient_sq": g, "noise_trace": t})}
+               for i, (g, t) in enumerate([(9.0, 1.0), (9.0, 1.0), (1.0, 4.0), (3.0, 8.0)], start=1)]
+    assert [w["noise_scale"] for w in windows] == [1 / 9, 1 / 9, 4.0, 8 / 3]
+    lines = [windows[0], {"step": 15, "eval_loss": 0.5}, *windows[1:]]  # an evaluation line has no terms
+    (tmp_path / METRICS_FILE).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    # The last two windows: mean trace 6 over mean |G|^2 2, not the mean of the ratios (3.33).
+    assert noise_scale_of_run(tmp_path) == 3.0
+    assert noise_scale_of_run(tmp_path / "elsewhere") is None
 
 
 def test_epsilon_outside_0_1_is_refused():
