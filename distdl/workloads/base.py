@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional, TypeVar
 
 import torch
 
+from distdl.collectives import all_reduce_sum
 from distdl.config import Config
-from distdl.data.shards import BatchPlan
+from distdl.data.shards import BatchPlan, lockstep_slices
+
+Result = TypeVar("Result")
 
 
 @dataclass
@@ -29,6 +33,39 @@ class WorkerContext:
         """This rank's part of every global batch (the training data's order, from the run's seed)."""
         return BatchPlan(self.micro_batch_size, self.gradient_accumulation_steps, self.world_size, self.rank,
                          self.seed)
+
+
+@contextmanager
+def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout; batch norm's running statistics) for the block, then back
+    in training mode, also when the block raises; gradients off."""
+    model.train(False)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(True)
+
+
+def evaluate_in_lockstep(context: WorkerContext, shard: Any, everything: Any,
+                         forward: Callable[[Any], Result]) -> list[Result]:
+    """`forward` on each micro-batch-sized slice of this rank's evaluation shard; the results of its
+    own slices, in order.
+
+    Every rank runs as many forward passes, because ZeRO-3 gathers parameters collectively in each:
+    a rank whose shard is used up runs filler slices of `everything` and drops their results.
+    """
+    slices = lockstep_slices(shard, everything, context.micro_batch_size, context.world_size)
+    return [result for rows, counted in slices for result in [forward(rows)] if counted]
+
+
+def summed_over_ranks(parts: list[torch.Tensor], width: int, device: torch.device) -> list[float]:
+    """Per-slice totals (each a vector of `width`) summed in float64 over this rank's slices, then
+    over every rank; on the device, because NCCL reduces only device tensors."""
+    totals = torch.zeros(width, dtype=torch.float64, device=device)
+    for part in parts:
+        totals += part.to(torch.float64)
+    return all_reduce_sum(totals).tolist()
 
 
 class Workload(ABC):

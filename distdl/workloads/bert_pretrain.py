@@ -9,12 +9,11 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from distdl.collectives import all_reduce_sum
 from distdl.config import Config
 from distdl.data import shards, text
 from distdl.errors import ConfigError
 from distdl.registry import WORKLOADS
-from distdl.workloads.base import WorkerContext, Workload
+from distdl.workloads.base import WorkerContext, Workload, evaluate_in_lockstep, evaluation_mode, summed_over_ranks
 
 # (layers, hidden, heads) of Google's BERT checkpoints (Turc et al. 2019 for the small ones).
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -139,32 +138,26 @@ class BertPretrain(Workload):
             metrics["nsp_accuracy"] = nsp_correct.float().mean()
         return out.loss, metrics
 
-    @torch.no_grad()
     def evaluate(self, model: Any, step: int) -> dict[str, float]:
         """MLM loss and accuracy (and NSP accuracy) over the whole held-out slice, the same masks every time."""
-        model.train(False)
         collate = self._collator(seed=self.context.seed + 7919 * self.context.rank)
         device = self.context.device
-        # On the device: NCCL reduces only device tensors. MLM loss sum, MLM correct, masked tokens,
-        # NSP correct, pairs.
-        totals = torch.zeros(5, dtype=torch.float64, device=device)
-        slices = shards.lockstep_slices(self.eval_shard, self.eval_all, self.context.micro_batch_size,
-                                        self.context.world_size)
-        for rows, counted in slices:
+
+        def totals(rows: dict[str, list]) -> torch.Tensor:
+            """MLM loss sum, MLM correct, masked tokens, NSP correct, pairs."""
             batch = {k: v.to(device) for k, v in collate(shards.as_examples(rows)).items()}
             out = model(**batch)
-            if not counted:
-                continue
             logits, labels = out.mlm_logits.float(), out.mlm_labels
-            totals[0] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
-            totals[1] += (logits.argmax(-1) == labels).sum()
-            totals[2] += len(labels)
+            values = [torch.nn.functional.cross_entropy(logits, labels, reduction="sum"),
+                      (logits.argmax(-1) == labels).sum(), len(labels), 0, 0]
             if "next_sentence_label" in batch:
-                totals[3] += (out.seq_relationship_logits.argmax(-1) == batch["next_sentence_label"]).sum()
-                totals[4] += len(batch["next_sentence_label"])
-        model.train(True)
-        all_reduce_sum(totals)
-        loss_sum, correct, masked_count, nsp_correct, pairs = totals.tolist()
+                pair_labels = batch["next_sentence_label"]
+                values[3:] = [(out.seq_relationship_logits.argmax(-1) == pair_labels).sum(), len(pair_labels)]
+            return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+
+        with evaluation_mode(model):
+            parts = evaluate_in_lockstep(self.context, self.eval_shard, self.eval_all, totals)
+        loss_sum, correct, masked_count, nsp_correct, pairs = summed_over_ranks(parts, 5, device)
         count = max(masked_count, 1.0)
         metrics = {"eval_loss": loss_sum / count, "eval_mlm_accuracy": correct / count,
                    "eval_masked_tokens": int(masked_count)}

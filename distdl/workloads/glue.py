@@ -21,7 +21,7 @@ from distdl.data import glue, shards, text
 from distdl.data.files import check_local_model_files
 from distdl.errors import ConfigError
 from distdl.registry import WORKLOADS
-from distdl.workloads.base import WorkerContext, Workload
+from distdl.workloads.base import WorkerContext, Workload, evaluate_in_lockstep, evaluation_mode
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -207,18 +207,15 @@ class GlueFinetune(Workload):
     @torch.no_grad()
     def predict(self, model: Any, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
         """(idx, logits) of every example of `dataset`, in its order, from all ranks together."""
-        rank, world = self.context.rank, self.context.world_size
-        shard = shards.shard_for_rank(dataset, rank, world)
-        indices: list[int] = []
-        logits: list[np.ndarray] = []
-        for rows, counted in shards.lockstep_slices(shard, dataset, self.context.micro_batch_size, world):
+        shard = shards.shard_for_rank(dataset, self.context.rank, self.context.world_size)
+
+        def logits(rows: dict[str, list]) -> tuple[list[int], np.ndarray]:
             batch = {k: v.to(self.context.device) for k, v in self._collate(rows).items()}
-            out = model(**batch).logits.float()
-            if counted:
-                indices += rows["idx"]
-                logits.append(out.cpu().numpy())
-        mine = (np.asarray(indices, dtype=np.int64),
-                np.concatenate(logits) if logits else np.zeros((0, self.task.num_labels), np.float32))
+            return rows["idx"], model(**batch).logits.float().cpu().numpy()
+
+        parts = evaluate_in_lockstep(self.context, shard, dataset, logits)
+        mine = (np.asarray([i for indices, _ in parts for i in indices], dtype=np.int64),
+                np.concatenate([out for _, out in parts]) if parts else np.zeros((0, self.task.num_labels), np.float32))
         gathered = gather_objects(mine)
         # Shards are contiguous blocks in rank order, so concatenation restores the dataset's order.
         return np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered])
@@ -227,7 +224,10 @@ class GlueFinetune(Workload):
         return logits[:, 0] if self.task.is_regression else logits.argmax(-1)
 
     def evaluate(self, model: Any, step: int) -> dict[str, float]:
-        model.train(False)
+        with evaluation_mode(model):
+            return self._evaluate(model, step)
+
+    def _evaluate(self, model: Any, step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for split in self.task.dev:
             dataset = self.splits[split.name]
@@ -244,7 +244,6 @@ class GlueFinetune(Workload):
             self.best.update(step=step, score=score, metrics=dict(metrics))
             if self.data.write_submission:
                 self.best["submission"] = self.write_test_predictions(model)
-        model.train(True)
         return metrics
 
     def write_test_predictions(self, model: Any) -> Optional[str]:

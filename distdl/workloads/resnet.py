@@ -15,14 +15,13 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from distdl.collectives import all_reduce_sum
 from distdl.config import Config
-from distdl.data import shards, vision
+from distdl.data import vision
 from distdl.errors import ConfigError
 from distdl.models import classifiers
 from distdl.models.classifiers import CLASSIFIER_NAMES as MODEL_NAMES
 from distdl.registry import WORKLOADS
-from distdl.workloads.base import WorkerContext, Workload
+from distdl.workloads.base import WorkerContext, Workload, evaluate_in_lockstep, evaluation_mode, summed_over_ranks
 
 LOSSES = ("cross_entropy", "mse")
 # What `distdl export` writes beside the weights, kept in the run directory when the run starts.
@@ -174,27 +173,23 @@ class ResNetClassification(Workload):
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
         return classification_loss(logits, labels, self.loss_section, "sum"), (logits.argmax(-1) == labels).sum()
 
-    @torch.no_grad()
     def evaluate(self, model: Any, step: int) -> dict[str, float]:
         """Loss, top-1 and top-5 accuracy over the whole eval set, each image counted once."""
-        model.train(False)
-        device, size = self.context.device, self.context.micro_batch_size
-        # Loss sum, top-1 correct, top-5 correct, images: on the device (NCCL reduces device tensors).
-        totals = torch.zeros(4, dtype=torch.float64, device=device)
-        everything = range(len(self.data.eval))
-        for indices, counted in shards.lockstep_slices(self.eval_indices, everything, size, self.context.world_size):
+        device = self.context.device
+
+        def totals(indices: Any) -> torch.Tensor:
+            """Loss sum, top-1 correct, top-5 correct, images."""
             batch = vision.stack([self.data.eval[i] for i in indices])
             images, labels = batch["images"].to(device), batch["labels"].to(device)
             logits = model(images).float()
-            if counted:
-                top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-                totals[0] += classification_loss(logits, labels, self.loss_section, reduction="sum")
-                totals[1] += (top5[:, 0] == labels).sum()
-                totals[2] += (top5 == labels[:, None]).any(-1).sum()
-                totals[3] += len(labels)
-        model.train(True)
-        all_reduce_sum(totals)
-        loss_sum, top1, top5, count = totals.tolist()
+            top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            values = [classification_loss(logits, labels, self.loss_section, reduction="sum"),
+                      (top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(-1).sum(), len(labels)]
+            return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+
+        with evaluation_mode(model):
+            parts = evaluate_in_lockstep(self.context, self.eval_indices, range(len(self.data.eval)), totals)
+        loss_sum, top1, top5, count = summed_over_ranks(parts, 4, device)
         if int(count) != len(self.data.eval):
             raise RuntimeError(f"evaluation counted {int(count)} images of {len(self.data.eval)}")
         return {"eval_loss": loss_sum / count, "eval_top1": top1 / count, "eval_top5": top5 / count,
