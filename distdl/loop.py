@@ -12,6 +12,7 @@ import os
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
@@ -226,61 +227,117 @@ def noise_terms(engine: Engine, trainer: Any) -> dict[str, float]:
     return step_terms(local, reduced, per_rank, trainer.global_batch_size)
 
 
+@dataclass
+class Schedule:
+    """Which steps log, evaluate and checkpoint. `stop` is the session's last step; a stop rule may
+    bring it forward, and that step then logs, evaluates and checkpoints as the last one does."""
+
+    stop: int
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+    # Checkpoints kept by a metric are scored, so each one is evaluated.
+    scored_checkpoints: bool
+
+    @classmethod
+    def of(cls, trainer: Any, score_key: Optional[str]) -> Schedule:
+        return cls(trainer.stop_at_step or trainer.max_steps, trainer.log_every, trainer.eval_every,
+                   trainer.checkpoint_every, score_key is not None)
+
+    def logs(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.stop
+
+    def checkpoints(self, step: int) -> bool:
+        return bool(self.checkpoint_every and step % self.checkpoint_every == 0) or step == self.stop
+
+    def evaluates(self, step: int) -> bool:
+        return (bool(self.eval_every and step % self.eval_every == 0) or step == self.stop
+                or (self.scored_checkpoints and self.checkpoints(step)))
+
+
+@dataclass
+class StopRules:
+    """Why a session ends before its last step, decided alike on every rank: a target loss reached,
+    a stop request (the request file, written on SIGUSR1), or a value that was not finite."""
+
+    target_loss: Optional[float]
+    request_file: Path
+    at_loss: Optional[int] = None
+    on_request: Optional[int] = None
+    non_finite: Optional[int] = None
+
+    def after_log(self, step: int, metrics: dict[str, float], schedule: Schedule, rank: int,
+                  device: torch.device) -> None:
+        """At a log step: a stop request or a reached target loss makes this step the last."""
+        # Not at the last step: that one checkpoints and completes anyway.
+        if step < schedule.stop and any_rank(rank == 0 and self.request_file.exists(), device):
+            self.on_request = schedule.stop = step
+        # The window's loss is all-reduced, so every rank decides alike.
+        if self.target_loss is not None and metrics.get("loss", float("inf")) <= self.target_loss:
+            self.at_loss = schedule.stop = step
+
+    def diverged(self, watch: FiniteWatch, device: torch.device) -> bool:
+        """Whether any rank saw a non-finite value since the last check (a collective)."""
+        self.non_finite = watch.first_bad_step(device)
+        return self.non_finite is not None
+
+    def summary(self) -> dict[str, Optional[int]]:
+        return {"stopped_at_loss_step": self.at_loss, "stopped_on_request_step": self.on_request,
+                "non_finite_step": self.non_finite}
+
+
+def train_step(config: Config, workload: Workload, engines: EngineSet, batches: Iterator[dict], window: Window,
+               watch: FiniteWatch, step: int) -> None:
+    """One optimizer step: the accumulation steps' micro-batches through the workload, each watched
+    and counted in the log window, then the step's gradient norms and noise-scale terms."""
+    trainer = config.trainer
+    model = engines.for_workload()
+    for _ in range(trainer.gradient_accumulation_steps):
+        batch = engines.prepare_batch(next(batches))
+        step_metrics = workload.train_step(model, batch)
+        watch.add(step_metrics.values())
+        window.add(step_metrics, workload.batch_size(batch))
+    # fp16's dynamic loss scale overflows by design; DeepSpeed skips those steps itself.
+    if config.engine.precision != "fp16":
+        watch.add(engines.grad_norms())
+    watch.end_step(step, engines.device)
+    if trainer.noise_scale:
+        window.add_step(noise_terms(engines.primary, trainer))
+
+
 def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: Optional[Tracker],
               start_step: int, rank: int) -> None:
-    trainer = config.trainer
-    accumulation = trainer.gradient_accumulation_steps
-    stop = trainer.stop_at_step or trainer.max_steps
-    batches: Iterator[dict] = workload.train_batches(start=start_step * accumulation)
+    """Train from `start_step` to the schedule's stop, logging, evaluating and checkpointing on its
+    steps, until a stop rule ends the session; then write the summary."""
     session_started = time.perf_counter()
-    window, logged = Window(), {}
     score_key = workload.checkpoint_metric(config.sections)
-    engines.train(True)
-    model, step = engines.for_workload(), start_step
+    schedule = Schedule.of(config.trainer, score_key)
+    rules = StopRules(config.trainer.stop_at_loss, config.run_dir / STOP_REQUEST_FILE)
+    batches = workload.train_batches(start=start_step * config.trainer.gradient_accumulation_steps)
+    window, watch, logged = Window(), FiniteWatch(), {}
     previous_checkpoint = checkpoint_name(start_step) if start_step else None
-    stopped_at_loss: Optional[int] = None
-    stopped_on_request: Optional[int] = None
-    non_finite_step: Optional[int] = None
-    watch = FiniteWatch()
-    # fp16's dynamic loss scale overflows by design; DeepSpeed skips those steps itself.
-    watch_gradients = config.engine.precision != "fp16"
-    for step in range(start_step + 1, stop + 1):
-        for _ in range(accumulation):
-            batch = engines.prepare_batch(next(batches))
-            step_metrics = workload.train_step(model, batch)
-            watch.add(step_metrics.values())
-            window.add(step_metrics, workload.batch_size(batch))
-        if watch_gradients:
-            watch.add(engines.grad_norms())
-        watch.end_step(step, engines.device)
-        if trainer.noise_scale:
-            window.add_step(noise_terms(engines.primary, trainer))
+    engines.train(True)
+    step = start_step
+    for step in range(start_step + 1, schedule.stop + 1):
+        train_step(config, workload, engines, batches, window, watch, step)
         if tracker:
             tracker.advance()
-        metrics = {}
-        log_step = step % trainer.log_every == 0 or step == stop
+        metrics: dict[str, Any] = {}
+        log_step = schedule.logs(step)
         if log_step:
             metrics = {**with_noise_scale(window.reduce(engines.device)), **engines.log_metrics()}
-        # Not at the last step: that one checkpoints and completes anyway.
-        if log_step and step < stop and any_rank(rank == 0 and (config.run_dir / STOP_REQUEST_FILE).exists(),
-                                                 engines.device):
-            stopped_on_request, stop = step, step
-        # The window's loss is all-reduced, so every rank decides alike.
-        if log_step and trainer.stop_at_loss is not None and metrics.get("loss", float("inf")) <= trainer.stop_at_loss:
-            stopped_at_loss, stop = step, step
-        checkpoint_step = (trainer.checkpoint_every and step % trainer.checkpoint_every == 0) or step == stop
+            rules.after_log(step, metrics, schedule, rank, engines.device)
+        checkpoint_step = schedule.checkpoints(step)
         # Before evaluating and saving: a diverged model is never saved over the last good checkpoint.
-        if (log_step or checkpoint_step) and (non_finite_step := watch.first_bad_step(engines.device)) is not None:
+        if (log_step or checkpoint_step) and rules.diverged(watch, engines.device):
             if metrics and tracker:
                 tracker.log(step, metrics)
             break
-        # Checkpoints kept by a metric are scored, so each one is evaluated.
-        evaluate = ((trainer.eval_every and step % trainer.eval_every == 0) or step == stop
-                    or (checkpoint_step and score_key))
+        evaluate = schedule.evaluates(step)
         if evaluate or checkpoint_step:
             engines.average_buffers()
         if evaluate:
-            metrics.update(workload.evaluate(model, step))
+            metrics.update(workload.evaluate(engines.for_workload(), step))
         if metrics and tracker:
             tracker.log(step, metrics)
         logged.update(metrics)
@@ -290,11 +347,10 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
             previous_checkpoint = checkpoint_name(step)
         if log_step:
             window = Window()  # after eval and checkpoint, so throughput counts training time only
-        if step == stop:
+        if step == schedule.stop:
             break
-    stops = {"stopped_at_loss_step": stopped_at_loss, "stopped_on_request_step": stopped_on_request,
-             "non_finite_step": non_finite_step}
-    summary = run_summary(config, workload, engines, step, stops, logged, time.perf_counter() - session_started)
+    summary = run_summary(config, workload, engines, step, rules.summary(), logged,
+                          time.perf_counter() - session_started)
     if tracker:
         tracker.finish(summary)
 
