@@ -15,11 +15,33 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
+from annotated_types import BaseMetadata, Ge, GroupedMetadata, Gt, Interval, Le, Len, Lt, MaxLen, MinLen, Predicate
 
 from distdl.errors import ConfigError
+
+# ----------------------------------------------------------------------------- limits
+
+# A field's limits are annotated-types constraints (the vocabulary pydantic and msgspec read) on
+# its type: Annotated[int, Ge(1)]. `coerce` checks them and words the error from them, unless a
+# Requirement gives the words.
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """What the value must be, in words, for the error when the type or limits around it fail."""
+
+    text: str
+
+
+Finite = Predicate(math.isfinite)
+AtLeastOne = Annotated[int, Ge(1)]
+NonNegative = Annotated[int, Ge(0)]
+# Steps, or "epoch" (an epoch's steps, once the driver knows the data's size); 0: off.
+StepInterval = Annotated[Union[NonNegative, Literal["epoch"]],
+                         Requirement("must be 0 (off), a number of steps, or 'epoch'")]
 
 # ----------------------------------------------------------------------------- sections
 
@@ -28,9 +50,9 @@ from distdl.errors import ConfigError
 class RunSection:
     name: str = "distdl-run"
     storage_path: str = "runs"
-    seed: int = 0
+    seed: NonNegative = 0
     # Ray Train restarts the worker group from the latest checkpoint this many times.
-    max_failures: int = 0
+    max_failures: NonNegative = 0
 
 
 @dataclass
@@ -38,23 +60,24 @@ class RaySection:
     # None starts an embedded local Ray; "auto" or "HOST:PORT" joins a cluster.
     address: Optional[str] = None
     # CPUs the embedded local Ray may use (None: all of this machine's).
-    num_cpus: Optional[int] = None
+    num_cpus: Optional[Annotated[int, Ge(1), Requirement("must be at least 1 (or null: all)")]] = None
 
 
 @dataclass
 class ScalingSection:
-    num_workers: int = 2
+    num_workers: AtLeastOne = 2
     use_gpu: bool = False
-    cpus_per_worker: int = 1
-    # Ray placement of the workers' bundles: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD.
-    placement_strategy: str = "PACK"
+    cpus_per_worker: AtLeastOne = 1
+    # Ray placement of the workers' bundles.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 @dataclass
 class EngineSection:
-    zero_stage: int = 0
-    precision: str = "fp32"
-    gradient_clipping: float = 1.0
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    # fp16 needs GPUs (DeepSpeed's CPU accelerator has no fp16).
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_clipping: Annotated[float, Ge(0), Finite, Requirement("must be finite and >= 0 (0: off)")] = 1.0
     # ZeRO stages 1-3 only: optimizer state lives in CPU memory.
     offload_optimizer: bool = False
     # ZeRO 1-3: reduce gradients bucket by bucket while the backward pass still runs. null: on for
@@ -63,73 +86,74 @@ class EngineSection:
     overlap_comm: Optional[bool] = None
     # Elements per bucket of ZeRO's gradient reduce and parameter all-gather (DeepSpeed's default,
     # 5e8, makes one bucket of most models, which leaves nothing to overlap).
-    bucket_elements: int = 25_000_000
+    bucket_elements: AtLeastOne = 25_000_000
     # A raw DeepSpeed JSON merged over the derived config; conflicts are errors.
     deepspeed_config: Optional[str] = None
 
 
 @dataclass
 class OptimizerSection:
-    name: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: Annotated[float, Gt(0), Finite] = 1e-3
+    weight_decay: Annotated[float, Ge(0)] = 0.01
+    betas: Annotated[list[Annotated[float, Interval(ge=0, lt=1)]], Len(2, 2)] = field(
+        default_factory=lambda: [0.9, 0.999])
+    eps: Annotated[float, Gt(0)] = 1e-8
     # sgd only.
     momentum: float = 0.9
     nesterov: bool = False
     # Linear scaling rule (Goyal et al. 2017): when set, the learning rate used is
     # lr x global_batch_size / reference_batch_size (e.g. lr 0.1 at reference 256).
-    reference_batch_size: Optional[int] = None
+    reference_batch_size: Optional[AtLeastOne] = None
 
 
 @dataclass
 class SchedulerSection:
-    # Names of transformers.get_scheduler: constant_with_warmup, linear, cosine, ...
-    name: str = "linear"
-    warmup_steps: int = 0
+    # Names of transformers.get_scheduler.
+    name: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "linear"
+    warmup_steps: NonNegative = 0
     # Used when warmup_steps is 0: a fraction of trainer.max_steps.
-    warmup_ratio: float = 0.0
+    warmup_ratio: Annotated[float, Interval(ge=0, le=1)] = 0.0
 
 
 @dataclass
 class TrainerSection:
     # The step budget; set this or `epochs` (when both are set, max_steps wins, as in HF's Trainer).
-    max_steps: Optional[int] = None
+    max_steps: Optional[AtLeastOne] = None
     # Passes over the training set; turned into max_steps once the driver knows the data's size.
-    epochs: Optional[float] = None
+    epochs: Optional[Annotated[float, Gt(0), Finite]] = None
     # End this session after this step (with a checkpoint), keeping the LR schedule planned
     # for max_steps; rerun with a later stop_at_step (or none) to go on, as Slurm job chains do.
-    stop_at_step: Optional[int] = None
-    micro_batch_size: int = 8
+    stop_at_step: Optional[AtLeastOne] = None
+    micro_batch_size: AtLeastOne = 8
     # Set either of these (or neither: accumulation 1). They must agree with
     # global = micro_batch_size x gradient_accumulation_steps x num_workers.
-    global_batch_size: Optional[int] = None
-    gradient_accumulation_steps: Optional[int] = None
-    log_every: int = 10
-    # Steps, or "epoch". 0: evaluate only at the end.
-    eval_every: int | str = 0
-    # Steps, or "epoch". 0: checkpoint only at the end.
-    checkpoint_every: int | str = 0
-    keep_checkpoints: int = 2
+    global_batch_size: Optional[AtLeastOne] = None
+    gradient_accumulation_steps: Optional[AtLeastOne] = None
+    log_every: AtLeastOne = 10
+    # 0: evaluate only at the end.
+    eval_every: StepInterval = 0
+    # 0: checkpoint only at the end.
+    checkpoint_every: StepInterval = 0
+    keep_checkpoints: AtLeastOne = 2
     # Log the gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018) from each
     # rank's gradient against the all-reduced one: no extra passes. Needs 2+ workers, ZeRO 0, fp32.
     noise_scale: bool = False
     # End the run (with a checkpoint) at the first log step whose window-mean training loss is at or
     # below this: the scaling study's steps-to-target runs.
-    stop_at_loss: Optional[float] = None
+    stop_at_loss: Optional[Annotated[float, Finite]] = None
 
 
 @dataclass
 class TrackingSection:
     # auto: online when a W&B login is configured, offline otherwise.
-    wandb_mode: str = "auto"
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     wandb_project: str = "distdl"
     wandb_entity: Optional[str] = None
     # W&B's run group (a study sets it to the study's name, so its trials show together).
     wandb_group: Optional[str] = None
     # Seconds W&B online may take to reach its server before the run logs offline instead (W&B's default).
-    wandb_init_timeout: float = 90.0
+    wandb_init_timeout: Annotated[float, Gt(0), Finite, Requirement("must be a positive number of seconds")] = 90.0
     progress_bar: bool = True
 
 
@@ -142,15 +166,6 @@ FIXED_SECTIONS: dict[str, type] = {
     "scheduler": SchedulerSection,
     "trainer": TrainerSection,
     "tracking": TrackingSection,
-}
-
-ALLOWED = {
-    "engine.zero_stage": (0, 1, 2, 3),
-    "engine.precision": ("fp32", "bf16", "fp16"),
-    "optimizer.name": ("adamw", "adam", "sgd"),
-    "scheduler.name": ("constant", "constant_with_warmup", "linear", "cosine"),
-    "tracking.wandb_mode": ("auto", "online", "offline", "disabled"),
-    "scaling.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
 
 # Keys a rerun may change and still resume the same run: the step budget, and what concerns
@@ -294,7 +309,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 
 def build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
@@ -318,8 +333,11 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             except ConfigError:
                 pass
         return coerce(value, inner[-1], key)
+    if origin is Annotated:
+        return coerce_limited(value, args[0], hint.__metadata__, key)
     if origin is Literal:
-        if value not in args:
+        # By type too: YAML's true is not the 1 of Literal[0, 1, 2, 3].
+        if not any(type(value) is type(allowed) and value == allowed for allowed in args):
             raise ConfigError(f"{key}={value!r} is not allowed; allowed: {', '.join(map(str, args))}")
         return value
     if origin is list:
@@ -345,66 +363,82 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"{key} must be of type {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
+def coerce_limited(value: Any, inner: Any, metadata: tuple[Any, ...], key: str) -> Any:
+    """`coerce` to the inner type, then check the field's limits."""
+    requirement = next((m.text for m in metadata if isinstance(m, Requirement)), None)
+    try:
+        value = coerce(value, inner, key)
+    except ConfigError:
+        if requirement is None:
+            raise
+        raise ConfigError(f"{key}={shown(value)} {requirement}") from None
+    limits = [limit for m in metadata if not isinstance(m, Requirement)
+              for limit in (m if isinstance(m, GroupedMetadata) else [m])]
+    if not all(satisfies(value, limit) for limit in limits):
+        raise ConfigError(f"{key}={shown(value)} {requirement or describe(limits)}")
+    return value
+
+
+def satisfies(value: Any, limit: BaseMetadata) -> bool:
+    if isinstance(limit, Ge):
+        return value >= limit.ge
+    if isinstance(limit, Gt):
+        return value > limit.gt
+    if isinstance(limit, Le):
+        return value <= limit.le
+    if isinstance(limit, Lt):
+        return value < limit.lt
+    if isinstance(limit, MinLen):
+        return len(value) >= limit.min_length
+    if isinstance(limit, MaxLen):
+        return len(value) <= limit.max_length
+    if isinstance(limit, Predicate):
+        return bool(limit.func(value))
+    raise TypeError(f"config fields do not support the constraint {limit!r}")
+
+
+def describe(limits: list[BaseMetadata]) -> str:
+    """The limits in words: 'must be at least 1', 'must lie in [0, 1)', 'must be a finite positive number'."""
+    bound = {type(limit).__name__: getattr(limit, type(limit).__name__.lower()) for limit in limits
+             if isinstance(limit, (Ge, Gt, Le, Lt))}
+    finite = any(isinstance(limit, Predicate) and limit.func is math.isfinite for limit in limits)
+    low = next((limit.min_length for limit in limits if isinstance(limit, MinLen)), None)
+    high = next((limit.max_length for limit in limits if isinstance(limit, MaxLen)), None)
+    if low is not None or high is not None:
+        if low == high:
+            return f"must hold {low} values"
+        return f"must hold at least {low} values" if high is None else f"must hold {low or 0} to {high} values"
+    lower, upper = bound.get("Ge", bound.get("Gt")), bound.get("Le", bound.get("Lt"))
+    if lower is not None and upper is not None:
+        return f"must lie in {'[' if 'Ge' in bound else '('}{lower}, {upper}{']' if 'Le' in bound else ')'}"
+    if bound.get("Gt") == 0:
+        return "must be a finite positive number" if finite else "must be positive"
+    if bound.get("Ge") == 0:
+        return "must be finite and >= 0" if finite else "must be 0 or more"
+    if lower is not None:
+        return f"must be at least {lower}" if "Ge" in bound else f"must be greater than {lower}"
+    if upper is not None:
+        return f"must be at most {upper}" if "Le" in bound else f"must be below {upper}"
+    return "must be a finite number" if finite else "is not allowed"
+
+
+def shown(value: Any) -> str:
+    """A value as an error shows it: numbers and lists as written, strings quoted."""
+    return str(value) if isinstance(value, (int, float, list)) and not isinstance(value, bool) else repr(value)
+
+
 # ----------------------------------------------------------------------------- validation
 
 
 def validate(config: Config) -> None:
     """Checks that need more than one key or knowledge of this machine."""
-    for dotted, allowed in ALLOWED.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(config, section), key)
-        if value not in allowed:
-            raise ConfigError(f"{dotted}={value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
-    if config.trainer.global_batch_size is not None and config.trainer.global_batch_size < 1:
-        raise ConfigError(f"trainer.global_batch_size={config.trainer.global_batch_size} must be at least 1")
-    non_negative = {"run.seed": config.run.seed, "run.max_failures": config.run.max_failures,
-                    "optimizer.weight_decay": config.optimizer.weight_decay,
-                    "scheduler.warmup_steps": config.scheduler.warmup_steps}
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key}={value} must be 0 or more")
-    betas = config.optimizer.betas
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise ConfigError(f"optimizer.betas={betas} must be two numbers in [0, 1)")
-    if config.optimizer.reference_batch_size is not None and config.optimizer.reference_batch_size < 1:
-        raise ConfigError(f"optimizer.reference_batch_size={config.optimizer.reference_batch_size} must be at least 1")
     if config.optimizer.nesterov and config.optimizer.name != "sgd":
         raise ConfigError("optimizer.nesterov=true applies to optimizer.name=sgd only")
-    if not config.optimizer.eps > 0:
-        raise ConfigError(f"optimizer.eps={config.optimizer.eps} must be positive")
-    if not 0 <= config.scheduler.warmup_ratio <= 1:
-        raise ConfigError(f"scheduler.warmup_ratio={config.scheduler.warmup_ratio} must lie in [0, 1]")
-    if config.ray.num_cpus is not None and config.ray.num_cpus < 1:
-        raise ConfigError(f"ray.num_cpus={config.ray.num_cpus} must be at least 1 (or null: all)")
     _check_budget(config.trainer)
-    positive = {
-        "trainer.micro_batch_size": config.trainer.micro_batch_size,
-        "trainer.log_every": config.trainer.log_every,
-        "trainer.keep_checkpoints": config.trainer.keep_checkpoints,
-        "scaling.num_workers": config.scaling.num_workers,
-        "scaling.cpus_per_worker": config.scaling.cpus_per_worker,
-        "engine.bucket_elements": config.engine.bucket_elements,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be at least 1")
-    for key in ("eval_every", "checkpoint_every"):
-        value = getattr(config.trainer, key)
-        if value != "epoch" and not (isinstance(value, int) and value >= 0):
-            raise ConfigError(f"trainer.{key}={value!r} must be 0 (off), a number of steps, or 'epoch'")
-    if not (math.isfinite(config.tracking.wandb_init_timeout) and config.tracking.wandb_init_timeout > 0):
-        raise ConfigError(f"tracking.wandb_init_timeout={config.tracking.wandb_init_timeout} must be a positive "
-                          "number of seconds")
-    if not (math.isfinite(config.optimizer.lr) and config.optimizer.lr > 0):
-        raise ConfigError(f"optimizer.lr={config.optimizer.lr} must be a finite positive number")
-    if not (math.isfinite(config.engine.gradient_clipping) and config.engine.gradient_clipping >= 0):
-        raise ConfigError(f"engine.gradient_clipping={config.engine.gradient_clipping} must be finite and >= 0 (0: off)")
     if not config.run.name or "/" in config.run.name or config.run.name in (".", ".."):
         raise ConfigError(f"run.name={config.run.name!r} must be a non-empty name without '/'")
     if config.engine.offload_optimizer and config.engine.zero_stage == 0:
         raise ConfigError("engine.offload_optimizer=true needs engine.zero_stage 1, 2 or 3")
-    if config.trainer.stop_at_loss is not None and not math.isfinite(config.trainer.stop_at_loss):
-        raise ConfigError(f"trainer.stop_at_loss={config.trainer.stop_at_loss} must be a finite number")
     if config.trainer.noise_scale and not noise_scale_possible(config):
         raise ConfigError("trainer.noise_scale=true compares each worker's gradient with the all-reduced one: it "
                           "needs scaling.num_workers >= 2, engine.zero_stage=0 and engine.precision=fp32 (got "
@@ -422,10 +456,6 @@ def noise_scale_possible(config: Config) -> bool:
 def _check_budget(trainer: TrainerSection) -> None:
     if trainer.max_steps is None and trainer.epochs is None:
         raise ConfigError("set trainer.max_steps (optimizer steps) or trainer.epochs (passes over the training data)")
-    if trainer.max_steps is not None and trainer.max_steps < 1:
-        raise ConfigError(f"trainer.max_steps={trainer.max_steps} must be at least 1")
-    if trainer.epochs is not None and not (math.isfinite(trainer.epochs) and trainer.epochs > 0):
-        raise ConfigError(f"trainer.epochs={trainer.epochs} must be a finite positive number")
     stop = trainer.stop_at_step
     if stop is not None and trainer.max_steps is not None and not 1 <= stop <= trainer.max_steps:
         raise ConfigError(f"trainer.stop_at_step={stop} must lie in 1..trainer.max_steps={trainer.max_steps}")
@@ -477,8 +507,6 @@ def _resolve_batch(config: Config) -> None:
                 f"{trainer.gradient_accumulation_steps} x {workers}"
             )
         trainer.gradient_accumulation_steps = accumulation
-    elif trainer.gradient_accumulation_steps is not None and trainer.gradient_accumulation_steps < 1:
-        raise ConfigError(f"trainer.gradient_accumulation_steps={trainer.gradient_accumulation_steps} must be at least 1")
     trainer.gradient_accumulation_steps = trainer.gradient_accumulation_steps or 1
     trainer.global_batch_size = per_step * trainer.gradient_accumulation_steps
 

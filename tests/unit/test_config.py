@@ -197,6 +197,45 @@ def test_unknown_precision_lists_allowed_values():
     assert "engine.precision" in message and "fp32, bf16, fp16" in message
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("trainer.global_batch_size=0", "trainer.global_batch_size=0 must be at least 1"),
+    ("trainer.gradient_accumulation_steps=0", "trainer.gradient_accumulation_steps=0 must be at least 1"),
+    ("trainer.max_steps=0", "trainer.max_steps=0 must be at least 1"),
+    ("trainer.micro_batch_size=0", "trainer.micro_batch_size=0 must be at least 1"),
+    ("trainer.log_every=0", "trainer.log_every=0 must be at least 1"),
+    ("trainer.keep_checkpoints=0", "trainer.keep_checkpoints=0 must be at least 1"),
+    ("scaling.num_workers=0", "scaling.num_workers=0 must be at least 1"),
+    ("scaling.cpus_per_worker=0", "scaling.cpus_per_worker=0 must be at least 1"),
+    ("engine.bucket_elements=0", "engine.bucket_elements=0 must be at least 1"),
+    ("optimizer.reference_batch_size=0", "optimizer.reference_batch_size=0 must be at least 1"),
+    ("ray.num_cpus=0", "ray.num_cpus=0 must be at least 1 (or null: all)"),
+    ("run.seed=-1", "run.seed=-1 must be 0 or more"),
+    ("run.max_failures=-1", "run.max_failures=-1 must be 0 or more"),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay=-0.1 must be 0 or more"),
+    ("scheduler.warmup_steps=-1", "scheduler.warmup_steps=-1 must be 0 or more"),
+    ("optimizer.eps=0", "optimizer.eps=0.0 must be positive"),
+    ("scheduler.warmup_ratio=1.5", "scheduler.warmup_ratio=1.5 must lie in [0, 1]"),
+    ("trainer.epochs=0", "trainer.epochs=0.0 must be a finite positive number"),
+    ("trainer.epochs=.nan", "trainer.epochs=nan must be a finite positive number"),
+    ("optimizer.lr=0", "optimizer.lr=0.0 must be a finite positive number"),
+    ("optimizer.lr=.inf", "optimizer.lr=inf must be a finite positive number"),
+    ("engine.gradient_clipping=-1", "engine.gradient_clipping=-1.0 must be finite and >= 0 (0: off)"),
+    ("tracking.wandb_init_timeout=0", "tracking.wandb_init_timeout=0.0 must be a positive number of seconds"),
+    ("trainer.stop_at_loss=.inf", "trainer.stop_at_loss=inf must be a finite number"),
+    ("trainer.eval_every=-1", "trainer.eval_every=-1 must be 0 (off), a number of steps, or 'epoch'"),
+    ("trainer.checkpoint_every=weekly", "trainer.checkpoint_every='weekly' must be 0 (off), a number of steps, or 'epoch'"),
+    ("optimizer.betas=[0.9,1.0]", "optimizer.betas[1]=1.0 must lie in [0, 1)"),
+    ("optimizer.betas=[0.9]", "optimizer.betas=[0.9] must hold 2 values"),
+    ("scaling.placement_strategy=pack", "scaling.placement_strategy='pack' is not allowed; allowed: PACK, SPREAD"),
+    ("scheduler.name=step", "scheduler.name='step' is not allowed; allowed: constant, constant_with_warmup"),
+    ("optimizer.name=lamb", "optimizer.name='lamb' is not allowed; allowed: adamw, adam, sgd"),
+    ("tracking.wandb_mode=cloud", "tracking.wandb_mode='cloud' is not allowed; allowed: auto, online, offline"),
+    ("engine.zero_stage=true", "engine.zero_stage=True is not allowed; allowed: 0, 1, 2, 3"),
+])
+def test_every_limit_names_the_key_the_value_and_what_is_allowed(override, expected):
+    assert expected in error(override)
+
+
 def test_fp16_needs_gpus():
     message = error("engine.precision=fp16", "scaling.use_gpu=false")
     assert "engine.precision=fp16" in message and "scaling.use_gpu" in message
