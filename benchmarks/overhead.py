@@ -137,6 +137,7 @@ class FirstLineWatcher(threading.Thread):
 
 
 def run_distdl(args: argparse.Namespace, workers: int, storage: Path, tokenizer: Path) -> dict[str, Any]:
+    from distdl.cluster.connect import connect_ray
     from distdl.config import load_config
     from distdl.driver import train
     from distdl.tracking import read_metrics
@@ -158,7 +159,7 @@ def run_distdl(args: argparse.Namespace, workers: int, storage: Path, tokenizer:
     watcher = FirstLineWatcher(config.run_dir / "metrics.jsonl")
     watcher.start()
     started = time.time()
-    summary = train(config)
+    summary = train(config, connect_ray)
     watcher.done.set()
     if not summary.get("completed"):
         raise RuntimeError(f"{name} did not complete: {summary}")
@@ -262,7 +263,7 @@ def main() -> None:
         import ray
         import ray.train.torch  # noqa: F401  (imported before any timing)
 
-        from distdl.driver import FORWARDED_ENV
+        from distdl.cluster.connect import FORWARDED_ENV
 
         # Untimed: train the one tokenizer, fill the tokenization cache and import the data stack.
         prepare_data(data_spec(args, None, storage))

@@ -70,7 +70,7 @@ def main() -> None:
             os.environ.setdefault(key, "1")
         import ray
 
-        from distdl.driver import forwarded_env
+        from distdl.cluster.connect import forwarded_env
 
         overhead.prepare_data(overhead.data_spec(args, None, storage))  # untimed: one tokenizer for all
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,

@@ -99,12 +99,12 @@ def add_submit_commands(commands: Any) -> None:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from distdl import submit
+    from distdl.cluster import submit
 
     if args.target == "ray":
         plan = submit.plan_job(args.config, args.overrides, args.study)
         return submit.submit_ray(plan, args.address, Path(args.working_dir), args.python, args.follow)
-    from distdl import slurm
+    from distdl.cluster import slurm
 
     request = slurm.SlurmRequest(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
                                  time=args.time, partition=args.partition, account=args.account, qos=args.qos,
@@ -124,6 +124,7 @@ def run_submit(args: argparse.Namespace) -> int:
 def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:
     import signal
 
+    from distdl.cluster.connect import connect_ray
     from distdl.driver import train
 
     # A warning signal before or after training must not kill the driver (its default action);
@@ -132,7 +133,7 @@ def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:
 
     config = load_config(config_path, overrides)
     try:
-        summary = train(config, overwrite=overwrite)
+        summary = train(config, connect_ray, overwrite=overwrite)
     except TrainingFailed as failed:
         print_failure(failed)
         print(f"distdl: {last_good_checkpoint(config.run_dir)}", file=sys.stderr)
@@ -176,10 +177,11 @@ def last_good_checkpoint(run_dir: Path) -> str:
 
 
 def run_study(name: str, config_path: str, overrides: list[str], overwrite: bool) -> int:
+    from distdl.cluster.connect import connect_ray
     from distdl.studies import runner
 
     try:
-        study_dir, report = runner.run_study(name, config_path, overrides, overwrite)
+        study_dir, report = runner.run_study(name, config_path, overrides, overwrite, connect_ray)
     except TrainingFailed as failed:
         # Finished trials and measurements stay in the study directory; the same command goes on from them.
         print_failure(failed)

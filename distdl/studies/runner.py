@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import yaml
 
 from distdl.config import Config, config_differences, config_from_dict, with_defaults, without_session_keys
-from distdl.driver import connect_ray, quiet_train_logs, scaling_config, train, training_failure
+from distdl.driver import Connect, already_connected, quiet_train_logs, scaling_config, train, training_failure
 from distdl.errors import ConfigError, RunDirError, TrainingFailed
 from distdl.registry import STUDIES, WORKLOADS
 from distdl.rundir import foreign_entries, move_aside, write_json
@@ -30,7 +30,8 @@ RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
 
 
-def run_study(name: str, path: str | Path, overrides: list[str], overwrite: bool = False) -> tuple[Path, StudyReport]:
+def run_study(name: str, path: str | Path, overrides: list[str], overwrite: bool,
+              connect: Connect) -> tuple[Path, StudyReport]:
     study_class, section, base = read_study(name, path, overrides)
     study_dir = Path(base.run.storage_path) / section.name
     saved = saved_settings(name, section, base)
@@ -40,8 +41,8 @@ def run_study(name: str, path: str | Path, overrides: list[str], overwrite: bool
     trials = study.trials(train_examples)
     study_dir.mkdir(parents=True, exist_ok=True)
     (study_dir / STUDY_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
-    train_trials(study, trials, base, section.max_concurrent_trials)
-    run_measurements(base, study.measure_tasks(trials), study_class.measure, section, study_dir / "ray")
+    train_trials(study, trials, base, section.max_concurrent_trials, connect)
+    run_measurements(base, study.measure_tasks(trials), study_class.measure, section, study_dir / "ray", connect)
     report = study.write_report(trials)
     write_json(study_dir / RESULTS_FILE, report.results)
     (study_dir / REPORT_FILE).write_text(report.markdown)
@@ -50,7 +51,7 @@ def run_study(name: str, path: str | Path, overrides: list[str], overwrite: bool
 
 
 def run_measurements(config: Config, tasks: list[dict[str, Any]], measure: Callable[..., dict[str, Any]],
-                     section: Any, storage: Path) -> None:
+                     section: Any, storage: Path, connect: Connect) -> None:
     """Run `measure(task, section, context)` for each task on the workers `config` asks for."""
     from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
@@ -58,7 +59,7 @@ def run_measurements(config: Config, tasks: list[dict[str, Any]], measure: Calla
     missing = [task for task in tasks if not Path(task["out"]).is_file()]
     if not missing:
         return
-    connect_ray(config)
+    connect(config)
     print(f"distdl: measuring {len(missing)} of {len(tasks)} on {config.scaling.num_workers} workers")
     trainer = TorchTrainer(
         jobs.measure_loop_per_worker,
@@ -121,10 +122,10 @@ def check_study_dir(study_dir: Path, saved: dict[str, Any], overwrite: bool) -> 
     print(f"distdl: moved the previous study to {move_aside(study_dir)}")
 
 
-def train_trials(study: Study, trials: list[Any], base: Any, limit: Optional[int]) -> None:
+def train_trials(study: Study, trials: list[Any], base: Any, limit: Optional[int], connect: Connect) -> None:
     """Each trial is an ordinary `distdl train` run. Several at once through Ray Tune where the Ray
     cluster holds their workers side by side, one after the other otherwise."""
-    connect_ray(base)
+    connect(base)
     configs = [study.trial_config(trial) for trial in trials]
     parallel = concurrent_trials(configs, limit)
     if parallel > 1 and len(configs) > 1:
@@ -136,7 +137,7 @@ def train_trials(study: Study, trials: list[Any], base: Any, limit: Optional[int
     bar = tqdm(configs, desc="trials", unit="trial")
     for config in bar:
         bar.set_postfix_str(config.run.name)
-        check_finished(config.run.name, train(config))
+        check_finished(config.run.name, train(config, connect))
 
 
 def concurrent_trials(configs: list[Any], limit: Optional[int]) -> int:
@@ -175,7 +176,7 @@ def tune_trial(tune_config: dict[str, Any]) -> None:
     from ray import tune
 
     config = config_from_dict(tune_config["config"])
-    summary = train(config)
+    summary = train(config, already_connected)  # a Tune trial runs inside Ray
     check_finished(config.run.name, summary)
     tune.report({"steps": summary.get("steps", 0)})
 

@@ -108,7 +108,7 @@ def test_unreachable_cluster_and_relative_storage_are_clear_errors(tmp_path):
 
 
 def test_the_token_ray_writes_for_a_local_cluster_is_made_private(tmp_path, monkeypatch):
-    from distdl.driver import restrict_default_token
+    from distdl.cluster.connect import restrict_default_token
 
     token_file = tmp_path / ".ray" / "auth_token"
     token_file.parent.mkdir()

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from distdl.cluster.slurm import SlurmRequest, check_request, render_script, scaling_overrides, time_limit_seconds
+from distdl.cluster.submit import plan_job
 from distdl.config import ConfigError
-from distdl.slurm import SlurmRequest, check_request, render_script, scaling_overrides, time_limit_seconds
-from distdl.submit import plan_job
 from tests.conftest import REPO
 
 TINY = REPO / "configs/bert/pretrain_tiny.yaml"
@@ -103,7 +103,7 @@ def test_hostile_values_reach_the_job_verbatim_and_run_nothing(tmp_path):
 
 
 def test_hostile_values_reach_a_ray_job_verbatim_and_run_nothing(tmp_path):
-    from distdl.submit import ray_entrypoint
+    from distdl.cluster.submit import ray_entrypoint
 
     storage = tmp_path / "shared $(touch pwned) dir"
     overrides = ["data.path=/usr/share/common-licenses", f"run.name={HOSTILE}", f"run.storage_path={storage}"]

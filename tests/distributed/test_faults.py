@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from distdl.cluster.connect import connect_ray
 from distdl.config import load_config
 from distdl.driver import train
 from distdl.engine import consolidated_state_dict, verify_checkpoint
@@ -85,7 +86,7 @@ def test_resumed_run_equals_uninterrupted(straight_run, tmp_path, corpus, common
     assert_same_final_weights(straight_run, resumed)
     assert [m["step"] for m in read_metrics(resumed.run_dir)] == [4, 6, 8, 12]
     # Rerunning a finished run trains nothing and keeps its summary.
-    again = train(load_config(resumed.run_dir / "config.yaml"))
+    again = train(load_config(resumed.run_dir / "config.yaml"), connect_ray)
     assert again == summary
     # The logged losses after the resume point are those of the uninterrupted run.
     losses = {m["step"]: m["loss"] for m in read_metrics(straight_run.run_dir)}
@@ -96,7 +97,7 @@ def test_a_worker_killed_with_sigkill_is_restarted_from_the_last_checkpoint(stra
     config = load_config(QUICKSTART, overrides(tmp_path, corpus, "run.name=killed", "workload=bert_pretrain_killed_once",
                                                "run.max_failures=1", *common))
     outcome: dict = {}
-    driver = threading.Thread(target=lambda: outcome.update(summary=train(config)))
+    driver = threading.Thread(target=lambda: outcome.update(summary=train(config, connect_ray)))
     driver.start()
     pid_file = config.run_dir / "worker_pid"
     wait_for(lambda: pid_file.is_file() and pid_file.read_text().strip() or not driver.is_alive(), 300,

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from distdl import cli
+from distdl.cluster.connect import connect_ray
 from distdl.config import load_config
 from distdl.data import glue
 from distdl.driver import train
@@ -37,7 +38,7 @@ def finetune(tmp_path: Path, glue_dir: Path, model: Path, task: str, *overrides:
         "tracking.progress_bar=false",
     ]
     config = load_config(REPO / "configs" / "glue" / f"{task}.yaml", [*base, *overrides])
-    return config, train(config)
+    return config, train(config, connect_ray)
 
 
 def evaluations(run_dir: Path, key: str) -> dict[int, float]:
@@ -128,7 +129,7 @@ def test_pretrain_tiny_then_export_then_finetune(ray_local, tmp_path, glue_dir, 
         "trainer.global_batch_size=16", "trainer.log_every=3", "tokenizer.vocab_size=2000", "data.max_seq_length=64",
         "tracking.wandb_mode=disabled", "tracking.progress_bar=false",
     ])
-    train(pretrain)
+    train(pretrain, connect_ray)
     exported = tmp_path / "bert-tiny-hf"
     assert cli.main(["export", str(pretrain.run_dir), str(exported)]) == 0
     config, summary = finetune(tmp_path, glue_dir, exported, "sst2", "trainer.epochs=1", "optimizer.lr=3e-3")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from distdl import cli
+from distdl.cluster.connect import connect_ray
 
 REPO = Path(__file__).resolve().parents[2]
 SHARPNESS = REPO / "configs/studies/sharpness.yaml"
@@ -27,7 +28,7 @@ def sharpness_study(ray_local, tmp_path_factory):
 
     storage = tmp_path_factory.mktemp("studies")
     overrides = [*TINY, f"run.storage_path={storage}"]
-    study_dir, report = run_study("sharpness", SHARPNESS, overrides)
+    study_dir, report = run_study("sharpness", SHARPNESS, overrides, False, connect_ray)
     return study_dir, report, overrides
 
 
@@ -96,7 +97,7 @@ def test_a_study_run_again_trains_and_measures_nothing_twice(sharpness_study):
                *study_dir.glob("interpolation/*.json")]
     before = {path: path.stat().st_mtime_ns for path in watched}
     assert len(before) == 3 + 3 + 2
-    run_study("sharpness", SHARPNESS, overrides)
+    run_study("sharpness", SHARPNESS, overrides, False, connect_ray)
     assert {path: path.stat().st_mtime_ns for path in watched} == before
     assert (study_dir / "report.md").is_file()
 
@@ -154,7 +155,7 @@ def test_overparam_study_fits_the_distance_exponent_and_writes_its_plots(ray_loc
     study_dir, report = run_study("overparam", OVERPARAM, [
         "data.train_subset=128", "trainer.global_batch_size=128", "trainer.micro_batch_size=64",
         "trainer.max_steps=40", "trainer.log_every=2", "study.widths=[16,1024]", f"run.storage_path={tmp_path}",
-        "tracking.wandb_mode=disabled"])
+        "tracking.wandb_mode=disabled"], False, connect_ray)
     results = json.loads((study_dir / "results.json").read_text())
     assert (study_dir / "ray" / "trials").is_dir(), "4 logical CPUs hold both 2-worker trials: Ray Tune ran them at once"
     narrow, wide = sorted(results["entries"], key=lambda e: e["width"])
@@ -197,7 +198,7 @@ def test_scaling_study_measures_throughput_and_steps_to_target(ray_local, tmp_pa
         "data.dataset=digits", "model.hidden_sizes=[32]", "optimizer.lr=0.05", "trainer.log_every=2",
         "study.workers=[2]", "study.throughput_kinds=[strong]", "study.throughput_steps=8",
         "study.strong_batch_size=64", "study.batch_sizes=[16,64]", "study.target_loss=1.0", "study.max_steps=300",
-        f"run.storage_path={tmp_path}", "tracking.wandb_mode=disabled"])
+        f"run.storage_path={tmp_path}", "tracking.wandb_mode=disabled"], False, connect_ray)
     results = json.loads((study_dir / "results.json").read_text())
     # One worker count keeps the test short; the efficiency arithmetic is tested on known numbers below.
     (speed,) = results["throughput"]

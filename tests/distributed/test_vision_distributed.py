@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from distdl import cli
+from distdl.cluster.connect import connect_ray
 from distdl.config import load_config
 from distdl.driver import train
 from distdl.tracking import read_metrics
@@ -23,7 +24,7 @@ def classifier_run(ray_local, tmp_path_factory, mnist_root):
         f"data.path={mnist_root}", f"run.storage_path={tmp_path_factory.mktemp('runs')}", "trainer.epochs=2",
         "trainer.log_every=5", "engine.zero_stage=1", "tracking.wandb_mode=disabled", "tracking.progress_bar=false",
     ])
-    return config, train(config)
+    return config, train(config, connect_ray)
 
 
 def test_resnet_learns_real_digits_with_zero1(classifier_run):
@@ -46,7 +47,7 @@ def gan(tmp_path: Path, mnist_root: Path, config_name: str, *overrides: str):
         "trainer.eval_every=4", "trainer.checkpoint_every=4", "model.generator_width=16",
         "model.discriminator_width=16", "tracking.progress_bar=false", "tracking.wandb_mode=disabled", *overrides,
     ])
-    return config, train(config)
+    return config, train(config, connect_ray)
 
 
 def test_dcgan_logs_finite_losses_sample_grids_and_frechet_distances(ray_local, tmp_path, mnist_root, classifier_run):
@@ -115,7 +116,7 @@ def test_a_resnet18_exports_weights_torchvision_loads_strictly_with_the_runs_acc
         f"run.storage_path={tmp_path}", "trainer.epochs=null", "trainer.max_steps=20", "trainer.log_every=10",
         "trainer.micro_batch_size=16", "trainer.global_batch_size=32", "optimizer.lr=0.05",
         "tracking.wandb_mode=disabled", "tracking.progress_bar=false"])
-    summary = train(config)
+    summary = train(config, connect_ray)
     assert cli.main(["export", str(config.run_dir), str(tmp_path / "exported")]) == 0
     spec = json.loads((tmp_path / "exported" / "model.json").read_text())
     assert spec["torchvision"] == "resnet18" and spec["class_names"] == [str(d) for d in range(10)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from distdl.cluster.connect import connect_ray
 from distdl.config import load_config
 from distdl.driver import train
 
@@ -33,4 +34,4 @@ def overrides(tmp_path: Path, corpus: Path, *extra: str) -> list[str]:
 def run(tmp_path: Path, corpus: Path, *extra: str):
     """Train in this process (on the test module's Ray); the config and the run's summary."""
     config = load_config(QUICKSTART, overrides(tmp_path, corpus, *extra))
-    return config, train(config)
+    return config, train(config, connect_ray)

@@ -65,7 +65,7 @@ class LocalWorkers:
         from distdl.driver import prepare_run
         from distdl.rundir import read_summary
 
-        payload = prepare_run(config, overwrite=False)
+        payload = prepare_run(config, no_ray, overwrite=False)
         for queue in self.jobs:
             queue.put(payload)
         errors = [self.results.get(timeout=timeout_s) for _ in range(self.world)]
@@ -81,3 +81,7 @@ class LocalWorkers:
             process.join(timeout=30)
             if process.is_alive():
                 process.kill()
+
+
+def no_ray(config) -> None:
+    raise AssertionError("the local harness runs its workers without Ray; ray.address must stay unset")

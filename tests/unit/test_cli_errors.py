@@ -70,9 +70,8 @@ def test_bad_deepspeed_json_fails_before_ray(tmp_path, monkeypatch):
     def ray_starts(config):
         raise AssertionError("Ray would start here")
 
-    monkeypatch.setattr(driver, "connect_ray", ray_starts)
     with pytest.raises(Exception) as info:
-        driver.train(config)
+        driver.train(config, ray_starts)
     assert "engine.deepspeed_config" in str(info.value) and str(bad_json) in str(info.value)
 
 

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "distdl"
 # Top (0) to bottom (6); a module not listed takes its package's layer.
 LAYERS = {
     "distdl.cli": 0,
-    "distdl.slurm": 1, "distdl.submit": 1, "distdl.ray_node": 1,
+    "distdl.cluster": 1,
     "distdl.driver": 2, "distdl.studies.runner": 2, "distdl.report": 2,
     "distdl.loop": 3, "distdl.studies.jobs": 3,
     "distdl.engine": 4, "distdl.workloads": 4, "distdl.studies": 4, "distdl.tracking": 4, "distdl.optim": 4,

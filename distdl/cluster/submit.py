@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from distdl.cluster.connect import forwarded_env, use_cluster_token
 from distdl.config import RunSection, load_config, parse_override, read_yaml
-from distdl.driver import check_run_dir, forwarded_env, use_cluster_token
+from distdl.driver import check_run_dir
 from distdl.errors import ClusterError, ConfigError
 
 # Job states the Ray Jobs API ends in.

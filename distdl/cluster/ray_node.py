@@ -1,6 +1,6 @@
 """One Ray node of a batch job's Ray cluster, run in the foreground (one `srun` task per node).
 
-`python -m distdl.ray_node start ...` runs `ray start --block` with every port pinned to a block of
+`python -m distdl.cluster.ray_node start ...` runs `ray start --block` with every port pinned to a block of
 the job's own, so several jobs' Ray clusters can share nodes, and takes the node's whole process
 tree down when Slurm ends the task (a `ray start --block` alone leaves its raylet and GCS running).
 `wait` blocks until the cluster has a number of nodes; `ip` prints this node's address as Ray sees it.
@@ -123,7 +123,7 @@ def wait_for_nodes(address: str, count: int, timeout_s: float) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distdl.ray_node", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m distdl.cluster.ray_node", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("start", help="run one Ray node in the foreground")
     role = start.add_mutually_exclusive_group(required=True)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from distdl.cluster.submit import JobPlan
 from distdl.errors import ClusterError, ConfigError
 from distdl.rundir import SLURM_LOGS
-from distdl.submit import JobPlan
 
 TEMPLATE = "ray_cluster.sbatch"
 
@@ -139,7 +139,7 @@ def job_name(run_name: str) -> str:
 
 def template_path() -> Path:
     """slurm/ray_cluster.sbatch in a checkout, or where a wheel install puts it."""
-    for folder in (Path(__file__).resolve().parents[1] / "slurm", Path(sys.prefix) / "share" / "distdl" / "slurm"):
+    for folder in (Path(__file__).resolve().parents[2] / "slurm", Path(sys.prefix) / "share" / "distdl" / "slurm"):
         if (folder / TEMPLATE).is_file():
             return folder / TEMPLATE
     raise FileNotFoundError(f"cannot find the sbatch template {TEMPLATE} (slurm/ in distdl's checkout)")
