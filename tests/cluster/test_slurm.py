@@ -18,7 +18,7 @@ import pytest
 
 from distdl.cluster.slurm import SlurmRequest, check_request, render_script, scaling_overrides, time_limit_seconds
 from distdl.cluster.submit import plan_job
-from distdl.config import ConfigError
+from distdl.errors import ConfigError
 from tests.conftest import REPO
 
 TINY = REPO / "configs/bert/pretrain_tiny.yaml"

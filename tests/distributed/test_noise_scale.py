@@ -64,7 +64,8 @@ def test_measuring_the_noise_scale_leaves_training_unchanged_and_sees_each_ranks
 
 
 def test_noise_scale_needs_two_workers_zero_0_and_fp32():
-    from distdl.config import ConfigError, load_config
+    from distdl.config import load_config
+    from distdl.errors import ConfigError
 
     for override in ("scaling.num_workers=1", "engine.zero_stage=1", "engine.precision=bf16"):
         with pytest.raises(ConfigError, match="trainer.noise_scale=true compares"):

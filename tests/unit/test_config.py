@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distdl.config import ConfigError, config_from_dict, load_config
+from distdl.config import config_from_dict, load_config
+from distdl.errors import ConfigError
 
 TINY = Path(__file__).resolve().parents[2] / "configs/bert/pretrain_tiny.yaml"
 

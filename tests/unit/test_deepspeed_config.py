@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from distdl.config import ConfigError, load_config
+from distdl.config import load_config
 from distdl.engine import build_deepspeed_config, merge_deepspeed_config
+from distdl.errors import ConfigError
 
 TINY = Path(__file__).resolve().parents[2] / "configs/bert/pretrain_tiny.yaml"
 

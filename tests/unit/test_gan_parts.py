@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from distdl.config import ConfigError
+from distdl.errors import ConfigError
 from distdl.metrics import feature_statistics, frechet_distance, inception_features, load_inception
 from distdl.models.dcgan import Discriminator, Generator
 

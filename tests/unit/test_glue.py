@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from distdl import cli
-from distdl.config import ConfigError, load_config, resolve_epochs
+from distdl.config import load_config, resolve_epochs
 from distdl.data import glue
+from distdl.errors import ConfigError
 from distdl.report import bert_paper_average, glue_table
 from tests.helpers.glue_fixtures import SIZES
 

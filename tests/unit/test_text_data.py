@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from distdl.config import ConfigError
 from distdl.data import shards, text
+from distdl.errors import ConfigError
 
 VOCAB_SIZE = 400
 SEQ = 32

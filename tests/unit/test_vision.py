@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distdl.config import ConfigError, load_config
+from distdl.config import load_config
 from distdl.data import vision
+from distdl.errors import ConfigError
 from distdl.models.resnet import CIFAR_RESNETS, MODEL_NAMES, TORCHVISION_RESNETS, build_resnet
 from distdl.optim import effective_lr
 

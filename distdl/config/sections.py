@@ -1,0 +1,273 @@
+"""The run configuration's sections, with each field's type, default and limits, and the checks
+that need more than one key. The fixed sections (run, ray, scaling, engine, optimizer, scheduler,
+trainer, tracking) are the same for every workload; a workload registers its own sections (for
+BERT: model, data, tokenizer), and each component is handed only its own section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from annotated_types import Ge, Gt, Interval, Len
+
+from distdl.config.fields import AtLeastOne, Finite, NonNegative, Requirement, StepInterval
+from distdl.errors import ConfigError
+
+
+@dataclass
+class RunSection:
+    name: str = "distdl-run"
+    storage_path: str = "runs"
+    seed: NonNegative = 0
+    # Ray Train restarts the worker group from the latest checkpoint this many times.
+    max_failures: NonNegative = 0
+
+
+@dataclass
+class RaySection:
+    # None starts an embedded local Ray; "auto" or "HOST:PORT" joins a cluster.
+    address: Optional[str] = None
+    # CPUs the embedded local Ray may use (None: all of this machine's).
+    num_cpus: Optional[Annotated[int, Ge(1), Requirement("must be at least 1 (or null: all)")]] = None
+
+
+@dataclass
+class ScalingSection:
+    num_workers: AtLeastOne = 2
+    use_gpu: bool = False
+    cpus_per_worker: AtLeastOne = 1
+    # Ray placement of the workers' bundles.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+@dataclass
+class EngineSection:
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    # fp16 needs GPUs (DeepSpeed's CPU accelerator has no fp16).
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_clipping: Annotated[float, Ge(0), Finite, Requirement("must be finite and >= 0 (0: off)")] = 1.0
+    # ZeRO stages 1-3 only: optimizer state lives in CPU memory.
+    offload_optimizer: bool = False
+    # ZeRO 1-3: reduce gradients bucket by bucket while the backward pass still runs. null: on for
+    # GPU workers (communication runs beside compute), off for CPU workers, where it competes with
+    # compute for the same cores (benchmarks/scaling.py: 0.80 against 0.86 efficiency on 2 workers).
+    overlap_comm: Optional[bool] = None
+    # Elements per bucket of ZeRO's gradient reduce and parameter all-gather (DeepSpeed's default,
+    # 5e8, makes one bucket of most models, which leaves nothing to overlap).
+    bucket_elements: AtLeastOne = 25_000_000
+    # A raw DeepSpeed JSON merged over the derived config; conflicts are errors.
+    deepspeed_config: Optional[str] = None
+
+
+@dataclass
+class OptimizerSection:
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: Annotated[float, Gt(0), Finite] = 1e-3
+    weight_decay: Annotated[float, Ge(0)] = 0.01
+    betas: Annotated[list[Annotated[float, Interval(ge=0, lt=1)]], Len(2, 2)] = field(
+        default_factory=lambda: [0.9, 0.999])
+    eps: Annotated[float, Gt(0)] = 1e-8
+    # sgd only.
+    momentum: float = 0.9
+    nesterov: bool = False
+    # Linear scaling rule (Goyal et al. 2017): when set, the learning rate used is
+    # lr x global_batch_size / reference_batch_size (e.g. lr 0.1 at reference 256).
+    reference_batch_size: Optional[AtLeastOne] = None
+
+
+@dataclass
+class SchedulerSection:
+    # Names of transformers.get_scheduler.
+    name: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "linear"
+    warmup_steps: NonNegative = 0
+    # Used when warmup_steps is 0: a fraction of trainer.max_steps.
+    warmup_ratio: Annotated[float, Interval(ge=0, le=1)] = 0.0
+
+
+@dataclass
+class TrainerSection:
+    # The step budget; set this or `epochs` (when both are set, max_steps wins, as in HF's Trainer).
+    max_steps: Optional[AtLeastOne] = None
+    # Passes over the training set; turned into max_steps once the driver knows the data's size.
+    epochs: Optional[Annotated[float, Gt(0), Finite]] = None
+    # End this session after this step (with a checkpoint), keeping the LR schedule planned
+    # for max_steps; rerun with a later stop_at_step (or none) to go on, as Slurm job chains do.
+    stop_at_step: Optional[AtLeastOne] = None
+    micro_batch_size: AtLeastOne = 8
+    # Set either of these (or neither: accumulation 1). They must agree with
+    # global = micro_batch_size x gradient_accumulation_steps x num_workers.
+    global_batch_size: Optional[AtLeastOne] = None
+    gradient_accumulation_steps: Optional[AtLeastOne] = None
+    log_every: AtLeastOne = 10
+    # 0: evaluate only at the end.
+    eval_every: StepInterval = 0
+    # 0: checkpoint only at the end.
+    checkpoint_every: StepInterval = 0
+    keep_checkpoints: AtLeastOne = 2
+    # Log the gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018) from each
+    # rank's gradient against the all-reduced one: no extra passes. Needs 2+ workers, ZeRO 0, fp32.
+    noise_scale: bool = False
+    # End the run (with a checkpoint) at the first log step whose window-mean training loss is at or
+    # below this: the scaling study's steps-to-target runs.
+    stop_at_loss: Optional[Annotated[float, Finite]] = None
+
+
+@dataclass
+class TrackingSection:
+    # auto: online when a W&B login is configured, offline otherwise.
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    wandb_project: str = "distdl"
+    wandb_entity: Optional[str] = None
+    # W&B's run group (a study sets it to the study's name, so its trials show together).
+    wandb_group: Optional[str] = None
+    # Seconds W&B online may take to reach its server before the run logs offline instead (W&B's default).
+    wandb_init_timeout: Annotated[float, Gt(0), Finite, Requirement("must be a positive number of seconds")] = 90.0
+    progress_bar: bool = True
+
+
+FIXED_SECTIONS: dict[str, type] = {
+    "run": RunSection,
+    "ray": RaySection,
+    "scaling": ScalingSection,
+    "engine": EngineSection,
+    "optimizer": OptimizerSection,
+    "scheduler": SchedulerSection,
+    "trainer": TrainerSection,
+    "tracking": TrackingSection,
+}
+
+# Keys a rerun may change and still resume the same run: the step budget, and what concerns
+# only where and how this session runs (a Slurm job chain gets a new Ray head every job).
+SESSION_KEYS = (
+    "trainer.max_steps", "trainer.epochs", "trainer.stop_at_step", "trainer.log_every", "trainer.eval_every",
+    "trainer.checkpoint_every", "trainer.keep_checkpoints", "run.max_failures", "ray.address", "ray.num_cpus",
+    "scaling.cpus_per_worker", "scaling.placement_strategy", "tracking.wandb_mode", "tracking.progress_bar",
+    "tracking.wandb_init_timeout", "data.num_proc", "data.cache_dir",
+)
+
+
+@dataclass
+class Config:
+    workload: str
+    run: RunSection
+    ray: RaySection
+    scaling: ScalingSection
+    engine: EngineSection
+    optimizer: OptimizerSection
+    scheduler: SchedulerSection
+    trainer: TrainerSection
+    tracking: TrackingSection
+    # The workload's own sections, typed by the dataclasses it registered.
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.storage_path).expanduser().resolve() / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"workload": self.workload}
+        for name in FIXED_SECTIONS:
+            out[name] = dataclasses.asdict(getattr(self, name))
+        for name, section in self.sections.items():
+            out[name] = dataclasses.asdict(section)
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate(config: Config) -> None:
+    """Checks that need more than one key or knowledge of this machine."""
+    if config.optimizer.nesterov and config.optimizer.name != "sgd":
+        raise ConfigError("optimizer.nesterov=true applies to optimizer.name=sgd only")
+    _check_budget(config.trainer)
+    if not config.run.name or "/" in config.run.name or config.run.name in (".", ".."):
+        raise ConfigError(f"run.name={config.run.name!r} must be a non-empty name without '/'")
+    if config.engine.offload_optimizer and config.engine.zero_stage == 0:
+        raise ConfigError("engine.offload_optimizer=true needs engine.zero_stage 1, 2 or 3")
+    if config.trainer.noise_scale and not noise_scale_possible(config):
+        raise ConfigError("trainer.noise_scale=true compares each worker's gradient with the all-reduced one: it "
+                          "needs scaling.num_workers >= 2, engine.zero_stage=0 and engine.precision=fp32 (got "
+                          f"{config.scaling.num_workers}, {config.engine.zero_stage}, {config.engine.precision})")
+    _resolve_batch(config)
+    _check_device(config)
+
+
+def noise_scale_possible(config: Config) -> bool:
+    """trainer.noise_scale needs each rank's whole gradient before the all-reduce: 2+ workers, no
+    ZeRO partitioning of gradients, and fp32 gradients in the parameters' .grad."""
+    return config.scaling.num_workers >= 2 and config.engine.zero_stage == 0 and config.engine.precision == "fp32"
+
+
+def _check_budget(trainer: TrainerSection) -> None:
+    if trainer.max_steps is None and trainer.epochs is None:
+        raise ConfigError("set trainer.max_steps (optimizer steps) or trainer.epochs (passes over the training data)")
+    stop = trainer.stop_at_step
+    if stop is not None and trainer.max_steps is not None and not 1 <= stop <= trainer.max_steps:
+        raise ConfigError(f"trainer.stop_at_step={stop} must lie in 1..trainer.max_steps={trainer.max_steps}")
+
+
+def resolve_epochs(config: Config, train_examples: Optional[int]) -> Optional[int]:
+    """Turn `epochs` and "epoch" intervals into steps, once the driver knows the training set's size.
+
+    An epoch is one pass over a permutation of the training set in global batches (the last partial
+    global batch is dropped; the next epoch reshuffles). Returns the steps per epoch.
+    """
+    trainer = config.trainer
+    if trainer.max_steps is not None and "epoch" not in (trainer.eval_every, trainer.checkpoint_every):
+        return None
+    if train_examples is None:
+        raise ConfigError(f"workload {config.workload} has no fixed training set: give trainer.max_steps, and "
+                          "trainer.eval_every and trainer.checkpoint_every in steps")
+    steps_per_epoch = train_examples // trainer.global_batch_size
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"the training set's {train_examples} examples are fewer than one global batch of "
+            f"trainer.global_batch_size={trainer.global_batch_size} (micro_batch_size x gradient_accumulation_steps "
+            f"x num_workers = {trainer.micro_batch_size} x {trainer.gradient_accumulation_steps} x "
+            f"{config.scaling.num_workers})"
+        )
+    if trainer.max_steps is None:
+        trainer.max_steps = math.ceil(trainer.epochs * steps_per_epoch)
+    for key in ("eval_every", "checkpoint_every"):
+        if getattr(trainer, key) == "epoch":
+            setattr(trainer, key, steps_per_epoch)
+    _check_budget(trainer)
+    return steps_per_epoch
+
+
+def _resolve_batch(config: Config) -> None:
+    trainer, workers = config.trainer, config.scaling.num_workers
+    per_step = trainer.micro_batch_size * workers
+    if trainer.global_batch_size is not None:
+        if trainer.global_batch_size % per_step:
+            raise ConfigError(
+                f"trainer.global_batch_size={trainer.global_batch_size} is not divisible by "
+                f"trainer.micro_batch_size x scaling.num_workers = {trainer.micro_batch_size} x {workers}"
+            )
+        accumulation = trainer.global_batch_size // per_step
+        if trainer.gradient_accumulation_steps not in (None, accumulation):
+            raise ConfigError(
+                f"trainer.global_batch_size={trainer.global_batch_size} != micro_batch_size x "
+                f"gradient_accumulation_steps x num_workers = {trainer.micro_batch_size} x "
+                f"{trainer.gradient_accumulation_steps} x {workers}"
+            )
+        trainer.gradient_accumulation_steps = accumulation
+    trainer.gradient_accumulation_steps = trainer.gradient_accumulation_steps or 1
+    trainer.global_batch_size = per_step * trainer.gradient_accumulation_steps
+
+
+def _check_device(config: Config) -> None:
+    precision = config.engine.precision
+    if precision == "fp16" and not config.scaling.use_gpu:
+        raise ConfigError(
+            "engine.precision=fp16 needs GPUs (scaling.use_gpu=true); on CPU workers use bf16 or fp32"
+        )
