@@ -24,6 +24,7 @@ from distdl.rundir import (
     CHECKPOINT_SCORE,
     CONFIG_FILE,
     STOP_REQUEST_FILE,
+    RunSummary,
     checkpoint_step,
     foreign_entries,
     latest_checkpoint,
@@ -88,13 +89,13 @@ def already_connected(config: Config) -> None:
     """The Connect for code that runs inside a Ray worker already (a Ray Tune trial)."""
 
 
-def train(config: Config, connect: Connect, overwrite: bool = False) -> dict[str, Any]:
+def train(config: Config, connect: Connect, overwrite: bool = False) -> RunSummary:
     """Run (or resume) a training run and return its summary."""
     with stop_on_signal(config.run_dir):
         return run_training(config, connect, overwrite)
 
 
-def run_training(config: Config, connect: Connect, overwrite: bool) -> dict[str, Any]:
+def run_training(config: Config, connect: Connect, overwrite: bool) -> RunSummary:
     console_for_batch_logs()
     payload = prepare_run(config, connect, overwrite)
     if payload is None:

@@ -25,7 +25,7 @@ from distdl.engine import CheckpointError, Engine, EngineSet, offload_adam_facto
 from distdl.noise_scale import step_terms, with_noise_scale
 from distdl.optim import effective_lr, optimizer_factory, param_groups, scheduler_factory
 from distdl.registry import WORKLOADS
-from distdl.rundir import CHECKPOINT_SCORE, STOP_REQUEST_FILE, back_up_snapshot
+from distdl.rundir import CHECKPOINT_SCORE, STOP_REQUEST_FILE, RunSummary, back_up_snapshot
 from distdl.tracking import Tracker
 from distdl.workloads.base import WorkerContext, Workload, initial_models
 
@@ -356,7 +356,7 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
 
 
 def run_summary(config: Config, workload: Workload, engines: EngineSet, step: int, stops: dict[str, Optional[int]],
-                final: dict[str, Any], wall_time_s: float) -> dict[str, Any]:
+                final: dict[str, Any], wall_time_s: float) -> RunSummary:
     """summary.json: where the session ended and why, what each rank holds, the final metrics (every rank calls it)."""
     trainer = config.trainer
     completed = stops["non_finite_step"] is None and (step >= trainer.max_steps or stops["stopped_at_loss_step"] is not None)

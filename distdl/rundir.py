@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypedDict
 
 import yaml
 
@@ -73,7 +73,33 @@ def saved_config(run_dir: Path, workload: str | None = None, key: str = "") -> d
     return saved
 
 
-def read_summary(run_dir: Path) -> dict[str, Any]:
+class RunSummary(TypedDict, total=False):
+    """summary.json: how a training session ended, written by rank 0 at its end.
+
+    A workload adds its own entries beside these (Workload.summary: GLUE's best step and its
+    submission folder, for example). A run directory without a summary reads as {}.
+    """
+
+    steps: int  # the last step this session trained
+    max_steps: int
+    completed: bool  # reached max_steps (or the target loss) with every value finite
+    stopped_at_loss_step: Optional[int]  # trainer.stop_at_loss reached at this log step
+    stopped_on_request_step: Optional[int]  # checkpointed and stopped on SIGUSR1 / the stop request
+    non_finite_step: Optional[int]  # the first step whose loss or gradient norm was not finite
+    world_size: int
+    backend: Optional[str]  # the process group's: gloo or nccl
+    global_batch_size: int
+    session_wall_time_s: float
+    parameter_checksums: list[float]  # one per rank: equal when the ranks hold the same weights
+    ray_node_ids: list[Optional[str]]  # one per rank
+    memory_per_rank: list[dict[str, Any]]
+    optimizers: dict[str, str]  # each engine's optimizer class
+    final: dict[str, Any]  # the last logged metrics
+    wandb_run_dir: str  # when W&B logged the run
+    wandb_run_id: str
+
+
+def read_summary(run_dir: Path) -> RunSummary:
     summary_file = Path(run_dir) / SUMMARY_FILE
     return json.loads(summary_file.read_text()) if summary_file.is_file() else {}
 

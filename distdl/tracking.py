@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from distdl.config import TrackingSection
-from distdl.rundir import SUMMARY_FILE
+from distdl.rundir import SUMMARY_FILE, RunSummary
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_id"
@@ -151,7 +151,7 @@ class Tracker:
                 warnings.warn(f"W&B logging failed ({err}); continuing without W&B")
                 self._wandb = None
 
-    def finish(self, summary: dict[str, Any]) -> None:
+    def finish(self, summary: RunSummary) -> None:
         if self._wandb is not None:
             try:
                 summary["wandb_run_dir"] = str(Path(self._wandb.dir).parent)

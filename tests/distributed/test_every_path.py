@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from distdl.config import load_config
+from distdl.rundir import RunSummary
 from distdl.tracking import read_metrics
 from tests.conftest import CORPUS, REPO
 
@@ -23,6 +24,10 @@ from tests.conftest import CORPUS, REPO
 def check_run(config, summary) -> list[dict]:
     assert summary["completed"] and summary["steps"] == config.trainer.max_steps, summary
     assert summary["world_size"] == 2
+    # summary.json holds what RunSummary declares (W&B is off here), plus GLUE's own entries.
+    declared = set(RunSummary.__annotations__) - {"wandb_run_dir", "wandb_run_id"}
+    assert declared <= set(summary), f"missing: {declared - set(summary)}"
+    assert set(summary) - declared <= {"task", "best", "submission_dir"}, set(summary) - declared
     assert summary["parameter_checksums"][0] == summary["parameter_checksums"][1], "the ranks' weights differ"
     logged = [m for m in read_metrics(config.run_dir) if any(k.startswith("loss") for k in m)]
     assert [m["step"] for m in logged] == list(range(1, config.trainer.max_steps + 1))
