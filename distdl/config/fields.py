@@ -134,7 +134,9 @@ def describe(limits: list[BaseMetadata]) -> str:
     if low is not None or high is not None:
         if low == high:
             return f"must hold {low} values"
-        return f"must hold at least {low} values" if high is None else f"must hold {low or 0} to {high} values"
+        if high is None:
+            return "must not be empty" if low == 1 else f"must hold at least {low} values"
+        return f"must hold {low or 0} to {high} values"
     lower, upper = bound.get("Ge", bound.get("Gt")), bound.get("Le", bound.get("Lt"))
     if lower is not None and upper is not None:
         return f"must lie in {'[' if 'Ge' in bound else '('}{lower}, {upper}{']' if 'Le' in bound else ')'}"

@@ -13,7 +13,9 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
+
+from annotated_types import Ge, Interval
 
 from distdl.data.files import check_local_model_files
 from distdl.errors import ConfigError
@@ -30,10 +32,10 @@ class TextDataSection:
     # Hub dataset's config name, e.g. "wikitext-103-raw-v1".
     hub_config: Optional[str] = None
     text_column: str = "text"
-    max_seq_length: int = 128
-    mlm_probability: float = 0.15
+    max_seq_length: Annotated[int, Ge(8)] = 128
+    mlm_probability: Annotated[float, Interval(gt=0, lt=1)] = 0.15
     # Fraction of the blocks kept out of training for the held-out MLM accuracy.
-    eval_fraction: float = 0.05
+    eval_fraction: Annotated[float, Interval(gt=0, lt=1)] = 0.05
     next_sentence_prediction: bool = False
     num_proc: Optional[int] = None
     cache_dir: Optional[str] = None

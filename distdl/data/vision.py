@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import torch
+from annotated_types import Ge, Interval
 
+from distdl.config import NonNegative
 from distdl.data.shards import BatchPlan, rank_batch_orders
 from distdl.errors import ConfigError
 
@@ -60,18 +62,18 @@ class VisionDataSection:
     # The dataset's standard training augmentation (crop and flip for CIFAR and ImageNet; none for MNIST).
     augment: bool = True
     # imagefolder and synthetic: the side of the square crop (default 224 and 32).
-    image_size: Optional[int] = None
+    image_size: Optional[Annotated[int, Ge(8)]] = None
     # synthetic: classes and images (random noise images with random labels, for smoke runs).
     synthetic_classes: int = 10
     synthetic_train_size: int = 1024
     synthetic_eval_size: int = 256
     # DataLoader worker processes per rank for decoding and augmentation (0: in the training process).
-    loader_workers: int = 0
+    loader_workers: NonNegative = 0
     # Train on the first this-many training images only (the studies' small-sample regimes).
     train_subset: Optional[int] = None
     # This fraction of the training labels replaced, once and for all, by another class drawn at
     # random (Zhang et al. 2017; Nakkiran et al. 2019 use it to bring out double descent).
-    label_noise: float = 0.0
+    label_noise: Annotated[float, Interval(ge=0, le=1)] = 0.0
 
 
 @dataclass
@@ -121,8 +123,6 @@ def transforms(data: VisionDataSection, spec: DatasetSpec, size: int, train: boo
 def load_vision(data: VisionDataSection, allow_download: bool = False, symmetric: bool = False) -> VisionData:
     """The train and eval sets; `allow_download` only on the driver, so workers never race to download.
     `symmetric`: pixels in [-1, 1], no augmentation (for GANs)."""
-    if not 0 <= data.label_noise <= 1:
-        raise ConfigError(f"data.label_noise={data.label_noise} must lie in [0, 1]")
     return restrict_training_set(_load_splits(data, allow_download, symmetric), data)
 
 

@@ -12,12 +12,14 @@ import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+from annotated_types import Ge
 
 if TYPE_CHECKING:
     import torch
 
-from distdl.config import Config, build_section, config_from_dict, parse_override, read_yaml, set_dotted
+from distdl.config import Config, Requirement, build_section, config_from_dict, parse_override, read_yaml, set_dotted
 from distdl.errors import ConfigError
 from distdl.registry import WORKLOADS
 from distdl.workloads.base import WorkerContext, Workload
@@ -32,7 +34,8 @@ class StudySection:
     # The study directory's name, under the training config's run.storage_path.
     name: str = "study"
     # Trials trained at once through Ray Tune; null: as many as the Ray cluster holds side by side.
-    max_concurrent_trials: Optional[int] = None
+    max_concurrent_trials: Optional[Annotated[int, Ge(1), Requirement(
+        "must be at least 1 (or null: as many as the cluster holds)")]] = None
 
 
 @dataclass
@@ -74,13 +77,6 @@ def check_sweep(key: str, values: list[int], what: str) -> None:
         raise ConfigError(f"{key}={values} lists a value twice")
 
 
-def check_at_least_one(settings: dict[str, int]) -> None:
-    """Each `study.key: value` must be at least 1."""
-    for key, value in settings.items():
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be at least 1")
-
-
 def per_worker(batch: int, workers: int) -> int:
     """A global batch's share per worker; a batch that does not split evenly is named."""
     if batch % workers:
@@ -108,9 +104,6 @@ class Study(ABC):
         section = build_section(cls.section_class, values, STUDY_KEY)
         if not getattr(section, "name", None) or "/" in section.name:
             raise ConfigError(f"study.name={getattr(section, 'name', None)!r} must be a non-empty name without '/'")
-        if section.max_concurrent_trials is not None and section.max_concurrent_trials < 1:
-            raise ConfigError(f"study.max_concurrent_trials={section.max_concurrent_trials} must be at least 1 "
-                              "(or null: as many as the cluster holds)")
         cls.validate(section)
         return section
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Literal, Optional, get_args
 
 import numpy as np
 import torch
+from annotated_types import Interval
 
 from distdl.collectives import all_reduce_sum
-from distdl.errors import ConfigError
+from distdl.config import AtLeastOne
 from distdl.registry import STUDIES
 from distdl.studies import plots
 from distdl.studies.base import (
@@ -30,14 +31,14 @@ from distdl.studies.base import (
     StudyReport,
     StudySection,
     Trial,
-    check_at_least_one,
     check_seeds,
     check_sweep,
     trained_workload,
 )
 from distdl.studies.measures import LossOracle
 
-WIDTH_KEYS = ("model.width", "model.width_multiplier")
+WidthKey = Literal["model.width", "model.width_multiplier"]
+WIDTH_KEYS = get_args(WidthKey)
 MEASUREMENTS_FILE = "measurements.json"
 
 
@@ -47,10 +48,10 @@ class OverparamSection(StudySection):
     widths: list[int] = field(default_factory=lambda: [32, 128, 512, 2048, 8192])
     seeds: list[int] = field(default_factory=lambda: [0])
     # model.width (two_layer_relu's hidden units) or model.width_multiplier (cifar_resnet*).
-    width_key: str = "model.width"
+    width_key: WidthKey = "model.width"
     # The convergence-rate fit leaves out this leading fraction of the loss curve.
-    fit_skip: float = 0.1
-    measure_batch_size: int = 500
+    fit_skip: Annotated[float, Interval(ge=0, lt=1)] = 0.1
+    measure_batch_size: AtLeastOne = 500
 
 
 @STUDIES.register("overparam")
@@ -61,11 +62,6 @@ class OverparamStudy(Study):
     def validate(cls, section: OverparamSection) -> None:
         check_sweep("study.widths", section.widths, "widths")
         check_seeds(section.seeds)
-        if section.width_key not in WIDTH_KEYS:
-            raise ConfigError(f"study.width_key={section.width_key!r}; allowed: {', '.join(WIDTH_KEYS)}")
-        if not 0 <= section.fit_skip < 1:
-            raise ConfigError(f"study.fit_skip={section.fit_skip} must lie in [0, 1)")
-        check_at_least_one({"study.measure_batch_size": section.measure_batch_size})
 
     def trials(self, train_examples: int) -> list[Trial]:
         return [Trial(f"width{width}-seed{seed}", {self.section.width_key: width, "run.seed": seed},

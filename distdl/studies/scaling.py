@@ -17,11 +17,12 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import numpy as np
+from annotated_types import Gt, MinLen
 
-from distdl.config import config_from_dict, noise_scale_possible
+from distdl.config import AtLeastOne, config_from_dict, noise_scale_possible
 from distdl.errors import ConfigError
 from distdl.noise_scale import noise_scale_of_run
 from distdl.registry import STUDIES
@@ -31,7 +32,6 @@ from distdl.studies.base import (
     StudyReport,
     StudySection,
     Trial,
-    check_at_least_one,
     check_seeds,
     check_sweep,
     per_worker,
@@ -45,19 +45,20 @@ class ScalingSection(StudySection):
     # Worker counts for the throughput runs (the Ray cluster must hold the largest).
     workers: list[int] = field(default_factory=lambda: [1, 2])
     # strong, weak, or both.
-    throughput_kinds: list[str] = field(default_factory=lambda: ["strong", "weak"])
-    throughput_steps: int = 40
+    throughput_kinds: Annotated[list[Literal["strong", "weak"]], MinLen(1)] = field(
+        default_factory=lambda: ["strong", "weak"])
+    throughput_steps: AtLeastOne = 40
     # Strong scaling: this global batch at every worker count. Weak: this batch per worker.
-    strong_batch_size: int = 256
-    weak_micro_batch_size: int = 128
+    strong_batch_size: AtLeastOne = 256
+    weak_micro_batch_size: AtLeastOne = 128
     # Steps to target: global batch sizes, run on the training config's scaling.num_workers.
     batch_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
-    target_loss: float = 0.3
+    target_loss: Annotated[float, Gt(0)] = 0.3
     # The step budget of each steps-to-target run (each stops at the target; one that does not reach
     # it is reported as such).
-    max_steps: int = 2000
+    max_steps: AtLeastOne = 2000
     # optimizer.lr is the learning rate at this batch size; other sizes scale it linearly.
-    reference_batch_size: int = 32
+    reference_batch_size: AtLeastOne = 32
     seeds: list[int] = field(default_factory=lambda: [0])
 
 
@@ -70,14 +71,6 @@ class ScalingStudy(Study):
         check_sweep("study.workers", section.workers, "worker counts")
         check_sweep("study.batch_sizes", section.batch_sizes, "batch sizes")
         check_seeds(section.seeds)
-        check_at_least_one({"study.throughput_steps": section.throughput_steps, "study.max_steps": section.max_steps,
-                            "study.strong_batch_size": section.strong_batch_size,
-                            "study.weak_micro_batch_size": section.weak_micro_batch_size,
-                            "study.reference_batch_size": section.reference_batch_size})
-        if not section.throughput_kinds or any(k not in ("strong", "weak") for k in section.throughput_kinds):
-            raise ConfigError(f"study.throughput_kinds={section.throughput_kinds}: allowed are strong, weak")
-        if not section.target_loss > 0:
-            raise ConfigError(f"study.target_loss={section.target_loss} must be positive")
         for workers in section.workers:
             if section.strong_batch_size % workers:
                 raise ConfigError(f"study.strong_batch_size={section.strong_batch_size} does not split evenly over "

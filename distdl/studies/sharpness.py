@@ -19,11 +19,12 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
+from annotated_types import Ge, Interval, MinLen
 
-from distdl.config import config_from_dict, noise_scale_possible, resolve_epochs
+from distdl.config import AtLeastOne, Requirement, config_from_dict, noise_scale_possible, resolve_epochs
 from distdl.errors import ConfigError
 from distdl.noise_scale import noise_scale_of_run
 from distdl.registry import STUDIES
@@ -33,7 +34,6 @@ from distdl.studies.base import (
     StudyReport,
     StudySection,
     Trial,
-    check_at_least_one,
     check_seeds,
     check_sweep,
     per_worker,
@@ -49,7 +49,8 @@ from distdl.studies.measures import (
 )
 from distdl.studies.plots import eps_name
 
-PROTOCOLS = ("equal_epochs", "equal_steps")
+Protocol = Literal["equal_epochs", "equal_steps"]
+PROTOCOLS = get_args(Protocol)
 MEASUREMENTS_FILE = "measurements.json"
 
 
@@ -58,22 +59,23 @@ class SharpnessSection(StudySection):
     name: str = "sharpness"
     batch_sizes: list[int] = field(default_factory=lambda: [32, 400])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
-    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
-    epsilons: list[float] = field(default_factory=lambda: [1e-3, 5e-4])
+    protocols: Annotated[list[Protocol], MinLen(1)] = field(default_factory=lambda: list(PROTOCOLS))
+    epsilons: Annotated[list[Annotated[float, Interval(gt=0, lt=1)]], MinLen(1)] = field(
+        default_factory=lambda: [1e-3, 5e-4])
     # The random subspace's dimension for the subspace sharpness (Keskar et al. use 100); 0: skip.
-    subspace_dimension: int = 100
+    subspace_dimension: Annotated[int, Ge(0), Requirement("must be 0 (skip) or more")] = 100
     # L-BFGS-B iterations per sharpness (Keskar et al.: 10).
-    sharpness_iterations: int = 10
+    sharpness_iterations: AtLeastOne = 10
     # The first this-many training examples are the measurements' training set (all, if fewer).
-    measure_examples: int = 10000
-    measure_batch_size: int = 500
+    measure_examples: AtLeastOne = 10000
+    measure_batch_size: AtLeastOne = 500
     # Lanczos: at most this many Hessian-vector products, to this relative tolerance.
-    hessian_products: int = 100
+    hessian_products: AtLeastOne = 100
     hessian_tolerance: float = 1e-3
     # Rademacher vectors for Hutchinson's trace estimate.
-    trace_samples: int = 20
+    trace_samples: AtLeastOne = 20
     # Points on the line from the small- to the large-batch solution, alpha in [-1, 2] as Keskar's Figure 3.
-    interpolation_points: int = 25
+    interpolation_points: AtLeastOne = 25
 
 
 @STUDIES.register("sharpness")
@@ -84,20 +86,6 @@ class SharpnessStudy(Study):
     def validate(cls, section: SharpnessSection) -> None:
         check_sweep("study.batch_sizes", section.batch_sizes, "batch sizes")
         check_seeds(section.seeds)
-        unknown = [p for p in section.protocols if p not in PROTOCOLS]
-        if not section.protocols or unknown:
-            raise ConfigError(f"study.protocols={section.protocols}: allowed are {', '.join(PROTOCOLS)}")
-        bad = [e for e in section.epsilons if not 0 < e < 1]
-        if not section.epsilons or bad:
-            raise ConfigError(f"study.epsilons={section.epsilons}: each epsilon must lie in (0, 1)")
-        check_at_least_one({"study.sharpness_iterations": section.sharpness_iterations,
-                            "study.measure_examples": section.measure_examples,
-                            "study.measure_batch_size": section.measure_batch_size,
-                            "study.hessian_products": section.hessian_products,
-                            "study.trace_samples": section.trace_samples,
-                            "study.interpolation_points": section.interpolation_points})
-        if section.subspace_dimension < 0:
-            raise ConfigError(f"study.subspace_dimension={section.subspace_dimension} must be 0 (skip) or more")
 
     # -- trials
     def trials(self, train_examples: int) -> list[Trial]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 
@@ -33,7 +33,7 @@ class BertModelSection:
     # An HF config.json or a folder holding one (vocab size still comes from the tokenizer).
     config_path: Optional[str] = None
     # HF attention backend: sdpa (PyTorch scaled-dot-product attention) or eager.
-    attn_implementation: str = "sdpa"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
 
 def bert_config(model: BertModelSection, tokenizer: Any, max_seq_length: int) -> Any:
@@ -91,14 +91,6 @@ class BertPretrain(Workload):
         model, data = config.sections["model"], config.sections["data"]
         if model.config_path is None and model.preset not in PRESETS:
             raise ConfigError(f"model.preset={model.preset!r} is not allowed; allowed: {', '.join(PRESETS)}")
-        if model.attn_implementation not in ("sdpa", "eager"):
-            raise ConfigError(f"model.attn_implementation={model.attn_implementation!r}; allowed: sdpa, eager")
-        if not 0 < data.mlm_probability < 1:
-            raise ConfigError(f"data.mlm_probability={data.mlm_probability} must lie in (0, 1)")
-        if not 0 < data.eval_fraction < 1:
-            raise ConfigError(f"data.eval_fraction={data.eval_fraction} must lie in (0, 1)")
-        if data.max_seq_length < 8:
-            raise ConfigError(f"data.max_seq_length={data.max_seq_length} must be at least 8")
         if data.path is None:
             raise ConfigError("data.path is required: a text file, a folder of text files, or a hub dataset name")
 

@@ -15,18 +15,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Annotated, Any, Callable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge
 
 from distdl.collectives import gather_objects
-from distdl.config import Config
+from distdl.config import AtLeastOne, Config
 from distdl.data import vision
 from distdl.errors import ConfigError
 from distdl.metrics import Statistics, feature_statistics, frechet_distance, inception_features, load_inception
-from distdl.models.dcgan import NORMS, Discriminator, Generator
+from distdl.models.dcgan import Discriminator, Generator
 from distdl.registry import WORKLOADS
 from distdl.workloads.base import WorkerContext, Workload
 
@@ -40,7 +41,7 @@ class GanModelSection:
     generator_width: int = 64
     discriminator_width: int = 64
     # batch (DCGAN), layer (WGAN-GP's critic: the penalty is per sample) or none.
-    discriminator_norm: str = "batch"
+    discriminator_norm: Literal["batch", "layer", "none"] = "batch"
 
 
 @dataclass
@@ -48,21 +49,21 @@ class ObjectiveSection:
     # dcgan (non-saturating) or wgan_gp.
     name: str = "dcgan"
     # wgan_gp: critic updates per generator update, and the penalty's weight (the paper's 5 and 10).
-    n_critic: int = 5
+    n_critic: AtLeastOne = 5
     gradient_penalty: float = 10.0
 
 
 @dataclass
 class GanEvalSection:
     # Images in the sample grid (a fixed noise batch, the same at every evaluation).
-    grid_images: int = 64
+    grid_images: AtLeastOne = 64
     # A distdl `resnet` run trained on the same dataset: the Frechet distance in its feature space.
     classifier_run: Optional[str] = None
     # The FID InceptionV3 weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth): adds
     # eval_inception_fid, the FID of Heusel et al. Nothing is downloaded at run time.
     inception_weights: Optional[str] = None
     # Real and generated images compared for the Frechet distance.
-    frechet_images: int = 1000
+    frechet_images: Annotated[int, Ge(2)] = 1000
 
 
 @WORKLOADS.register("gan")
@@ -89,12 +90,10 @@ class Gan(Workload):
 
     @classmethod
     def validate(cls, config: Config) -> None:
-        model, objective, evaluation = (config.sections[k] for k in ("model", "objective", "eval"))
+        model, objective = config.sections["model"], config.sections["objective"]
         vision.spec_for(config.sections["data"])
         if objective.name not in OBJECTIVES:
             raise ConfigError(f"objective.name={objective.name!r} is not known; known: {', '.join(OBJECTIVES)}")
-        if model.discriminator_norm not in NORMS:
-            raise ConfigError(f"model.discriminator_norm={model.discriminator_norm!r}; allowed: {', '.join(NORMS)}")
         if objective.name == "wgan_gp" and model.discriminator_norm == "batch":
             raise ConfigError("objective.name=wgan_gp needs model.discriminator_norm=layer or none: the gradient "
                               "penalty is per sample, and batch norm couples a batch's samples")
@@ -104,8 +103,6 @@ class Gan(Workload):
         if config.trainer.gradient_accumulation_steps != 1:
             raise ConfigError("GANs alternate their two updates every micro-batch: set "
                               "trainer.global_batch_size = micro_batch_size x num_workers (no accumulation)")
-        if objective.n_critic < 1 or evaluation.grid_images < 1 or evaluation.frechet_images < 2:
-            raise ConfigError("objective.n_critic and eval.grid_images must be at least 1, eval.frechet_images 2")
 
     @classmethod
     def prepare(cls, config: Config) -> int:

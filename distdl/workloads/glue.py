@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Annotated, Any, Iterator, Literal, Optional
 
 import numpy as np
 import torch
+from annotated_types import Ge, Interval
 
 from distdl.collectives import gather_objects
 from distdl.config import Config
@@ -33,9 +34,9 @@ class GlueModelSection:
     # The tokenizer, when it is not saved beside the weights.
     tokenizer: Optional[str] = None
     # HF attention backend: sdpa (PyTorch scaled-dot-product attention) or eager.
-    attn_implementation: str = "sdpa"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     # Dropout before the classifier; null keeps the model's (BERT: hidden_dropout_prob, 0.1).
-    classifier_dropout: Optional[float] = None
+    classifier_dropout: Optional[Annotated[float, Interval(ge=0, lt=1)]] = None
 
 
 @dataclass
@@ -44,7 +45,7 @@ class GlueDataSection:
     task: str = "sst2"
     # A hub dataset (GLUE itself: nyu-mll/glue), or a local folder in the GLUE distribution layout.
     path: str = glue.HUB_DATASET
-    max_seq_length: int = 128
+    max_seq_length: Annotated[int, Ge(8)] = 128
     # Predict the test sets into GLUE submission files whenever the dev metric improves.
     write_submission: bool = True
     num_proc: Optional[int] = None
@@ -147,12 +148,6 @@ class GlueFinetune(Workload):
         if not model.name_or_path:
             raise ConfigError("model.name_or_path is required: a hub model name, a local HF model folder, "
                               "or a folder written by `distdl export`")
-        if model.attn_implementation not in ("sdpa", "eager"):
-            raise ConfigError(f"model.attn_implementation={model.attn_implementation!r}; allowed: sdpa, eager")
-        if model.classifier_dropout is not None and not 0 <= model.classifier_dropout < 1:
-            raise ConfigError(f"model.classifier_dropout={model.classifier_dropout} must lie in [0, 1)")
-        if data.max_seq_length < 8:
-            raise ConfigError(f"data.max_seq_length={data.max_seq_length} must be at least 8")
 
     @classmethod
     def prepare(cls, config: Config) -> int:

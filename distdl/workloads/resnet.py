@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Interval
 
-from distdl.config import Config
+from distdl.config import AtLeastOne, Config
 from distdl.data import vision
 from distdl.errors import ConfigError
 from distdl.models import classifiers
@@ -38,12 +39,12 @@ class ResNetModelSection:
     # torchvision ResNets: start each residual branch's last BN at zero (Goyal et al. 2017, section 5.1).
     zero_init_residual: bool = False
     # cifar_resnet*: channels 16k/32k/64k for width multiplier k.
-    width_multiplier: int = 1
+    width_multiplier: AtLeastOne = 1
     # mlp: hidden layer sizes, and batch norm after each hidden linear layer.
-    hidden_sizes: list[int] = field(default_factory=lambda: [512, 512, 512])
+    hidden_sizes: list[AtLeastOne] = field(default_factory=lambda: [512, 512, 512])
     batch_norm: bool = True
     # two_layer_relu: hidden units m, and whether the +-1 output layer trains (Du et al. fix it).
-    width: int = 1024
+    width: AtLeastOne = 1024
     train_output_layer: bool = False
 
 
@@ -52,7 +53,7 @@ class LossSection:
     # cross_entropy, or mse: the squared error against one-hot targets (summed over classes).
     name: str = "cross_entropy"
     # Szegedy et al. 2016; 0.1 in the common ImageNet recipes.
-    label_smoothing: float = 0.0
+    label_smoothing: Annotated[float, Interval(ge=0, lt=1)] = 0.0
 
 
 def build_classifier(section: ResNetModelSection, channels: int, image_size: int, classes: int) -> torch.nn.Module:
@@ -96,19 +97,8 @@ class ResNetClassification(Workload):
         if model.sync_batchnorm and not config.scaling.use_gpu:
             raise ConfigError("model.sync_batchnorm=true needs GPU workers (scaling.use_gpu=true): "
                               "PyTorch's SyncBatchNorm runs on GPUs only")
-        if not 0 <= loss.label_smoothing < 1:
-            raise ConfigError(f"loss.label_smoothing={loss.label_smoothing} must lie in [0, 1)")
         if loss.name not in LOSSES:
             raise ConfigError(f"loss.name={loss.name!r} is not known; known: {', '.join(LOSSES)}")
-        sizes = {"model.width_multiplier": [model.width_multiplier], "model.width": [model.width],
-                 "model.hidden_sizes": model.hidden_sizes}
-        for key, values in sizes.items():
-            if any(v < 1 for v in values):
-                raise ConfigError(f"{key}={values if key.endswith('sizes') else values[0]} must be at least 1")
-        if data.image_size is not None and data.image_size < 8:
-            raise ConfigError(f"data.image_size={data.image_size} must be at least 8")
-        if data.loader_workers < 0:
-            raise ConfigError(f"data.loader_workers={data.loader_workers} must be 0 or more")
 
     @classmethod
     def prepare(cls, config: Config) -> int:

@@ -107,6 +107,10 @@ def test_a_study_run_again_trains_and_measures_nothing_twice(sharpness_study):
     ("study.epsilons=[1.0e-3,1.5]", "must lie in (0, 1)"),
     ("study.epsilons=[0]", "must lie in (0, 1)"),
     ("study.protocols=[equal_time]", "equal_epochs, equal_steps"),
+    ("study.protocols=[]", "study.protocols=[] must not be empty"),
+    ("study.subspace_dimension=-1", "study.subspace_dimension=-1 must be 0 (skip) or more"),
+    ("study.trace_samples=0", "study.trace_samples=0 must be at least 1"),
+    ("study.max_concurrent_trials=0", "study.max_concurrent_trials=0 must be at least 1 (or null: as many as"),
     ("study.seeds=[]", "at least one seed"),
     ("study.batch_sizes=[32,33]", "33 does not split evenly over scaling.num_workers=2"),
     ("trainer.max_steps=5", "set trainer.epochs"),
@@ -177,6 +181,7 @@ def test_overparam_study_fits_the_distance_exponent_and_writes_its_plots(ray_loc
     ("study.widths=[0,16]", "widths of at least 1"),
     ("study.widths=[]", "widths of at least 1"),
     ("study.width_key=model.depth", "model.width, model.width_multiplier"),
+    ("study.fit_skip=1", "study.fit_skip=1.0 must lie in [0, 1)"),
     ("data.label_noise=1.5", "data.label_noise=1.5 must lie in [0, 1]"),
 ])
 def test_bad_overparam_settings_are_refused(override, expected, tmp_path, capsys):
@@ -233,7 +238,7 @@ def test_a_diverged_trial_fails_the_study_in_one_line(ray_local, tmp_path, capsy
 
 def test_bad_scaling_settings_are_refused(tmp_path, capsys):
     for override, expected in (("study.strong_batch_size=65", "does not split evenly over 2 workers"),
-                               ("study.throughput_kinds=[diagonal]", "allowed are strong, weak"),
+                               ("study.throughput_kinds=[diagonal]", "allowed: strong, weak"),
                                ("study.workers=[]", "must list worker counts of at least 1"),
                                ("study.target_loss=0", "must be positive")):
         assert cli.main(["study", "scaling", str(SCALING), f"run.storage_path={tmp_path}", override]) == 2

@@ -344,3 +344,29 @@ def test_a_step_budget_is_required():
 def test_bad_epoch_settings_are_named(override, shown):
     message = error(override)
     assert override.split("=")[0] in message and shown in message
+
+
+CONFIGS = TINY.parents[1]
+
+
+@pytest.mark.parametrize("config, override, expected", [
+    ("bert/pretrain_tiny.yaml", "model.attn_implementation=flash", "model.attn_implementation='flash' is not allowed; allowed: sdpa, eager"),
+    ("bert/pretrain_tiny.yaml", "data.mlm_probability=1", "data.mlm_probability=1.0 must lie in (0, 1)"),
+    ("bert/pretrain_tiny.yaml", "data.eval_fraction=0", "data.eval_fraction=0.0 must lie in (0, 1)"),
+    ("bert/pretrain_tiny.yaml", "data.max_seq_length=4", "data.max_seq_length=4 must be at least 8"),
+    ("glue/sst2.yaml", "model.attn_implementation=flash", "model.attn_implementation='flash' is not allowed; allowed: sdpa, eager"),
+    ("glue/sst2.yaml", "model.classifier_dropout=1", "model.classifier_dropout=1.0 must lie in [0, 1)"),
+    ("glue/sst2.yaml", "data.max_seq_length=4", "data.max_seq_length=4 must be at least 8"),
+    ("gan/dcgan_mnist.yaml", "model.discriminator_norm=group", "model.discriminator_norm='group' is not allowed; allowed: batch, layer, none"),
+    ("gan/dcgan_mnist.yaml", "objective.n_critic=0", "objective.n_critic=0 must be at least 1"),
+    ("gan/dcgan_mnist.yaml", "eval.grid_images=0", "eval.grid_images=0 must be at least 1"),
+    ("gan/dcgan_mnist.yaml", "eval.frechet_images=1", "eval.frechet_images=1 must be at least 2"),
+    ("resnet/mnist_laptop.yaml", "loss.label_smoothing=1", "loss.label_smoothing=1.0 must lie in [0, 1)"),
+    ("resnet/mnist_laptop.yaml", "data.image_size=4", "data.image_size=4 must be at least 8"),
+    ("resnet/mnist_laptop.yaml", "data.loader_workers=-1", "data.loader_workers=-1 must be 0 or more"),
+    ("resnet/mnist_laptop.yaml", "data.label_noise=1.5", "data.label_noise=1.5 must lie in [0, 1]"),
+    ("resnet/mnist_laptop.yaml", "model.width=0", "model.width=0 must be at least 1"),
+    ("resnet/mnist_laptop.yaml", "model.hidden_sizes=[512,0]", "model.hidden_sizes[1]=0 must be at least 1"),
+])
+def test_workload_sections_limits_name_the_key_the_value_and_what_is_allowed(config, override, expected):
+    assert expected in error(override, path=CONFIGS / config)

@@ -205,7 +205,7 @@ def test_an_image_size_the_dataset_does_not_have_is_refused(mnist_root):
 @pytest.mark.parametrize("override, expected", [
     ("model.width=0", "model.width=0 must be at least 1"),
     ("model.width_multiplier=0", "model.width_multiplier=0 must be at least 1"),
-    ("model.hidden_sizes=[512,0]", "model.hidden_sizes=[512, 0] must be at least 1"),
+    ("model.hidden_sizes=[512,0]", "model.hidden_sizes[1]=0 must be at least 1"),
     ("loss.name=hinge", "cross_entropy, mse"),
 ])
 def test_model_sizes_and_loss_names_are_checked(override, expected):
