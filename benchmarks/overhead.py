@@ -140,7 +140,7 @@ def run_distdl(args: argparse.Namespace, workers: int, storage: Path, tokenizer:
     from distdl.cluster.connect import connect_ray
     from distdl.config import load_config
     from distdl.driver import train
-    from distdl.tracking import read_metrics
+    from distdl.rundir import read_metrics
 
     name = f"distdl_{workers}w"
     config = load_config(args.config, [

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from distdl.tracking import read_metrics
+from distdl.rundir import read_metrics
 
 # The metrics a step logs: the two unbiased terms, and their ratio over a log window.
 GRADIENT_SQ, TRACE, NOISE_SCALE = "noise_gradient_sq", "noise_trace", "noise_scale"

@@ -20,6 +20,9 @@ from distdl.errors import ConfigError
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
+# One JSON line per log and evaluation step (rank 0 appends), and the run's W&B id (a resume continues it).
+METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_id"
 # A Slurm job's logs, written into the run directory before the run itself starts.
 SLURM_LOGS = "slurm"
 # A file whose presence asks a running run to checkpoint and stop (SIGUSR1 to the driver writes it).
@@ -71,6 +74,12 @@ def saved_config(run_dir: Path, workload: str | None = None, key: str = "") -> d
     if workload is not None and saved.get("workload") != workload:
         raise ConfigError(f"{prefix}{run_dir} is a {saved.get('workload')!r} run, not a {workload} run")
     return saved
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's lines, oldest first ([] before the first log step)."""
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 class RunSummary(TypedDict, total=False):

@@ -21,10 +21,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from distdl.config import TrackingSection
-from distdl.rundir import SUMMARY_FILE, RunSummary
-
-METRICS_FILE = "metrics.jsonl"
-WANDB_ID_FILE = "wandb_id"
+from distdl.rundir import METRICS_FILE, SUMMARY_FILE, WANDB_ID_FILE, RunSummary
 
 
 def wandb_logged_in() -> bool:
@@ -65,11 +62,6 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
     path.write_text("".join(line + "\n" for line in kept))
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 class Tracker:

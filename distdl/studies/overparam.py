@@ -146,7 +146,7 @@ def activation_change(model: torch.nn.Module, initial: torch.nn.Module,
 
 
 def loss_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    from distdl.tracking import read_metrics
+    from distdl.rundir import read_metrics
 
     points = [(m["step"], m["loss"]) for m in read_metrics(run_dir) if "loss" in m]
     steps, losses = np.array(points, dtype=float).T

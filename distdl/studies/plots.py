@@ -80,7 +80,7 @@ def interpolation_curves(curves: dict[str, dict[str, Any]], study_dir: Path) -> 
 
 def noise_scale_curves(run_dirs: dict[str, Path], study_dir: Path) -> Optional[Path]:
     """B_simple over training per trial (log scale), where training logged it."""
-    from distdl.tracking import read_metrics
+    from distdl.rundir import read_metrics
 
     figure, (axis,) = _figure()
     drawn = False

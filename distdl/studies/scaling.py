@@ -26,6 +26,7 @@ from distdl.config import AtLeastOne, config_from_dict, noise_scale_possible
 from distdl.errors import ConfigError
 from distdl.noise_scale import noise_scale_of_run
 from distdl.registry import STUDIES
+from distdl.rundir import read_metrics
 from distdl.studies import plots
 from distdl.studies.base import (
     Study,
@@ -36,7 +37,6 @@ from distdl.studies.base import (
     check_sweep,
     per_worker,
 )
-from distdl.tracking import read_metrics
 
 
 @dataclass

@@ -22,6 +22,7 @@ from distdl.data import glue, shards, text
 from distdl.data.files import check_local_model_files
 from distdl.errors import ConfigError
 from distdl.registry import WORKLOADS
+from distdl.rundir import CONFIG_FILE
 from distdl.workloads.base import WorkerContext, Workload, evaluate_in_lockstep, evaluation_mode
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
@@ -68,7 +69,7 @@ def model_config(model: GlueModelSection, task: glue.GlueTask) -> Any:
     from transformers import AutoConfig
 
     source = Path(model.name_or_path).expanduser()
-    if source.is_dir() and not (source / "config.json").exists() and (source / "config.yaml").exists():
+    if source.is_dir() and not (source / "config.json").exists() and (source / CONFIG_FILE).exists():
         raise ConfigError(f"model.name_or_path: {source} is a distdl run directory; "
                           f"write its weights with `distdl export {source} OUT_DIR` and give OUT_DIR")
     options: dict[str, Any] = {

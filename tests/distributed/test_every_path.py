@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from distdl.config import load_config
-from distdl.rundir import RunSummary
-from distdl.tracking import read_metrics
+from distdl.rundir import RunSummary, read_metrics
 from tests.conftest import CORPUS, REPO
 
 # ----------------------------------------------------------------------------- the checks

@@ -19,8 +19,7 @@ from distdl.cluster.connect import connect_ray
 from distdl.config import load_config
 from distdl.driver import train
 from distdl.engine import consolidated_state_dict, verify_checkpoint
-from distdl.rundir import checkpoint_step, latest_checkpoint
-from distdl.tracking import read_metrics
+from distdl.rundir import checkpoint_step, latest_checkpoint, read_metrics
 from tests.conftest import CORPUS
 from tests.helpers.bert_runs import QUICKSTART, overrides, run
 

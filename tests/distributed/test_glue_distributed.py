@@ -16,8 +16,7 @@ from distdl.config import load_config
 from distdl.data import glue
 from distdl.driver import train
 from distdl.report import glue_table
-from distdl.rundir import RAY_SNAPSHOT
-from distdl.tracking import read_metrics
+from distdl.rundir import RAY_SNAPSHOT, read_metrics
 from tests.helpers.glue_fixtures import SIZES
 
 pytestmark = pytest.mark.distributed

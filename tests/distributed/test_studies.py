@@ -196,8 +196,8 @@ SCALING = REPO / "configs/studies/scaling.yaml"
 
 @pytest.mark.distributed
 def test_scaling_study_measures_throughput_and_steps_to_target(ray_local, tmp_path):
+    from distdl.rundir import read_metrics
     from distdl.studies.runner import run_study
-    from distdl.tracking import read_metrics
 
     study_dir, report = run_study("scaling", SCALING, [
         "data.dataset=digits", "model.hidden_sizes=[32]", "optimizer.lr=0.05", "trainer.log_every=2",

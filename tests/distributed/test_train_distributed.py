@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distdl.rundir import latest_checkpoint
-from distdl.tracking import read_metrics
+from distdl.rundir import latest_checkpoint, read_metrics
 from tests.helpers.bert_runs import QUICKSTART, run
 
 pytestmark = pytest.mark.distributed

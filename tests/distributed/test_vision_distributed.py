@@ -11,7 +11,7 @@ from distdl import cli
 from distdl.cluster.connect import connect_ray
 from distdl.config import load_config
 from distdl.driver import train
-from distdl.tracking import read_metrics
+from distdl.rundir import read_metrics
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]

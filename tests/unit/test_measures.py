@@ -177,7 +177,7 @@ def test_noise_scale_terms_recover_a_known_covariance():
 
 def test_a_runs_noise_scale_is_the_ratio_of_mean_terms_over_the_second_half(tmp_path):
     from distdl.noise_scale import noise_scale_of_run, with_noise_scale
-    from distdl.tracking import METRICS_FILE
+    from distdl.rundir import METRICS_FILE
 
     windows = [{"step": 10 * i, **with_noise_scale({"noise_gradient_sq": g, "noise_trace": t})}
                for i, (g, t) in enumerate([(9.0, 1.0), (9.0, 1.0), (1.0, 4.0), (3.0, 8.0)], start=1)]
