@@ -370,3 +370,44 @@ CONFIGS = TINY.parents[1]
 ])
 def test_workload_sections_limits_name_the_key_the_value_and_what_is_allowed(config, override, expected):
     assert expected in error(override, path=CONFIGS / config)
+
+
+@pytest.mark.parametrize("hint, value, expected", [
+    ("Annotated[int, Ge(3)]", 2, "k=2 must be at least 3"),
+    ("Annotated[int, Gt(3)]", 3, "k=3 must be greater than 3"),
+    ("Annotated[float, Le(1)]", 1.5, "k=1.5 must be at most 1"),
+    ("Annotated[float, Lt(1)]", 1.0, "k=1.0 must be below 1"),
+    ("Annotated[float, Gt(0)]", 0.0, "k=0.0 must be positive"),
+    ("Annotated[float, Gt(0), Finite]", float("inf"), "k=inf must be a finite positive number"),
+    ("Annotated[float, Ge(0), Finite]", float("nan"), "k=nan must be finite and >= 0"),
+    ("Annotated[float, Finite]", float("-inf"), "k=-inf must be a finite number"),
+    ("Annotated[float, Interval(gt=0, le=1)]", 0.0, "k=0.0 must lie in (0, 1]"),
+    ("Annotated[list[int], Len(2, 3)]", [1], "k=[1] must hold 2 to 3 values"),
+    ("Annotated[list[int], MinLen(2)]", [1], "k=[1] must hold at least 2 values"),
+    ("Annotated[list[int], MinLen(1)]", [], "k=[] must not be empty"),
+    ("Annotated[int, Ge(1), Requirement('must be a whole number of nodes')]", 0, "k=0 must be a whole number of nodes"),
+    ("Annotated[int, Ge(1), Requirement('must be a whole number of nodes')]", "two", "k='two' must be a whole number of nodes"),
+    ("Literal[0, 1]", True, "k=True is not allowed; allowed: 0, 1"),
+])
+def test_field_limits_are_worded_from_their_constraints(hint, value, expected):
+    from typing import Annotated, Literal  # noqa: F401 - names the hints use
+
+    from annotated_types import Ge, Gt, Interval, Le, Len, Lt, MinLen  # noqa: F401
+
+    from distdl.config import Finite, Requirement, coerce  # noqa: F401
+
+    with pytest.raises(ConfigError) as info:
+        coerce(value, eval(hint), "k")
+    assert str(info.value) == expected
+
+
+def test_values_within_their_limits_pass_unchanged_or_widened():
+    from typing import Annotated
+
+    from annotated_types import Ge, Interval
+
+    from distdl.config import coerce
+
+    assert coerce(3, Annotated[float, Interval(ge=0, le=3)], "k") == 3.0
+    assert coerce([1, 2], list[Annotated[int, Ge(1)]], "k") == [1, 2]
+    assert coerce(None, Annotated[int, Ge(1)] | None, "k") is None
