@@ -4,7 +4,7 @@ One process starts one local Ray instance and trains the same tiny BERT masked-L
 (model preset tiny, corpus /usr/share/common-licenses, sequence length 128, the same
 micro batch, one torch thread per worker, fp32, the same ZeRO stage) four ways:
 
-  distdl_1w  distdl's real path, distdl.driver.train(load_config(...)), 1 Ray worker
+  distdl_1w  distdl's real path, distdl.driver.train(load_config(...), connect_ray), 1 Ray worker
   distdl_2w  the same with 2 Ray workers
   bare_2w    a hand-written Ray Train + DeepSpeed loop with 2 workers (benchmarks/bare_loop.py):
              no checkpoints, logging, metrics, evaluation or LR schedule
