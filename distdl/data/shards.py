@@ -10,9 +10,15 @@ from distdl.errors import ConfigError
 
 
 def shard_for_rank(dataset: Any, rank: int, world_size: int) -> Any:
-    """A disjoint, contiguous shard per rank; together the shards cover the dataset once (evaluation)."""
+    """A disjoint, contiguous shard per rank; together the shards cover the dataset once (evaluation).
+
+    With fewer examples than ranks (a tiny held-out set), rank r < len holds example r and the
+    others hold none, as datasets' own split would, which raises IndexError for the empty shards.
+    """
     from datasets.distributed import split_dataset_by_node
 
+    if len(dataset) < world_size:
+        return dataset.select([rank] if rank < len(dataset) else [])
     return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
 
 

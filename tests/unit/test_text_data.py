@@ -129,7 +129,7 @@ def test_eval_split_is_reproducible(prepared):
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-@pytest.mark.parametrize("size", [None, 31])
+@pytest.mark.parametrize("size", [None, 31, 1, 0])  # 1 and 0: fewer examples than ranks (a tiny eval set)
 def test_shards_are_disjoint_and_cover_once(prepared, world_size, size):
     import datasets
 
@@ -143,7 +143,7 @@ def test_shards_are_disjoint_and_cover_once(prepared, world_size, size):
     assert max(map(len, pieces)) - min(map(len, pieces)) <= 1
 
 
-@pytest.mark.parametrize("size, world_size, batch", [(31, 2, 4), (31, 3, 8), (5, 4, 8), (64, 2, 8)])
+@pytest.mark.parametrize("size, world_size, batch", [(31, 2, 4), (31, 3, 8), (5, 4, 8), (64, 2, 8), (1, 2, 8), (2, 3, 1)])
 def test_lockstep_slices_count_every_example_once_in_equal_numbers_of_passes(size, world_size, batch):
     import datasets
 
