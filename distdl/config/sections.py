@@ -147,7 +147,7 @@ SESSION_KEYS = (
     "trainer.max_steps", "trainer.epochs", "trainer.stop_at_step", "trainer.log_every", "trainer.eval_every",
     "trainer.checkpoint_every", "trainer.keep_checkpoints", "run.max_failures", "ray.address", "ray.num_cpus",
     "scaling.cpus_per_worker", "scaling.placement_strategy", "tracking.wandb_mode", "tracking.progress_bar",
-    "tracking.wandb_init_timeout", "data.num_proc", "data.cache_dir",
+    "tracking.wandb_init_timeout", "data.num_proc", "data.cache_dir", "model.activation_checkpointing",
 )
 
 

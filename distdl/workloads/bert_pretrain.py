@@ -12,6 +12,7 @@ import torch
 from distdl.config import Config
 from distdl.data import shards, text
 from distdl.errors import ConfigError
+from distdl.models.checkpointing import checkpoint_transformer_layers
 from distdl.registry import WORKLOADS
 from distdl.workloads.base import WorkerContext, Workload, evaluate_in_lockstep, evaluation_mode, summed_over_ranks
 
@@ -34,6 +35,9 @@ class BertModelSection:
     config_path: Optional[str] = None
     # HF attention backend: sdpa (PyTorch scaled-dot-product attention) or eager.
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # Recompute each encoder layer's activations in the backward pass: less memory, about a third
+    # more compute; the same loss and gradients. A resume may turn it on or off.
+    activation_checkpointing: bool = False
 
 
 def bert_config(model: BertModelSection, tokenizer: Any, max_seq_length: int) -> Any:
@@ -109,7 +113,8 @@ class BertPretrain(Workload):
         return len(blocks["train"])
 
     def build_model(self) -> torch.nn.Module:
-        return training_class(self.data)(bert_config(self.model_section, self.tokenizer, self.data.max_seq_length))
+        model = training_class(self.data)(bert_config(self.model_section, self.tokenizer, self.data.max_seq_length))
+        return checkpoint_transformer_layers(model) if self.model_section.activation_checkpointing else model
 
     def _collator(self, seed: Optional[int] = None) -> Any:
         from transformers import DataCollatorForLanguageModeling

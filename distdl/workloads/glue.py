@@ -21,6 +21,7 @@ from distdl.config import Config
 from distdl.data import glue, shards, text
 from distdl.data.files import check_local_model_files
 from distdl.errors import ConfigError
+from distdl.models.checkpointing import checkpoint_transformer_layers
 from distdl.registry import WORKLOADS
 from distdl.rundir import CONFIG_FILE
 from distdl.workloads.base import WorkerContext, Workload, evaluate_in_lockstep, evaluation_mode
@@ -38,6 +39,8 @@ class GlueModelSection:
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     # Dropout before the classifier; null keeps the model's (BERT: hidden_dropout_prob, 0.1).
     classifier_dropout: Optional[Annotated[float, Interval(ge=0, lt=1)]] = None
+    # Recompute each layer's activations in the backward pass (transformers' gradient checkpointing).
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -171,9 +174,10 @@ class GlueFinetune(Workload):
 
         config = model_config(self.model_section, self.task)
         # fp32 weights whatever the file holds; DeepSpeed casts for bf16/fp16 training itself.
-        return AutoModelForSequenceClassification.from_pretrained(
+        model = AutoModelForSequenceClassification.from_pretrained(
             self.model_section.name_or_path, config=config, dtype=torch.float32
         )
+        return checkpoint_transformer_layers(model) if self.model_section.activation_checkpointing else model
 
     def _collate(self, rows: dict[str, list]) -> dict[str, torch.Tensor]:
         return self.collator(shards.as_examples({k: v for k, v in rows.items() if k in MODEL_INPUTS}))

@@ -92,6 +92,15 @@ def test_resumed_run_equals_uninterrupted(straight_run, tmp_path, corpus, common
     assert read_metrics(resumed.run_dir)[-1]["loss"] == pytest.approx(losses[12], rel=1e-5)
 
 
+def test_activation_checkpointing_turned_on_at_a_resume_changes_nothing(straight_run, tmp_path, corpus, common):
+    """A session key: a run that ran out of memory may resume with it; training is the same (bf16, ZeRO-2)."""
+    run(tmp_path, corpus, "run.name=checkpointed", *common, "trainer.stop_at_step=6")
+    resumed, summary = run(tmp_path, corpus, "run.name=checkpointed", *common, "model.activation_checkpointing=true")
+    assert summary["steps"] == 12 and summary["completed"]
+    assert resumed.sections["model"].activation_checkpointing
+    assert_same_final_weights(straight_run, resumed)
+
+
 def test_a_worker_killed_with_sigkill_is_restarted_from_the_last_checkpoint(straight_run, tmp_path, corpus, common):
     config = load_config(QUICKSTART, overrides(tmp_path, corpus, "run.name=killed", "workload=bert_pretrain_killed_once",
                                                "run.max_failures=1", *common))

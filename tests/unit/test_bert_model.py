@@ -53,3 +53,39 @@ def test_a_batch_without_masked_tokens_gives_a_zero_loss_not_nan():
     out = model(**inputs)
     assert out.loss.item() == 0 and len(out.mlm_labels) == 0
     out.loss.backward()
+
+
+def test_activation_checkpointing_recomputes_each_layer_and_keeps_loss_and_gradients():
+    """With dropout on, so the recomputation must replay the same masks."""
+    from distdl.models.checkpointing import checkpoint_transformer_layers
+
+    config = BertConfig(**{**CONFIG.to_dict(), "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1})
+    torch.manual_seed(0)
+    plain = BertForMaskedPositionsPreTraining(config)
+    checkpointed = BertForMaskedPositionsPreTraining(config)
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpoint_transformer_layers(checkpointed)
+    results = []
+    for model in (plain, checkpointed):
+        calls = []
+        # Inside each layer: transformers checkpoints the layer's forward, so the layer's own hooks run once.
+        for layer in model.bert.encoder.layer:
+            layer.intermediate.register_forward_hook(lambda *_: calls.append(1))
+        model.train()
+        torch.manual_seed(1)
+        out = model(**batch(nsp=True))
+        out.loss.backward()
+        results.append((len(calls), out.loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (plain_calls, plain_loss, plain_grads), (checkpointed_calls, loss, grads) = results
+    assert (plain_calls, checkpointed_calls) == (2, 4), "each of the 2 layers runs again in the backward pass"
+    assert torch.equal(loss, plain_loss)
+    for got, expected in zip(grads, plain_grads):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_a_model_without_gradient_checkpointing_is_refused_naming_the_key():
+    from distdl.errors import ConfigError
+    from distdl.models.checkpointing import checkpoint_transformer_layers
+
+    with pytest.raises(ConfigError, match=r"model.activation_checkpointing=true: Linear does not support"):
+        checkpoint_transformer_layers(torch.nn.Linear(2, 2))
