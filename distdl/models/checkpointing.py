@@ -1,6 +1,9 @@
 """Activation checkpointing: keep fewer activations in the forward pass and recompute them in the
 backward pass, trading compute (about one more forward) for memory.
 
+ResNets checkpoint each residual block with torch.utils.checkpoint (non-reentrant), keeping batch
+norm's running statistics from being updated twice by the recomputation.
+
 transformers' models get their own gradient checkpointing, as HF Trainer turns it on
 (`gradient_checkpointing=True`), in its non-reentrant form: the one PyTorch recommends, and the
 one that leaves ZeRO-3's parameter hooks working. Recomputation replays the saved RNG state, so
@@ -9,7 +12,12 @@ dropout draws the same masks and the loss and gradients are those without checkp
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from distdl.errors import ConfigError
 
@@ -24,4 +32,50 @@ def checkpoint_transformer_layers(model: Any, key: str = "model.activation_check
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    return model
+
+
+class CheckpointedSequential(nn.Sequential):
+    """A Sequential of residual blocks whose activations inside each block are recomputed in the
+    backward pass; only the blocks' inputs are kept. Its children keep their names (0, 1, ...),
+    so state dicts, checkpoints and exports are those of the plain model."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self:
+            if self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False,
+                               context_fn=lambda block=block: (nullcontext(), batch_norm_statistics_kept(block)))
+            else:
+                x = block(x)
+        return x
+
+
+@contextmanager
+def batch_norm_statistics_kept(module: nn.Module) -> Iterator[None]:
+    """Batch norm's running statistics as they are, while the backward pass recomputes `module`.
+
+    The recomputation runs batch norm in training mode a second time, which would fold the same
+    batch into the running mean and variance twice; with momentum 0 the update keeps them, and
+    the batch counter is put back.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, (momentum, batches) in zip(norms, saved):
+            norm.momentum = momentum
+            norm.num_batches_tracked.copy_(batches)
+
+
+def checkpoint_residual_stages(model: nn.Module, key: str = "model.activation_checkpointing") -> nn.Module:
+    """Checkpoint every residual block of a torchvision ResNet (layer1-4) or a CIFAR ResNet (layers)."""
+    stages = [name for name in ("layer1", "layer2", "layer3", "layer4", "layers")
+              if isinstance(getattr(model, name, None), nn.Sequential)]
+    if not stages:
+        raise ConfigError(f"{key}=true applies to ResNets (residual blocks); {type(model).__name__} has none")
+    for name in stages:
+        setattr(model, name, CheckpointedSequential(*getattr(model, name)))
     return model

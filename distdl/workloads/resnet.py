@@ -20,7 +20,9 @@ from distdl.config import AtLeastOne, Config
 from distdl.data import vision
 from distdl.errors import ConfigError
 from distdl.models import classifiers
+from distdl.models.checkpointing import checkpoint_residual_stages
 from distdl.models.classifiers import CLASSIFIER_NAMES as MODEL_NAMES
+from distdl.models.resnet import MODEL_NAMES as RESNET_NAMES
 from distdl.registry import WORKLOADS
 from distdl.workloads.base import WorkerContext, Workload, evaluate_in_lockstep, evaluation_mode, summed_over_ranks
 
@@ -46,6 +48,9 @@ class ResNetModelSection:
     # two_layer_relu: hidden units m, and whether the +-1 output layer trains (Du et al. fix it).
     width: AtLeastOne = 1024
     train_output_layer: bool = False
+    # ResNets: recompute each residual block's activations in the backward pass (less memory, one more
+    # forward; the same loss, gradients and batch-norm statistics). A resume may turn it on or off.
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -94,6 +99,9 @@ class ResNetClassification(Workload):
         if model.name not in MODEL_NAMES:
             raise ConfigError(f"model.name={model.name!r} is not known; known: {', '.join(MODEL_NAMES)}")
         vision.spec_for(data)
+        if model.activation_checkpointing and model.name not in RESNET_NAMES:
+            raise ConfigError(f"model.activation_checkpointing=true applies to ResNets (residual blocks), not "
+                              f"model.name={model.name}; ResNets: {', '.join(RESNET_NAMES)}")
         if model.sync_batchnorm and not config.scaling.use_gpu:
             raise ConfigError("model.sync_batchnorm=true needs GPU workers (scaling.use_gpu=true): "
                               "PyTorch's SyncBatchNorm runs on GPUs only")
@@ -128,6 +136,8 @@ class ResNetClassification(Workload):
 
     def build_model(self) -> torch.nn.Module:
         model = build_classifier(self.model_section, self.data.channels, self.data.image_size, self.data.classes)
+        if self.model_section.activation_checkpointing:
+            model = checkpoint_residual_stages(model)
         if self.model_section.sync_batchnorm:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model

@@ -297,3 +297,39 @@ def test_the_measured_loss_keeps_float64_and_training_losses_are_fp32(tmp_path):
     assert loss.dtype == torch.float64
     loss, _ = workload.loss(model.bfloat16(), {"images": images.bfloat16(), "labels": labels})
     assert loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "resnet18"])
+def test_checkpointed_resnet_blocks_keep_loss_gradients_and_batch_norm_statistics(name):
+    """Each block runs again in the backward pass, and batch norm folds each batch in only once."""
+    from distdl.models.checkpointing import checkpoint_residual_stages
+
+    torch.manual_seed(0)
+    plain = build_resnet(name, 3, 10)
+    checkpointed = build_resnet(name, 3, 10)
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpoint_residual_stages(checkpointed)
+    assert checkpointed.state_dict().keys() == plain.state_dict().keys(), "exports and checkpoints are unchanged"
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    runs = []
+    for model in (plain, checkpointed):
+        convs = []
+        first_block = next(m for m in model.modules() if m.__class__.__name__ in ("BasicBlock", "Bottleneck"))
+        first_block.conv1.register_forward_hook(lambda *_: convs.append(1))
+        model.train()
+        for _ in range(2):  # two steps' worth of running statistics
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+            loss.backward()
+        runs.append((len(convs), loss.detach(), model.state_dict(), [p.grad.clone() for p in model.parameters()]))
+    (plain_calls, plain_loss, plain_state, plain_grads), (calls, loss, state, grads) = runs
+    assert (plain_calls, calls) == (2, 4), "the block's convolution runs again in each backward pass"
+    assert torch.equal(loss, plain_loss)
+    for key in plain_state:  # running means, variances and batch counts included
+        assert torch.equal(state[key], plain_state[key]), key
+    for got, expected in zip(grads, plain_grads):
+        assert torch.equal(got, expected)
+
+
+def test_activation_checkpointing_of_a_model_without_residual_blocks_is_refused():
+    message = config_error("model.name=mlp", "model.activation_checkpointing=true")
+    assert "model.activation_checkpointing=true applies to ResNets" in message and "model.name=mlp" in message
