@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from distdl.collectives import all_reduce_sum, any_rank, gather_objects, world_size
 from distdl.config import Config, config_from_dict
-from distdl.engine import CheckpointError, Engine, EngineSet, offload_adam_factory
+from distdl.engine import CheckpointError, Engine, EngineSet, offload_adam_factory, set_tf32
 from distdl.noise_scale import step_terms, with_noise_scale
 from distdl.optim import effective_lr, optimizer_factory, param_groups, scheduler_factory
 from distdl.registry import WORKLOADS
@@ -39,6 +39,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     config = config_from_dict(payload["config"])
     context = worker_context(config)
+    if config.scaling.use_gpu:
+        set_tf32(config.engine.tf32)
     rank = context.rank
     workload: Workload = WORKLOADS.get(config.workload)(config.sections, context)
     engines = EngineSet({name: build_engine(model, config, payload["deepspeed_config"])

@@ -60,6 +60,9 @@ class EngineSection:
     # Elements per bucket of ZeRO's gradient reduce and parameter all-gather (DeepSpeed's default,
     # 5e8, makes one bucket of most models, which leaves nothing to overlap).
     bucket_elements: AtLeastOne = 25_000_000
+    # GPU workers: fp32 matmuls and convolutions on TF32 tensor cores (Ampere and later), as PyTorch
+    # recommends for training; false keeps them in full fp32.
+    tf32: bool = True
     # A raw DeepSpeed JSON merged over the derived config; conflicts are errors.
     deepspeed_config: Optional[str] = None
 

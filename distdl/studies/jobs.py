@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from distdl.config import config_from_dict
+from distdl.engine import set_tf32
 from distdl.loop import worker_context
 from distdl.rundir import write_json
 
 
 def measure_loop_per_worker(payload: dict[str, Any]) -> None:
     worker = worker_context(config_from_dict(payload["config"]))
+    set_tf32(False)  # Hessians and sharpness in full fp32 on GPUs too (cuDNN's default is TF32)
     for task in payload["tasks"]:
         result = payload["measure"](task, payload["section"], worker)
         if worker.rank == 0:

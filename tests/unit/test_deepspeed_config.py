@@ -162,3 +162,20 @@ def test_raw_json_may_repeat_distdl_settings(tmp_path):
                                        "zero_optimization": {"stage": 2}}))
     ds = ds_config("engine.precision=bf16", "engine.zero_stage=2", f"engine.deepspeed_config={file}")
     assert ds["bf16"] == {"enabled": True} and ds["zero_optimization"]["stage"] == 2
+
+
+@pytest.mark.parametrize("enabled, precision", [(True, "tf32"), (False, "ieee")])
+def test_tf32_is_set_for_matmuls_and_convolutions(enabled, precision):
+    import torch
+
+    from distdl.engine import set_tf32
+
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("PyTorch before 2.9 has only allow_tf32")
+    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:
+        set_tf32(enabled)
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == (
+            precision, precision)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
