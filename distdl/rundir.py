@@ -99,7 +99,7 @@ class RunSummary(TypedDict, total=False):
     backend: Optional[str]  # the process group's: gloo or nccl
     global_batch_size: int
     session_wall_time_s: float
-    parameter_checksums: list[float]  # one per rank: equal when the ranks hold the same weights
+    parameter_checksums: list[str]  # sha256 of each rank's fp32 weights: equal when the ranks agree
     ray_node_ids: list[Optional[str]]  # one per rank
     memory_per_rank: list[dict[str, Any]]
     optimizers: dict[str, str]  # each engine's optimizer class

@@ -29,7 +29,7 @@ from distdl.errors import ConfigError
 from distdl.metrics import Statistics, feature_statistics, frechet_distance, inception_features, load_inception
 from distdl.models.dcgan import Discriminator, Generator
 from distdl.registry import WORKLOADS
-from distdl.workloads.base import WorkerContext, Workload
+from distdl.workloads.base import WorkerContext, Workload, evaluation_mode
 
 OBJECTIVES = ("dcgan", "wgan_gp")
 SAMPLES_DIRNAME = "samples"
@@ -180,14 +180,12 @@ class Gan(Workload):
         (gradient,) = torch.autograd.grad(critic(between).sum(), between, create_graph=True)
         return ((gradient.float().flatten(1).norm(dim=1) - 1) ** 2).mean()
 
-    @torch.no_grad()
     def evaluate(self, engines: dict[str, Any], step: int) -> dict[str, Any]:
         generator = engines["generator"]
-        generator.train(False)
-        metrics: dict[str, Any] = {"sample_grid": self._write_grid(generator, step)}
-        if self.eval_section.classifier_run is not None or self.eval_section.inception_weights is not None:
-            metrics.update(self._frechet_distances(generator))
-        generator.train(True)
+        with evaluation_mode(generator):
+            metrics: dict[str, Any] = {"sample_grid": self._write_grid(generator, step)}
+            if self.eval_section.classifier_run is not None or self.eval_section.inception_weights is not None:
+                metrics.update(self._frechet_distances(generator))
         return metrics
 
     def _write_grid(self, generator: Any, step: int) -> Optional[Path]:

@@ -204,7 +204,6 @@ class GlueFinetune(Workload):
     def batch_size(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         return {"samples": int(batch["input_ids"].shape[0]), "tokens": int(batch["input_ids"].numel())}
 
-    @torch.no_grad()
     def predict(self, model: Any, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
         """(idx, logits) of every example of `dataset`, in its order, from all ranks together."""
         shard = shards.shard_for_rank(dataset, self.context.rank, self.context.world_size)
