@@ -169,6 +169,7 @@ class Engine:
         make_scheduler: Optional[Callable[[torch.optim.Optimizer], Any]],
         ds_config: dict[str, Any],
         measure_noise: bool = False,
+        compile: bool = False,
     ) -> None:
         import deepspeed
 
@@ -191,6 +192,11 @@ class Engine:
             config=ds_config,
             dist_init_required=False,
         )
+        if compile:
+            # DeepSpeed's engine.compile() compiles the module in place (nn.Module.compile), so its
+            # parameter names, checkpoints and exports are those of the uncompiled model, and ZeRO-3's
+            # hooks stay outside the compiled graph. Compilation happens at the first forward.
+            self._engine.compile()
         # DeepSpeed reports the global gradient norm from its ZeRO and mixed-precision optimizers only;
         # at ZeRO-0 in fp32 it clips without keeping the norm, so distdl measures it itself.
         self._measures_grad_norm = self._engine.zero_optimization_stage() == 0 and self.compute_dtype == torch.float32
@@ -324,6 +330,23 @@ class Engine:
         if path is None:
             raise CheckpointError(f"checkpoint {directory} is missing DeepSpeed files (no 'latest' tag or shards)")
         return client_state or {}
+
+
+def compile_failure(error: BaseException) -> Optional[str]:
+    """The reason, when `error` is torch.compile failing to trace or compile (else None)."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    failures: tuple[type, ...] = (TorchDynamoException,)
+    try:
+        from torch._inductor.exc import InductorError
+
+        failures += (InductorError,)
+    except ImportError:
+        pass
+    if not isinstance(error, failures):
+        return None
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def set_tf32(enabled: bool) -> None:

@@ -7,6 +7,7 @@ checkpoint and report to Ray Train.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -21,9 +22,12 @@ import torch.distributed as dist
 
 from distdl.collectives import all_reduce_sum, any_rank, gather_objects, world_size
 from distdl.config import Config, config_from_dict
-from distdl.engine import CheckpointError, Engine, EngineSet, offload_adam_factory, set_tf32
+from distdl.engine import CheckpointError, Engine, EngineSet, compile_failure, offload_adam_factory, set_tf32
+from distdl.errors import ConfigError
+from distdl.flops import ModelFlops, Utilization, WorldPeak, counted_flops, device_peak
 from distdl.noise_scale import step_terms, with_noise_scale
 from distdl.optim import effective_lr, optimizer_factory, param_groups, scheduler_factory
+from distdl.profiling import StepProfiler
 from distdl.registry import WORKLOADS
 from distdl.rundir import CHECKPOINT_SCORE, STOP_REQUEST_FILE, RunSummary, back_up_snapshot
 from distdl.tracking import Tracker
@@ -45,13 +49,14 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     workload: Workload = WORKLOADS.get(config.workload)(config.sections, context)
     engines = EngineSet({name: build_engine(model, config, payload["deepspeed_config"])
                          for name, model in initial_models(workload, config.run.seed).items()})
-    start_step = resume(engines, workload, rank) if ray.train.get_checkpoint() else fresh_start(config.run.seed, rank)
+    start_step, model_flops = (resume(engines, workload, rank) if ray.train.get_checkpoint()
+                               else (fresh_start(config.run.seed, rank), None))
     tracker = None
     if rank == 0:
         tracker = Tracker(config.tracking, config.run_dir, config.run.name, config.to_dict(),
                           payload["wandb_mode"], start_step, config.trainer.max_steps,
                           payload.get("console_is_terminal", False))
-    run_steps(config, workload, engines, tracker, start_step, rank)
+    run_steps(config, workload, engines, tracker, start_step, rank, model_flops)
 
 
 def quiet_worker(use_gpu: bool) -> None:
@@ -63,6 +68,8 @@ def quiet_worker(use_gpu: bool) -> None:
     """
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # torch.profiler's Kineto logs every start and stop, and errors about the GPUs a CPU worker lacks.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:  # Ray Train logs every report at INFO under this file's path, which its log level misses
         from ray.train.v2._internal.execution import context as ray_train_context
@@ -105,6 +112,7 @@ def build_engine(model: torch.nn.Module, config: Config, ds_config: dict[str, An
         scheduler_factory(config.scheduler, config.trainer.max_steps),
         ds_config,
         measure_noise=config.trainer.noise_scale,
+        compile=config.trainer.compile,
     )
 
 
@@ -114,7 +122,8 @@ def fresh_start(seed: int, rank: int) -> int:
     return 0
 
 
-def resume(engines: EngineSet, workload: Workload, rank: int) -> int:
+def resume(engines: EngineSet, workload: Workload, rank: int) -> tuple[int, Optional[ModelFlops]]:
+    """Load the latest checkpoint; the step it was saved at and the model FLOPs the run counted."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -126,7 +135,8 @@ def resume(engines: EngineSet, workload: Workload, rank: int) -> int:
             raise CheckpointError(f"checkpoint {directory} has no {rng_file.name}: was it saved with another world size?")
         set_rng_state(torch.load(rng_file, weights_only=True), engines.device)
     # The loop's step (a GAN's engines may step different numbers of times).
-    return int(client_state.get("step", engines.primary.global_steps))
+    flops = client_state.get("model_flops")
+    return int(client_state.get("step", engines.primary.global_steps)), ModelFlops(**flops) if flops else None
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -154,6 +164,7 @@ class Window:
         self.samples = 0
         self.tokens = 0
         self.started = time.perf_counter()
+        self.elapsed = 0.0  # of the window, once reduced
 
     def add(self, metrics: dict[str, Any], counts: dict[str, int]) -> None:
         for name, value in metrics.items():
@@ -175,7 +186,7 @@ class Window:
                              + [torch.tensor(float(x), device=device) for x in (self.samples, self.tokens)])
         all_reduce_sum(values)
         world = world_size()
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        elapsed = self.elapsed = max(time.perf_counter() - self.started, 1e-9)
         means = {n: values[i].item() / (self.micro_batches * world) for i, n in enumerate(names)}
         means.update({n: values[len(names) + i].item() / (self.steps * world) for i, n in enumerate(step_names)})
         samples, tokens = values[-2].item(), values[-1].item()
@@ -307,8 +318,41 @@ def train_step(config: Config, workload: Workload, engines: EngineSet, batches: 
         window.add_step(noise_terms(engines.primary, trainer))
 
 
+def counted_step(config: Config, workload: Workload, engines: EngineSet, batches: Iterator[dict], window: Window,
+                 watch: FiniteWatch, step: int, rank: int) -> Utilization:
+    """The session's first step, with its model FLOPs counted (eager: torch.compile steps aside while
+    the counter runs), and the device's peak: what turns later windows' throughput into MFU."""
+    with counted_flops() as count:
+        train_step(config, workload, engines, batches, window, watch, step)
+    return Utilization(ModelFlops.of(count, window.tokens, engines.device), session_peak(config, engines, rank))
+
+
+def session_peak(config: Config, engines: EngineSet, rank: int) -> WorldPeak:
+    """This session's devices' peak (a collective); rank 0 warns when it is unknown."""
+    peak = device_peak(engines.device, config.engine.precision, config.engine.tf32, config.trainer.peak_tflops)
+    world_peak = WorldPeak.of(peak, engines.device)
+    if rank == 0 and world_peak.tflops is None:
+        warnings.warn(f"MFU is logged as unknown (null): {peak.source}")
+    return world_peak
+
+
+def compiling_step(config: Config, workload: Workload, engines: EngineSet, batches: Iterator[dict], window: Window,
+                   watch: FiniteWatch, step: int) -> float:
+    """The first compiled step: torch.compile traces and compiles the model here. Its seconds."""
+    started = time.perf_counter()
+    try:
+        train_step(config, workload, engines, batches, window, watch, step)
+    except Exception as error:
+        reason = compile_failure(error)
+        if reason is None:
+            raise
+        raise ConfigError(f"trainer.compile=true: torch.compile could not compile the {config.workload} model "
+                          f"({reason}); set trainer.compile=false to train it uncompiled") from error
+    return time.perf_counter() - started
+
+
 def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: Optional[Tracker],
-              start_step: int, rank: int) -> None:
+              start_step: int, rank: int, model_flops: Optional[ModelFlops] = None) -> None:
     """Train from `start_step` to the schedule's stop, logging, evaluating and checkpointing on its
     steps, until a stop rule ends the session; then write the summary."""
     session_started = time.perf_counter()
@@ -318,16 +362,35 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
     batches = workload.train_batches(start=start_step * config.trainer.gradient_accumulation_steps)
     window, watch, logged = Window(), FiniteWatch(), {}
     previous_checkpoint = checkpoint_name(start_step) if start_step else None
+    profiler = StepProfiler(config.trainer.profile_steps, rank, world_size(), config.run_dir, engines.device,
+                            config.trainer.profile_memory, config.trainer.profile_stacks)
+    # The model FLOPs are counted once per run, on its first step, and kept in its checkpoints: a
+    # resumed compiled run then runs no eager step, whose dropout draws would differ from Inductor's.
+    utilization = Utilization(model_flops, session_peak(config, engines, rank)) if model_flops else None
+    compile_s: Optional[float] = None
     engines.train(True)
     step = start_step
     for step in range(start_step + 1, schedule.stop + 1):
-        train_step(config, workload, engines, batches, window, watch, step)
+        profiler.begin(step)
+        if utilization is None:
+            utilization = counted_step(config, workload, engines, batches, window, watch, step, rank)
+        elif config.trainer.compile and compile_s is None:
+            compile_s = compiling_step(config, workload, engines, batches, window, watch, step)
+            if not schedule.logs(step):
+                window = Window()  # the compilation stays out of the step rate
+        else:
+            train_step(config, workload, engines, batches, window, watch, step)
+        profiler.end(step)
         if tracker:
             tracker.advance()
         metrics: dict[str, Any] = {}
         log_step = schedule.logs(step)
         if log_step:
-            metrics = {**with_noise_scale(window.reduce(engines.device)), **engines.log_metrics()}
+            throughput = window.reduce(engines.device)
+            metrics = {**with_noise_scale(throughput), **utilization.window(throughput["tokens_per_s"], window.elapsed),
+                       **engines.log_metrics()}
+            if compile_s is not None and "compile_s" not in logged:
+                metrics["compile_s"] = compile_s
             rules.after_log(step, metrics, schedule, rank, engines.device)
         checkpoint_step = schedule.checkpoints(step)
         # Before evaluating and saving: a diverged model is never saved over the last good checkpoint.
@@ -345,20 +408,23 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
         logged.update(metrics)
         if checkpoint_step:
             reported = {**metrics, CHECKPOINT_SCORE: metrics[score_key]} if score_key else metrics
-            save_and_report(engines, workload, config.run_dir, rank, step, reported, previous_checkpoint)
+            save_and_report(engines, workload, config.run_dir, rank, step, reported, previous_checkpoint,
+                            utilization.model_flops)
             previous_checkpoint = checkpoint_name(step)
         if log_step:
             window = Window()  # after eval and checkpoint, so throughput counts training time only
         if step == schedule.stop:
             break
+    profiler.close()
+    usage = {**utilization.summary(), "compile_s": compile_s} if utilization else {}
     summary = run_summary(config, workload, engines, step, rules.summary(), logged,
-                          time.perf_counter() - session_started)
+                          time.perf_counter() - session_started, usage)
     if tracker:
         tracker.finish(summary)
 
 
 def run_summary(config: Config, workload: Workload, engines: EngineSet, step: int, stops: dict[str, Optional[int]],
-                final: dict[str, Any], wall_time_s: float) -> RunSummary:
+                final: dict[str, Any], wall_time_s: float, utilization: dict[str, Any]) -> RunSummary:
     """summary.json: where the session ended and why, what each rank holds, the final metrics (every rank calls it)."""
     trainer = config.trainer
     completed = stops["non_finite_step"] is None and (step >= trainer.max_steps or stops["stopped_at_loss_step"] is not None)
@@ -376,6 +442,7 @@ def run_summary(config: Config, workload: Workload, engines: EngineSet, step: in
         "memory_per_rank": gather_objects(engines.memory_report()),
         "optimizers": engines.optimizers(),
         "final": final,
+        "utilization": utilization,
         **workload.summary(),
     }
 
@@ -385,7 +452,7 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_and_report(engines: EngineSet, workload: Workload, run_dir: Path, rank: int, step: int,
-                    metrics: dict[str, Any], previous: Optional[str]) -> None:
+                    metrics: dict[str, Any], previous: Optional[str], model_flops: ModelFlops) -> None:
     """Every rank writes its shards into a local temporary directory; Ray Train copies them into one
     checkpoint in storage and records it as the latest only once every rank's copy is complete, so a
     crash or a full disk mid-save leaves the previous checkpoint the one a rerun resumes from.
@@ -399,7 +466,8 @@ def save_and_report(engines: EngineSet, workload: Workload, run_dir: Path, rank:
         if rank == 0 and previous is not None:
             back_up_snapshot(run_dir, previous)
         with tempfile.TemporaryDirectory(prefix="distdl-ckpt-") as directory:
-            engines.save(directory, client_state={"step": step, "workload": workload.state_dict()})
+            engines.save(directory, client_state={"step": step, "workload": workload.state_dict(),
+                                                  "model_flops": dataclasses.asdict(model_flops)})
             torch.save(rng_state(engines.device), Path(directory) / RNG_FILE.format(rank=rank))
             reported = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             ray.train.report({"step": step, **reported}, checkpoint=ray.train.Checkpoint.from_directory(directory),

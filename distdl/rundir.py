@@ -104,6 +104,9 @@ class RunSummary(TypedDict, total=False):
     memory_per_rank: list[dict[str, Any]]
     optimizers: dict[str, str]  # each engine's optimizer class
     final: dict[str, Any]  # the last logged metrics
+    # Model FLOPs per step, the session's mean TFLOP/s per device and MFU, the peak and its source,
+    # and with trainer.compile the first compiled step's seconds (distdl.flops).
+    utilization: dict[str, Any]
     wandb_run_dir: str  # when W&B logged the run
     wandb_run_id: str
 

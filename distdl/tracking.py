@@ -137,8 +137,9 @@ class Tracker:
             try:
                 import wandb
 
-                self._wandb.log({k: wandb.Image(str(v)) if isinstance(v, Path) else v for k, v in metrics.items()},
-                                step=step)
+                # An unknown value (an MFU without a known peak) is left out rather than charted as 0.
+                self._wandb.log({k: wandb.Image(str(v)) if isinstance(v, Path) else v for k, v in metrics.items()
+                                 if v is not None}, step=step)
             except Exception as err:
                 warnings.warn(f"W&B logging failed ({err}); continuing without W&B")
                 self._wandb = None
@@ -162,7 +163,7 @@ class ProgressLine:
     """One plain line per log step: the step, the losses and evaluation metrics, throughput, the
     learning rate and the time left at this session's mean step rate."""
 
-    SHOWN = ("loss", "loss_d", "loss_g", "lr", "samples_per_s")
+    SHOWN = ("loss", "loss_d", "loss_g", "lr", "samples_per_s", "mfu")
 
     def __init__(self, start_step: int, max_steps: int) -> None:
         self.start_step, self.max_steps = start_step, max_steps
@@ -171,14 +172,17 @@ class ProgressLine:
     def line(self, step: int, metrics: dict[str, Any]) -> str:
         shown = [name for name in self.SHOWN if name in metrics]
         shown += sorted(name for name in metrics if name.startswith("eval_"))
-        values = " ".join(f"{name}={_short(metrics[name])}" for name in shown if isinstance(metrics[name], (int, float)))
+        values = " ".join(f"{name}={_shown(name, metrics[name])}" for name in shown
+                          if isinstance(metrics[name], (int, float)) or name == "mfu")
         done = step - self.start_step
         left = (time.monotonic() - self.started) / done * (self.max_steps - step) if done > 0 else float("nan")
         eta = time.strftime("%H:%M:%S", time.gmtime(left)) if math.isfinite(left) else "?"
         return f"distdl: step {step}/{self.max_steps} {values} eta={eta}"
 
 
-def _short(value: float) -> str:
+def _shown(name: str, value: Any) -> str:
+    if name == "mfu":
+        return "?" if value is None else f"{100 * value:.1f}%"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 

@@ -118,6 +118,18 @@ class TrainerSection:
     # End the run (with a checkpoint) at the first log step whose window-mean training loss is at or
     # below this: the scaling study's steps-to-target runs.
     stop_at_loss: Optional[Annotated[float, Finite]] = None
+    # Dense peak TFLOP/s of one device at the run's precision, for MFU. null: the datasheet figure
+    # of a known GPU model (distdl.flops), a measured matmul on CPU workers; unknown GPUs log no MFU.
+    peak_tflops: Optional[Annotated[float, Gt(0), Finite, Requirement("must be a positive number (TFLOP/s)")]] = None
+    # [first, last] optimizer step to trace with torch.profiler on rank 0 and the last rank, into the
+    # run directory's profiles/ (open in Perfetto or TensorBoard). null: no profile.
+    profile_steps: Optional[Annotated[list[AtLeastOne], Len(2, 2)]] = None
+    # The profile also records tensor allocations (and shapes), and Python stacks of each op.
+    profile_memory: bool = False
+    profile_stacks: bool = False
+    # torch.compile the model (through DeepSpeed's engine.compile); the first step's compile time is
+    # reported apart from the step rate.
+    compile: bool = False
 
 
 @dataclass
@@ -151,6 +163,8 @@ SESSION_KEYS = (
     "trainer.checkpoint_every", "trainer.keep_checkpoints", "run.max_failures", "ray.address", "ray.num_cpus",
     "scaling.cpus_per_worker", "scaling.placement_strategy", "tracking.wandb_mode", "tracking.progress_bar",
     "tracking.wandb_init_timeout", "data.num_proc", "data.cache_dir", "model.activation_checkpointing",
+    "trainer.peak_tflops", "trainer.profile_steps", "trainer.profile_memory", "trainer.profile_stacks",
+    "trainer.compile",
 )
 
 
@@ -216,6 +230,11 @@ def _check_budget(trainer: TrainerSection) -> None:
     stop = trainer.stop_at_step
     if stop is not None and trainer.max_steps is not None and not 1 <= stop <= trainer.max_steps:
         raise ConfigError(f"trainer.stop_at_step={stop} must lie in 1..trainer.max_steps={trainer.max_steps}")
+    if trainer.profile_steps is not None:
+        first, last = trainer.profile_steps
+        if first > last or (trainer.max_steps is not None and last > trainer.max_steps):
+            raise ConfigError(f"trainer.profile_steps={trainer.profile_steps} must be [first, last] steps with "
+                              f"1 <= first <= last <= trainer.max_steps={trainer.max_steps}")
 
 
 def resolve_epochs(config: Config, train_examples: Optional[int]) -> Optional[int]:

@@ -12,8 +12,9 @@ dropout draws the same masks and the loss and gradients are those without checkp
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from typing import Any, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ def checkpoint_transformer_layers(model: Any, key: str = "model.activation_check
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError(f"{key}=true: {type(model).__name__} does not support transformers' gradient "
                           "checkpointing; set it to false")
-    options = {"use_reentrant": False}
+    options = {"use_reentrant": False, "context_fn": recomputation_contexts}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name for it
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
     else:
@@ -44,7 +45,7 @@ class CheckpointedSequential(nn.Sequential):
         for block in self:
             if self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False,
-                               context_fn=lambda block=block: (nullcontext(), batch_norm_statistics_kept(block)))
+                               context_fn=lambda block=block: recomputation_contexts(batch_norm_statistics_kept(block)))
             else:
                 x = block(x)
         return x
@@ -79,3 +80,53 @@ def checkpoint_residual_stages(model: nn.Module, key: str = "model.activation_ch
     for name in stages:
         setattr(model, name, CheckpointedSequential(*getattr(model, name)))
     return model
+
+
+@dataclass
+class RecomputedFlops:
+    flops: int = 0
+
+
+# The counts in progress, each with the factory of the FLOP counter it counts recomputation with.
+_counts: list[tuple[RecomputedFlops, Callable[[], Any]]] = []
+
+
+@contextmanager
+def recomputation_counted(make_counter: Callable[[], Any]) -> Iterator[RecomputedFlops]:
+    """While the block runs, the FLOPs of every recomputation are also counted apart (with a fresh
+    `make_counter()`, a torch FlopCounterMode), so that a FLOP count can leave them out."""
+    counted = RecomputedFlops()
+    _counts.append((counted, make_counter))
+    try:
+        yield counted
+    finally:
+        _counts.remove((counted, make_counter))
+
+
+@contextmanager
+def _recomputing() -> Iterator[None]:
+    if not _counts:
+        yield
+        return
+    counter = _counts[-1][1]()
+    try:
+        with counter:
+            yield
+    finally:  # also when the recomputation stops early, as non-reentrant checkpointing does by raising
+        for counted, _ in _counts:
+            counted.flops += counter.get_total_flops()
+
+
+def recomputation_contexts(*during_recomputation: ContextManager) -> tuple[ContextManager, ContextManager]:
+    """torch.utils.checkpoint's `context_fn`: nothing around the forward pass; around the
+    recomputation, `during_recomputation` and the count of its FLOPs when one is in progress."""
+    return nullcontext(), _recomputation(during_recomputation)
+
+
+@contextmanager
+def _recomputation(during: tuple[ContextManager, ...]) -> Iterator[None]:
+    with ExitStack() as stack:
+        for context in during:
+            stack.enter_context(context)
+        stack.enter_context(_recomputing())
+        yield

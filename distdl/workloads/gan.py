@@ -97,6 +97,10 @@ class Gan(Workload):
         if objective.name == "wgan_gp" and model.discriminator_norm == "batch":
             raise ConfigError("objective.name=wgan_gp needs model.discriminator_norm=layer or none: the gradient "
                               "penalty is per sample, and batch norm couples a batch's samples")
+        if objective.name == "wgan_gp" and config.trainer.compile:
+            raise ConfigError("trainer.compile=true cannot train objective.name=wgan_gp: its gradient penalty "
+                              "differentiates the critic twice, and torch.compile has no double backward; set "
+                              "trainer.compile=false (or objective.name=dcgan)")
         if config.engine.zero_stage == 3:
             raise ConfigError("engine.zero_stage=3 is not supported for GANs: the generator's update runs the "
                               "discriminator outside its own engine's step; use stages 0-2")

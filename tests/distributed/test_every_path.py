@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from distdl.config import load_config
 from distdl.rundir import RunSummary, read_metrics
@@ -35,6 +36,11 @@ def check_run(config, summary) -> list[dict]:
         norms = {k: v for k, v in metrics.items() if k.startswith("grad_norm")}
         assert losses and all(isinstance(v, float) and math.isfinite(v) for v in losses.values()), metrics
         assert norms and all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in norms.values()), metrics
+        # CPU workers measure their matmul peak, so MFU is known here.
+        assert metrics["mfu"] > 0 and metrics["tflops_per_device"] > 0, metrics
+    usage = summary["utilization"]
+    assert usage["flops_per_step"] > 0 and 0 < usage["mean_mfu"] < 2, usage
+    assert usage["peak_source"].startswith(f"measured {config.engine.precision} matmul"), usage
     return logged
 
 
@@ -222,8 +228,59 @@ def test_the_gpu_checks_prepared_runs_are_valid_configs():
     spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks/gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
-    runs = gpu_check.config_runs(argparse.Namespace(config_steps=50), str(CORPUS))
-    assert set(runs) == {"imagenet_resnet50_config", "zero3_bf16", "fp16_zero2"}
-    for config, overrides in runs.values():
+    args = argparse.Namespace(bert_steps=60, resnet_steps=60, log_every=10, bert_batch=256, resnet_batch=128)
+    runs = gpu_check.config_runs(args, str(CORPUS), "/tokenizer")
+    assert set(runs) == {f"{model}{variant}" for model in ("bert_base", "resnet50")
+                         for variant in ("", "_compile", "_checkpointing")} | {"zero3_bf16", "fp16_zero2"}
+    for name, (config, overrides) in runs.items():
         loaded = load_config(REPO / config, ["scaling.num_workers=1", "scaling.use_gpu=true", *overrides])
         assert loaded.trainer.max_steps >= 4
+        assert loaded.trainer.compile == name.endswith("_compile")
+        assert loaded.sections["model"].activation_checkpointing == name.endswith("_checkpointing")
+
+
+# ----------------------------------------------------------------------------- MFU and profiles
+
+
+def test_a_profile_writes_traces_and_changes_no_weight(local_workers, tmp_path):
+    """trainer.profile_steps traces rank 0 and the last rank; the logged FLOPs per step are the
+    textbook count of the run's BERT (tests/unit/test_flops.py counts it exactly on one batch)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from distdl.data.text import TOKENIZER_DIRNAME
+    from distdl.models.bert import BertForMaskedPositionsLM
+    from distdl.workloads.bert_pretrain import bert_config
+    from tests.unit.test_flops import textbook_flops
+
+    if not CORPUS.is_dir():
+        pytest.skip("needs the Debian license texts in /usr/share/common-licenses")
+    summaries = {}
+    # WordPiece training is not bit-reproducible (tokenizers#1794): the profiled run uses the plain run's.
+    for name, profile, tokenizer in (("plain", "null", "null"), ("profiled", "[2,3]", tmp_path / "plain" / "tokenizer")):
+        config = load_config(REPO / "configs/bert/pretrain_tiny.yaml", [
+            f"run.storage_path={tmp_path}", f"run.name={name}", f"data.path={CORPUS}", "tokenizer.vocab_size=2000",
+            f"tokenizer.name_or_path={tokenizer}",
+            "data.max_seq_length=64", "data.eval_fraction=0.01", "trainer.micro_batch_size=8",
+            "trainer.global_batch_size=16", *short_run("trainer.max_steps=4"), f"trainer.profile_steps={profile}",
+            "trainer.profile_memory=true"])
+        summaries[name] = local_workers.train(config)
+        check_run(config, summaries[name])
+    assert summaries["profiled"]["parameter_checksums"] == summaries["plain"]["parameter_checksums"]
+    profiles = tmp_path / "profiled" / "profiles"
+    assert sorted(p.name for p in profiles.iterdir()) == [
+        "rank0_steps2-3.pt.trace.json", "rank0_steps2-3.txt", "rank1_steps2-3.pt.trace.json", "rank1_steps2-3.txt"]
+    for rank in (0, 1):
+        events = json.loads((profiles / f"rank{rank}_steps2-3.pt.trace.json").read_text())["traceEvents"]
+        names = {event.get("name") for event in events}
+        assert {"ProfilerStep#2", "ProfilerStep#3", "aten::mm"} <= names
+        assert "ProfilerStep#1" not in names and "ProfilerStep#4" not in names
+        assert any(event.get("name") == "[memory]" for event in events), "profile_memory records allocations"
+    # The textbook count at the collator's 15% masking (the masks' spread moves it by well under 1%).
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "plain" / TOKENIZER_DIRNAME)
+    model = BertForMaskedPositionsLM(bert_config(config.sections["model"], tokenizer, 64))
+    ids = torch.zeros(16, 64, dtype=torch.long)
+    labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.15, 1, -100)
+    assert summaries["plain"]["utilization"]["flops_per_step"] == pytest.approx(
+        textbook_flops(model, {"input_ids": ids, "labels": labels}, model.config), rel=0.10)

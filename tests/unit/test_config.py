@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distdl.config import config_from_dict, load_config
+from distdl.config import config_from_dict, load_config, resolve_epochs
 from distdl.errors import ConfigError
 
 TINY = Path(__file__).resolve().parents[2] / "configs/bert/pretrain_tiny.yaml"
@@ -286,6 +286,28 @@ def test_override_into_a_value_is_an_error():
 def test_stop_at_step_beyond_max_steps():
     message = error("trainer.max_steps=10", "trainer.stop_at_step=11")
     assert "trainer.stop_at_step=11" in message and "trainer.max_steps=10" in message
+
+
+@pytest.mark.parametrize("overrides", [
+    ("trainer.profile_steps=[5,3]",),
+    ("trainer.max_steps=10", "trainer.profile_steps=[8,12]"),
+])
+def test_profile_steps_out_of_order_or_beyond_the_budget(overrides):
+    message = error(*overrides)
+    assert "trainer.profile_steps=" in message and "1 <= first <= last <= trainer.max_steps" in message
+
+
+def test_profile_steps_beyond_the_epochs_budget_are_named_once_it_is_known():
+    config = load_config(CONFIGS / "resnet/mnist_laptop.yaml", ["trainer.max_steps=null", "trainer.epochs=1",
+                                                                "trainer.profile_steps=[1,1000]"])
+    with pytest.raises(ConfigError, match=r"trainer.profile_steps=\[1, 1000\] .* trainer.max_steps=5"):
+        resolve_epochs(config, train_examples=5 * config.trainer.global_batch_size)
+
+
+def test_compile_is_refused_where_torch_compile_cannot_train():
+    message = error("trainer.compile=true", "objective.name=wgan_gp", "model.discriminator_norm=layer",
+                    path=CONFIGS / "gan/dcgan_mnist.yaml")
+    assert "trainer.compile=true" in message and "double backward" in message and "trainer.compile=false" in message
 
 
 def test_relative_local_paths_become_absolute_hub_names_stay(tmp_path, monkeypatch):
