@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -332,18 +333,20 @@ class Engine:
         return client_state or {}
 
 
+# Where torch.compile's own code lives: an error raised there is the compiler failing, not the model.
+_COMPILER_PACKAGES = ("torch/_dynamo/", "torch/_inductor/", "torch/_functorch/")
+
+
 def compile_failure(error: BaseException) -> Optional[str]:
-    """The reason, when `error` is torch.compile failing to trace or compile (else None)."""
+    """The reason, when `error` is torch.compile failing to trace or compile (else None): a dynamo
+    or Inductor exception, or any error raised inside the compiler's own code (dynamo raises some
+    as plain AssertionErrors)."""
     from torch._dynamo.exc import TorchDynamoException
 
-    failures: tuple[type, ...] = (TorchDynamoException,)
-    try:
-        from torch._inductor.exc import InductorError
-
-        failures += (InductorError,)
-    except ImportError:
-        pass
-    if not isinstance(error, failures):
+    frames = traceback.extract_tb(error.__traceback__)
+    raised_in_compiler = bool(frames) and any(package in frames[-1].filename.replace("\\", "/")
+                                               for package in _COMPILER_PACKAGES)
+    if not (isinstance(error, TorchDynamoException) or raised_in_compiler):
         return None
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"

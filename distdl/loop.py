@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -346,8 +347,11 @@ def compiling_step(config: Config, workload: Workload, engines: EngineSet, batch
         reason = compile_failure(error)
         if reason is None:
             raise
+        # The compiler's own traceback, for a bug report; the error itself may hold what cannot be
+        # pickled back to the driver, so the run ends with the reason alone.
+        traceback.print_exception(error)
         raise ConfigError(f"trainer.compile=true: torch.compile could not compile the {config.workload} model "
-                          f"({reason}); set trainer.compile=false to train it uncompiled") from error
+                          f"({reason}); set trainer.compile=false to train it uncompiled") from None
     return time.perf_counter() - started
 
 

@@ -19,6 +19,7 @@ from distdl.cluster.connect import connect_ray
 from distdl.config import load_config
 from distdl.driver import train
 from distdl.engine import consolidated_state_dict, verify_checkpoint
+from distdl.errors import TrainingFailed
 from distdl.rundir import checkpoint_step, latest_checkpoint, read_metrics, read_summary
 from tests.conftest import CORPUS
 from tests.helpers.bert_runs import QUICKSTART, overrides, run
@@ -118,6 +119,17 @@ def test_a_compiled_run_resumes_exactly(tmp_path, corpus, common):
     assert "compile_s" in logged[4] and "compile_s" in logged[8], "each session reports its compilation"
     assert logged[12]["loss"] < logged[4]["loss"]
     assert_same_final_weights(straight, resumed)
+
+
+def test_a_model_that_cannot_compile_stops_naming_compile_and_the_way_out(tmp_path, corpus, common):
+    config = load_config(QUICKSTART, overrides(tmp_path, corpus, "run.name=uncompilable",
+                                               "workload=bert_pretrain_uncompilable", *common, "trainer.compile=true"))
+    with pytest.raises(TrainingFailed) as failure:
+        train(config, connect_ray)
+    message = str(failure.value)
+    assert "trainer.compile=true: torch.compile could not compile the bert_pretrain_uncompilable model" in message
+    assert "Attempt to trace forbidden callable" in message and "set trainer.compile=false" in message
+    assert "pickle" not in message
 
 
 def test_a_worker_killed_with_sigkill_is_restarted_from_the_last_checkpoint(straight_run, tmp_path, corpus, common):

@@ -180,3 +180,22 @@ class NoExportFormat(Workload):
 
     def evaluate(self, model, step):
         return {}
+
+
+class _Uncompilable(torch.nn.Module):
+    """The model, behind a forward that torch.compile refuses to trace (dynamo forbids tracing its
+    own maybe_mark_dynamic, and raises a plain AssertionError that cannot be pickled)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs):
+        torch._dynamo.maybe_mark_dynamic(inputs["input_ids"], 0)
+        return self.model(**inputs)
+
+
+@WORKLOADS.register("bert_pretrain_uncompilable")
+class BertPretrainUncompilable(BertPretrain):
+    def build_model(self) -> torch.nn.Module:
+        return _Uncompilable(super().build_model())
