@@ -346,7 +346,8 @@ def compile_failure(error: BaseException) -> Optional[str]:
     frames = traceback.extract_tb(error.__traceback__)
     raised_in_compiler = bool(frames) and any(package in frames[-1].filename.replace("\\", "/")
                                                for package in _COMPILER_PACKAGES)
-    if not (isinstance(error, TorchDynamoException) or raised_in_compiler):
+    out_of_memory = isinstance(error, (MemoryError, torch.OutOfMemoryError))
+    if out_of_memory or not (isinstance(error, TorchDynamoException) or raised_in_compiler):
         return None
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"

@@ -29,11 +29,11 @@ from distdl.models.checkpointing import recomputation_counted
 # Dense (no structured sparsity) peak TFLOP/s per GPU from NVIDIA's datasheets: bf16/fp16 and TF32
 # on tensor cores, fp32 without them. First matching pattern of torch.cuda.get_device_name() wins.
 DATASHEET_TFLOPS: list[tuple[str, dict[str, float]]] = [
-    (r"B200", {"bf16": 2250.0, "fp16": 2250.0, "tf32": 1100.0, "fp32": 75.0}),
+    (r"\bB200\b", {"bf16": 2250.0, "fp16": 2250.0, "tf32": 1100.0, "fp32": 75.0}),
     (r"H200 NVL|H100 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
     (r"H100 PCIe", {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2}),
     (r"H100|H200|GH200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
-    (r"A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    (r"\bA100\b", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
     (r"L40S", {"bf16": 362.1, "fp16": 362.1, "tf32": 183.0, "fp32": 91.6}),
     (r"\bA10\b", {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2}),
     (r"\bL4\b", {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
@@ -196,8 +196,11 @@ class Utilization:
     flops: float = 0.0
     seconds: float = 0.0
 
-    def window(self, tokens_per_s: float, seconds: float) -> dict[str, Optional[float]]:
-        """`tflops_per_device` and `mfu` (None when the peak is unknown) of one log window."""
+    def window(self, tokens_per_s: Optional[float], seconds: float) -> dict[str, Optional[float]]:
+        """`tflops_per_device` and `mfu` (None when the peak is unknown) of one log window (None
+        for both when the window has no rate: its only step was left out of it)."""
+        if tokens_per_s is None:
+            return {"tflops_per_device": None, "mfu": None}
         achieved = self.model_flops.per_token * tokens_per_s
         self.flops += achieved * seconds
         self.seconds += seconds
@@ -207,11 +210,11 @@ class Utilization:
         return flops_per_s / (self.peak.tflops * 1e12) if self.peak.tflops else None
 
     def summary(self) -> dict[str, Any]:
-        mean = self.flops / self.seconds if self.seconds > 0 else math.nan
+        mean = self.flops / self.seconds if self.seconds > 0 else None  # None: no window had a rate
         return {
             "flops_per_step": self.model_flops.per_step,
-            "mean_tflops_per_device": mean / world_size() / 1e12,
-            "mean_mfu": self._mfu(mean) if math.isfinite(mean) else None,
+            "mean_tflops_per_device": mean / world_size() / 1e12 if mean is not None else None,
+            "mean_mfu": self._mfu(mean) if mean is not None else None,
             "peak_tflops_per_device": self.peak.device.tflops,
             "peak_source": self.peak.device.source,
         }

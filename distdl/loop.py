@@ -14,9 +14,10 @@ import tempfile
 import time
 import traceback
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -180,7 +181,17 @@ class Window:
             self.step_sums[name] = self.step_sums.get(name, 0.0) + value
         self.steps += 1
 
-    def reduce(self, device: torch.device) -> dict[str, float]:
+    def left_out(self, run: Callable[[], Any]) -> float:
+        """Run `run` (a step that adds to this window) keeping its time and its samples and tokens
+        out of the window's rates (its losses and metrics stay in); its seconds."""
+        samples, tokens, started = self.samples, self.tokens, time.perf_counter()
+        run()
+        seconds = time.perf_counter() - started
+        self.started += seconds
+        self.samples, self.tokens = samples, tokens
+        return seconds
+
+    def reduce(self, device: torch.device) -> dict[str, Optional[float]]:
         names, step_names = sorted(self.sums), sorted(self.step_sums)
         values = torch.stack([self.sums[n].to(device).reshape(()) for n in names]
                              + [torch.tensor(float(self.step_sums[n]), device=device) for n in step_names]
@@ -191,6 +202,8 @@ class Window:
         means = {n: values[i].item() / (self.micro_batches * world) for i, n in enumerate(names)}
         means.update({n: values[len(names) + i].item() / (self.steps * world) for i, n in enumerate(step_names)})
         samples, tokens = values[-2].item(), values[-1].item()
+        if not samples:  # every step of the window was left out of the rates
+            return {**means, "samples_per_s": None, "tokens_per_s": None}
         return {**means, "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed}
 
 
@@ -320,12 +333,12 @@ def train_step(config: Config, workload: Workload, engines: EngineSet, batches: 
 
 
 def counted_step(config: Config, workload: Workload, engines: EngineSet, batches: Iterator[dict], window: Window,
-                 watch: FiniteWatch, step: int, rank: int) -> Utilization:
-    """The session's first step, with its model FLOPs counted (eager: torch.compile steps aside while
-    the counter runs), and the device's peak: what turns later windows' throughput into MFU."""
+                 watch: FiniteWatch, step: int) -> ModelFlops:
+    """The run's first step, with its model FLOPs counted (eagerly: torch.compile steps aside while
+    the counter runs); what turns later windows' throughput into MFU (a collective)."""
     with counted_flops() as count:
         train_step(config, workload, engines, batches, window, watch, step)
-    return Utilization(ModelFlops.of(count, window.tokens, engines.device), session_peak(config, engines, rank))
+    return ModelFlops.of(count, window.tokens, engines.device)
 
 
 def session_peak(config: Config, engines: EngineSet, rank: int) -> WorldPeak:
@@ -337,12 +350,15 @@ def session_peak(config: Config, engines: EngineSet, rank: int) -> WorldPeak:
     return world_peak
 
 
-def compiling_step(config: Config, workload: Workload, engines: EngineSet, batches: Iterator[dict], window: Window,
-                   watch: FiniteWatch, step: int) -> float:
-    """The first compiled step: torch.compile traces and compiles the model here. Its seconds."""
-    started = time.perf_counter()
+@contextmanager
+def compile_failures_named(config: Config) -> Iterator[None]:
+    """With trainer.compile, torch.compile failing (at the first compiled step, a recompilation, or
+    evaluation's graph) ends the run with the reason and the way out."""
+    if not config.trainer.compile:
+        yield
+        return
     try:
-        train_step(config, workload, engines, batches, window, watch, step)
+        yield
     except Exception as error:
         reason = compile_failure(error)
         if reason is None:
@@ -352,7 +368,6 @@ def compiling_step(config: Config, workload: Workload, engines: EngineSet, batch
         traceback.print_exception(error)
         raise ConfigError(f"trainer.compile=true: torch.compile could not compile the {config.workload} model "
                           f"({reason}); set trainer.compile=false to train it uncompiled") from None
-    return time.perf_counter() - started
 
 
 def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: Optional[Tracker],
@@ -364,26 +379,27 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
     schedule = Schedule.of(config.trainer, score_key)
     rules = StopRules(config.trainer.stop_at_loss, config.run_dir / STOP_REQUEST_FILE)
     batches = workload.train_batches(start=start_step * config.trainer.gradient_accumulation_steps)
+    peak = session_peak(config, engines, rank)  # before the first window's clock starts
     window, watch, logged = Window(), FiniteWatch(), {}
     previous_checkpoint = checkpoint_name(start_step) if start_step else None
     profiler = StepProfiler(config.trainer.profile_steps, rank, world_size(), config.run_dir, engines.device,
                             config.trainer.profile_memory, config.trainer.profile_stacks)
     # The model FLOPs are counted once per run, on its first step, and kept in its checkpoints: a
     # resumed compiled run then runs no eager step, whose dropout draws would differ from Inductor's.
-    utilization = Utilization(model_flops, session_peak(config, engines, rank)) if model_flops else None
+    utilization = Utilization(model_flops, peak) if model_flops else None
     compile_s: Optional[float] = None
     engines.train(True)
     step = start_step
     for step in range(start_step + 1, schedule.stop + 1):
         profiler.begin(step)
-        if utilization is None:
-            utilization = counted_step(config, workload, engines, batches, window, watch, step, rank)
-        elif config.trainer.compile and compile_s is None:
-            compile_s = compiling_step(config, workload, engines, batches, window, watch, step)
-            if not schedule.logs(step):
-                window = Window()  # the compilation stays out of the step rate
-        else:
-            train_step(config, workload, engines, batches, window, watch, step)
+        with compile_failures_named(config):
+            if utilization is None:
+                utilization = Utilization(counted_step(config, workload, engines, batches, window, watch, step), peak)
+            elif config.trainer.compile and compile_s is None:
+                # The first compiled step compiles: its time and samples stay out of the step rate.
+                compile_s = window.left_out(lambda: train_step(config, workload, engines, batches, window, watch, step))
+            else:
+                train_step(config, workload, engines, batches, window, watch, step)
         profiler.end(step)
         if tracker:
             tracker.advance()
@@ -406,7 +422,8 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
         if evaluate or checkpoint_step:
             engines.average_buffers()
         if evaluate:
-            metrics.update(workload.evaluate(engines.for_workload(), step))
+            with compile_failures_named(config):  # evaluation compiles its own graph
+                metrics.update(workload.evaluate(engines.for_workload(), step))
         if metrics and tracker:
             tracker.log(step, metrics)
         logged.update(metrics)

@@ -1,6 +1,7 @@
 """`trainer.profile_steps`: a torch.profiler trace of chosen optimizer steps on rank 0 and the last rank.
 
-Each traced rank writes `profiles/rank{R}_steps{first}-{last}.pt.trace.json` (Chrome trace format:
+Each traced rank writes `profiles/rank{R}_steps{A}-{B}.pt.trace.json`, A and B the steps it traced
+(a session that resumes inside the range, or stops before its end, traces part of it; Chrome trace format:
 Perfetto at ui.perfetto.dev opens it, and TensorBoard's profiler plugin reads the folder) and a
 `.txt` table of the ops that took the most time. Each step is marked `ProfilerStep#N`, the name
 torch.profiler's own schedule uses, so the tools show per-step views. The profiler only observes:
@@ -26,7 +27,8 @@ class StepProfiler:
                  device: torch.device, memory: bool = False, stacks: bool = False) -> None:
         traced_rank = rank in (0, world_size - 1)
         self.first, self.last = steps if steps and traced_rank else (None, None)
-        self.out = run_dir / PROFILE_DIR / f"rank{rank}_steps{self.first}-{self.last}"
+        self.folder, self.rank = run_dir / PROFILE_DIR, rank
+        self.traced: list[int] = []
         self.options = dict(record_shapes=memory, profile_memory=memory, with_stack=stacks,
                             activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
         self._profile: Optional[profile] = None
@@ -44,6 +46,7 @@ class StepProfiler:
             self._profile.start()
         self._step = record_function(f"ProfilerStep#{step}")
         self._step.__enter__()
+        self.traced.append(step)
 
     def end(self, step: int) -> None:
         """After optimizer step `step` ran."""
@@ -61,8 +64,9 @@ class StepProfiler:
             self._step.__exit__(None, None, None)
             self._step = None
         self._profile.stop()
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._profile.export_chrome_trace(f"{self.out}.pt.trace.json")
+        out = self.folder / f"rank{self.rank}_steps{self.traced[0]}-{self.traced[-1]}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._profile.export_chrome_trace(f"{out}.pt.trace.json")
         sort_by = "self_cuda_time_total" if ProfilerActivity.CUDA in self.options["activities"] else "self_cpu_time_total"
-        Path(f"{self.out}.txt").write_text(self._profile.key_averages().table(sort_by=sort_by, row_limit=40) + "\n")
+        Path(f"{out}.txt").write_text(self._profile.key_averages().table(sort_by=sort_by, row_limit=40) + "\n")
         self._profile = None

@@ -28,12 +28,27 @@ def checkpoint_transformer_layers(model: Any, key: str = "model.activation_check
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError(f"{key}=true: {type(model).__name__} does not support transformers' gradient "
                           "checkpointing; set it to false")
-    options = {"use_reentrant": False, "context_fn": recomputation_contexts}
+    options = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name for it
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    # Each layer checkpoints through transformers' `_gradient_checkpointing_func`: ours passes the
+    # recomputation-counting context only while a FLOP count runs (eagerly), because torch.compile
+    # accepts no context_fn but dispatch modes.
+    layers = [m for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")]
+    if not layers:
+        raise ConfigError(f"{key}=true: {type(model).__name__} has no layer with transformers' "
+                          "_gradient_checkpointing_func; this transformers version checkpoints differently")
+    for layer in layers:
+        layer._gradient_checkpointing_func = _checkpoint_counting_recomputation
     return model
+
+
+def _checkpoint_counting_recomputation(function: Any, *args: Any, **kwargs: Any) -> Any:
+    if _counts:
+        kwargs["context_fn"] = recomputation_contexts
+    return checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 
 class CheckpointedSequential(nn.Sequential):

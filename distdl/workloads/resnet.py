@@ -99,6 +99,10 @@ class ResNetClassification(Workload):
         if model.name not in MODEL_NAMES:
             raise ConfigError(f"model.name={model.name!r} is not known; known: {', '.join(MODEL_NAMES)}")
         vision.spec_for(data)
+        if model.activation_checkpointing and config.trainer.compile:
+            raise ConfigError("model.activation_checkpointing=true and trainer.compile=true cannot go together for "
+                              "ResNets: the checkpointed blocks keep batch norm's running statistics from a second "
+                              "update with a context torch.compile cannot trace; set one of them to false")
         if model.activation_checkpointing and model.name not in RESNET_NAMES:
             raise ConfigError(f"model.activation_checkpointing=true applies to ResNets (residual blocks), not "
                               f"model.name={model.name}; ResNets: {', '.join(RESNET_NAMES)}")

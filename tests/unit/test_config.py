@@ -310,6 +310,12 @@ def test_compile_is_refused_where_torch_compile_cannot_train():
     assert "trainer.compile=true" in message and "double backward" in message and "trainer.compile=false" in message
 
 
+def test_compile_with_checkpointed_resnet_blocks_is_refused():
+    message = error("trainer.compile=true", "model.activation_checkpointing=true", "model.name=cifar_resnet20",
+                    path=CONFIGS / "resnet/mnist_laptop.yaml")
+    assert "model.activation_checkpointing=true and trainer.compile=true" in message and "set one of them" in message
+
+
 def test_relative_local_paths_become_absolute_hub_names_stay(tmp_path, monkeypatch):
     """Ray workers run in another directory, so the driver resolves local paths once."""
     monkeypatch.chdir(tmp_path)
