@@ -83,7 +83,7 @@ def gpu_precision_kind(precision: str, tf32: bool, device: torch.device) -> str:
     return "tf32" if tf32 and torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
 
 
-def measured_matmul_tflops(dtype: torch.dtype, size: int = 1024, budget_s: float = 0.5) -> float:
+def measured_matmul_tflops(dtype: torch.dtype, size: int = 1024, budget_s: float = 0.2) -> float:
     """The best rate of a square matmul on this process's threads (a CPU's achievable peak)."""
     # Its own generator: drawing from torch's would shift the run's random stream (dropout, masks)
     # by a session's start, and a resumed run would no longer equal an uninterrupted one.

@@ -107,7 +107,8 @@ def test_a_compiled_run_resumes_exactly(tmp_path, corpus, common):
     and a compiled run stopped and resumed ends with the weights of an uninterrupted compiled run.
     (Compiled dropout draws its numbers with Inductor's own generator, seeded from torch's, so its
     masks are not eager's: the comparison is with a compiled run.)"""
-    compiled = (*common, "trainer.compile=true")
+    # One worker: the compilation, not the world size, is under test, and one worker compiles on both cores.
+    compiled = (*common, "trainer.compile=true", "scaling.num_workers=1")
     straight, _ = run(tmp_path, corpus, "run.name=straight_compiled", *compiled)
     run(tmp_path, corpus, "run.name=compiled", *compiled, "trainer.stop_at_step=6")
     first = read_summary(tmp_path / "compiled")
