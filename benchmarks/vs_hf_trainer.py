@@ -12,6 +12,7 @@ distdl runs `distdl train configs/glue/sst2.yaml` on 1 worker with 2 CPUs; HF Tr
 process of its own with torch's 2 threads. Samples/s is training samples over training time for
 both (HF: train_samples_per_second; distdl: its log windows), evaluation excluded.
 
+    .venv/bin/python -m pip install -e '.[bench]'   # accelerate, which HF Trainer needs
     .venv/bin/python benchmarks/vs_hf_trainer.py [--seeds 3] [--steps 150]
 """
 
@@ -112,7 +113,8 @@ def hf_worker(model_path: str, data: str, out: str, seed: int, steps: int) -> No
     arguments = TrainingArguments(
         output_dir=str(Path(out) / f"hf-seed{seed}"), per_device_train_batch_size=RECIPE["batch"],
         per_device_eval_batch_size=64, learning_rate=RECIPE["lr"], adam_epsilon=RECIPE["eps"],
-        weight_decay=RECIPE["weight_decay"], lr_scheduler_type="linear", warmup_ratio=RECIPE["warmup_ratio"],
+        # transformers 5 reads a warmup_steps below 1 as a fraction of the steps (its warmup_ratio is gone).
+        weight_decay=RECIPE["weight_decay"], lr_scheduler_type="linear", warmup_steps=RECIPE["warmup_ratio"],
         max_grad_norm=RECIPE["clipping"], max_steps=steps, seed=seed, logging_steps=steps // 3,
         save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
         disable_tqdm=True)
