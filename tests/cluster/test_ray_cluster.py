@@ -46,8 +46,11 @@ def ray_head(tmp_path_factory):
     gcs_port, dashboard_port = free_port(), free_port()
     # Its own short temp dir (Unix socket paths are limited to 107 bytes) names its processes.
     temp_dir = tempfile.mkdtemp(prefix="distdl-head-", dir="/tmp")
+    # The job agent's HTTP port too: Ray's fixed default (52365) is taken by any other Ray on the
+    # machine (an embedded one of a concurrent run), and the agent then never comes up to take jobs.
     start = [str(RAY), "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
-             "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+             f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=4", "--disable-usage-stats",
+             f"--temp-dir={temp_dir}"]
     subprocess.run(start, check=True, capture_output=True, timeout=120, env=env_with_token(home, token), cwd=home)
     yield {"gcs": f"127.0.0.1:{gcs_port}", "jobs": f"http://127.0.0.1:{dashboard_port}", "token": token}
     # Only this head's processes: `ray stop` would end every Ray instance on the machine (other tests' too).
