@@ -60,9 +60,6 @@ class StepProfiler:
         """Stop and write the trace, if one is being taken."""
         if self._profile is None:
             return
-        if self._step is not None:
-            self._step.__exit__(None, None, None)
-            self._step = None
         self._profile.stop()
         out = self.folder / f"rank{self.rank}_steps{self.traced[0]}-{self.traced[-1]}"
         self.folder.mkdir(parents=True, exist_ok=True)
