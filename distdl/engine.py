@@ -198,6 +198,10 @@ class Engine:
             # parameter names, checkpoints and exports are those of the uncompiled model, and ZeRO-3's
             # hooks stay outside the compiled graph. Compilation happens at the first forward.
             self._engine.compile()
+        if world_size() == 1 and self._engine.zero_optimization_stage() == 0:
+            # Alone, DeepSpeed would still flatten every gradient into buckets, "all-reduce" each with
+            # itself and copy it back: 8% of a BERT fine-tuning step on CPU, for no change.
+            self._engine.enable_backward_allreduce = False
         # DeepSpeed reports the global gradient norm from its ZeRO and mixed-precision optimizers only;
         # at ZeRO-0 in fp32 it clips without keeping the norm, so distdl measures it itself.
         self._measures_grad_norm = self._engine.zero_optimization_stage() == 0 and self.compute_dtype == torch.float32

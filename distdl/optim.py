@@ -30,12 +30,16 @@ def optimizer_factory(section: OptimizerSection, global_batch_size: int) -> Call
     """A callable DeepSpeed applies to the (possibly partitioned) parameter groups."""
     lr = effective_lr(section, global_batch_size)
 
+    # torch's fused kernels (CPU and CUDA) update every parameter in one call, where its default on
+    # CPU steps one parameter at a time: 8% of a BERT fine-tuning step on 2 CPU cores. HF Trainer's
+    # default (adamw_torch_fused) is the same kernel.
     def make(params: Iterable[Any]) -> torch.optim.Optimizer:
         if section.name == "sgd":
             return torch.optim.SGD(params, lr=lr, momentum=section.momentum, weight_decay=section.weight_decay,
-                                   nesterov=section.nesterov)
+                                   nesterov=section.nesterov, fused=True)
         cls = torch.optim.AdamW if section.name == "adamw" else torch.optim.Adam
-        return cls(params, lr=lr, betas=tuple(section.betas), eps=section.eps, weight_decay=section.weight_decay)
+        return cls(params, lr=lr, betas=tuple(section.betas), eps=section.eps, weight_decay=section.weight_decay,
+                   fused=True)
 
     return make
 

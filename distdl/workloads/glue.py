@@ -141,8 +141,10 @@ class GlueFinetune(Workload):
         self.splits = tokenized_splits(self.task, self.data, self.tokenizer)
         from transformers import DataCollatorWithPadding
 
-        # Pads each batch to its longest sequence (a multiple of 8, for tensor cores), not to max_seq_length.
-        self.collator = DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=8)
+        # Pads each batch to its longest sequence, not to max_seq_length; on GPUs to a multiple of 8, for
+        # tensor cores. A CPU gains nothing from that: it cost 8% more tokens per batch at length 128.
+        self.collator = DataCollatorWithPadding(
+            self.tokenizer, pad_to_multiple_of=8 if context.device.type == "cuda" else None)
         self.best: dict[str, Any] = {"step": None, "score": None, "metrics": {}, "submission": None}
 
     @classmethod
