@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -52,29 +52,51 @@ def _checkpoint_counting_recomputation(function: Any, *args: Any, **kwargs: Any)
 
 
 class CheckpointedSequential(nn.Sequential):
-    """A Sequential of residual blocks whose activations inside each block are recomputed in the
-    backward pass; only the blocks' inputs are kept. Its children keep their names (0, 1, ...),
-    so state dicts, checkpoints and exports are those of the plain model."""
+    """A Sequential run as segments of consecutive children (by default, each child one segment: a
+    residual block), whose activations inside each segment are recomputed in the backward pass; only
+    the segments' inputs are kept. Its children keep their names (0, 1, ...), so state dicts,
+    checkpoints and exports are those of the plain model.
+
+    `segment_ends` are the indices after which a segment ends; children after the last end run
+    without checkpointing (as torch.utils.checkpoint.checkpoint_sequential leaves its last segment).
+    """
+
+    def __init__(self, *children: nn.Module, segment_ends: Optional[Sequence[int]] = None) -> None:
+        super().__init__(*children)
+        ends = list(range(len(children))) if segment_ends is None else sorted(segment_ends)
+        starts = [0] + [end + 1 for end in ends[:-1]]
+        self.segments = list(zip(starts, [end + 1 for end in ends]))
+        self.tail_start = ends[-1] + 1 if ends else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self:
-            if self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False,
-                               context_fn=lambda block=block: recomputation_contexts(batch_norm_statistics_kept(block)))
+        children = list(self)
+        recompute = self.training and torch.is_grad_enabled()
+        for start, stop in self.segments:
+            segment = children[start:stop]
+            if recompute:
+                x = checkpoint(_in_turn, segment, x, use_reentrant=False, context_fn=lambda segment=segment:
+                               recomputation_contexts(batch_norm_statistics_kept(*segment)))
             else:
-                x = block(x)
-        return x
+                x = _in_turn(segment, x)
+        return _in_turn(children[self.tail_start:], x)
+
+
+def _in_turn(modules: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    for module in modules:
+        x = module(x)
+    return x
 
 
 @contextmanager
-def batch_norm_statistics_kept(module: nn.Module) -> Iterator[None]:
-    """Batch norm's running statistics as they are, while the backward pass recomputes `module`.
+def batch_norm_statistics_kept(*modules: nn.Module) -> Iterator[None]:
+    """Batch norm's running statistics as they are, while the backward pass recomputes `modules`.
 
     The recomputation runs batch norm in training mode a second time, which would fold the same
     batch into the running mean and variance twice; with momentum 0 the update keeps them, and
     the batch counter is put back.
     """
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = [m for module in modules for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
     for norm in norms:
         norm.momentum = 0.0
@@ -84,6 +106,27 @@ def batch_norm_statistics_kept(module: nn.Module) -> Iterator[None]:
         for norm, (momentum, batches) in zip(norms, saved):
             norm.momentum = momentum
             norm.num_batches_tracked.copy_(batches)
+
+
+def compile_refused(models: str) -> ConfigError:
+    """Why these checkpointed blocks and trainer.compile cannot go together, for `validate`."""
+    return ConfigError(f"model.activation_checkpointing=true and trainer.compile=true cannot go together for "
+                       f"{models}: the checkpointed blocks keep batch norm's running statistics from a second "
+                       "update with a context torch.compile cannot trace; set one of them to false")
+
+
+def checkpoint_conv_blocks(net: nn.Sequential, key: str = "model.activation_checkpointing") -> CheckpointedSequential:
+    """Checkpoint each block of a plain convolutional stack (convolution, norm, activation: DCGAN's
+    nets), a segment ending at each activation. What follows the last activation, the output
+    convolution (and tanh), is left as is: its only activations are its input and output, which
+    are kept anyway."""
+    ends = [i for i, child in enumerate(net) if isinstance(child, _ACTIVATIONS) and i < len(net) - 1]
+    if not ends:
+        raise ConfigError(f"{key}=true: the {type(net).__name__} has no activation layers to end blocks at")
+    return CheckpointedSequential(*net, segment_ends=ends)
+
+
+_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU)
 
 
 def checkpoint_residual_stages(model: nn.Module, key: str = "model.activation_checkpointing") -> nn.Module:

@@ -27,6 +27,7 @@ from distdl.config import AtLeastOne, Config
 from distdl.data import vision
 from distdl.errors import ConfigError
 from distdl.metrics import Statistics, feature_statistics, frechet_distance, inception_features, load_inception
+from distdl.models.checkpointing import checkpoint_conv_blocks, compile_refused
 from distdl.models.dcgan import Discriminator, Generator
 from distdl.registry import WORKLOADS
 from distdl.workloads.base import WorkerContext, Workload, evaluation_mode
@@ -42,6 +43,10 @@ class GanModelSection:
     discriminator_width: int = 64
     # batch (DCGAN), layer (WGAN-GP's critic: the penalty is per sample) or none.
     discriminator_norm: Literal["batch", "layer", "none"] = "batch"
+    # Recompute each convolution block's activations (convolution, norm, activation) of both nets in
+    # the backward pass: for large images or batches, where activations outweigh the weights. The
+    # same losses and weights; a resume may turn it on or off.
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -101,6 +106,8 @@ class Gan(Workload):
             raise ConfigError("trainer.compile=true cannot train objective.name=wgan_gp: its gradient penalty "
                               "differentiates the critic twice, and torch.compile has no double backward; set "
                               "trainer.compile=false (or objective.name=dcgan)")
+        if model.activation_checkpointing and config.trainer.compile:
+            raise compile_refused("GANs")
         if config.engine.zero_stage == 3:
             raise ConfigError("engine.zero_stage=3 is not supported for GANs: the generator's update runs the "
                               "discriminator outside its own engine's step; use stages 0-2")
@@ -125,11 +132,15 @@ class Gan(Workload):
 
     def build_models(self) -> dict[str, torch.nn.Module]:
         section, data = self.model_section, self.data
-        return {
+        models = {
             "generator": Generator(section.latent_dim, data.channels, data.image_size, section.generator_width),
             "discriminator": Discriminator(data.channels, data.image_size, section.discriminator_width,
                                            section.discriminator_norm),
         }
+        if section.activation_checkpointing:
+            for model in models.values():
+                model.net = checkpoint_conv_blocks(model.net)
+        return models
 
     def train_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
         self.micro_batches_seen = start

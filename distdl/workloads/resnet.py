@@ -20,7 +20,7 @@ from distdl.config import AtLeastOne, Config
 from distdl.data import vision
 from distdl.errors import ConfigError
 from distdl.models import classifiers
-from distdl.models.checkpointing import checkpoint_residual_stages
+from distdl.models.checkpointing import checkpoint_residual_stages, compile_refused
 from distdl.models.classifiers import CLASSIFIER_NAMES as MODEL_NAMES
 from distdl.models.resnet import MODEL_NAMES as RESNET_NAMES
 from distdl.registry import WORKLOADS
@@ -100,9 +100,7 @@ class ResNetClassification(Workload):
             raise ConfigError(f"model.name={model.name!r} is not known; known: {', '.join(MODEL_NAMES)}")
         vision.spec_for(data)
         if model.activation_checkpointing and config.trainer.compile:
-            raise ConfigError("model.activation_checkpointing=true and trainer.compile=true cannot go together for "
-                              "ResNets: the checkpointed blocks keep batch norm's running statistics from a second "
-                              "update with a context torch.compile cannot trace; set one of them to false")
+            raise compile_refused("ResNets")
         if model.activation_checkpointing and model.name not in RESNET_NAMES:
             raise ConfigError(f"model.activation_checkpointing=true applies to ResNets (residual blocks), not "
                               f"model.name={model.name}; ResNets: {', '.join(RESNET_NAMES)}")

@@ -310,9 +310,10 @@ def test_compile_is_refused_where_torch_compile_cannot_train():
     assert "trainer.compile=true" in message and "double backward" in message and "trainer.compile=false" in message
 
 
-def test_compile_with_checkpointed_resnet_blocks_is_refused():
-    message = error("trainer.compile=true", "model.activation_checkpointing=true", "model.name=cifar_resnet20",
-                    path=CONFIGS / "resnet/mnist_laptop.yaml")
+@pytest.mark.parametrize("config, overrides", [("resnet/mnist_laptop.yaml", ["model.name=cifar_resnet20"]),
+                                               ("gan/dcgan_mnist.yaml", [])])
+def test_compile_with_checkpointed_batch_norm_blocks_is_refused(config, overrides):
+    message = error("trainer.compile=true", "model.activation_checkpointing=true", *overrides, path=CONFIGS / config)
     assert "model.activation_checkpointing=true and trainer.compile=true" in message and "set one of them" in message
 
 

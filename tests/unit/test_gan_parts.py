@@ -29,6 +29,35 @@ def test_dcgan_initialization_draws_from_n_0_002():
     assert abs(float(weights.mean())) < 1e-3 and float(weights.std()) == pytest.approx(0.02, rel=0.02)
 
 
+def test_checkpointed_dcgan_blocks_change_no_gradient_statistic_or_name_and_recompute_every_block_but_the_output():
+    import copy
+
+    from distdl.flops import counted_flops
+    from distdl.models.checkpointing import checkpoint_conv_blocks
+
+    torch.manual_seed(0)
+    plain = [Generator(16, 1, 28, width=8), Discriminator(1, 28, 8, "batch")]
+    checkpointed = copy.deepcopy(plain)
+    for net in checkpointed:
+        net.net = checkpoint_conv_blocks(net.net)
+    # Blocks end at each activation but the output's: (ConvT, BN, ReLU) x 2 | ConvT, Tanh; (Conv, LReLU),
+    # (Conv, BN, LReLU) | Conv.
+    assert [net.net.segments for net in checkpointed] == [[(0, 3), (3, 6)], [(0, 2), (2, 5)]]
+    noise = torch.randn(4, 16)
+    counts = []
+    for generator, discriminator in (plain, checkpointed):
+        with counted_flops() as count:
+            discriminator(generator(noise)).mean().backward()
+        counts.append(count)
+    for ours, theirs in zip(plain, checkpointed):
+        assert list(ours.state_dict()) == list(theirs.state_dict())
+        for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+            assert torch.equal(a, b), name  # batch norm's statistics were updated once, not twice
+        for a, b in zip(ours.parameters(), theirs.parameters()):
+            assert torch.equal(a.grad, b.grad)
+    assert counts[1].model == counts[0].model and counts[0].recomputed == 0 < counts[1].recomputed
+
+
 def test_unsupported_image_sizes_are_named():
     with pytest.raises(ConfigError, match="not 30"):
         Generator(100, 3, 30)
