@@ -75,7 +75,7 @@ class CheckpointedSequential(nn.Sequential):
             segment = children[start:stop]
             if recompute:
                 x = checkpoint(_in_turn, segment, x, use_reentrant=False, context_fn=lambda segment=segment:
-                               recomputation_contexts(batch_norm_statistics_kept(*segment)))
+                               recomputation_contexts(lambda: batch_norm_statistics_kept(*segment)))
             else:
                 x = _in_turn(segment, x)
         return _in_turn(children[self.tail_start:], x)
@@ -175,16 +175,38 @@ def _recomputing() -> Iterator[None]:
             counted.flops += counter.get_total_flops()
 
 
-def recomputation_contexts(*during_recomputation: ContextManager) -> tuple[ContextManager, ContextManager]:
-    """torch.utils.checkpoint's `context_fn`: nothing around the forward pass; around the
-    recomputation, `during_recomputation` and the count of its FLOPs when one is in progress."""
-    return nullcontext(), _recomputation(during_recomputation)
+def recomputation_contexts(*during_recomputation: Callable[[], ContextManager]) -> tuple[ContextManager, ContextManager]:
+    """torch.utils.checkpoint's `context_fn`: nothing around the forward pass; around each
+    recomputation, the contexts `during_recomputation` make, and the count of its FLOPs when one
+    is in progress.
+
+    torch calls `context_fn` once per forward and enters its recomputation context at every
+    recomputation, and a backward pass that builds a graph (create_graph: WGAN-GP's penalty, a
+    Hessian-vector product) recomputes more than once: so the context is made anew at each entry.
+    """
+    return nullcontext(), _MadeAnewEachEntry(lambda: _recomputation(during_recomputation))
+
+
+class _MadeAnewEachEntry:
+    """A context manager that may be entered again: each entry makes and enters a fresh one."""
+
+    def __init__(self, make: Callable[[], ContextManager]) -> None:
+        self.make = make
+        self.entered: list[ContextManager] = []
+
+    def __enter__(self) -> Any:
+        context = self.make()
+        self.entered.append(context)
+        return context.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        return self.entered.pop().__exit__(*exc_info)
 
 
 @contextmanager
-def _recomputation(during: tuple[ContextManager, ...]) -> Iterator[None]:
+def _recomputation(during: tuple[Callable[[], ContextManager], ...]) -> Iterator[None]:
     with ExitStack() as stack:
-        for context in during:
-            stack.enter_context(context)
+        for make in during:
+            stack.enter_context(make())
         stack.enter_context(_recomputing())
         yield

@@ -58,6 +58,29 @@ def test_checkpointed_dcgan_blocks_change_no_gradient_statistic_or_name_and_reco
     assert counts[1].model == counts[0].model and counts[0].recomputed == 0 < counts[1].recomputed
 
 
+def test_a_checkpointed_critic_gives_wgan_gps_gradient_penalty_unchanged():
+    """The penalty differentiates the critic twice (create_graph), through the recomputation."""
+    import copy
+
+    from distdl.models.checkpointing import checkpoint_conv_blocks
+
+    torch.manual_seed(0)
+    plain = Discriminator(1, 28, 8, "layer")
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.net = checkpoint_conv_blocks(checkpointed.net)
+    between = torch.rand(4, 1, 28, 28)
+    penalties = []
+    for critic in (plain, checkpointed):
+        images = between.clone().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(critic(images).sum(), images, create_graph=True)
+        penalty = ((gradient.flatten(1).norm(dim=1) - 1) ** 2).mean()
+        penalty.backward()
+        penalties.append(penalty.detach())
+    assert torch.equal(*penalties)
+    for a, b in zip(plain.parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9)
+
+
 def test_unsupported_image_sizes_are_named():
     with pytest.raises(ConfigError, match="not 30"):
         Generator(100, 3, 30)
