@@ -30,6 +30,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 SENTENCE = re.compile(r"[A-Z][A-Za-z ,;:'()-]+[.]")
@@ -78,24 +79,31 @@ def swap_two_words(sentence: str, rng: random.Random) -> str:
     return " ".join(words) + "."
 
 
-def write_cola(root: Path, sentences: list[str], dev_fraction: float = 0.2, seed: int = 0) -> dict[str, int]:
-    """CoLA's layout: header-less train/dev rows of source, label, original label (* when bad), sentence."""
+def write_swapped_task(root: Path, sentences: list[str], folder_name: str, row: Callable[[str, int], str],
+                       header: Optional[str] = None, dev_fraction: float = 0.2, seed: int = 0) -> dict[str, int]:
+    """A GLUE task folder of dev and train files from real sentences, each kept as written (label 1)
+    or with two words swapped (label 0); `row(text, label)` is a line of the task's layout."""
     rng = random.Random(seed)
     sentences = list(sentences)
     rng.shuffle(sentences)
     dev_size = int(len(sentences) * dev_fraction)
-    folder = root / "CoLA"
+    folder = root / folder_name
     folder.mkdir(parents=True)
     sizes = {}
     for split, part in (("dev", sentences[:dev_size]), ("train", sentences[dev_size:])):
         rows = []
         for sentence in part:
-            acceptable = rng.random() < 0.5
-            text = sentence if acceptable else swap_two_words(sentence, rng)
-            rows.append(f"pydoc\t{int(acceptable)}\t{'' if acceptable else '*'}\t{text}")
-        (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+            label = int(rng.random() < 0.5)
+            rows.append(row(sentence if label else swap_two_words(sentence, rng), label))
+        (folder / f"{split}.tsv").write_text("\n".join([header] * (header is not None) + rows) + "\n")
         sizes[split] = len(rows)
     return sizes
+
+
+def write_cola(root: Path, sentences: list[str], dev_fraction: float = 0.2, seed: int = 0) -> dict[str, int]:
+    """CoLA's layout: header-less train/dev rows of source, label, original label (* when bad), sentence."""
+    return write_swapped_task(root, sentences, "CoLA", lambda text, ok: f"pydoc\t{ok}\t{'' if ok else '*'}\t{text}",
+                              dev_fraction=dev_fraction, seed=seed)
 
 
 def random_copy(model_path: Path, out: Path) -> Path:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -58,23 +57,10 @@ def write_sst2_layout(root: Path, seed: int = 0, dev_fraction: float = 0.2) -> d
     """SST-2's layout (a header, then sentence and label) from real sentences: 1 as written, 0 with
     two words swapped."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from glue_real_text import real_sentences, swap_two_words
+    from glue_real_text import real_sentences, write_swapped_task
 
-    rng = random.Random(seed)
-    sentences = real_sentences()
-    rng.shuffle(sentences)
-    dev_size = int(len(sentences) * dev_fraction)
-    folder = root / "SST-2"
-    folder.mkdir(parents=True)
-    sizes = {}
-    for split, part in (("dev", sentences[:dev_size]), ("train", sentences[dev_size:])):
-        rows = ["sentence\tlabel"]
-        for sentence in part:
-            label = int(rng.random() < 0.5)
-            rows.append(f"{sentence if label else swap_two_words(sentence, rng)}\t{label}")
-        (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-        sizes[split] = len(rows) - 1
-    return sizes
+    return write_swapped_task(root, real_sentences(), "SST-2", lambda text, label: f"{text}\t{label}",
+                              header="sentence\tlabel", dev_fraction=dev_fraction, seed=seed)
 
 
 def run_distdl(model: Path, data: Path, storage: Path, seed: int, steps: int) -> dict:
@@ -252,9 +238,9 @@ def hf_mlm_worker(result: str, tokenizer_path: str, out: str, seed: int, steps: 
                                         "model": str(Path(out) / f"hf-mlm-seed{seed}")}))
 
 
-def heldout_mlm_loss(model_path: str, tokenizer_path: str, seed: int) -> float:
-    """Mean cross-entropy over the masked tokens of distdl's held-out blocks, with one fixed set of
-    masks, whichever trainer made the model."""
+def heldout_mlm_losses(model_paths: list[str], tokenizer_path: str, seed: int) -> list[float]:
+    """Each model's mean cross-entropy over the masked tokens of distdl's held-out blocks, on one
+    set of masked batches, whichever trainer made it."""
     import torch
     from transformers import AutoTokenizer, BertForMaskedLM, DataCollatorForLanguageModeling
 
@@ -262,16 +248,21 @@ def heldout_mlm_loss(model_path: str, tokenizer_path: str, seed: int) -> float:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     held_out = mlm_blocks(tokenizer, seed)["eval"]
     collate = DataCollatorForLanguageModeling(tokenizer, mlm_probability=MLM_RECIPE["mlm_probability"], seed=1234)
-    model = BertForMaskedLM.from_pretrained(model_path).eval()
-    loss_sum, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(held_out), 64):
-            batch = collate([{"input_ids": ids} for ids in held_out[start:start + 64]["input_ids"]])
-            logits = model(input_ids=batch["input_ids"]).logits
-            masked = batch["labels"] != -100
-            loss_sum += torch.nn.functional.cross_entropy(logits[masked], batch["labels"][masked], reduction="sum").item()
-            count += int(masked.sum())
-    return loss_sum / count
+    batches = [collate([{"input_ids": ids} for ids in held_out[start:start + 64]["input_ids"]])
+               for start in range(0, len(held_out), 64)]
+    losses = []
+    for path in model_paths:
+        model = BertForMaskedLM.from_pretrained(path).eval()
+        loss_sum, count = 0.0, 0
+        with torch.no_grad():
+            for batch in batches:
+                logits = model(input_ids=batch["input_ids"]).logits
+                masked = batch["labels"] != -100
+                loss_sum += torch.nn.functional.cross_entropy(logits[masked], batch["labels"][masked],
+                                                              reduction="sum").item()
+                count += int(masked.sum())
+        losses.append(loss_sum / count)
+    return losses
 
 
 def summarize(runs: list[dict], keys: tuple[str, ...]) -> dict:
@@ -316,8 +307,9 @@ def compare_mlm(root: Path, seeds: range, steps: int) -> dict:
     for seed in seeds:
         ours = run_distdl_mlm(root / "runs", seed, steps)
         theirs = run_hf_trainer("--hf-mlm-worker", ours["model"], root, seed, steps)
-        for run in (ours, theirs):  # distdl's vocabulary for both
-            run["heldout_mlm_loss"] = heldout_mlm_loss(run["model"], ours["model"], seed)
+        # distdl's vocabulary for both
+        ours["heldout_mlm_loss"], theirs["heldout_mlm_loss"] = heldout_mlm_losses(
+            [ours["model"], theirs["model"]], ours["model"], seed)
         distdl_runs.append(ours)
         hf_runs.append(theirs)
         print(f"MLM seed {seed}: distdl {ours}, HF Trainer {theirs}", flush=True)
