@@ -20,9 +20,11 @@ here by one function.
 distdl runs `distdl train` on 1 worker with 2 CPUs (ZeRO-0: one worker has nothing to partition); HF
 Trainer runs in a process of its own with torch's 2 threads. Samples/s is training samples over
 training time for both (HF: train_samples_per_second; distdl: its log windows), evaluation excluded.
+One more GLUE pair runs both on 1 thread: Ray's own processes then have the second core to
+themselves, which separates distdl's own per-step costs from their share of a 2-core machine.
 
     .venv/bin/python -m pip install -e '.[bench]'   # accelerate, which HF Trainer needs
-    .venv/bin/python benchmarks/vs_hf_trainer.py [--seeds 3] [--steps 150] [--mlm-steps 300]
+    .venv/bin/python benchmarks/vs_hf_trainer.py [--seeds 3] [--steps 150] [--mlm-steps 300] [--workloads glue]
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ MLM_RECIPE = {"preset": "tiny", "batch": 32, "lr": 1e-3, "eps": 1e-8, "weight_de
               "max_length": 128, "clipping": 1.0, "mlm_probability": 0.15, "corpus": "/usr/share/common-licenses",
               "threads": 2}
 GLUE_TASK = "binary sentence task in SST-2's layout from real documentation sentences (two words swapped = 0)"
-COMMON_DISTDL = ["scaling.num_workers=1", f"scaling.cpus_per_worker={RECIPE['threads']}", "trainer.epochs=null",
+COMMON_DISTDL = ["scaling.num_workers=1", "trainer.epochs=null",
                  "trainer.eval_every=0", "trainer.checkpoint_every=0", "tracking.wandb_mode=disabled",
                  "tracking.progress_bar=false"]
 
@@ -63,9 +65,9 @@ def write_sst2_layout(root: Path, seed: int = 0, dev_fraction: float = 0.2) -> d
                               header="sentence\tlabel", dev_fraction=dev_fraction, seed=seed)
 
 
-def run_distdl(model: Path, data: Path, storage: Path, seed: int, steps: int) -> dict:
+def run_distdl(model: Path, data: Path, storage: Path, seed: int, steps: int, threads: int) -> dict:
     name = f"distdl-seed{seed}"
-    run_dir = distdl_train(REPO / "configs/glue/sst2.yaml", storage, name, seed, steps, RECIPE, [
+    run_dir = distdl_train(REPO / "configs/glue/sst2.yaml", storage, name, seed, steps, {**RECIPE, "threads": threads}, [
         f"model.name_or_path={model}", f"data.path={data}", "data.write_submission=false",
         f"data.max_seq_length={RECIPE['max_length']}"])
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -79,7 +81,8 @@ def distdl_train(config: Path, storage: Path, name: str, seed: int, steps: int, 
                  overrides: list[str]) -> Path:
     """`distdl train` on 1 worker with the recipe's optimizer, schedule and batch; its run directory."""
     command = [sys.executable, "-m", "distdl.cli", "train", str(config), *COMMON_DISTDL, *overrides,
-               f"run.storage_path={storage}", f"run.name={name}", f"run.seed={seed}",
+               f"scaling.cpus_per_worker={recipe['threads']}", f"run.storage_path={storage}", f"run.name={name}",
+               f"run.seed={seed}",
                f"trainer.micro_batch_size={recipe['batch']}", f"trainer.global_batch_size={recipe['batch']}",
                f"trainer.max_steps={steps}", f"trainer.log_every={steps // 3}", f"optimizer.lr={recipe['lr']}",
                f"optimizer.eps={recipe['eps']}", f"optimizer.weight_decay={recipe['weight_decay']}",
@@ -96,9 +99,9 @@ def window_rate(run_dir: Path, steps: int, batch: int) -> float:
     return len(windows) * window_samples / sum(window_samples / w["samples_per_s"] for w in windows)
 
 
-def run_hf_trainer(worker: str, *arguments: Any) -> dict:
+def run_hf_trainer(worker: str, *arguments: Any, threads: int = RECIPE["threads"]) -> dict:
     """HF Trainer in a process of its own (its threads set before torch starts); what it wrote last."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(RECIPE["threads"]),
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
     with tempfile.NamedTemporaryFile(suffix=".json") as result:
         subprocess.run([sys.executable, __file__, worker, result.name, *map(str, arguments)], check=True, env=env,
@@ -120,7 +123,7 @@ def hf_glue_worker(result: str, model_path: str, data: str, out: str, seed: int,
     )
 
     PairedTrainer, DistdlDropoutSeed = paired_trainer_classes()
-    torch.set_num_threads(RECIPE["threads"])
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # run_hf_trainer's
     set_seed(seed)  # before the classifier is initialized, as HF's run_glue.py does
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     files = {split: str(Path(data) / "SST-2" / f"{split}.tsv") for split in ("train", "dev")}
@@ -220,7 +223,7 @@ def hf_mlm_worker(result: str, tokenizer_path: str, out: str, seed: int, steps: 
 
     from distdl.workloads.bert_pretrain import BertModelSection, bert_config
 
-    torch.set_num_threads(MLM_RECIPE["threads"])
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # run_hf_trainer's
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     blocks = mlm_blocks(tokenizer, seed)
     set_seed(seed)
@@ -270,13 +273,14 @@ def summarize(runs: list[dict], keys: tuple[str, ...]) -> dict:
             for key in keys}
 
 
-def compare_glue(model: Path, root: Path, seeds: range, steps: int, label: str = "GLUE") -> dict:
+def compare_glue(model: Path, root: Path, seeds: range, steps: int, label: str = "GLUE",
+                 threads: int = RECIPE["threads"]) -> dict:
     if not (root / "glue").is_dir():
         write_sst2_layout(root / "glue")
     distdl_runs, hf_runs = [], []
     for seed in seeds:  # alternated, so machine load falls on both alike
-        distdl_runs.append(run_distdl(model, root / "glue", root / "runs" / label, seed, steps))
-        hf_runs.append(run_hf_trainer("--hf-glue-worker", model, root / "glue", root, seed, steps))
+        distdl_runs.append(run_distdl(model, root / "glue", root / "runs" / label, seed, steps, threads))
+        hf_runs.append(run_hf_trainer("--hf-glue-worker", model, root / "glue", root, seed, steps, threads=threads))
         print(f"{label} seed {seed}: distdl {distdl_runs[-1]}, HF Trainer {hf_runs[-1]}", flush=True)
     keys = ("samples_per_s", "dev_accuracy", "dev_loss")
     distdl, hf = summarize(distdl_runs, keys), summarize(hf_runs, keys)
@@ -306,7 +310,7 @@ def compare_mlm(root: Path, seeds: range, steps: int) -> dict:
     distdl_runs, hf_runs = [], []
     for seed in seeds:
         ours = run_distdl_mlm(root / "runs", seed, steps)
-        theirs = run_hf_trainer("--hf-mlm-worker", ours["model"], root, seed, steps)
+        theirs = run_hf_trainer("--hf-mlm-worker", ours["model"], root, seed, steps, threads=MLM_RECIPE["threads"])
         # distdl's vocabulary for both
         ours["heldout_mlm_loss"], theirs["heldout_mlm_loss"] = heldout_mlm_losses(
             [ours["model"], theirs["model"]], ours["model"], seed)
@@ -344,7 +348,9 @@ def main() -> None:
     args = parser.parse_args()
     started = time.time()
     seeds = range(42, 42 + args.seeds)
-    results: dict[str, Any] = {"threads": RECIPE["threads"]}
+    # A run of some workloads keeps the other workloads' last results in the file.
+    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results["threads"] = RECIPE["threads"]
     with tempfile.TemporaryDirectory(prefix="distdl-vs-hf-") as tmp:
         if "glue" in args.workloads:
             results["glue"] = {"task": GLUE_TASK, "sizes": write_sst2_layout(Path(tmp) / "glue"),
@@ -353,6 +359,11 @@ def main() -> None:
             # One pair without dropout: the two trainers' window losses should agree to float noise.
             results["glue_without_dropout"] = compare_glue(without_dropout(args.model, Path(tmp)), Path(tmp),
                                                            seeds[:1], args.steps, label="GLUE-no-dropout")
+            # One pair on 1 thread of the 2 cores: Ray's own processes (controller, raylet, GCS,
+            # dashboard, Ray Train's helper actors) then run on the idle core instead of taking turns
+            # with the worker's matmuls, which separates distdl's own per-step costs from that tax.
+            results["glue_one_thread"] = compare_glue(args.model, Path(tmp), seeds[:1], args.steps,
+                                                      label="GLUE-1-thread", threads=1)
         if "mlm" in args.workloads:
             results["mlm"] = compare_mlm(Path(tmp), seeds, args.mlm_steps)
     results["wall_s"] = round(time.time() - started)
