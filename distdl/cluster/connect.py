@@ -22,6 +22,7 @@ FORWARDED_ENV = ("DISTDL_PLUGINS", "WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_UR
 FORWARDED_PREFIXES = ("NCCL_",)
 # Console settings for the whole job (driver.console_for_batch_logs sets them when the console is a file).
 CONSOLE_ENV = ("RAY_COLOR_PREFIX", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def forwarded_env() -> dict[str, str]:
@@ -54,6 +55,10 @@ def connect_ray(config: Config) -> None:
     # Ray's INFO lines (start-up, the dashboard's address) stay in its log files (Ray Train's: quiet_train_logs).
     quiet = {"logging_level": logging.WARNING}
     if config.ray.address is None:
+        # Ray Train's preemption watcher follows a cloud node's drain notices; the one node of an
+        # embedded Ray has none to give, and starting the watcher prints an error line on every run
+        # (ray#53727). A user who sets the variable keeps their choice.
+        env_vars.setdefault(PREEMPTION_WATCHER, os.environ.get(PREEMPTION_WATCHER, "0"))
         # The dashboard (on 127.0.0.1) serves the State API that Ray Train's placement-group cleaner polls;
         # without it the cleaner warns every second on the console.
         ray.init(num_cpus=config.ray.num_cpus, runtime_env={"env_vars": env_vars}, include_dashboard=True,
