@@ -18,6 +18,7 @@ import torch
 from distdl.collectives import all_reduce_sum, distributed, world_size
 from distdl.config import EngineSection, OptimizerSection, TrainerSection
 from distdl.errors import CheckpointError, ConfigError
+from distdl.optim.layerwise import FragmentLayout, LayerwiseOptimizer
 
 # DeepSpeed prints a config dump every `steps_per_print` steps; distdl logs itself.
 _QUIET_STEPS = 2**31 - 1
@@ -75,8 +76,19 @@ _DISTDL_OWNED = {"fp16": "engine.precision", "bf16": "engine.precision", "zero_o
                  "zero_optimization.offload_optimizer": "engine.offload_optimizer"}
 
 
+# Blocks distdl never hands DeepSpeed: it passes its own optimizer and schedule objects, which win
+# over a JSON's without a word, so a JSON that names one is refused.
+_DISTDL_BUILT = {"optimizer": "optimizer.name (adamw, adam, sgd, lamb, lars) and its optimizer.* keys",
+                 "scheduler": "scheduler.name and its scheduler.* keys"}
+
+
 def check_owned_keys(user: dict[str, Any], derived: dict[str, Any]) -> None:
-    """A raw JSON may repeat what distdl derived, but not add a precision or ZeRO setting of its own."""
+    """A raw JSON may repeat what distdl derived, but not add a precision or ZeRO setting of its own,
+    nor an optimizer or LR schedule."""
+    for block, distdl_keys in _DISTDL_BUILT.items():
+        if block in user:
+            raise ConfigError(f"engine.deepspeed_config has a {block!r} block ({json.dumps(user[block])[:80]}), which "
+                              f"DeepSpeed would ignore for distdl's own; set {distdl_keys} instead")
     for dotted, distdl_key in _DISTDL_OWNED.items():
         theirs, ours = _lookup(user, dotted), _lookup(derived, dotted)
         if theirs is not None and ours is None and theirs != {"enabled": False}:
@@ -193,6 +205,9 @@ class Engine:
             config=ds_config,
             dist_init_required=False,
         )
+        undo_initial_step(self._engine.optimizer)
+        if isinstance(self.inner_optimizer, LayerwiseOptimizer):
+            self.inner_optimizer.set_layouts(fragment_layouts(self._engine.optimizer))
         if compile:
             # DeepSpeed's engine.compile() compiles the module in place (nn.Module.compile), so its
             # parameter names, checkpoints and exports are those of the uncompiled model, and ZeRO-3's
@@ -269,17 +284,21 @@ class Engine:
         """The last optimizer step's global gradient norm as DeepSpeed keeps it (a tensor is not synced)."""
         return self._grad_norm if self._measures_grad_norm else self._engine.get_global_grad_norm()
 
+    def full_parameters(self) -> list[torch.Tensor]:
+        """Every weight in fp32 on the CPU (gathered under ZeRO-3, so a collective there)."""
+        import deepspeed
+
+        params = list(self._engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return [param.detach().float().cpu().clone() for param in params]
+
     def parameter_checksum(self) -> str:
         """sha256 of this rank's full fp32 weights (gathered under ZeRO-3); equal on every rank."""
         import hashlib
 
-        import deepspeed
-
-        params = list(self._engine.module.parameters())
         digest = hashlib.sha256()
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            for param in params:
-                digest.update(param.detach().float().cpu().numpy().tobytes())
+        for param in self.full_parameters():
+            digest.update(param.numpy().tobytes())
         return digest.hexdigest()
 
     def average_buffers(self) -> None:
@@ -339,6 +358,105 @@ class Engine:
 
 # Where torch.compile's own code lives: an error raised there is the compiler failing, not the model.
 _COMPILER_PACKAGES = ("torch/_dynamo/", "torch/_inductor/", "torch/_functorch/")
+
+
+def undo_initial_step(wrapper: Any) -> None:
+    """DeepSpeed's unfused mixed-precision optimizer (bf16 at ZeRO-0, and fp16 with a torch optimizer)
+    steps its inner optimizer once with zero gradients when it is built, to create the optimizer's
+    state (DeepSpeed #5151; its ZeRO optimizers stopped doing so, #5104). That step is not inert:
+    AdamW's decoupled decay shrinks the fp32 master weights by lr x weight_decay, Adam's step count
+    starts at 1 (so the first real update, bias-corrected as step 2, is about half of Adam's), and
+    LAMB's trust ratio shrinks every matrix by lr. The masters are restored from the model's weights,
+    which that step did not touch, and the state is dropped: the optimizer creates it again at its
+    first real step, as it would outside DeepSpeed."""
+    if type(wrapper).__name__ != "FP16_UnfusedOptimizer":
+        return
+    with torch.no_grad():
+        for masters, params in zip(wrapper.fp32_groups, wrapper.fp16_groups):
+            for master, param in zip(masters, params):
+                master.copy_(param)
+    wrapper.optimizer.state.clear()
+
+
+def fragment_layouts(wrapper: Any) -> dict[torch.Tensor, FragmentLayout]:
+    """Where each layer's fragments lie in the flat fp32 tensors that DeepSpeed's ZeRO and
+    mixed-precision optimizers hand their inner optimizer, for LAMB's and LARS's per-layer norms
+    (distdl.optim.layerwise). Layers are numbered by their place in their group, the same on every
+    rank. Empty for fp32 at ZeRO-0, where the inner optimizer steps the model's own parameters."""
+    if hasattr(wrapper, "fp32_partitioned_groups_flat"):
+        # ZeRO-3: per sub-group, this rank's 1/N slice of each parameter (ds_tensor), one after another.
+        reduce, rank = _summed_over(wrapper.dp_process_group), _rank_in(wrapper.dp_process_group)
+        return {flat: _slices(params, rank, flat.numel(), reduce)
+                for flat, params in zip(wrapper.fp32_partitioned_groups_flat, wrapper.fp16_groups)}
+    if hasattr(wrapper, "single_partition_of_fp32_groups"):  # ZeRO-1 and 2
+        return {flat: _mapped(params, flat.numel(), _summed_over(group)) for flat, params, group in
+                zip(wrapper.single_partition_of_fp32_groups, wrapper.bit16_groups, wrapper.real_dp_process_group)}
+    if hasattr(wrapper, "fp32_groups_flat_partition"):  # bf16 at ZeRO-0 partitions its fp32 copy as ZeRO-1 does
+        return {flat: _mapped(params, flat.numel(), _summed_over(group)) for flat, params, group in
+                zip(wrapper.fp32_groups_flat_partition, wrapper.bf16_groups, wrapper.real_dp_process_group)}
+    # bf16 at ZeRO-0, and fp16 with a torch optimizer, keep one fp32 copy per parameter (DeepSpeed's
+    # FP16_UnfusedOptimizer); fp32 at ZeRO-0 steps the model's own parameters: whole layers both.
+    return {}
+
+
+def _slices(params: list[torch.nn.Parameter], rank: int, total: int, reduce: Any) -> FragmentLayout:
+    """ZeRO-3's partitions: each parameter's slice of ds_tensor.ds_numel elements, the last rank's
+    padded past the parameter's end. The padding is left out of the norms (its memory is not
+    initialized, and a stray NaN there would poison a whole layer's ratio)."""
+    lengths, layers = [], []
+    for layer, param in enumerate(params):
+        size = param.ds_tensor.ds_numel
+        real = min(size, max(0, param.ds_numel - rank * size))
+        lengths += [real, size - real]
+        layers += [layer, -1]
+    lengths.append(total - sum(lengths))
+    layers.append(-1)
+    return FragmentLayout(tuple(lengths), tuple(layers), len(params), reduce)
+
+
+def _rank_in(group: Any) -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank(group)
+
+
+def _mapped(params: list[torch.nn.Parameter], total: int, reduce: Any) -> FragmentLayout:
+    """From DeepSpeed's low-to-high precision links (`_hp_mapping`, set for each parameter with a
+    fragment in this rank's partition): the fragments in partition order, gaps as padding."""
+    fragments = sorted((p._hp_mapping.hp_fragment_address.start, p._hp_mapping.hp_fragment_address.numel, layer)
+                       for layer, p in enumerate(params) if getattr(p, "_hp_mapping", None) is not None)
+    lengths, layers, offset = [], [], 0
+    for start, numel, layer in fragments:
+        if start > offset:
+            lengths.append(start - offset)
+            layers.append(-1)
+        lengths.append(numel)
+        layers.append(layer)
+        offset = start + numel
+    if total > offset:
+        lengths.append(total - offset)
+        layers.append(-1)
+    return FragmentLayout(tuple(lengths), tuple(layers), len(params), reduce)
+
+
+def _summed_over(group: Any) -> Optional[Callable[[torch.Tensor], None]]:
+    """An in-place all-reduce (sum) over a data-parallel group, as DeepSpeed's own gradient-norm
+    reduction inside its step; None for a lone rank. Where the backend (NCCL) cannot reduce host
+    tensors, as with optimizer states offloaded to CPU memory, the sums travel through the GPU."""
+    import torch.distributed as dist
+
+    if dist.get_world_size(group) == 1:
+        return None
+
+    def reduce(sums: torch.Tensor) -> None:
+        if dist.get_backend(group) == "nccl" and sums.device.type != "cuda":
+            on_device = sums.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_device, group=group)
+            sums.copy_(on_device)
+        else:
+            dist.all_reduce(sums, group=group)
+
+    return reduce
 
 
 def compile_failure(error: BaseException) -> Optional[str]:

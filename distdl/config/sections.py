@@ -69,15 +69,19 @@ class EngineSection:
 
 @dataclass
 class OptimizerSection:
-    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    # lamb and lars: layer-wise adaptive (distdl.optim.layerwise), for large global batches.
+    name: Literal["adamw", "adam", "sgd", "lamb", "lars"] = "adamw"
     lr: Annotated[float, Gt(0), Finite] = 1e-3
     weight_decay: Annotated[float, Ge(0)] = 0.01
     betas: Annotated[list[Annotated[float, Interval(ge=0, lt=1)]], Len(2, 2)] = field(
         default_factory=lambda: [0.9, 0.999])
     eps: Annotated[float, Gt(0)] = 1e-8
+    # sgd and lars.
+    momentum: Annotated[float, Interval(ge=0, lt=1)] = 0.9
     # sgd only.
-    momentum: float = 0.9
     nesterov: bool = False
+    # lars only: eta in You et al. 2017 (MLPerf's ResNet-50 reference uses 0.001).
+    trust_coefficient: Annotated[float, Gt(0), Finite] = 0.001
     # Linear scaling rule (Goyal et al. 2017): when set, the learning rate used is
     # lr x global_batch_size / reference_batch_size (e.g. lr 0.1 at reference 256).
     reference_batch_size: Optional[AtLeastOne] = None
@@ -85,11 +89,19 @@ class OptimizerSection:
 
 @dataclass
 class SchedulerSection:
-    # Names of transformers.get_scheduler.
-    name: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "linear"
+    # transformers.get_scheduler's names, and step (step decay after the warmup).
+    name: Literal["constant", "constant_with_warmup", "linear", "cosine", "polynomial", "step"] = "linear"
     warmup_steps: NonNegative = 0
     # Used when warmup_steps is 0: a fraction of trainer.max_steps.
     warmup_ratio: Annotated[float, Interval(ge=0, le=1)] = 0.0
+    # polynomial: lr_end + (lr - lr_end) (1 - progress)^power after the warmup (NVIDIA's BERT
+    # pretraining: power 0.5; MLPerf's ResNet-50: power 2).
+    power: Annotated[float, Gt(0), Finite] = 1.0
+    lr_end: Annotated[float, Ge(0), Finite] = 0.0
+    # step: the lr is multiplied by gamma at each milestone, given as fractions of trainer.max_steps
+    # (He et al.'s ResNet-50 schedule, 90 epochs decayed at 30, 60 and 80: [0.3333, 0.6667, 0.8889]).
+    milestones: list[Annotated[float, Interval(gt=0, lt=1)]] = field(default_factory=lambda: [0.5, 0.75])
+    gamma: Annotated[float, Interval(gt=0, lt=1)] = 0.1
 
 
 @dataclass
@@ -205,6 +217,7 @@ def validate(config: Config) -> None:
     """Checks that need more than one key or knowledge of this machine."""
     if config.optimizer.nesterov and config.optimizer.name != "sgd":
         raise ConfigError("optimizer.nesterov=true applies to optimizer.name=sgd only")
+    _check_schedule(config.scheduler, config.optimizer)
     _check_budget(config.trainer)
     if not config.run.name or "/" in config.run.name or config.run.name in (".", ".."):
         raise ConfigError(f"run.name={config.run.name!r} must be a non-empty name without '/'")
@@ -216,6 +229,15 @@ def validate(config: Config) -> None:
                           f"{config.scaling.num_workers}, {config.engine.zero_stage}, {config.engine.precision})")
     _resolve_batch(config)
     _check_device(config)
+
+
+def _check_schedule(scheduler: SchedulerSection, optimizer: OptimizerSection) -> None:
+    if scheduler.name == "polynomial" and scheduler.lr_end >= optimizer.lr:
+        raise ConfigError(f"scheduler.lr_end={scheduler.lr_end} must be below optimizer.lr={optimizer.lr}: the "
+                          "polynomial schedule decays from optimizer.lr to scheduler.lr_end")
+    if scheduler.name == "step" and sorted(set(scheduler.milestones)) != scheduler.milestones:
+        raise ConfigError(f"scheduler.milestones={scheduler.milestones} must be increasing fractions of "
+                          "trainer.max_steps, each in (0, 1)")
 
 
 def noise_scale_possible(config: Config) -> bool:

@@ -157,6 +157,15 @@ def test_raw_json_cannot_add_its_own_precision(tmp_path):
         ds_config("engine.precision=bf16", f"engine.deepspeed_config={file}")
 
 
+@pytest.mark.parametrize("block, content", [
+    ("optimizer", {"type": "Lamb", "params": {"lr": 0.001}}), ("scheduler", {"type": "WarmupLR", "params": {}})])
+def test_raw_json_cannot_name_an_optimizer_or_schedule(tmp_path, block, content):
+    # distdl hands DeepSpeed its own optimizer and schedule, which would silently win over these.
+    file = write(tmp_path, json.dumps({block: content}))
+    with pytest.raises(ConfigError, match=rf"'{block}' block .*set {block}\.name"):
+        ds_config(f"engine.deepspeed_config={file}")
+
+
 def test_raw_json_may_repeat_distdl_settings(tmp_path):
     file = write(tmp_path, json.dumps({"bf16": {"enabled": True}, "fp16": {"enabled": False},
                                        "zero_optimization": {"stage": 2}}))

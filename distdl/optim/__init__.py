@@ -1,20 +1,26 @@
-"""Torch optimizers and transformers' LR schedules, built from their config sections."""
+"""Optimizers (torch's, and distdl's layer-wise LAMB and LARS) and LR schedules, built from their
+config sections."""
 
 from __future__ import annotations
 
+import bisect
+from functools import partial
 from typing import Any, Callable, Iterable
 
 import torch
 
 from distdl.config import OptimizerSection, SchedulerSection
+from distdl.optim.layerwise import Lamb, Lars
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only: biases and norm weights (1-D) are left undecayed, as in BERT and GPT."""
+    """Decay matrices only: biases and norm weights (1-D) are left undecayed, as in BERT and GPT.
+    LAMB and LARS adapt the same matrices only (`layerwise`), as NVIDIA's LAMB and MLPerf's LARS do;
+    other optimizers ignore the key."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     return [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay, "layerwise": True},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0, "layerwise": False},
     ]
 
 
@@ -34,6 +40,11 @@ def optimizer_factory(section: OptimizerSection, global_batch_size: int) -> Call
     # CPU steps one parameter at a time: 8% of a BERT fine-tuning step on 2 CPU cores. HF Trainer's
     # default (adamw_torch_fused) is the same kernel.
     def make(params: Iterable[Any]) -> torch.optim.Optimizer:
+        if section.name == "lamb":
+            return Lamb(params, lr=lr, betas=tuple(section.betas), eps=section.eps, weight_decay=section.weight_decay)
+        if section.name == "lars":
+            return Lars(params, lr=lr, momentum=section.momentum, weight_decay=section.weight_decay,
+                        trust_coefficient=section.trust_coefficient)
         if section.name == "sgd":
             return torch.optim.SGD(params, lr=lr, momentum=section.momentum, weight_decay=section.weight_decay,
                                    nesterov=section.nesterov, fused=True)
@@ -50,6 +61,19 @@ def scheduler_factory(section: SchedulerSection, max_steps: int) -> Callable[[to
     warmup = section.warmup_steps or int(section.warmup_ratio * max_steps)
 
     def make(optimizer: torch.optim.Optimizer) -> Any:
-        return get_scheduler(section.name, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
+        if section.name == "step":
+            milestones = [round(fraction * max_steps) for fraction in section.milestones]
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_step_decay, warmup, milestones, section.gamma))
+        extra = {"power": section.power, "lr_end": section.lr_end} if section.name == "polynomial" else None
+        return get_scheduler(section.name, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps,
+                             scheduler_specific_kwargs=extra)
 
     return make
+
+
+def _step_decay(warmup: int, milestones: list[int], gamma: float, step: int) -> float:
+    """The lr factor at `step`: a linear warmup (as transformers' schedules), then gamma to the
+    number of milestones passed (torch's MultiStepLR, counted from the run's start)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return gamma ** bisect.bisect_right(milestones, step)
