@@ -20,16 +20,18 @@ ACCUMULATION, MICRO_BATCH, STEPS = 2, 4, 3
 LR = {"adamw": 0.01, "lamb": 0.01, "lars": 0.5}
 # (optimizer, ZeRO stage, precision); fp32 cases are checked update by update, the others' layouts.
 # fp32-offload: optimizer states in CPU memory (ZeRO's offload), where the optimizer steps host tensors.
+# fp32-resume: saved after step 2 and loaded into an engine built from other weights, then step 3.
 UPDATE_CASES = [("adamw", 0, "fp32")] + [(name, stage, "fp32") for name in ("lamb", "lars") for stage in range(4)] + [
-    ("lamb", 2, "fp32-offload"), ("lars", 3, "fp32-offload")]
+    ("lamb", 2, "fp32-offload"), ("lars", 3, "fp32-offload"), ("lamb", 2, "fp32-resume"), ("lars", 3, "fp32-resume")]
+RESUME_AT = 2
 # bf16-fp32acc: bf16 with fp32 gradient accumulation (a raw DeepSpeed JSON's data_types), where
 # DeepSpeed's BF16_Optimizer partitions the fp32 copy at ZeRO-1. DeepSpeed refuses fp16 on CPUs.
 LAYOUT_CASES = [("lamb", 0, "bf16"), ("adamw", 0, "bf16"), ("lars", 1, "bf16"), ("lamb", 1, "bf16-fp32acc"),
                 ("lamb", 2, "bf16"), ("lars", 3, "bf16")]
 
 
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
     # 7 parameters of uneven sizes, so ZeRO's partition boundaries fall inside layers.
     return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 5), torch.nn.LayerNorm(5),
                                torch.nn.Linear(5, 1, bias=False))
@@ -58,7 +60,7 @@ def _loss(net, x: torch.Tensor) -> torch.Tensor:
     return ((net(x).squeeze(-1).float() - x.sum(-1).sin()) ** 2).mean()
 
 
-def _updates(rank: int, world: int, name: str, stage: int, precision: str) -> dict:
+def _updates(rank: int, world: int, name: str, stage: int, precision: str, checkpoints: Path) -> dict:
     from distdl.optim import param_groups
 
     model = _model()
@@ -66,7 +68,12 @@ def _updates(rank: int, world: int, name: str, stage: int, precision: str) -> di
     engine, make_optimizer = _engine(name, stage, precision, world, model)
     reference_optimizer = make_optimizer(param_groups(reference, 0.1))
     data = torch.Generator().manual_seed(100)  # every rank draws every rank's batches, keeps its own
-    for _ in range(STEPS):
+    for step in range(STEPS):
+        if precision.endswith("resume") and step == RESUME_AT:
+            folder = checkpoints / f"{name}-{stage}"
+            engine.save(folder, {})
+            engine, _ = _engine(name, stage, precision, world, _model(seed=1))  # the load must bring the weights
+            engine.load(folder)
         for _ in range(ACCUMULATION):
             batches = [torch.randn(MICRO_BATCH, 6, generator=data) for _ in range(world)]
             engine.backward(_loss(engine, batches[rank]))
@@ -97,7 +104,7 @@ def _layout(world: int, name: str, stage: int, precision: str) -> dict:
     return {"seen": seen, "expected": expected, "state_entries": len(optimizer.state)}
 
 
-def _train(rank: int, world: int, port: int, cases: list, out: dict) -> None:
+def _train(rank: int, world: int, port: int, cases: list, checkpoints: str, out: dict) -> None:
     import os
 
     import torch.distributed as dist
@@ -107,17 +114,17 @@ def _train(rank: int, world: int, port: int, cases: list, out: dict) -> None:
                       LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        out[rank] = {case: _updates(rank, world, *case) if case[2].startswith("fp32") else _layout(world, *case)
-                     for case in cases}
+        out[rank] = {case: _updates(rank, world, *case, Path(checkpoints)) if case[2].startswith("fp32")
+                     else _layout(world, *case) for case in cases}
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world, cases", [(1, UPDATE_CASES[:1]), (2, UPDATE_CASES + LAYOUT_CASES)])
-def test_the_engines_update_is_a_plain_loops_on_the_global_batch(world, cases):
+def test_the_engines_update_is_a_plain_loops_on_the_global_batch(world, cases, tmp_path):
     from tests.helpers.gloo import spawn_gloo
 
-    ranks = spawn_gloo(_train, world, cases)
+    ranks = spawn_gloo(_train, world, cases, str(tmp_path))
     for case in cases:
         for rank in range(world):
             result = ranks[rank][case]
