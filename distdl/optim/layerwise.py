@@ -78,24 +78,25 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return [self._square_norms(self._cuts(tensors), tensors, tensors)[0].sqrt() if tensors else torch.zeros(0)
                 for tensors in tensor_sets]
 
-    def _cuts(self, params: list[torch.Tensor]) -> _Cuts:
+    def _cuts(self, params: list[torch.Tensor]) -> Optional[_Cuts]:
+        """How `params` are cut into layers; None when each is a layer of its own."""
         layouts = [self.layouts.get(id(p)) for p in params]
-        device = params[0].device
-        if all(layout is None for layout in layouts):  # each tensor a layer of its own
-            return _Cuts([(p.numel(),) for p in params], [torch.tensor([i], device=device) for i in range(len(params))],
-                         len(params), None)
+        if all(layout is None for layout in layouts):
+            return None
         if any(layout is None for layout in layouts):
             raise ValueError("a parameter group mixes tensors with and without a fragment layout")
-        num_layers = layouts[0].num_layers
+        num_layers, device = layouts[0].num_layers, params[0].device
         return _Cuts([layout.lengths for layout in layouts],
                      [torch.tensor([layer if layer >= 0 else num_layers for layer in layout.layers], device=device)
                       for layout in layouts], num_layers, layouts[0].reduce)
 
     @staticmethod
-    def _square_norms(cuts: _Cuts, first: list[torch.Tensor], second: list[torch.Tensor]) -> torch.Tensor:
+    def _square_norms(cuts: Optional[_Cuts], first: list[torch.Tensor], second: list[torch.Tensor]) -> torch.Tensor:
         """Per layer, the squared norms of `first` and `second` (shaped as the cut tensors), summed
         over the layer's fragments here and on the other ranks: a (2, layers) tensor."""
         dtype = torch.float64 if first[0].dtype == torch.float64 else torch.float32
+        if cuts is None:
+            return torch.stack([torch.stack(torch._foreach_norm(tensors)).to(dtype) for tensors in (first, second)]).square()
         sums = torch.zeros(2, cuts.num_layers + 1, dtype=dtype, device=first[0].device)
         for lengths, index, tensor_a, tensor_b in zip(cuts.lengths, cuts.indices, first, second):
             for row, tensor in enumerate((tensor_a, tensor_b)):
@@ -107,8 +108,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return sums
 
     @staticmethod
-    def _scale(cuts: _Cuts, tensors: list[torch.Tensor], trust: torch.Tensor) -> None:
+    def _scale(cuts: Optional[_Cuts], tensors: list[torch.Tensor], trust: torch.Tensor) -> None:
         """Multiply each layer's fragments of `tensors` by the layer's trust ratio."""
+        if cuts is None:
+            torch._foreach_mul_(tensors, list(trust.to(tensors[0].dtype).unbind()))
+            return
         trust = torch.cat([trust, trust.new_ones(1)])
         for lengths, index, tensor in zip(cuts.lengths, cuts.indices, tensors):
             segments = list(torch.split(tensor.view(-1), list(lengths)))
@@ -165,22 +169,25 @@ class Lamb(LayerwiseOptimizer):
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]
-        updates = []
         for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
-            step = int(state["step"].item())
-            state["exp_avg"].lerp_(p.grad, 1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            denominator = (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
-            update = (state["exp_avg"] / (1 - beta1 ** step)).div_(denominator)
-            if group["weight_decay"]:
-                update.add_(p, alpha=group["weight_decay"])
-            updates.append(update)
+            if not self.state[p]:
+                self.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        states = [self.state[p] for p in params]
+        grads = [p.grad for p in params]
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_add_([s["step"] for s in states], 1)
+        # Per tensor: one without a gradient at some step (skipped above) has taken fewer steps.
+        steps = [int(s["step"].item()) for s in states]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        denominators = torch._foreach_div(exp_avg_sqs, [1 - beta2 ** step for step in steps])
+        torch._foreach_sqrt_(denominators)
+        torch._foreach_add_(denominators, group["eps"])
+        updates = torch._foreach_div(exp_avgs, [1 - beta1 ** step for step in steps])
+        torch._foreach_div_(updates, denominators)
+        if group["weight_decay"]:
+            torch._foreach_add_(updates, params, alpha=group["weight_decay"])
         if self._adapts(group):
             cuts = self._cuts(params)
             weight_norm, update_norm = self._square_norms(cuts, params, updates).sqrt()
