@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import torch
+import torch.distributed as dist
 
 from distdl.collectives import all_reduce_sum, distributed, world_size
 from distdl.config import EngineSection, OptimizerSection, TrainerSection
@@ -385,7 +386,7 @@ def fragment_layouts(wrapper: Any) -> dict[torch.Tensor, FragmentLayout]:
     rank. Empty for fp32 at ZeRO-0, where the inner optimizer steps the model's own parameters."""
     if hasattr(wrapper, "fp32_partitioned_groups_flat"):
         # ZeRO-3: per sub-group, this rank's 1/N slice of each parameter (ds_tensor), one after another.
-        reduce, rank = _summed_over(wrapper.dp_process_group), _rank_in(wrapper.dp_process_group)
+        reduce, rank = _summed_over(wrapper.dp_process_group), dist.get_rank(wrapper.dp_process_group)
         return {flat: _slices(params, rank, flat.numel(), reduce)
                 for flat, params in zip(wrapper.fp32_partitioned_groups_flat, wrapper.fp16_groups)}
     if hasattr(wrapper, "single_partition_of_fp32_groups"):  # ZeRO-1 and 2
@@ -414,12 +415,6 @@ def _slices(params: list[torch.nn.Parameter], rank: int, total: int, reduce: Any
     return FragmentLayout(tuple(lengths), tuple(layers), len(params), reduce)
 
 
-def _rank_in(group: Any) -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank(group)
-
-
 def _mapped(params: list[torch.nn.Parameter], total: int, reduce: Any) -> FragmentLayout:
     """From DeepSpeed's low-to-high precision links (`_hp_mapping`, set for each parameter with a
     fragment in this rank's partition): the fragments in partition order, gaps as padding."""
@@ -443,8 +438,6 @@ def _summed_over(group: Any) -> Optional[Callable[[torch.Tensor], None]]:
     """An in-place all-reduce (sum) over a data-parallel group, as DeepSpeed's own gradient-norm
     reduction inside its step; None for a lone rank. Where the backend (NCCL) cannot reduce host
     tensors, as with optimizer states offloaded to CPU memory, the sums travel through the GPU."""
-    import torch.distributed as dist
-
     if dist.get_world_size(group) == 1:
         return None
 

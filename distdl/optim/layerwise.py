@@ -62,11 +62,16 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
         self.layouts: dict[int, FragmentLayout] = {}
+        self._indices: dict[int, torch.Tensor] = {}
         self._laid_out: list[torch.Tensor] = []
 
     def set_layouts(self, layouts: dict[torch.Tensor, FragmentLayout]) -> None:
-        """Declare how the tensors this optimizer steps are cut into layers (see the module doc)."""
+        """Declare how the tensors this optimizer steps are cut into layers (see the module doc).
+        Each layout's segment-to-layer index is built here, once, on its tensor's device."""
         self.layouts = {id(tensor): layout for tensor, layout in layouts.items()}
+        self._indices = {id(tensor): torch.tensor([layer if layer >= 0 else layout.num_layers
+                                                   for layer in layout.layers], device=tensor.device)
+                         for tensor, layout in layouts.items()}
         self._laid_out = list(layouts)
 
     @torch.no_grad()
@@ -85,10 +90,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             return None
         if any(layout is None for layout in layouts):
             raise ValueError("a parameter group mixes tensors with and without a fragment layout")
-        num_layers, device = layouts[0].num_layers, params[0].device
-        return _Cuts([layout.lengths for layout in layouts],
-                     [torch.tensor([layer if layer >= 0 else num_layers for layer in layout.layers], device=device)
-                      for layout in layouts], num_layers, layouts[0].reduce)
+        return _Cuts([layout.lengths for layout in layouts], [self._indices[id(p)] for p in params],
+                     layouts[0].num_layers, layouts[0].reduce)
 
     @staticmethod
     def _square_norms(cuts: Optional[_Cuts], first: list[torch.Tensor], second: list[torch.Tensor]) -> torch.Tensor:
@@ -212,10 +215,11 @@ class Lars(LayerwiseOptimizer):
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         decay, coefficient, eps = group["weight_decay"], group["trust_coefficient"], group["eps"]
-        updates = torch._foreach_add([p.grad for p in params], params, alpha=decay)
+        grads = [p.grad for p in params]
+        updates = torch._foreach_add(grads, params, alpha=decay)
         if self._adapts(group):
             cuts = self._cuts(params)
-            weight_norm, grad_norm = self._square_norms(cuts, params, [p.grad for p in params]).sqrt()
+            weight_norm, grad_norm = self._square_norms(cuts, params, grads).sqrt()
             self._scale(cuts, updates, _ratio_or_one(
                 weight_norm, grad_norm, coefficient * weight_norm / (grad_norm + decay * weight_norm + eps)))
         buffers = []
