@@ -64,8 +64,13 @@ def scheduler_factory(section: SchedulerSection, max_steps: int) -> Callable[[to
         if section.name == "step":
             milestones = [round(fraction * max_steps) for fraction in section.milestones]
             return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_step_decay, warmup, milestones, section.gamma))
-        extra = {"power": section.power, "lr_end": section.lr_end} if section.name == "polynomial" else None
-        return get_scheduler(section.name, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps,
+        total, extra = max_steps, None
+        if section.name == "polynomial":
+            extra = {"power": section.power, "lr_end": section.lr_end}
+            # transformers' polynomial decay divides by the steps after the warmup (its other schedules
+            # guard that with max(1, ...)): a warmup as long as the run would divide by zero at its end.
+            total = max(max_steps, warmup + 1)
+        return get_scheduler(section.name, optimizer, num_warmup_steps=warmup, num_training_steps=total,
                              scheduler_specific_kwargs=extra)
 
     return make

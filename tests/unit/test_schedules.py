@@ -44,6 +44,20 @@ def test_polynomial_decay_follows_its_formula(power, lr_end):
         assert lr == pytest.approx(expected, rel=1e-12, abs=1e-15), step
 
 
+@pytest.mark.parametrize("name", ["polynomial", "linear", "cosine", "step"])
+def test_a_warmup_as_long_as_the_run_steps_to_its_end(name):
+    """transformers' polynomial decay alone divided by zero at the last step here."""
+    section = config(f"scheduler.name={name}", f"scheduler.warmup_steps={WARMUP}").scheduler
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    schedule = scheduler_factory(section, WARMUP)(optimizer)
+    seen = []
+    for _ in range(WARMUP + 1):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert seen[:WARMUP] == pytest.approx([LR * step / WARMUP for step in range(WARMUP)], rel=1e-12)
+
+
 def test_step_decay_multiplies_by_gamma_at_each_milestone():
     seen = lrs("scheduler.name=step", "scheduler.milestones=[0.5,0.75]", "scheduler.gamma=0.1")
     assert seen[:WARMUP] == pytest.approx([LR * s / WARMUP for s in range(WARMUP)])
