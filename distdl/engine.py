@@ -356,6 +356,27 @@ class Engine:
             raise CheckpointError(f"checkpoint {directory} is missing DeepSpeed files (no 'latest' tag or shards)")
         return client_state or {}
 
+    def warm_start_optimizer(self, directory: str | Path) -> None:
+        """Another run's optimizer state (its moments and their step counts) under this run's
+        hyperparameters and LR schedule; DeepSpeed loads the weights saved with it as well.
+
+        The step counts come along with the moments they describe: Adam's bias correction for a
+        restarted count would scale carried moments up (10x for the first moment at step 1)."""
+        inner = self.inner_optimizer
+        settings = [{key: value for key, value in group.items() if key != "params"} for group in inner.param_groups]
+        directory = Path(directory)
+        try:
+            path, _ = self._engine.load_checkpoint(str(directory), load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        except Exception as err:  # DeepSpeed raises many types for damaged or foreign files
+            raise CheckpointError(f"the optimizer state of {directory} could not be loaded: {err}") from err
+        if path is None:
+            raise CheckpointError(f"checkpoint {directory} is missing DeepSpeed files (no 'latest' tag or shards)")
+        # torch's load_state_dict brought the other run's lr, decay and betas along: this run's come back.
+        for group, own in zip(inner.param_groups, settings):
+            group.update(own)
+        self._engine.global_steps = self._engine.global_samples = self._engine.skipped_steps = 0
+
 
 # Where torch.compile's own code lives: an error raised there is the compiler failing, not the model.
 _COMPILER_PACKAGES = ("torch/_dynamo/", "torch/_inductor/", "torch/_functorch/")
@@ -578,6 +599,10 @@ class EngineSet:
     def load(self, directory: str | Path) -> dict[str, Any]:
         states = [engine.load(self._folder(directory, name)) for name, engine in self.engines.items()]
         return states[0]
+
+    def warm_start_optimizers(self, directory: str | Path) -> None:
+        for name, engine in self.engines.items():
+            engine.warm_start_optimizer(self._folder(directory, name))
 
 
 def _partition(param: torch.nn.Parameter) -> torch.Tensor:

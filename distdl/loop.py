@@ -52,7 +52,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     engines = EngineSet({name: build_engine(model, config, payload["deepspeed_config"])
                          for name, model in initial_models(workload, config.run.seed).items()})
     start_step, model_flops = (resume(engines, workload, rank) if ray.train.get_checkpoint()
-                               else (fresh_start(config.run.seed, rank), None))
+                               else (fresh_start(engines, workload, config.run.seed, rank), None))
     tracker = None
     if rank == 0:
         tracker = Tracker(config.tracking, config.run_dir, config.run.name, config.to_dict(),
@@ -118,7 +118,9 @@ def build_engine(model: torch.nn.Module, config: Config, ds_config: dict[str, An
     )
 
 
-def fresh_start(seed: int, rank: int) -> int:
+def fresh_start(engines: EngineSet, workload: Workload, seed: int, rank: int) -> int:
+    if (checkpoint := workload.optimizer_warm_start()) is not None:
+        engines.warm_start_optimizers(checkpoint)
     # Ranks draw different masks and dropout, reproducibly.
     torch.manual_seed(seed + 1 + rank)
     return 0

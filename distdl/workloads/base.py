@@ -105,6 +105,10 @@ class Workload(ABC):
         """Each model gets its own DeepSpeed engine (and optimizer); most workloads have one."""
         return {"model": self.build_model()}
 
+    def optimizer_warm_start(self) -> Optional[Path]:
+        """A checkpoint of another run whose optimizer state a fresh run starts from, or None."""
+        return None
+
     @abstractmethod
     def train_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's micro-batches, beginning after the first `start` ones."""

@@ -9,12 +9,26 @@ from typing import Any, Iterator, Literal, Optional
 
 import torch
 
-from distdl.config import Config
+from distdl.config import Config, config_from_dict
 from distdl.data import shards, text
 from distdl.errors import ConfigError
 from distdl.models.checkpointing import checkpoint_transformer_layers
 from distdl.registry import WORKLOADS
+from distdl.rundir import saved_config
+from distdl.workloads import warm_start
 from distdl.workloads.base import WorkerContext, Workload, evaluate_in_lockstep, evaluation_mode, summed_over_ranks
+
+POSITIONS = "bert.embeddings.position_embeddings.weight"
+# What one BERT class has and another lacks (the NSP head and the pooler that feeds it): absent in
+# init_from, they keep their fresh initialization.
+OPTIONAL_HEADS = ("cls.seq_relationship.", "bert.pooler.")
+# Tied to the word embeddings, so a checkpoint may store them once.
+TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+ARCHITECTURE = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size",
+                "type_vocab_size")
+# What a carried optimizer state was partitioned and shaped by.
+OPTIMIZER_STATE_KEYS = ("optimizer.name", "engine.zero_stage", "engine.precision", "engine.offload_optimizer",
+                        "scaling.num_workers")
 
 # (layers, hidden, heads) of Google's BERT checkpoints (Turc et al. 2019 for the small ones).
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -38,6 +52,18 @@ class BertModelSection:
     # Recompute each encoder layer's activations in the backward pass: less memory, about a third
     # more compute; the same loss and gradients. A resume may turn it on or off.
     activation_checkpointing: bool = False
+    # Start from earlier weights (two-phase pretraining): a distdl bert_pretrain run directory, one of
+    # its checkpoint_* folders, or an exported HF model folder. The shapes must match the preset's.
+    init_from: Optional[str] = None
+    # Which checkpoint of an init_from run directory: latest, or best (for runs that rank checkpoints).
+    init_checkpoint: Literal["latest", "best"] = "latest"
+    # Also carry the init_from run's optimizer state (moments and their step counts) over, as NVIDIA's
+    # phase 2 does; its hyperparameters and LR schedule stay this config's. Needs a run saved with the
+    # same optimizer, ZeRO stage, precision, offload and number of workers.
+    init_optimizer: bool = False
+    # When data.max_seq_length needs more position embeddings than init_from has: false refuses;
+    # true extends them by copying the learned ones (as Longformer does).
+    extend_positions: bool = False
 
 
 def bert_config(model: BertModelSection, tokenizer: Any, max_seq_length: int) -> Any:
@@ -60,6 +86,79 @@ def bert_config(model: BertModelSection, tokenizer: Any, max_seq_length: int) ->
     return config
 
 
+def adopt_tokenizer(source: warm_start.WarmStart, run_dir: Path) -> None:
+    """With no tokenizer.name_or_path, a run that starts from init_from uses that model's tokenizer
+    (saved into the run like a trained one): another vocabulary would not fit its embeddings."""
+    from transformers import AutoTokenizer
+
+    if (run_dir / text.TOKENIZER_DIRNAME / "tokenizer.json").is_file():
+        return
+    if source.is_run:
+        saved = config_from_dict(saved_config(source.run_dir, "bert_pretrain", key=warm_start.KEY))
+        tokenizer = text.load_tokenizer(saved.sections["tokenizer"], source.run_dir)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(source.path))
+        except Exception as err:
+            raise ConfigError(f"{warm_start.KEY}: {source.path} has no tokenizer to start from ({err}); "
+                              "set tokenizer.name_or_path to the one it was trained with") from err
+    tokenizer.save_pretrained(str(run_dir / text.TOKENIZER_DIRNAME))
+
+
+def source_architecture(source: warm_start.WarmStart) -> Any:
+    """The BertConfig init_from's weights were made with."""
+    from transformers import BertConfig
+
+    if not source.is_run:
+        try:
+            config = BertConfig.from_pretrained(str(source.path))
+        except Exception as err:
+            raise ConfigError(f"{warm_start.KEY}: {source.path}/config.json is not a BERT config: {err}") from err
+        if config.model_type != "bert":
+            raise ConfigError(f"{warm_start.KEY}: {source.path} holds a {config.model_type!r} model, not a BERT")
+        return config
+    saved = config_from_dict(saved_config(source.run_dir, "bert_pretrain", key=warm_start.KEY))
+    tokenizer = text.load_tokenizer(saved.sections["tokenizer"], source.run_dir)
+    return bert_config(saved.sections["model"], tokenizer, saved.sections["data"].max_seq_length)
+
+
+def check_warm_start(source: warm_start.WarmStart, config: Config, target: Any) -> None:
+    """Before any worker starts: init_from's model has this run's shapes (its positions fitted as
+    model.extend_positions allows), and a carried optimizer state was saved under these settings."""
+    theirs = source_architecture(source)
+    different = [f"{key} {getattr(theirs, key)} (here {getattr(target, key)})" for key in ARCHITECTURE
+                 if getattr(theirs, key) != getattr(target, key)]
+    if different:
+        hint = (" (the vocabulary is the tokenizer's: leave tokenizer.name_or_path unset to use init_from's)"
+                if theirs.vocab_size != target.vocab_size else "")
+        raise ConfigError(f"{warm_start.KEY}: {source.describe()} is another shape than model.preset/"
+                          f"model.config_path make: {', '.join(different)}{hint}")
+    model, positions = config.sections["model"], target.max_position_embeddings
+    if positions > theirs.max_position_embeddings and not model.extend_positions:
+        raise ConfigError(
+            f"{warm_start.KEY}: {source.describe()} has {theirs.max_position_embeddings} position embeddings and "
+            f"data.max_seq_length={config.sections['data'].max_seq_length} needs {positions}; set "
+            "model.extend_positions: true to extend them by copying the learned ones, or shorten the sequences")
+    if model.init_optimizer:
+        check_optimizer_source(source, config, positions == theirs.max_position_embeddings)
+
+
+def check_optimizer_source(source: warm_start.WarmStart, config: Config, same_positions: bool) -> None:
+    if not source.is_run:
+        raise ConfigError(f"model.init_optimizer: {source.path} is an HF model folder, which holds no optimizer "
+                          "state; point model.init_from at the distdl run that trained it, or set init_optimizer: false")
+    saved = config_from_dict(saved_config(source.run_dir, "bert_pretrain", key=warm_start.KEY))
+    different = warm_start.differences(saved, config, OPTIMIZER_STATE_KEYS)
+    if saved.sections["data"].next_sentence_prediction != config.sections["data"].next_sentence_prediction:
+        different.append("data.next_sentence_prediction (the NSP head's parameters)")
+    if not same_positions:
+        different.append("the number of position embeddings")
+    if different:
+        raise ConfigError(f"model.init_optimizer: the optimizer state of {source.describe()} does not fit this "
+                          f"run, which differs in {'; '.join(different)}. DeepSpeed's optimizer states are "
+                          "partitioned by these; set model.init_optimizer: false to start the optimizer afresh")
+
+
 def model_class(data: text.TextDataSection) -> type:
     """The stock transformers class that `distdl export` writes."""
     from transformers import BertForMaskedLM, BertForPreTraining
@@ -77,7 +176,7 @@ def training_class(data: text.TextDataSection) -> type:
 @WORKLOADS.register("bert_pretrain")
 class BertPretrain(Workload):
     sections = {"model": BertModelSection, "data": text.TextDataSection, "tokenizer": text.TokenizerSection}
-    path_keys = ("data.path", "data.cache_dir", "tokenizer.name_or_path", "model.config_path")
+    path_keys = ("data.path", "data.cache_dir", "tokenizer.name_or_path", "model.config_path", "model.init_from")
 
     def __init__(self, sections: dict[str, Any], context: WorkerContext) -> None:
         super().__init__(sections, context)
@@ -97,13 +196,20 @@ class BertPretrain(Workload):
             raise ConfigError(f"model.preset={model.preset!r} is not allowed; allowed: {', '.join(PRESETS)}")
         if data.path is None:
             raise ConfigError("data.path is required: a text file, a folder of text files, or a hub dataset name")
+        if model.init_optimizer and model.init_from is None:
+            raise ConfigError("model.init_optimizer: true needs model.init_from, the run whose optimizer state to take")
 
     @classmethod
     def prepare(cls, config: Config) -> int:
         """Train or check the tokenizer and fill the tokenization cache once, before the workers read it."""
-        data = config.sections["data"]
+        data, model = config.sections["data"], config.sections["model"]
         raw = text.load_raw_corpus(data)
+        source = warm_start.locate(model.init_from, model.init_checkpoint) if model.init_from else None
+        if source is not None and config.sections["tokenizer"].name_or_path is None:
+            adopt_tokenizer(source, config.run_dir)
         tokenizer = text.prepare_tokenizer(raw, config.sections["tokenizer"], config.run_dir)
+        if source is not None:
+            check_warm_start(source, config, bert_config(model, tokenizer, data.max_seq_length))
         blocks = text.tokenized_blocks(raw, tokenizer, data, config.run.seed)
         if len(blocks["train"]) < config.trainer.global_batch_size:
             raise ConfigError(
@@ -114,7 +220,23 @@ class BertPretrain(Workload):
 
     def build_model(self) -> torch.nn.Module:
         model = training_class(self.data)(bert_config(self.model_section, self.tokenizer, self.data.max_seq_length))
+        if self.model_section.init_from:
+            self._load_initial_weights(model)
         return checkpoint_transformer_layers(model) if self.model_section.activation_checkpointing else model
+
+    def _load_initial_weights(self, model: torch.nn.Module) -> None:
+        source = warm_start.locate(self.model_section.init_from, self.model_section.init_checkpoint)
+        state = warm_start.source_weights(source, model_class(self.data))
+        fitted = warm_start.fit_positions(state, POSITIONS, model.config.max_position_embeddings)
+        skipped = warm_start.load_into(model, state, source, OPTIONAL_HEADS, TIED)
+        if self.context.rank == 0:
+            notes = [note for note in (fitted, skipped and f"initialized {', '.join(skipped)} afresh") if note]
+            print(f"distdl: model weights from {source.describe()}" + "".join(f"; {note}" for note in notes))
+
+    def optimizer_warm_start(self) -> Optional[Path]:
+        if not self.model_section.init_optimizer:
+            return None
+        return warm_start.locate(self.model_section.init_from, self.model_section.init_checkpoint).checkpoint
 
     def _collator(self, seed: Optional[int] = None) -> Any:
         from transformers import DataCollatorForLanguageModeling

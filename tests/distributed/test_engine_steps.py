@@ -21,8 +21,11 @@ LR = {"adamw": 0.01, "lamb": 0.01, "lars": 0.5}
 # (optimizer, ZeRO stage, precision); fp32 cases are checked update by update, the others' layouts.
 # fp32-offload: optimizer states in CPU memory (ZeRO's offload), where the optimizer steps host tensors.
 # fp32-resume: saved after step 2 and loaded into an engine built from other weights, then step 3.
+# fp32-warm: the same, but as a second phase (model.init_optimizer): an engine with half the lr
+# takes the saved weights and optimizer state and keeps its own lr.
 UPDATE_CASES = [("adamw", 0, "fp32")] + [(name, stage, "fp32") for name in ("lamb", "lars") for stage in range(4)] + [
-    ("lamb", 2, "fp32-offload"), ("lars", 3, "fp32-offload"), ("lamb", 2, "fp32-resume"), ("lars", 3, "fp32-resume")]
+    ("lamb", 2, "fp32-offload"), ("lars", 3, "fp32-offload"), ("lamb", 2, "fp32-resume"), ("lars", 3, "fp32-resume"),
+    ("lamb", 2, "fp32-warm"), ("adamw", 1, "fp32-warm")]
 RESUME_AT = 2
 # bf16-fp32acc: bf16 with fp32 gradient accumulation (a raw DeepSpeed JSON's data_types), where
 # DeepSpeed's BF16_Optimizer partitions the fp32 copy at ZeRO-1. DeepSpeed refuses fp16 on CPUs.
@@ -37,7 +40,7 @@ def _model(seed: int = 0) -> torch.nn.Module:
                                torch.nn.Linear(5, 1, bias=False))
 
 
-def _engine(name: str, stage: int, precision: str, world: int, model: torch.nn.Module):
+def _engine(name: str, stage: int, precision: str, world: int, model: torch.nn.Module, lr_scale: float = 1.0):
     from distdl.config import load_config
     from distdl.engine import Engine, build_deepspeed_config
     from distdl.optim import optimizer_factory, param_groups
@@ -45,7 +48,7 @@ def _engine(name: str, stage: int, precision: str, world: int, model: torch.nn.M
     global_batch = MICRO_BATCH * ACCUMULATION * world
     config = load_config(REPO / "configs/resnet/mnist_laptop.yaml", [
         f"trainer.micro_batch_size={MICRO_BATCH}", f"trainer.global_batch_size={global_batch}",
-        f"scaling.num_workers={world}", f"optimizer.name={name}", f"optimizer.lr={LR[name]}",
+        f"scaling.num_workers={world}", f"optimizer.name={name}", f"optimizer.lr={LR[name] * lr_scale}",
         "optimizer.weight_decay=0.1", "engine.gradient_clipping=0.05", f"engine.zero_stage={stage}",
         f"engine.precision={precision.split('-')[0]}", "engine.bucket_elements=16",
         f"engine.offload_optimizer={precision.endswith('offload')}"])
@@ -69,11 +72,19 @@ def _updates(rank: int, world: int, name: str, stage: int, precision: str, check
     reference_optimizer = make_optimizer(param_groups(reference, 0.1))
     data = torch.Generator().manual_seed(100)  # every rank draws every rank's batches, keeps its own
     for step in range(STEPS):
-        if precision.endswith("resume") and step == RESUME_AT:
-            folder = checkpoints / f"{name}-{stage}"
+        if precision.endswith(("resume", "warm")) and step == RESUME_AT:
+            folder = checkpoints / f"{name}-{stage}-{precision}"
             engine.save(folder, {})
-            engine, _ = _engine(name, stage, precision, world, _model(seed=1))  # the load must bring the weights
-            engine.load(folder)
+            warm = precision.endswith("warm")
+            # The load must bring the weights.
+            engine, _ = _engine(name, stage, precision, world, _model(seed=1), lr_scale=0.5 if warm else 1.0)
+            if warm:
+                engine.warm_start_optimizer(folder)
+                assert engine.global_steps == 0, "a second phase counts its own steps"
+                for group in reference_optimizer.param_groups:
+                    group["lr"] *= 0.5
+            else:
+                engine.load(folder)
         for _ in range(ACCUMULATION):
             batches = [torch.randn(MICRO_BATCH, 6, generator=data) for _ in range(world)]
             engine.backward(_loss(engine, batches[rank]))

@@ -128,8 +128,10 @@ def test_activation_checkpointing_gives_the_same_losses_and_weights(local_worker
 SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
 
 
-def shipped_config(path: Path, storage: Path, data: dict[str, Path]):
-    """The config as shipped, and as run here: only its data source, its sizes and scaling.use_gpu changed."""
+def shipped_config(path: Path, storage: Path, data: dict[str, Path], *extra: str):
+    """The config as shipped, and as run here: only its data source, its sizes and scaling.use_gpu changed
+    (the gradient accumulation too, to 2 at most: the recipes reach their global batches through
+    hundreds of accumulation steps)."""
     import copy
 
     import yaml
@@ -140,10 +142,10 @@ def shipped_config(path: Path, storage: Path, data: dict[str, Path]):
     # A study file is a training config plus a study: section (its trials set their own batches).
     raw = read_study_file(path, []).training if path.parent.name == "studies" else yaml.safe_load(path.read_text())
     shipped = config_from_dict(copy.deepcopy(raw))
-    accumulation = shipped.trainer.gradient_accumulation_steps
+    accumulation = min(shipped.trainer.gradient_accumulation_steps, 2)
     sizes = ["scaling.num_workers=2", "scaling.use_gpu=false", "trainer.micro_batch_size=4",
              f"trainer.global_batch_size={4 * 2 * accumulation}"]
-    for override in [f"run.storage_path={storage}", *sizes, *short_run(), *data_source(shipped, data)]:
+    for override in [f"run.storage_path={storage}", *sizes, *short_run(), *data_source(shipped, data), *extra]:
         set_dotted(raw, *parse_override(override))
     return shipped, config_from_dict(raw)
 
@@ -163,19 +165,39 @@ def data_source(shipped, data: dict[str, Path]) -> list[str]:
     return sources.get(dataset, [])  # digits, mnist5k: they ship inside installed packages
 
 
+PHASE_1 = REPO / "configs/bert/pretrain_base_lamb_phase1.yaml"
+
+
+@pytest.fixture(scope="module")
+def lamb_phase1(ray_local, data, tmp_path_factory):
+    """Phase 1 of the two-phase LAMB recipe, as this check runs it: phase 2 starts from its run. On
+    real Ray Train, whose storage keeps the checkpoints (the local workers' Ray Train local mode keeps none)."""
+    from distdl.cluster.connect import connect_ray
+    from distdl.driver import train
+
+    if not CORPUS.is_dir():
+        pytest.skip("needs the Debian license texts in /usr/share/common-licenses")
+    # Ray places each worker on its CPUs: the module's Ray has 4 (the local workers ignore the setting).
+    shipped, config = shipped_config(PHASE_1, tmp_path_factory.mktemp("phase1"), data, "scaling.cpus_per_worker=1")
+    return shipped, config, train(config, connect_ray)
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_every_shipped_config_trains_as_shipped(local_workers, data, tmp_path, path):
+def test_every_shipped_config_trains_as_shipped(local_workers, data, tmp_path, path, request):
     if not CORPUS.is_dir() and "bert" in path.parent.name:
         pytest.skip("needs the Debian license texts in /usr/share/common-licenses")
-    shipped, config = shipped_config(path, tmp_path, data)
-    # What the config is about stays as shipped (GLUE's hub model aside, which cannot load here).
+    phase1 = request.getfixturevalue("lamb_phase1") if "lamb_phase" in path.name else None
+    # Phase 2 starts from phase 1's run, made by this same check; phase 1 is that run.
+    moved = [f"model.init_from={phase1[1].run_dir}"] if path.name.endswith("phase2.yaml") else []
+    shipped, config = phase1[:2] if path == PHASE_1 else shipped_config(path, tmp_path, data, *moved)
+    # What the config is about stays as shipped (GLUE's hub model and phase 2's phase 1 aside).
     assert config.engine == shipped.engine and config.optimizer == shipped.optimizer
     assert config.workload == shipped.workload and config.scheduler == shipped.scheduler
     model, as_shipped = (dataclasses.asdict(c.sections["model"]) for c in (config, shipped))
-    if config.workload == "glue":
-        model.pop("name_or_path"), as_shipped.pop("name_or_path")
+    for moved_key in ("name_or_path", "init_from"):
+        model.pop(moved_key, None), as_shipped.pop(moved_key, None)
     assert model == as_shipped
-    summary = local_workers.train(config)
+    summary = phase1[2] if path == PHASE_1 else local_workers.train(config)
     check_run(config, summary)
 
 
