@@ -86,6 +86,11 @@ def bert_config(model: BertModelSection, tokenizer: Any, max_seq_length: int) ->
     return config
 
 
+def source_run_config(source: warm_start.WarmStart) -> Config:
+    """The config of the bert_pretrain run init_from names."""
+    return config_from_dict(saved_config(source.run_dir, "bert_pretrain", key=warm_start.KEY))
+
+
 def adopt_tokenizer(source: warm_start.WarmStart, run_dir: Path) -> None:
     """With no tokenizer.name_or_path, a run that starts from init_from uses that model's tokenizer
     (saved into the run like a trained one): another vocabulary would not fit its embeddings."""
@@ -94,7 +99,7 @@ def adopt_tokenizer(source: warm_start.WarmStart, run_dir: Path) -> None:
     if (run_dir / text.TOKENIZER_DIRNAME / "tokenizer.json").is_file():
         return
     if source.is_run:
-        saved = config_from_dict(saved_config(source.run_dir, "bert_pretrain", key=warm_start.KEY))
+        saved = source_run_config(source)
         tokenizer = text.load_tokenizer(saved.sections["tokenizer"], source.run_dir)
     else:
         try:
@@ -117,7 +122,7 @@ def source_architecture(source: warm_start.WarmStart) -> Any:
         if config.model_type != "bert":
             raise ConfigError(f"{warm_start.KEY}: {source.path} holds a {config.model_type!r} model, not a BERT")
         return config
-    saved = config_from_dict(saved_config(source.run_dir, "bert_pretrain", key=warm_start.KEY))
+    saved = source_run_config(source)
     tokenizer = text.load_tokenizer(saved.sections["tokenizer"], source.run_dir)
     return bert_config(saved.sections["model"], tokenizer, saved.sections["data"].max_seq_length)
 
@@ -147,7 +152,7 @@ def check_optimizer_source(source: warm_start.WarmStart, config: Config, same_po
     if not source.is_run:
         raise ConfigError(f"model.init_optimizer: {source.path} is an HF model folder, which holds no optimizer "
                           "state; point model.init_from at the distdl run that trained it, or set init_optimizer: false")
-    saved = config_from_dict(saved_config(source.run_dir, "bert_pretrain", key=warm_start.KEY))
+    saved = source_run_config(source)
     different = warm_start.differences(saved, config, OPTIMIZER_STATE_KEYS)
     if saved.sections["data"].next_sentence_prediction != config.sections["data"].next_sentence_prediction:
         different.append("data.next_sentence_prediction (the NSP head's parameters)")
