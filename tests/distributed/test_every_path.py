@@ -169,26 +169,24 @@ PHASE_1 = REPO / "configs/bert/pretrain_base_lamb_phase1.yaml"
 
 
 @pytest.fixture(scope="module")
-def lamb_phase1(ray_local, data, tmp_path_factory):
-    """Phase 1 of the two-phase LAMB recipe, as this check runs it: phase 2 starts from its run. On
-    real Ray Train, whose storage keeps the checkpoints (the local workers' Ray Train local mode keeps none)."""
-    from distdl.cluster.connect import connect_ray
-    from distdl.driver import train
-
+def lamb_phase1(local_workers, data, tmp_path_factory):
+    """Phase 1 of the two-phase LAMB recipe, as this check runs it, keeping its final checkpoint:
+    phase 2 starts from it."""
     if not CORPUS.is_dir():
         pytest.skip("needs the Debian license texts in /usr/share/common-licenses")
-    # Ray places each worker on its CPUs: the module's Ray has 4 (the local workers ignore the setting).
-    shipped, config = shipped_config(PHASE_1, tmp_path_factory.mktemp("phase1"), data, "scaling.cpus_per_worker=1")
-    return shipped, config, train(config, connect_ray)
+    shipped, config = shipped_config(PHASE_1, tmp_path_factory.mktemp("phase1"), data)
+    return shipped, config, local_workers.train(config, keep_checkpoints=True)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_config_trains_as_shipped(local_workers, data, tmp_path, path, request):
     if not CORPUS.is_dir() and "bert" in path.parent.name:
         pytest.skip("needs the Debian license texts in /usr/share/common-licenses")
+    from distdl.loop import checkpoint_name
+
     phase1 = request.getfixturevalue("lamb_phase1") if "lamb_phase" in path.name else None
     # Phase 2 starts from phase 1's run, made by this same check; phase 1 is that run.
-    moved = [f"model.init_from={phase1[1].run_dir}"] if path.name.endswith("phase2.yaml") else []
+    moved = [f"model.init_from={phase1[1].run_dir / checkpoint_name(3)}"] if path.name.endswith("phase2.yaml") else []
     shipped, config = phase1[:2] if path == PHASE_1 else shipped_config(path, tmp_path, data, *moved)
     # What the config is about stays as shipped (GLUE's hub model and phase 2's phase 1 aside).
     assert config.engine == shipped.engine and config.optimizer == shipped.optimizer

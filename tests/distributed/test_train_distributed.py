@@ -80,13 +80,12 @@ def check_export_runs_like_the_engine(config, out: Path) -> None:
 def test_lamb_pretrains_bert_and_phase_2_starts_from_it_far_below_random_weights(ray_local, local_workers, tmp_path,
                                                                                    corpus):
     """Two-phase pretraining as configs/bert/pretrain_base_lamb_phase*.yaml runs it, on tiny BERT: LAMB
-    at length 64, then length 128 from its weights and optimizer state (on the local workers)."""
+    at length 64 on Ray Train, then length 128 from its run directory's latest checkpoint, weights and
+    optimizer state (on the local workers)."""
     from transformers import BertForMaskedLM
 
     from distdl.cli import main
-    from distdl.cluster.connect import connect_ray
     from distdl.config import load_config
-    from distdl.driver import train
     from tests.helpers.bert_runs import overrides
 
     lamb = ("optimizer.name=lamb", "optimizer.lr=2e-2", "scheduler.name=polynomial", "scheduler.power=0.5")
@@ -99,15 +98,16 @@ def test_lamb_pretrains_bert_and_phase_2_starts_from_it_far_below_random_weights
         return config, train(config), read_metrics(config.run_dir)[0]["loss"]
 
     # No tokenizer named: phase 2 takes phase 1's, whose vocabulary its embeddings were trained for.
-    # On Ray Train, whose storage keeps the checkpoint the export reads.
-    started, started_summary, started_loss = phase2("phase2", lambda config: train(config, connect_ray),
-                                                    f"model.init_from={phase1.run_dir}", "model.init_optimizer=true")
+    started, started_summary, started_loss = phase2(
+        "phase2", lambda config: local_workers.train(config, keep_checkpoints=True),
+        f"model.init_from={phase1.run_dir}", "model.init_optimizer=true")
     _, _, random_loss = phase2("random", local_workers.train, f"tokenizer.name_or_path={phase1.run_dir / 'tokenizer'}")
     trained_loss = read_metrics(phase1.run_dir)[-1]["loss"]
     assert started_loss < random_loss - 1.0, (started_loss, random_loss, [m["loss"] for m in read_metrics(phase1.run_dir)])
     # Where phase 1 ended, give or take the longer sequences' harder predictions.
     assert abs(started_loss - trained_loss) < 0.5, (started_loss, trained_loss)
-    assert main(["export", str(started.run_dir), str(tmp_path / "export")]) == 0
+    # The local workers keep the checkpoint folder but not Ray Train's record of it: named directly.
+    assert main(["export", str(started.run_dir), str(tmp_path / "export"), "--checkpoint", "checkpoint_00000002"]) == 0
     exported = BertForMaskedLM.from_pretrained(tmp_path / "export")
     assert weights_checksum(exported) == started_summary["parameter_checksums"][0]
 
