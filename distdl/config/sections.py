@@ -82,9 +82,12 @@ class OptimizerSection:
     nesterov: bool = False
     # lars only: eta in You et al. 2017 (MLPerf's ResNet-50 reference uses 0.001).
     trust_coefficient: Annotated[float, Gt(0), Finite] = 0.001
-    # Linear scaling rule (Goyal et al. 2017): when set, the learning rate used is
-    # lr x global_batch_size / reference_batch_size (e.g. lr 0.1 at reference 256).
+    # When set, optimizer.lr is the learning rate at this global batch, and other batches scale it
+    # by lr_scaling (e.g. lr 0.1 at reference 256, as Goyal et al. 2017 train ResNet-50).
     reference_batch_size: Optional[AtLeastOne] = None
+    # linear: lr x B / reference (Goyal et al. 2017, for SGD); sqrt: lr x sqrt(B / reference)
+    # (Hoffer et al. 2017 and Malladi et al. 2022 for Adam; You et al. 2019 scale LAMB so).
+    lr_scaling: Literal["linear", "sqrt"] = "linear"
 
 
 @dataclass

@@ -4,6 +4,7 @@ config sections."""
 from __future__ import annotations
 
 import bisect
+import math
 from functools import partial
 from typing import Any, Callable, Iterable
 
@@ -25,11 +26,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def effective_lr(section: OptimizerSection, global_batch_size: int) -> float:
-    """optimizer.lr, scaled linearly with the batch when a reference batch is set (Goyal et al. 2017:
-    lr = 0.1 x batch / 256 for ResNet-50 with SGD)."""
+    """optimizer.lr, scaled with the batch when a reference batch is set: linearly (Goyal et al. 2017:
+    lr = 0.1 x batch / 256 for ResNet-50 with SGD) or by the square root of the ratio."""
     if section.reference_batch_size is None:
         return section.lr
-    return section.lr * global_batch_size / section.reference_batch_size
+    ratio = global_batch_size / section.reference_batch_size
+    return section.lr * (ratio if section.lr_scaling == "linear" else math.sqrt(ratio))
 
 
 def optimizer_factory(section: OptimizerSection, global_batch_size: int) -> Callable[[Iterable[Any]], torch.optim.Optimizer]:

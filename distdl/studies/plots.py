@@ -176,20 +176,22 @@ def throughput_against_workers(frame: Any, study_dir: Path) -> Path:
     return _save(figure, study_dir / "throughput.png")
 
 
-def steps_against_batch(curve: Any, fit: dict[str, float], noise_batch: Optional[float], target: float,
-                        study_dir: Path) -> Path:
-    """Steps to the target loss against the global batch (log-log), the fitted curve and both
-    estimates of the critical batch size."""
+def steps_against_batch(curve: Any, fits: dict[str, dict[str, Any]], target: float, study_dir: Path) -> Path:
+    """Steps to the target loss against the global batch (log-log), one colour per optimizer: the
+    runs, the fitted curve and both estimates of the critical batch size."""
     figure, (axis,) = _figure(1, 5.5)
-    reached = curve.dropna(subset=["steps_to_target"])
-    axis.scatter(reached.batch_size, reached.steps_to_target, label="measured")
-    if fit.get("min_steps") and np.isfinite(fit["min_steps"]):
-        batches = np.geomspace(curve.batch_size.min(), curve.batch_size.max(), 50)
-        axis.plot(batches, fit["min_steps"] * (1 + fit["critical_batch_size"] / batches), "--",
-                  label=f"S_min (1 + B_crit/B), B_crit = {fit['critical_batch_size']:.3g}")
-        axis.axvline(fit["critical_batch_size"], color="C1", lw=0.8)
-    if noise_batch:
-        axis.axvline(noise_batch, color="C2", lw=0.8, label=f"noise scale B_simple = {noise_batch:.3g}")
+    batches = np.geomspace(curve.batch_size.min(), curve.batch_size.max(), 50)
+    for index, (name, group) in enumerate(curve.groupby("optimizer", sort=False)):
+        colour, fit, label = f"C{index}", fits[name], name if len(fits) > 1 else "measured"
+        reached = group.dropna(subset=["steps_to_target"])
+        axis.scatter(reached.batch_size, reached.steps_to_target, color=colour, label=label)
+        if fit.get("min_steps") and np.isfinite(fit["min_steps"]):
+            axis.plot(batches, fit["min_steps"] * (1 + fit["critical_batch_size"] / batches), "--", color=colour,
+                      label=f"S_min (1 + B_crit/B), B_crit = {fit['critical_batch_size']:.3g}")
+            axis.axvline(fit["critical_batch_size"], color=colour, lw=0.8)
+        if fit.get("noise_scale_batch"):
+            axis.axvline(fit["noise_scale_batch"], color=colour, lw=0.8, ls=":",
+                         label=f"noise scale B_simple = {fit['noise_scale_batch']:.3g}")
     axis.set_xscale("log")
     axis.set_yscale("log")
     axis.set_xlabel("global batch size")

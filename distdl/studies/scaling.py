@@ -7,6 +7,10 @@
   with the batch (Goyal et al. 2017; Shallue et al. 2018 measured this curve on many workloads). The
   critical batch size is read off the curve by fitting McCandlish et al.'s S = S_min (1 + B_crit / B),
   and set next to the gradient noise scale B_simple measured during the same runs, which predicts it.
+- With `study.optimizers`, that sweep for each optimizer (say SGD against LARS), each scaling its
+  learning rate by its own rule, and the curves and critical batches side by side: You et al.
+  (2017, 2019) claim that layer-wise adaptation extends the range where doubling the batch halves
+  the steps.
 
 All figures come from the trials' own metrics (samples/s over windows that exclude evaluation and
 checkpoints; the window-mean training loss); nothing is measured after training.
@@ -22,7 +26,7 @@ from typing import Annotated, Any, Literal, Optional
 import numpy as np
 from annotated_types import Gt, MinLen
 
-from distdl.config import AtLeastOne, config_from_dict, noise_scale_possible
+from distdl.config import AtLeastOne, OptimizerSection, build_section, config_from_dict, noise_scale_possible
 from distdl.errors import ConfigError
 from distdl.noise_scale import noise_scale_of_run
 from distdl.registry import STUDIES
@@ -60,6 +64,36 @@ class ScalingSection(StudySection):
     # optimizer.lr is the learning rate at this batch size; other sizes scale it linearly.
     reference_batch_size: AtLeastOne = 32
     seeds: list[int] = field(default_factory=lambda: [0])
+    # Optimizers to run the steps-to-target sweep with, each over every batch size: names (sgd, lars,
+    # adam, adamw, lamb) or mappings of optimizer keys ({name: lars, lr: 2.0}) over the training
+    # config's optimizer section. Each scales its lr with the batch by its own rule (OWN_SCALING)
+    # unless it sets lr_scaling. Empty: the training config's optimizer, as it is.
+    optimizers: list[Any] = field(default_factory=list)
+
+
+# The learning-rate scaling rule each optimizer runs with in the study unless its entry sets one:
+# linear for the momentum methods (Goyal et al. 2017 for SGD; LARS keeps SGD's rule, its trust ratio
+# doing the rest), the square root for the adaptive ones (Hoffer et al. 2017 and Malladi et al.
+# 2022 for Adam; You et al. 2019 for LAMB).
+OWN_SCALING = {"sgd": "linear", "lars": "linear", "adam": "sqrt", "adamw": "sqrt", "lamb": "sqrt"}
+
+
+def optimizer_choices(section: ScalingSection) -> list[dict[str, Any]]:
+    """study.optimizers as optimizer-section overrides, each with its lr scaling rule; errors name the entry."""
+    choices = []
+    for index, entry in enumerate(section.optimizers):
+        key = f"study.optimizers[{index}]"
+        entry = {"name": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ConfigError(f"{key}: give an optimizer name or a mapping with a name, such as "
+                              f"{{name: lars, lr: 2.0}}; got {entry!r}")
+        build_section(OptimizerSection, entry, key)  # unknown keys and bad values, named
+        choices.append({"lr_scaling": OWN_SCALING[entry["name"]], **entry})
+    names = [choice["name"] for choice in choices]
+    if repeated := sorted({name for name in names if names.count(name) > 1}):
+        raise ConfigError(f"study.optimizers lists {', '.join(repeated)} more than once; each optimizer is one "
+                          "curve (compare settings of one optimizer in separate studies)")
+    return choices
 
 
 @STUDIES.register("scaling")
@@ -71,6 +105,7 @@ class ScalingStudy(Study):
         check_sweep("study.workers", section.workers, "worker counts")
         check_sweep("study.batch_sizes", section.batch_sizes, "batch sizes")
         check_seeds(section.seeds)
+        optimizer_choices(section)
         for workers in section.workers:
             if section.strong_batch_size % workers:
                 raise ConfigError(f"study.strong_batch_size={section.strong_batch_size} does not split evenly over "
@@ -91,14 +126,21 @@ class ScalingStudy(Study):
                     "trainer.global_batch_size": micro * count, "trainer.max_steps": section.throughput_steps,
                     "trainer.log_every": max(1, section.throughput_steps // 8), "trainer.noise_scale": False,
                 }, {"kind": kind, "workers": count, "global_batch_size": micro * count}))
-        for batch in sorted(section.batch_sizes):
-            micro = per_worker(batch, workers)
-            for seed in section.seeds:
-                trials.append(Trial(f"target-batch{batch}-seed{seed}", {
-                    **common, "trainer.micro_batch_size": micro, "trainer.global_batch_size": batch,
-                    "trainer.max_steps": section.max_steps, "optimizer.reference_batch_size": section.reference_batch_size,
-                    "trainer.noise_scale": noise, "trainer.stop_at_loss": section.target_loss, "run.seed": seed,
-                }, {"kind": "target", "batch_size": batch, "seed": seed}))
+        # One curve per optimizer; without study.optimizers the trials keep their names of old.
+        for choice in optimizer_choices(section) or [{}]:
+            prefix = f"target-{choice['name']}-" if choice else "target-"
+            chosen = {f"optimizer.{key}": value for key, value in choice.items()}
+            for batch in sorted(section.batch_sizes):
+                micro = per_worker(batch, workers)
+                for seed in section.seeds:
+                    trials.append(Trial(f"{prefix}batch{batch}-seed{seed}", {
+                        **common, "trainer.micro_batch_size": micro, "trainer.global_batch_size": batch,
+                        "trainer.max_steps": section.max_steps,
+                        "optimizer.reference_batch_size": section.reference_batch_size,
+                        "trainer.noise_scale": noise, "trainer.stop_at_loss": section.target_loss, "run.seed": seed,
+                        **chosen,
+                    }, {"kind": "target", "optimizer": choice.get("name", base.optimizer.name), "batch_size": batch,
+                        "seed": seed}))
         return trials
 
     def measure_tasks(self, trials: list[Trial]) -> list[dict[str, Any]]:
@@ -121,18 +163,27 @@ class ScalingStudy(Study):
                 throughput.append({**trial.tags, "samples_per_s": samples_per_second(run_dir)})
         speed = add_efficiency(pd.DataFrame(throughput))
         curve = pd.DataFrame(targets)
-        fit = critical_batch_size(curve)
-        noise = curve["noise_scale"].dropna()
-        predicted = float(noise.median()) if len(noise) else None
+        base = config_from_dict(self.base).optimizer
+        rules = {c["name"]: c["lr_scaling"] for c in optimizer_choices(self.section)} or {base.name: base.lr_scaling}
+        fits = {name: {"lr_scaling": rules[name], **critical_batch_size(group),
+                       "noise_scale_batch": median_noise_scale(group)}
+                for name, group in curve.groupby("optimizer", sort=False)}
         figures = {"throughput": plots.throughput_against_workers(speed, self.study_dir),
-                   "steps_to_target": plots.steps_against_batch(curve, fit, predicted, self.section.target_loss,
+                   "steps_to_target": plots.steps_against_batch(curve, fits, self.section.target_loss,
                                                                 self.study_dir)}
-        summary = {"critical_batch_size": fit.get("critical_batch_size"), "min_steps": fit.get("min_steps"),
-                   "noise_scale_batch": predicted,
-                   "efficiency": {f"{r['kind']}/workers{r['workers']}": r["efficiency"] for r in speed.to_dict("records")}}
-        results = {"entries": curve.to_dict("records"), "throughput": speed.to_dict("records"), **summary}
-        markdown = scaling_markdown(speed, curve, summary, figures, self.section)
+        # One optimizer: its fit at the top level, as before study.optimizers; several: by name.
+        summary: dict[str, Any] = dict(next(iter(fits.values()))) if len(fits) == 1 else {"by_optimizer": fits}
+        summary["efficiency"] = {f"{r['kind']}/workers{r['workers']}": r["efficiency"] for r in speed.to_dict("records")}
+        results = {"entries": curve.to_dict("records"), "throughput": speed.to_dict("records"), "by_optimizer": fits,
+                   **summary}
+        markdown = scaling_markdown(speed, curve, fits, figures, self.section)
         return StudyReport(results=results, markdown=markdown, plots=figures, table=curve, summary=summary)
+
+
+def median_noise_scale(curve: Any) -> Optional[float]:
+    """B_simple over an optimizer's runs (the median: the early windows' estimates are noisy)."""
+    noise = curve["noise_scale"].dropna()
+    return float(noise.median()) if len(noise) else None
 
 
 def samples_per_second(run_dir: Path) -> float:
@@ -195,12 +246,14 @@ def critical_batch_size(curve: Any) -> dict[str, float]:
             "fit_r2_log": float(1 - (residual**2).sum() / max((spread**2).sum(), 1e-300))}
 
 
-def scaling_markdown(speed: Any, curve: Any, summary: dict[str, Any], figures: dict[str, Path],
+def scaling_markdown(speed: Any, curve: Any, fits: dict[str, dict[str, Any]], figures: dict[str, Path],
                      section: ScalingSection) -> str:
+    import pandas as pd
+
     def number(value: Any) -> str:
         return "n/a" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{value:.4g}"
 
-    missed = curve[curve.steps_to_target.isna()].batch_size.tolist()
+    fitted = pd.DataFrame([{"optimizer": name, **fit} for name, fit in fits.items()])
     lines = [
         f"# Scaling study `{section.name}`",
         "",
@@ -215,19 +268,26 @@ def scaling_markdown(speed: Any, curve: Any, summary: dict[str, Any], figures: d
         "## Steps to a target loss",
         "",
         f"Steps until the window-mean training loss first reaches {section.target_loss}, the learning rate "
-        f"scaled linearly from batch {section.reference_batch_size} (Goyal et al. 2017). "
-        f"**Critical batch size from the curve: {number(summary['critical_batch_size'])}** (fit of "
-        f"S = S_min (1 + B_crit / B) on log S, S_min = {number(summary['min_steps'])}); **gradient noise scale "
-        f"B_simple measured in the same runs: {number(summary['noise_scale_batch'])}** (McCandlish et al. 2018 "
-        "predict B_crit from it). Below B_crit, doubling the batch nearly halves the steps; above it, it "
-        "buys little.",
+        f"scaled from its value at batch {section.reference_batch_size} by each optimizer's rule (linear: Goyal "
+        "et al. 2017; sqrt: the square root of the batch ratio). The critical batch size B_crit comes from a fit "
+        "of S = S_min (1 + B_crit / B) on log S; the gradient noise scale B_simple, measured in the same runs, "
+        "predicts it (McCandlish et al. 2018). Below B_crit, doubling the batch nearly halves the steps; above "
+        "it, it buys little.",
         "",
-        curve.to_markdown(index=False, floatfmt=".4g"),
+        fitted.to_markdown(index=False, floatfmt=".4g"),
         "",
     ]
-    if missed:
-        lines += [f"Batch sizes {missed} did not reach the target within {section.max_steps} steps "
-                  "(study.max_steps).", ""]
+    if len(fits) > 1:
+        ranked = sorted(fits.items(), key=lambda item: -np.nan_to_num(item[1].get("critical_batch_size", np.nan),
+                                                                       nan=-np.inf))
+        lines += ["You et al. (2017, 2019) claim that layer-wise adaptation extends the range where doubling the "
+                  "batch halves the steps. Here B_crit is " + ", ".join(
+                      f"{number(fit.get('critical_batch_size'))} for {name}" for name, fit in ranked) + ".", ""]
+    lines += [curve.to_markdown(index=False, floatfmt=".4g"), ""]
+    for name, group in curve.groupby("optimizer", sort=False):
+        if missed := group[group.steps_to_target.isna()].batch_size.tolist():
+            lines += [f"With {name}, batch sizes {missed} did not reach the target within {section.max_steps} "
+                      "steps (study.max_steps).", ""]
     for name, path in figures.items():
         lines += [f"## {name.replace('_', ' ').capitalize()} plot", "", f"![{name}]({path.name})", ""]
     return "\n".join(lines)

@@ -203,22 +203,25 @@ def test_scaling_study_measures_throughput_and_steps_to_target(ray_local, tmp_pa
         "data.dataset=digits", "model.hidden_sizes=[32]", "optimizer.lr=0.05", "trainer.log_every=2",
         "study.workers=[2]", "study.throughput_kinds=[strong]", "study.throughput_steps=8",
         "study.strong_batch_size=64", "study.batch_sizes=[16,64]", "study.target_loss=1.0", "study.max_steps=300",
-        f"run.storage_path={tmp_path}", "tracking.wandb_mode=disabled"], False, connect_ray)
+        "study.optimizers=[sgd, {name: lars, lr: 1.0}]", f"run.storage_path={tmp_path}",
+        "tracking.wandb_mode=disabled"], False, connect_ray)
     results = json.loads((study_dir / "results.json").read_text())
     # One worker count keeps the test short; the efficiency arithmetic is tested on known numbers below.
     (speed,) = results["throughput"]
     assert speed["workers"] == 2 and speed["efficiency"] == 1.0 and speed["samples_per_s"] > 0
-    steps = {row["batch_size"]: row["steps_to_target"] for row in results["entries"]}
-    assert 0 < steps[64] < steps[16] <= 300, "four times the batch (and learning rate) needs fewer steps"
-    for batch, step in steps.items():
-        metrics = read_metrics(study_dir / "trials" / f"target-batch{batch}-seed0")
-        assert metrics[-1]["step"] == step and metrics[-1]["loss"] <= 1.0, "the run stopped at the target"
-        assert all(m["loss"] > 1.0 for m in metrics[:-1] if "loss" in m)
-    # Two points determine S = S_min (1 + B_crit / B) exactly.
-    s_min, b_crit = results["min_steps"], results["critical_batch_size"]
-    for batch, step in steps.items():
-        assert s_min * (1 + b_crit / batch) == pytest.approx(step)
-    assert results["noise_scale_batch"] > 0
+    assert list(results["by_optimizer"]) == ["sgd", "lars"]
+    for name, fit in results["by_optimizer"].items():
+        steps = {row["batch_size"]: row["steps_to_target"] for row in results["entries"] if row["optimizer"] == name}
+        assert 0 < steps[64] < steps[16] <= 300, f"{name}: four times the batch (and learning rate), fewer steps"
+        for batch, step in steps.items():
+            metrics = read_metrics(study_dir / "trials" / f"target-{name}-batch{batch}-seed0")
+            assert metrics[-1]["step"] == step and metrics[-1]["loss"] <= 1.0, "the run stopped at the target"
+            assert all(m["loss"] > 1.0 for m in metrics[:-1] if "loss" in m)
+            # Two points determine S = S_min (1 + B_crit / B) exactly.
+            assert fit["min_steps"] * (1 + fit["critical_batch_size"] / batch) == pytest.approx(step)
+        assert fit["lr_scaling"] == "linear" and fit["noise_scale_batch"] > 0
+    markdown = (study_dir / "report.md").read_text()
+    assert "B_crit is" in markdown and "for sgd" in markdown and "for lars" in markdown
     assert {"throughput.png", "steps_to_target.png"} <= {p.name for p in study_dir.glob("*.png")}
 
 
@@ -240,9 +243,38 @@ def test_bad_scaling_settings_are_refused(tmp_path, capsys):
     for override, expected in (("study.strong_batch_size=65", "does not split evenly over 2 workers"),
                                ("study.throughput_kinds=[diagonal]", "allowed: strong, weak"),
                                ("study.workers=[]", "must list worker counts of at least 1"),
-                               ("study.target_loss=0", "must be positive")):
+                               ("study.target_loss=0", "must be positive"),
+                               ("study.optimizers=[sgd,lars,sgd]", "lists sgd more than once"),
+                               ("study.optimizers=[rmsprop]", "study.optimizers[0].name='rmsprop' is not allowed"),
+                               ("study.optimizers=[{lr: 1.0}]", "study.optimizers[0]: give an optimizer name"),
+                               ("study.optimizers=[{name: lars, eta: 1}]", "unknown key study.optimizers[0].eta")):
         assert cli.main(["study", "scaling", str(SCALING), f"run.storage_path={tmp_path}", override]) == 2
         assert expected in capsys.readouterr().err
+
+
+def test_each_optimizer_sweeps_every_batch_with_its_own_lr_scaling(tmp_path):
+    from distdl.optim import effective_lr
+    from distdl.studies.base import read_study_file
+    from distdl.studies.scaling import ScalingStudy
+
+    study = read_study_file(SCALING, ["study.optimizers=[sgd, {name: lars, lr: 3.0}, {name: lamb, lr_scaling: linear}]",
+                                      "study.batch_sizes=[32, 128]", "study.reference_batch_size=32"])
+    scaling = ScalingStudy(ScalingStudy.parse_section(study.study), study.training, tmp_path)
+    targets = [t for t in scaling.trials(4000) if t.tags["kind"] == "target"]
+    assert [t.name for t in targets] == [f"target-{name}-batch{batch}-seed0" for name in ("sgd", "lars", "lamb")
+                                         for batch in (32, 128)]
+    lrs = {t.name: effective_lr(scaling.trial_config(t).optimizer, t.tags["batch_size"]) for t in targets}
+    base_lr = study.training["optimizer"]["lr"]
+    # SGD and LARS scale linearly (4x the batch, 4x the lr), LAMB as its entry says; LARS from its own lr.
+    assert lrs["target-sgd-batch128-seed0"] == pytest.approx(4 * base_lr)
+    assert lrs["target-lars-batch32-seed0"] == 3.0 and lrs["target-lars-batch128-seed0"] == pytest.approx(12.0)
+    assert lrs["target-lamb-batch128-seed0"] == pytest.approx(4 * base_lr)
+    assert {t.tags["optimizer"] for t in targets} == {"sgd", "lars", "lamb"}
+    # Adam's own rule is the square root: 4x the batch, 2x the lr.
+    adam = read_study_file(SCALING, ["study.optimizers=[adam]", "study.batch_sizes=[32, 128]"])
+    scaling = ScalingStudy(ScalingStudy.parse_section(adam.study), adam.training, tmp_path)
+    (small, large) = [scaling.trial_config(t).optimizer for t in scaling.trials(4000) if t.tags["kind"] == "target"]
+    assert effective_lr(large, 128) == pytest.approx(2 * effective_lr(small, 32))
 
 
 def test_critical_batch_size_fit_recovers_a_known_curve_and_efficiency_is_per_worker():
