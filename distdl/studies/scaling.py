@@ -18,7 +18,6 @@ checkpoints; the window-mean training loss); nothing is measured after training.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -217,33 +216,43 @@ def add_efficiency(frame: Any) -> Any:
     return frame
 
 
-def critical_batch_size(curve: Any) -> dict[str, float]:
+def critical_batch_size(curve: Any) -> dict[str, Any]:
     """S = S_min (1 + B_crit / B) (McCandlish et al. 2018, eq. 2.11) fitted over the batch sizes that
     reached the target, by least squares on log S: the steps span decades, and a fit on S itself is
-    decided by the smallest batches alone."""
-    from scipy.optimize import OptimizeWarning, curve_fit
-    from scipy.stats import linregress
+    decided by the smallest batches alone.
+
+    Bounded, and started from a grid of critical batches: started from a line fit, an unbounded
+    fit of a real SGD curve (steps falling faster than 1/B at its small end, flat at its large end)
+    walked off to S_min = 1e-129, B_crit = 1e133, where the least-squares minimum lay at S_min = 16.5,
+    B_crit = 718. B_crit may lie up to 100x beyond the batches measured; a fit that ends on that
+    bound means the curve shows no critical batch, and says so (`beyond_measured_batches`)."""
+    from scipy.optimize import least_squares
 
     reached = curve.dropna(subset=["steps_to_target"]).groupby("batch_size").steps_to_target.mean()
     if len(reached) < 2:
         return {}
-    batches, steps = reached.index.to_numpy(dtype=float), reached.to_numpy(dtype=float)
-    start = linregress(1.0 / batches, steps)  # S = a + b / B, a = S_min, b = S_min B_crit: a first guess
-    guess = (max(start.intercept, steps.min() / 2), max(start.slope / max(start.intercept, 1e-9), batches.min()))
+    batches, log_steps = reached.index.to_numpy(dtype=float), np.log(reached.to_numpy(dtype=float))
+    # S >= S_min at every batch, so S_min lies below the fewest steps seen.
+    lower = [log_steps.min() - np.log(1e4), np.log(batches.min() / 100)]
+    upper = [log_steps.min(), np.log(batches.max() * 100)]
 
-    def log_steps(batch: np.ndarray, log_min: float, log_crit: float) -> np.ndarray:
-        return log_min + np.log1p(np.exp(log_crit) / batch)
+    def residuals(params: np.ndarray) -> np.ndarray:
+        log_min, log_crit = params
+        return log_min + np.log1p(np.exp(log_crit) / batches) - log_steps
 
-    try:
-        with warnings.catch_warnings():  # two batch sizes fit exactly, leaving no covariance to estimate
-            warnings.simplefilter("ignore", OptimizeWarning)
-            (log_min, log_crit), _ = curve_fit(log_steps, batches, np.log(steps), p0=np.log(guess), maxfev=10000)
-    except RuntimeError:
-        return {"min_steps": float("nan"), "critical_batch_size": float("nan")}
-    residual = np.log(steps) - log_steps(batches, log_min, log_crit)
-    spread = np.log(steps) - np.log(steps).mean()
+    starts = [(log_steps.min() - np.log(2), np.log(batch)) for batch in batches]
+    fit = min((least_squares(residuals, start, bounds=(lower, upper)) for start in starts), key=lambda r: r.cost)
+    log_min, log_crit = fit.x
+    spread = log_steps - log_steps.mean()
     return {"min_steps": float(np.exp(log_min)), "critical_batch_size": float(np.exp(log_crit)),
-            "fit_r2_log": float(1 - (residual**2).sum() / max((spread**2).sum(), 1e-300))}
+            "fit_r2_log": float(1 - (fit.fun**2).sum() / max((spread**2).sum(), 1e-300)),
+            "beyond_measured_batches": bool(np.isclose(log_crit, upper[1]))}
+
+
+def describe_fit(fit: dict[str, Any], number: Any) -> str:
+    if fit.get("beyond_measured_batches"):
+        return "beyond the batches measured (the steps still fall as 1/B)"
+    return number(fit.get("critical_batch_size"))
 
 
 def scaling_markdown(speed: Any, curve: Any, fits: dict[str, dict[str, Any]], figures: dict[str, Path],
@@ -282,7 +291,7 @@ def scaling_markdown(speed: Any, curve: Any, fits: dict[str, dict[str, Any]], fi
                                                                        nan=-np.inf))
         lines += ["You et al. (2017, 2019) claim that layer-wise adaptation extends the range where doubling the "
                   "batch halves the steps. Here B_crit is " + ", ".join(
-                      f"{number(fit.get('critical_batch_size'))} for {name}" for name, fit in ranked) + ".", ""]
+                      f"{describe_fit(fit, number)} for {name}" for name, fit in ranked) + ".", ""]
     lines += [curve.to_markdown(index=False, floatfmt=".4g"), ""]
     for name, group in curve.groupby("optimizer", sort=False):
         if missed := group[group.steps_to_target.isna()].batch_size.tolist():

@@ -286,6 +286,15 @@ def test_critical_batch_size_fit_recovers_a_known_curve_and_efficiency_is_per_wo
     curve = pd.DataFrame({"batch_size": batches, "steps_to_target": 400 * (1 + 96 / batches)})
     fit = critical_batch_size(curve)
     assert fit["min_steps"] == pytest.approx(400) and fit["critical_batch_size"] == pytest.approx(96)
+    # A measured SGD curve (configs/studies/scaling_lars.yaml) whose small end falls faster than 1/B: an
+    # unbounded fit started from a line walked off to B_crit = 1e133; the least-squares minimum is 718.
+    batches = np.array([32, 64, 128, 256, 512, 1024, 2048])
+    sgd = pd.DataFrame({"batch_size": batches, "steps_to_target": [545, 190, 105, 55, 30, 25, 30]})
+    fit = critical_batch_size(sgd)
+    assert fit["critical_batch_size"] == pytest.approx(718.0, rel=1e-3) and not fit["beyond_measured_batches"]
+    # Steps that halve at every doubling show no critical batch: the fit ends on its bound and says so.
+    assert critical_batch_size(pd.DataFrame({"batch_size": [16, 64, 256], "steps_to_target": [400, 100, 25]}))[
+        "beyond_measured_batches"]
     speed = add_efficiency(pd.DataFrame({"kind": ["strong", "strong", "weak", "weak"], "workers": [1, 4, 1, 4],
                                          "samples_per_s": [100.0, 300.0, 100.0, 360.0]}))
     assert speed.efficiency.tolist() == pytest.approx([1.0, 0.75, 1.0, 0.9])
