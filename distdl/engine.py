@@ -347,11 +347,14 @@ class Engine:
 
     def load(self, directory: str | Path) -> dict[str, Any]:
         """Restore weights, optimizer, LR schedule and step; return the saved client state."""
-        directory = Path(directory)
+        return self._load_checkpoint(Path(directory), f"checkpoint {directory}")
+
+    def _load_checkpoint(self, directory: Path, what: str, **options: Any) -> dict[str, Any]:
+        """DeepSpeed's load_checkpoint with `options`; the saved client state. Errors name `what`."""
         try:
-            path, client_state = self._engine.load_checkpoint(str(directory))
-        except Exception as err:  # DeepSpeed raises many types for damaged files
-            raise CheckpointError(f"checkpoint {directory} could not be loaded: {err}") from err
+            path, client_state = self._engine.load_checkpoint(str(directory), **options)
+        except Exception as err:  # DeepSpeed raises many types for damaged or foreign files
+            raise CheckpointError(f"{what} could not be loaded: {err}") from err
         if path is None:
             raise CheckpointError(f"checkpoint {directory} is missing DeepSpeed files (no 'latest' tag or shards)")
         return client_state or {}
@@ -364,14 +367,8 @@ class Engine:
         restarted count would scale carried moments up (10x for the first moment at step 1)."""
         inner = self.inner_optimizer
         settings = [{key: value for key, value in group.items() if key != "params"} for group in inner.param_groups]
-        directory = Path(directory)
-        try:
-            path, _ = self._engine.load_checkpoint(str(directory), load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
-        except Exception as err:  # DeepSpeed raises many types for damaged or foreign files
-            raise CheckpointError(f"the optimizer state of {directory} could not be loaded: {err}") from err
-        if path is None:
-            raise CheckpointError(f"checkpoint {directory} is missing DeepSpeed files (no 'latest' tag or shards)")
+        self._load_checkpoint(Path(directory), f"the optimizer state of {directory}", load_optimizer_states=True,
+                              load_lr_scheduler_states=False)
         # torch's load_state_dict brought the other run's lr, decay and betas along: this run's come back.
         for group, own in zip(inner.param_groups, settings):
             group.update(own)

@@ -187,6 +187,9 @@ class BertPretrain(Workload):
         super().__init__(sections, context)
         self.model_section: BertModelSection = sections["model"]
         self.data: text.TextDataSection = sections["data"]
+        # Located once per worker: the model and the optimizer state both start from it.
+        model = self.model_section
+        self.warm_start = warm_start.locate(model.init_from, model.init_checkpoint) if model.init_from else None
         raw = text.load_raw_corpus(self.data)
         self.tokenizer = text.load_tokenizer(sections["tokenizer"], context.run_dir)
         blocks = text.tokenized_blocks(raw, self.tokenizer, self.data, context.seed)
@@ -230,7 +233,7 @@ class BertPretrain(Workload):
         return checkpoint_transformer_layers(model) if self.model_section.activation_checkpointing else model
 
     def _load_initial_weights(self, model: torch.nn.Module) -> None:
-        source = warm_start.locate(self.model_section.init_from, self.model_section.init_checkpoint)
+        source = self.warm_start
         state = warm_start.source_weights(source, model_class(self.data))
         fitted = warm_start.fit_positions(state, POSITIONS, model.config.max_position_embeddings)
         skipped = warm_start.load_into(model, state, source, OPTIONAL_HEADS, TIED)
@@ -239,9 +242,7 @@ class BertPretrain(Workload):
             print(f"distdl: model weights from {source.describe()}" + "".join(f"; {note}" for note in notes))
 
     def optimizer_warm_start(self) -> Optional[Path]:
-        if not self.model_section.init_optimizer:
-            return None
-        return warm_start.locate(self.model_section.init_from, self.model_section.init_checkpoint).checkpoint
+        return self.warm_start.checkpoint if self.model_section.init_optimizer else None
 
     def _collator(self, seed: Optional[int] = None) -> Any:
         from transformers import DataCollatorForLanguageModeling
