@@ -74,11 +74,21 @@ def check_run_dir(config: Config, overwrite: bool) -> bool:
         listed = "\n  ".join(differences)
         raise RunDirError(
             f"run directory {run_dir} holds a run with a different config:\n  {listed}\n"
-            f"A resume may change only these keys: {', '.join(SESSION_KEYS)}. "
+            f"{_global_batch_hint(saved, config)}A resume may change only these keys: {', '.join(SESSION_KEYS)}. "
             "Use another run.name, or pass --overwrite to move the old run aside and start afresh."
         )
     print(f"distdl: moved the previous run to {move_aside(run_dir)}")
     return False
+
+
+def _global_batch_hint(saved: dict[str, Any], config: Config) -> str:
+    """What to pass when another worker count changed the global batch (given as accumulation steps)."""
+    batch = saved.get("trainer", {}).get("global_batch_size")
+    if saved.get("scaling", {}).get("num_workers") == config.scaling.num_workers or \
+            batch in (None, config.trainer.global_batch_size):
+        return ""
+    return (f"A resume on another number of workers keeps the global batch: pass trainer.global_batch_size={batch} "
+            "and gradient accumulation makes it up. ")
 
 
 # Joins this process to the Ray a config names (ray.address), or starts an embedded one.
@@ -136,14 +146,34 @@ def prepare_run(config: Config, connect: Connect, overwrite: bool) -> Optional[d
     if resuming and (repaired := restore_snapshot(config.run_dir)):
         print(f"distdl: {repaired}")
     if resuming and checkpoint_step(config.run_dir) is not None:
-        verify_checkpoint(latest_checkpoint(config.run_dir))
+        checkpoint = latest_checkpoint(config.run_dir)
+        verify_checkpoint(checkpoint)
         if reached_target(config):
             return None
+        if reshard_for_workers(config, checkpoint):
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     (config.run_dir / CONFIG_FILE).write_text(config.to_yaml())
     print(f"distdl: {'resuming' if resuming else 'starting'} run {config.run_dir} "
           f"({config.scaling.num_workers} workers, ZeRO-{config.engine.zero_stage}, {config.engine.precision})")
     return {"config": config.to_dict(), "deepspeed_config": ds_config,
             "wandb_mode": resolve_wandb_mode(config.tracking.wandb_mode), "console_is_terminal": console_is_terminal()}
+
+
+def reshard_for_workers(config: Config, checkpoint: Path) -> bool:
+    """A checkpoint saved by another number of workers, made loadable by this run's; whether the workers
+    load DeepSpeed's universal checkpoint. The global batch stays; gradient accumulation makes it up."""
+    from distdl.engine import reshard_checkpoint
+    from distdl.loop import saved_world_size
+
+    saved, workers = saved_world_size(checkpoint), config.scaling.num_workers
+    if saved in (None, workers):
+        return False
+    universal = reshard_checkpoint(checkpoint, workers, config.optimizer.name)
+    how = "resharded its ZeRO state (DeepSpeed's universal checkpoint)" if universal else "loading it whole"
+    print(f"distdl: {checkpoint.name} was saved by {saved} workers; resuming on {workers}, {how}; the global "
+          f"batch stays {config.trainer.global_batch_size} with gradient accumulation "
+          f"{config.trainer.gradient_accumulation_steps}")
+    return universal
 
 
 def training_failure(err: Exception, run_dir: Path) -> Exception:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -667,3 +668,85 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tenso
     except Exception as err:
         raise CheckpointError(f"checkpoint {tag_dir} could not be read: {err}") from err
     return {name: tensor.float() for name, tensor in state.items()}
+
+
+# ----------------------------------------------------------------------------- elastic resume
+
+# Optimizers whose state DeepSpeed's universal checkpoint carries: its converter reads Adam's two
+# moments (exp_avg, exp_avg_sq) and the step count of every ZeRO partition, and nothing else.
+UNIVERSAL_OPTIMIZERS = ("adam", "adamw", "lamb")
+UNIVERSAL_LATEST = "latest_universal"
+_SHARD_RANK = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
+def saved_partitions(checkpoint_dir: str | Path) -> Optional[int]:
+    """Over how many data-parallel ranks a checkpoint's optimizer state is partitioned; None when it is
+    not partitioned (plain ZeRO-0), so that any number of workers loads it as saved."""
+    tag_dir, _ = _tagged_model_states(Path(checkpoint_dir))
+    ranks = {int(match.group(1)) for file in tag_dir.iterdir() if (match := _SHARD_RANK.match(file.name))}
+    return len(ranks) or None
+
+
+def reshard_checkpoint(checkpoint_dir: str | Path, world_size: int, optimizer: str) -> bool:
+    """Make a checkpoint whose ZeRO partitions were saved by another number of workers loadable by
+    `world_size` workers; whether the workers must then load it as DeepSpeed's universal checkpoint.
+
+    DeepSpeed's own converter (`ds_to_universal`) gathers every partition's fp32 weights, moments and
+    step into one file per parameter and moment; a loading engine slices its own partition out of them,
+    on any number of ranks. It writes beside the saved tag (`<tag>_universal/`, `latest_universal`),
+    which stays as it was. A converted checkpoint is reused on the next resume.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    folders = _engine_folders(checkpoint_dir)
+    partitioned = {folder: saved for folder in folders if (saved := saved_partitions(folder)) is not None}
+    if not partitioned or all(saved == world_size for saved in partitioned.values()):
+        return False
+    if optimizer not in UNIVERSAL_OPTIMIZERS:
+        saved = next(iter(partitioned.values()))
+        raise CheckpointError(
+            f"checkpoint {checkpoint_dir} holds ZeRO partitions of {saved} workers and cannot be resharded for "
+            f"{world_size}: DeepSpeed's universal checkpoint, which reshards ZeRO state, carries Adam-style "
+            f"moments only (optimizers {', '.join(UNIVERSAL_OPTIMIZERS)}), not {optimizer}'s momentum. "
+            f"Resume with scaling.num_workers={saved}, or start {optimizer} at engine.zero_stage=0, "
+            "whose checkpoints load on any number of workers")
+    for folder in partitioned:
+        _convert_to_universal(folder)
+    return True
+
+
+def _engine_folders(checkpoint_dir: Path) -> list[Path]:
+    """The folders one engine each saved into: the checkpoint itself, or one per engine (a GAN)."""
+    if (checkpoint_dir / "latest").is_file():
+        return [checkpoint_dir]
+    return sorted(d for d in checkpoint_dir.iterdir() if (d / "latest").is_file())
+
+
+def _convert_to_universal(engine_dir: Path) -> None:
+    """DeepSpeed's `ds_to_universal` on the tag `latest` names, written whole before it is named."""
+    import shutil
+    import subprocess
+    import sys
+
+    tag = (engine_dir / "latest").read_text().strip()
+    target = engine_dir / f"{tag}_universal"
+    if (engine_dir / UNIVERSAL_LATEST).is_file() and (engine_dir / UNIVERSAL_LATEST).read_text().strip() == target.name \
+            and target.is_dir():
+        return
+    partial = engine_dir / f"{target.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    # A process of its own: the converter fans out over process pools and prints its progress.
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(engine_dir / tag),
+               "--output_folder", str(partial), "--inject_missing_state", "--num_extract_workers", "2",
+               "--num_merge_workers", "2"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        (engine_dir / UNIVERSAL_LATEST).unlink(missing_ok=True)
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        raise CheckpointError(f"could not convert checkpoint {engine_dir / tag} to DeepSpeed's universal "
+                              f"checkpoint for another worker count: {lines[-1] if lines else done.returncode}")
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    pointer = engine_dir / f"{UNIVERSAL_LATEST}.partial"
+    pointer.write_text(target.name)
+    pointer.replace(engine_dir / UNIVERSAL_LATEST)

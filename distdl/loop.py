@@ -51,7 +51,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     workload: Workload = WORKLOADS.get(config.workload)(config.sections, context)
     engines = EngineSet({name: build_engine(model, config, payload["deepspeed_config"])
                          for name, model in initial_models(workload, config.run.seed).items()})
-    start_step, model_flops = (resume(engines, workload, rank) if ray.train.get_checkpoint()
+    start_step, model_flops = (resume(engines, workload, config.run.seed, rank) if ray.train.get_checkpoint()
                                else (fresh_start(engines, workload, config.run.seed, rank), None))
     tracker = None
     if rank == 0:
@@ -126,7 +126,7 @@ def fresh_start(engines: EngineSet, workload: Workload, seed: int, rank: int) ->
     return 0
 
 
-def resume(engines: EngineSet, workload: Workload, rank: int) -> tuple[int, Optional[ModelFlops]]:
+def resume(engines: EngineSet, workload: Workload, seed: int, rank: int) -> tuple[int, Optional[ModelFlops]]:
     """Load the latest checkpoint; the step it was saved at and the model FLOPs the run counted."""
     import ray.train
 
@@ -134,13 +134,24 @@ def resume(engines: EngineSet, workload: Workload, rank: int) -> tuple[int, Opti
     with checkpoint.as_directory() as directory:
         client_state = engines.load(directory)
         workload.load_state_dict(client_state.get("workload", {}))
-        rng_file = Path(directory) / RNG_FILE.format(rank=rank)
-        if not rng_file.is_file():
-            raise CheckpointError(f"checkpoint {directory} has no {rng_file.name}: was it saved with another world size?")
-        set_rng_state(torch.load(rng_file, weights_only=True), engines.device)
-    # The loop's step (a GAN's engines may step different numbers of times).
+        # The loop's step (a GAN's engines may step different numbers of times).
+        step = int(client_state.get("step", engines.primary.global_steps))
+        if saved_world_size(directory) == world_size():
+            rng_file = Path(directory) / RNG_FILE.format(rank=rank)
+            if not rng_file.is_file():
+                raise CheckpointError(f"checkpoint {directory} has no {rng_file.name}: it is incomplete")
+            set_rng_state(torch.load(rng_file, weights_only=True), engines.device)
+        else:
+            # Another worker count: ranks no longer match the saved random streams (dropout, masks,
+            # augmentation); each rank starts a new one, reproducibly, from the seed, the step and its rank.
+            torch.manual_seed(seed + 1 + rank + 1_000_003 * step)
     flops = client_state.get("model_flops")
-    return int(client_state.get("step", engines.primary.global_steps)), ModelFlops(**flops) if flops else None
+    return step, ModelFlops(**flops) if flops else None
+
+
+def saved_world_size(checkpoint_dir: str | Path) -> Optional[int]:
+    """How many workers saved a checkpoint (each saves its random state); None for a foreign folder."""
+    return len(list(Path(checkpoint_dir).glob(RNG_FILE.format(rank="*")))) or None
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

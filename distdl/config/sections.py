@@ -172,10 +172,12 @@ FIXED_SECTIONS: dict[str, type] = {
 }
 
 # Keys a rerun may change and still resume the same run: the step budget, and what concerns
-# only where and how this session runs (a Slurm job chain gets a new Ray head every job).
+# only where and how this session runs (a Slurm job chain gets a new Ray head every job; a job
+# requeued onto fewer nodes gets fewer workers, and gradient accumulation keeps the global batch).
 SESSION_KEYS = (
     "trainer.max_steps", "trainer.epochs", "trainer.stop_at_step", "trainer.log_every", "trainer.eval_every",
     "trainer.checkpoint_every", "trainer.keep_checkpoints", "run.max_failures", "ray.address", "ray.num_cpus",
+    "scaling.num_workers", "trainer.gradient_accumulation_steps",
     "scaling.cpus_per_worker", "scaling.placement_strategy", "tracking.wandb_mode", "tracking.progress_bar",
     "tracking.wandb_init_timeout", "data.num_proc", "data.cache_dir", "model.activation_checkpointing",
     "trainer.peak_tflops", "trainer.profile_steps", "trainer.profile_memory", "trainer.profile_stacks",

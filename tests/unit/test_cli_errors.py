@@ -119,6 +119,18 @@ def test_session_keys_changed_is_a_resume_model_keys_are_not(tmp_path):
         check_run_dir(config_in(tmp_path, *session, "model.preset=mini"), overwrite=False)
 
 
+def test_another_worker_count_is_a_resume_at_the_same_global_batch(tmp_path):
+    """A job requeued onto fewer nodes: accumulation makes up the global batch. A global batch given as
+    accumulation steps would change with the workers; the refusal says which global batch to pass."""
+    saved_run(tmp_path)  # 2 workers x 16 x 1 = 32
+    fewer = config_in(tmp_path, "scaling.num_workers=1")
+    assert (fewer.trainer.global_batch_size, fewer.trainer.gradient_accumulation_steps) == (32, 2)
+    assert check_run_dir(fewer, overwrite=False) is True
+    with pytest.raises(RunDirError, match=r"trainer.global_batch_size: 32 -> 16[\s\S]*pass trainer.global_batch_size=32"):
+        check_run_dir(config_in(tmp_path, "scaling.num_workers=1", "trainer.global_batch_size=null",
+                                "trainer.gradient_accumulation_steps=1"), overwrite=False)
+
+
 def test_different_config_is_refused_naming_the_key(tmp_path):
     run_dir = saved_run(tmp_path, "optimizer.lr=0.001")
     with pytest.raises(RunDirError) as info:
