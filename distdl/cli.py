@@ -117,7 +117,8 @@ def run_submit(args: argparse.Namespace) -> int:
     derived = slurm.scaling_overrides(request, args.overrides, unscaled.scaling)
     if derived:
         print(f"distdl: from the Slurm request: {' '.join(derived)}", file=sys.stderr)
-    slurm.submit(request, submit.plan_job(args.config, [*args.overrides, *derived], args.study), args.dry_run)
+    slurm.submit(request, submit.plan_job(args.config, [*args.overrides, *derived], args.study), args.dry_run,
+                 workers_follow_nodes=any(key.startswith("scaling.num_workers=") for key in derived))
     return 0
 
 

@@ -23,7 +23,9 @@ import torch
 import torch.distributed as dist
 
 from distdl.collectives import all_reduce_sum, any_rank, gather_objects, world_size
+from distdl.collectives import rank as process_rank
 from distdl.config import Config, config_from_dict
+from distdl.data.shards import micro_batch_seed
 from distdl.engine import CheckpointError, Engine, EngineSet, compile_failure, offload_adam_factory, set_tf32
 from distdl.errors import ConfigError
 from distdl.flops import ModelFlops, Utilization, WorldPeak, counted_flops, device_peak
@@ -142,8 +144,8 @@ def resume(engines: EngineSet, workload: Workload, seed: int, rank: int) -> tupl
                 raise CheckpointError(f"checkpoint {directory} has no {rng_file.name}: it is incomplete")
             set_rng_state(torch.load(rng_file, weights_only=True), engines.device)
         else:
-            # Another worker count: ranks no longer match the saved random streams (dropout, masks,
-            # augmentation); each rank starts a new one, reproducibly, from the seed, the step and its rank.
+            # Another worker count: ranks no longer match the saved random streams. Training micro-batches
+            # seed their own (micro_batch_seed); what else draws starts anew from the seed, step and rank.
             torch.manual_seed(seed + 1 + rank + 1_000_003 * step)
     flops = client_state.get("model_flops")
     return step, ModelFlops(**flops) if flops else None
@@ -332,7 +334,9 @@ def train_step(config: Config, workload: Workload, engines: EngineSet, batches: 
     and counted in the log window, then the step's gradient norms and noise-scale terms."""
     trainer = config.trainer
     model = engines.for_workload()
-    for _ in range(trainer.gradient_accumulation_steps):
+    first = process_rank() * trainer.gradient_accumulation_steps
+    for accumulation_step in range(trainer.gradient_accumulation_steps):
+        torch.manual_seed(micro_batch_seed(config.run.seed, step, first + accumulation_step))
         batch = engines.prepare_batch(next(batches))
         step_metrics = workload.train_step(model, batch)
         watch.add(step_metrics.values())

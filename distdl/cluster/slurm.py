@@ -145,13 +145,17 @@ def template_path() -> Path:
     raise FileNotFoundError(f"cannot find the sbatch template {TEMPLATE} (slurm/ in distdl's checkout)")
 
 
-def render_script(request: SlurmRequest, plan: JobPlan, python: str = sys.executable) -> str:
+def render_script(request: SlurmRequest, plan: JobPlan, workers_follow_nodes: bool = False,
+                  python: str = sys.executable) -> str:
+    """The job script; with `workers_follow_nodes` (scaling.num_workers left to the request) the job
+    derives the worker count from the nodes it is given, so a requeue onto fewer nodes still runs."""
     settings = {
         "DISTDL_PYTHON": python,
         "DISTDL_RUN_DIR": str(plan.run_dir),
         "DISTDL_GPUS_PER_NODE": str(request.gpus_per_node),
         "DISTDL_ON_SIGNAL": plan.on_signal,
         "DISTDL_RAY_PORT_BASE": "" if request.ray_port_base is None else str(request.ray_port_base),
+        "DISTDL_WORKERS_PER_NODE": str(request.slots_per_node) if workers_follow_nodes else "",
     }
     header = ["#!/bin/bash", *directives(request, job_name(plan.run_name)), "",
               "# Set by distdl submit slurm.",
@@ -166,10 +170,10 @@ def sbatch_arguments(run_dir: Path) -> list[str]:
     return ["--parsable", f"--chdir={Path.cwd()}", f"--output={log_pattern}"]
 
 
-def submit(request: SlurmRequest, plan: JobPlan, dry_run: bool) -> Optional[str]:
+def submit(request: SlurmRequest, plan: JobPlan, dry_run: bool, workers_follow_nodes: bool = False) -> Optional[str]:
     """Print (dry run) or submit the job; the job id, or None for a dry run."""
     check_request(request)
-    script_text = render_script(request, plan)
+    script_text = render_script(request, plan, workers_follow_nodes)
     if dry_run:
         print(script_text)
         print(f"# submit with: {shlex.join(['sbatch', *sbatch_arguments(plan.run_dir), 'SCRIPT'])}")

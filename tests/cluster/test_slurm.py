@@ -129,9 +129,16 @@ def test_dry_run_prints_the_script_and_submits_nothing(tmp_path, capsys):
     out = capsys.readouterr()
     assert code == 0
     for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --signal=B:USR1@120",
-                 "#SBATCH --requeue", "#SBATCH --partition=gpu", "scaling.num_workers=16"):
+                 "#SBATCH --requeue", "#SBATCH --partition=gpu", "scaling.num_workers=16",
+                 "DISTDL_WORKERS_PER_NODE=8"):
         assert line in out.out
     assert not (tmp_path / "bert-tiny").exists()
+    # A worker count the command line fixes stays fixed; the job does not derive one from its nodes.
+    assert main(["submit", "slurm", str(TINY), "data.path=/usr/share/common-licenses", f"run.storage_path={tmp_path}",
+                 "scaling.num_workers=4", "trainer.global_batch_size=null", "--nodes=2", "--gpus-per-node=0",
+                 "--cpus-per-task=4", "--time=10",
+                 "--workers-per-node=2", "--dry-run"]) == 0
+    assert "DISTDL_WORKERS_PER_NODE=''" in capsys.readouterr().out
 
 
 def test_a_study_job_runs_distdl_study_and_requeues_on_the_warning(tmp_path, capsys):
@@ -268,7 +275,8 @@ def wait_until_ended(job_id: str, run_dir: Path) -> None:
 @pytest.mark.distributed
 def test_two_node_jobs_train_and_a_warned_job_requeues_and_resumes(slurm_cluster, tmp_path):
     """A 2-node job trains with one worker per node; a second, warned before its time limit,
-    checkpoints, requeues itself and ends as the uninterrupted one did."""
+    checkpoints and requeues itself, is given one node only, resumes there on one worker with
+    gradient accumulation 2 (the ZeRO-2 state resharded), and ends as the uninterrupted one did."""
     plain_dir, warned_dir = tmp_path / "plain", tmp_path / "warned"
     submitted_at = time.time()
     plain = submit(tmp_path, "plain")
@@ -288,15 +296,24 @@ def test_two_node_jobs_train_and_a_warned_job_requeues_and_resumes(slurm_cluster
     subprocess.run(["scancel", "--signal=USR1", "--batch", warned], check=True)
     wait_for(lambda: job_field(warned, "Restarts") == "1" and job_field(warned, "JobState") == "PENDING", 300,
              "the warned job to requeue")
+    # Requeued onto fewer nodes: one this time (and one task, or Slurm cannot place the job's two).
+    subprocess.run(["scontrol", "update", f"JobId={warned}", "NumNodes=1", "NumTasks=1"], check=True)
     release_requeue_hold(warned)
     wait_until_ended(warned, warned_dir)
     log = (warned_dir / "slurm" / f"slurm-{warned}.out").read_text()
     stopped = int(re.search(r"stopped on request at step (\d+)", log).group(1))
     assert 0 < stopped < 100 and "resuming run" in log and "step 100/100 done" in log
+    assert re.search(r"\(restart 1\) on node\d;", log), "the requeued job ran on one node"
+    assert f"checkpoint_{stopped:08d} was saved by 2 workers; resuming on 1, resharded its ZeRO state" in log
     warned_summary = json.loads((warned_dir / "summary.json").read_text())
     assert warned_summary["final"]["loss"] == pytest.approx(summary["final"]["loss"], rel=1e-5)
     plain_weights, warned_weights = final_weights(plain_dir), final_weights(warned_dir)
     for name, tensor in plain_weights.items():
+        if name.endswith("attention.self.key.bias"):
+            # Its gradient is 0 in exact arithmetic (softmax ignores what the bias adds to a query's every
+            # score): it holds Adam-normalised rounding noise, ~1e-6, which another summation order redraws.
+            assert warned_weights[name].abs().max() < 1e-5 and tensor.abs().max() < 1e-5, name
+            continue
         assert warned_weights[name].allclose(tensor, rtol=1e-5, atol=1e-6), name
 
     assert len(tokens) == 1, "the job's Ray nodes and driver share one token"
