@@ -168,7 +168,7 @@ def reshard_for_workers(config: Config, checkpoint: Path) -> bool:
     saved, workers = saved_world_size(checkpoint), config.scaling.num_workers
     if saved in (None, workers):
         return False
-    universal = reshard_checkpoint(checkpoint, workers, config.optimizer.name)
+    universal = reshard_checkpoint(checkpoint, workers)
     how = "resharded its ZeRO state (DeepSpeed's universal checkpoint)" if universal else "loading it whole"
     print(f"distdl: {checkpoint.name} was saved by {saved} workers; resuming on {workers}, {how}; the global "
           f"batch stays {config.trainer.global_batch_size} with gradient accumulation "

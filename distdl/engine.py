@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import traceback
 from pathlib import Path
@@ -672,9 +673,10 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tenso
 
 # ----------------------------------------------------------------------------- elastic resume
 
-# Optimizers whose state DeepSpeed's universal checkpoint carries: its converter reads Adam's two
-# moments (exp_avg, exp_avg_sq) and the step count of every ZeRO partition, and nothing else.
-UNIVERSAL_OPTIMIZERS = ("adam", "adamw", "lamb")
+# DeepSpeed's universal-checkpoint converter reads Adam's two moments (and the step count) from every ZeRO
+# partition. Other optimizers' state (SGD's and LARS's momentum) rides in those two slots and is named
+# back afterwards; at ZeRO-3, whose shards the converter reads differently, only Adam-style state goes.
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 UNIVERSAL_LATEST = "latest_universal"
 _SHARD_RANK = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
@@ -687,30 +689,22 @@ def saved_partitions(checkpoint_dir: str | Path) -> Optional[int]:
     return len(ranks) or None
 
 
-def reshard_checkpoint(checkpoint_dir: str | Path, world_size: int, optimizer: str) -> bool:
+def reshard_checkpoint(checkpoint_dir: str | Path, world_size: int) -> bool:
     """Make a checkpoint whose ZeRO partitions were saved by another number of workers loadable by
     `world_size` workers; whether the workers must then load it as DeepSpeed's universal checkpoint.
 
-    DeepSpeed's own converter (`ds_to_universal`) gathers every partition's fp32 weights, moments and
-    step into one file per parameter and moment; a loading engine slices its own partition out of them,
+    DeepSpeed's own converter (`ds_to_universal`) gathers every partition's fp32 weights and optimizer
+    state into one file per parameter and state; a loading engine slices its own partition out of them,
     on any number of ranks. It writes beside the saved tag (`<tag>_universal/`, `latest_universal`),
     which stays as it was. A converted checkpoint is reused on the next resume.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    folders = _engine_folders(checkpoint_dir)
-    partitioned = {folder: saved for folder in folders if (saved := saved_partitions(folder)) is not None}
+    partitioned = {folder: saved for folder in _engine_folders(checkpoint_dir)
+                   if (saved := saved_partitions(folder)) is not None}
     if not partitioned or all(saved == world_size for saved in partitioned.values()):
         return False
-    if optimizer not in UNIVERSAL_OPTIMIZERS:
-        saved = next(iter(partitioned.values()))
-        raise CheckpointError(
-            f"checkpoint {checkpoint_dir} holds ZeRO partitions of {saved} workers and cannot be resharded for "
-            f"{world_size}: DeepSpeed's universal checkpoint, which reshards ZeRO state, carries Adam-style "
-            f"moments only (optimizers {', '.join(UNIVERSAL_OPTIMIZERS)}), not {optimizer}'s momentum. "
-            f"Resume with scaling.num_workers={saved}, or start {optimizer} at engine.zero_stage=0, "
-            "whose checkpoints load on any number of workers")
-    for folder in partitioned:
-        _convert_to_universal(folder)
+    for folder, saved in partitioned.items():
+        _convert_to_universal(folder, f"{saved} workers to {world_size}")
     return True
 
 
@@ -721,32 +715,100 @@ def _engine_folders(checkpoint_dir: Path) -> list[Path]:
     return sorted(d for d in checkpoint_dir.iterdir() if (d / "latest").is_file())
 
 
-def _convert_to_universal(engine_dir: Path) -> None:
+def _convert_to_universal(engine_dir: Path, what: str) -> None:
     """DeepSpeed's `ds_to_universal` on the tag `latest` names, written whole before it is named."""
     import shutil
-    import subprocess
-    import sys
 
     tag = (engine_dir / "latest").read_text().strip()
     target = engine_dir / f"{tag}_universal"
-    if (engine_dir / UNIVERSAL_LATEST).is_file() and (engine_dir / UNIVERSAL_LATEST).read_text().strip() == target.name \
-            and target.is_dir():
+    pointer = engine_dir / UNIVERSAL_LATEST
+    if target.is_dir() and pointer.is_file() and pointer.read_text().strip() == target.name:
         return
-    partial = engine_dir / f"{target.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
+    partial, view = engine_dir / f"{target.name}.partial", engine_dir / f"{tag}.adam-view"
+    for leftover in (partial, view):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        carried = _adam_view(engine_dir / tag, view, what)
+        _run_converter(engine_dir / tag if carried is None else view, partial, engine_dir / tag)
+        _name_state_back(partial, carried or {})
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        pointer.unlink(missing_ok=True)
+        raise
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    pointer_partial = engine_dir / f"{UNIVERSAL_LATEST}.partial"
+    pointer_partial.write_text(target.name)
+    pointer_partial.replace(pointer)
+
+
+def _adam_view(tag_dir: Path, view: Path, what: str) -> Optional[dict[str, str]]:
+    """When the saved optimizer state is not Adam's: a copy of the tag whose ZeRO shards hold it in
+    Adam's two moment slots, for DeepSpeed's converter, and which slot holds which state. None when the
+    state is Adam's and the converter reads the tag as saved."""
+    shards = sorted(file for file in tag_dir.iterdir() if _SHARD_RANK.match(file.name))
+    first = torch.load(shards[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    if "base_optimizer_state" not in first:  # ZeRO-3's layout, which the converter reads as Adam's only
+        keys = {key for state in first["optimizer_state_dict"]["state"].values() for key in state}
+        if not set(ADAM_MOMENTS) <= keys:
+            raise CheckpointError(
+                f"checkpoint {tag_dir.parent} cannot be resharded from {what}: at ZeRO-3 DeepSpeed's universal "
+                f"checkpoint carries Adam-style moments only (adam, adamw, lamb), and this optimizer keeps "
+                f"{', '.join(sorted(keys)) or 'no state'}. Resume on the worker count that saved it")
+        return None
+    keys = sorted({key for state in first["base_optimizer_state"]["state"].values() for key in state} - {"step"})
+    if set(keys) == set(ADAM_MOMENTS):
+        return None
+    if len(keys) > len(ADAM_MOMENTS):
+        raise CheckpointError(f"checkpoint {tag_dir.parent} cannot be resharded from {what}: its optimizer keeps "
+                              f"{len(keys)} tensors per parameter ({', '.join(keys)}); DeepSpeed's universal "
+                              "checkpoint carries two. Resume on the worker count that saved it")
+    carried = dict(zip(ADAM_MOMENTS, keys))
+    view.mkdir()
+    for file in tag_dir.iterdir():
+        if not _SHARD_RANK.match(file.name):
+            os.link(file, view / file.name)  # the model states, unchanged and often large: not copied
+            continue
+        saved = torch.load(file, map_location="cpu", weights_only=False)
+        optimizer = saved["optimizer_state_dict"]
+        states = optimizer["base_optimizer_state"]["state"]
+        for group, partition in enumerate(optimizer["single_partition_of_fp32_groups"]):
+            state = states.setdefault(group, {})
+            # The saved state may keep the partition's padding, which the fp32 copy drops.
+            like = next((state[key] for key in keys if key in state), partition)
+            for slot in ADAM_MOMENTS:
+                state[slot] = state.pop(carried[slot]) if slot in carried else torch.zeros_like(like)
+        torch.save(saved, view / file.name)
+    return carried
+
+
+def _run_converter(source: Path, output: Path, tag_dir: Path) -> None:
+    import subprocess
+    import sys
+
     # A process of its own: the converter fans out over process pools and prints its progress.
-    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(engine_dir / tag),
-               "--output_folder", str(partial), "--inject_missing_state", "--num_extract_workers", "2",
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
+               "--output_folder", str(output), "--inject_missing_state", "--num_extract_workers", "2",
                "--num_merge_workers", "2"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        (engine_dir / UNIVERSAL_LATEST).unlink(missing_ok=True)
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        raise CheckpointError(f"could not convert checkpoint {engine_dir / tag} to DeepSpeed's universal "
-                              f"checkpoint for another worker count: {lines[-1] if lines else done.returncode}")
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
-    pointer = engine_dir / f"{UNIVERSAL_LATEST}.partial"
-    pointer.write_text(target.name)
-    pointer.replace(engine_dir / UNIVERSAL_LATEST)
+        raise CheckpointError(f"could not convert checkpoint {tag_dir} to DeepSpeed's universal checkpoint for "
+                              f"another worker count: {lines[-1] if lines else done.returncode}")
+
+
+def _name_state_back(universal: Path, carried: dict[str, str]) -> None:
+    """Each parameter's state files under their own names again; the unused moment slots removed."""
+    if not carried:
+        return
+    for parameter in (universal / "zero").iterdir():
+        if not parameter.is_dir():
+            continue
+        for slot in ADAM_MOMENTS:
+            file = parameter / f"{slot}.pt"
+            if slot in carried:
+                file.rename(parameter / f"{carried[slot]}.pt")
+            else:
+                file.unlink(missing_ok=True)

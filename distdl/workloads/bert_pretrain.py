@@ -250,7 +250,7 @@ class BertPretrain(Workload):
         return DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=self.data.mlm_probability, seed=seed)
 
     def train_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        # Masking draws from the global torch RNG, which checkpoints save per rank.
+        # Masking draws from the global torch RNG, which the loop seeds for each training micro-batch.
         return shards.micro_batches(self.train_set, self.context.batch_plan(), self._collator(), start)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
