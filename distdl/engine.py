@@ -769,7 +769,7 @@ def _adam_view(tag_dir: Path, view: Path, what: str) -> Optional[dict[str, str]]
     view.mkdir()
     for file in tag_dir.iterdir():
         if not _SHARD_RANK.match(file.name):
-            os.link(file, view / file.name)  # the model states, unchanged and often large: not copied
+            _link_or_copy(file, view / file.name)  # the model states, unchanged and often large
             continue
         saved = torch.load(file, map_location="cpu", weights_only=False)
         optimizer = saved["optimizer_state_dict"]
@@ -782,6 +782,15 @@ def _adam_view(tag_dir: Path, view: Path, what: str) -> Optional[dict[str, str]]
                 state[slot] = state.pop(carried[slot]) if slot in carried else torch.zeros_like(like)
         torch.save(saved, view / file.name)
     return carried
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    import shutil
+
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links
+        shutil.copy2(source, target)
 
 
 def _run_converter(source: Path, output: Path, tag_dir: Path) -> None:
