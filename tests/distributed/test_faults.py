@@ -79,10 +79,14 @@ def alive(pid: int) -> bool:
 
 
 def test_resumed_run_equals_uninterrupted(straight_run, tmp_path, corpus, common):
+    """Stopped at step 6 and resumed (bf16, ZeRO-2), the run ends equal to the uninterrupted one. The resumed
+    session turns activation checkpointing on, a session key (a run that ran out of memory may resume
+    with it): recomputation changes no value."""
     first, half = run(tmp_path, corpus, "run.name=resumed", *common, "trainer.stop_at_step=6")
     assert half["steps"] == 6 and not half["completed"]
-    resumed, summary = run(tmp_path, corpus, "run.name=resumed", *common)
+    resumed, summary = run(tmp_path, corpus, "run.name=resumed", *common, "model.activation_checkpointing=true")
     assert summary["steps"] == 12 and summary["completed"]
+    assert resumed.sections["model"].activation_checkpointing
     assert_same_final_weights(straight_run, resumed)
     assert [m["step"] for m in read_metrics(resumed.run_dir)] == [4, 6, 8, 12]
     # Rerunning a finished run trains nothing and keeps its summary.
@@ -91,15 +95,6 @@ def test_resumed_run_equals_uninterrupted(straight_run, tmp_path, corpus, common
     # The logged losses after the resume point are those of the uninterrupted run.
     losses = {m["step"]: m["loss"] for m in read_metrics(straight_run.run_dir)}
     assert read_metrics(resumed.run_dir)[-1]["loss"] == pytest.approx(losses[12], rel=1e-5)
-
-
-def test_activation_checkpointing_turned_on_at_a_resume_changes_nothing(straight_run, tmp_path, corpus, common):
-    """A session key: a run that ran out of memory may resume with it; training is the same (bf16, ZeRO-2)."""
-    run(tmp_path, corpus, "run.name=checkpointed", *common, "trainer.stop_at_step=6")
-    resumed, summary = run(tmp_path, corpus, "run.name=checkpointed", *common, "model.activation_checkpointing=true")
-    assert summary["steps"] == 12 and summary["completed"]
-    assert resumed.sections["model"].activation_checkpointing
-    assert_same_final_weights(straight_run, resumed)
 
 
 def test_a_compiled_run_resumes_exactly(tmp_path, corpus, common):
