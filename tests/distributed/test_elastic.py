@@ -50,28 +50,33 @@ def straight(local_workers, tmp_path_factory, mnist_root):
     return config
 
 
-@pytest.mark.parametrize("stage, first, then", [(2, 2, 1), (0, 1, 2)], ids=["zero2-2to1", "zero0-1to2"])
-def test_a_run_resumes_on_another_worker_count_and_ends_as_if_it_never_stopped(ray_local, straight, tmp_path,
-                                                                                 mnist_root, capsys, stage, first,
-                                                                                 then):
+@pytest.mark.parametrize("stage, workers", [(2, (2, 1, 2)), (0, (1, 2, 1))], ids=["zero2-2to1to2", "zero0-1to2to1"])
+def test_a_run_resumes_on_other_worker_counts_and_ends_as_if_it_never_stopped(ray_local, straight, tmp_path,
+                                                                                mnist_root, capsys, stage, workers):
+    """Three sessions on changing worker counts, stopped at steps 2 and 6: each resume reshards (ZeRO-2:
+    2 partitions to 1, then 1 to 2) or loads whole (ZeRO-0), and keeps the global batch of 32."""
     zero = f"engine.zero_stage={stage}"
-    _, part = mlp_run(tmp_path, mnist_root, "elastic", first, zero, "trainer.stop_at_step=4")
-    assert part["steps"] == 4 and part["world_size"] == first
-    config, summary = mlp_run(tmp_path, mnist_root, "elastic", then, zero)
-    assert summary["steps"] == 8 and summary["completed"] and summary["world_size"] == then
-    assert summary["global_batch_size"] == 32 and config.trainer.gradient_accumulation_steps == 2 // then
-    said = capsys.readouterr().out
-    assert f"checkpoint_00000004 was saved by {first} workers; resuming on {then}" in said
-    # ZeRO-2's moments are partitioned: resharded through DeepSpeed's universal checkpoint, beside the original.
-    assert ("universal checkpoint" in said) == (stage > 0)
+    stops = ("trainer.stop_at_step=2", "trainer.stop_at_step=6", "trainer.stop_at_step=null")
+    for session, (count, stop) in enumerate(zip(workers, stops)):
+        config, summary = mlp_run(tmp_path, mnist_root, "elastic", count, zero, stop)
+        assert summary["steps"] == (2, 6, 8)[session] and summary["world_size"] == count
+        assert summary["global_batch_size"] == 32 and config.trainer.gradient_accumulation_steps == 2 // count
+        said = capsys.readouterr().out
+        if session:
+            saved_at = (2, 6)[session - 1]
+            assert f"checkpoint_{saved_at:08d} was saved by {workers[session - 1]} workers; resuming on {count}" in said
+            # ZeRO-2's state is partitioned: resharded through DeepSpeed's universal checkpoint, beside the original.
+            assert ("universal checkpoint" in said) == (stage > 0)
+    assert summary["completed"]
     expected = consolidated_state_dict(straight.run_dir / "checkpoint_00000008")
     resumed = consolidated_state_dict(latest_checkpoint(config.run_dir))
     assert expected.keys() == resumed.keys()
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
-    # The losses logged after the resume are the uninterrupted run's: the sample sequence continued.
+    # Every loss logged after the first stop is the uninterrupted run's: the sample sequence continued.
     losses = {m["step"]: m["loss"] for m in read_metrics(straight.run_dir) if "loss" in m}
-    after = {m["step"]: m["loss"] for m in read_metrics(config.run_dir) if "loss" in m and m["step"] > 4}
+    after = {m["step"]: m["loss"] for m in read_metrics(config.run_dir) if "loss" in m and m["step"] > 2}
+    assert sorted(after) == [4, 6, 8]
     assert after == pytest.approx({step: losses[step] for step in after}, rel=1e-5)
 
 
