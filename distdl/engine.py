@@ -628,8 +628,8 @@ def verify_checkpoint(checkpoint_dir: str | Path) -> None:
     torch.save writes zip archives whose index sits at the end, so a truncated file fails to open.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    engine_dirs = sorted(d for d in checkpoint_dir.glob("*") if (d / "latest").is_file())
-    if not (checkpoint_dir / "latest").is_file() and engine_dirs:
+    engine_dirs = _engine_folders(checkpoint_dir)
+    if engine_dirs and engine_dirs != [checkpoint_dir]:
         # Several engines (a GAN): each saved into its own sub-folder.
         for engine_dir in engine_dirs:
             verify_checkpoint(engine_dir)
@@ -712,7 +712,7 @@ def _engine_folders(checkpoint_dir: Path) -> list[Path]:
     """The folders one engine each saved into: the checkpoint itself, or one per engine (a GAN)."""
     if (checkpoint_dir / "latest").is_file():
         return [checkpoint_dir]
-    return sorted(d for d in checkpoint_dir.iterdir() if (d / "latest").is_file())
+    return sorted(d for d in checkpoint_dir.glob("*") if (d / "latest").is_file())
 
 
 def _convert_to_universal(engine_dir: Path, what: str) -> None:

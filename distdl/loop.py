@@ -123,7 +123,8 @@ def build_engine(model: torch.nn.Module, config: Config, ds_config: dict[str, An
 def fresh_start(engines: EngineSet, workload: Workload, seed: int, rank: int) -> int:
     if (checkpoint := workload.optimizer_warm_start()) is not None:
         engines.warm_start_optimizers(checkpoint)
-    # Ranks draw different masks and dropout, reproducibly.
+    # Ranks draw differently, reproducibly, until the first micro-batch seeds its own draws (train_step):
+    # what draws before it, such as a DataLoader's worker seeds.
     torch.manual_seed(seed + 1 + rank)
     return 0
 
