@@ -1,4 +1,4 @@
-"""`distdl` command line: train, study, export and report. Knobs live in config files, not flags."""
+"""`distdl` command line: train, prepare, study, export and report. Knobs live in config files, not flags."""
 
 from __future__ import annotations
 
@@ -34,6 +34,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     study.add_argument("--overwrite", action="store_true",
                        help="if the study directory holds other settings, move it aside and start afresh")
 
+    prepare = commands.add_parser("prepare", help="tokenize a training config's corpus into shards across the "
+                                  "Ray cluster, at data.prepared_path, for training to read")
+    prepare.add_argument("config", help="YAML config file (the one training will use)")
+    prepare.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. data.prepared_path=/shared/x")
+
     export = commands.add_parser("export", help="consolidated fp32 weights in HF format from a run's latest checkpoint")
     export.add_argument("run_dir")
     export.add_argument("out_dir")
@@ -58,6 +63,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_submit(args)
         if args.command == "train":
             return run_train(args.config, args.overrides, args.overwrite)
+        if args.command == "prepare":
+            return run_prepare(args.config, args.overrides)
         if args.command == "study":
             return run_study(args.name, args.config, args.overrides, args.overwrite)
         if args.command == "report":
@@ -158,6 +165,19 @@ def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:
     print(f"distdl: run directory {config.run_dir}")
     if "wandb_run_dir" in summary and "offline-run" in summary["wandb_run_dir"]:
         print(f"distdl: W&B ran offline; upload with: wandb sync {summary['wandb_run_dir']}")
+    return 0
+
+
+def run_prepare(config_path: str, overrides: list[str]) -> int:
+    from distdl.cluster.connect import connect_ray
+    from distdl.preparation import prepare
+
+    config = load_config(config_path, overrides)
+    manifest = prepare(config, connect_ray)
+    counts, root = manifest["counts"], config.sections["data"].prepared_path
+    print(f"distdl: prepared {counts['lines']:,} lines into {counts['examples']:,} examples ({counts['tokens']:,} tokens) "
+          f"in {counts['shards']} shards from {len(manifest['nodes'])} node(s) at {root}")
+    print(f"distdl: train from them with data.prepared_path={root}")
     return 0
 
 

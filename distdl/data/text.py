@@ -13,7 +13,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Iterable, Iterator, Optional
 
 from annotated_types import Ge, Interval
 
@@ -23,6 +23,9 @@ from distdl.errors import ConfigError
 TOKENIZER_DIRNAME = "tokenizer"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ""}
+# Blocks and sentence pairs are made within consecutive groups of this many non-empty lines: datasets.map's
+# batches in one process, and whole groups per shard in `distdl prepare`, so both make the same examples.
+GROUP_LINES = 1000
 
 
 @dataclass
@@ -39,6 +42,11 @@ class TextDataSection:
     next_sentence_prediction: bool = False
     num_proc: Optional[int] = None
     cache_dir: Optional[str] = None
+    # Shards written by `distdl prepare` (a folder shared by the nodes); when set, training reads them,
+    # checked against this config, and data.path may be left out.
+    prepared_path: Optional[str] = None
+    # Corpus lines per prepared shard: one Ray task each. A multiple of GROUP_LINES (1000).
+    lines_per_shard: Annotated[int, Ge(GROUP_LINES)] = 100_000
 
 
 @dataclass
@@ -113,13 +121,79 @@ def load_raw_corpus(data: TextDataSection) -> Any:
     return raw
 
 
-def train_tokenizer(raw: Any, section: TokenizerSection, out_dir: Path) -> Any:
-    """Train a BERT WordPiece tokenizer on the corpus and save it in HF format."""
+def corpus_line_batches(data: TextDataSection, batch_lines: int = GROUP_LINES) -> Iterator[list[str]]:
+    """The corpus's non-empty lines, in order, in lists of `batch_lines` (the last one shorter), without
+    loading it whole: the same lines as `load_raw_corpus`, for `distdl prepare` and tokenizer training.
+
+    Local text files are read line by line in Python, which splits lines as datasets' text loader does
+    (universal newlines) at ~35x its speed here; hub and table corpora stream through datasets.
+    """
+    if data.path is None:
+        raise ConfigError("data.path is required: a text file, a folder of text files, or a hub dataset name")
+    if is_local_path(data.path) and not _is_saved_table_folder(data.path):
+        texts = (line.rstrip("\n") for file in text_files(data.path) for line in _lines(file))
+    else:
+        texts = (text for table in _streamed_tables(data) for text in table.column(0).to_pylist())
+    batch: list[str] = []
+    for text in texts:
+        if text and text.strip():  # has_text
+            batch.append(text)
+            if len(batch) == batch_lines:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def _lines(file: str) -> Iterator[str]:
+    with open(file, encoding="utf-8") as lines:
+        yield from lines
+
+
+def _streamed_tables(data: TextDataSection) -> Iterator[Any]:
+    import datasets
+
+    where = f"the data files in {data.path}" if is_local_path(data.path) else f"hub dataset {data.path!r}"
+    try:
+        stream = datasets.load_dataset(data.path, data.hub_config, split="train", streaming=True,
+                                       cache_dir=data.cache_dir)
+        if data.text_column not in (stream.column_names or [data.text_column]):
+            raise ConfigError(f"data.text_column={data.text_column!r} is not a column of {data.path}; "
+                              f"columns: {stream.column_names}")
+        yield from stream.select_columns([data.text_column]).with_format("arrow").iter(batch_size=10 * GROUP_LINES)
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"data.path: could not stream {where}: {err}") from err
+
+
+def source_fingerprint(data: TextDataSection) -> dict[str, Any]:
+    """What identifies the corpus without reading it: each local file's name, size and modification
+    time (as make and rsync judge files), or a hub dataset's name, config and text column."""
+    if data.path is None:
+        return {}
+    if is_local_path(data.path):
+        root = Path(data.path).expanduser().resolve()
+        files = text_files(data.path) if not _is_saved_table_folder(data.path) else sorted(
+            str(f) for f in root.rglob("*") if f.is_file() and not f.name.startswith("."))
+        stats = [(Path(f), Path(f).stat()) for f in files]
+        return {"path": str(root), "text_column": data.text_column if _is_saved_table_folder(data.path) else "text",
+                "files": [{"name": str(f.relative_to(root)) if f != root else f.name, "bytes": st.st_size,
+                           "mtime_ns": st.st_mtime_ns} for f, st in stats]}
+    return {"hub": data.path, "hub_config": data.hub_config, "text_column": data.text_column}
+
+
+def train_tokenizer(corpus: Any, section: TokenizerSection, out_dir: Path) -> Any:
+    """Train a BERT WordPiece tokenizer on the corpus and save it in HF format. `corpus`: a
+    `datasets.Dataset` with a text column, or an iterable of lists of lines (`corpus_line_batches`)."""
     from tokenizers.implementations import BertWordPieceTokenizer
     from transformers import BertTokenizer
 
+    batches: Iterable[list[str]] = corpus
+    if hasattr(corpus, "column_names"):
+        batches = (corpus[i : i + GROUP_LINES]["text"] for i in range(0, len(corpus), GROUP_LINES))
+
     wordpiece = BertWordPieceTokenizer(lowercase=section.lowercase)
-    batches = (raw[i : i + 1000]["text"] for i in range(0, len(raw), 1000))
     wordpiece.train_from_iterator(
         batches, vocab_size=section.vocab_size, min_frequency=section.min_frequency, special_tokens=SPECIAL_TOKENS,
         show_progress=sys.stdout.isatty(),  # its bars leave blank lines in a log file
@@ -160,36 +234,61 @@ def tokenized_blocks(raw: Any, tokenizer: Any, data: TextDataSection, seed: int)
     fingerprint = tokenizer_fingerprint(raw._fingerprint, tokenizer, data.max_seq_length, data.num_proc)
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        return tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
+        return {"input_ids": token_ids(tokenizer, batch["text"])}
 
     tokens = raw.map(tokenize, batched=True, remove_columns=["text"], num_proc=data.num_proc,
                      new_fingerprint=fingerprint + "-tok", desc="tokenizing")
     if data.next_sentence_prediction:
         blocks = sentence_pair_blocks(tokens, tokenizer, data, seed, fingerprint)
-        return _split(blocks, data, seed)
-    body = data.max_seq_length - 2  # room for [CLS] and [SEP]
+        return split_train_eval(blocks, data, seed)
 
     def to_blocks(batch: dict[str, list]) -> dict[str, list]:
-        stream = [token for ids in batch["input_ids"] for token in ids]
-        usable = len(stream) // body * body
-        return {"input_ids": [[tokenizer.cls_token_id, *stream[i : i + body], tokenizer.sep_token_id]
-                              for i in range(0, usable, body)]}
+        return {"input_ids": cut_blocks(tokenizer, batch["input_ids"], data.max_seq_length)}
 
-    blocks = tokens.map(to_blocks, batched=True, batch_size=1000, num_proc=data.num_proc,
+    blocks = tokens.map(to_blocks, batched=True, batch_size=GROUP_LINES, num_proc=data.num_proc,
                         new_fingerprint=fingerprint + "-blocks", desc="grouping")
-    return _split(blocks, data, seed)
+    return split_train_eval(blocks, data, seed)
 
 
-def _split(blocks: Any, data: TextDataSection, seed: int) -> Any:
+def token_ids(tokenizer: Any, lines: list[str]) -> list[list[int]]:
+    """Each line's token ids, without special tokens."""
+    return tokenizer(lines, add_special_tokens=False, return_attention_mask=False,
+                     return_token_type_ids=False)["input_ids"]
+
+
+def cut_blocks(tokenizer: Any, token_lists: list[list[int]], max_seq_length: int) -> list[list[int]]:
+    """One group of lines' tokens concatenated and cut into [CLS] body [SEP] blocks of max_seq_length
+    (as HF's run_mlm.py); the group's tail shorter than a block is dropped."""
+    body = max_seq_length - 2  # room for [CLS] and [SEP]
+    stream = [token for ids in token_lists for token in ids]
+    usable = len(stream) // body * body
+    return [[tokenizer.cls_token_id, *stream[i : i + body], tokenizer.sep_token_id] for i in range(0, usable, body)]
+
+
+def split_train_eval(blocks: Any, data: TextDataSection, seed: int, in_memory: bool = False) -> Any:
+    """The held-out slice, by datasets' `train_test_split(test_size=data.eval_fraction, seed=seed)`.
+
+    `in_memory` (prepared shards, which are shared and may be read-only): the same permutation and
+    sizes, with the index mapping kept in memory instead of written beside the data. datasets 5.2's
+    train_test_split refuses keep_in_memory for memory-mapped files, so the split is taken here.
+    """
+    import math
+
     import datasets
+    import numpy as np
 
     if len(blocks) < 2:
         raise ConfigError(
             f"data.path: corpus {data.path} gives only {len(blocks)} example(s) of {data.max_seq_length} tokens; "
             "give more text or lower data.max_seq_length"
         )
-    split = blocks.train_test_split(test_size=data.eval_fraction, seed=seed, shuffle=True)
-    return datasets.DatasetDict(train=split["train"], eval=split["test"])
+    if not in_memory:
+        split = blocks.train_test_split(test_size=data.eval_fraction, seed=seed, shuffle=True)
+        return datasets.DatasetDict(train=split["train"], eval=split["test"])
+    permutation = np.random.default_rng(seed).permutation(len(blocks))
+    held_out = math.ceil(data.eval_fraction * len(blocks))
+    return datasets.DatasetDict(train=blocks.select(permutation[held_out:], keep_in_memory=True),
+                                eval=blocks.select(permutation[:held_out], keep_in_memory=True))
 
 
 def tokenizer_fingerprint(base: str, tokenizer: Any, max_seq_length: int, num_proc: Optional[int]) -> str:
@@ -209,26 +308,32 @@ def sentence_pair_blocks(tokens: Any, tokenizer: Any, data: TextDataSection, see
     Half the time B is replaced by lines from elsewhere in the corpus (label 1, "random"); otherwise
     B is A's true continuation (label 0), the labels of HF's BertForPreTraining.
     """
-    budget = data.max_seq_length - 3
 
     def to_pairs(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        rng = random.Random(seed * 1_000_003 + indices[0])
-        lines = [ids for ids in batch["input_ids"] if ids]
-        out: dict[str, list] = {"input_ids": [], "token_type_ids": [], "attention_mask": [], "next_sentence_label": []}
-        start = 0
-        while start < len(lines):
-            end, length = start, 0
-            while end < len(lines) and length < budget:
-                length += len(lines[end])
-                end += 1
-            pair = _make_pair(lines, start, end, rng, budget)
-            if pair is not None:
-                _append_example(out, *pair, tokenizer, data.max_seq_length)
-            start = end
-        return out
+        return pair_sentences(tokenizer, batch["input_ids"], indices[0], data.max_seq_length, seed)
 
-    return tokens.map(to_pairs, batched=True, batch_size=1000, with_indices=True, remove_columns=tokens.column_names,
+    return tokens.map(to_pairs, batched=True, batch_size=GROUP_LINES, with_indices=True, remove_columns=tokens.column_names,
                       num_proc=data.num_proc, new_fingerprint=f"{fingerprint}-nsp-{seed}", desc="pairing sentences")
+
+
+def pair_sentences(tokenizer: Any, token_lists: list[list[int]], first_line: int, max_seq_length: int,
+                   seed: int) -> dict[str, list]:
+    """One group of lines' NSP examples; `first_line` (the group's place in the corpus) seeds its draws."""
+    budget = max_seq_length - 3
+    rng = random.Random(seed * 1_000_003 + first_line)
+    lines = [ids for ids in token_lists if ids]
+    out: dict[str, list] = {"input_ids": [], "token_type_ids": [], "attention_mask": [], "next_sentence_label": []}
+    start = 0
+    while start < len(lines):
+        end, length = start, 0
+        while end < len(lines) and length < budget:
+            length += len(lines[end])
+            end += 1
+        pair = _make_pair(lines, start, end, rng, budget)
+        if pair is not None:
+            _append_example(out, *pair, tokenizer, max_seq_length)
+        start = end
+    return out
 
 
 def _make_pair(lines: list[list[int]], start: int, end: int, rng: random.Random, budget: int) -> Any:

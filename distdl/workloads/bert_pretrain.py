@@ -10,7 +10,7 @@ from typing import Any, Iterator, Literal, Optional
 import torch
 
 from distdl.config import Config, config_from_dict
-from distdl.data import shards, text
+from distdl.data import prepared, shards, text
 from distdl.errors import ConfigError
 from distdl.models.checkpointing import checkpoint_transformer_layers
 from distdl.registry import WORKLOADS
@@ -164,6 +164,39 @@ def check_optimizer_source(source: warm_start.WarmStart, config: Config, same_po
                           "partitioned by these; set model.init_optimizer: false to start the optimizer afresh")
 
 
+def adopt_prepared_tokenizer(root: Path, run_dir: Path) -> None:
+    """With no tokenizer.name_or_path, a run that trains on prepared shards uses the tokenizer they were
+    made with (saved into the run like a trained one, so export finds it)."""
+    import shutil
+
+    target, theirs = run_dir / text.TOKENIZER_DIRNAME, root / text.TOKENIZER_DIRNAME
+    if (target / "tokenizer.json").is_file():
+        return  # the run's own, from its start: checked against the manifest like any other
+    if not (theirs / "tokenizer.json").is_file():
+        raise ConfigError(f"data.prepared_path: {theirs} holds no tokenizer.json; set tokenizer.name_or_path to the "
+                          "tokenizer the shards were made with")
+    shutil.copytree(theirs, target, dirs_exist_ok=True)
+
+
+def count_prepared_training_examples(data: text.TextDataSection, tokenizer: Any, seed: int) -> int:
+    """Check the prepared shards against this config and the files themselves (on the driver, before
+    any worker starts); the number of training examples they give."""
+    import math
+
+    root = prepared.prepared_root(data)
+    manifest = prepared.read_manifest(root)
+    expected = {"source": text.source_fingerprint(data), "settings": prepared.settings(data, tokenizer, seed)}
+    different = prepared.differences(manifest, expected)
+    if different:
+        raise ConfigError(f"data.prepared_path: the shards in {root} were not made from this config's corpus and "
+                          f"settings: {'; '.join(different)}. Prepare again into another folder, or fix the config")
+    prepared.check_shards(root, manifest)
+    examples = manifest["counts"]["examples"]
+    if examples < 2:
+        raise ConfigError(f"data.prepared_path: {root} holds only {examples} example(s); prepare more text")
+    return examples - math.ceil(data.eval_fraction * examples)  # datasets' train_test_split sizes
+
+
 def model_class(data: text.TextDataSection) -> type:
     """The stock transformers class that `distdl export` writes."""
     from transformers import BertForMaskedLM, BertForPreTraining
@@ -181,7 +214,8 @@ def training_class(data: text.TextDataSection) -> type:
 @WORKLOADS.register("bert_pretrain")
 class BertPretrain(Workload):
     sections = {"model": BertModelSection, "data": text.TextDataSection, "tokenizer": text.TokenizerSection}
-    path_keys = ("data.path", "data.cache_dir", "tokenizer.name_or_path", "model.config_path", "model.init_from")
+    path_keys = ("data.path", "data.cache_dir", "data.prepared_path", "tokenizer.name_or_path", "model.config_path",
+                 "model.init_from")
 
     def __init__(self, sections: dict[str, Any], context: WorkerContext) -> None:
         super().__init__(sections, context)
@@ -190,9 +224,13 @@ class BertPretrain(Workload):
         # Located once per worker: the model and the optimizer state both start from it.
         model = self.model_section
         self.warm_start = warm_start.locate(model.init_from, model.init_checkpoint) if model.init_from else None
-        raw = text.load_raw_corpus(self.data)
         self.tokenizer = text.load_tokenizer(sections["tokenizer"], context.run_dir)
-        blocks = text.tokenized_blocks(raw, self.tokenizer, self.data, context.seed)
+        if self.data.prepared_path:
+            root = prepared.prepared_root(self.data)
+            examples = prepared.load_examples(root, prepared.read_manifest(root))
+            blocks = text.split_train_eval(examples, self.data, context.seed, in_memory=True)
+        else:
+            blocks = text.tokenized_blocks(text.load_raw_corpus(self.data), self.tokenizer, self.data, context.seed)
         self.train_set = blocks["train"]
         self.eval_all = blocks["eval"]
         self.eval_shard = shards.shard_for_rank(self.eval_all, context.rank, context.world_size)
@@ -202,8 +240,9 @@ class BertPretrain(Workload):
         model, data = config.sections["model"], config.sections["data"]
         if model.config_path is None and model.preset not in PRESETS:
             raise ConfigError(f"model.preset={model.preset!r} is not allowed; allowed: {', '.join(PRESETS)}")
-        if data.path is None:
-            raise ConfigError("data.path is required: a text file, a folder of text files, or a hub dataset name")
+        if data.path is None and data.prepared_path is None:
+            raise ConfigError("data.path is required (a text file, a folder of text files, or a hub dataset name), "
+                              "or data.prepared_path (shards from distdl prepare)")
         if model.init_optimizer and model.init_from is None:
             raise ConfigError("model.init_optimizer: true needs model.init_from, the run whose optimizer state to take")
 
@@ -211,20 +250,25 @@ class BertPretrain(Workload):
     def prepare(cls, config: Config) -> int:
         """Train or check the tokenizer and fill the tokenization cache once, before the workers read it."""
         data, model = config.sections["data"], config.sections["model"]
-        raw = text.load_raw_corpus(data)
+        raw = None if data.prepared_path else text.load_raw_corpus(data)
         source = warm_start.locate(model.init_from, model.init_checkpoint) if model.init_from else None
         if source is not None and config.sections["tokenizer"].name_or_path is None:
             adopt_tokenizer(source, config.run_dir)
+        if data.prepared_path and config.sections["tokenizer"].name_or_path is None:
+            adopt_prepared_tokenizer(prepared.prepared_root(data), config.run_dir)
         tokenizer = text.prepare_tokenizer(raw, config.sections["tokenizer"], config.run_dir)
         if source is not None:
             check_warm_start(source, config, bert_config(model, tokenizer, data.max_seq_length))
-        blocks = text.tokenized_blocks(raw, tokenizer, data, config.run.seed)
-        if len(blocks["train"]) < config.trainer.global_batch_size:
+        if data.prepared_path:
+            train_count = count_prepared_training_examples(data, tokenizer, config.run.seed)
+        else:
+            train_count = len(text.tokenized_blocks(raw, tokenizer, data, config.run.seed)["train"])
+        if train_count < config.trainer.global_batch_size:
             raise ConfigError(
-                f"data.path: {len(blocks['train'])} training blocks of {data.max_seq_length} tokens are fewer than "
+                f"data.path: {train_count} training blocks of {data.max_seq_length} tokens are fewer than "
                 f"one global batch (trainer.global_batch_size={config.trainer.global_batch_size}); give more text"
             )
-        return len(blocks["train"])
+        return train_count
 
     def build_model(self) -> torch.nn.Module:
         model = training_class(self.data)(bert_config(self.model_section, self.tokenizer, self.data.max_seq_length))

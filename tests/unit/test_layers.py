@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "distdl"
 LAYERS = {
     "distdl.cli": 0,
     "distdl.cluster": 1,
-    "distdl.driver": 2, "distdl.studies.runner": 2, "distdl.report": 2,
+    "distdl.driver": 2, "distdl.studies.runner": 2, "distdl.report": 2, "distdl.preparation": 2,
     "distdl.loop": 3, "distdl.studies.jobs": 3,
     "distdl.engine": 4, "distdl.workloads": 4, "distdl.studies": 4, "distdl.tracking": 4, "distdl.optim": 4,
     "distdl.metrics": 4, "distdl.noise_scale": 4, "distdl.flops": 4, "distdl.profiling": 4,

@@ -1,0 +1,223 @@
+"""Prepared text shards: what `distdl prepare` writes and `distdl train` reads.
+
+A prepared folder (`data.prepared_path`) holds
+- `shards/shard-NNNNN.arrow`: the examples made from consecutive whole groups of corpus lines, as an
+  Arrow IPC stream in datasets' own cache format (`datasets.Dataset.from_file` maps it into memory);
+- `shards/shard-NNNNN.json`: that shard's record, written once the shard is whole;
+- `tokenizer/`: the tokenizer the shards were made with (trained on the corpus when none was named);
+- `manifest.json`: the source's fingerprint, the settings, the counts and every shard's record,
+  written last, so its presence says the preparation finished.
+
+Shards hold whole groups of `text.GROUP_LINES` lines, so the examples are the ones the in-process path
+makes from the raw corpus, in the same order: concatenated, they split into the same train and
+held-out sets (`text.split_train_eval`) and train in the same global order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from distdl.data import text
+from distdl.errors import ConfigError
+
+MANIFEST = "manifest.json"
+# Written when a preparation starts: a rerun after a crash goes on with the shards already made.
+IN_PROGRESS = "preparing.json"
+SHARDS_DIRNAME = "shards"
+FORMAT = "distdl-prepared-text"
+VERSION = 1
+
+
+def prepared_root(data: text.TextDataSection) -> Path:
+    if data.prepared_path is None:
+        raise ConfigError("data.prepared_path is required: the folder `distdl prepare` writes the shards to")
+    return Path(data.prepared_path).expanduser()
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """sha256 of the tokenizer's whole definition (vocabulary, normalizer, special tokens)."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+def settings(data: text.TextDataSection, tokenizer: Any, seed: int) -> dict[str, Any]:
+    """What the shards' content depends on besides the corpus."""
+    made = {"tokenizer_sha256": tokenizer_digest(tokenizer), "max_seq_length": data.max_seq_length,
+            "next_sentence_prediction": data.next_sentence_prediction}
+    if data.next_sentence_prediction:
+        made["seed"] = seed  # draws the sentence pairs; blocks do not depend on it
+    return made
+
+
+def differences(recorded: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """What differs between a manifest's source and settings and this config's, in words."""
+    found = []
+    for key in sorted(set(recorded["settings"]) | set(expected["settings"])):
+        theirs, ours = recorded["settings"].get(key), expected["settings"].get(key)
+        if theirs != ours:
+            what = "the tokenizer (sha256 of its tokenizer.json)" if key == "tokenizer_sha256" else key
+            found.append(f"{what}: prepared {_short(theirs)}, this config {_short(ours)}")
+    source, ours_source = recorded["source"], expected["source"]
+    if ours_source:  # a config without data.path trusts the manifest's source
+        found += _source_differences(source, ours_source)
+    return found
+
+
+def _short(value: Any) -> str:
+    return f"{value[:12]}..." if isinstance(value, str) and len(value) == 64 else repr(value)
+
+
+def _source_differences(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    if ("hub" in theirs) != ("hub" in ours) or theirs.get("hub") != ours.get("hub"):
+        return [f"the corpus: prepared from {theirs.get('hub') or theirs.get('path')}, "
+                f"this config's data.path is {ours.get('hub') or ours.get('path')}"]
+    found = [f"data.{key}: prepared {theirs.get(key)!r}, this config {ours.get(key)!r}"
+             for key in ("hub_config", "text_column") if theirs.get(key) != ours.get(key)]
+    their_files = {f["name"]: f for f in theirs.get("files", [])}
+    our_files = {f["name"]: f for f in ours.get("files", [])}
+    for name in sorted(set(their_files) | set(our_files)):
+        if name not in our_files:
+            found.append(f"corpus file {name}: prepared from it, absent from {ours['path']}")
+        elif name not in their_files:
+            found.append(f"corpus file {name}: in {ours['path']}, not prepared")
+        elif their_files[name] != our_files[name]:
+            found.append(f"corpus file {name}: changed since it was prepared (size or modification time)")
+    return found
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARDS_DIRNAME}/shard-{index:05d}.arrow"
+
+
+def make_shard(root: Path, index: int, first_line: int, lines: list[str], tokenizer: Any,
+               data: text.TextDataSection, seed: int, made_by: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """Tokenize one chunk of whole line groups, make its examples, and write them as shard `index`
+    (`made_by`: the node, recorded with it).
+
+    Written under a temporary name and renamed, then its record beside it: a shard with a record is whole.
+    """
+    if first_line % text.GROUP_LINES:
+        raise ValueError(f"a shard must start at a multiple of {text.GROUP_LINES} lines, not {first_line}")
+    started = time.perf_counter()
+    columns: dict[str, list] = {}
+    for begin in range(0, len(lines), text.GROUP_LINES):
+        ids = text.token_ids(tokenizer, lines[begin : begin + text.GROUP_LINES])
+        if data.next_sentence_prediction:
+            made = text.pair_sentences(tokenizer, ids, first_line + begin, data.max_seq_length, seed)
+        else:
+            made = {"input_ids": text.cut_blocks(tokenizer, ids, data.max_seq_length)}
+        for column, values in made.items():
+            columns.setdefault(column, []).extend(values)
+    path = root / shard_name(index)
+    _write_arrow(path, columns)
+    tokens = sum(map(len, columns["input_ids"])) if not data.next_sentence_prediction else sum(
+        map(sum, columns["attention_mask"]))
+    record = {"file": shard_name(index), "first_line": first_line, "lines": len(lines),
+              "rows": len(columns["input_ids"]), "tokens": tokens, "bytes": path.stat().st_size,
+              "sha256": file_digest(path), "seconds": round(time.perf_counter() - started, 3), **(made_by or {})}
+    _write_json(path.with_suffix(".json"), record)
+    return record
+
+
+FEATURES = {"input_ids": ("int32",), "token_type_ids": ("int8",), "attention_mask": ("int8",),
+            "next_sentence_label": "int64"}
+
+
+def _write_arrow(path: Path, columns: dict[str, list]) -> None:
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    # The types datasets.map gives these columns in the in-process path (its OptimizedTypedSequence).
+    features = datasets.Features({
+        name: datasets.Sequence(datasets.Value(kind[0])) if isinstance(kind, tuple) else datasets.Value(kind)
+        for name, kind in FEATURES.items() if name in columns})
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with ArrowWriter(features=features, path=str(partial)) as writer:
+        writer.write_batch(columns)
+        writer.finalize()
+    partial.replace(path)
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial.write_text(json.dumps(value, indent=1) + "\n")
+    partial.replace(path)
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def finished_shard(root: Path, index: int) -> Optional[dict[str, Any]]:
+    """The record of shard `index` if an earlier, interrupted preparation finished it."""
+    record_path = (root / shard_name(index)).with_suffix(".json")
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    shard = root / record["file"]
+    return record if shard.is_file() and shard.stat().st_size == record["bytes"] else None
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    if not path.is_file():
+        hint = (" (a preparation started there and did not finish: run distdl prepare again to complete it)"
+                if (root / IN_PROGRESS).is_file() else " (run distdl prepare with this config first)")
+        raise ConfigError(f"data.prepared_path: {path} does not exist{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"data.prepared_path: {path} is damaged ({err}); prepare again into a new folder") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ConfigError(f"data.prepared_path: {path} is not a distdl prepared-text manifest of version {VERSION} "
+                          f"(format {manifest.get('format')!r}, version {manifest.get('version')!r})")
+    return manifest
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    _write_json(root / MANIFEST, {"format": FORMAT, "version": VERSION, **manifest})
+
+
+def check_shards(root: Path, manifest: dict[str, Any], digests: bool = False) -> None:
+    """Every shard the manifest lists is there, whole, and readable with the rows it recorded; with
+    `digests`, also unchanged byte for byte (sha256, which reads every shard)."""
+    for record in manifest["shards"]:
+        path = root / record["file"]
+        if not path.is_file():
+            raise ConfigError(f"data.prepared_path: shard {path} is missing; prepare again into a new folder")
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            raise ConfigError(f"data.prepared_path: shard {path} has {size} bytes, the manifest recorded "
+                              f"{record['bytes']}: it is partial or was altered; prepare again into a new folder")
+        rows = _readable_rows(path)
+        if rows != record["rows"]:
+            raise ConfigError(f"data.prepared_path: shard {path} holds {rows} rows, the manifest recorded "
+                              f"{record['rows']}; prepare again into a new folder")
+        if digests and file_digest(path) != record["sha256"]:
+            raise ConfigError(f"data.prepared_path: shard {path} is corrupt: its sha256 differs from the "
+                              "manifest's; prepare again into a new folder")
+
+
+def _readable_rows(path: Path) -> int:
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as source:
+            return pa.ipc.open_stream(source).read_all().num_rows
+    except (pa.ArrowException, OSError) as err:
+        raise ConfigError(f"data.prepared_path: shard {path} is corrupt: not a readable Arrow stream ({err}); "
+                          "prepare again into a new folder") from None
+
+
+def load_examples(root: Path, manifest: dict[str, Any]) -> Any:
+    """All prepared examples as one `datasets.Dataset`, memory-mapped from the shards in order."""
+    import datasets
+
+    return datasets.concatenate_datasets([datasets.Dataset.from_file(str(root / r["file"])) for r in manifest["shards"]])

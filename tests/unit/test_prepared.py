@@ -1,0 +1,141 @@
+"""Prepared text shards without Ray: the lines `distdl prepare` reads are the ones datasets' loader
+reads, shards made chunk by chunk hold exactly the in-process path's examples, and a manifest or
+shard that does not fit the config is refused naming the file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distdl.data import prepared, text
+from distdl.errors import ConfigError
+from tests.unit.test_text_data import english_like_lines
+
+SEQ = 32
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """3,600 lines over two files, with empty and blank lines between them."""
+    folder = tmp_path_factory.mktemp("corpus")
+    lines = english_like_lines(3600, seed=3)
+    (folder / "a.txt").write_text("\n".join(lines[:1700]) + "\n\n  \n")
+    (folder / "b.txt").write_text("\n".join(lines[1700:]) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory, corpus):
+    data = text.TextDataSection(path=str(corpus))
+    return text.train_tokenizer(text.corpus_line_batches(data), text.TokenizerSection(vocab_size=500),
+                                tmp_path_factory.mktemp("tok") / "tokenizer")
+
+
+def test_lines_are_the_ones_datasets_reads(tmp_path):
+    """Python's line reading splits as datasets' text loader does: CRLF, a lone CR, form feeds and
+    Unicode spaces, blank lines, no final newline, several files in order."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "1.txt").write_bytes("one\r\ntwo\rthree\n\n   \n\u00a0\n four \x0cfive\n".encode())
+    (tmp_path / "corpus" / "2.txt").write_bytes("caf\u00e9\u2028next\nlast without newline".encode())
+    data = text.TextDataSection(path=str(tmp_path / "corpus"))
+    streamed = [line for batch in text.corpus_line_batches(data, batch_lines=2) for line in batch]
+    assert streamed == text.load_raw_corpus(data)["text"]
+    assert "two" in streamed and "last without newline" in streamed and "\u00a0" not in streamed
+
+
+@pytest.mark.parametrize("nsp", [False, True], ids=["mlm-blocks", "nsp-pairs"])
+def test_shards_hold_the_in_process_examples_in_order(tmp_path, corpus, tokenizer, nsp):
+    data = text.TextDataSection(path=str(corpus), max_seq_length=SEQ, next_sentence_prediction=nsp,
+                                eval_fraction=0.1, lines_per_shard=2000)
+    lines = [line for batch in text.corpus_line_batches(data) for line in batch]
+    records = [prepared.make_shard(tmp_path, index, first, lines[first : first + 2000], tokenizer, data, seed=5)
+               for index, first in enumerate(range(0, len(lines), 2000))]
+    prepared.write_manifest(tmp_path, {"shards": records})
+    examples = prepared.load_examples(tmp_path, prepared.read_manifest(tmp_path))
+    reference = text.tokenized_blocks(text.load_raw_corpus(data), tokenizer, data, seed=5)
+    ours = text.split_train_eval(examples, data, seed=5, in_memory=True)
+    assert len(records) == 2 and sum(r["lines"] for r in records) == len(lines) == 3600
+    for split in ("train", "eval"):
+        assert ours[split].to_dict() == reference[split].to_dict()
+    assert examples.features == reference["train"].features
+    written = {f"shard-0000{i}.{suffix}" for i in range(2) for suffix in ("arrow", "json")}
+    assert {p.name for p in (tmp_path / "shards").iterdir()} == written, "reading writes nothing beside the shards"
+    if nsp:
+        assert 0 < sum(examples["next_sentence_label"]) < len(examples)
+
+
+@pytest.fixture()
+def shard_folder(tmp_path, corpus, tokenizer):
+    data = text.TextDataSection(path=str(corpus), max_seq_length=SEQ, lines_per_shard=1000)
+    lines = [line for batch in text.corpus_line_batches(data) for line in batch]
+    records = [prepared.make_shard(tmp_path, i, first, lines[first : first + 1000], tokenizer, data, seed=0)
+               for i, first in enumerate(range(0, len(lines), 1000))]
+    manifest = {"source": text.source_fingerprint(data), "settings": prepared.settings(data, tokenizer, 0),
+                "shards": records}
+    prepared.write_manifest(tmp_path, manifest)
+    return tmp_path, data
+
+
+def test_a_manifest_from_another_tokenizer_or_corpus_says_what_differs(shard_folder, corpus, minilm):
+    from transformers import AutoTokenizer
+
+    root, data = shard_folder
+    manifest = prepared.read_manifest(root)
+    other_tokenizer = AutoTokenizer.from_pretrained(minilm)
+    expected = {"source": text.source_fingerprint(data), "settings": prepared.settings(data, other_tokenizer, 0)}
+    assert prepared.differences(manifest, expected) == [
+        f"the tokenizer (sha256 of its tokenizer.json): prepared {manifest['settings']['tokenizer_sha256'][:12]}..., "
+        f"this config {prepared.tokenizer_digest(other_tokenizer)[:12]}..."]
+    longer = text.TextDataSection(path=str(corpus), max_seq_length=64)
+    changed = {"source": dict(manifest["source"]), "settings": dict(manifest["settings"], max_seq_length=64)}
+    changed["source"]["files"] = [dict(f, bytes=f["bytes"] + 1) if f["name"] == "b.txt" else f
+                                  for f in changed["source"]["files"]]
+    assert prepared.differences(manifest, changed) == [
+        "max_seq_length: prepared 32, this config 64",
+        "corpus file b.txt: changed since it was prepared (size or modification time)"]
+    assert longer.max_seq_length == 64
+    assert prepared.differences(manifest, {"source": {}, "settings": manifest["settings"]}) == []
+
+
+def test_a_missing_partial_or_corrupt_shard_is_named(shard_folder):
+    root, _ = shard_folder
+    manifest = prepared.read_manifest(root)
+    prepared.check_shards(root, manifest, digests=True)
+    first, second, third = (root / r["file"] for r in manifest["shards"][:3])
+    whole = first.read_bytes()
+
+    first.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ConfigError, match=rf"shard {first} has {len(whole) // 2} bytes.*partial or was altered"):
+        prepared.check_shards(root, manifest)
+    first.write_bytes(b"\0" * 64 + whole[64:])
+    with pytest.raises(ConfigError, match=rf"shard {first} is corrupt: not a readable Arrow stream"):
+        prepared.check_shards(root, manifest)
+    first.write_bytes(whole)
+
+    body = bytearray(second.read_bytes())
+    body[-200] ^= 0xFF  # a flipped bit inside the data: only the digest sees it
+    second.write_bytes(bytes(body))
+    prepared.check_shards(root, manifest)
+    with pytest.raises(ConfigError, match=rf"shard {second} is corrupt: its sha256 differs"):
+        prepared.check_shards(root, manifest, digests=True)
+
+    third.unlink()
+    with pytest.raises(ConfigError, match=rf"shard {third} is missing"):
+        prepared.check_shards(root, manifest)
+
+    (root / prepared.MANIFEST).write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ConfigError, match="is not a distdl prepared-text manifest"):
+        prepared.read_manifest(root)
+    (root / prepared.MANIFEST).unlink()
+    with pytest.raises(ConfigError, match=r"manifest.json does not exist \(run distdl prepare"):
+        prepared.read_manifest(root)
