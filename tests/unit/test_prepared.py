@@ -35,10 +35,18 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory, corpus):
+def tokenizer_dir(tmp_path_factory, corpus) -> Path:
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
     data = text.TextDataSection(path=str(corpus))
-    return text.train_tokenizer(text.corpus_line_batches(data), text.TokenizerSection(vocab_size=500),
-                                tmp_path_factory.mktemp("tok") / "tokenizer")
+    text.train_tokenizer(text.corpus_line_batches(data), text.TokenizerSection(vocab_size=500), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
 def test_lines_are_the_ones_datasets_reads(tmp_path):
@@ -139,3 +147,73 @@ def test_a_missing_partial_or_corrupt_shard_is_named(shard_folder):
     (root / prepared.MANIFEST).unlink()
     with pytest.raises(ConfigError, match=r"manifest.json does not exist \(run distdl prepare"):
         prepared.read_manifest(root)
+
+
+# ----------------------------------------------------------------------------- refusals before Ray starts
+
+TINY = Path(__file__).resolve().parents[2] / "configs/bert/pretrain_tiny.yaml"
+
+
+def no_ray(config) -> None:
+    raise AssertionError("this case must be settled before Ray starts")
+
+
+def tiny_config(corpus: Path, tokenizer_dir: Path, root: Path, *extra: str):
+    from distdl.config import load_config
+
+    return load_config(TINY, [f"data.path={corpus}", f"data.prepared_path={root}", f"tokenizer.name_or_path={tokenizer_dir}",
+                              f"data.max_seq_length={SEQ}", "data.lines_per_shard=1000", f"run.storage_path={root.parent}",
+                              *extra])
+
+
+def test_prepare_refuses_what_it_cannot_prepare_and_leaves_it_alone(tmp_path, corpus, tokenizer_dir):
+    from distdl.config import load_config
+    from distdl.preparation import prepare
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    cases = {
+        "which is not a distdl preparation, and is left as it is": tiny_config(corpus, tokenizer_dir, foreign),
+        "data.lines_per_shard=1500 must be a multiple of 1000": tiny_config(
+            corpus, tokenizer_dir, tmp_path / "new", "data.lines_per_shard=1500"),
+        "data.prepared_path is required": load_config(TINY, [f"data.path={corpus}"]),
+        "workload 'resnet' has no preparation step": load_config(
+            TINY.parents[1] / "resnet/mnist_laptop.yaml", [f"data.path={tmp_path}"]),
+    }
+    for message, config in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            prepare(config, no_ray)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"] and (foreign / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "new").exists()
+
+
+def test_prepare_verifies_a_finished_preparation_and_refuses_other_settings(shard_folder, corpus, tokenizer_dir,
+                                                                               capsys):
+    from distdl.preparation import prepare
+
+    root, _ = shard_folder
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert prepare(tiny_config(corpus, tokenizer_dir, root), no_ray) == prepared.read_manifest(root)
+    assert "already prepared from this corpus and settings; its 4 shards are whole (sha256 checked)" in \
+        capsys.readouterr().out
+    with pytest.raises(ConfigError, match="prepared from another corpus or settings, and is left as it is: "
+                                          "max_seq_length: prepared 32, this config 64"):
+        prepare(tiny_config(corpus, tokenizer_dir, root, "data.max_seq_length=64"), no_ray)
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+
+
+def test_training_refuses_shards_that_do_not_fit_its_config(shard_folder, corpus, tokenizer_dir, minilm):
+    from distdl.workloads.bert_pretrain import BertPretrain
+
+    root, _ = shard_folder
+    config = tiny_config(corpus, tokenizer_dir, root, "trainer.micro_batch_size=4", "trainer.global_batch_size=8")
+    manifest = prepared.read_manifest(root)
+    total = sum(r["rows"] for r in manifest["shards"])
+    prepared.write_manifest(root, {**manifest, "counts": {"examples": total}})
+    assert BertPretrain.prepare(config) == total - -(-total * 5 // 100)  # 5% held out, rounded up
+    with pytest.raises(ConfigError, match=r"were not made from this config's corpus and settings: the tokenizer"):
+        BertPretrain.prepare(tiny_config(corpus, minilm, root, "trainer.micro_batch_size=4", "trainer.global_batch_size=8"))
+    (root / prepared.shard_name(2)).write_bytes(b"")
+    with pytest.raises(ConfigError, match=rf"shard {root / prepared.shard_name(2)} has 0 bytes"):
+        BertPretrain.prepare(config)

@@ -1,0 +1,121 @@
+"""`distdl prepare` on a real 2-node Ray cluster (two `ray start` nodes on this host, on their own
+ports, started as the Slurm job starts them): both nodes write shards, the manifest says which, an
+interrupted preparation goes on where it stopped, and training from the shards is training from the
+raw corpus."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from distdl.config import load_config
+from distdl.data import prepared, text
+from distdl.rundir import read_metrics
+from tests.cluster.test_ray_cluster import free_port
+
+pytestmark = pytest.mark.distributed
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs/bert/pretrain_tiny.yaml"
+
+
+def port_block() -> int:
+    """The first of 100 free ports (ray_node pins every port of a node to its block)."""
+    while True:
+        base = free_port() // 100 * 100
+        if 20000 <= base <= 60000 and all(_free(base + offset) for offset in (0, 1, 2, 3, 10)):
+            return base
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    """A head and a worker node of one CPU each, with a token of their own."""
+    home = tmp_path_factory.mktemp("cluster-home")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_AUTH")}
+    env.update(HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    nodes, temp_dirs, head_base = [], [], port_block()
+    address = f"127.0.0.1:{head_base}"
+    try:
+        for role, base in ((["--head"], head_base), ([f"--address={address}"], port_block() + 100)):
+            temp_dir = tempfile.mkdtemp(prefix="distdl-prep-", dir="/tmp")  # short: Unix socket paths
+            temp_dirs.append(temp_dir)
+            command = [sys.executable, "-m", "distdl.cluster.ray_node", "start", *role, f"--port-base={base}",
+                       "--num-cpus=1", f"--temp-dir={temp_dir}"]
+            nodes.append(subprocess.Popen(command, env=env, cwd=home, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+            wait = [sys.executable, "-m", "distdl.cluster.ray_node", "wait", f"--address={address}",
+                    f"--nodes={len(nodes)}", "--timeout=180"]
+            subprocess.run(wait, env=env, check=True, capture_output=True, timeout=240)
+        yield {"address": address, "env": env}
+    finally:
+        for node in reversed(nodes):  # ray_node takes its node's whole process tree down on SIGTERM
+            node.terminate()
+            node.wait(timeout=60)
+        for temp_dir in temp_dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def distdl(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "distdl.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_prepare_spreads_over_both_nodes_and_training_from_shards_equals_training_from_text(
+        two_nodes, tmp_path, corpus, local_workers):
+    tokenizer_dir = tmp_path / "tokenizer"
+    text.train_tokenizer(text.corpus_line_batches(text.TextDataSection(path=str(corpus))),
+                         text.TokenizerSection(vocab_size=1000), tokenizer_dir)
+    root = tmp_path / "prepared"
+    settings = [f"data.path={corpus}", f"tokenizer.name_or_path={tokenizer_dir}", "data.max_seq_length=32"]
+    prepare = ["prepare", str(TINY), *settings, f"data.prepared_path={root}", "data.lines_per_shard=1000",
+               f"ray.address={two_nodes['address']}"]
+    done = distdl(*prepare, env=two_nodes["env"])
+    manifest = prepared.read_manifest(root)
+    assert len(manifest["nodes"]) == 2, manifest["nodes"]  # SPREAD: every node wrote shards
+    assert {r["node_id"] for r in manifest["shards"]} == set(manifest["nodes"])
+    assert manifest["counts"]["shards"] == len(manifest["shards"]) == 3
+    assert manifest["counts"]["lines"] == sum(len(b) for b in text.corpus_line_batches(text.TextDataSection(path=str(corpus))))
+    assert f"in 3 shards from 2 node(s) at {root}" in done.stdout
+    assert done.stdout.count("distdl: prepare: shards/shard-") == 3  # a plain line per shard in a log
+
+    # Interrupted after two shards: the rerun makes the third only, and the same manifest.
+    (root / prepared.MANIFEST).unlink()
+    (root / prepared.shard_name(2)).with_suffix(".json").unlink()
+    (root / prepared.IN_PROGRESS).write_text(json.dumps({k: manifest[k] for k in ("source", "settings")}))
+    rerun = distdl(*prepare, env=two_nodes["env"])
+    assert rerun.stdout.count("made earlier") == 2 and "shard-00002.arrow on " in rerun.stdout
+    again = prepared.read_manifest(root)
+    assert [r["sha256"] for r in again["shards"]] == [r["sha256"] for r in manifest["shards"]]
+    assert not (root / prepared.IN_PROGRESS).exists()
+
+    # Training: from the shards (no data.path: the manifest is the source) and from the raw corpus.
+    losses = {}
+    for name, data in {"shards": ["data.path=null", f"data.prepared_path={root}"], "text": []}.items():
+        config = load_config(TINY, [*settings, *data, f"run.storage_path={tmp_path}", f"run.name={name}",
+                                    "trainer.max_steps=3", "trainer.micro_batch_size=8", "trainer.global_batch_size=16",
+                                    "trainer.log_every=1", "trainer.eval_every=3", "trainer.checkpoint_every=0",
+                                    "tracking.wandb_mode=disabled", "tracking.progress_bar=false"])
+        summary = local_workers.train(config)
+        losses[name] = [row["loss"] for row in read_metrics(config.run_dir) if "loss" in row]
+        losses[name].append(summary["final"]["eval_loss"])
+    assert len(losses["shards"]) == 4 and losses["shards"] == losses["text"]
