@@ -175,8 +175,9 @@ def run_prepare(config_path: str, overrides: list[str]) -> int:
     config = load_config(config_path, overrides)
     manifest = prepare(config, connect_ray)
     counts, root = manifest["counts"], config.sections["data"].prepared_path
-    print(f"distdl: prepared {counts['lines']:,} lines into {counts['examples']:,} examples ({counts['tokens']:,} tokens) "
-          f"in {counts['shards']} shards from {len(manifest['nodes'])} node(s) at {root}")
+    what = (f"{counts['lines']:,} lines into {counts['examples']:,} examples ({counts['tokens']:,} tokens)"
+            if "lines" in counts else f"{counts['examples']:,} images ({counts['bytes'] / 2**20:,.1f} MiB)")
+    print(f"distdl: prepared {what} in {counts['shards']} shards from {len(manifest['nodes'])} node(s) at {root}")
     print(f"distdl: train from them with data.prepared_path={root}")
     return 0
 

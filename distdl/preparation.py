@@ -1,10 +1,14 @@
-"""`distdl prepare`: a text corpus tokenized into shards by Ray tasks spread over the cluster's nodes.
+"""`distdl prepare`: data made ready once, by Ray tasks spread over the cluster's nodes.
 
-The driver reads the corpus's lines once, in order (a local file at ~4 million lines a second here, a
-hub corpus as a stream, never landing whole on a disk), and hands out chunks of whole line groups;
-each Ray task, on whichever node Ray's SPREAD placement gives it, tokenizes its chunk, makes the
-examples and writes them as one shard into `data.prepared_path`. At most a window of chunks is in
-flight, so the driver's memory stays bounded however large the corpus. The manifest comes last.
+A text corpus (bert_pretrain): the driver reads the corpus's lines once, in order (a local file at ~4
+million lines a second here, a hub corpus as a stream, never landing whole on a disk), and hands out
+chunks of whole line groups; each task tokenizes its chunk, makes the examples and writes one shard.
+An ImageFolder (data.dataset=imagefolder): the driver lists the files as torchvision's ImageFolder
+does, and each task packs a chunk of them, bytes as they are, into one shard.
+
+Tasks go where Ray's SPREAD placement puts them and write into `data.prepared_path`. At most a window
+of chunks is in flight, so the driver's memory stays bounded however large the data. The manifest
+comes last.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from distdl.config import Config
-from distdl.data import prepared, text
+from distdl.data import packed_images, prepared, text, vision
 from distdl.errors import ConfigError
 
 # Chunks in flight per CPU of the cluster: one being tokenized and one waiting, so no core idles
@@ -27,39 +31,81 @@ MAX_IN_FLIGHT = 256
 
 
 def prepare(config: Config, connect: Callable[[Config], None]) -> dict[str, Any]:
-    """Prepare (or finish preparing, or verify) the shards of `config`'s corpus; the manifest."""
-    data = _text_data(config)
-    root = prepared.prepared_root(data)
+    """Prepare (or finish preparing, or verify) `config`'s data at data.prepared_path; the manifest."""
+    data = config.sections.get("data")
+    if isinstance(data, text.TextDataSection):
+        return _prepare_text(config, data, connect)
+    if isinstance(data, vision.VisionDataSection) and data.dataset == "imagefolder":
+        return _prepare_images(config, data, connect)
+    raise ConfigError(f"distdl prepare: workload {config.workload!r} with this data has no preparation step; it "
+                      "prepares bert_pretrain's text corpora and packs data.dataset=imagefolder folders")
+
+
+def _prepare_text(config: Config, data: text.TextDataSection, connect: Callable[[Config], None]) -> dict[str, Any]:
+    root = _root(data)
     if data.lines_per_shard % text.GROUP_LINES:
         raise ConfigError(f"data.lines_per_shard={data.lines_per_shard} must be a multiple of {text.GROUP_LINES}")
     _refuse_foreign_folder(root)
     tokenizer = _tokenizer(config, root)
     expected = {"source": text.source_fingerprint(data), "settings": prepared.settings(data, tokenizer, config.run.seed)}
     if (root / prepared.MANIFEST).exists():
-        return _verify_existing(root, expected)
+        return _verify_existing(root, expected, "text")
     _claim(root, expected)
     connect(config)
     started = time.perf_counter()
-    records = _make_shards(root, tokenizer, data, config.run.seed)
-    manifest = {**expected, "lines_per_shard": data.lines_per_shard, "counts": _counts(records),
+    tokenizer_ref = _put(tokenizer)
+    chunks = ((prepared.shard_name(index), (str(root), index, first_line, lines, tokenizer_ref, data, config.run.seed))
+              for index, first_line, lines in _line_chunks(data))
+    records = _fan_out(root, make_text_shard_on_node, chunks, unit="lines")
+    if not records:
+        raise ConfigError(f"data.path: corpus {data.path} holds no non-empty lines")
+    manifest = {**expected, "lines_per_shard": data.lines_per_shard, "counts": _counts(records, "lines", "tokens"),
                 "nodes": _nodes(records), "seconds": round(time.perf_counter() - started, 2), "shards": records}
-    prepared.write_manifest(root, manifest)
-    (root / prepared.IN_PROGRESS).unlink()
-    return prepared.read_manifest(root)
+    return _finish(root, manifest, "text")
 
 
-def _text_data(config: Config) -> text.TextDataSection:
-    data = config.sections.get("data")
-    if not isinstance(data, text.TextDataSection):
-        raise ConfigError(f"distdl prepare: workload {config.workload!r} has no preparation step; it prepares the "
-                          "text corpora of bert_pretrain")
+def _prepare_images(config: Config, data: vision.VisionDataSection, connect: Callable[[Config], None]) -> dict[str, Any]:
+    """Pack train/ and val/ into shards of data.images_per_shard files each, in ImageFolder's order."""
+    root = _root(data)
+    folder = Path(data.path).expanduser()
+    _refuse_foreign_folder(root)
+    listings = {split: packed_images.listing(folder, split) for split in packed_images.SPLITS}
+    expected = {"source": packed_images.source_fingerprint(folder, listings), "settings": {}}
+    train_classes, val_classes = (expected["source"]["splits"][s]["classes"] for s in packed_images.SPLITS)
+    if train_classes != val_classes:
+        only = sorted(set(train_classes) ^ set(val_classes))
+        raise ConfigError(f"data.path: {folder}/train and {folder}/val hold different classes (in one only: {only[:5]})")
+    if (root / prepared.MANIFEST).exists():
+        return _verify_existing(root, expected, "images")
+    _claim(root, expected)
+    connect(config)
+    started = time.perf_counter()
+    records = []
+    for split in packed_images.SPLITS:
+        _, samples = listings[split]
+        size = data.images_per_shard
+        chunks = ((prepared.shard_name(index, split),
+                   (str(root), split, index, first, str(folder / split), samples[first : first + size]))
+                  for index, first in enumerate(range(0, len(samples), size)))
+        records += _fan_out(root, make_image_shard_on_node, chunks, unit="images")
+    manifest = {**expected, "images_per_shard": data.images_per_shard, "counts": _counts(records, "rows", "bytes"),
+                "nodes": _nodes(records), "seconds": round(time.perf_counter() - started, 2), "shards": records}
+    return _finish(root, manifest, "images")
+
+
+def _root(data: Any) -> Path:
     if data.prepared_path is None:
         raise ConfigError("data.prepared_path is required: the folder (shared by the cluster's nodes) to write "
                           "the shards to")
     if data.path is None:
-        raise ConfigError("data.path is required: the corpus to prepare (a text file, a folder of text files, "
-                          "or a hub dataset name)")
-    return data
+        raise ConfigError("data.path is required: the data to prepare")
+    return Path(data.prepared_path).expanduser()
+
+
+def _finish(root: Path, manifest: dict[str, Any], kind: str) -> dict[str, Any]:
+    prepared.write_manifest(root, manifest, kind)
+    (root / prepared.IN_PROGRESS).unlink()
+    return prepared.read_manifest(root, kind)
 
 
 def _tokenizer(config: Config, root: Path) -> Any:
@@ -79,13 +125,13 @@ def _tokenizer(config: Config, root: Path) -> Any:
     return tokenizer
 
 
-def _verify_existing(root: Path, expected: dict[str, Any]) -> dict[str, Any]:
-    manifest = prepared.read_manifest(root)
+def _verify_existing(root: Path, expected: dict[str, Any], kind: str) -> dict[str, Any]:
+    manifest = prepared.read_manifest(root, kind)
     different = prepared.differences(manifest, expected)
     if different:
         raise ConfigError(f"data.prepared_path: {root} was prepared from another corpus or settings, and is left "
                           f"as it is: {'; '.join(different)}. Prepare into a new folder")
-    prepared.check_shards(root, manifest, digests=True)
+    prepared.check_shards(root, manifest["shards"], digests=True)
     print(f"distdl: {root} is already prepared from this corpus and settings; its {len(manifest['shards'])} "
           "shards are whole (sha256 checked)")
     return manifest
@@ -119,7 +165,7 @@ def _refuse_foreign_folder(root: Path) -> None:
                           "distdl preparation, and is left as it is; choose an empty or new folder")
 
 
-def _chunks(data: text.TextDataSection) -> Iterator[tuple[int, int, list[str]]]:
+def _line_chunks(data: text.TextDataSection) -> Iterator[tuple[int, int, list[str]]]:
     """(shard index, first line, lines): whole groups of lines, lines_per_shard at a time."""
     index, first_line, lines = 0, 0, []
     for batch in text.corpus_line_batches(data):
@@ -131,79 +177,97 @@ def _chunks(data: text.TextDataSection) -> Iterator[tuple[int, int, list[str]]]:
         yield index, first_line, lines
 
 
-def make_shard_on_node(root: str, index: int, first_line: int, lines: list[str], tokenizer: Any,
-                       data: text.TextDataSection, seed: int) -> dict[str, Any]:
-    """A Ray task's body: one shard, with the node that made it."""
+def _node() -> dict[str, str]:
     import ray
 
-    node = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
-    return prepared.make_shard(Path(root), index, first_line, lines, tokenizer, data, seed, node)
+    return {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
 
 
-def _make_shards(root: Path, tokenizer: Any, data: text.TextDataSection, seed: int) -> list[dict[str, Any]]:
+def make_text_shard_on_node(root: str, index: int, first_line: int, lines: list[str], tokenizer: Any,
+                            data: text.TextDataSection, seed: int) -> dict[str, Any]:
+    """A Ray task's body: one text shard, with the node that made it."""
+    return prepared.make_text_shard(Path(root), index, first_line, lines, tokenizer, data, seed, _node())
+
+
+def make_image_shard_on_node(root: str, split: str, index: int, first: int, folder: str,
+                             samples: list[tuple[str, int]]) -> dict[str, Any]:
+    """A Ray task's body: one packed image shard, with the node that made it."""
+    return packed_images.make_image_shard(Path(root), split, index, first, folder, samples, _node())
+
+
+def _put(value: Any) -> Any:
     import ray
 
-    # One core per task: the tokenizer's own threads would contend with the other tasks on the node.
-    task = ray.remote(num_cpus=1)(make_shard_on_node).options(
+    return ray.put(value)
+
+
+def _fan_out(root: Path, body: Callable[..., dict[str, Any]], chunks: Iterable[tuple[str, tuple]],
+             unit: str) -> list[dict[str, Any]]:
+    """Run `body(*args)` as a Ray task for each (shard name, args) whose shard is not already whole,
+    at most a window at a time; every shard's record, in the chunks' order."""
+    import ray
+
+    # One core per task: a tokenizer's own threads would contend with the other tasks on the node.
+    task = ray.remote(num_cpus=1)(body).options(
         scheduling_strategy="SPREAD", runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     window = min(MAX_IN_FLIGHT, IN_FLIGHT_PER_CPU * max(int(ray.cluster_resources().get("CPU", 1)), 1))
-    tokenizer_ref = ray.put(tokenizer)
-    records: dict[int, dict[str, Any]] = {}
+    records: dict[str, dict[str, Any]] = {}
+    names: list[str] = []
     pending: list[Any] = []
-    progress = Progress(root)
-    for index, first_line, lines in _chunks(data):
-        if (done := prepared.finished_shard(root, index)) is not None:
-            records[index] = done  # made by an interrupted run of this preparation
+    progress = Progress(root, unit)
+    for name, args in chunks:
+        names.append(name)
+        if (done := prepared.finished_shard(root, name)) is not None:
+            records[name] = done  # made by an interrupted run of this preparation
             progress.shard(done, resumed=True)
             continue
         while len(pending) >= window:
             ready, pending = ray.wait(pending, num_returns=1)
             _collect(ray.get(ready), records, progress)
-        pending.append(task.remote(str(root), index, first_line, lines, tokenizer_ref, data, seed))
+        pending.append(task.remote(*args))
     _collect(ray.get(pending), records, progress)
     progress.close()
-    if not records:
-        raise ConfigError(f"data.path: corpus {data.path} holds no non-empty lines")
-    return [records[index] for index in sorted(records)]
+    return [records[name] for name in names]
 
 
-def _collect(done: list[dict[str, Any]], records: dict[int, dict[str, Any]], progress: "Progress") -> None:
+def _collect(done: list[dict[str, Any]], records: dict[str, dict[str, Any]], progress: "Progress") -> None:
     for record in done:
-        records[int(record["file"].rsplit("-", 1)[1].split(".")[0])] = record
+        records[record["file"]] = record
         progress.shard(record)
 
 
 class Progress:
-    """A live bar in a terminal; one plain line per shard in a log file."""
+    """A live bar in a terminal; one plain line per shard in a log file. Counts `unit` (lines, images)."""
 
-    def __init__(self, root: Path) -> None:
-        self.started, self.lines, self.tokens, self.shards = time.perf_counter(), 0, 0, 0
+    def __init__(self, root: Path, unit: str) -> None:
+        self.started, self.done, self.shards, self.unit = time.perf_counter(), 0, 0, unit
         self.bar = None
         if sys.stdout.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(desc=f"preparing {root.name}", unit=" lines", unit_scale=True)
+            self.bar = tqdm(desc=f"preparing {root.name}", unit=f" {unit}", unit_scale=True)
 
     def shard(self, record: dict[str, Any], resumed: bool = False) -> None:
-        self.lines, self.tokens, self.shards = self.lines + record["lines"], self.tokens + record["tokens"], self.shards + 1
-        rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+        count = record["lines"] if self.unit == "lines" else record["rows"]
+        self.done, self.shards = self.done + count, self.shards + 1
+        rate = self.done / max(time.perf_counter() - self.started, 1e-9)
         if self.bar is not None:
-            self.bar.update(record["lines"])
-            self.bar.set_postfix(shards=self.shards, tokens_per_s=f"{rate:,.0f}")
+            self.bar.update(count)
+            self.bar.set_postfix(shards=self.shards)
             return
         where = "made earlier" if resumed else f"on {record.get('hostname', '?')}"
-        print(f"distdl: prepare: {record['file']} {where}: {record['lines']:,} lines, {record['rows']:,} examples; "
-              f"{self.lines:,} lines, {self.tokens:,} tokens so far ({rate:,.0f} tokens/s)", flush=True)
+        print(f"distdl: prepare: {record['file']} {where}: {count:,} {self.unit}, {record['rows']:,} rows; "
+              f"{self.done:,} {self.unit} so far ({rate:,.0f} {self.unit}/s)", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def _counts(records: list[dict[str, Any]]) -> dict[str, int]:
-    return {"shards": len(records), "lines": sum(r["lines"] for r in records),
-            "examples": sum(r["rows"] for r in records), "tokens": sum(r["tokens"] for r in records),
-            "bytes": sum(r["bytes"] for r in records)}
+def _counts(records: list[dict[str, Any]], *summed: str) -> dict[str, int]:
+    totals = {"shards": len(records), "examples": sum(r["rows"] for r in records),
+              "bytes": sum(r["bytes"] for r in records)}
+    return {**totals, **{key: sum(r[key] for r in records) for key in summed if key not in ("rows", "bytes")}}
 
 
 def _nodes(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

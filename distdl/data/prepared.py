@@ -29,7 +29,8 @@ MANIFEST = "manifest.json"
 # Written when a preparation starts: a rerun after a crash goes on with the shards already made.
 IN_PROGRESS = "preparing.json"
 SHARDS_DIRNAME = "shards"
-FORMAT = "distdl-prepared-text"
+# The manifest's format, by what the shards hold.
+FORMATS = {"text": "distdl-prepared-text", "images": "distdl-prepared-images"}
 VERSION = 1
 
 
@@ -77,6 +78,8 @@ def _source_differences(theirs: dict[str, Any], ours: dict[str, Any]) -> list[st
                 f"this config's data.path is {ours.get('hub') or ours.get('path')}"]
     found = [f"data.{key}: prepared {theirs.get(key)!r}, this config {ours.get(key)!r}"
              for key in ("hub_config", "text_column") if theirs.get(key) != ours.get(key)]
+    for split in sorted(set(theirs.get("splits", {})) | set(ours.get("splits", {}))):
+        found += _split_differences(split, theirs.get("splits", {}).get(split, {}), ours.get("splits", {}).get(split, {}))
     their_files = {f["name"]: f for f in theirs.get("files", [])}
     our_files = {f["name"]: f for f in ours.get("files", [])}
     for name in sorted(set(their_files) | set(our_files)):
@@ -89,17 +92,24 @@ def _source_differences(theirs: dict[str, Any], ours: dict[str, Any]) -> list[st
     return found
 
 
-def shard_name(index: int) -> str:
-    return f"{SHARDS_DIRNAME}/shard-{index:05d}.arrow"
+def _split_differences(split: str, theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    """An image folder's split: its classes, and its files by name."""
+    if theirs.get("classes") != ours.get("classes"):
+        only = sorted(set(theirs.get("classes", [])) ^ set(ours.get("classes", [])))
+        return [f"{split}/: other classes than were packed (in one only: {only[:5]})"]
+    if theirs.get("images") != ours.get("images") or theirs.get("listing_sha256") != ours.get("listing_sha256"):
+        return [f"{split}/: {ours.get('images')} images, {theirs.get('images')} were packed, or other file names"]
+    return []
 
 
-def make_shard(root: Path, index: int, first_line: int, lines: list[str], tokenizer: Any,
-               data: text.TextDataSection, seed: int, made_by: Optional[dict[str, str]] = None) -> dict[str, Any]:
+def shard_name(index: int, prefix: str = "shard") -> str:
+    return f"{SHARDS_DIRNAME}/{prefix}-{index:05d}.arrow"
+
+
+def make_text_shard(root: Path, index: int, first_line: int, lines: list[str], tokenizer: Any,
+                    data: text.TextDataSection, seed: int, made_by: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """Tokenize one chunk of whole line groups, make its examples, and write them as shard `index`
-    (`made_by`: the node, recorded with it).
-
-    Written under a temporary name and renamed, then its record beside it: a shard with a record is whole.
-    """
+    (`made_by`: the node, recorded with it)."""
     if first_line % text.GROUP_LINES:
         raise ValueError(f"a shard must start at a multiple of {text.GROUP_LINES} lines, not {first_line}")
     started = time.perf_counter()
@@ -112,29 +122,38 @@ def make_shard(root: Path, index: int, first_line: int, lines: list[str], tokeni
             made = {"input_ids": text.cut_blocks(tokenizer, ids, data.max_seq_length)}
         for column, values in made.items():
             columns.setdefault(column, []).extend(values)
-    path = root / shard_name(index)
-    _write_arrow(path, columns)
-    tokens = sum(map(len, columns["input_ids"])) if not data.next_sentence_prediction else sum(
-        map(sum, columns["attention_mask"]))
-    record = {"file": shard_name(index), "first_line": first_line, "lines": len(lines),
-              "rows": len(columns["input_ids"]), "tokens": tokens, "bytes": path.stat().st_size,
-              "sha256": file_digest(path), "seconds": round(time.perf_counter() - started, 3), **(made_by or {})}
+    tokens = (sum(map(sum, columns["attention_mask"])) if data.next_sentence_prediction
+              else sum(map(len, columns["input_ids"])))
+    return write_shard(root, shard_name(index), columns, text_features(columns), started,
+                       {"first_line": first_line, "lines": len(lines), "tokens": tokens, **(made_by or {})})
+
+
+def write_shard(root: Path, name: str, columns: dict[str, list], features: Any, started: float,
+                details: dict[str, Any]) -> dict[str, Any]:
+    """Write `columns` as the shard `name` under a temporary name and rename it, then its record beside
+    it: a shard with a record is whole. The record: file, rows, bytes, sha256, seconds, and `details`."""
+    path = root / name
+    _write_arrow(path, columns, features)
+    rows = len(next(iter(columns.values()))) if columns else 0
+    record = {"file": name, "rows": rows, "bytes": path.stat().st_size, "sha256": file_digest(path),
+              "seconds": round(time.perf_counter() - started, 3), **details}
     _write_json(path.with_suffix(".json"), record)
     return record
 
 
-FEATURES = {"input_ids": ("int32",), "token_type_ids": ("int8",), "attention_mask": ("int8",),
-            "next_sentence_label": "int64"}
-
-
-def _write_arrow(path: Path, columns: dict[str, list]) -> None:
+def text_features(columns: dict[str, list]) -> Any:
+    """The types datasets.map gives these columns in the in-process path (its OptimizedTypedSequence)."""
     import datasets
+
+    kinds = {"input_ids": "int32", "token_type_ids": "int8", "attention_mask": "int8"}
+    return datasets.Features({
+        name: datasets.Sequence(datasets.Value(kinds[name])) if name in kinds else datasets.Value("int64")
+        for name in columns})
+
+
+def _write_arrow(path: Path, columns: dict[str, list], features: Any) -> None:
     from datasets.arrow_writer import ArrowWriter
 
-    # The types datasets.map gives these columns in the in-process path (its OptimizedTypedSequence).
-    features = datasets.Features({
-        name: datasets.Sequence(datasets.Value(kind[0])) if isinstance(kind, tuple) else datasets.Value(kind)
-        for name, kind in FEATURES.items() if name in columns})
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     partial.parent.mkdir(parents=True, exist_ok=True)
     with ArrowWriter(features=features, path=str(partial)) as writer:
@@ -154,9 +173,9 @@ def file_digest(path: Path) -> str:
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
-def finished_shard(root: Path, index: int) -> Optional[dict[str, Any]]:
-    """The record of shard `index` if an earlier, interrupted preparation finished it."""
-    record_path = (root / shard_name(index)).with_suffix(".json")
+def finished_shard(root: Path, name: str) -> Optional[dict[str, Any]]:
+    """The record of shard `name` if an earlier, interrupted preparation finished it."""
+    record_path = (root / name).with_suffix(".json")
     try:
         record = json.loads(record_path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -165,7 +184,7 @@ def finished_shard(root: Path, index: int) -> Optional[dict[str, Any]]:
     return record if shard.is_file() and shard.stat().st_size == record["bytes"] else None
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
+def read_manifest(root: Path, kind: str = "text") -> dict[str, Any]:
     path = root / MANIFEST
     if not path.is_file():
         hint = (" (a preparation started there and did not finish: run distdl prepare again to complete it)"
@@ -175,20 +194,20 @@ def read_manifest(root: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"data.prepared_path: {path} is damaged ({err}); prepare again into a new folder") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ConfigError(f"data.prepared_path: {path} is not a distdl prepared-text manifest of version {VERSION} "
+    if manifest.get("format") != FORMATS[kind] or manifest.get("version") != VERSION:
+        raise ConfigError(f"data.prepared_path: {path} is not a manifest of {FORMATS[kind]}, version {VERSION} "
                           f"(format {manifest.get('format')!r}, version {manifest.get('version')!r})")
     return manifest
 
 
-def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    _write_json(root / MANIFEST, {"format": FORMAT, "version": VERSION, **manifest})
+def write_manifest(root: Path, manifest: dict[str, Any], kind: str = "text") -> None:
+    _write_json(root / MANIFEST, {"format": FORMATS[kind], "version": VERSION, **manifest})
 
 
-def check_shards(root: Path, manifest: dict[str, Any], digests: bool = False) -> None:
-    """Every shard the manifest lists is there, whole, and readable with the rows it recorded; with
-    `digests`, also unchanged byte for byte (sha256, which reads every shard)."""
-    for record in manifest["shards"]:
+def check_shards(root: Path, records: list[dict[str, Any]], digests: bool = False) -> None:
+    """Every shard of `records` (a manifest's) is there, whole, and readable with the rows it recorded;
+    with `digests`, also unchanged byte for byte (sha256, which reads every shard)."""
+    for record in records:
         path = root / record["file"]
         if not path.is_file():
             raise ConfigError(f"data.prepared_path: shard {path} is missing; prepare again into a new folder")
@@ -216,8 +235,8 @@ def _readable_rows(path: Path) -> int:
                           "prepare again into a new folder") from None
 
 
-def load_examples(root: Path, manifest: dict[str, Any]) -> Any:
-    """All prepared examples as one `datasets.Dataset`, memory-mapped from the shards in order."""
+def load_rows(root: Path, records: list[dict[str, Any]]) -> Any:
+    """The rows of these shards (a manifest's records) as one `datasets.Dataset`, memory-mapped, in order."""
     import datasets
 
-    return datasets.concatenate_datasets([datasets.Dataset.from_file(str(root / r["file"])) for r in manifest["shards"]])
+    return datasets.concatenate_datasets([datasets.Dataset.from_file(str(root / r["file"])) for r in records])

@@ -14,6 +14,7 @@ import torch
 from annotated_types import Ge, Interval
 
 from distdl.config import NonNegative
+from distdl.data import packed_images, prepared
 from distdl.data.shards import BatchPlan, rank_batch_orders
 from distdl.errors import ConfigError
 
@@ -69,6 +70,11 @@ class VisionDataSection:
     synthetic_eval_size: int = 256
     # DataLoader worker processes per rank for decoding and augmentation (0: in the training process).
     loader_workers: NonNegative = 0
+    # imagefolder: shards that `distdl prepare` packed the folder into (a folder shared by the nodes);
+    # when set, training reads the images from them, and data.path may be left out.
+    prepared_path: Optional[str] = None
+    # Images per packed shard (one Ray task each).
+    images_per_shard: Annotated[int, Ge(1)] = 1000
     # Train on the first this-many training images only (the studies' small-sample regimes).
     train_subset: Optional[int] = None
     # This fraction of the training labels replaced, once and for all, by another class drawn at
@@ -133,6 +139,8 @@ def _load_splits(data: VisionDataSection, allow_download: bool, symmetric: bool)
         return _synthetic(data, spec, size, symmetric)
     if data.dataset in PACKAGED_EVAL_SIZES:
         return _packaged(data, spec, symmetric)
+    if data.prepared_path is not None:
+        return _packed_image_folder(data, spec, size, symmetric, check_source=allow_download)
     if data.path is None:
         raise ConfigError(f"data.path is required for data.dataset={data.dataset}")
     root = Path(data.path).expanduser()
@@ -180,6 +188,30 @@ def _image_folder(data: VisionDataSection, spec: DatasetSpec, root: Path, size: 
         only = sorted(set(train.classes) ^ set(val.classes))
         raise ConfigError(f"data.path: {root}/train and {root}/val hold different classes (in one only: {only[:5]})")
     return VisionData(train, val, spec.channels, len(train.classes), size, list(train.classes))
+
+
+def _packed_image_folder(data: VisionDataSection, spec: DatasetSpec, size: int, symmetric: bool,
+                         check_source: bool) -> VisionData:
+    """An ImageFolder's splits from its packed shards; `check_source` (the driver, once): against
+    data.path's folder too, when it is given."""
+    if data.dataset != "imagefolder":
+        raise ConfigError(f"data.prepared_path: only data.dataset=imagefolder is packed into shards, not "
+                          f"{data.dataset}; unset data.prepared_path")
+    root = Path(data.prepared_path).expanduser()
+    manifest = prepared.read_manifest(root, "images")
+    if check_source and data.path is not None:
+        ours = {"source": packed_images.source_fingerprint(Path(data.path).expanduser()), "settings": {}}
+        different = prepared.differences({"source": manifest["source"], "settings": {}}, ours)
+        if different:
+            raise ConfigError(f"data.prepared_path: the shards in {root} were not packed from data.path "
+                              f"{data.path} as it is now: {'; '.join(different)}. Prepare again into another "
+                              "folder, or unset data.path to train from the shards as they are")
+    prepared.check_shards(root, manifest["shards"])
+    splits = {split: [r for r in manifest["shards"] if r["split"] == split] for split in packed_images.SPLITS}
+    train = packed_images.PackedImages(root, splits["train"], transforms(data, spec, size, True, symmetric))
+    val = packed_images.PackedImages(root, splits["val"], transforms(data, spec, size, False, symmetric))
+    classes = manifest["source"]["splits"]["train"]["classes"]
+    return VisionData(train, val, spec.channels, len(classes), size, classes)
 
 
 class UnreadableImageError(OSError):

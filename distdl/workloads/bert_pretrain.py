@@ -190,7 +190,7 @@ def count_prepared_training_examples(data: text.TextDataSection, tokenizer: Any,
     if different:
         raise ConfigError(f"data.prepared_path: the shards in {root} were not made from this config's corpus and "
                           f"settings: {'; '.join(different)}. Prepare again into another folder, or fix the config")
-    prepared.check_shards(root, manifest)
+    prepared.check_shards(root, manifest["shards"])
     examples = manifest["counts"]["examples"]
     if examples < 2:
         raise ConfigError(f"data.prepared_path: {root} holds only {examples} example(s); prepare more text")
@@ -227,7 +227,7 @@ class BertPretrain(Workload):
         self.tokenizer = text.load_tokenizer(sections["tokenizer"], context.run_dir)
         if self.data.prepared_path:
             root = prepared.prepared_root(self.data)
-            examples = prepared.load_examples(root, prepared.read_manifest(root))
+            examples = prepared.load_rows(root, prepared.read_manifest(root)["shards"])
             blocks = text.split_train_eval(examples, self.data, context.seed, in_memory=True)
         else:
             blocks = text.tokenized_blocks(text.load_raw_corpus(self.data), self.tokenizer, self.data, context.seed)

@@ -75,7 +75,7 @@ class GanEvalSection:
 class Gan(Workload):
     sections = {"model": GanModelSection, "data": vision.VisionDataSection, "objective": ObjectiveSection,
                 "eval": GanEvalSection}
-    path_keys = ("data.path", "eval.classifier_run", "eval.inception_weights")
+    path_keys = ("data.path", "data.prepared_path", "eval.classifier_run", "eval.inception_weights")
     export_engine = "generator"
 
     def __init__(self, sections: dict[str, Any], context: WorkerContext) -> None:

@@ -83,7 +83,7 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, loss: LossSe
 @WORKLOADS.register("resnet")
 class ResNetClassification(Workload):
     sections = {"model": ResNetModelSection, "data": vision.VisionDataSection, "loss": LossSection}
-    path_keys = ("data.path",)
+    path_keys = ("data.path", "data.prepared_path")
 
     def __init__(self, sections: dict[str, Any], context: WorkerContext) -> None:
         super().__init__(sections, context)

@@ -119,3 +119,29 @@ def test_prepare_spreads_over_both_nodes_and_training_from_shards_equals_trainin
         losses[name] = [row["loss"] for row in read_metrics(config.run_dir) if "loss" in row]
         losses[name].append(summary["final"]["eval_loss"])
     assert len(losses["shards"]) == 4 and losses["shards"] == losses["text"]
+
+
+def test_an_image_folder_packed_across_both_nodes_trains_as_the_folder_does(two_nodes, tmp_path, digits_folder,
+                                                                          local_workers):
+    root = tmp_path / "packed"
+    folder = [f"data.path={digits_folder}", "data.dataset=imagefolder", "data.image_size=32"]
+    done = distdl("prepare", str(REPO / "configs/resnet/mnist_laptop.yaml"), *folder, f"data.prepared_path={root}",
+                  "data.images_per_shard=500", f"ray.address={two_nodes['address']}", env=two_nodes["env"])
+    manifest = prepared.read_manifest(root, "images")
+    assert len(manifest["nodes"]) == 2 and manifest["counts"]["examples"] == 1797
+    assert [r["file"] for r in manifest["shards"]] == [f"shards/train-0000{i}.arrow" for i in range(3)] + [
+        "shards/val-00000.arrow"]
+    assert "prepared 1,797 images" in done.stdout
+
+    # A 20-layer ResNet from the folder and from the shards (no data.path), augmented, with a DataLoader worker.
+    losses = {}
+    for name, data in {"folder": [], "shards": ["data.path=null", f"data.prepared_path={root}"]}.items():
+        config = load_config(REPO / "configs/resnet/mnist_laptop.yaml", [
+            *folder, *data, f"run.storage_path={tmp_path}", f"run.name={name}", "data.loader_workers=1",
+            "trainer.epochs=null", "trainer.max_steps=3", "trainer.micro_batch_size=16", "trainer.global_batch_size=32",
+            "trainer.log_every=1", "trainer.eval_every=3", "trainer.checkpoint_every=0",
+            "tracking.wandb_mode=disabled", "tracking.progress_bar=false"])
+        summary = local_workers.train(config)
+        losses[name] = [row["loss"] for row in read_metrics(config.run_dir) if "loss" in row]
+        losses[name].append(summary["final"]["eval_loss"])
+    assert len(losses["shards"]) == 4 and losses["shards"] == losses["folder"]

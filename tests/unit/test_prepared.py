@@ -66,10 +66,10 @@ def test_shards_hold_the_in_process_examples_in_order(tmp_path, corpus, tokenize
     data = text.TextDataSection(path=str(corpus), max_seq_length=SEQ, next_sentence_prediction=nsp,
                                 eval_fraction=0.1, lines_per_shard=2000)
     lines = [line for batch in text.corpus_line_batches(data) for line in batch]
-    records = [prepared.make_shard(tmp_path, index, first, lines[first : first + 2000], tokenizer, data, seed=5)
+    records = [prepared.make_text_shard(tmp_path, index, first, lines[first : first + 2000], tokenizer, data, seed=5)
                for index, first in enumerate(range(0, len(lines), 2000))]
     prepared.write_manifest(tmp_path, {"shards": records})
-    examples = prepared.load_examples(tmp_path, prepared.read_manifest(tmp_path))
+    examples = prepared.load_rows(tmp_path, prepared.read_manifest(tmp_path)["shards"])
     reference = text.tokenized_blocks(text.load_raw_corpus(data), tokenizer, data, seed=5)
     ours = text.split_train_eval(examples, data, seed=5, in_memory=True)
     assert len(records) == 2 and sum(r["lines"] for r in records) == len(lines) == 3600
@@ -86,7 +86,7 @@ def test_shards_hold_the_in_process_examples_in_order(tmp_path, corpus, tokenize
 def shard_folder(tmp_path, corpus, tokenizer):
     data = text.TextDataSection(path=str(corpus), max_seq_length=SEQ, lines_per_shard=1000)
     lines = [line for batch in text.corpus_line_batches(data) for line in batch]
-    records = [prepared.make_shard(tmp_path, i, first, lines[first : first + 1000], tokenizer, data, seed=0)
+    records = [prepared.make_text_shard(tmp_path, i, first, lines[first : first + 1000], tokenizer, data, seed=0)
                for i, first in enumerate(range(0, len(lines), 1000))]
     manifest = {"source": text.source_fingerprint(data), "settings": prepared.settings(data, tokenizer, 0),
                 "shards": records}
@@ -118,31 +118,31 @@ def test_a_manifest_from_another_tokenizer_or_corpus_says_what_differs(shard_fol
 def test_a_missing_partial_or_corrupt_shard_is_named(shard_folder):
     root, _ = shard_folder
     manifest = prepared.read_manifest(root)
-    prepared.check_shards(root, manifest, digests=True)
+    prepared.check_shards(root, manifest["shards"], digests=True)
     first, second, third = (root / r["file"] for r in manifest["shards"][:3])
     whole = first.read_bytes()
 
     first.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(ConfigError, match=rf"shard {first} has {len(whole) // 2} bytes.*partial or was altered"):
-        prepared.check_shards(root, manifest)
+        prepared.check_shards(root, manifest["shards"])
     first.write_bytes(b"\0" * 64 + whole[64:])
     with pytest.raises(ConfigError, match=rf"shard {first} is corrupt: not a readable Arrow stream"):
-        prepared.check_shards(root, manifest)
+        prepared.check_shards(root, manifest["shards"])
     first.write_bytes(whole)
 
     body = bytearray(second.read_bytes())
     body[-200] ^= 0xFF  # a flipped bit inside the data: only the digest sees it
     second.write_bytes(bytes(body))
-    prepared.check_shards(root, manifest)
+    prepared.check_shards(root, manifest["shards"])
     with pytest.raises(ConfigError, match=rf"shard {second} is corrupt: its sha256 differs"):
-        prepared.check_shards(root, manifest, digests=True)
+        prepared.check_shards(root, manifest["shards"], digests=True)
 
     third.unlink()
     with pytest.raises(ConfigError, match=rf"shard {third} is missing"):
-        prepared.check_shards(root, manifest)
+        prepared.check_shards(root, manifest["shards"])
 
     (root / prepared.MANIFEST).write_text(json.dumps({"format": "something else"}))
-    with pytest.raises(ConfigError, match="is not a distdl prepared-text manifest"):
+    with pytest.raises(ConfigError, match="is not a manifest of distdl-prepared-text"):
         prepared.read_manifest(root)
     (root / prepared.MANIFEST).unlink()
     with pytest.raises(ConfigError, match=r"manifest.json does not exist \(run distdl prepare"):
@@ -178,7 +178,7 @@ def test_prepare_refuses_what_it_cannot_prepare_and_leaves_it_alone(tmp_path, co
         "data.lines_per_shard=1500 must be a multiple of 1000": tiny_config(
             corpus, tokenizer_dir, tmp_path / "new", "data.lines_per_shard=1500"),
         "data.prepared_path is required": load_config(TINY, [f"data.path={corpus}"]),
-        "workload 'resnet' has no preparation step": load_config(
+        "workload 'resnet' with this data has no preparation step": load_config(
             TINY.parents[1] / "resnet/mnist_laptop.yaml", [f"data.path={tmp_path}"]),
     }
     for message, config in cases.items():
@@ -217,3 +217,68 @@ def test_training_refuses_shards_that_do_not_fit_its_config(shard_folder, corpus
     (root / prepared.shard_name(2)).write_bytes(b"")
     with pytest.raises(ConfigError, match=rf"shard {root / prepared.shard_name(2)} has 0 bytes"):
         BertPretrain.prepare(config)
+
+
+# ----------------------------------------------------------------------------- packed image folders
+
+
+def pack(folder: Path, root: Path, per_shard: int) -> dict:
+    """What `distdl prepare` writes for an ImageFolder, made here without Ray."""
+    from distdl.data import packed_images
+
+    listings = {split: packed_images.listing(folder, split) for split in packed_images.SPLITS}
+    records = []
+    for split, (_, samples) in listings.items():
+        records += [packed_images.make_image_shard(root, split, i, first, str(folder / split),
+                                                   samples[first : first + per_shard])
+                    for i, first in enumerate(range(0, len(samples), per_shard))]
+    manifest = {"source": packed_images.source_fingerprint(folder, listings), "settings": {}, "shards": records}
+    prepared.write_manifest(root, manifest, "images")
+    return manifest
+
+
+def test_packed_images_are_the_folders_images_with_the_same_augmentation(tmp_path, digits_folder):
+    import torch
+
+    from distdl.data import vision
+
+    manifest = pack(digits_folder, tmp_path / "packed", per_shard=400)
+    assert [r["rows"] for r in manifest["shards"]] == [400, 400, 400, 147, 400, 50]  # train, then val
+    folder = vision.VisionDataSection(dataset="imagefolder", path=str(digits_folder), image_size=32)
+    packed = vision.VisionDataSection(dataset="imagefolder", path=str(digits_folder), image_size=32,
+                                      prepared_path=str(tmp_path / "packed"))
+    ours, theirs = vision.load_vision(packed, allow_download=True), vision.load_vision(folder)
+    assert (len(ours.train), len(ours.eval), ours.classes, ours.class_names) == \
+        (len(theirs.train), len(theirs.eval), theirs.classes, theirs.class_names) == (1347, 450, 10, list("0123456789"))
+    for split in ("train", "eval"):
+        for index in (0, 399, 400, len(getattr(ours, split)) - 1):
+            torch.manual_seed(index)  # the crop and flip draws
+            image, label = getattr(ours, split)[index]
+            torch.manual_seed(index)
+            expected, expected_label = getattr(theirs, split)[index]
+            assert label == expected_label and torch.equal(image, expected)
+
+
+def test_a_packed_folder_that_no_longer_matches_or_holds_a_bad_image_is_named(tmp_path, digits_folder):
+    import shutil
+
+    from distdl.data import packed_images, vision
+
+    folder = tmp_path / "digits"
+    shutil.copytree(digits_folder, folder)
+    bad = sorted((folder / "val" / "7").iterdir())[0]
+    bad.write_bytes(b"not an image")
+    pack(folder, tmp_path / "packed", per_shard=1000)
+    section = vision.VisionDataSection(dataset="imagefolder", path=str(folder), image_size=32,
+                                       prepared_path=str(tmp_path / "packed"))
+    data = vision.load_vision(section, allow_download=True)
+    index = next(i for i in range(len(data.eval)) if data.eval.rows[i]["path"] == f"7/{bad.name}")
+    with pytest.raises(packed_images.UnpackableImageError,
+                       match=rf"image 7/{bad.name} in {tmp_path / 'packed' / 'shards/val-00000.arrow'} cannot be decoded"):
+        data.eval[index]
+
+    (folder / "train" / "3" / "extra.png").write_bytes((folder / "train" / "3" / "153.png").read_bytes())
+    with pytest.raises(ConfigError, match=r"not packed from data.path .* as it is now: train/: 1348 images, 1347 were "
+                                          "packed, or other file names"):
+        vision.load_vision(section, allow_download=True)
+    vision.load_vision(section)  # the workers trust the driver's check
