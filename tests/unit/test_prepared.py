@@ -272,7 +272,7 @@ def test_a_packed_folder_that_no_longer_matches_or_holds_a_bad_image_is_named(tm
     section = vision.VisionDataSection(dataset="imagefolder", path=str(folder), image_size=32,
                                        prepared_path=str(tmp_path / "packed"))
     data = vision.load_vision(section, allow_download=True)
-    index = next(i for i in range(len(data.eval)) if data.eval.rows[i]["path"] == f"7/{bad.name}")
+    index = next(i for i in range(len(data.eval)) if data.eval.row(i)[2] == f"7/{bad.name}")
     with pytest.raises(packed_images.UnpackableImageError,
                        match=rf"image 7/{bad.name} in {tmp_path / 'packed' / 'shards/val-00000.arrow'} cannot be decoded"):
         data.eval[index]
