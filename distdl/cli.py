@@ -85,6 +85,8 @@ def add_submit_commands(commands: Any) -> None:
         target.add_argument("overrides", nargs="*", help="dotted.key=value overrides, as for distdl train")
         target.add_argument("--study", metavar="NAME", help=f"run this study ({', '.join(STUDIES.names())}) instead "
                             "of training")
+        target.add_argument("--prepare", action="store_true", help="run distdl prepare (the config's data into "
+                            "data.prepared_path, across the job's nodes) instead of training")
     slurm.add_argument("--nodes", type=int, required=True)
     slurm.add_argument("--gpus-per-node", type=int, required=True, help="0 for CPU workers")
     slurm.add_argument("--cpus-per-task", type=int, required=True, help="CPUs per node (one task per node runs Ray)")
@@ -108,8 +110,10 @@ def add_submit_commands(commands: Any) -> None:
 def run_submit(args: argparse.Namespace) -> int:
     from distdl.cluster import submit
 
+    if args.prepare and args.study:
+        raise ConfigError("--prepare and --study: a job either prepares data or runs a study; submit them apart")
     if args.target == "ray":
-        plan = submit.plan_job(args.config, args.overrides, args.study)
+        plan = submit.plan_job(args.config, args.overrides, args.study, prepare=args.prepare)
         return submit.submit_ray(plan, args.address, Path(args.working_dir), args.python, args.follow)
     from distdl.cluster import slurm
 
@@ -120,11 +124,13 @@ def run_submit(args: argparse.Namespace) -> int:
     slurm.check_request(request)
     # The run directory is checked with the scaling the request implies, as the job will run it
     # (so the same command submitted again resumes).
-    unscaled = submit.plan_job(args.config, args.overrides, args.study, check_dir=False)
-    derived = slurm.scaling_overrides(request, args.overrides, unscaled.scaling)
+    unscaled = submit.plan_job(args.config, args.overrides, args.study, check_dir=False, prepare=args.prepare)
+    # A preparation's tasks take whatever CPUs the job's Ray cluster has: no training scaling to derive.
+    derived = [] if args.prepare else slurm.scaling_overrides(request, args.overrides, unscaled.scaling)
     if derived:
         print(f"distdl: from the Slurm request: {' '.join(derived)}", file=sys.stderr)
-    slurm.submit(request, submit.plan_job(args.config, [*args.overrides, *derived], args.study), args.dry_run,
+    plan = submit.plan_job(args.config, [*args.overrides, *derived], args.study, prepare=args.prepare)
+    slurm.submit(request, plan, args.dry_run,
                  workers_follow_nodes=any(key.startswith("scaling.num_workers=") for key in derived))
     return 0
 

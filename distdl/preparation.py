@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator
 from distdl.config import Config
 from distdl.data import packed_images, prepared, text, vision
 from distdl.errors import ConfigError
+from distdl.rundir import SLURM_LOGS
 
 # Chunks in flight per CPU of the cluster: one being tokenized and one waiting, so no core idles
 # between tasks; capped so a large cluster does not queue gigabytes of text in the object store.
@@ -158,8 +159,9 @@ def _refuse_foreign_folder(root: Path) -> None:
         if root.exists() and not root.is_dir():
             raise ConfigError(f"data.prepared_path: {root} is a file; give a folder")
         return
-    # A tokenizer alone is what a preparation interrupted before its first shard leaves.
-    others = sorted(p.name for p in root.iterdir() if p.name != text.TOKENIZER_DIRNAME)
+    # A tokenizer alone is what a preparation interrupted before its first shard leaves; a Slurm job's
+    # logs are what `distdl submit slurm --prepare` writes there before its job starts.
+    others = sorted(p.name for p in root.iterdir() if p.name not in (text.TOKENIZER_DIRNAME, SLURM_LOGS))
     if others:
         raise ConfigError(f"data.prepared_path: {root} already holds {', '.join(others[:5])}, which is not a "
                           "distdl preparation, and is left as it is; choose an empty or new folder")

@@ -1,8 +1,8 @@
 """`distdl submit slurm|ray`: check a run locally, then send its command line to a cluster.
 
 The config and overrides are validated here, before anything is queued, and the run directory is
-checked as `distdl train` would; the job then runs the same `distdl train` (or `distdl study`)
-command line, with the cluster's Ray address added.
+checked as `distdl train` would; the job then runs the same `distdl train` (or `distdl study`, or
+`distdl prepare`) command line, with the cluster's Ray address added.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ FINISHED_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 @dataclass
 class JobPlan:
     """What a cluster job runs, and where its results land."""
-    args: list[str]  # distdl's arguments: train CONFIG key=value ... (or study NAME CONFIG ...)
+    args: list[str]  # distdl's arguments: train CONFIG key=value ... (or study NAME CONFIG ..., prepare CONFIG ...)
     run_dir: Path
     run_name: str
     scaling: Any  # the scaling section after the overrides
@@ -34,9 +34,13 @@ class JobPlan:
     on_signal: str
 
 
-def plan_job(config_path: str, overrides: list[str], study: Optional[str], check_dir: bool = True) -> JobPlan:
-    """The job's command line and run directory; `check_dir` checks that directory as the job will."""
+def plan_job(config_path: str, overrides: list[str], study: Optional[str], check_dir: bool = True,
+             prepare: bool = False) -> JobPlan:
+    """The job's command line and run directory; `check_dir` checks that directory as the job will.
+    `prepare`: the job runs `distdl prepare`, and its logs go into data.prepared_path."""
     config_file = Path(config_path).resolve()
+    if prepare:
+        return plan_preparation(config_file, overrides)
     if study is None:
         config = load_config(config_file, overrides)
         if check_dir:
@@ -50,14 +54,32 @@ def plan_job(config_path: str, overrides: list[str], study: Optional[str], check
                    written_storage_path(config_file, overrides), "requeue")
 
 
+def plan_preparation(config_file: Path, overrides: list[str]) -> JobPlan:
+    """A `distdl prepare` job: checked as far as it can be here; a requeued job goes on from the
+    shards already made."""
+    config = load_config(config_file, overrides)
+    data = config.sections.get("data")
+    written = written_value(config_file, overrides, "data", "prepared_path", None)
+    if getattr(data, "prepared_path", None) is None or written is None:
+        raise ConfigError("--prepare needs data.prepared_path: the folder (shared by the cluster's nodes) to write "
+                          "the shards to")
+    return JobPlan(["prepare", str(config_file), *overrides], Path(data.prepared_path), f"{config.run.name}-prepare",
+                   config.scaling, str(written), "requeue")
+
+
 def written_storage_path(config_file: Path, overrides: list[str]) -> str:
     """run.storage_path as the user gave it (load_config resolves it against this machine's cwd)."""
-    raw = read_yaml(config_file)
-    for override in reversed(overrides):  # the last one wins, as in load_config
-        key, value = parse_override(override)
-        if key == "run.storage_path":
-            return str(value)
-    return str((raw.get("run") or {}).get("storage_path", RunSection.storage_path))
+    return str(written_value(config_file, overrides, "run", "storage_path", RunSection.storage_path))
+
+
+def written_value(config_file: Path, overrides: list[str], section: str, key: str, default: Any) -> Any:
+    """`section.key` as the user gave it, in the config file or the overrides (the last one wins, as
+    in load_config), before any path is resolved."""
+    for override in reversed(overrides):
+        name, value = parse_override(override)
+        if name == f"{section}.{key}":
+            return value
+    return (read_yaml(config_file).get(section) or {}).get(key, default)
 
 
 def ray_entrypoint(plan: JobPlan, working_dir: Path, python: str) -> str:
@@ -69,7 +91,8 @@ def ray_entrypoint(plan: JobPlan, working_dir: Path, python: str) -> str:
 def submit_ray(plan: JobPlan, address: str, working_dir: Path, python: str, follow: bool) -> int:
     """Submit to a running Ray cluster through the Ray Jobs API, the working directory as runtime env."""
     if not Path(plan.storage_path).is_absolute():
-        raise ConfigError(f"run.storage_path={plan.storage_path!r} is relative: on a Ray cluster the job runs in a "
+        key = "data.prepared_path" if plan.args[0] == "prepare" else "run.storage_path"
+        raise ConfigError(f"{key}={plan.storage_path!r} is relative: on a Ray cluster the job runs in a "
                           "temporary copy of the working directory, and the run would be lost with it. "
                           "Give an absolute path that the cluster's nodes share")
     working_dir = working_dir.resolve()

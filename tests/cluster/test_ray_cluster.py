@@ -80,6 +80,11 @@ def test_submit_ray_trains_through_the_jobs_api(ray_head, tmp_path, corpus):
 
 def test_cluster_refuses_whoever_lacks_its_token(ray_head, tmp_path):
     wrong = env_with_token(tmp_path, secrets.token_hex(32))
+    # A node with the wrong token, started first: Ray takes ~20 s to give up on it, as on the driver
+    # below, and the two waits overlap.
+    node = subprocess.Popen([str(RAY), "start", f"--address={ray_head['gcs']}", f"--node-manager-port={free_port()}",
+                             "--disable-usage-stats"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=wrong)
     refused = distdl("submit", "ray", TINY, f"run.storage_path={tmp_path}", "--address", ray_head["jobs"], env=wrong)
     assert refused.returncode == 2 and "Invalid authentication token" in refused.stderr, refused.stderr
 
@@ -89,10 +94,8 @@ def test_cluster_refuses_whoever_lacks_its_token(ray_head, tmp_path):
     assert driver.returncode == 2 and "refused this driver's token" in driver.stderr, driver.stderr[-2000:]
     assert not (tmp_path / "bert-tiny").exists(), "a refused driver leaves no run directory"
 
-    port = free_port()
-    node = subprocess.run([str(RAY), "start", f"--address={ray_head['gcs']}", f"--node-manager-port={port}",
-                           "--disable-usage-stats"], capture_output=True, text=True, env=wrong, timeout=300)
-    assert node.returncode != 0 and "Authentication token is missing or incorrect" in node.stdout + node.stderr
+    output, _ = node.communicate(timeout=300)
+    assert node.returncode != 0 and "Authentication token is missing or incorrect" in output
 
 
 def test_unreachable_cluster_and_relative_storage_are_clear_errors(tmp_path):

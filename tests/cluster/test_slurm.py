@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -153,6 +154,35 @@ def test_a_study_job_runs_distdl_study_and_requeues_on_the_warning(tmp_path, cap
     assert "DISTDL_ON_SIGNAL=requeue" in script
     assert f"DISTDL_RUN_DIR={tmp_path / 'widths'}" in script
     assert f"DISTDL_ARGS=(study overparam {study_file} run.storage_path={tmp_path} study.name=widths" in script
+
+
+def test_a_prepare_job_runs_distdl_prepare_on_the_jobs_ray_cluster_and_requeues_on_the_warning(tmp_path, capsys):
+    """Slurm and Ray jobs that prepare: the same command line, logs beside the shards (which the
+    preparation then accepts as its folder), a requeue that goes on from the shards already made."""
+    from distdl.cli import main
+    from distdl.cluster.submit import ray_entrypoint
+    from distdl.preparation import _refuse_foreign_folder
+
+    root = tmp_path / "prepared"
+    overrides = ["data.path=/usr/share/common-licenses", f"data.prepared_path={root}"]
+    assert main(["submit", "slurm", "--prepare", str(TINY), *overrides, "--nodes=2", "--gpus-per-node=0",
+                 "--cpus-per-task=32", "--time=2:00:00", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert "DISTDL_ON_SIGNAL=requeue" in out.out and f"DISTDL_RUN_DIR={root}" in out.out
+    assert f"DISTDL_ARGS=(prepare {TINY} data.path=/usr/share/common-licenses data.prepared_path={root})" in out.out
+    assert f"--output={root}/slurm/slurm-%j.out" in out.out and "from the Slurm request" not in out.err
+    (root / "slurm").mkdir(parents=True)
+    _refuse_foreign_folder(root)  # the job's own logs do not make the folder someone else's
+
+    plan = plan_job(str(TINY), overrides, None, prepare=True)
+    assert shlex.split(ray_entrypoint(plan, REPO, "python")) == [
+        "python", "-m", "distdl.cli", "prepare", "configs/bert/pretrain_tiny.yaml", *overrides, "ray.address=auto"]
+    for args, message in {("--prepare", str(TINY), "data.prepared_path=relative/shards"):
+                              "data.prepared_path='relative/shards' is relative",
+                          ("--prepare", str(TINY)): "--prepare needs data.prepared_path",
+                          ("--prepare", "--study", "sharpness", str(TINY)): "--prepare and --study"}.items():
+        assert main(["submit", "ray", *args, "--address", "http://127.0.0.1:1"]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_the_same_submit_command_again_resumes_the_run(tmp_path, capsys):
