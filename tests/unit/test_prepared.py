@@ -61,10 +61,27 @@ def test_lines_are_the_ones_datasets_reads(tmp_path):
     assert "two" in streamed and "last without newline" in streamed and "\u00a0" not in streamed
 
 
-@pytest.mark.parametrize("nsp", [False, True], ids=["mlm-blocks", "nsp-pairs"])
-def test_shards_hold_the_in_process_examples_in_order(tmp_path, corpus, tokenizer, nsp):
-    data = text.TextDataSection(path=str(corpus), max_seq_length=SEQ, next_sentence_prediction=nsp,
-                                eval_fraction=0.1, lines_per_shard=2000)
+@pytest.fixture(scope="module")
+def parquet_corpus(tmp_path_factory, corpus) -> Path:
+    """The same lines as parquet files with a `content` column: what a hub dataset downloads as, read
+    through datasets' streaming loader."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path_factory.mktemp("parquet")
+    for name in ("a", "b"):
+        lines = (corpus / f"{name}.txt").read_text().split("\n")
+        pq.write_table(pa.table({"content": lines, "id": list(range(len(lines)))}), folder / f"{name}.parquet")
+    (folder / "README.md").write_text("a dataset card, as every hub download has\n")
+    return folder
+
+
+@pytest.mark.parametrize("nsp, kind", [(False, "text"), (True, "text"), (False, "parquet")],
+                         ids=["mlm-blocks", "nsp-pairs", "parquet-streamed"])
+def test_shards_hold_the_in_process_examples_in_order(tmp_path, corpus, parquet_corpus, tokenizer, nsp, kind):
+    source = {"text": corpus, "parquet": parquet_corpus}[kind]
+    data = text.TextDataSection(path=str(source), max_seq_length=SEQ, next_sentence_prediction=nsp,
+                                eval_fraction=0.1, lines_per_shard=2000, text_column="content")
     lines = [line for batch in text.corpus_line_batches(data) for line in batch]
     records = [prepared.make_text_shard(tmp_path, index, first, lines[first : first + 2000], tokenizer, data, seed=5)
                for index, first in enumerate(range(0, len(lines), 2000))]
@@ -237,7 +254,8 @@ def pack(folder: Path, root: Path, per_shard: int) -> dict:
     return manifest
 
 
-def test_packed_images_are_the_folders_images_with_the_same_augmentation(tmp_path, digits_folder):
+@pytest.mark.parametrize("symmetric", [False, True], ids=["classifier", "gan"])
+def test_packed_images_are_the_folders_images_with_the_same_augmentation(tmp_path, digits_folder, symmetric):
     import torch
 
     from distdl.data import vision
@@ -247,7 +265,8 @@ def test_packed_images_are_the_folders_images_with_the_same_augmentation(tmp_pat
     folder = vision.VisionDataSection(dataset="imagefolder", path=str(digits_folder), image_size=32)
     packed = vision.VisionDataSection(dataset="imagefolder", path=str(digits_folder), image_size=32,
                                       prepared_path=str(tmp_path / "packed"))
-    ours, theirs = vision.load_vision(packed, allow_download=True), vision.load_vision(folder)
+    ours = vision.load_vision(packed, allow_download=True, symmetric=symmetric)
+    theirs = vision.load_vision(folder, symmetric=symmetric)
     assert (len(ours.train), len(ours.eval), ours.classes, ours.class_names) == \
         (len(theirs.train), len(theirs.eval), theirs.classes, theirs.class_names) == (1347, 450, 10, list("0123456789"))
     for split in ("train", "eval"):
