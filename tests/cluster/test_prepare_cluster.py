@@ -109,16 +109,20 @@ def test_prepare_spreads_over_both_nodes_and_training_from_shards_equals_trainin
     assert not (root / prepared.IN_PROGRESS).exists()
 
     # Training: from the shards (no data.path: the manifest is the source) and from the raw corpus.
-    losses = {}
-    for name, data in {"shards": ["data.path=null", f"data.prepared_path={root}"], "text": []}.items():
-        config = load_config(TINY, [*settings, *data, f"run.storage_path={tmp_path}", f"run.name={name}",
-                                    "trainer.max_steps=3", "trainer.micro_batch_size=8", "trainer.global_batch_size=16",
-                                    "trainer.log_every=1", "trainer.eval_every=3", "trainer.checkpoint_every=0",
-                                    "tracking.wandb_mode=disabled", "tracking.progress_bar=false"])
-        summary = local_workers.train(config)
-        losses[name] = [row["loss"] for row in read_metrics(config.run_dir) if "loss" in row]
-        losses[name].append(summary["final"]["eval_loss"])
+    runs = {"shards": ["data.path=null", f"data.prepared_path={root}"], "text": []}
+    losses = {name: three_steps(local_workers, TINY, tmp_path, name, *settings, *data, "trainer.micro_batch_size=8",
+                                "trainer.global_batch_size=16") for name, data in runs.items()}
     assert len(losses["shards"]) == 4 and losses["shards"] == losses["text"]
+
+
+def three_steps(local_workers, config_file: Path, storage: Path, name: str, *overrides: str) -> list[float]:
+    """A 3-step run on the local workers: its logged losses and its final eval loss."""
+    config = load_config(config_file, [*overrides, f"run.storage_path={storage}", f"run.name={name}",
+                                       "trainer.max_steps=3", "trainer.log_every=1", "trainer.eval_every=3",
+                                       "trainer.checkpoint_every=0", "tracking.wandb_mode=disabled",
+                                       "tracking.progress_bar=false"])
+    summary = local_workers.train(config)
+    return [row["loss"] for row in read_metrics(config.run_dir) if "loss" in row] + [summary["final"]["eval_loss"]]
 
 
 def test_an_image_folder_packed_across_both_nodes_trains_as_the_folder_does(two_nodes, tmp_path, digits_folder,
@@ -134,14 +138,8 @@ def test_an_image_folder_packed_across_both_nodes_trains_as_the_folder_does(two_
     assert "prepared 1,797 images" in done.stdout
 
     # A 20-layer ResNet from the folder and from the shards (no data.path), augmented, with a DataLoader worker.
-    losses = {}
-    for name, data in {"folder": [], "shards": ["data.path=null", f"data.prepared_path={root}"]}.items():
-        config = load_config(REPO / "configs/resnet/mnist_laptop.yaml", [
-            *folder, *data, f"run.storage_path={tmp_path}", f"run.name={name}", "data.loader_workers=1",
-            "trainer.epochs=null", "trainer.max_steps=3", "trainer.micro_batch_size=16", "trainer.global_batch_size=32",
-            "trainer.log_every=1", "trainer.eval_every=3", "trainer.checkpoint_every=0",
-            "tracking.wandb_mode=disabled", "tracking.progress_bar=false"])
-        summary = local_workers.train(config)
-        losses[name] = [row["loss"] for row in read_metrics(config.run_dir) if "loss" in row]
-        losses[name].append(summary["final"]["eval_loss"])
+    runs = {"folder": [], "shards": ["data.path=null", f"data.prepared_path={root}"]}
+    losses = {name: three_steps(local_workers, REPO / "configs/resnet/mnist_laptop.yaml", tmp_path, name, *folder,
+                                *data, "data.loader_workers=1", "trainer.epochs=null", "trainer.micro_batch_size=16",
+                                "trainer.global_batch_size=32") for name, data in runs.items()}
     assert len(losses["shards"]) == 4 and losses["shards"] == losses["folder"]
