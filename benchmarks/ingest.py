@@ -114,7 +114,7 @@ def bert_rates(tmp: Path) -> dict[str, float]:
     lines = [line for batch in text.corpus_line_batches(data) for line in batch][:20_000]
     records = [prepared.make_text_shard(tmp / "prepared", i, first, lines[first : first + 10_000], tokenizer, data, 0)
                for i, first in enumerate(range(0, len(lines), 10_000))]
-    train = text.split_train_eval(prepared.load_rows(tmp / "prepared", records), data, 0, in_memory=True)["train"]
+    train = text.split_train_eval(prepared.load_rows(tmp / "prepared", records), data, 0, tmp / "split")["train"]
     plan = shards.BatchPlan(micro_batch_size=32, accumulation_steps=1, world_size=1, rank=0, seed=0)
     batches = shards.micro_batches(train, plan, DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15))
     ingest = rate(lambda: len(next(batches)["input_ids"]))

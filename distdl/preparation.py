@@ -17,6 +17,7 @@ import json
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -25,10 +26,14 @@ from distdl.data import packed_images, prepared, text, vision
 from distdl.errors import ConfigError
 from distdl.rundir import SLURM_LOGS
 
-# Chunks in flight per CPU of the cluster: one being tokenized and one waiting, so no core idles
-# between tasks; capped so a large cluster does not queue gigabytes of text in the object store.
+# Chunks in flight per CPU of the cluster: one being worked on and one waiting, so no core idles
+# between tasks; capped in number and in bytes, so a large cluster or a corpus of whole documents
+# per row does not queue gigabytes in the object store.
 IN_FLIGHT_PER_CPU = 2
 MAX_IN_FLIGHT = 256
+MAX_IN_FLIGHT_BYTES = 2 << 30
+# A text chunk ends at data.lines_per_shard lines or at the first group boundary past this much text.
+MAX_CHUNK_BYTES = 64 << 20
 
 
 def prepare(config: Config, connect: Callable[[Config], None]) -> dict[str, Any]:
@@ -51,12 +56,13 @@ def _prepare_text(config: Config, data: text.TextDataSection, connect: Callable[
     expected = {"source": text.source_fingerprint(data), "settings": prepared.settings(data, tokenizer, config.run.seed)}
     if (root / prepared.MANIFEST).exists():
         return _verify_existing(root, expected, "text")
-    _claim(root, expected)
+    _claim(root, expected, {"lines_per_shard": data.lines_per_shard, "max_chunk_bytes": MAX_CHUNK_BYTES})
     connect(config)
     started = time.perf_counter()
     tokenizer_ref = _put(tokenizer)
-    chunks = ((prepared.shard_name(index), (str(root), index, first_line, lines, tokenizer_ref, data, config.run.seed))
-              for index, first_line, lines in _line_chunks(data))
+    chunks = (Chunk(prepared.shard_name(index), (str(root), index, first, lines, tokenizer_ref, data, config.run.seed),
+                    {"first_line": first, "lines": len(lines)}, sum(map(len, lines)))
+              for index, first, lines in _line_chunks(data))
     records = _fan_out(root, make_text_shard_on_node, chunks, unit="lines")
     if not records:
         raise ConfigError(f"data.path: corpus {data.path} holds no non-empty lines")
@@ -78,15 +84,16 @@ def _prepare_images(config: Config, data: vision.VisionDataSection, connect: Cal
         raise ConfigError(f"data.path: {folder}/train and {folder}/val hold different classes (in one only: {only[:5]})")
     if (root / prepared.MANIFEST).exists():
         return _verify_existing(root, expected, "images")
-    _claim(root, expected)
+    _claim(root, expected, {"images_per_shard": data.images_per_shard})
     connect(config)
     started = time.perf_counter()
     records = []
     for split in packed_images.SPLITS:
         _, samples = listings[split]
         size = data.images_per_shard
-        chunks = ((prepared.shard_name(index, split),
-                   (str(root), split, index, first, str(folder / split), samples[first : first + size]))
+        chunks = (Chunk(prepared.shard_name(index, split),
+                        (str(root), split, index, first, str(folder / split), samples[first : first + size]),
+                        {"split": split, "first_image": first, "rows": len(samples[first : first + size])}, 0)
                   for index, first in enumerate(range(0, len(samples), size)))
         records += _fan_out(root, make_image_shard_on_node, chunks, unit="images")
     manifest = {**expected, "images_per_shard": data.images_per_shard, "counts": _counts(records, "rows", "bytes"),
@@ -105,7 +112,7 @@ def _root(data: Any) -> Path:
 
 def _finish(root: Path, manifest: dict[str, Any], kind: str) -> dict[str, Any]:
     prepared.write_manifest(root, manifest, kind)
-    (root / prepared.IN_PROGRESS).unlink()
+    (root / prepared.IN_PROGRESS).unlink(missing_ok=True)
     return prepared.read_manifest(root, kind)
 
 
@@ -138,19 +145,29 @@ def _verify_existing(root: Path, expected: dict[str, Any], kind: str) -> dict[st
     return manifest
 
 
-def _claim(root: Path, expected: dict[str, Any]) -> None:
-    """Mark the folder as being prepared with these settings; an interrupted preparation with the same
-    ones is continued, one with others (or a folder holding something else) is left alone."""
+def _claim(root: Path, expected: dict[str, Any], layout: dict[str, int]) -> None:
+    """Mark the folder as being prepared with these settings and this cut into shards (`layout`); an
+    interrupted preparation with the same ones is continued, one with others is left alone. One
+    preparation per folder at a time: a continued one clears what killed tasks left half-written."""
     claim = root / prepared.IN_PROGRESS
+    wanted = {**expected, "layout": layout}
     if claim.is_file():
-        earlier = json.loads(claim.read_text())
+        try:
+            earlier = json.loads(claim.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"data.prepared_path: {claim} is damaged ({err}); prepare into a new folder") from None
         different = prepared.differences(earlier, expected)
+        different += [f"{key}: {earlier.get('layout', {}).get(key)} before, {value} now" for key, value in layout.items()
+                      if earlier.get("layout", {}).get(key) != value]
         if different:
             raise ConfigError(f"data.prepared_path: an unfinished preparation in {root} has other settings, and is "
-                              f"left as it is: {'; '.join(different)}. Prepare into a new folder")
+                              f"left as it is: {'; '.join(different)}. Prepare into a new folder, or go on with "
+                              "the same settings")
+        for partial in (root / prepared.SHARDS_DIRNAME).glob(".*.partial-*"):
+            partial.unlink(missing_ok=True)
         return
     root.mkdir(parents=True, exist_ok=True)
-    claim.write_text(json.dumps(expected, indent=1) + "\n")
+    prepared.write_json(claim, wanted)
 
 
 def _refuse_foreign_folder(root: Path) -> None:
@@ -162,21 +179,38 @@ def _refuse_foreign_folder(root: Path) -> None:
     # A tokenizer alone is what a preparation interrupted before its first shard leaves; a Slurm job's
     # logs are what `distdl submit slurm --prepare` writes there before its job starts.
     others = sorted(p.name for p in root.iterdir() if p.name not in (text.TOKENIZER_DIRNAME, SLURM_LOGS))
+    if prepared.SHARDS_DIRNAME in others:
+        raise ConfigError(f"data.prepared_path: {root} holds shards but neither {prepared.MANIFEST} nor "
+                          f"{prepared.IN_PROGRESS}, so what made them is unknown; it is left as it is. Prepare "
+                          "into a new folder")
     if others:
         raise ConfigError(f"data.prepared_path: {root} already holds {', '.join(others[:5])}, which is not a "
                           "distdl preparation, and is left as it is; choose an empty or new folder")
 
 
 def _line_chunks(data: text.TextDataSection) -> Iterator[tuple[int, int, list[str]]]:
-    """(shard index, first line, lines): whole groups of lines, lines_per_shard at a time."""
-    index, first_line, lines = 0, 0, []
+    """(shard index, first line, lines): whole groups of lines, up to lines_per_shard of them or the
+    first group boundary past MAX_CHUNK_BYTES of text (a corpus of documents per row)."""
+    index, first_line, lines, size = 0, 0, [], 0
     for batch in text.corpus_line_batches(data):
         lines += batch
-        if len(lines) >= data.lines_per_shard:
+        size += sum(map(len, batch))
+        if len(lines) >= data.lines_per_shard or size >= MAX_CHUNK_BYTES:
             yield index, first_line, lines
-            index, first_line, lines = index + 1, first_line + len(lines), []
+            index, first_line, lines, size = index + 1, first_line + len(lines), [], 0
     if lines:
         yield index, first_line, lines
+
+
+@dataclass
+class Chunk:
+    """One task's work: its shard's name, the task's arguments, what the shard's record must say if
+    an interrupted run already made it, and its size in bytes (for the in-flight cap)."""
+
+    name: str
+    args: tuple
+    expect: dict[str, Any]
+    size: int
 
 
 def _node() -> dict[str, str]:
@@ -203,10 +237,10 @@ def _put(value: Any) -> Any:
     return ray.put(value)
 
 
-def _fan_out(root: Path, body: Callable[..., dict[str, Any]], chunks: Iterable[tuple[str, tuple]],
+def _fan_out(root: Path, body: Callable[..., dict[str, Any]], chunks: Iterable[Chunk],
              unit: str) -> list[dict[str, Any]]:
-    """Run `body(*args)` as a Ray task for each (shard name, args) whose shard is not already whole,
-    at most a window at a time; every shard's record, in the chunks' order."""
+    """Run `body(*chunk.args)` as a Ray task for each chunk whose shard is not already whole, within the
+    in-flight caps; every shard's record, in the chunks' order."""
     import ray
 
     # One core per task: a tokenizer's own threads would contend with the other tasks on the node.
@@ -215,19 +249,21 @@ def _fan_out(root: Path, body: Callable[..., dict[str, Any]], chunks: Iterable[t
     window = min(MAX_IN_FLIGHT, IN_FLIGHT_PER_CPU * max(int(ray.cluster_resources().get("CPU", 1)), 1))
     records: dict[str, dict[str, Any]] = {}
     names: list[str] = []
-    pending: list[Any] = []
+    pending: dict[Any, int] = {}  # task -> bytes it was handed
     progress = Progress(root, unit)
-    for name, args in chunks:
-        names.append(name)
-        if (done := prepared.finished_shard(root, name)) is not None:
-            records[name] = done  # made by an interrupted run of this preparation
+    for chunk in chunks:
+        names.append(chunk.name)
+        done = prepared.finished_shard(root, chunk.name)
+        if done is not None and all(done.get(key) == value for key, value in chunk.expect.items()):
+            records[chunk.name] = done  # made by an interrupted run of this preparation
             progress.shard(done, resumed=True)
             continue
-        while len(pending) >= window:
-            ready, pending = ray.wait(pending, num_returns=1)
+        while pending and (len(pending) >= window or sum(pending.values()) + chunk.size > MAX_IN_FLIGHT_BYTES):
+            ready, _ = ray.wait(list(pending), num_returns=1)
             _collect(ray.get(ready), records, progress)
-        pending.append(task.remote(*args))
-    _collect(ray.get(pending), records, progress)
+            del pending[ready[0]]
+        pending[task.remote(*chunk.args)] = chunk.size
+    _collect(ray.get(list(pending)), records, progress)
     progress.close()
     return [records[name] for name in names]
 

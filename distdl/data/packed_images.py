@@ -74,7 +74,7 @@ def make_image_shard(root: Path, split: str, index: int, first_image: int, folde
         columns["path"].append(str(Path(path).relative_to(folder)))
     features = datasets.Features({"image": datasets.Value("binary"), "label": datasets.Value("int64"),
                                   "path": datasets.Value("string")})
-    return prepared.write_shard(root, prepared.shard_name(index, split), columns, features, started,
+    return prepared.write_shard(root, prepared.shard_name(index, split), [columns], features, started,
                                 {"split": split, "first_image": first_image, **(made_by or {})})
 
 

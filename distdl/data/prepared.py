@@ -20,7 +20,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from distdl.data import text
 from distdl.errors import ConfigError
@@ -109,60 +109,64 @@ def shard_name(index: int, prefix: str = "shard") -> str:
 def make_text_shard(root: Path, index: int, first_line: int, lines: list[str], tokenizer: Any,
                     data: text.TextDataSection, seed: int, made_by: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """Tokenize one chunk of whole line groups, make its examples, and write them as shard `index`
-    (`made_by`: the node, recorded with it)."""
+    (`made_by`: the node, recorded with it). Written group by group: a task holds one group's tokens."""
     if first_line % text.GROUP_LINES:
         raise ValueError(f"a shard must start at a multiple of {text.GROUP_LINES} lines, not {first_line}")
     started = time.perf_counter()
-    columns: dict[str, list] = {}
-    for begin in range(0, len(lines), text.GROUP_LINES):
-        ids = text.token_ids(tokenizer, lines[begin : begin + text.GROUP_LINES])
-        if data.next_sentence_prediction:
-            made = text.pair_sentences(tokenizer, ids, first_line + begin, data.max_seq_length, seed)
-        else:
-            made = {"input_ids": text.cut_blocks(tokenizer, ids, data.max_seq_length)}
-        for column, values in made.items():
-            columns.setdefault(column, []).extend(values)
-    tokens = (sum(map(sum, columns["attention_mask"])) if data.next_sentence_prediction
-              else sum(map(len, columns["input_ids"])))
-    return write_shard(root, shard_name(index), columns, text_features(columns), started,
-                       {"first_line": first_line, "lines": len(lines), "tokens": tokens, **(made_by or {})})
+    # Filled in as the groups are written; the record is made after the last one.
+    details = {"first_line": first_line, "lines": len(lines), "tokens": 0, **(made_by or {})}
+
+    def groups() -> Iterator[dict[str, list]]:
+        for begin in range(0, len(lines), text.GROUP_LINES):
+            ids = text.token_ids(tokenizer, lines[begin : begin + text.GROUP_LINES])
+            if data.next_sentence_prediction:
+                made = text.pair_sentences(tokenizer, ids, first_line + begin, data.max_seq_length, seed)
+                details["tokens"] += sum(map(sum, made["attention_mask"]))
+            else:
+                made = {"input_ids": text.cut_blocks(tokenizer, ids, data.max_seq_length)}
+                details["tokens"] += sum(map(len, made["input_ids"]))
+            yield made
+
+    return write_shard(root, shard_name(index), groups(), text_features(data.next_sentence_prediction), started,
+                       details)
 
 
-def write_shard(root: Path, name: str, columns: dict[str, list], features: Any, started: float,
+def write_shard(root: Path, name: str, batches: Iterable[dict[str, list]], features: Any, started: float,
                 details: dict[str, Any]) -> dict[str, Any]:
-    """Write `columns` as the shard `name` under a temporary name and rename it, then its record beside
-    it: a shard with a record is whole. The record: file, rows, bytes, sha256, seconds, and `details`."""
+    """Write the batches of columns as the shard `name` under a temporary name and rename it, then its
+    record beside it: a shard with a record is whole. The record: file, rows, bytes, sha256, seconds,
+    and `details` (read after the last batch, so a batch generator may fill it in)."""
+    from datasets.arrow_writer import ArrowWriter
+
     path = root / name
-    _write_arrow(path, columns, features)
-    rows = len(next(iter(columns.values()))) if columns else 0
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    rows = 0
+    with ArrowWriter(features=features, path=str(partial)) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+            rows += len(next(iter(batch.values()), []))
+        writer.finalize()
+    partial.replace(path)
     record = {"file": name, "rows": rows, "bytes": path.stat().st_size, "sha256": file_digest(path),
               "seconds": round(time.perf_counter() - started, 3), **details}
-    _write_json(path.with_suffix(".json"), record)
+    write_json(path.with_suffix(".json"), record)
     return record
 
 
-def text_features(columns: dict[str, list]) -> Any:
+def text_features(next_sentence_prediction: bool) -> Any:
     """The types datasets.map gives these columns in the in-process path (its OptimizedTypedSequence)."""
     import datasets
 
-    kinds = {"input_ids": "int32", "token_type_ids": "int8", "attention_mask": "int8"}
-    return datasets.Features({
-        name: datasets.Sequence(datasets.Value(kinds[name])) if name in kinds else datasets.Value("int64")
-        for name in columns})
+    ids = {"input_ids": datasets.Sequence(datasets.Value("int32"))}
+    if not next_sentence_prediction:
+        return datasets.Features(ids)
+    return datasets.Features({**ids, "token_type_ids": datasets.Sequence(datasets.Value("int8")),
+                              "attention_mask": datasets.Sequence(datasets.Value("int8")),
+                              "next_sentence_label": datasets.Value("int64")})
 
 
-def _write_arrow(path: Path, columns: dict[str, list], features: Any) -> None:
-    from datasets.arrow_writer import ArrowWriter
-
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    with ArrowWriter(features=features, path=str(partial)) as writer:
-        writer.write_batch(columns)
-        writer.finalize()
-    partial.replace(path)
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
+def write_json(path: Path, value: dict[str, Any]) -> None:
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     partial.write_text(json.dumps(value, indent=1) + "\n")
     partial.replace(path)
@@ -201,7 +205,7 @@ def read_manifest(root: Path, kind: str = "text") -> dict[str, Any]:
 
 
 def write_manifest(root: Path, manifest: dict[str, Any], kind: str = "text") -> None:
-    _write_json(root / MANIFEST, {"format": FORMATS[kind], "version": VERSION, **manifest})
+    write_json(root / MANIFEST, {"format": FORMATS[kind], "version": VERSION, **manifest})
 
 
 def check_shards(root: Path, records: list[dict[str, Any]], digests: bool = False) -> None:
@@ -233,6 +237,16 @@ def _readable_rows(path: Path) -> int:
     except (pa.ArrowException, OSError) as err:
         raise ConfigError(f"data.prepared_path: shard {path} is corrupt: not a readable Arrow stream ({err}); "
                           "prepare again into a new folder") from None
+
+
+def split_indices_cache(manifest: dict[str, Any], data: text.TextDataSection, seed: int) -> Path:
+    """Where a worker keeps the train/held-out index mappings of these shards: this node's datasets
+    cache (data.cache_dir if set), under a name from the shards' digests and the split's settings."""
+    import datasets
+
+    key = json.dumps([[r["sha256"] for r in manifest["shards"]], seed, data.eval_fraction])
+    cache = Path(data.cache_dir).expanduser() if data.cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
+    return cache / "distdl-prepared-splits" / hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def load_rows(root: Path, records: list[dict[str, Any]]) -> Any:

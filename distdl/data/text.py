@@ -245,8 +245,11 @@ def tokenized_blocks(raw: Any, tokenizer: Any, data: TextDataSection, seed: int)
     def to_blocks(batch: dict[str, list]) -> dict[str, list]:
         return {"input_ids": cut_blocks(tokenizer, batch["input_ids"], data.max_seq_length)}
 
-    blocks = tokens.map(to_blocks, batched=True, batch_size=GROUP_LINES, num_proc=data.num_proc,
-                        new_fingerprint=fingerprint + "-blocks", desc="grouping")
+    # In one process: datasets.map with num_proc cuts the rows into num_proc contiguous pieces and
+    # batches each from its own start, which would move the groups off multiples of GROUP_LINES (and
+    # away from what `distdl prepare` makes). Grouping is cheap next to tokenizing, which keeps num_proc.
+    blocks = tokens.map(to_blocks, batched=True, batch_size=GROUP_LINES,
+                        new_fingerprint=fingerprint + "-blocks-grouped", desc="grouping")
     return split_train_eval(blocks, data, seed)
 
 
@@ -265,30 +268,25 @@ def cut_blocks(tokenizer: Any, token_lists: list[list[int]], max_seq_length: int
     return [[tokenizer.cls_token_id, *stream[i : i + body], tokenizer.sep_token_id] for i in range(0, usable, body)]
 
 
-def split_train_eval(blocks: Any, data: TextDataSection, seed: int, in_memory: bool = False) -> Any:
+def split_train_eval(blocks: Any, data: TextDataSection, seed: int, indices_cache: Optional[Path] = None) -> Any:
     """The held-out slice, by datasets' `train_test_split(test_size=data.eval_fraction, seed=seed)`.
 
-    `in_memory` (prepared shards, which are shared and may be read-only): the same permutation and
-    sizes, with the index mapping kept in memory instead of written beside the data. datasets 5.2's
-    train_test_split refuses keep_in_memory for memory-mapped files, so the split is taken here.
+    `indices_cache` (prepared shards, which are shared and may be read-only): the split's index
+    mappings go to `<indices_cache>-train.arrow` and `-eval.arrow`, memory-mapped like the data,
+    instead of beside the data (datasets writes them under a temporary name and moves them into place,
+    so the workers of a node may make them at once).
     """
-    import math
-
     import datasets
-    import numpy as np
 
     if len(blocks) < 2:
         raise ConfigError(
             f"data.path: corpus {data.path} gives only {len(blocks)} example(s) of {data.max_seq_length} tokens; "
             "give more text or lower data.max_seq_length"
         )
-    if not in_memory:
-        split = blocks.train_test_split(test_size=data.eval_fraction, seed=seed, shuffle=True)
-        return datasets.DatasetDict(train=split["train"], eval=split["test"])
-    permutation = np.random.default_rng(seed).permutation(len(blocks))
-    held_out = math.ceil(data.eval_fraction * len(blocks))
-    return datasets.DatasetDict(train=blocks.select(permutation[held_out:], keep_in_memory=True),
-                                eval=blocks.select(permutation[:held_out], keep_in_memory=True))
+    names = {} if indices_cache is None else {"train_indices_cache_file_name": f"{indices_cache}-train.arrow",
+                                              "test_indices_cache_file_name": f"{indices_cache}-eval.arrow"}
+    split = blocks.train_test_split(test_size=data.eval_fraction, seed=seed, shuffle=True, **names)
+    return datasets.DatasetDict(train=split["train"], eval=split["test"])
 
 
 def tokenizer_fingerprint(base: str, tokenizer: Any, max_seq_length: int, num_proc: Optional[int]) -> str:
@@ -297,7 +295,7 @@ def tokenizer_fingerprint(base: str, tokenizer: Any, max_seq_length: int, num_pr
     digest = hashlib.sha256()
     digest.update(base.encode())
     digest.update(tokenizer.backend_tokenizer.to_str().encode())
-    digest.update(f"{max_seq_length}-{num_proc}".encode())  # num_proc moves batch boundaries
+    digest.update(f"{max_seq_length}-{num_proc}".encode())  # caches of another num_proc stay apart
     return digest.hexdigest()[:32]
 
 
@@ -313,7 +311,7 @@ def sentence_pair_blocks(tokens: Any, tokenizer: Any, data: TextDataSection, see
         return pair_sentences(tokenizer, batch["input_ids"], indices[0], data.max_seq_length, seed)
 
     return tokens.map(to_pairs, batched=True, batch_size=GROUP_LINES, with_indices=True, remove_columns=tokens.column_names,
-                      num_proc=data.num_proc, new_fingerprint=f"{fingerprint}-nsp-{seed}", desc="pairing sentences")
+                      new_fingerprint=f"{fingerprint}-nsp-grouped-{seed}", desc="pairing sentences")  # one process: see above
 
 
 def pair_sentences(tokenizer: Any, token_lists: list[list[int]], first_line: int, max_seq_length: int,

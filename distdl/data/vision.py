@@ -135,12 +135,12 @@ def load_vision(data: VisionDataSection, allow_download: bool = False, symmetric
 def _load_splits(data: VisionDataSection, allow_download: bool, symmetric: bool) -> VisionData:
     spec = spec_for(data)
     size = data.image_size or spec.image_size
+    if data.prepared_path is not None:
+        return _packed_image_folder(data, spec, size, symmetric, check_source=allow_download)
     if data.dataset == "synthetic":
         return _synthetic(data, spec, size, symmetric)
     if data.dataset in PACKAGED_EVAL_SIZES:
         return _packaged(data, spec, symmetric)
-    if data.prepared_path is not None:
-        return _packed_image_folder(data, spec, size, symmetric, check_source=allow_download)
     if data.path is None:
         raise ConfigError(f"data.path is required for data.dataset={data.dataset}")
     root = Path(data.path).expanduser()

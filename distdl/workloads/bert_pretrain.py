@@ -227,8 +227,9 @@ class BertPretrain(Workload):
         self.tokenizer = text.load_tokenizer(sections["tokenizer"], context.run_dir)
         if self.data.prepared_path:
             root = prepared.prepared_root(self.data)
-            examples = prepared.load_rows(root, prepared.read_manifest(root)["shards"])
-            blocks = text.split_train_eval(examples, self.data, context.seed, in_memory=True)
+            manifest = prepared.read_manifest(root)
+            blocks = text.split_train_eval(prepared.load_rows(root, manifest["shards"]), self.data, context.seed,
+                                           prepared.split_indices_cache(manifest, self.data, context.seed))
         else:
             blocks = text.tokenized_blocks(text.load_raw_corpus(self.data), self.tokenizer, self.data, context.seed)
         self.train_set = blocks["train"]
@@ -265,7 +266,7 @@ class BertPretrain(Workload):
             train_count = len(text.tokenized_blocks(raw, tokenizer, data, config.run.seed)["train"])
         if train_count < config.trainer.global_batch_size:
             raise ConfigError(
-                f"data.path: {train_count} training blocks of {data.max_seq_length} tokens are fewer than "
+                f"{'data.prepared_path' if data.prepared_path else 'data.path'}: {train_count} training blocks of {data.max_seq_length} tokens are fewer than "
                 f"one global batch (trainer.global_batch_size={config.trainer.global_batch_size}); give more text"
             )
         return train_count

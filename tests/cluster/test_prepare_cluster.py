@@ -18,6 +18,7 @@ import pytest
 
 from distdl.config import load_config
 from distdl.data import prepared, text
+from distdl.preparation import MAX_CHUNK_BYTES
 from distdl.rundir import read_metrics
 from tests.cluster.test_ray_cluster import free_port
 
@@ -101,7 +102,9 @@ def test_prepare_spreads_over_both_nodes_and_training_from_shards_equals_trainin
     # Interrupted after two shards: the rerun makes the third only, and the same manifest.
     (root / prepared.MANIFEST).unlink()
     (root / prepared.shard_name(2)).with_suffix(".json").unlink()
-    (root / prepared.IN_PROGRESS).write_text(json.dumps({k: manifest[k] for k in ("source", "settings")}))
+    (root / prepared.IN_PROGRESS).write_text(json.dumps({**{k: manifest[k] for k in ("source", "settings")},
+                                                         "layout": {"lines_per_shard": 1000,
+                                                                    "max_chunk_bytes": MAX_CHUNK_BYTES}}))
     rerun = distdl(*prepare, env=two_nodes["env"])
     assert rerun.stdout.count("made earlier") == 2 and "shard-00002.arrow on " in rerun.stdout
     again = prepared.read_manifest(root)

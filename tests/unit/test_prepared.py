@@ -76,19 +76,21 @@ def parquet_corpus(tmp_path_factory, corpus) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("nsp, kind", [(False, "text"), (True, "text"), (False, "parquet")],
-                         ids=["mlm-blocks", "nsp-pairs", "parquet-streamed"])
-def test_shards_hold_the_in_process_examples_in_order(tmp_path, corpus, parquet_corpus, tokenizer, nsp, kind):
+@pytest.mark.parametrize("nsp, kind, num_proc", [(False, "text", None), (True, "text", 2), (False, "parquet", None)],
+                         ids=["mlm-blocks", "nsp-pairs-2-processes", "parquet-streamed"])
+def test_shards_hold_the_in_process_examples_in_order(tmp_path, corpus, parquet_corpus, tokenizer, nsp, kind,
+                                                      num_proc):
+    """The in-process path tokenizes with data.num_proc processes and still makes the same examples."""
     source = {"text": corpus, "parquet": parquet_corpus}[kind]
     data = text.TextDataSection(path=str(source), max_seq_length=SEQ, next_sentence_prediction=nsp,
-                                eval_fraction=0.1, lines_per_shard=2000, text_column="content")
+                                eval_fraction=0.1, lines_per_shard=2000, text_column="content", num_proc=num_proc)
     lines = [line for batch in text.corpus_line_batches(data) for line in batch]
     records = [prepared.make_text_shard(tmp_path, index, first, lines[first : first + 2000], tokenizer, data, seed=5)
                for index, first in enumerate(range(0, len(lines), 2000))]
     prepared.write_manifest(tmp_path, {"shards": records})
     examples = prepared.load_rows(tmp_path, prepared.read_manifest(tmp_path)["shards"])
     reference = text.tokenized_blocks(text.load_raw_corpus(data), tokenizer, data, seed=5)
-    ours = text.split_train_eval(examples, data, seed=5, in_memory=True)
+    ours = text.split_train_eval(examples, data, seed=5, indices_cache=tmp_path / "node-cache" / "split")
     assert len(records) == 2 and sum(r["lines"] for r in records) == len(lines) == 3600
     for split in ("train", "eval"):
         assert ours[split].to_dict() == reference[split].to_dict()
@@ -121,14 +123,12 @@ def test_a_manifest_from_another_tokenizer_or_corpus_says_what_differs(shard_fol
     assert prepared.differences(manifest, expected) == [
         f"the tokenizer (sha256 of its tokenizer.json): prepared {manifest['settings']['tokenizer_sha256'][:12]}..., "
         f"this config {prepared.tokenizer_digest(other_tokenizer)[:12]}..."]
-    longer = text.TextDataSection(path=str(corpus), max_seq_length=64)
     changed = {"source": dict(manifest["source"]), "settings": dict(manifest["settings"], max_seq_length=64)}
     changed["source"]["files"] = [dict(f, bytes=f["bytes"] + 1) if f["name"] == "b.txt" else f
                                   for f in changed["source"]["files"]]
     assert prepared.differences(manifest, changed) == [
         "max_seq_length: prepared 32, this config 64",
         "corpus file b.txt: changed since it was prepared (size or modification time)"]
-    assert longer.max_seq_length == 64
     assert prepared.differences(manifest, {"source": {}, "settings": manifest["settings"]}) == []
 
 
@@ -220,6 +220,31 @@ def test_prepare_verifies_a_finished_preparation_and_refuses_other_settings(shar
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
 
 
+def test_an_unfinished_preparation_goes_on_only_with_its_settings_and_cut(tmp_path, corpus, tokenizer_dir):
+    """Before Ray starts: another shard size would mix two cuts of the corpus, so it is refused; the same
+    one clears what killed tasks left half-written, then (here) stops at the connection."""
+    from distdl.preparation import prepare
+
+    root = tmp_path / "prepared"
+    with pytest.raises(AssertionError, match="settled before Ray starts"):
+        prepare(tiny_config(corpus, tokenizer_dir, root), no_ray)  # claims the folder, then would start Ray
+    claim = json.loads((root / prepared.IN_PROGRESS).read_text())
+    assert claim["layout"]["lines_per_shard"] == 1000
+    with pytest.raises(ConfigError, match="an unfinished preparation in .* has other settings, and is left as it is: "
+                                          "lines_per_shard: 1000 before, 2000 now"):
+        prepare(tiny_config(corpus, tokenizer_dir, root, "data.lines_per_shard=2000"), no_ray)
+    half_written = root / "shards" / ".shard-00003.arrow.partial-4242"
+    half_written.parent.mkdir()
+    half_written.write_bytes(b"killed mid-write")
+    with pytest.raises(AssertionError, match="settled before Ray starts"):
+        prepare(tiny_config(corpus, tokenizer_dir, root), no_ray)
+    assert not half_written.exists()
+
+    (root / prepared.IN_PROGRESS).unlink()  # shards, but no record of what made them
+    with pytest.raises(ConfigError, match="holds shards but neither manifest.json nor preparing.json"):
+        prepare(tiny_config(corpus, tokenizer_dir, root), no_ray)
+
+
 def test_training_refuses_shards_that_do_not_fit_its_config(shard_folder, corpus, tokenizer_dir, minilm):
     from distdl.workloads.bert_pretrain import BertPretrain
 
@@ -276,6 +301,29 @@ def test_packed_images_are_the_folders_images_with_the_same_augmentation(tmp_pat
             torch.manual_seed(index)
             expected, expected_label = getattr(theirs, split)[index]
             assert label == expected_label and torch.equal(image, expected)
+
+
+def test_packed_images_travel_to_dataloader_workers_without_their_data(tmp_path, digits_folder):
+    """DataLoader workers started with spawn (or forkserver) get the dataset pickled: only where its
+    shards are, which each worker maps itself."""
+    import pickle
+
+    import torch
+
+    from distdl.data import vision
+
+    pack(digits_folder, tmp_path / "packed", per_shard=400)
+    section = vision.VisionDataSection(dataset="imagefolder", image_size=32, prepared_path=str(tmp_path / "packed"),
+                                       augment=False)
+    train = vision.load_vision(section).train
+    first = train[0]  # maps the shards in this process
+    shipped = pickle.dumps(train)
+    assert len(shipped) < 4096 < sum(r["bytes"] for r in train.records)
+    again = pickle.loads(shipped)
+    assert torch.equal(again[0][0], first[0]) and again[1346][1] == train[1346][1]
+    loader = torch.utils.data.DataLoader(train, batch_size=64, num_workers=1, multiprocessing_context="spawn")
+    images, labels = next(iter(loader))
+    assert images.shape == (64, 3, 32, 32) and torch.equal(images[0], first[0]) and labels[0] == first[1]
 
 
 def test_a_packed_folder_that_no_longer_matches_or_holds_a_bad_image_is_named(tmp_path, digits_folder):
