@@ -21,10 +21,12 @@ from distdl.data import prepared, text
 from distdl.preparation import MAX_CHUNK_BYTES
 from distdl.rundir import read_metrics
 from tests.cluster.test_ray_cluster import free_port
+from tests.conftest import CORPUS
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs/bert/pretrain_tiny.yaml"
+RESNET = REPO / "configs/resnet/mnist_laptop.yaml"
 
 
 def port_block() -> int:
@@ -81,23 +83,53 @@ def distdl(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.fixture(scope="module")
+def preparations(two_nodes, tmp_path_factory, digits_folder):
+    """A text corpus and an image folder prepared on the cluster at once: they share its two CPUs, and
+    their drivers' start-ups overlap. Each: its folder, its command line and what it printed."""
+    if not CORPUS.is_dir():
+        pytest.skip("needs the Debian license texts in /usr/share/common-licenses")
+    tmp = tmp_path_factory.mktemp("preparations")
+    text.train_tokenizer(text.corpus_line_batches(text.TextDataSection(path=str(CORPUS))),
+                         text.TokenizerSection(vocab_size=1000), tmp / "tokenizer")
+    cluster = f"ray.address={two_nodes['address']}"
+    commands = {
+        "text": ["prepare", str(TINY), *text_settings(tmp), f"data.prepared_path={tmp / 'prepared'}",
+                 "data.lines_per_shard=1000", cluster],
+        "images": ["prepare", str(RESNET), *image_settings(digits_folder), f"data.prepared_path={tmp / 'packed'}",
+                   "data.images_per_shard=500", cluster],
+    }
+    running = {name: subprocess.Popen([sys.executable, "-m", "distdl.cli", *args], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=two_nodes["env"], cwd=REPO)
+               for name, args in commands.items()}
+    done = {}
+    for name, process in running.items():
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        done[name] = {"root": tmp / ("prepared" if name == "text" else "packed"), "args": commands[name],
+                      "stdout": stdout, "tmp": tmp}
+    return done
+
+
+def text_settings(tmp: Path) -> list[str]:
+    return [f"data.path={CORPUS}", f"tokenizer.name_or_path={tmp / 'tokenizer'}", "data.max_seq_length=32"]
+
+
+def image_settings(folder: Path) -> list[str]:
+    return [f"data.path={folder}", "data.dataset=imagefolder", "data.image_size=32"]
+
+
 def test_prepare_spreads_over_both_nodes_and_training_from_shards_equals_training_from_text(
-        two_nodes, tmp_path, corpus, local_workers):
-    tokenizer_dir = tmp_path / "tokenizer"
-    text.train_tokenizer(text.corpus_line_batches(text.TextDataSection(path=str(corpus))),
-                         text.TokenizerSection(vocab_size=1000), tokenizer_dir)
-    root = tmp_path / "prepared"
-    settings = [f"data.path={corpus}", f"tokenizer.name_or_path={tokenizer_dir}", "data.max_seq_length=32"]
-    prepare = ["prepare", str(TINY), *settings, f"data.prepared_path={root}", "data.lines_per_shard=1000",
-               f"ray.address={two_nodes['address']}"]
-    done = distdl(*prepare, env=two_nodes["env"])
+        two_nodes, preparations, tmp_path, local_workers):
+    root, prepare, stdout = (preparations["text"][key] for key in ("root", "args", "stdout"))
+    settings = text_settings(preparations["text"]["tmp"])
     manifest = prepared.read_manifest(root)
     assert len(manifest["nodes"]) == 2, manifest["nodes"]  # SPREAD: every node wrote shards
     assert {r["node_id"] for r in manifest["shards"]} == set(manifest["nodes"])
     assert manifest["counts"]["shards"] == len(manifest["shards"]) == 3
-    assert manifest["counts"]["lines"] == sum(len(b) for b in text.corpus_line_batches(text.TextDataSection(path=str(corpus))))
-    assert f"in 3 shards from 2 node(s) at {root}" in done.stdout
-    assert done.stdout.count("distdl: prepare: shards/shard-") == 3  # a plain line per shard in a log
+    assert manifest["counts"]["lines"] == sum(len(b) for b in text.corpus_line_batches(text.TextDataSection(path=str(CORPUS))))
+    assert f"in 3 shards from 2 node(s) at {root}" in stdout
+    assert stdout.count("distdl: prepare: shards/shard-") == 3  # a plain line per shard in a log
 
     # Interrupted after two shards: the rerun makes the third only, and the same manifest.
     (root / prepared.MANIFEST).unlink()
@@ -128,21 +160,19 @@ def three_steps(local_workers, config_file: Path, storage: Path, name: str, *ove
     return [row["loss"] for row in read_metrics(config.run_dir) if "loss" in row] + [summary["final"]["eval_loss"]]
 
 
-def test_an_image_folder_packed_across_both_nodes_trains_as_the_folder_does(two_nodes, tmp_path, digits_folder,
+def test_an_image_folder_packed_across_both_nodes_trains_as_the_folder_does(preparations, tmp_path, digits_folder,
                                                                           local_workers):
-    root = tmp_path / "packed"
-    folder = [f"data.path={digits_folder}", "data.dataset=imagefolder", "data.image_size=32"]
-    done = distdl("prepare", str(REPO / "configs/resnet/mnist_laptop.yaml"), *folder, f"data.prepared_path={root}",
-                  "data.images_per_shard=500", f"ray.address={two_nodes['address']}", env=two_nodes["env"])
+    root, stdout = preparations["images"]["root"], preparations["images"]["stdout"]
+    folder = image_settings(digits_folder)
     manifest = prepared.read_manifest(root, "images")
     assert len(manifest["nodes"]) == 2 and manifest["counts"]["examples"] == 1797
     assert [r["file"] for r in manifest["shards"]] == [f"shards/train-0000{i}.arrow" for i in range(3)] + [
         "shards/val-00000.arrow"]
-    assert "prepared 1,797 images" in done.stdout
+    assert "prepared 1,797 images" in stdout
 
     # A 20-layer ResNet from the folder and from the shards (no data.path), augmented, with a DataLoader worker.
     runs = {"folder": [], "shards": ["data.path=null", f"data.prepared_path={root}"]}
-    losses = {name: three_steps(local_workers, REPO / "configs/resnet/mnist_laptop.yaml", tmp_path, name, *folder,
+    losses = {name: three_steps(local_workers, RESNET, tmp_path, name, *folder,
                                 *data, "data.loader_workers=1", "trainer.epochs=null", "trainer.micro_batch_size=16",
                                 "trainer.global_batch_size=32") for name, data in runs.items()}
     assert len(losses["shards"]) == 4 and losses["shards"] == losses["folder"]

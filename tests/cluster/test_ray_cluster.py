@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -54,10 +53,28 @@ def ray_head(tmp_path_factory):
     subprocess.run(start, check=True, capture_output=True, timeout=120, env=env_with_token(home, token), cwd=home)
     yield {"gcs": f"127.0.0.1:{gcs_port}", "jobs": f"http://127.0.0.1:{dashboard_port}", "token": token}
     # Only this head's processes: `ray stop` would end every Ray instance on the machine (other tests' too).
-    for signal_name in ("TERM", "KILL"):
-        subprocess.run(["pkill", f"-{signal_name}", "-f", f"{temp_dir}/"], capture_output=True)
-        time.sleep(3)
+    stop_processes_of(temp_dir)
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_processes_of(temp_dir: str, grace_s: float = 3.0) -> None:
+    """Terminate the processes whose command line names `temp_dir`; kill those still there after the grace."""
+    import psutil
+
+    ours = [process for process in psutil.process_iter(["cmdline"])
+            if any(f"{temp_dir}/" in part for part in process.info["cmdline"] or [])]
+    for process in ours:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(ours, timeout=grace_s)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
 
 
 def distdl(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
