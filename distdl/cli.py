@@ -129,7 +129,7 @@ def run_submit(args: argparse.Namespace) -> int:
     derived = [] if args.prepare else slurm.scaling_overrides(request, args.overrides, unscaled.scaling)
     if derived:
         print(f"distdl: from the Slurm request: {' '.join(derived)}", file=sys.stderr)
-    plan = submit.plan_job(args.config, [*args.overrides, *derived], args.study, prepare=args.prepare)
+    plan = unscaled if args.prepare else submit.plan_job(args.config, [*args.overrides, *derived], args.study)
     slurm.submit(request, plan, args.dry_run,
                  workers_follow_nodes=any(key.startswith("scaling.num_workers=") for key in derived))
     return 0

@@ -749,7 +749,8 @@ def _adam_view(tag_dir: Path, view: Path, what: str) -> Optional[dict[str, str]]
     Adam's two moment slots, for DeepSpeed's converter, and which slot holds which state. None when the
     state is Adam's and the converter reads the tag as saved."""
     shards = sorted(file for file in tag_dir.iterdir() if _SHARD_RANK.match(file.name))
-    first = torch.load(shards[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    first_saved = torch.load(shards[0], map_location="cpu", weights_only=False)
+    first = first_saved["optimizer_state_dict"]
     if "base_optimizer_state" not in first:  # ZeRO-3's layout, which the converter reads as Adam's only
         keys = {key for state in first["optimizer_state_dict"]["state"].values() for key in state}
         if not set(ADAM_MOMENTS) <= keys:
@@ -767,11 +768,12 @@ def _adam_view(tag_dir: Path, view: Path, what: str) -> Optional[dict[str, str]]
                               "checkpoint carries two. Resume on the worker count that saved it")
     carried = dict(zip(ADAM_MOMENTS, keys))
     view.mkdir()
+    loaded = {shards[0]: first_saved}  # read above already; each shard can be gigabytes
     for file in tag_dir.iterdir():
         if not _SHARD_RANK.match(file.name):
             _link_or_copy(file, view / file.name)  # the model states, unchanged and often large
             continue
-        saved = torch.load(file, map_location="cpu", weights_only=False)
+        saved = loaded.pop(file, None) or torch.load(file, map_location="cpu", weights_only=False)
         optimizer = saved["optimizer_state_dict"]
         states = optimizer["base_optimizer_state"]["state"]
         for group, partition in enumerate(optimizer["single_partition_of_fp32_groups"]):

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator
 from distdl.config import Config
 from distdl.data import packed_images, prepared, text, vision
 from distdl.errors import ConfigError
-from distdl.rundir import SLURM_LOGS
+from distdl.rundir import SLURM_LOGS, write_json
 
 # Chunks in flight per CPU of the cluster: one being worked on and one waiting, so no core idles
 # between tasks; capped in number and in bytes, so a large cluster or a corpus of whole documents
@@ -78,10 +78,7 @@ def _prepare_images(config: Config, data: vision.VisionDataSection, connect: Cal
     _refuse_foreign_folder(root)
     listings = {split: packed_images.listing(folder, split) for split in packed_images.SPLITS}
     expected = {"source": packed_images.source_fingerprint(folder, listings), "settings": {}}
-    train_classes, val_classes = (expected["source"]["splits"][s]["classes"] for s in packed_images.SPLITS)
-    if train_classes != val_classes:
-        only = sorted(set(train_classes) ^ set(val_classes))
-        raise ConfigError(f"data.path: {folder}/train and {folder}/val hold different classes (in one only: {only[:5]})")
+    vision.check_same_classes(folder, *(listings[split][0] for split in packed_images.SPLITS))
     if (root / prepared.MANIFEST).exists():
         return _verify_existing(root, expected, "images")
     _claim(root, expected, {"images_per_shard": data.images_per_shard})
@@ -90,24 +87,23 @@ def _prepare_images(config: Config, data: vision.VisionDataSection, connect: Cal
     records = []
     for split in packed_images.SPLITS:
         _, samples = listings[split]
-        size = data.images_per_shard
+        parts = (samples[first : first + data.images_per_shard]
+                 for first in range(0, len(samples), data.images_per_shard))
         chunks = (Chunk(prepared.shard_name(index, split),
-                        (str(root), split, index, first, str(folder / split), samples[first : first + size]),
-                        {"split": split, "first_image": first, "rows": len(samples[first : first + size])}, 0)
-                  for index, first in enumerate(range(0, len(samples), size)))
+                        (str(root), split, index, index * data.images_per_shard, str(folder / split), part),
+                        {"split": split, "first_image": index * data.images_per_shard, "rows": len(part)}, 0)
+                  for index, part in enumerate(parts))
         records += _fan_out(root, make_image_shard_on_node, chunks, unit="images")
-    manifest = {**expected, "images_per_shard": data.images_per_shard, "counts": _counts(records, "rows", "bytes"),
+    manifest = {**expected, "images_per_shard": data.images_per_shard, "counts": _counts(records),
                 "nodes": _nodes(records), "seconds": round(time.perf_counter() - started, 2), "shards": records}
     return _finish(root, manifest, "images")
 
 
 def _root(data: Any) -> Path:
-    if data.prepared_path is None:
-        raise ConfigError("data.prepared_path is required: the folder (shared by the cluster's nodes) to write "
-                          "the shards to")
+    root = prepared.prepared_root(data)
     if data.path is None:
         raise ConfigError("data.path is required: the data to prepare")
-    return Path(data.prepared_path).expanduser()
+    return root
 
 
 def _finish(root: Path, manifest: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -163,11 +159,13 @@ def _claim(root: Path, expected: dict[str, Any], layout: dict[str, int]) -> None
             raise ConfigError(f"data.prepared_path: an unfinished preparation in {root} has other settings, and is "
                               f"left as it is: {'; '.join(different)}. Prepare into a new folder, or go on with "
                               "the same settings")
-        for partial in (root / prepared.SHARDS_DIRNAME).glob(".*.partial-*"):
+        shards = root / prepared.SHARDS_DIRNAME
+        # Shards written under .NAME.partial-PID; records through rundir.write_json's tmp*.tmp.
+        for partial in [*shards.glob(".*.partial-*"), *shards.glob("tmp*.tmp")]:
             partial.unlink(missing_ok=True)
         return
     root.mkdir(parents=True, exist_ok=True)
-    prepared.write_json(claim, wanted)
+    write_json(claim, wanted)
 
 
 def _refuse_foreign_folder(root: Path) -> None:
@@ -303,9 +301,10 @@ class Progress:
 
 
 def _counts(records: list[dict[str, Any]], *summed: str) -> dict[str, int]:
+    """Shards, examples and bytes, and the totals of these other record fields."""
     totals = {"shards": len(records), "examples": sum(r["rows"] for r in records),
               "bytes": sum(r["bytes"] for r in records)}
-    return {**totals, **{key: sum(r[key] for r in records) for key in summed if key not in ("rows", "bytes")}}
+    return {**totals, **{key: sum(r[key] for r in records) for key in summed}}
 
 
 def _nodes(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

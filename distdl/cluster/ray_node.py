@@ -81,7 +81,13 @@ def stop_tree(grace_s: float = 5.0) -> None:
     """Terminate every descendant of this process (raylet, GCS, workers), then kill what is left."""
     import psutil
 
-    processes = psutil.Process().children(recursive=True)
+    stop_processes(psutil.Process().children(recursive=True), grace_s)
+
+
+def stop_processes(processes: list, grace_s: float) -> None:
+    """Terminate these psutil processes; kill those still running after `grace_s`, and wait for them."""
+    import psutil
+
     for process in processes:
         try:
             process.terminate()
@@ -93,6 +99,7 @@ def stop_tree(grace_s: float = 5.0) -> None:
             process.kill()
         except psutil.NoSuchProcess:
             pass
+    psutil.wait_procs(alive, timeout=grace_s)  # a killed process is gone before its caller goes on
 
 
 def wait_for_nodes(address: str, count: int, timeout_s: float) -> None:

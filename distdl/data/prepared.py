@@ -1,15 +1,17 @@
-"""Prepared text shards: what `distdl prepare` writes and `distdl train` reads.
+"""Prepared shards: what `distdl prepare` writes and `distdl train` reads.
 
 A prepared folder (`data.prepared_path`) holds
-- `shards/shard-NNNNN.arrow`: the examples made from consecutive whole groups of corpus lines, as an
-  Arrow IPC stream in datasets' own cache format (`datasets.Dataset.from_file` maps it into memory);
-- `shards/shard-NNNNN.json`: that shard's record, written once the shard is whole;
-- `tokenizer/`: the tokenizer the shards were made with (trained on the corpus when none was named);
+- `shards/*.arrow`: Arrow IPC streams in datasets' own cache format (`datasets.Dataset.from_file` maps
+  them into memory): a text corpus's examples, made from consecutive whole groups of corpus lines
+  (`shard-NNNNN`), or an image folder's files packed as they are (`train-NNNNN`, `val-NNNNN`,
+  `packed_images`);
+- `shards/*.json`: each shard's record, written once the shard is whole;
+- `tokenizer/` (text): the tokenizer the shards were made with (trained on the corpus when none was named);
 - `manifest.json`: the source's fingerprint, the settings, the counts and every shard's record,
   written last, so its presence says the preparation finished.
 
-Shards hold whole groups of `text.GROUP_LINES` lines, so the examples are the ones the in-process path
-makes from the raw corpus, in the same order: concatenated, they split into the same train and
+Text shards hold whole groups of `text.GROUP_LINES` lines, so the examples are the ones the in-process
+path makes from the raw corpus, in the same order: concatenated, they split into the same train and
 held-out sets (`text.split_train_eval`) and train in the same global order.
 """
 
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
+from distdl import rundir
 from distdl.data import text
 from distdl.errors import ConfigError
 
@@ -34,9 +37,11 @@ FORMATS = {"text": "distdl-prepared-text", "images": "distdl-prepared-images"}
 VERSION = 1
 
 
-def prepared_root(data: text.TextDataSection) -> Path:
+def prepared_root(data: Any) -> Path:
+    """data.prepared_path of a text or vision data section, which must be set."""
     if data.prepared_path is None:
-        raise ConfigError("data.prepared_path is required: the folder `distdl prepare` writes the shards to")
+        raise ConfigError("data.prepared_path is required: the folder (shared by the cluster's nodes) that "
+                          "`distdl prepare` writes the shards to")
     return Path(data.prepared_path).expanduser()
 
 
@@ -150,7 +155,7 @@ def write_shard(root: Path, name: str, batches: Iterable[dict[str, list]], featu
     partial.replace(path)
     record = {"file": name, "rows": rows, "bytes": path.stat().st_size, "sha256": file_digest(path),
               "seconds": round(time.perf_counter() - started, 3), **details}
-    write_json(path.with_suffix(".json"), record)
+    rundir.write_json(path.with_suffix(".json"), record)
     return record
 
 
@@ -164,12 +169,6 @@ def text_features(next_sentence_prediction: bool) -> Any:
     return datasets.Features({**ids, "token_type_ids": datasets.Sequence(datasets.Value("int8")),
                               "attention_mask": datasets.Sequence(datasets.Value("int8")),
                               "next_sentence_label": datasets.Value("int64")})
-
-
-def write_json(path: Path, value: dict[str, Any]) -> None:
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_text(json.dumps(value, indent=1) + "\n")
-    partial.replace(path)
 
 
 def file_digest(path: Path) -> str:
@@ -205,7 +204,7 @@ def read_manifest(root: Path, kind: str = "text") -> dict[str, Any]:
 
 
 def write_manifest(root: Path, manifest: dict[str, Any], kind: str = "text") -> None:
-    write_json(root / MANIFEST, {"format": FORMATS[kind], "version": VERSION, **manifest})
+    rundir.write_json(root / MANIFEST, {"format": FORMATS[kind], "version": VERSION, **manifest})
 
 
 def check_shards(root: Path, records: list[dict[str, Any]], digests: bool = False) -> None:

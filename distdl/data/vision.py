@@ -136,7 +136,7 @@ def _load_splits(data: VisionDataSection, allow_download: bool, symmetric: bool)
     spec = spec_for(data)
     size = data.image_size or spec.image_size
     if data.prepared_path is not None:
-        return _packed_image_folder(data, spec, size, symmetric, check_source=allow_download)
+        return _packed_image_folder(data, spec, size, symmetric, check=allow_download)
     if data.dataset == "synthetic":
         return _synthetic(data, spec, size, symmetric)
     if data.dataset in PACKAGED_EVAL_SIZES:
@@ -184,22 +184,38 @@ def _image_folder(data: VisionDataSection, spec: DatasetSpec, root: Path, size: 
                           loader=read_image)
     except (FileNotFoundError, RuntimeError) as err:
         raise ConfigError(f"data.path: {err}") from err
-    if train.classes != val.classes:
-        only = sorted(set(train.classes) ^ set(val.classes))
-        raise ConfigError(f"data.path: {root}/train and {root}/val hold different classes (in one only: {only[:5]})")
+    check_same_classes(root, train.classes, val.classes)
     return VisionData(train, val, spec.channels, len(train.classes), size, list(train.classes))
 
 
+def check_same_classes(root: Path, train_classes: list[str], val_classes: list[str]) -> None:
+    """An ImageFolder's train/ and val/ must name the same classes: a label means one class in both."""
+    if train_classes != val_classes:
+        only = sorted(set(train_classes) ^ set(val_classes))
+        raise ConfigError(f"data.path: {root}/train and {root}/val hold different classes (in one only: {only[:5]})")
+
+
 def _packed_image_folder(data: VisionDataSection, spec: DatasetSpec, size: int, symmetric: bool,
-                         check_source: bool) -> VisionData:
-    """An ImageFolder's splits from its packed shards; `check_source` (the driver, once): against
-    data.path's folder too, when it is given."""
+                         check: bool) -> VisionData:
+    """An ImageFolder's splits from its packed shards; `check` (the driver, once, before any worker
+    starts): the shards whole, and packed from data.path's folder as it is now, when it is given."""
     if data.dataset != "imagefolder":
         raise ConfigError(f"data.prepared_path: only data.dataset=imagefolder is packed into shards, not "
                           f"{data.dataset}; unset data.prepared_path")
-    root = Path(data.prepared_path).expanduser()
+    root = prepared.prepared_root(data)
     manifest = prepared.read_manifest(root, "images")
-    if check_source and data.path is not None:
+    if check:
+        _check_packed(data, root, manifest)
+    splits = {split: [r for r in manifest["shards"] if r["split"] == split] for split in packed_images.SPLITS}
+    train = packed_images.PackedImages(root, splits["train"], transforms(data, spec, size, True, symmetric))
+    val = packed_images.PackedImages(root, splits["val"], transforms(data, spec, size, False, symmetric))
+    classes = manifest["source"]["splits"]["train"]["classes"]
+    return VisionData(train, val, spec.channels, len(classes), size, classes)
+
+
+def _check_packed(data: VisionDataSection, root: Path, manifest: dict[str, Any]) -> None:
+    """The shards are whole, and were packed from data.path's folder as it is now (when it is given)."""
+    if data.path is not None:
         ours = {"source": packed_images.source_fingerprint(Path(data.path).expanduser()), "settings": {}}
         different = prepared.differences({"source": manifest["source"], "settings": {}}, ours)
         if different:
@@ -207,11 +223,6 @@ def _packed_image_folder(data: VisionDataSection, spec: DatasetSpec, size: int, 
                               f"{data.path} as it is now: {'; '.join(different)}. Prepare again into another "
                               "folder, or unset data.path to train from the shards as they are")
     prepared.check_shards(root, manifest["shards"])
-    splits = {split: [r for r in manifest["shards"] if r["split"] == split] for split in packed_images.SPLITS}
-    train = packed_images.PackedImages(root, splits["train"], transforms(data, spec, size, True, symmetric))
-    val = packed_images.PackedImages(root, splits["val"], transforms(data, spec, size, False, symmetric))
-    classes = manifest["source"]["splits"]["train"]["classes"]
-    return VisionData(train, val, spec.channels, len(classes), size, classes)
 
 
 class UnreadableImageError(OSError):

@@ -265,8 +265,9 @@ class BertPretrain(Workload):
         else:
             train_count = len(text.tokenized_blocks(raw, tokenizer, data, config.run.seed)["train"])
         if train_count < config.trainer.global_batch_size:
+            key = "data.prepared_path" if data.prepared_path else "data.path"
             raise ConfigError(
-                f"{'data.prepared_path' if data.prepared_path else 'data.path'}: {train_count} training blocks of {data.max_seq_length} tokens are fewer than "
+                f"{key}: {train_count} training blocks of {data.max_seq_length} tokens are fewer than "
                 f"one global batch (trainer.global_batch_size={config.trainer.global_batch_size}); give more text"
             )
         return train_count

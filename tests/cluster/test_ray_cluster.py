@@ -58,23 +58,13 @@ def ray_head(tmp_path_factory):
 
 
 def stop_processes_of(temp_dir: str, grace_s: float = 3.0) -> None:
-    """Terminate the processes whose command line names `temp_dir`; kill those still there after the grace."""
+    """Stop the processes whose command line names `temp_dir`, as a Slurm job's Ray node stops its own."""
     import psutil
 
-    ours = [process for process in psutil.process_iter(["cmdline"])
-            if any(f"{temp_dir}/" in part for part in process.info["cmdline"] or [])]
-    for process in ours:
-        try:
-            process.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(ours, timeout=grace_s)
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=grace_s)
+    from distdl.cluster.ray_node import stop_processes
+
+    stop_processes([process for process in psutil.process_iter(["cmdline"])
+                    if any(f"{temp_dir}/" in part for part in process.info["cmdline"] or [])], grace_s)
 
 
 def distdl(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
