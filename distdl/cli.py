@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 from distdl.config import config_from_dict, load_config
 from distdl.errors import USER_ERRORS, ConfigError, TrainingFailed
 from distdl.registry import STUDIES
+from distdl.rundir import RunStorage
 
 # Exit status of `distdl train` that checkpointed and stopped on SIGUSR1 (slurm/ray_cluster.sbatch requeues on it).
 STOPPED_ON_REQUEST = 3
@@ -69,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_study(args.name, args.config, args.overrides, args.overwrite)
         if args.command == "report":
             return run_report(args.kind, [Path(d) for d in args.run_dirs])
-        return run_export(Path(args.run_dir), Path(args.out_dir), args.checkpoint)
+        return run_export(args.run_dir, Path(args.out_dir), args.checkpoint)
     except USER_ERRORS as err:
         print(f"distdl: error: {err}", file=sys.stderr)
         return 2
@@ -150,25 +151,25 @@ def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:
         summary = train(config, connect_ray, overwrite=overwrite)
     except TrainingFailed as failed:
         print_failure(failed)
-        print(f"distdl: {last_good_checkpoint(config.run_dir)}", file=sys.stderr)
+        print(f"distdl: {last_good_checkpoint(config.run_storage)}", file=sys.stderr)
         return 1
     if not summary:
-        print(f"distdl: the run ended without a summary; see {config.run_dir}", file=sys.stderr)
+        print(f"distdl: the run ended without a summary; see {config.run_storage}", file=sys.stderr)
         return 1
     if summary.get("non_finite_step") is not None:
         print(f"distdl: error: the loss or gradient norm was not finite at step {summary['non_finite_step']}; "
-              f"training stopped at step {summary['steps']} without saving. {last_good_checkpoint(config.run_dir)}. "
+              f"training stopped at step {summary['steps']} without saving. {last_good_checkpoint(config.run_storage)}. "
               "Lower the learning rate, raise warmup or gradient clipping, or use bf16 instead of fp16, "
               "in a new run (or --overwrite).", file=sys.stderr)
         return 1
     if summary.get("stopped_on_request_step") and not summary.get("completed"):
         print(f"distdl: stopped on request at step {summary['stopped_on_request_step']} with a checkpoint; "
-              f"run the same command to resume ({config.run_dir})")
+              f"run the same command to resume ({config.run_storage})")
         return STOPPED_ON_REQUEST
     final = summary.get("final", {})
     shown = ", ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float))
     print(f"distdl: step {summary['steps']}/{summary['max_steps']} done; {shown}")
-    print(f"distdl: run directory {config.run_dir}")
+    print(f"distdl: run directory {config.run_storage}")
     if "wandb_run_dir" in summary and "offline-run" in summary["wandb_run_dir"]:
         print(f"distdl: W&B ran offline; upload with: wandb sync {summary['wandb_run_dir']}")
     return 0
@@ -193,15 +194,17 @@ def print_failure(failed: TrainingFailed) -> None:
         print(f"distdl: error: {line}", file=sys.stderr)
 
 
-def last_good_checkpoint(run_dir: Path) -> str:
-    """Which checkpoint a rerun of a failed run resumes from, in words."""
+def last_good_checkpoint(storage: RunStorage) -> str:
+    """Which checkpoint a rerun of a failed run (a RunStorage) resumes from, in words."""
     from distdl.rundir import checkpoint_step, latest_checkpoint
 
     try:
-        latest = latest_checkpoint(run_dir)
+        storage.pull()
+        latest = latest_checkpoint(storage.local)
     except USER_ERRORS:
-        return f"no checkpoint was saved yet in {run_dir}; a rerun starts afresh"
-    return f"the last good checkpoint is {latest} (step {checkpoint_step(run_dir)}); the same command resumes from it"
+        return f"no checkpoint was saved yet in {storage}; a rerun starts afresh"
+    return (f"the last good checkpoint is {storage.location(latest.name)} (step {checkpoint_step(storage.local)}); "
+            "the same command resumes from it")
 
 
 def run_study(name: str, config_path: str, overrides: list[str], overwrite: bool) -> int:
@@ -218,19 +221,24 @@ def run_study(name: str, config_path: str, overrides: list[str], overwrite: bool
     return 0
 
 
-def run_export(run_dir: Path, out_dir: Path, which: str = "latest") -> int:
+def run_export(location: str | Path, out_dir: Path, which: str = "latest") -> int:
+    """`location`: a run directory, or its URI on object storage (its files and the checkpoint are
+    pulled into the node's cache first)."""
     from distdl.engine import consolidated_state_dict
     from distdl.registry import WORKLOADS
-    from distdl.rundir import find_checkpoint, saved_config
+    from distdl.rundir import RunStorage, find_checkpoint, saved_config
 
+    storage = RunStorage(location)
+    storage.pull()
+    run_dir = storage.local
     saved = saved_config(run_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"export target {out_dir} exists and is not empty; choose a new folder")
     config = config_from_dict(saved)
     workload = WORKLOADS.get(config.workload)
     if not workload.has_export_format():
-        raise ConfigError(f"workload {config.workload} defines no export format; its checkpoints stay in {run_dir}")
-    checkpoint = find_checkpoint(run_dir, which)
+        raise ConfigError(f"workload {config.workload} defines no export format; its checkpoints stay in {storage}")
+    checkpoint = storage.pull_checkpoint(find_checkpoint(run_dir, which, storage.checkpoints()).name)
     state_dict = consolidated_state_dict(checkpoint / (workload.export_engine or ""))
     # Written beside the target and renamed into place: a failed export leaves nothing behind.
     out_dir.parent.mkdir(parents=True, exist_ok=True)

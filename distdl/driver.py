@@ -18,17 +18,18 @@ from typing import Any, Callable, Iterator, Optional
 import yaml
 
 from distdl.config import SESSION_KEYS, Config, config_differences, resolve_epochs, with_defaults, without_session_keys
-from distdl.errors import ConfigError, RunDirError, TrainingFailed
+from distdl.errors import CheckpointError, ConfigError, RunDirError, TrainingFailed
 from distdl.registry import WORKLOADS
 from distdl.rundir import (
     CHECKPOINT_SCORE,
     CONFIG_FILE,
+    SLURM_LOGS,
     STOP_REQUEST_FILE,
+    RunStorage,
     RunSummary,
     checkpoint_step,
     foreign_entries,
     latest_checkpoint,
-    move_aside,
     read_summary,
     restore_snapshot,
 )
@@ -55,15 +56,19 @@ def check_run_dir(config: Config, overwrite: bool) -> bool:
     """Whether this is a resume. Refuse a run directory holding a different config, unless overwriting.
 
     A rerun that changes only session keys (the step budget, where and how it runs) is a resume.
-    Overwriting moves the old directory aside rather than deleting it.
+    Overwriting moves the old directory aside rather than deleting it. A run on object storage is
+    pulled into its working copy first (everything but its checkpoints).
     """
-    run_dir = config.run_dir
+    storage = config.run_storage
+    storage.pull()
+    run_dir = storage.local
     if not run_dir.exists():
         return False
     saved_file = run_dir / CONFIG_FILE
     if not saved_file.is_file():
-        if foreign_entries(run_dir):
-            raise RunDirError(f"run directory {run_dir} exists and is not a distdl run (no {CONFIG_FILE}); "
+        others = [e for e in storage.entries() if e != SLURM_LOGS] if storage.remote else foreign_entries(run_dir)
+        if others:
+            raise RunDirError(f"run directory {storage} exists and is not a distdl run (no {CONFIG_FILE}); "
                               "choose another run.name or run.storage_path")
         return False
     saved = with_defaults(yaml.safe_load(saved_file.read_text()) or {})
@@ -73,11 +78,11 @@ def check_run_dir(config: Config, overwrite: bool) -> bool:
     if not overwrite:
         listed = "\n  ".join(differences)
         raise RunDirError(
-            f"run directory {run_dir} holds a run with a different config:\n  {listed}\n"
+            f"run directory {storage} holds a run with a different config:\n  {listed}\n"
             f"{_global_batch_hint(saved, config)}A resume may change only these keys: {', '.join(SESSION_KEYS)}. "
             "Use another run.name, or pass --overwrite to move the old run aside and start afresh."
         )
-    print(f"distdl: moved the previous run to {move_aside(run_dir)}")
+    print(f"distdl: moved the previous run to {storage.move_aside()}")
     return False
 
 
@@ -101,7 +106,7 @@ def already_connected(config: Config) -> None:
 
 def train(config: Config, connect: Connect, overwrite: bool = False) -> RunSummary:
     """Run (or resume) a training run and return its summary."""
-    with stop_on_signal(config.run_dir):
+    with stop_on_signal(config.run_storage):
         return run_training(config, connect, overwrite)
 
 
@@ -112,11 +117,13 @@ def run_training(config: Config, connect: Connect, overwrite: bool) -> RunSummar
         return read_summary(config.run_dir)
     connect(config)  # the embedded local Ray starts only once the run is known to be good
     trainer = build_trainer(config, payload)
+    storage = config.run_storage
     try:
         trainer.fit()
     except Exception as err:
-        raise training_failure(err, config.run_dir) from err
-    return read_summary(config.run_dir)
+        raise training_failure(err, storage) from err
+    storage.pull()  # what rank 0 wrote, into this node's working copy of a run on object storage
+    return read_summary(storage.local)
 
 
 def prepare_run(config: Config, connect: Connect, overwrite: bool) -> Optional[dict[str, Any]]:
@@ -129,11 +136,15 @@ def prepare_run(config: Config, connect: Connect, overwrite: bool) -> Optional[d
     # nodes need not see the JSON file.
     ds_config = build_deepspeed_config(config.engine, config.trainer, config.scaling.num_workers,
                                        config.scaling.use_gpu)
+    storage = config.run_storage
+    if repaired := restore_snapshot(storage):
+        print(f"distdl: {repaired}")
     resuming = check_run_dir(config, overwrite)
+    pulled = time.time()
     if config.ray.address is not None:
         connect(config)  # a cluster that is unreachable or refuses us fails before the run directory is touched
     workload = WORKLOADS.get(config.workload)
-    make_writable_run_dir(config.run_dir)
+    make_writable_run_dir(storage)
     try:
         # Before the step checks: with trainer.epochs the step budget follows from the data's size.
         steps_per_epoch = resolve_epochs(config, workload.prepare(config))
@@ -143,32 +154,44 @@ def prepare_run(config: Config, connect: Connect, overwrite: bool) -> Optional[d
         raise
     if steps_per_epoch:
         print(f"distdl: one epoch is {steps_per_epoch} steps; training for {config.trainer.max_steps} steps")
-    if resuming and (repaired := restore_snapshot(config.run_dir)):
-        print(f"distdl: {repaired}")
     if resuming and checkpoint_step(config.run_dir) is not None:
         checkpoint = latest_checkpoint(config.run_dir)
-        verify_checkpoint(checkpoint)
+        if storage.remote:
+            # Not read back here: an object is written whole or not at all, and Ray Train records a
+            # checkpoint only once every rank's upload finished. Its presence is checked.
+            if checkpoint.name not in storage.checkpoints():
+                raise CheckpointError(f"{storage.location(checkpoint.name)} is missing; Ray Train recorded it as "
+                                      "the run's latest checkpoint")
+        else:
+            verify_checkpoint(checkpoint)
         if reached_target(config):
             return None
-        if reshard_for_workers(config, checkpoint):
+        if reshard_for_workers(config, storage, checkpoint.name):
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     (config.run_dir / CONFIG_FILE).write_text(config.to_yaml())
-    print(f"distdl: {'resuming' if resuming else 'starting'} run {config.run_dir} "
+    storage.push_written_since(pulled)  # the config, and what the workload prepared (a tokenizer)
+    print(f"distdl: {'resuming' if resuming else 'starting'} run {storage} "
           f"({config.scaling.num_workers} workers, ZeRO-{config.engine.zero_stage}, {config.engine.precision})")
     return {"config": config.to_dict(), "deepspeed_config": ds_config,
             "wandb_mode": resolve_wandb_mode(config.tracking.wandb_mode), "console_is_terminal": console_is_terminal()}
 
 
-def reshard_for_workers(config: Config, checkpoint: Path) -> bool:
+def reshard_for_workers(config: Config, storage: RunStorage, name: str) -> bool:
     """A checkpoint saved by another number of workers, made loadable by this run's; whether the workers
-    load DeepSpeed's universal checkpoint. The global batch stays; gradient accumulation makes it up."""
+    load DeepSpeed's universal checkpoint. The global batch stays; gradient accumulation makes it up.
+
+    On object storage the checkpoint is resharded in the working copy and what that wrote is pushed."""
     from distdl.engine import reshard_checkpoint
     from distdl.loop import saved_world_size
 
-    saved, workers = saved_world_size(checkpoint), config.scaling.num_workers
+    saved = saved_world_size(storage.file_names(name) if storage.remote else storage.local / name)
+    workers = config.scaling.num_workers
     if saved in (None, workers):
         return False
+    started = time.time()
+    checkpoint = storage.pull_checkpoint(name)
     universal = reshard_checkpoint(checkpoint, workers)
+    storage.push_written_since(started, folder=name)
     how = "resharded its ZeRO state (DeepSpeed's universal checkpoint)" if universal else "loading it whole"
     print(f"distdl: {checkpoint.name} was saved by {saved} workers; resuming on {workers}, {how}; the global "
           f"batch stays {config.trainer.global_batch_size} with gradient accumulation "
@@ -176,14 +199,14 @@ def reshard_for_workers(config: Config, checkpoint: Path) -> bool:
     return universal
 
 
-def training_failure(err: Exception, run_dir: Path) -> Exception:
+def training_failure(err: Exception, storage: RunStorage) -> Exception:
     """What `fit()` raised, as one line per cause: a failed worker, or Ray Train's controller.
 
     Either may meet a fault first (a full disk: a worker saving its shards, or the controller
     recording the checkpoint). A checkpoint record the controller cut short is restored first, so
     the last complete checkpoint stays the one a rerun resumes from.
     """
-    repaired = restore_snapshot(run_dir)
+    repaired = restore_snapshot(storage)
     failures = getattr(err, "worker_failures", None)
     if failures:
         lines = [f"worker {rank} failed: {_last_line(failure.__cause__ or failure)}"
@@ -192,7 +215,7 @@ def training_failure(err: Exception, run_dir: Path) -> Exception:
         controller_failure = getattr(err, "controller_failure", None)
         if controller_failure is None:
             return err
-        lines = [f"Ray Train's controller failed while recording the run's state in {run_dir}: "
+        lines = [f"Ray Train's controller failed while recording the run's state in {storage}: "
                  f"{_last_line(controller_failure)}"]
     return TrainingFailed(lines + ([repaired] if repaired else []))
 
@@ -203,10 +226,17 @@ def _last_line(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def make_writable_run_dir(run_dir: Path) -> None:
-    """Create the run directory and prove a file can be written there, before any worker starts."""
+def make_writable_run_dir(storage: RunStorage) -> None:
+    """Create the run directory and prove a file can be written there, before any worker starts.
+
+    On object storage: an unreachable endpoint, a missing bucket and refused credentials fail here."""
     import tempfile
 
+    storage.local.mkdir(parents=True, exist_ok=True)  # the working copy, for a run on object storage
+    if storage.remote:
+        storage.check_writable()
+        return
+    run_dir = storage.local
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".distdl-write-check-"):
@@ -217,21 +247,19 @@ def make_writable_run_dir(run_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def stop_on_signal(run_dir: Path) -> Iterator[None]:
+def stop_on_signal(storage: RunStorage) -> Iterator[None]:
     """SIGUSR1 (Slurm's warning before a time limit) asks the workers to checkpoint and stop.
 
     The request is a file in the run directory, which every node sees; rank 0 looks for it at each
     log step. A request left by an earlier session is dropped first.
     """
-    request = run_dir / STOP_REQUEST_FILE
-    request.unlink(missing_ok=True)
+    storage.delete(STOP_REQUEST_FILE)
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers belong to the main thread (a study's trials run elsewhere)
         return
 
     def request_stop(signum: int, _frame: Any) -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)  # a warning may come while the run is being prepared
-        request.write_text(f"{signal.Signals(signum).name} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        storage.write_text(STOP_REQUEST_FILE, f"{signal.Signals(signum).name} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         print(f"distdl: got {signal.Signals(signum).name}: checkpointing at the next log step, then stopping",
               flush=True)
 
@@ -286,13 +314,16 @@ def build_trainer(config: Config, payload: dict[str, Any]) -> Any:
 
     from distdl.loop import train_loop_per_worker
 
+    storage = config.run_storage
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=payload,
         scaling_config=scaling_config(config),
         run_config=RunConfig(
             name=config.run.name,
-            storage_path=str(config.run_dir.parent),
+            # Given a filesystem, Ray Train takes a path inside it (bucket/prefix), not a URI.
+            storage_path=storage.parent_path(),
+            storage_filesystem=storage.filesystem,
             failure_config=FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=checkpoint_config(config),
             logging_config=quiet_train_logs(),

@@ -12,7 +12,7 @@ class ConfigError(UserError, ValueError):
 
 
 class RunDirError(UserError, RuntimeError):
-    """The run directory belongs to a different run."""
+    """The run directory belongs to a different run, or its storage cannot be reached."""
 
 
 class CheckpointError(UserError, RuntimeError):

@@ -8,6 +8,7 @@ checkpoint and report to Ray Train.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 import os
 import tempfile
@@ -33,7 +34,15 @@ from distdl.noise_scale import step_terms, with_noise_scale
 from distdl.optim import effective_lr, optimizer_factory, param_groups, scheduler_factory
 from distdl.profiling import StepProfiler
 from distdl.registry import WORKLOADS
-from distdl.rundir import CHECKPOINT_SCORE, STOP_REQUEST_FILE, RunSummary, back_up_snapshot
+from distdl.rundir import (
+    CHECKPOINT_SCORE,
+    METRICS_FILE,
+    STOP_REQUEST_FILE,
+    WANDB_ID_FILE,
+    RunStorage,
+    RunSummary,
+    back_up_snapshot,
+)
 from distdl.tracking import Tracker
 from distdl.workloads.base import WorkerContext, Workload, initial_models
 
@@ -47,6 +56,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     config = config_from_dict(payload["config"])
     context = worker_context(config)
+    pull_run_files(config.run_storage)
     if config.scaling.use_gpu:
         set_tf32(config.engine.tf32)
     rank = context.rank
@@ -61,6 +71,19 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                           payload["wandb_mode"], start_step, config.trainer.max_steps,
                           payload.get("console_is_terminal", False))
     run_steps(config, workload, engines, tracker, start_step, rank, model_flops)
+
+
+def pull_run_files(storage: RunStorage) -> None:
+    """A run on object storage: the driver's files (its tokenizer, say) into this node's working copy,
+    pulled by one worker per node while the others wait."""
+    import ray.train
+
+    if not storage.remote:
+        return
+    if ray.train.get_context().get_local_rank() == 0:
+        storage.pull(fresh=False)  # the driver may share this node's working copy
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def quiet_worker(use_gpu: bool) -> None:
@@ -152,9 +175,12 @@ def resume(engines: EngineSet, workload: Workload, seed: int, rank: int) -> tupl
     return step, ModelFlops(**flops) if flops else None
 
 
-def saved_world_size(checkpoint_dir: str | Path) -> Optional[int]:
-    """How many workers saved a checkpoint (each saves its random state); None for a foreign folder."""
-    return len(list(Path(checkpoint_dir).glob(RNG_FILE.format(rank="*")))) or None
+def saved_world_size(checkpoint: str | Path | list[str]) -> Optional[int]:
+    """How many workers saved a checkpoint (each saves its random state); None for a foreign folder.
+    `checkpoint`: its folder, or the names of its files (listed on object storage)."""
+    if isinstance(checkpoint, list):
+        return sum(fnmatch.fnmatch(name, RNG_FILE.format(rank="*")) for name in checkpoint) or None
+    return len(list(Path(checkpoint).glob(RNG_FILE.format(rank="*")))) or None
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -304,7 +330,7 @@ class StopRules:
     a stop request (the request file, written on SIGUSR1), or a value that was not finite."""
 
     target_loss: Optional[float]
-    request_file: Path
+    stop_requested: Callable[[], bool]
     at_loss: Optional[int] = None
     on_request: Optional[int] = None
     non_finite: Optional[int] = None
@@ -313,7 +339,7 @@ class StopRules:
                   device: torch.device) -> None:
         """At a log step: a stop request or a reached target loss makes this step the last."""
         # Not at the last step: that one checkpoints and completes anyway.
-        if step < schedule.stop and any_rank(rank == 0 and self.request_file.exists(), device):
+        if step < schedule.stop and any_rank(rank == 0 and self.stop_requested(), device):
             self.on_request = schedule.stop = step
         # The window's loss is all-reduced, so every rank decides alike.
         if self.target_loss is not None and metrics.get("loss", float("inf")) <= self.target_loss:
@@ -392,10 +418,11 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
               start_step: int, rank: int, model_flops: Optional[ModelFlops] = None) -> None:
     """Train from `start_step` to the schedule's stop, logging, evaluating and checkpointing on its
     steps, until a stop rule ends the session; then write the summary."""
-    session_started = time.perf_counter()
+    session_started, session_clock = time.perf_counter(), time.time()
     score_key = workload.checkpoint_metric(config.sections)
     schedule = Schedule.of(config.trainer, score_key)
-    rules = StopRules(config.trainer.stop_at_loss, config.run_dir / STOP_REQUEST_FILE)
+    storage = config.run_storage
+    rules = StopRules(config.trainer.stop_at_loss, lambda: storage.exists(STOP_REQUEST_FILE))
     batches = workload.train_batches(start=start_step * config.trainer.gradient_accumulation_steps)
     peak = session_peak(config, engines, rank)  # before the first window's clock starts
     window, watch, logged = Window(), FiniteWatch(), {}
@@ -447,7 +474,7 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
         logged.update(metrics)
         if checkpoint_step:
             reported = {**metrics, CHECKPOINT_SCORE: metrics[score_key]} if score_key else metrics
-            save_and_report(engines, workload, config.run_dir, rank, step, reported, previous_checkpoint,
+            save_and_report(engines, workload, storage, rank, step, reported, previous_checkpoint,
                             utilization.model_flops)
             previous_checkpoint = checkpoint_name(step)
         if log_step:
@@ -460,6 +487,9 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
                           time.perf_counter() - session_started, usage)
     if tracker:
         tracker.finish(summary)
+        storage.push_written_since(session_clock)  # metrics, summary, W&B's offline run, samples, traces
+    else:
+        storage.push_files(profiler.written)
 
 
 def run_summary(config: Config, workload: Workload, engines: EngineSet, step: int, stops: dict[str, Optional[int]],
@@ -490,20 +520,23 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
 
 
-def save_and_report(engines: EngineSet, workload: Workload, run_dir: Path, rank: int, step: int,
+def save_and_report(engines: EngineSet, workload: Workload, storage: RunStorage, rank: int, step: int,
                     metrics: dict[str, Any], previous: Optional[str], model_flops: ModelFlops) -> None:
     """Every rank writes its shards into a local temporary directory; Ray Train copies them into one
     checkpoint in storage and records it as the latest only once every rank's copy is complete, so a
     crash or a full disk mid-save leaves the previous checkpoint the one a rerun resumes from.
 
     Rank 0 first copies Ray Train's record of the `previous` checkpoint: the controller rewrites it in
-    place, and a full disk would otherwise leave no record of any complete checkpoint."""
+    place, and a full disk would otherwise leave no record of any complete checkpoint. On object
+    storage it pushes the metrics so far with the checkpoint (a resume keeps those up to it)."""
     import ray.train
 
     name = checkpoint_name(step)
     try:
         if rank == 0 and previous is not None:
-            back_up_snapshot(run_dir, previous)
+            back_up_snapshot(storage, previous)
+        if rank == 0:
+            storage.push(METRICS_FILE, WANDB_ID_FILE)
         with tempfile.TemporaryDirectory(prefix="distdl-ckpt-") as directory:
             engines.save(directory, client_state={"step": step, "workload": workload.state_dict(),
                                                   "model_flops": dataclasses.asdict(model_flops)})
@@ -512,7 +545,7 @@ def save_and_report(engines: EngineSet, workload: Workload, run_dir: Path, rank:
             ray.train.report({"step": step, **reported}, checkpoint=ray.train.Checkpoint.from_directory(directory),
                              checkpoint_dir_name=name)
     except OSError as err:
-        raise CheckpointError(f"could not write the checkpoint of step {step} to {run_dir / name} ({err}); "
+        raise CheckpointError(f"could not write the checkpoint of step {step} to {storage.location(name)} ({err}); "
                               "the run's previous checkpoint is kept and a rerun resumes from it") from err
 
 

@@ -29,6 +29,7 @@ class StepProfiler:
         self.first, self.last = steps if steps and traced_rank else (None, None)
         self.folder, self.rank = run_dir / PROFILE_DIR, rank
         self.traced: list[int] = []
+        self.written: list[Path] = []  # the files this rank wrote (a run on object storage pushes them)
         self.options = dict(record_shapes=memory, profile_memory=memory, with_stack=stacks,
                             activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
         self._profile: Optional[profile] = None
@@ -66,4 +67,5 @@ class StepProfiler:
         self._profile.export_chrome_trace(f"{out}.pt.trace.json")
         sort_by = "self_cuda_time_total" if ProfilerActivity.CUDA in self.options["activities"] else "self_cpu_time_total"
         Path(f"{out}.txt").write_text(self._profile.key_averages().table(sort_by=sort_by, row_limit=40) + "\n")
+        self.written += [Path(f"{out}.pt.trace.json"), Path(f"{out}.txt")]
         self._profile = None

@@ -11,12 +11,14 @@ import os
 import shutil
 import tempfile
 import time
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Optional, TypedDict
+from typing import Any, Collection, Iterable, Optional, TypedDict
+from urllib.parse import urlparse
 
 import yaml
 
-from distdl.errors import ConfigError
+from distdl.errors import ConfigError, RunDirError
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
@@ -33,6 +35,261 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 SNAPSHOT_BACKUP = ".distdl-checkpoint-snapshot.json"
 # The metric Ray Train ranks checkpoints by, when the workload names one (Workload.checkpoint_metric).
 CHECKPOINT_SCORE = "checkpoint_score"
+
+
+# Where a run on object storage keeps its working copy on each node; DISTDL_CACHE moves it.
+CACHE_ENV = "DISTDL_CACHE"
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def is_uri(location: str) -> bool:
+    """An object-store (or other pyarrow filesystem) URI such as s3://bucket/path, not a local path."""
+    return "://" in location and not location.startswith("file://")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "distdl").expanduser()
+
+
+class RunStorage:
+    """A run directory where it lives, a local folder or an object store (s3://, gs://, through
+    pyarrow's filesystems, as Ray Train stores checkpoints), and the local folder the run works in.
+
+    For a local run directory the two are one folder and pushing and pulling do nothing. On object
+    storage the run works in a copy in the node's cache (`local`): the driver pulls the run's files
+    (config, summary, metrics, tokenizer: everything but checkpoints) before it looks at them and pushes
+    what it writes; rank 0 pushes its metrics with every checkpoint and everything it wrote at the
+    end; checkpoints go to storage through Ray Train itself. Credentials come from the standard
+    places (AWS_* variables and ~/.aws files, Google's application credentials), never from a config.
+    """
+
+    def __init__(self, location: str | Path) -> None:
+        location = str(location)
+        self.remote = is_uri(location)
+        self.uri = location.rstrip("/") if self.remote else str(Path(location.removeprefix("file://")).expanduser().resolve())
+
+    def __repr__(self) -> str:
+        return f"RunStorage({self.uri!r})"
+
+    def __str__(self) -> str:
+        return self.uri
+
+    @property
+    def name(self) -> str:
+        return self.uri.rstrip("/").rsplit("/", 1)[-1]
+
+    @cached_property
+    def local(self) -> Path:
+        if not self.remote:
+            return Path(self.uri)
+        parsed = urlparse(self.uri)
+        return cache_root() / "runs" / parsed.scheme / parsed.netloc / parsed.path.strip("/")
+
+    @cached_property
+    def _filesystem(self) -> tuple[Any, str]:
+        import pyarrow.fs
+
+        try:
+            return pyarrow.fs.FileSystem.from_uri(self.uri)
+        except (pyarrow.ArrowInvalid, ValueError, OSError) as err:
+            raise ConfigError(f"run.storage_path: cannot open {self.uri} ({err})") from None
+
+    @property
+    def filesystem(self) -> Any:
+        """The pyarrow filesystem (Ray Train's storage_filesystem); None for a local folder."""
+        return self._filesystem[0] if self.remote else None
+
+    def path(self, name: str = "") -> str:
+        """A file's path inside the filesystem (bucket/key for object storage)."""
+        base = self._filesystem[1].rstrip("/")
+        return f"{base}/{name}" if name else base
+
+    def parent_path(self) -> str:
+        """Ray Train's storage_path: the folder holding the run directory (inside `filesystem`)."""
+        return self.path().rsplit("/", 1)[0] if self.remote else str(Path(self.uri).parent)
+
+    def location(self, name: str) -> str:
+        """A file's URI or path, for messages."""
+        return f"{self.uri}/{name}" if self.remote else str(Path(self.uri) / name)
+
+    def _call(self, what: str, action: Any) -> Any:
+        """Run a storage call; an unreachable or refusing store is named with the URI and the way out."""
+        try:
+            return action()
+        except OSError as err:
+            raise RunDirError(f"run.storage_path: cannot {what} {self.uri} ({_storage_reason(err)}); check the "
+                              "bucket's name, the endpoint (AWS_ENDPOINT_URL) and the credentials (AWS_* "
+                              "variables or ~/.aws)") from None
+
+    # ---- files at the run directory's top level
+    def exists(self, name: str = "") -> bool:
+        if not self.remote:
+            return (self.local / name).exists()
+        import pyarrow.fs
+
+        info = self._call("read", lambda: self.filesystem.get_file_info(self.path(name)))
+        return info.type != pyarrow.fs.FileType.NotFound
+
+    def read_text(self, name: str) -> Optional[str]:
+        """A file's text, or None where there is none."""
+        if not self.remote:
+            path = self.local / name
+            # A file cut short may end inside a character: read it as damaged text, not an exception.
+            return path.read_bytes().decode(errors="replace") if path.is_file() else None
+        if not self.exists(name):
+            return None
+        return self._call("read", lambda: _read_remote(self.filesystem, self.path(name))).decode(errors="replace")
+
+    def write_text(self, name: str, text: str) -> None:
+        """Whole or not at all: renamed into place locally, one PUT on object storage."""
+        if self.remote:
+            self.write_bytes(name, text.encode())
+        else:
+            _write_atomically(self.local / name, text)
+
+    def delete(self, name: str) -> None:
+        if not self.remote:
+            (self.local / name).unlink(missing_ok=True)
+        elif self.exists(name):
+            self._call("delete from", lambda: self.filesystem.delete_file(self.path(name)))
+
+    def entries(self) -> list[str]:
+        """The names at the run directory's top level ([] when it does not exist)."""
+        return sorted(self._entry_kinds())
+
+    def _entry_kinds(self) -> dict[str, bool]:
+        """Each top-level name, and whether it is a folder."""
+        if not self.remote:
+            return {p.name: p.is_dir() for p in self.local.iterdir()} if self.local.is_dir() else {}
+        import pyarrow.fs
+
+        selector = pyarrow.fs.FileSelector(self.path(), allow_not_found=True)
+        infos = self._call("list", lambda: self.filesystem.get_file_info(selector))
+        return {info.base_name: info.type == pyarrow.fs.FileType.Directory for info in infos}
+
+    def file_names(self, folder: str) -> list[str]:
+        """The files under a folder of the run directory, as paths relative to it."""
+        if not self.remote:
+            root = self.local / folder
+            return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        import pyarrow.fs
+
+        base = self.path(folder)
+        selector = pyarrow.fs.FileSelector(base, recursive=True, allow_not_found=True)
+        infos = self._call("list", lambda: self.filesystem.get_file_info(selector))
+        return sorted(info.path[len(base) + 1:] for info in infos if info.type == pyarrow.fs.FileType.File)
+
+    def checkpoints(self) -> list[str]:
+        """The checkpoint folders the run directory holds."""
+        return sorted(name for name, folder in self._entry_kinds().items() if folder and _is_checkpoint(name))
+
+    def check_writable(self) -> None:
+        """Prove an object can be written (and removed) before any worker starts."""
+        probe = f".distdl-write-check-{os.getpid()}"
+        self.write_text(probe, "")
+        self.delete(probe)
+
+    # ---- the working copy of a run on object storage
+    def pull(self, fresh: bool = True) -> None:
+        """Copy the run's files but its checkpoints into the working copy (`fresh`: emptied first, so
+        nothing a deleted run left behind is read as this one's). Files land whole (renamed into
+        place), so processes of one node may pull at once."""
+        if not self.remote:
+            return
+        if fresh:
+            shutil.rmtree(self.local, ignore_errors=True)
+        self.local.mkdir(parents=True, exist_ok=True)
+        for name, folder in self._entry_kinds().items():
+            if not (folder and _is_checkpoint(name)):
+                self._download(name, self.local / name)
+
+    def pull_checkpoint(self, name: str) -> Path:
+        """A checkpoint folder in the working copy (downloaded from object storage once)."""
+        target = self.local / name
+        if self.remote and not (target / ".distdl-complete").exists():
+            shutil.rmtree(target, ignore_errors=True)
+            self._download(name, target)
+            (target / ".distdl-complete").touch()
+        return target
+
+    def push(self, *names: str) -> None:
+        """Copy files of the working copy's top level to object storage (those absent are skipped)."""
+        self.push_files(self.local / name for name in names if (self.local / name).is_file())
+
+    def push_written_since(self, started: float, folder: str = "") -> None:
+        """Push the files of the working copy (or of one of its folders) written since `started`
+        (a time.time()); outside a named folder, checkpoints stay to Ray Train."""
+        if not self.remote:
+            return
+        root = self.local / folder
+        self.push_files(path for path in (sorted(root.rglob("*")) if root.is_dir() else [])
+                        if path.is_file() and path.stat().st_mtime >= started and not path.name.endswith(".tmp")
+                        and (folder or not _is_checkpoint(path.relative_to(root).parts[0]) or path.parent == root))
+
+    def push_files(self, paths: Iterable[Path]) -> None:
+        """Push files of the working copy to the same names on object storage."""
+        if not self.remote:
+            return
+        for path in paths:
+            self.write_bytes(Path(path).relative_to(self.local).as_posix(), Path(path).read_bytes())
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        def put() -> None:
+            with self.filesystem.open_output_stream(self.path(name)) as stream:
+                stream.write(data)
+
+        self._call("write to", put)
+
+    def _download(self, name: str, target: Path) -> None:
+        import pyarrow.fs
+
+        info = self._call("read", lambda: self.filesystem.get_file_info(self.path(name)))
+        if info.type == pyarrow.fs.FileType.Directory:
+            self._call("read", lambda: pyarrow.fs.copy_files(
+                self.path(name), str(target), source_filesystem=self.filesystem,
+                destination_filesystem=pyarrow.fs.LocalFileSystem()))
+        elif info.type == pyarrow.fs.FileType.File:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+            partial.write_bytes(self._call("read", lambda: _read_remote(self.filesystem, self.path(name))))
+            os.replace(partial, target)
+
+    def move_aside(self) -> str:
+        """Move the run directory to `<name>.replaced-<time>` (never deleted); the new location."""
+        if not self.remote:
+            return str(move_aside(self.local))
+        import pyarrow.fs
+
+        aside = RunStorage(f"{self.uri}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        # Object stores have no rename of a folder: copied, then the original removed.
+        self._call("copy", lambda: pyarrow.fs.copy_files(self.path(), aside.path(), source_filesystem=self.filesystem,
+                                                         destination_filesystem=self.filesystem))
+        self._call("delete from", lambda: self.filesystem.delete_dir(self.path()))
+        shutil.rmtree(self.local, ignore_errors=True)
+        return aside.uri
+
+
+def _is_checkpoint(name: str) -> bool:
+    """A checkpoint folder's name (Ray Train's own record, checkpoint_manager_snapshot.json, is not one)."""
+    return name.startswith(CHECKPOINT_PREFIX) and name != RAY_SNAPSHOT
+
+
+def _read_remote(filesystem: Any, path: str) -> bytes:
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def _storage_reason(err: OSError) -> str:
+    """The object store's own words (pyarrow's message carries the AWS error name), without request ids."""
+    text = str(err).split(" (Request ID")[0]
+    return text.split("AWS Error ", 1)[-1] if "AWS Error " in text else text
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
 
 
 def foreign_entries(directory: Path) -> list[Path]:
@@ -57,10 +314,7 @@ def move_aside(directory: Path) -> Path:
 
 def write_json(path: Path, value: Any) -> None:
     """Whole or not at all: a temporary file renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        json.dump(value, handle, indent=2)
-    os.replace(handle.name, path)
+    _write_atomically(path, json.dumps(value, indent=2))
 
 
 def saved_config(run_dir: Path, workload: str | None = None, key: str = "") -> dict[str, Any]:
@@ -149,17 +403,24 @@ def latest_checkpoint(run_dir: Path) -> Path:
     latest = _latest_checkpoint_result(run_dir).get("checkpoint_dir_name")
     if latest:
         return run_dir / latest
-    if any(run_dir.glob("checkpoint_*")):
+    if any(run_dir.glob(CHECKPOINT_PREFIX + "*")):
         raise ConfigError(f"run directory {run_dir} holds no complete checkpoint: Ray Train recorded none of its "
                           "checkpoint_* folders (a save cut short?)")
     raise ConfigError(f"run directory {run_dir} holds no checkpoint (checkpoint_*)")
 
 
-def best_checkpoint(run_dir: Path) -> Path:
+def _kept(run_dir: Path, kept: Optional[Collection[str]]) -> set[str]:
+    """The checkpoint folders a run holds: listed by the caller (object storage), or found locally."""
+    return set(kept) if kept is not None else {p.name for p in Path(run_dir).glob(CHECKPOINT_PREFIX + "*")
+                                               if p.is_dir() and _is_checkpoint(p.name)}
+
+
+def best_checkpoint(run_dir: Path, kept: Optional[Collection[str]] = None) -> Path:
     """The kept checkpoint with the highest score, for runs that rank checkpoints by a metric."""
+    present = _kept(run_dir, kept)
     results = _snapshot(run_dir).get("checkpoint_results", [])
     scored = [r for r in results if isinstance((r.get("metrics") or {}).get(CHECKPOINT_SCORE), (int, float))
-              and (Path(run_dir) / r["checkpoint_dir_name"]).is_dir()]
+              and r["checkpoint_dir_name"] in present]
     if not scored:
         raise ConfigError(f"run directory {run_dir} holds no scored checkpoint (its workload keeps the latest only); "
                           "use --checkpoint latest")
@@ -168,20 +429,20 @@ def best_checkpoint(run_dir: Path) -> Path:
     return Path(run_dir) / best["checkpoint_dir_name"]
 
 
-def find_checkpoint(run_dir: Path, which: str) -> Path:
-    """`latest`, `best`, or a checkpoint folder's name."""
+def find_checkpoint(run_dir: Path, which: str, kept: Optional[Collection[str]] = None) -> Path:
+    """`latest`, `best`, or a checkpoint folder's name (`kept`: the checkpoints on object storage)."""
     if which == "latest":
         return latest_checkpoint(run_dir)
     if which == "best":
-        return best_checkpoint(run_dir)
-    named = Path(run_dir) / which
-    if not named.is_dir() or not named.name.startswith("checkpoint_"):
-        kept = ", ".join(sorted(p.name for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())) or "none"
-        raise ConfigError(f"--checkpoint {which!r}: not latest, best, or a checkpoint of {run_dir} (kept: {kept})")
-    return named
+        return best_checkpoint(run_dir, kept)
+    present = _kept(run_dir, kept)
+    if which not in present:
+        listed = ", ".join(sorted(present)) or "none"
+        raise ConfigError(f"--checkpoint {which!r}: not latest, best, or a checkpoint of {run_dir} (kept: {listed})")
+    return Path(run_dir) / which
 
 
-def back_up_snapshot(run_dir: Path, recorded: str, timeout_s: float = 120.0) -> bool:
+def back_up_snapshot(storage: RunStorage, recorded: str, timeout_s: float = 120.0) -> bool:
     """Copy Ray Train's record once it names checkpoint `recorded` (its controller records a checkpoint
     shortly after the workers report it), before the next checkpoint is reported.
 
@@ -190,35 +451,43 @@ def back_up_snapshot(run_dir: Path, recorded: str, timeout_s: float = 120.0) -> 
     `restore_snapshot` puts this copy back. Returns False (nothing copied) if the record did not name
     `recorded` within `timeout_s`.
     """
-    run_dir = Path(run_dir)
     deadline = time.monotonic() + timeout_s
     while True:
+        record = storage.read_text(RAY_SNAPSHOT)
         try:
-            if _latest_checkpoint_result(run_dir).get("checkpoint_dir_name") == recorded:
+            if record and (json.loads(record).get("latest_checkpoint_result") or {}) \
+                    .get("checkpoint_dir_name") == recorded:
                 break
-        except ConfigError:
+        except json.JSONDecodeError:
             pass  # read while the controller was writing it
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
-    partial = run_dir / (SNAPSHOT_BACKUP + ".partial")
-    shutil.copyfile(run_dir / RAY_SNAPSHOT, partial)
-    os.replace(partial, run_dir / SNAPSHOT_BACKUP)
+    if storage.remote:
+        storage.write_text(SNAPSHOT_BACKUP, record)  # one PUT: whole or not at all
+        return True
+    partial = storage.local / (SNAPSHOT_BACKUP + ".partial")
+    shutil.copyfile(storage.local / RAY_SNAPSHOT, partial)
+    os.replace(partial, storage.local / SNAPSHOT_BACKUP)
     return True
 
 
-def restore_snapshot(run_dir: Path) -> Optional[str]:
+def restore_snapshot(storage: RunStorage) -> Optional[str]:
     """Put distdl's copy back where Ray Train's record is missing or damaged; what was done, or None.
 
-    A rename, not a write: it needs no free space on a full disk.
+    Locally a rename, not a write: it needs no free space on a full disk.
     """
-    run_dir = Path(run_dir)
-    backup, record = run_dir / SNAPSHOT_BACKUP, run_dir / RAY_SNAPSHOT
-    if not backup.is_file() or not record.exists():
+    backup, record = storage.read_text(SNAPSHOT_BACKUP), storage.read_text(RAY_SNAPSHOT)
+    if backup is None or record is None:
         return None
     try:
-        json.loads(record.read_text())
+        json.loads(record)
         return None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        os.replace(backup, record)
-    return f"Ray Train's checkpoint record {record} was cut short; restored it as of the last complete checkpoint"
+    except json.JSONDecodeError:
+        if storage.remote:
+            storage.write_text(RAY_SNAPSHOT, backup)
+            storage.delete(SNAPSHOT_BACKUP)
+        else:
+            os.replace(storage.local / SNAPSHOT_BACKUP, storage.local / RAY_SNAPSHOT)
+    return f"Ray Train's checkpoint record {storage.location(RAY_SNAPSHOT)} was cut short; restored it as of the " \
+           "last complete checkpoint"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -24,7 +25,36 @@ def isolated_caches(tmp_path_factory):
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["WANDB_SILENT"] = "true"
     os.environ.pop("WANDB_MODE", None)
+    # Working copies of runs on object storage.
+    os.environ["DISTDL_CACHE"] = str(tmp_path_factory.mktemp("distdl-cache"))
     yield
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "distdl-test-key", "AWS_SECRET_ACCESS_KEY": "distdl-test-secret-never-logged"}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3-compatible server (moto's, in a thread of this process) standing in for S3, found through
+    the standard AWS variables, which Ray workers started after this inherit. Returns a boto3 client."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    saved = {key: os.environ.get(key) for key in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED",
+                                                  *S3_CREDENTIALS)}
+    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_EC2_METADATA_DISABLED="true", **S3_CREDENTIALS)
+    yield boto3.client("s3")
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from annotated_types import Ge, Gt, Interval, Len
 
 from distdl.config.fields import AtLeastOne, Finite, NonNegative, Requirement, StepInterval
 from distdl.errors import ConfigError
+from distdl.rundir import RunStorage, is_uri
 
 
 @dataclass
@@ -200,8 +201,17 @@ class Config:
     sections: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def run_storage(self) -> RunStorage:
+        """Where the run directory lives: a local folder or an object-store URI (s3://, gs://)."""
+        storage = self.run.storage_path
+        return RunStorage(f"{storage.rstrip('/')}/{self.run.name}" if is_uri(storage)
+                          else Path(storage).expanduser().resolve() / self.run.name)
+
+    @property
     def run_dir(self) -> Path:
-        return Path(self.run.storage_path).expanduser().resolve() / self.run.name
+        """The local folder the run works in: the run directory, or its working copy when it lives on
+        object storage."""
+        return self.run_storage.local
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"workload": self.workload}

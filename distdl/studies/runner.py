@@ -21,7 +21,7 @@ from distdl.config import Config, config_differences, config_from_dict, with_def
 from distdl.driver import Connect, already_connected, quiet_train_logs, scaling_config, train, training_failure
 from distdl.errors import ConfigError, RunDirError, TrainingFailed
 from distdl.registry import STUDIES, WORKLOADS
-from distdl.rundir import foreign_entries, move_aside, write_json
+from distdl.rundir import RunStorage, foreign_entries, is_uri, move_aside, write_json
 from distdl.studies import jobs
 from distdl.studies.base import Study, StudyReport, read_study_file
 
@@ -70,7 +70,7 @@ def run_measurements(config: Config, tasks: list[dict[str, Any]], measure: Calla
     try:
         trainer.fit()
     except Exception as err:  # a worker's failure, in one line per rank as for a training run
-        raise training_failure(err, storage / "measurements") from err
+        raise training_failure(err, RunStorage(storage / "measurements")) from err
     still = [task["name"] for task in missing if not Path(task["out"]).is_file()]
     if still:
         raise TrainingFailed([f"the measurement job ended without results for {', '.join(still)}"])
@@ -85,6 +85,10 @@ def read_study(name: str, path: str | Path, overrides: list[str]) -> tuple[type[
     if base.workload not in study_class.workloads:
         raise ConfigError(f"workload={base.workload!r}: the {name} study measures {', '.join(study_class.workloads)} "
                           "models")
+    if is_uri(base.run.storage_path):
+        # Its trials are Ray Tune trials whose runs read each other's results from the study directory.
+        raise ConfigError(f"run.storage_path={base.run.storage_path}: a study keeps its directory on a local or "
+                          "shared filesystem path; object storage is for `distdl train` runs")
     return study_class, section, base
 
 

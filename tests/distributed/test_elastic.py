@@ -4,6 +4,8 @@ and ends with the weights of a run that never stopped."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,8 @@ from distdl.engine import consolidated_state_dict, reshard_checkpoint, saved_par
 from distdl.errors import CheckpointError
 from distdl.rundir import latest_checkpoint, read_metrics
 
-pytestmark = pytest.mark.distributed
+# The S3 server's address reaches Ray's workers only if it is set before this module's Ray starts.
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("s3_server")]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -50,15 +53,22 @@ def straight(local_workers, tmp_path_factory, mnist_root):
     return config
 
 
-@pytest.mark.parametrize("stage, workers", [(2, (2, 1, 2)), (0, (1, 2, 1))], ids=["zero2-2to1to2", "zero0-1to2to1"])
-def test_a_run_resumes_on_other_worker_counts_and_ends_as_if_it_never_stopped(ray_local, straight, tmp_path,
-                                                                                mnist_root, capsys, stage, workers):
+@pytest.mark.parametrize("stage, workers, on_s3", [(2, (2, 1, 2), True), (0, (1, 2, 1), False)],
+                         ids=["zero2-2to1to2-on-s3", "zero0-1to2to1"])
+def test_a_run_resumes_on_other_worker_counts_and_ends_as_if_it_never_stopped(ray_local, straight, tmp_path, s3_server,
+                                                                                mnist_root, capsys, stage, workers, on_s3):
     """Three sessions on changing worker counts, stopped at steps 2 and 6: each resume reshards (ZeRO-2:
-    2 partitions to 1, then 1 to 2) or loads whole (ZeRO-0), and keeps the global batch of 32."""
+    2 partitions to 1, then 1 to 2) or loads whole (ZeRO-0), and keeps the global batch of 32.
+
+    The ZeRO-2 run lives on the local S3 server (s3://): its checkpoints, resharding, metrics and
+    summary go through object storage, and its export reads from there."""
     zero = f"engine.zero_stage={stage}"
     stops = ("trainer.stop_at_step=2", "trainer.stop_at_step=6", "trainer.stop_at_step=null")
+    if on_s3:
+        s3_server.create_bucket(Bucket="elastic")
+    storage = "s3://elastic/runs" if on_s3 else tmp_path
     for session, (count, stop) in enumerate(zip(workers, stops)):
-        config, summary = mlp_run(tmp_path, mnist_root, "elastic", count, zero, stop)
+        config, summary = mlp_run(storage, mnist_root, "elastic", count, zero, stop)
         assert summary["steps"] == (2, 6, 8)[session] and summary["world_size"] == count
         assert summary["global_batch_size"] == 32 and config.trainer.gradient_accumulation_steps == 2 // count
         said = capsys.readouterr().out
@@ -69,7 +79,7 @@ def test_a_run_resumes_on_other_worker_counts_and_ends_as_if_it_never_stopped(ra
             assert ("universal checkpoint" in said) == (stage > 0)
     assert summary["completed"]
     expected = consolidated_state_dict(straight.run_dir / "checkpoint_00000008")
-    resumed = consolidated_state_dict(latest_checkpoint(config.run_dir))
+    resumed = consolidated_state_dict(config.run_storage.pull_checkpoint(latest_checkpoint(config.run_dir).name))
     assert expected.keys() == resumed.keys()
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -78,6 +88,31 @@ def test_a_run_resumes_on_other_worker_counts_and_ends_as_if_it_never_stopped(ra
     after = {m["step"]: m["loss"] for m in read_metrics(config.run_dir) if "loss" in m and m["step"] > 2}
     assert sorted(after) == [4, 6, 8]
     assert after == pytest.approx({step: losses[step] for step in after}, rel=1e-5)
+    if on_s3:
+        run_lived_on_object_storage(config, s3_server, tmp_path, capsys)
+
+
+def run_lived_on_object_storage(config, s3, tmp_path: Path, capsys) -> None:
+    """Everything of the run is in the bucket, the export reads it from there, the local disk holds only
+    the working copy in the cache, and the credentials were never printed."""
+    from distdl.cli import main
+    from tests.conftest import S3_CREDENTIALS
+
+    keys = {item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="elastic")
+            for item in page.get("Contents", [])}
+    top = {key.removeprefix("runs/elastic/").split("/")[0] for key in keys}
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "checkpoint_00000008",
+            "checkpoint_manager_snapshot.json"} <= top, top
+    # The resume on 2 workers resharded checkpoint 6 (saved by 1) in the working copy and pushed the result.
+    assert any(key.startswith("runs/elastic/checkpoint_00000006/global_step6_universal/") for key in keys)
+    summary = json.loads(s3.get_object(Bucket="elastic", Key="runs/elastic/summary.json")["Body"].read())
+    assert summary["steps"] == 8 and summary["completed"]
+    assert main(["export", "s3://elastic/runs/elastic", str(tmp_path / "export")]) == 0
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no run directory was made locally
+    assert Path(os.environ["DISTDL_CACHE"]) in config.run_dir.parents
+    said = capsys.readouterr()
+    assert not any(secret in said.out + said.err for secret in S3_CREDENTIALS.values())
 
 
 def test_state_the_universal_checkpoint_cannot_carry_is_refused_naming_why(local_workers, tmp_path, mnist_root):
