@@ -196,8 +196,9 @@ class RunStorage:
         place), so processes of one node may pull at once."""
         if not self.remote:
             return
-        if fresh:
-            shutil.rmtree(self.local, ignore_errors=True)
+        if fresh and self.local.is_dir():
+            for path in foreign_entries(self.local):  # a Slurm job's log, being written, stays
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.local.mkdir(parents=True, exist_ok=True)
         for name, folder in self._entry_kinds().items():
             if not (folder and _is_checkpoint(name)):
@@ -241,18 +242,17 @@ class RunStorage:
         self._call("write to", put)
 
     def _download(self, name: str, target: Path) -> None:
+        """A file or a folder of the run directory to `target`, file by file, each renamed into place."""
         import pyarrow.fs
 
         info = self._call("read", lambda: self.filesystem.get_file_info(self.path(name)))
-        if info.type == pyarrow.fs.FileType.Directory:
-            self._call("read", lambda: pyarrow.fs.copy_files(
-                self.path(name), str(target), source_filesystem=self.filesystem,
-                destination_filesystem=pyarrow.fs.LocalFileSystem()))
-        elif info.type == pyarrow.fs.FileType.File:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-            partial.write_bytes(self._call("read", lambda: _read_remote(self.filesystem, self.path(name))))
-            os.replace(partial, target)
+        files = ([(name, target)] if info.type == pyarrow.fs.FileType.File else
+                 [(f"{name}/{relative}", target / relative) for relative in self.file_names(name)])
+        for source, destination in files:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            partial = destination.with_name(f".{destination.name}.{os.getpid()}.partial")
+            partial.write_bytes(self._call("read", lambda: _read_remote(self.filesystem, self.path(source))))
+            os.replace(partial, destination)
 
     def move_aside(self) -> str:
         """Move the run directory to `<name>.replaced-<time>` (never deleted); the new location."""

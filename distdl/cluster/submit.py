@@ -17,6 +17,7 @@ from distdl.cluster.connect import forwarded_env, use_cluster_token
 from distdl.config import RunSection, load_config, parse_override, read_yaml
 from distdl.driver import check_run_dir
 from distdl.errors import ClusterError, ConfigError
+from distdl.rundir import is_uri
 
 # Job states the Ray Jobs API ends in.
 FINISHED_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -90,11 +91,11 @@ def ray_entrypoint(plan: JobPlan, working_dir: Path, python: str) -> str:
 
 def submit_ray(plan: JobPlan, address: str, working_dir: Path, python: str, follow: bool) -> int:
     """Submit to a running Ray cluster through the Ray Jobs API, the working directory as runtime env."""
-    if not Path(plan.storage_path).is_absolute():
+    if not Path(plan.storage_path).is_absolute() and not is_uri(plan.storage_path):
         key = "data.prepared_path" if plan.args[0] == "prepare" else "run.storage_path"
         raise ConfigError(f"{key}={plan.storage_path!r} is relative: on a Ray cluster the job runs in a "
                           "temporary copy of the working directory, and the run would be lost with it. "
-                          "Give an absolute path that the cluster's nodes share")
+                          "Give an absolute path that the cluster's nodes share, or an object-store URI (s3://...)")
     working_dir = working_dir.resolve()
     entrypoint = ray_entrypoint(plan, working_dir, python)
     client = job_client(address)
