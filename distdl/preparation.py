@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator
 from distdl.config import Config
 from distdl.data import packed_images, prepared, text, vision
 from distdl.errors import ConfigError
-from distdl.rundir import SLURM_LOGS, write_json
+from distdl.rundir import SLURM_LOGS, RunStorage, write_json
 
 # Chunks in flight per CPU of the cluster: one being worked on and one waiting, so no core idles
 # between tasks; capped in number and in bytes, so a large cluster or a corpus of whole documents
@@ -48,40 +48,43 @@ def prepare(config: Config, connect: Callable[[Config], None]) -> dict[str, Any]
 
 
 def _prepare_text(config: Config, data: text.TextDataSection, connect: Callable[[Config], None]) -> dict[str, Any]:
-    root = _root(data)
+    storage = _storage(data)
     if data.lines_per_shard % text.GROUP_LINES:
         raise ConfigError(f"data.lines_per_shard={data.lines_per_shard} must be a multiple of {text.GROUP_LINES}")
-    _refuse_foreign_folder(root)
+    _refuse_foreign_folder(storage)
+    root, pulled = prepared.pull_records(storage), time.time()
     tokenizer = _tokenizer(config, root)
+    storage.push_written_since(pulled, folder=text.TOKENIZER_DIRNAME)
     expected = {"source": text.source_fingerprint(data), "settings": prepared.settings(data, tokenizer, config.run.seed)}
     if (root / prepared.MANIFEST).exists():
-        return _verify_existing(root, expected, "text")
-    _claim(root, expected, {"lines_per_shard": data.lines_per_shard, "max_chunk_bytes": MAX_CHUNK_BYTES})
+        return _verify_existing(storage, expected, "text")
+    _claim(storage, expected, {"lines_per_shard": data.lines_per_shard, "max_chunk_bytes": MAX_CHUNK_BYTES})
     connect(config)
     started = time.perf_counter()
     tokenizer_ref = _put(tokenizer)
-    chunks = (Chunk(prepared.shard_name(index), (str(root), index, first, lines, tokenizer_ref, data, config.run.seed),
+    chunks = (Chunk(prepared.shard_name(index), (storage.uri, index, first, lines, tokenizer_ref, data, config.run.seed),
                     {"first_line": first, "lines": len(lines)}, sum(map(len, lines)))
               for index, first, lines in _line_chunks(data))
-    records = _fan_out(root, make_text_shard_on_node, chunks, unit="lines")
+    records = _fan_out(storage, make_text_shard_on_node, chunks, unit="lines")
     if not records:
         raise ConfigError(f"data.path: corpus {data.path} holds no non-empty lines")
     manifest = {**expected, "lines_per_shard": data.lines_per_shard, "counts": _counts(records, "lines", "tokens"),
                 "nodes": _nodes(records), "seconds": round(time.perf_counter() - started, 2), "shards": records}
-    return _finish(root, manifest, "text")
+    return _finish(storage, manifest, "text")
 
 
 def _prepare_images(config: Config, data: vision.VisionDataSection, connect: Callable[[Config], None]) -> dict[str, Any]:
     """Pack train/ and val/ into shards of data.images_per_shard files each, in ImageFolder's order."""
-    root = _root(data)
+    storage = _storage(data)
     folder = Path(data.path).expanduser()
-    _refuse_foreign_folder(root)
+    _refuse_foreign_folder(storage)
+    root = prepared.pull_records(storage)
     listings = {split: packed_images.listing(folder, split) for split in packed_images.SPLITS}
     expected = {"source": packed_images.source_fingerprint(folder, listings), "settings": {}}
     vision.check_same_classes(folder, *(listings[split][0] for split in packed_images.SPLITS))
     if (root / prepared.MANIFEST).exists():
-        return _verify_existing(root, expected, "images")
-    _claim(root, expected, {"images_per_shard": data.images_per_shard})
+        return _verify_existing(storage, expected, "images")
+    _claim(storage, expected, {"images_per_shard": data.images_per_shard})
     connect(config)
     started = time.perf_counter()
     records = []
@@ -90,26 +93,28 @@ def _prepare_images(config: Config, data: vision.VisionDataSection, connect: Cal
         parts = (samples[first : first + data.images_per_shard]
                  for first in range(0, len(samples), data.images_per_shard))
         chunks = (Chunk(prepared.shard_name(index, split),
-                        (str(root), split, index, index * data.images_per_shard, str(folder / split), part),
+                        (storage.uri, split, index, index * data.images_per_shard, str(folder / split), part),
                         {"split": split, "first_image": index * data.images_per_shard, "rows": len(part)}, 0)
                   for index, part in enumerate(parts))
-        records += _fan_out(root, make_image_shard_on_node, chunks, unit="images")
+        records += _fan_out(storage, make_image_shard_on_node, chunks, unit="images")
     manifest = {**expected, "images_per_shard": data.images_per_shard, "counts": _counts(records),
                 "nodes": _nodes(records), "seconds": round(time.perf_counter() - started, 2), "shards": records}
-    return _finish(root, manifest, "images")
+    return _finish(storage, manifest, "images")
 
 
-def _root(data: Any) -> Path:
-    root = prepared.prepared_root(data)
+def _storage(data: Any) -> RunStorage:
+    storage = prepared.prepared_storage(data)
     if data.path is None:
         raise ConfigError("data.path is required: the data to prepare")
-    return root
+    return storage
 
 
-def _finish(root: Path, manifest: dict[str, Any], kind: str) -> dict[str, Any]:
-    prepared.write_manifest(root, manifest, kind)
-    (root / prepared.IN_PROGRESS).unlink(missing_ok=True)
-    return prepared.read_manifest(root, kind)
+def _finish(storage: RunStorage, manifest: dict[str, Any], kind: str) -> dict[str, Any]:
+    prepared.write_manifest(storage.local, manifest, kind)
+    storage.push(prepared.MANIFEST)
+    storage.delete(prepared.IN_PROGRESS)
+    (storage.local / prepared.IN_PROGRESS).unlink(missing_ok=True)
+    return prepared.read_manifest(storage.local, kind)
 
 
 def _tokenizer(config: Config, root: Path) -> Any:
@@ -129,22 +134,24 @@ def _tokenizer(config: Config, root: Path) -> Any:
     return tokenizer
 
 
-def _verify_existing(root: Path, expected: dict[str, Any], kind: str) -> dict[str, Any]:
-    manifest = prepared.read_manifest(root, kind)
+def _verify_existing(storage: RunStorage, expected: dict[str, Any], kind: str) -> dict[str, Any]:
+    manifest = prepared.read_manifest(storage.local, kind)
     different = prepared.differences(manifest, expected)
     if different:
-        raise ConfigError(f"data.prepared_path: {root} was prepared from another corpus or settings, and is left "
+        raise ConfigError(f"data.prepared_path: {storage} was prepared from another corpus or settings, and is left "
                           f"as it is: {'; '.join(different)}. Prepare into a new folder")
-    prepared.check_shards(root, manifest["shards"], digests=True)
-    print(f"distdl: {root} is already prepared from this corpus and settings; its {len(manifest['shards'])} "
-          "shards are whole (sha256 checked)")
+    prepared.check_shards(storage.local, manifest["shards"], digests=True, storage=storage if storage.remote else None)
+    how = "their sizes checked; their sha256 is checked where they are fetched" if storage.remote else "sha256 checked"
+    print(f"distdl: {storage} is already prepared from this corpus and settings; its {len(manifest['shards'])} "
+          f"shards are whole ({how})")
     return manifest
 
 
-def _claim(root: Path, expected: dict[str, Any], layout: dict[str, int]) -> None:
+def _claim(storage: RunStorage, expected: dict[str, Any], layout: dict[str, int]) -> None:
     """Mark the folder as being prepared with these settings and this cut into shards (`layout`); an
     interrupted preparation with the same ones is continued, one with others is left alone. One
     preparation per folder at a time: a continued one clears what killed tasks left half-written."""
+    root = storage.local
     claim = root / prepared.IN_PROGRESS
     wanted = {**expected, "layout": layout}
     if claim.is_file():
@@ -166,23 +173,25 @@ def _claim(root: Path, expected: dict[str, Any], layout: dict[str, int]) -> None
         return
     root.mkdir(parents=True, exist_ok=True)
     write_json(claim, wanted)
+    storage.push(prepared.IN_PROGRESS)
 
 
-def _refuse_foreign_folder(root: Path) -> None:
+def _refuse_foreign_folder(storage: RunStorage) -> None:
     """A folder that is neither empty nor a (finished or unfinished) preparation is the user's: left alone."""
-    if not root.is_dir() or (root / prepared.MANIFEST).exists() or (root / prepared.IN_PROGRESS).exists():
-        if root.exists() and not root.is_dir():
-            raise ConfigError(f"data.prepared_path: {root} is a file; give a folder")
+    root, entries = storage.local, storage.entries()
+    if not storage.remote and root.exists() and not root.is_dir():
+        raise ConfigError(f"data.prepared_path: {root} is a file; give a folder")
+    if prepared.MANIFEST in entries or prepared.IN_PROGRESS in entries:
         return
     # A tokenizer alone is what a preparation interrupted before its first shard leaves; a Slurm job's
     # logs are what `distdl submit slurm --prepare` writes there before its job starts.
-    others = sorted(p.name for p in root.iterdir() if p.name not in (text.TOKENIZER_DIRNAME, SLURM_LOGS))
+    others = [name for name in entries if name not in (text.TOKENIZER_DIRNAME, SLURM_LOGS)]
     if prepared.SHARDS_DIRNAME in others:
-        raise ConfigError(f"data.prepared_path: {root} holds shards but neither {prepared.MANIFEST} nor "
+        raise ConfigError(f"data.prepared_path: {storage} holds shards but neither {prepared.MANIFEST} nor "
                           f"{prepared.IN_PROGRESS}, so what made them is unknown; it is left as it is. Prepare "
                           "into a new folder")
     if others:
-        raise ConfigError(f"data.prepared_path: {root} already holds {', '.join(others[:5])}, which is not a "
+        raise ConfigError(f"data.prepared_path: {storage} already holds {', '.join(others[:5])}, which is not a "
                           "distdl preparation, and is left as it is; choose an empty or new folder")
 
 
@@ -217,16 +226,23 @@ def _node() -> dict[str, str]:
     return {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
 
 
-def make_text_shard_on_node(root: str, index: int, first_line: int, lines: list[str], tokenizer: Any,
+def make_text_shard_on_node(location: str, index: int, first_line: int, lines: list[str], tokenizer: Any,
                             data: text.TextDataSection, seed: int) -> dict[str, Any]:
-    """A Ray task's body: one text shard, with the node that made it."""
-    return prepared.make_text_shard(Path(root), index, first_line, lines, tokenizer, data, seed, _node())
+    """A Ray task's body: one text shard, with the node that made it, written at `location` (on object
+    storage: made in this node's cache, then uploaded)."""
+    storage = prepared.storage_at(location)
+    record = prepared.make_text_shard(storage.local, index, first_line, lines, tokenizer, data, seed, _node())
+    prepared.publish(storage, record)
+    return record
 
 
-def make_image_shard_on_node(root: str, split: str, index: int, first: int, folder: str,
+def make_image_shard_on_node(location: str, split: str, index: int, first: int, folder: str,
                              samples: list[tuple[str, int]]) -> dict[str, Any]:
     """A Ray task's body: one packed image shard, with the node that made it."""
-    return packed_images.make_image_shard(Path(root), split, index, first, folder, samples, _node())
+    storage = prepared.storage_at(location)
+    record = packed_images.make_image_shard(storage.local, split, index, first, folder, samples, _node())
+    prepared.publish(storage, record)
+    return record
 
 
 def _put(value: Any) -> Any:
@@ -235,7 +251,7 @@ def _put(value: Any) -> Any:
     return ray.put(value)
 
 
-def _fan_out(root: Path, body: Callable[..., dict[str, Any]], chunks: Iterable[Chunk],
+def _fan_out(storage: RunStorage, body: Callable[..., dict[str, Any]], chunks: Iterable[Chunk],
              unit: str) -> list[dict[str, Any]]:
     """Run `body(*chunk.args)` as a Ray task for each chunk whose shard is not already whole, within the
     in-flight caps; every shard's record, in the chunks' order."""
@@ -248,10 +264,11 @@ def _fan_out(root: Path, body: Callable[..., dict[str, Any]], chunks: Iterable[C
     records: dict[str, dict[str, Any]] = {}
     names: list[str] = []
     pending: dict[Any, int] = {}  # task -> bytes it was handed
-    progress = Progress(root, unit)
+    progress = Progress(storage.name, unit)
+    stored = prepared.stored_sizes(storage)
     for chunk in chunks:
         names.append(chunk.name)
-        done = prepared.finished_shard(root, chunk.name)
+        done = prepared.finished_shard(storage.local, chunk.name, stored)
         if done is not None and all(done.get(key) == value for key, value in chunk.expect.items()):
             records[chunk.name] = done  # made by an interrupted run of this preparation
             progress.shard(done, resumed=True)
@@ -275,13 +292,13 @@ def _collect(done: list[dict[str, Any]], records: dict[str, dict[str, Any]], pro
 class Progress:
     """A live bar in a terminal; one plain line per shard in a log file. Counts `unit` (lines, images)."""
 
-    def __init__(self, root: Path, unit: str) -> None:
+    def __init__(self, name: str, unit: str) -> None:
         self.started, self.done, self.shards, self.unit = time.perf_counter(), 0, 0, unit
         self.bar = None
         if sys.stdout.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(desc=f"preparing {root.name}", unit=f" {unit}", unit_scale=True)
+            self.bar = tqdm(desc=f"preparing {name}", unit=f" {unit}", unit_scale=True)
 
     def shard(self, record: dict[str, Any], resumed: bool = False) -> None:
         count = record["lines"] if self.unit == "lines" else record["rows"]

@@ -6,6 +6,7 @@ another run) goes through here; nothing here imports from the layers above.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import tempfile
 import time
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Collection, Iterable, Optional, TypedDict
+from typing import Any, Callable, Collection, Iterable, Optional, TypedDict
 from urllib.parse import urlparse
 
 import yaml
@@ -63,7 +64,10 @@ class RunStorage:
     places (AWS_* variables and ~/.aws files, Google's application credentials), never from a config.
     """
 
-    def __init__(self, location: str | Path) -> None:
+    def __init__(self, location: str | Path, key: str = "run.storage_path", cache: str = "runs") -> None:
+        """`key`: the config key that named the location (errors name it); `cache`: the folder of the node's
+        cache its working copy goes in."""
+        self.key, self.cache = key, cache
         location = str(location)
         self.remote = is_uri(location)
         self.uri = location.rstrip("/") if self.remote else str(Path(location.removeprefix("file://")).expanduser().resolve())
@@ -83,7 +87,7 @@ class RunStorage:
         if not self.remote:
             return Path(self.uri)
         parsed = urlparse(self.uri)
-        return cache_root() / "runs" / parsed.scheme / parsed.netloc / parsed.path.strip("/")
+        return cache_root() / self.cache / parsed.scheme / parsed.netloc / parsed.path.strip("/")
 
     @cached_property
     def _filesystem(self) -> tuple[Any, str]:
@@ -92,7 +96,7 @@ class RunStorage:
         try:
             return pyarrow.fs.FileSystem.from_uri(self.uri)
         except (pyarrow.ArrowInvalid, ValueError, OSError) as err:
-            raise ConfigError(f"run.storage_path: cannot open {self.uri} ({err})") from None
+            raise ConfigError(f"{self.key}: cannot open {self.uri} ({err})") from None
 
     @property
     def filesystem(self) -> Any:
@@ -117,7 +121,7 @@ class RunStorage:
         try:
             return action()
         except OSError as err:
-            raise RunDirError(f"run.storage_path: cannot {what} {self.uri} ({_storage_reason(err)}); check the "
+            raise RunDirError(f"{self.key}: cannot {what} {self.uri} ({_storage_reason(err)}); check the "
                               "bucket's name, the endpoint (AWS_ENDPOINT_URL) and the credentials (AWS_* "
                               "variables or ~/.aws)") from None
 
@@ -169,15 +173,32 @@ class RunStorage:
 
     def file_names(self, folder: str) -> list[str]:
         """The files under a folder of the run directory, as paths relative to it."""
+        return sorted(self.file_sizes(folder))
+
+    def file_sizes(self, folder: str) -> dict[str, int]:
+        """Each file under a folder of the run directory (a path relative to it) and its size in bytes."""
         if not self.remote:
             root = self.local / folder
-            return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+            return {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()}
         import pyarrow.fs
 
         base = self.path(folder)
         selector = pyarrow.fs.FileSelector(base, recursive=True, allow_not_found=True)
         infos = self._call("list", lambda: self.filesystem.get_file_info(selector))
-        return sorted(info.path[len(base) + 1:] for info in infos if info.type == pyarrow.fs.FileType.File)
+        return {info.path[len(base) + 1:]: info.size for info in infos if info.type == pyarrow.fs.FileType.File}
+
+    def download(self, name: str, target: Path) -> str:
+        """Stream a file of object storage to `target` (the caller renames it into place); its sha256."""
+        digest = hashlib.sha256()
+
+        def copy() -> None:
+            with self.filesystem.open_input_stream(self.path(name)) as stream, open(target, "wb") as out:
+                while block := stream.read(8 << 20):
+                    digest.update(block)
+                    out.write(block)
+
+        self._call("read", copy)
+        return digest.hexdigest()
 
     def checkpoints(self) -> list[str]:
         """The checkpoint folders the run directory holds."""
@@ -190,19 +211,23 @@ class RunStorage:
         self.delete(probe)
 
     # ---- the working copy of a run on object storage
-    def pull(self, fresh: bool = True) -> None:
+    def pull(self, fresh: bool = True, skip: Callable[[str], bool] = lambda name: False) -> None:
         """Copy the run's files but its checkpoints into the working copy (`fresh`: emptied first, so
-        nothing a deleted run left behind is read as this one's). Files land whole (renamed into
-        place), so processes of one node may pull at once."""
+        nothing a deleted run left behind is read as this one's; `skip`: paths, relative to the run
+        directory, to leave out too). Files land whole (renamed into place), so processes of one node
+        may pull at once."""
         if not self.remote:
             return
         if fresh and self.local.is_dir():
             for path in foreign_entries(self.local):  # a Slurm job's log, being written, stays
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                if path.is_file() and not skip(path.name):
+                    path.unlink()
+                elif path.is_dir():
+                    _clear_folder(path, path.name, skip)
         self.local.mkdir(parents=True, exist_ok=True)
         for name, folder in self._entry_kinds().items():
             if not (folder and _is_checkpoint(name)):
-                self._download(name, self.local / name)
+                self._download(name, self.local / name, skip)
 
     def pull_checkpoint(self, name: str) -> Path:
         """A checkpoint folder in the working copy (downloaded from object storage once)."""
@@ -241,7 +266,7 @@ class RunStorage:
 
         self._call("write to", put)
 
-    def _download(self, name: str, target: Path) -> None:
+    def _download(self, name: str, target: Path, skip: Callable[[str], bool] = lambda name: False) -> None:
         """A file or a folder of the run directory to `target`, file by file, each renamed into place."""
         import pyarrow.fs
 
@@ -249,9 +274,11 @@ class RunStorage:
         files = ([(name, target)] if info.type == pyarrow.fs.FileType.File else
                  [(f"{name}/{relative}", target / relative) for relative in self.file_names(name)])
         for source, destination in files:
+            if skip(source):
+                continue
             destination.parent.mkdir(parents=True, exist_ok=True)
             partial = destination.with_name(f".{destination.name}.{os.getpid()}.partial")
-            partial.write_bytes(self._call("read", lambda: _read_remote(self.filesystem, self.path(source))))
+            self.download(source, partial)
             os.replace(partial, destination)
 
     def move_aside(self) -> str:
@@ -267,6 +294,15 @@ class RunStorage:
         self._call("delete from", lambda: self.filesystem.delete_dir(self.path()))
         shutil.rmtree(self.local, ignore_errors=True)
         return aside.uri
+
+
+def _clear_folder(folder: Path, relative: str, keep: Callable[[str], bool]) -> None:
+    """Delete a folder's files but those `keep` names (by their path relative to the run directory)."""
+    for path in folder.rglob("*"):
+        if path.is_file() and not keep(f"{relative}/{path.relative_to(folder).as_posix()}"):
+            path.unlink()
+    if not any(path.is_file() for path in folder.rglob("*")):
+        shutil.rmtree(folder)
 
 
 def _is_checkpoint(name: str) -> bool:

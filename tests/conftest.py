@@ -58,7 +58,8 @@ def s3_server():
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_local(s3_server):
+    """An embedded Ray; its workers inherit the S3 server's address, started before it."""
     import ray
 
     # 4 logical CPUs: two 1-CPU workers plus Ray Train's controller, on a 2-core machine.
@@ -92,8 +93,9 @@ def small_digits_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def local_workers(isolated_caches):
-    """Two long-lived processes running distdl's worker loop over gloo (tests/helpers/local_workers.py)."""
+def local_workers(isolated_caches, s3_server):
+    """Two long-lived processes running distdl's worker loop over gloo (tests/helpers/local_workers.py),
+    with the S3 server's address in their environment."""
     from tests.helpers.local_workers import LocalWorkers
 
     workers = LocalWorkers(world=2)

@@ -89,28 +89,29 @@ class PackedImages(torch.utils.data.Dataset):
     def __init__(self, root: Path, records: list[dict[str, Any]], transform: Any) -> None:
         self.root, self.records, self.transform = root, records, transform
         self.ends = list(itertools.accumulate(record["rows"] for record in records))
-        self._tables: Optional[list[Any]] = None
+        self._tables: dict[int, Any] = {}
 
     def __len__(self) -> int:
         return self.ends[-1] if self.ends else 0
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tables": None}
+        return {**self.__dict__, "_tables": {}}
 
-    def tables(self) -> list[Any]:
+    def table(self, shard: int) -> Any:
+        """Shard `shard`, mapped when first read (a driver that reads one image maps one shard)."""
         import pyarrow as pa
 
-        if self._tables is None:
-            self._tables = [pa.ipc.open_stream(pa.memory_map(str(self.root / record["file"]))).read_all()
-                            for record in self.records]
-        return self._tables
+        if shard not in self._tables:
+            path = str(self.root / self.records[shard]["file"])
+            self._tables[shard] = pa.ipc.open_stream(pa.memory_map(path)).read_all()
+        return self._tables[shard]
 
     def row(self, index: int) -> tuple[Any, int, str]:
         """The image's bytes (a buffer on the mapped shard), its label and its path."""
         if not 0 <= index < len(self):
             raise IndexError(f"image {index} of a packed split of {len(self)}")
         shard = bisect.bisect_right(self.ends, index)
-        table, offset = self.tables()[shard], index - (self.ends[shard - 1] if shard else 0)
+        table, offset = self.table(shard), index - (self.ends[shard - 1] if shard else 0)
         return (table.column("image")[offset].as_buffer(), table.column("label")[offset].as_py(),
                 table.column("path")[offset].as_py())
 

@@ -34,15 +34,91 @@ IN_PROGRESS = "preparing.json"
 SHARDS_DIRNAME = "shards"
 # The manifest's format, by what the shards hold.
 FORMATS = {"text": "distdl-prepared-text", "images": "distdl-prepared-images"}
+# Beside a shard in a node's cache of object storage: the sha256 it was checked to have.
+VERIFIED_SUFFIX = ".verified"
 VERSION = 1
 
 
-def prepared_root(data: Any) -> Path:
-    """data.prepared_path of a text or vision data section, which must be set."""
+def prepared_storage(data: Any) -> rundir.RunStorage:
+    """data.prepared_path of a text or vision data section, which must be set: a folder the cluster's
+    nodes share, or an object-store URI (s3://, gs://) whose shards each node keeps in its cache."""
     if data.prepared_path is None:
-        raise ConfigError("data.prepared_path is required: the folder (shared by the cluster's nodes) that "
-                          "`distdl prepare` writes the shards to")
-    return Path(data.prepared_path).expanduser()
+        raise ConfigError("data.prepared_path is required: the folder (shared by the cluster's nodes) or the "
+                          "object-store URI (s3://...) that `distdl prepare` writes the shards to")
+    return storage_at(data.prepared_path)
+
+
+def storage_at(location: str) -> rundir.RunStorage:
+    return rundir.RunStorage(location, key="data.prepared_path", cache="prepared")
+
+
+def publish(storage: rundir.RunStorage, record: dict[str, Any]) -> None:
+    """Object storage: a shard made in this node's cache goes up, then its record (whose presence says
+    the shard is whole); the local copy of the shard goes, so a node's disk does not fill with them."""
+    if not storage.remote:
+        return
+    shard = storage.local / record["file"]
+    storage.push_files([shard, shard.with_suffix(".json")])
+    shard.unlink()
+
+
+def prepared_root(data: Any) -> Path:
+    """data.prepared_path as a local folder: itself, or for object storage this node's copy of it."""
+    return prepared_storage(data).local
+
+
+def _shard_data(name: str) -> bool:
+    """A shard's rows (and the mark of its copy checked in a node's cache), not its record."""
+    return name.endswith((".arrow", VERIFIED_SUFFIX))
+
+
+def pull_records(storage: rundir.RunStorage, fresh: bool = True) -> Path:
+    """Object storage: the manifest, the claim, the tokenizer and each shard's record into this node's
+    copy, the shards already fetched kept; the local folder. `fresh` (the driver): what an earlier pull
+    left is cleared first; workers, which may pull at once on one node, only replace files, each whole."""
+    storage.pull(fresh=fresh, skip=_shard_data)
+    return storage.local
+
+
+def fetch_shards(storage: rundir.RunStorage, records: list[dict[str, Any]], threads: int = 8) -> None:
+    """Object storage: every shard of `records` into this node's cache, each downloaded once per node
+    (a file lock keeps the node's other workers waiting for it), checked against its sha256 before it
+    is used, and kept for the next run. Downloads run `threads` at a time."""
+    if not storage.remote:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(lambda record: _fetch_shard(storage, record), records))
+
+
+def _fetch_shard(storage: rundir.RunStorage, record: dict[str, Any]) -> None:
+    from filelock import FileLock
+
+    local = storage.local / record["file"]
+    mark = local.with_name(local.name + VERIFIED_SUFFIX)
+
+    def fetched() -> bool:
+        return mark.is_file() and mark.read_text() == record["sha256"] and local.is_file() \
+            and local.stat().st_size == record["bytes"]
+
+    if fetched():
+        return
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(local) + ".lock"):
+        if fetched():
+            return
+        partial = local.with_name(f".{local.name}.partial-{os.getpid()}")
+        try:
+            digest = storage.download(record["file"], partial)
+            if digest != record["sha256"]:
+                raise ConfigError(f"data.prepared_path: shard {storage.location(record['file'])} is corrupt: its "
+                                  "sha256 differs from the manifest's; prepare again into a new location")
+            mark.unlink(missing_ok=True)
+            os.replace(partial, local)
+            mark.write_text(record["sha256"])
+        finally:
+            partial.unlink(missing_ok=True)
 
 
 def tokenizer_digest(tokenizer: Any) -> str:
@@ -176,15 +252,24 @@ def file_digest(path: Path) -> str:
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
-def finished_shard(root: Path, name: str) -> Optional[dict[str, Any]]:
-    """The record of shard `name` if an earlier, interrupted preparation finished it."""
+def finished_shard(root: Path, name: str, stored: Optional[dict[str, int]] = None) -> Optional[dict[str, Any]]:
+    """The record of shard `name` if an earlier, interrupted preparation finished it (`stored`: the
+    shards' sizes on object storage, where the shards are, rather than in `root`)."""
     record_path = (root / name).with_suffix(".json")
     try:
         record = json.loads(record_path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
     shard = root / record["file"]
-    return record if shard.is_file() and shard.stat().st_size == record["bytes"] else None
+    size = stored.get(record["file"]) if stored is not None else shard.stat().st_size if shard.is_file() else None
+    return record if size == record["bytes"] else None
+
+
+def stored_sizes(storage: rundir.RunStorage) -> Optional[dict[str, int]]:
+    """The shards' sizes on object storage (by their file names); None for a folder."""
+    if not storage.remote:
+        return None
+    return {f"{SHARDS_DIRNAME}/{name}": size for name, size in storage.file_sizes(SHARDS_DIRNAME).items()}
 
 
 def read_manifest(root: Path, kind: str = "text") -> dict[str, Any]:
@@ -207,17 +292,20 @@ def write_manifest(root: Path, manifest: dict[str, Any], kind: str = "text") -> 
     rundir.write_json(root / MANIFEST, {"format": FORMATS[kind], "version": VERSION, **manifest})
 
 
-def check_shards(root: Path, records: list[dict[str, Any]], digests: bool = False) -> None:
+def check_shards(root: Path, records: list[dict[str, Any]], digests: bool = False,
+                 storage: Optional[rundir.RunStorage] = None) -> None:
     """Every shard of `records` (a manifest's) is there, whole, and readable with the rows it recorded;
-    with `digests`, also unchanged byte for byte (sha256, which reads every shard)."""
+    with `digests`, also unchanged byte for byte (sha256, which reads every shard). On object storage
+    (`storage`) each is there with its size; its rows and sha256 are checked where it is fetched."""
+    stored = stored_sizes(storage) if storage is not None else None
     for record in records:
         path = root / record["file"]
+        if stored is not None:
+            _check_size(storage.location(record["file"]), stored.get(record["file"]), record)
+            continue
         if not path.is_file():
             raise ConfigError(f"data.prepared_path: shard {path} is missing; prepare again into a new folder")
-        size = path.stat().st_size
-        if size != record["bytes"]:
-            raise ConfigError(f"data.prepared_path: shard {path} has {size} bytes, the manifest recorded "
-                              f"{record['bytes']}: it is partial or was altered; prepare again into a new folder")
+        _check_size(str(path), path.stat().st_size, record)
         rows = _readable_rows(path)
         if rows != record["rows"]:
             raise ConfigError(f"data.prepared_path: shard {path} holds {rows} rows, the manifest recorded "
@@ -225,6 +313,14 @@ def check_shards(root: Path, records: list[dict[str, Any]], digests: bool = Fals
         if digests and file_digest(path) != record["sha256"]:
             raise ConfigError(f"data.prepared_path: shard {path} is corrupt: its sha256 differs from the "
                               "manifest's; prepare again into a new folder")
+
+
+def _check_size(where: str, size: Optional[int], record: dict[str, Any]) -> None:
+    if size is None:
+        raise ConfigError(f"data.prepared_path: shard {where} is missing; prepare again into a new folder")
+    if size != record["bytes"]:
+        raise ConfigError(f"data.prepared_path: shard {where} has {size} bytes, the manifest recorded "
+                          f"{record['bytes']}: it is partial or was altered; prepare again into a new folder")
 
 
 def _readable_rows(path: Path) -> int:

@@ -202,27 +202,33 @@ def _packed_image_folder(data: VisionDataSection, spec: DatasetSpec, size: int, 
     if data.dataset != "imagefolder":
         raise ConfigError(f"data.prepared_path: only data.dataset=imagefolder is packed into shards, not "
                           f"{data.dataset}; unset data.prepared_path")
-    root = prepared.prepared_root(data)
+    storage = prepared.prepared_storage(data)
+    root = prepared.pull_records(storage, fresh=check)
     manifest = prepared.read_manifest(root, "images")
-    if check:
-        _check_packed(data, root, manifest)
     splits = {split: [r for r in manifest["shards"] if r["split"] == split] for split in packed_images.SPLITS}
+    if check:
+        _check_packed(data, storage, manifest)
+        # The driver reads the first training image (workload checks); on a node that runs workers too,
+        # they find its shard in the cache.
+        prepared.fetch_shards(storage, splits["train"][:1])
+    else:  # a worker: the shards in this node's cache, from object storage
+        prepared.fetch_shards(storage, manifest["shards"])
     train = packed_images.PackedImages(root, splits["train"], transforms(data, spec, size, True, symmetric))
     val = packed_images.PackedImages(root, splits["val"], transforms(data, spec, size, False, symmetric))
     classes = manifest["source"]["splits"]["train"]["classes"]
     return VisionData(train, val, spec.channels, len(classes), size, classes)
 
 
-def _check_packed(data: VisionDataSection, root: Path, manifest: dict[str, Any]) -> None:
+def _check_packed(data: VisionDataSection, storage: Any, manifest: dict[str, Any]) -> None:
     """The shards are whole, and were packed from data.path's folder as it is now (when it is given)."""
     if data.path is not None:
         ours = {"source": packed_images.source_fingerprint(Path(data.path).expanduser()), "settings": {}}
         different = prepared.differences({"source": manifest["source"], "settings": {}}, ours)
         if different:
-            raise ConfigError(f"data.prepared_path: the shards in {root} were not packed from data.path "
+            raise ConfigError(f"data.prepared_path: the shards in {storage} were not packed from data.path "
                               f"{data.path} as it is now: {'; '.join(different)}. Prepare again into another "
                               "folder, or unset data.path to train from the shards as they are")
-    prepared.check_shards(root, manifest["shards"])
+    prepared.check_shards(storage.local, manifest["shards"], storage=storage if storage.remote else None)
 
 
 class UnreadableImageError(OSError):

@@ -183,17 +183,17 @@ def count_prepared_training_examples(data: text.TextDataSection, tokenizer: Any,
     any worker starts); the number of training examples they give."""
     import math
 
-    root = prepared.prepared_root(data)
-    manifest = prepared.read_manifest(root)
+    storage = prepared.prepared_storage(data)
+    manifest = prepared.read_manifest(storage.local)
     expected = {"source": text.source_fingerprint(data), "settings": prepared.settings(data, tokenizer, seed)}
     different = prepared.differences(manifest, expected)
     if different:
-        raise ConfigError(f"data.prepared_path: the shards in {root} were not made from this config's corpus and "
+        raise ConfigError(f"data.prepared_path: the shards in {storage} were not made from this config's corpus and "
                           f"settings: {'; '.join(different)}. Prepare again into another folder, or fix the config")
-    prepared.check_shards(root, manifest["shards"])
+    prepared.check_shards(storage.local, manifest["shards"], storage=storage if storage.remote else None)
     examples = manifest["counts"]["examples"]
     if examples < 2:
-        raise ConfigError(f"data.prepared_path: {root} holds only {examples} example(s); prepare more text")
+        raise ConfigError(f"data.prepared_path: {storage} holds only {examples} example(s); prepare more text")
     return examples - math.ceil(data.eval_fraction * examples)  # datasets' train_test_split sizes
 
 
@@ -226,8 +226,10 @@ class BertPretrain(Workload):
         self.warm_start = warm_start.locate(model.init_from, model.init_checkpoint) if model.init_from else None
         self.tokenizer = text.load_tokenizer(sections["tokenizer"], context.run_dir)
         if self.data.prepared_path:
-            root = prepared.prepared_root(self.data)
+            storage = prepared.prepared_storage(self.data)
+            root = prepared.pull_records(storage, fresh=False)
             manifest = prepared.read_manifest(root)
+            prepared.fetch_shards(storage, manifest["shards"])
             blocks = text.split_train_eval(prepared.load_rows(root, manifest["shards"]), self.data, context.seed,
                                            prepared.split_indices_cache(manifest, self.data, context.seed))
         else:
@@ -255,6 +257,8 @@ class BertPretrain(Workload):
         source = warm_start.locate(model.init_from, model.init_checkpoint) if model.init_from else None
         if source is not None and config.sections["tokenizer"].name_or_path is None:
             adopt_tokenizer(source, config.run_dir)
+        if data.prepared_path:
+            prepared.pull_records(prepared.prepared_storage(data))  # the manifest and the tokenizer, from object storage
         if data.prepared_path and config.sections["tokenizer"].name_or_path is None:
             adopt_prepared_tokenizer(prepared.prepared_root(data), config.run_dir)
         tokenizer = text.prepare_tokenizer(raw, config.sections["tokenizer"], config.run_dir)

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs/bert/pretrain_tiny.yaml"
 RESNET = REPO / "configs/resnet/mnist_laptop.yaml"
+PACKED = "s3://packed/digits"
 
 
 def port_block() -> int:
@@ -49,8 +50,8 @@ def _free(port: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory):
-    """A head and a worker node of one CPU each, with a token of their own."""
+def two_nodes(tmp_path_factory, s3_server):
+    """A head and a worker node of one CPU each, with a token of their own (and the S3 server's address)."""
     home = tmp_path_factory.mktemp("cluster-home")
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_AUTH")}
     env.update(HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
@@ -84,19 +85,21 @@ def distdl(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def preparations(two_nodes, tmp_path_factory, digits_folder):
-    """A text corpus and an image folder prepared on the cluster at once: they share its two CPUs, and
-    their drivers' start-ups overlap. Each: its folder, its command line and what it printed."""
+def preparations(two_nodes, tmp_path_factory, digits_folder, s3_server):
+    """A text corpus (into a shared folder) and an image folder (into a bucket of the local S3 server)
+    prepared on the cluster at once: they share its two CPUs, and their drivers' start-ups overlap.
+    Each: its location, its command line and what it printed."""
     if not CORPUS.is_dir():
         pytest.skip("needs the Debian license texts in /usr/share/common-licenses")
     tmp = tmp_path_factory.mktemp("preparations")
     text.train_tokenizer(text.corpus_line_batches(text.TextDataSection(path=str(CORPUS))),
                          text.TokenizerSection(vocab_size=1000), tmp / "tokenizer")
     cluster = f"ray.address={two_nodes['address']}"
+    s3_server.create_bucket(Bucket="packed")
     commands = {
         "text": ["prepare", str(TINY), *text_settings(tmp), f"data.prepared_path={tmp / 'prepared'}",
                  "data.lines_per_shard=1000", cluster],
-        "images": ["prepare", str(RESNET), *image_settings(digits_folder), f"data.prepared_path={tmp / 'packed'}",
+        "images": ["prepare", str(RESNET), *image_settings(digits_folder), f"data.prepared_path={PACKED}",
                    "data.images_per_shard=500", cluster],
     }
     running = {name: subprocess.Popen([sys.executable, "-m", "distdl.cli", *args], stdout=subprocess.PIPE,
@@ -106,7 +109,7 @@ def preparations(two_nodes, tmp_path_factory, digits_folder):
     for name, process in running.items():
         stdout, stderr = process.communicate(timeout=600)
         assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
-        done[name] = {"root": tmp / ("prepared" if name == "text" else "packed"), "args": commands[name],
+        done[name] = {"root": tmp / "prepared" if name == "text" else PACKED, "args": commands[name],
                       "stdout": stdout, "tmp": tmp}
     return done
 
@@ -162,9 +165,16 @@ def three_steps(local_workers, config_file: Path, storage: Path, name: str, *ove
 
 def test_an_image_folder_packed_across_both_nodes_trains_as_the_folder_does(preparations, tmp_path, digits_folder,
                                                                           local_workers):
+    """Packed into a bucket: both nodes uploaded their shards and kept none; each training worker then
+    fetches them into its node's cache, checked against their sha256."""
     root, stdout = preparations["images"]["root"], preparations["images"]["stdout"]
     folder = image_settings(digits_folder)
-    manifest = prepared.read_manifest(root, "images")
+    storage = prepared.storage_at(root)
+    manifest = prepared.read_manifest(prepared.pull_records(storage), "images")
+    assert sorted(storage.file_names("shards")) == sorted(
+        name for r in manifest["shards"] for name in (r["file"][7:], r["file"][7:-6] + ".json"))
+    cache = Path(os.environ["DISTDL_CACHE"])
+    assert not list(cache.rglob("*.arrow")), "the nodes uploaded their shards and kept no copy"
     assert len(manifest["nodes"]) == 2 and manifest["counts"]["examples"] == 1797
     assert [r["file"] for r in manifest["shards"]] == [f"shards/train-0000{i}.arrow" for i in range(3)] + [
         "shards/val-00000.arrow"]
@@ -176,3 +186,5 @@ def test_an_image_folder_packed_across_both_nodes_trains_as_the_folder_does(prep
                                 *data, "data.loader_workers=1", "trainer.epochs=null", "trainer.micro_batch_size=16",
                                 "trainer.global_batch_size=32") for name, data in runs.items()}
     assert len(losses["shards"]) == 4 and losses["shards"] == losses["folder"]
+    fetched = sorted(p.relative_to(storage.local).as_posix() for p in storage.local.rglob("*.arrow"))
+    assert fetched == [r["file"] for r in manifest["shards"]]

@@ -18,8 +18,7 @@ from distdl.engine import consolidated_state_dict, reshard_checkpoint, saved_par
 from distdl.errors import CheckpointError
 from distdl.rundir import latest_checkpoint, read_metrics
 
-# The S3 server's address reaches Ray's workers only if it is set before this module's Ray starts.
-pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("s3_server")]
+pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]
 
 
