@@ -147,3 +147,61 @@ def test_a_study_on_object_storage_is_refused(s3_server):
     study = REPO / "configs/studies/sharpness.yaml"
     with pytest.raises(ConfigError, match=r"run.storage_path=s3://b/x: a study keeps its directory on a local"):
         read_study("sharpness", study, ["run.storage_path=s3://b/x"])
+
+
+def test_shards_on_object_storage_are_fetched_once_per_node_checked_and_refused_when_damaged(
+        s3_server, digits_folder, tmp_path, monkeypatch):
+    """What `distdl prepare` leaves in a bucket (shards uploaded, then their records, no local copy) is
+    fetched into a node's cache whole, once; a shard altered or missing in the bucket is named."""
+    from distdl.data import packed_images, prepared
+    from distdl.errors import ConfigError
+
+    s3_server.create_bucket(Bucket="shards")
+    monkeypatch.setenv("DISTDL_CACHE", str(tmp_path / "preparing-node"))
+    writer = prepared.storage_at("s3://shards/digits")
+    _, samples = packed_images.listing(digits_folder, "train")
+    records = [packed_images.make_image_shard(writer.local, "train", index, first, str(digits_folder / "train"),
+                                              samples[first : first + 600])
+               for index, first in enumerate(range(0, len(samples), 600))]
+    for record in records:
+        prepared.publish(writer, record)
+    prepared.write_manifest(writer.local, {"shards": records}, "images")
+    writer.push(prepared.MANIFEST)
+    assert not list(writer.local.rglob("*.arrow")), "published shards leave no local copy"
+
+    monkeypatch.setenv("DISTDL_CACHE", str(tmp_path / "training-node"))
+    reader = prepared.storage_at("s3://shards/digits")
+    manifest = prepared.read_manifest(prepared.pull_records(reader), "images")
+    prepared.check_shards(reader.local, manifest["shards"], storage=reader)
+    downloads = []
+    monkeypatch.setattr(type(reader), "download", _counting(type(reader).download, downloads))
+    prepared.fetch_shards(reader, manifest["shards"], threads=2)
+    prepared.fetch_shards(reader, manifest["shards"], threads=2)  # a second worker of the node: nothing to do
+    assert len(downloads) == len(records) == 3
+    for record in records:
+        assert prepared.file_digest(reader.local / record["file"]) == record["sha256"]
+    images = packed_images.PackedImages(reader.local, manifest["shards"], transform=lambda image: image.size)
+    assert len(images) == len(samples) and images[len(samples) - 1] == (((8, 8)), samples[-1][1])
+
+    damaged = dict(Bucket="shards", Key="digits/shards/train-00001.arrow")
+    body = bytearray(s3_server.get_object(**damaged)["Body"].read())
+    body[-100] ^= 0xFF  # same size: only the digest tells
+    s3_server.put_object(**damaged, Body=bytes(body))
+    monkeypatch.setenv("DISTDL_CACHE", str(tmp_path / "another-node"))
+    other = prepared.storage_at("s3://shards/digits")
+    prepared.pull_records(other)
+    with pytest.raises(ConfigError, match=r"shard s3://shards/digits/shards/train-00001.arrow is corrupt: its sha256"):
+        prepared.fetch_shards(other, manifest["shards"])
+    assert not (other.local / "shards" / "train-00001.arrow").exists()
+    assert not list((other.local / "shards").glob(".*partial*"))
+    s3_server.delete_object(Bucket="shards", Key="digits/shards/train-00002.arrow")
+    with pytest.raises(ConfigError, match=r"shard s3://shards/digits/shards/train-00002.arrow is missing"):
+        prepared.check_shards(other.local, manifest["shards"], storage=other)
+
+
+def _counting(method, calls: list):
+    def counted(self, *args, **kwargs):
+        calls.append(args)
+        return method(self, *args, **kwargs)
+
+    return counted
