@@ -161,6 +161,7 @@ def test_a_prepare_job_runs_distdl_prepare_on_the_jobs_ray_cluster_and_requeues_
     preparation then accepts as its folder), a requeue that goes on from the shards already made."""
     from distdl.cli import main
     from distdl.cluster.submit import ray_entrypoint
+    from distdl.data.prepared import storage_at
     from distdl.preparation import _refuse_foreign_folder
 
     root = tmp_path / "prepared"
@@ -172,7 +173,7 @@ def test_a_prepare_job_runs_distdl_prepare_on_the_jobs_ray_cluster_and_requeues_
     assert f"DISTDL_ARGS=(prepare {TINY} data.path=/usr/share/common-licenses data.prepared_path={root})" in out.out
     assert f"--output={root}/slurm/slurm-%j.out" in out.out and "from the Slurm request" not in out.err
     (root / "slurm").mkdir(parents=True)
-    _refuse_foreign_folder(root)  # the job's own logs do not make the folder someone else's
+    _refuse_foreign_folder(storage_at(str(root)))  # the job's own logs do not make the folder someone else's
 
     plan = plan_job(str(TINY), overrides, None, prepare=True)
     assert shlex.split(ray_entrypoint(plan, REPO, "python")) == [

@@ -245,6 +245,33 @@ def test_an_unfinished_preparation_goes_on_only_with_its_settings_and_cut(tmp_pa
         prepare(tiny_config(corpus, tokenizer_dir, root), no_ray)
 
 
+def test_a_preparation_in_a_bucket_claims_it_there_and_leaves_a_foreign_prefix_alone(s3_server, tmp_path, corpus,
+                                                                                    tokenizer_dir):
+    """On object storage (moto's S3 server) as in a folder: what is not a preparation is refused and kept;
+    a new one leaves its claim and tokenizer in the bucket before Ray starts."""
+    from distdl.config import load_config
+    from distdl.preparation import prepare
+
+    def config(location: str):
+        return load_config(TINY, [f"data.path={corpus}", f"data.prepared_path={location}", f"data.max_seq_length={SEQ}",
+                                  f"tokenizer.name_or_path={tokenizer_dir}", f"run.storage_path={tmp_path}"])
+
+    def keys() -> set[str]:
+        return {item["Key"] for item in s3_server.list_objects_v2(Bucket="corpora").get("Contents", [])}
+
+    s3_server.create_bucket(Bucket="corpora")
+    s3_server.put_object(Bucket="corpora", Key="mine/notes.txt", Body=b"keep me")
+    with pytest.raises(ConfigError, match="s3://corpora/mine already holds notes.txt, which is not a distdl "
+                                          "preparation, and is left as it is"):
+        prepare(config("s3://corpora/mine"), no_ray)
+    assert keys() == {"mine/notes.txt"}
+    with pytest.raises(AssertionError, match="settled before Ray starts"):
+        prepare(config("s3://corpora/wiki"), no_ray)
+    assert {"wiki/preparing.json", "wiki/tokenizer/tokenizer.json"} <= keys()
+    claim = json.loads(s3_server.get_object(Bucket="corpora", Key="wiki/preparing.json")["Body"].read())
+    assert claim["layout"] == {"lines_per_shard": 100_000, "max_chunk_bytes": 64 << 20}
+
+
 def test_training_refuses_shards_that_do_not_fit_its_config(shard_folder, corpus, tokenizer_dir, minilm):
     from distdl.workloads.bert_pretrain import BertPretrain
 
