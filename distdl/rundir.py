@@ -498,7 +498,7 @@ def back_up_snapshot(storage: RunStorage, recorded: str, timeout_s: float = 120.
             pass  # read while the controller was writing it
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.05)
+        time.sleep(0.25 if storage.remote else 0.05)  # a request to the object store each time
     if storage.remote:
         storage.write_text(SNAPSHOT_BACKUP, record)  # one PUT: whole or not at all
         return True
