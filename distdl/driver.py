@@ -232,9 +232,9 @@ def make_writable_run_dir(storage: RunStorage) -> None:
     On object storage: an unreachable endpoint, a missing bucket and refused credentials fail here."""
     import tempfile
 
-    storage.local.mkdir(parents=True, exist_ok=True)  # the working copy, for a run on object storage
     if storage.remote:
         storage.check_writable()
+        storage.local.mkdir(parents=True, exist_ok=True)  # its working copy, in this node's cache
         return
     run_dir = storage.local
     try:
