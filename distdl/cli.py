@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from distdl.config import config_from_dict, load_config
-from distdl.errors import USER_ERRORS, ConfigError, TrainingFailed
+from distdl.errors import USER_ERRORS, ConfigError, RunDirError, TrainingFailed
 from distdl.registry import STUDIES
 from distdl.rundir import RunStorage
 
@@ -198,9 +198,13 @@ def last_good_checkpoint(storage: RunStorage) -> str:
     """Which checkpoint a rerun of a failed run (a RunStorage) resumes from, in words."""
     from distdl.rundir import checkpoint_step, latest_checkpoint
 
+    # A run on object storage is read through a copy of its own: the working copy may be a live run's.
+    storage = RunStorage(storage.uri, cache="read") if storage.remote else storage
     try:
         storage.pull()
         latest = latest_checkpoint(storage.local)
+    except RunDirError as err:
+        return f"which checkpoint a rerun resumes from is unknown: {err}"
     except USER_ERRORS:
         return f"no checkpoint was saved yet in {storage}; a rerun starts afresh"
     return (f"the last good checkpoint is {storage.location(latest.name)} (step {checkpoint_step(storage.local)}); "
@@ -228,7 +232,8 @@ def run_export(location: str | Path, out_dir: Path, which: str = "latest") -> in
     from distdl.registry import WORKLOADS
     from distdl.rundir import RunStorage, find_checkpoint, saved_config
 
-    storage = RunStorage(location)
+    # Its own copy: the run's working copy on this node may be a live run's.
+    storage = RunStorage(location, cache="read")
     storage.pull()
     run_dir = storage.local
     saved = saved_config(run_dir)

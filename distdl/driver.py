@@ -137,10 +137,11 @@ def prepare_run(config: Config, connect: Connect, overwrite: bool) -> Optional[d
     ds_config = build_deepspeed_config(config.engine, config.trainer, config.scaling.num_workers,
                                        config.scaling.use_gpu)
     storage = config.run_storage
-    if repaired := restore_snapshot(storage):
-        print(f"distdl: {repaired}")
     resuming = check_run_dir(config, overwrite)
-    pulled = time.time()
+    if resuming and (repaired := restore_snapshot(storage)):
+        print(f"distdl: {repaired}")
+        storage.pull()  # the restored record, into a run on object storage's working copy
+    pulled = storage.clock()
     if config.ray.address is not None:
         connect(config)  # a cluster that is unreachable or refuses us fails before the run directory is touched
     workload = WORKLOADS.get(config.workload)
@@ -188,10 +189,10 @@ def reshard_for_workers(config: Config, storage: RunStorage, name: str) -> bool:
     workers = config.scaling.num_workers
     if saved in (None, workers):
         return False
-    started = time.time()
+    stored = storage.file_names(name)
     checkpoint = storage.pull_checkpoint(name)
     universal = reshard_checkpoint(checkpoint, workers)
-    storage.push_written_since(started, folder=name)
+    storage.push_new(name, stored)  # what resharding added (DeepSpeed copies some files with their times)
     how = "resharded its ZeRO state (DeepSpeed's universal checkpoint)" if universal else "loading it whole"
     print(f"distdl: {checkpoint.name} was saved by {saved} workers; resuming on {workers}, {how}; the global "
           f"batch stays {config.trainer.global_batch_size} with gradient accumulation "
@@ -206,7 +207,10 @@ def training_failure(err: Exception, storage: RunStorage) -> Exception:
     recording the checkpoint). A checkpoint record the controller cut short is restored first, so
     the last complete checkpoint stays the one a rerun resumes from.
     """
-    repaired = restore_snapshot(storage)
+    try:
+        repaired = restore_snapshot(storage)
+    except RunDirError as unreachable:  # the workers' failures matter more; the store's is said beside them
+        repaired = str(unreachable)
     failures = getattr(err, "worker_failures", None)
     if failures:
         lines = [f"worker {rank} failed: {_last_line(failure.__cause__ or failure)}"

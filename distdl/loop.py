@@ -28,7 +28,7 @@ from distdl.collectives import rank as process_rank
 from distdl.config import Config, config_from_dict
 from distdl.data.shards import micro_batch_seed
 from distdl.engine import CheckpointError, Engine, EngineSet, compile_failure, offload_adam_factory, set_tf32
-from distdl.errors import ConfigError
+from distdl.errors import ConfigError, RunDirError
 from distdl.flops import ModelFlops, Utilization, WorldPeak, counted_flops, device_peak
 from distdl.noise_scale import step_terms, with_noise_scale
 from distdl.optim import effective_lr, optimizer_factory, param_groups, scheduler_factory
@@ -81,7 +81,7 @@ def pull_run_files(storage: RunStorage) -> None:
     if not storage.remote:
         return
     if ray.train.get_context().get_local_rank() == 0:
-        storage.pull(fresh=False)  # the driver may share this node's working copy
+        storage.pull()
     if dist.is_initialized():
         dist.barrier()
 
@@ -355,6 +355,15 @@ class StopRules:
                 "non_finite_step": self.non_finite}
 
 
+def stop_requested(storage: RunStorage) -> bool:
+    """Whether the run's stop request is there; a store that fails to answer once is not a request."""
+    try:
+        return storage.exists(STOP_REQUEST_FILE)
+    except RunDirError as err:
+        warnings.warn(f"could not look for a stop request: {err}")
+        return False
+
+
 def train_step(config: Config, workload: Workload, engines: EngineSet, batches: Iterator[dict], window: Window,
                watch: FiniteWatch, step: int) -> None:
     """One optimizer step: the accumulation steps' micro-batches through the workload, each watched
@@ -418,11 +427,11 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
               start_step: int, rank: int, model_flops: Optional[ModelFlops] = None) -> None:
     """Train from `start_step` to the schedule's stop, logging, evaluating and checkpointing on its
     steps, until a stop rule ends the session; then write the summary."""
-    session_started, session_clock = time.perf_counter(), time.time()
+    session_started, session_clock = time.perf_counter(), config.run_storage.clock()
     score_key = workload.checkpoint_metric(config.sections)
     schedule = Schedule.of(config.trainer, score_key)
     storage = config.run_storage
-    rules = StopRules(config.trainer.stop_at_loss, lambda: storage.exists(STOP_REQUEST_FILE))
+    rules = StopRules(config.trainer.stop_at_loss, lambda: stop_requested(storage))
     batches = workload.train_batches(start=start_step * config.trainer.gradient_accumulation_steps)
     peak = session_peak(config, engines, rank)  # before the first window's clock starts
     window, watch, logged = Window(), FiniteWatch(), {}

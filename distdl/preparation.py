@@ -52,7 +52,7 @@ def _prepare_text(config: Config, data: text.TextDataSection, connect: Callable[
     if data.lines_per_shard % text.GROUP_LINES:
         raise ConfigError(f"data.lines_per_shard={data.lines_per_shard} must be a multiple of {text.GROUP_LINES}")
     _refuse_foreign_folder(storage)
-    root, pulled = prepared.pull_records(storage), time.time()
+    root, pulled = prepared.pull_records(storage), storage.clock()
     tokenizer = _tokenizer(config, root)
     storage.push_written_since(pulled, folder=text.TOKENIZER_DIRNAME)
     expected = {"source": text.source_fingerprint(data), "settings": prepared.settings(data, tokenizer, config.run.seed)}

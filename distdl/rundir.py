@@ -70,6 +70,11 @@ class RunStorage:
         self.key, self.cache = key, cache
         location = str(location)
         self.remote = is_uri(location)
+        if self.remote and (urlparse(location).username or urlparse(location).query):
+            # Credentials would be printed with every message; options would end up inside object names.
+            raise ConfigError(f"{key}: give the URI as scheme://bucket/path, without credentials or ?options; "
+                              "credentials and the endpoint come from the environment (AWS_* variables, "
+                              "AWS_ENDPOINT_URL, ~/.aws)")
         self.uri = location.rstrip("/") if self.remote else str(Path(location.removeprefix("file://")).expanduser().resolve())
 
     def __repr__(self) -> str:
@@ -120,7 +125,7 @@ class RunStorage:
         """Run a storage call; an unreachable or refusing store is named with the URI and the way out."""
         try:
             return action()
-        except OSError as err:
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
             raise RunDirError(f"{self.key}: cannot {what} {self.uri} ({_storage_reason(err)}); check the "
                               "bucket's name, the endpoint (AWS_ENDPOINT_URL) and the credentials (AWS_* "
                               "variables or ~/.aws)") from None
@@ -212,22 +217,37 @@ class RunStorage:
 
     # ---- the working copy of a run on object storage
     def pull(self, fresh: bool = True, skip: Callable[[str], bool] = lambda name: False) -> None:
-        """Copy the run's files but its checkpoints into the working copy (`fresh`: emptied first, so
-        nothing a deleted run left behind is read as this one's; `skip`: paths, relative to the run
-        directory, to leave out too). Files land whole (renamed into place), so processes of one node
-        may pull at once."""
+        """Copy the run's files but its checkpoints into the working copy (`skip`: paths, relative to the
+        run directory, to leave out too). Each file lands whole, renamed into place, so a file the
+        store holds is never missing locally, and processes of one node may pull at once. `fresh`:
+        then delete what the store no longer holds (left by a deleted or moved-aside run), but never
+        a Slurm job's log, what `skip` names, or another process's download in progress."""
         if not self.remote:
             return
-        if fresh and self.local.is_dir():
-            for path in foreign_entries(self.local):  # a Slurm job's log, being written, stays
-                if path.is_file() and not skip(path.name):
-                    path.unlink()
-                elif path.is_dir():
-                    _clear_folder(path, path.name, skip)
         self.local.mkdir(parents=True, exist_ok=True)
+        pulled = set()
         for name, folder in self._entry_kinds().items():
             if not (folder and _is_checkpoint(name)):
-                self._download(name, self.local / name, skip)
+                pulled |= self._download(name, self.local / name, skip)
+        if fresh:
+            for path in sorted(self.local.rglob("*"), reverse=True):  # files before their folders
+                relative = path.relative_to(self.local).as_posix()
+                if relative.split("/")[0] == SLURM_LOGS or skip(relative) or _in_progress(path.name):
+                    continue
+                if path.is_file() and relative not in pulled:
+                    path.unlink()
+                elif path.is_dir() and not any(path.iterdir()):
+                    path.rmdir()
+
+    def clock(self) -> float:
+        """Now, by the working copy's filesystem: a later write there has at least this st_mtime (a
+        clock of its own, which may be coarse or, on NFS, another machine's)."""
+        if not self.remote:
+            return 0.0
+        mark = self.local / ".distdl-clock"
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.touch()
+        return mark.stat().st_mtime
 
     def pull_checkpoint(self, name: str) -> Path:
         """A checkpoint folder in the working copy (downloaded from object storage once)."""
@@ -243,21 +263,37 @@ class RunStorage:
         self.push_files(self.local / name for name in names if (self.local / name).is_file())
 
     def push_written_since(self, started: float, folder: str = "") -> None:
-        """Push the files of the working copy (or of one of its folders) written since `started`
-        (a time.time()); outside a named folder, checkpoints stay to Ray Train."""
+        """Push the files of the working copy (or of one of its folders) written since `started` (a
+        `clock()`); outside a named folder, checkpoints stay to Ray Train."""
         if not self.remote:
             return
         root = self.local / folder
         self.push_files(path for path in (sorted(root.rglob("*")) if root.is_dir() else [])
-                        if path.is_file() and path.stat().st_mtime >= started and not path.name.endswith(".tmp")
+                        if path.is_file() and path.stat().st_mtime >= started and not _in_progress(path.name)
+                        and not path.name.startswith(".distdl-")
                         and (folder or not _is_checkpoint(path.relative_to(root).parts[0]) or path.parent == root))
 
+    def push_new(self, folder: str, stored: Collection[str]) -> None:
+        """Push the files of a working-copy folder that are not among `stored` (its files on the store)."""
+        if not self.remote:
+            return
+        root, known = self.local / folder, set(stored)
+        self.push_files(path for path in sorted(root.rglob("*")) if path.is_file()
+                        and path.relative_to(root).as_posix() not in known and not _in_progress(path.name)
+                        and not path.name.startswith(".distdl-"))
+
     def push_files(self, paths: Iterable[Path]) -> None:
-        """Push files of the working copy to the same names on object storage."""
+        """Push files of the working copy to the same names on object storage, streamed."""
         if not self.remote:
             return
         for path in paths:
-            self.write_bytes(Path(path).relative_to(self.local).as_posix(), Path(path).read_bytes())
+            name = Path(path).relative_to(self.local).as_posix()
+
+            def put(path: Path = Path(path), name: str = name) -> None:
+                with open(path, "rb") as source, self.filesystem.open_output_stream(self.path(name)) as stream:
+                    shutil.copyfileobj(source, stream, 8 << 20)
+
+            self._call("write to", put)
 
     def write_bytes(self, name: str, data: bytes) -> None:
         def put() -> None:
@@ -266,8 +302,9 @@ class RunStorage:
 
         self._call("write to", put)
 
-    def _download(self, name: str, target: Path, skip: Callable[[str], bool] = lambda name: False) -> None:
-        """A file or a folder of the run directory to `target`, file by file, each renamed into place."""
+    def _download(self, name: str, target: Path, skip: Callable[[str], bool] = lambda name: False) -> set[str]:
+        """A file or a folder of the run directory to `target`, file by file, each renamed into place;
+        the paths (relative to the run directory) it holds."""
         import pyarrow.fs
 
         info = self._call("read", lambda: self.filesystem.get_file_info(self.path(name)))
@@ -280,6 +317,7 @@ class RunStorage:
             partial = destination.with_name(f".{destination.name}.{os.getpid()}.partial")
             self.download(source, partial)
             os.replace(partial, destination)
+        return {source for source, _ in files}
 
     def move_aside(self) -> str:
         """Move the run directory to `<name>.replaced-<time>` (never deleted); the new location."""
@@ -296,13 +334,9 @@ class RunStorage:
         return aside.uri
 
 
-def _clear_folder(folder: Path, relative: str, keep: Callable[[str], bool]) -> None:
-    """Delete a folder's files but those `keep` names (by their path relative to the run directory)."""
-    for path in folder.rglob("*"):
-        if path.is_file() and not keep(f"{relative}/{path.relative_to(folder).as_posix()}"):
-            path.unlink()
-    if not any(path.is_file() for path in folder.rglob("*")):
-        shutil.rmtree(folder)
+def _in_progress(name: str) -> bool:
+    """A file some process is still writing: a download, a shard, a JSON record, or a file lock."""
+    return name.endswith((".partial", ".tmp", ".lock")) or ".partial-" in name
 
 
 def _is_checkpoint(name: str) -> bool:
@@ -471,6 +505,7 @@ def find_checkpoint(run_dir: Path, which: str, kept: Optional[Collection[str]] =
         return latest_checkpoint(run_dir)
     if which == "best":
         return best_checkpoint(run_dir, kept)
+    which = Path(which).name  # a folder's path, or a name with a trailing slash from the shell
     present = _kept(run_dir, kept)
     if which not in present:
         listed = ", ".join(sorted(present)) or "none"

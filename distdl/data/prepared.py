@@ -72,11 +72,11 @@ def _shard_data(name: str) -> bool:
     return name.endswith((".arrow", VERIFIED_SUFFIX))
 
 
-def pull_records(storage: rundir.RunStorage, fresh: bool = True) -> Path:
+def pull_records(storage: rundir.RunStorage) -> Path:
     """Object storage: the manifest, the claim, the tokenizer and each shard's record into this node's
-    copy, the shards already fetched kept; the local folder. `fresh` (the driver): what an earlier pull
-    left is cleared first; workers, which may pull at once on one node, only replace files, each whole."""
-    storage.pull(fresh=fresh, skip=_shard_data)
+    copy, the shards already fetched kept, what the bucket no longer holds dropped; the local folder.
+    Files are replaced whole, so the node's workers and a driver may pull at once."""
+    storage.pull(skip=_shard_data)
     return storage.local
 
 

@@ -203,7 +203,7 @@ def _packed_image_folder(data: VisionDataSection, spec: DatasetSpec, size: int, 
         raise ConfigError(f"data.prepared_path: only data.dataset=imagefolder is packed into shards, not "
                           f"{data.dataset}; unset data.prepared_path")
     storage = prepared.prepared_storage(data)
-    root = prepared.pull_records(storage, fresh=check)
+    root = prepared.pull_records(storage)
     manifest = prepared.read_manifest(root, "images")
     splits = {split: [r for r in manifest["shards"] if r["split"] == split] for split in packed_images.SPLITS}
     if check:

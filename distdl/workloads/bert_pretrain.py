@@ -175,7 +175,8 @@ def adopt_prepared_tokenizer(root: Path, run_dir: Path) -> None:
     if not (theirs / "tokenizer.json").is_file():
         raise ConfigError(f"data.prepared_path: {theirs} holds no tokenizer.json; set tokenizer.name_or_path to the "
                           "tokenizer the shards were made with")
-    shutil.copytree(theirs, target, dirs_exist_ok=True)
+    # Copied as new files (not with their times): a run on object storage pushes what was written since it began.
+    shutil.copytree(theirs, target, dirs_exist_ok=True, copy_function=shutil.copy)
 
 
 def count_prepared_training_examples(data: text.TextDataSection, tokenizer: Any, seed: int) -> int:
@@ -227,7 +228,7 @@ class BertPretrain(Workload):
         self.tokenizer = text.load_tokenizer(sections["tokenizer"], context.run_dir)
         if self.data.prepared_path:
             storage = prepared.prepared_storage(self.data)
-            root = prepared.pull_records(storage, fresh=False)
+            root = prepared.pull_records(storage)
             manifest = prepared.read_manifest(root)
             prepared.fetch_shards(storage, manifest["shards"])
             blocks = text.split_train_eval(prepared.load_rows(root, manifest["shards"]), self.data, context.seed,

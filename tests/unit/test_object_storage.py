@@ -66,13 +66,16 @@ def test_a_pull_brings_everything_but_checkpoints_and_a_push_only_what_was_writt
     (storage.local / "left-by-a-deleted-run.txt").write_text("stale")
     (storage.local / "slurm").mkdir()
     (storage.local / "slurm" / "slurm-7.out").write_text("the job's own log, being written\n")
+    (storage.local / "tokenizer").mkdir()
+    (storage.local / "tokenizer" / ".vocab.txt.4242.partial").write_text("another process's download")
     storage.pull()
     pulled = sorted(p.relative_to(storage.local).as_posix() for p in storage.local.rglob("*") if p.is_file())
-    assert pulled == [RAY_SNAPSHOT, "config.yaml", "slurm/slurm-7.out", "tokenizer/vocab.txt"]
+    assert pulled == [RAY_SNAPSHOT, "config.yaml", "slurm/slurm-7.out", "tokenizer/.vocab.txt.4242.partial",
+                      "tokenizer/vocab.txt"]
     assert (storage.local / "tokenizer" / "vocab.txt").read_text() == "[PAD]\n"
     assert storage.pull_checkpoint("checkpoint_00000004").joinpath("latest").read_text() == "global_step4"
 
-    since = time.time()
+    since = storage.clock()
     (storage.local / "metrics.jsonl").write_text('{"step": 1}\n')
     os.utime(storage.local / "config.yaml", (since - 60, since - 60))  # pulled before: not pushed back
     storage.write_text("config.yaml", "a: 2\n")  # ... but written straight to the bucket
@@ -138,6 +141,15 @@ def test_a_bucket_that_cannot_be_used_stops_train_naming_the_uri(s3_server, case
     assert reason in said.err and "AWS_ENDPOINT_URL" in said.err, said.err
     assert not any(secret in said.out + said.err for secret in S3_CREDENTIALS.values())
     assert list(tmp_path.iterdir()) == []  # nothing was written locally
+
+
+def test_a_uri_with_credentials_or_options_is_refused_without_printing_them():
+    from distdl.errors import ConfigError
+
+    for uri in ("s3://AKIAEXAMPLE:hunter2@bucket/runs", "s3://bucket/runs?endpoint_override=localhost:9000"):
+        with pytest.raises(ConfigError, match=r"data.prepared_path: give the URI as scheme://bucket/path") as refused:
+            RunStorage(uri, key="data.prepared_path")
+        assert "hunter2" not in str(refused.value) and "localhost" not in str(refused.value)
 
 
 def test_a_study_on_object_storage_is_refused(s3_server):
