@@ -232,7 +232,9 @@ class RunStorage:
         if fresh:
             for path in sorted(self.local.rglob("*"), reverse=True):  # files before their folders
                 relative = path.relative_to(self.local).as_posix()
-                if relative.split("/")[0] == SLURM_LOGS or skip(relative) or _in_progress(path.name):
+                top = relative.split("/")[0]
+                # Checkpoints are pull_checkpoint's (checked against the store when used).
+                if top == SLURM_LOGS or _is_checkpoint(top) or skip(relative) or _in_progress(path.name):
                     continue
                 if path.is_file() and relative not in pulled:
                     path.unlink()
@@ -250,12 +252,20 @@ class RunStorage:
         return mark.stat().st_mtime
 
     def pull_checkpoint(self, name: str) -> Path:
-        """A checkpoint folder in the working copy (downloaded from object storage once)."""
+        """A checkpoint folder in the working copy, downloaded from object storage once while the store
+        holds the same files (a lock makes the node's other processes wait for it)."""
         target = self.local / name
-        if self.remote and not (target / ".distdl-complete").exists():
-            shutil.rmtree(target, ignore_errors=True)
-            self._download(name, target)
-            (target / ".distdl-complete").touch()
+        if not self.remote:
+            return target
+        from filelock import FileLock
+
+        listing, mark = json.dumps(self.file_sizes(name), sort_keys=True), target / ".distdl-complete"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{target}.lock"):
+            if not (mark.is_file() and mark.read_text() == listing):
+                shutil.rmtree(target, ignore_errors=True)
+                self._download(name, target)
+                mark.write_text(listing)
         return target
 
     def push(self, *names: str) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from distdl.engine import consolidated_state_dict
 from distdl.errors import ConfigError
-from distdl.rundir import CONFIG_FILE, find_checkpoint
+from distdl.rundir import CONFIG_FILE, RunStorage, find_checkpoint, is_uri
 
 KEY = "model.init_from"
 
@@ -39,7 +39,10 @@ class WarmStart:
 
 def locate(init_from: str, which: str) -> WarmStart:
     """A run directory (its `which` checkpoint: latest or best), one of its checkpoint_* folders, or an
-    HF model folder (a config.json beside the weights); anything else is refused, naming the key."""
+    HF model folder (a config.json beside the weights); anything else is refused, naming the key.
+    A run directory may be on object storage (s3://...)."""
+    if is_uri(init_from):
+        return _locate_stored(init_from, which)
     path = Path(init_from).expanduser()
     if not path.exists():
         raise ConfigError(f"{KEY}: {path} does not exist; give a distdl run directory, one of its "
@@ -55,6 +58,23 @@ def locate(init_from: str, which: str) -> WarmStart:
         return WarmStart(path)
     raise ConfigError(f"{KEY}: {path} is neither a distdl run directory (no {CONFIG_FILE}), nor a checkpoint_* "
                       "folder of one, nor an HF model folder (no config.json)")
+
+
+def _locate_stored(uri: str, which: str) -> WarmStart:
+    """A run directory on object storage, or one of its checkpoint_* folders: its files and the checkpoint
+    in this node's cache (each process of a node may call this; the checkpoint is downloaded once)."""
+    named = uri.rstrip("/").rsplit("/", 1)[-1]
+    if named.startswith("checkpoint_"):
+        uri, which = uri.rstrip("/").rsplit("/", 1)[0], named
+    storage = RunStorage(uri, key=KEY, cache="read")
+    storage.pull()
+    if not (storage.local / CONFIG_FILE).is_file():
+        raise ConfigError(f"{KEY}: {storage} is not a distdl run directory (no {CONFIG_FILE})")
+    try:
+        checkpoint = find_checkpoint(storage.local, which, storage.checkpoints())
+    except ConfigError as err:
+        raise ConfigError(f"{KEY}: {err}") from None
+    return WarmStart(storage.local, storage.local, storage.pull_checkpoint(checkpoint.name))
 
 
 def source_weights(source: WarmStart, model_class: type) -> dict[str, torch.Tensor]:

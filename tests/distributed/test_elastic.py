@@ -88,13 +88,15 @@ def test_a_run_resumes_on_other_worker_counts_and_ends_as_if_it_never_stopped(ra
     assert sorted(after) == [4, 6, 8]
     assert after == pytest.approx({step: losses[step] for step in after}, rel=1e-5)
     if on_s3:
-        run_lived_on_object_storage(config, s3_server, tmp_path, capsys)
+        run_lived_on_object_storage(config, s3_server, tmp_path, capsys, resumed)
 
 
-def run_lived_on_object_storage(config, s3, tmp_path: Path, capsys) -> None:
-    """Everything of the run is in the bucket, the export reads it from there, the local disk holds only
-    the working copy in the cache, and the credentials were never printed."""
+def run_lived_on_object_storage(config, s3, tmp_path: Path, capsys, weights: dict) -> None:
+    """Everything of the run is in the bucket, the export reads it from there, a next run can start from
+    it (model.init_from=s3://...), the local disk holds only copies in the cache, and the credentials
+    were never printed."""
     from distdl.cli import main
+    from distdl.workloads.warm_start import locate
     from tests.conftest import S3_CREDENTIALS
 
     keys = {item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="elastic")
@@ -108,6 +110,11 @@ def run_lived_on_object_storage(config, s3, tmp_path: Path, capsys) -> None:
     assert summary["steps"] == 8 and summary["completed"]
     assert main(["export", "s3://elastic/runs/elastic", str(tmp_path / "export")]) == 0
     assert (tmp_path / "export" / "model.safetensors").is_file()
+    source = locate("s3://elastic/runs/elastic", "latest")
+    assert source.is_run and source.checkpoint.name == "checkpoint_00000008"
+    started_from = consolidated_state_dict(source.checkpoint)
+    assert all(torch.equal(started_from[name], weights[name]) for name in weights)
+    assert locate("s3://elastic/runs/elastic/checkpoint_00000006", "latest").checkpoint.name == "checkpoint_00000006"
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no run directory was made locally
     assert Path(os.environ["DISTDL_CACHE"]) in config.run_dir.parents
     said = capsys.readouterr()

@@ -74,6 +74,10 @@ def test_a_pull_brings_everything_but_checkpoints_and_a_push_only_what_was_writt
                       "tokenizer/vocab.txt"]
     assert (storage.local / "tokenizer" / "vocab.txt").read_text() == "[PAD]\n"
     assert storage.pull_checkpoint("checkpoint_00000004").joinpath("latest").read_text() == "global_step4"
+    storage.pull()  # a checkpoint once pulled is kept; it is checked against the store when used again
+    assert (storage.local / "checkpoint_00000004" / "latest").is_file()
+    s3_server.put_object(Bucket="pull", Key="runs/run/checkpoint_00000004/latest", Body=b"global_step4b")
+    assert storage.pull_checkpoint("checkpoint_00000004").joinpath("latest").read_text() == "global_step4b"
 
     since = storage.clock()
     (storage.local / "metrics.jsonl").write_text('{"step": 1}\n')
