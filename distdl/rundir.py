@@ -6,12 +6,15 @@ another run) goes through here; nothing here imports from the layers above.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
+import weakref
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Optional, TypedDict
@@ -98,6 +101,7 @@ class RunStorage:
     def _filesystem(self) -> tuple[Any, str]:
         import pyarrow.fs
 
+        _release_filesystems_at_exit(self)
         try:
             return pyarrow.fs.FileSystem.from_uri(self.uri)
         except (pyarrow.ArrowInvalid, ValueError, OSError) as err:
@@ -342,6 +346,28 @@ class RunStorage:
         self._call("delete from", lambda: self.filesystem.delete_dir(self.path()))
         shutil.rmtree(self.local, ignore_errors=True)
         return aside.uri
+
+
+_OPENED: "weakref.WeakSet[RunStorage]" = weakref.WeakSet()
+_OPENED_AT_EXIT: list[bool] = []  # whether the handler below is registered
+
+
+def _release_filesystems_at_exit(storage: RunStorage) -> None:
+    """pyarrow shuts the AWS SDK down at exit (an atexit handler of pyarrow.fs); an S3 filesystem
+    destroyed after that crashes the interpreter (apache/arrow#38352, #41087). So, registered after
+    pyarrow's handler and therefore run before it, distdl drops its filesystems first, and collects the
+    reference cycles (an exception's frames, say) that could still hold one."""
+    if not _OPENED_AT_EXIT:
+        atexit.register(_release_filesystems)
+        _OPENED_AT_EXIT.append(True)
+    _OPENED.add(storage)
+
+
+def _release_filesystems() -> None:
+    for storage in list(_OPENED):
+        storage.__dict__.pop("_filesystem", None)
+    _OPENED.clear()
+    gc.collect()
 
 
 def _in_progress(name: str) -> bool:
