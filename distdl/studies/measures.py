@@ -5,8 +5,9 @@ The solvers (scipy's Lanczos and L-BFGS-B, Hutchinson's estimator) run on rank 0
 ranks follow it in `Lockstep`, applying whatever vector rank 0 broadcasts. So every rank does the
 same number of collective operations whatever the solver does, and all get rank 0's answer.
 
-- `hessian_top_eigenvalue`: the largest Hessian eigenvalue, by Lanczos on Hessian-vector products
-  (scipy's eigsh; it converges in far fewer products than power iteration).
+- `hessian_top_eigenvalue`: the largest Hessian eigenvalue, by LOBPCG on Hessian-vector products
+  (scipy's lobpcg: a Krylov-like method that converges in about as few products as Lanczos, far
+  fewer than power iteration, and whose budget counts products and keeps its best estimate).
 - `hessian_trace`: Hutchinson's estimator, E[v^T H v] over Rademacher vectors v.
 - `epsilon_sharpness`: Keskar et al. 2017, Metric 2.1: the largest rise of the loss within the box
   |y_i| <= eps (|x_i| + 1) around the solution x (in the full space, or in a random subspace y = A z
@@ -14,12 +15,16 @@ same number of collective operations whatever the solver does, and all get rank 
   With `adaptive=True` the box is |y_i| <= eps |x_i| (the adaptive sharpness of Kwon et al. 2021):
   unchanged by the rescalings of a ReLU network that Dinh et al. 2017 used to make raw sharpness
   arbitrary, since the box rescales with the weights.
+
+Everything runs in float64, the model included: the rises measured are far below float32's
+resolution of the loss.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -65,13 +70,26 @@ class Lockstep:
         return result
 
 
+class SolverFailed(RuntimeError):
+    """Rank 0's solver raised; every other rank raises this too instead of waiting for it."""
+
+
 def in_lockstep(apply: Callable[[Vector], Vector], size: int, device: torch.device,
                 solve: Callable[[Lockstep], object]) -> object:
-    """Run `solve(operator)` on rank 0 with every other rank serving the operator; all get the result."""
+    """Run `solve(operator)` on rank 0 with every other rank serving the operator; all get the result.
+    If the solver raises on rank 0, rank 0 re-raises it and the other ranks raise `SolverFailed`."""
     operator = Lockstep(apply, size, device)
     if distributed() and rank() != 0:
-        return operator.follow()
-    return operator.finish(solve(operator))
+        result = operator.follow()
+        if isinstance(result, SolverFailed):
+            raise result
+        return result
+    try:
+        result = solve(operator)
+    except Exception as error:
+        operator.finish(SolverFailed(f"rank 0's solver failed: {type(error).__name__}: {error}"))
+        raise
+    return operator.finish(result)
 
 
 @dataclass
@@ -134,20 +152,63 @@ class LossOracle:
         return all_reduce_sum(product) / self.count
 
 
+@dataclass
+class EigenEstimate:
+    """An eigenvalue estimate: its residual |H v - value v| (v a unit vector), the Hessian-vector
+    products spent, and whether the residual reached the tolerance."""
+
+    value: float
+    residual: float
+    products: int
+    converged: bool
+
+
+# scipy's lobpcg spends 3 products beyond one per iteration (the start and the final Rayleigh-Ritz
+# step); distdl spends one more to set the tolerance's scale.
+_LOBPCG_EXTRA_PRODUCTS = 4
+MIN_HESSIAN_PRODUCTS = _LOBPCG_EXTRA_PRODUCTS + 1
+
+
 def hessian_top_eigenvalue(oracle: LossOracle, tolerance: float = 1e-3, max_products: int = 200,
-                           seed: int = 0) -> float:
-    """The largest (algebraic) eigenvalue of the Hessian of the mean loss at the current parameters."""
-    from scipy.sparse.linalg import LinearOperator, eigsh
+                           seed: int = 0) -> EigenEstimate:
+    """The largest (algebraic) eigenvalue of the Hessian of the mean loss at the current parameters,
+    in at most `max_products` Hessian-vector products.
 
-    def solve(operator: Lockstep) -> float:
+    It stops once the residual |H v - value v| falls to `tolerance` times |H v0| / |v0| for the random
+    start v0 (a lower bound on |H|): the estimate is then that close to an eigenvalue of H, and to
+    the top one within its square over the spectral gap. Out of products, it returns the best
+    estimate found, with its residual, and warns."""
+    from scipy.sparse.linalg import LinearOperator, lobpcg
+
+    if max_products < MIN_HESSIAN_PRODUCTS:
+        raise ValueError(f"max_products={max_products}: LOBPCG needs at least {MIN_HESSIAN_PRODUCTS} "
+                         "Hessian-vector products")
+
+    def solve(operator: Lockstep) -> EigenEstimate:
+        spent = 0
+
+        def product(vector: np.ndarray) -> np.ndarray:
+            nonlocal spent
+            spent += 1
+            return operator(torch.from_numpy(np.ravel(vector))).cpu().numpy()
+
         start = np.random.default_rng(seed).standard_normal(oracle.size)
-        matvec = LinearOperator((oracle.size, oracle.size), dtype=np.float64,
-                                matvec=lambda v: operator(torch.from_numpy(np.ravel(v))).cpu().numpy())
-        values = eigsh(matvec, k=1, which="LA", tol=tolerance, maxiter=max_products, v0=start,
-                       return_eigenvectors=False)
-        return float(values[0])
+        scale = np.linalg.norm(product(start)) / np.linalg.norm(start)
+        matvec = LinearOperator((oracle.size, oracle.size), dtype=np.float64, matvec=product)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Exited", category=UserWarning)  # distdl warns itself
+            values, _, residuals = lobpcg(matvec, start[:, None], tol=tolerance * scale, largest=True,
+                                          maxiter=max_products - _LOBPCG_EXTRA_PRODUCTS,
+                                          retResidualNormsHistory=True)
+        residual = float(np.ravel(residuals[-1])[0])
+        return EigenEstimate(float(values[0]), residual, spent, bool(residual <= tolerance * scale))
 
-    return float(in_lockstep(oracle.hessian_vector_product, oracle.size, oracle.device, solve))
+    estimate = in_lockstep(oracle.hessian_vector_product, oracle.size, oracle.device, solve)
+    if not estimate.converged:
+        warnings.warn(f"the top Hessian eigenvalue did not converge in {estimate.products} Hessian-vector "
+                      f"products: the best estimate {estimate.value:.6g} has residual {estimate.residual:.3g}; "
+                      "raise study.hessian_products for a tighter one", stacklevel=2)
+    return estimate  # type: ignore[return-value]
 
 
 def hessian_trace(oracle: LossOracle, samples: int = 50, seed: int = 0) -> tuple[float, float]:
@@ -166,11 +227,40 @@ def hessian_trace(oracle: LossOracle, samples: int = 50, seed: int = 0) -> tuple
 
 
 def random_subspace(size: int, dimension: int, seed: int) -> Vector:
-    """A size x dimension matrix of independent N(0, 1) entries (Keskar's A), float32 to halve memory."""
+    """A size x dimension matrix of independent N(0, 1) entries (Keskar's A), stored in float32 to
+    halve its memory: its entries are then exact float64 numbers, and every product with it is
+    taken in float64 (`subspace_step`, `subspace_gradient`)."""
     if size * dimension * 4 > 4 * 2**30:
         raise ValueError(f"a random {dimension}-dimensional subspace of {size:,} parameters needs "
                          f"{size * dimension * 4 / 2**30:.1f} GiB; lower the subspace dimension")
     return torch.randn(size, dimension, generator=torch.Generator().manual_seed(seed))
+
+
+# Rows of the subspace converted to float64 at a time: a bounded extra copy, whatever the model's size.
+_SUBSPACE_ROWS = 1 << 16
+
+
+def subspace_step(basis: Vector, y: Vector) -> Vector:
+    """A y in float64."""
+    return torch.cat([rows.double() @ y.double() for rows in basis.split(_SUBSPACE_ROWS)])
+
+
+def subspace_gradient(basis: Vector, gradient: Vector) -> Vector:
+    """A^T g in float64."""
+    total = torch.zeros(basis.shape[1], dtype=torch.float64)
+    for rows, part in zip(basis.split(_SUBSPACE_ROWS), gradient.double().split(_SUBSPACE_ROWS)):
+        total += rows.double().T @ part
+    return total
+
+
+def subspace_coordinates(basis: Vector, x: Vector) -> Vector:
+    """A^+ x in float64, by the normal equations: a tall Gaussian A is well conditioned (its Gram
+    matrix's condition number is about ((1 + r) / (1 - r))^2 for r = sqrt(dimension / size))."""
+    gram = torch.zeros(basis.shape[1], basis.shape[1], dtype=torch.float64)
+    for rows in basis.split(_SUBSPACE_ROWS):
+        rows = rows.double()
+        gram += rows.T @ rows
+    return torch.linalg.solve(gram, subspace_gradient(basis, x))
 
 
 def epsilon_sharpness(oracle: LossOracle, epsilon: float, subspace: Optional[Vector] = None,
@@ -184,28 +274,23 @@ def epsilon_sharpness(oracle: LossOracle, epsilon: float, subspace: Optional[Vec
     center = oracle.parameters()
     if subspace is None:
         reference = center
-    else:  # A^+ x, in the subspace's float32
-        reference = torch.linalg.lstsq(subspace, center.float().unsqueeze(1).cpu()).solution.squeeze(1).double()
+    else:
+        reference = subspace_coordinates(subspace, center.cpu())
     radius = (epsilon * reference.abs() if adaptive else epsilon * (reference.abs() + 1)).cpu()
     # The solver works in z = y / radius, in [-1, 1]: the same problem for every parameter scale, so
     # a rescaled network gives the solver the very same function.
 
     def loss_and_gradient_at(z: Vector) -> Vector:
         y = z.cpu() * radius
-        step = y if subspace is None else (subspace @ y.float()).double()
+        step = y if subspace is None else subspace_step(subspace, y)
         oracle.set_parameters(center + step.to(center.device))
         return oracle.loss_and_gradient()
 
     def solve(operator: Lockstep) -> float:
         def negative(z: np.ndarray) -> tuple[float, np.ndarray]:
             out = operator(torch.from_numpy(z)).cpu()
-            gradient = out[1:] if subspace is None else (subspace.T @ out[1:].float()).double()
+            gradient = out[1:] if subspace is None else subspace_gradient(subspace, out[1:])
             return -float(out[0]), -(gradient * radius).numpy()
-
-        def ascend(start: np.ndarray) -> Any:
-            # Tolerances 0: exactly `iterations` iterations, as Keskar et al. (the rises are tiny numbers).
-            return minimize(negative, start, jac=True, method="L-BFGS-B", bounds=[(-1.0, 1.0)] * len(radius),
-                            options={"maxiter": iterations, "ftol": 0.0, "gtol": 0.0})
 
         value, gradient = negative(np.zeros(len(radius)))
         base = -value
@@ -214,9 +299,23 @@ def epsilon_sharpness(oracle: LossOracle, epsilon: float, subspace: Optional[Vec
         # box as wide as this one, and 10 iterations found a hundredth of that corner's rise on an
         # MLP. At an exact stationary point there is no gradient to follow: start at random.
         corner = np.sign(-gradient)
-        result = ascend(corner if corner.any() else np.random.default_rng(seed).uniform(-1, 1, len(radius)))
-        peak = max(-float(result.fun), base)  # the box holds y = 0, so the rise is never negative
-        return 100 * (peak - base) / (1 + base)
+        start = corner if corner.any() else np.random.default_rng(seed).uniform(-1, 1, len(radius))
+        if not corner.any():
+            gradient = negative(start)[1]
+        # L-BFGS-B sees the rise over its linearized size across the box, a number near 1: it takes
+        # the objective's scale for its first step and stops when the objective's relative change is
+        # below float64's resolution, which a loss of 1 rising by 1e-10 would be.
+        scale = float(np.abs(gradient).sum()) or 1.0
+
+        def rise(z: np.ndarray) -> tuple[float, np.ndarray]:
+            negative_loss, negative_gradient = negative(z)
+            return (negative_loss + base) / scale, negative_gradient / scale
+
+        # Tolerances 0: exactly `iterations` iterations, as Keskar et al.
+        result = minimize(rise, start, jac=True, method="L-BFGS-B", bounds=[(-1.0, 1.0)] * len(radius),
+                          options={"maxiter": iterations, "ftol": 0.0, "gtol": 0.0})
+        peak_rise = max(-float(result.fun) * scale, 0.0)  # the box holds y = 0: the rise is never negative
+        return 100 * peak_rise / (1 + base)
 
     try:
         return float(in_lockstep(loss_and_gradient_at, len(radius), oracle.device, solve))

@@ -40,6 +40,7 @@ from distdl.studies.base import (
     trained_workload,
 )
 from distdl.studies.measures import (
+    MIN_HESSIAN_PRODUCTS,
     LossOracle,
     epsilon_sharpness,
     hessian_top_eigenvalue,
@@ -69,9 +70,11 @@ class SharpnessSection(StudySection):
     # The first this-many training examples are the measurements' training set (all, if fewer).
     measure_examples: AtLeastOne = 10000
     measure_batch_size: AtLeastOne = 500
-    # Lanczos: at most this many Hessian-vector products, to this relative tolerance.
-    hessian_products: AtLeastOne = 100
-    hessian_tolerance: float = 1e-3
+    # The top eigenvalue (LOBPCG): at most this many Hessian-vector products, stopping once the residual
+    # |H v - lambda v| falls to this tolerance times the Hessian's scale (measures.hessian_top_eigenvalue).
+    hessian_products: Annotated[int, Ge(MIN_HESSIAN_PRODUCTS),
+                                Requirement(f"must be {MIN_HESSIAN_PRODUCTS} or more (LOBPCG's least)")] = 100
+    hessian_tolerance: Annotated[float, Interval(gt=0, lt=1)] = 1e-3
     # Rademacher vectors for Hutchinson's trace estimate.
     trace_samples: AtLeastOne = 20
     # Points on the line from the small- to the large-batch solution, alpha in [-1, 2] as Keskar's Figure 3.
@@ -206,8 +209,9 @@ def measure_solution(train: LossOracle, test: LossOracle, section: SharpnessSect
         if basis is not None:
             out[f"subspace_sharpness_eps{key}"] = epsilon_sharpness(train, eps, subspace=basis,
                                                                     iterations=section.sharpness_iterations)
-    out["hessian_top_eigenvalue"] = hessian_top_eigenvalue(train, section.hessian_tolerance, section.hessian_products,
-                                                           seed)
+    top = hessian_top_eigenvalue(train, section.hessian_tolerance, section.hessian_products, seed)
+    out["hessian_top_eigenvalue"], out["hessian_top_eigenvalue_residual"] = top.value, top.residual
+    out["hessian_products_spent"], out["hessian_converged"] = top.products, top.converged
     out["hessian_trace"], out["hessian_trace_stderr"] = hessian_trace(train, section.trace_samples, seed)
     out["parameter_norm"] = float(train.parameters().norm())
     out["measure_seconds"] = time.perf_counter() - started

@@ -110,6 +110,8 @@ def test_a_study_run_again_trains_and_measures_nothing_twice(sharpness_study):
     ("study.protocols=[]", "study.protocols=[] must not be empty"),
     ("study.subspace_dimension=-1", "study.subspace_dimension=-1 must be 0 (skip) or more"),
     ("study.trace_samples=0", "study.trace_samples=0 must be at least 1"),
+    ("study.hessian_products=4", "study.hessian_products=4 must be 5 or more (LOBPCG's least)"),
+    ("study.hessian_tolerance=0", "study.hessian_tolerance=0"),
     ("study.max_concurrent_trials=0", "study.max_concurrent_trials=0 must be at least 1 (or null: as many as"),
     ("study.seeds=[]", "at least one seed"),
     ("study.batch_sizes=[32,33]", "33 does not split evenly over scaling.num_workers=2"),

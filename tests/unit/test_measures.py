@@ -12,9 +12,11 @@ from torch import nn
 from distdl.noise_scale import noise_scale_terms
 from distdl.studies.measures import (
     LossOracle,
+    SolverFailed,
     epsilon_sharpness,
     hessian_top_eigenvalue,
     hessian_trace,
+    in_lockstep,
     interpolation,
     random_subspace,
 )
@@ -53,9 +55,71 @@ def test_top_eigenvalue_and_trace_of_a_quadratic_equal_its_hessians():
     inputs = torch.from_numpy(rng.normal(size=(200, 12)) @ np.diag(np.linspace(0.2, 3.0, 12)))
     oracle = regression(inputs, torch.from_numpy(rng.normal(size=(1, 12))))
     hessian = (inputs.T @ inputs / len(inputs)).numpy()
-    assert hessian_top_eigenvalue(oracle, tolerance=1e-8) == pytest.approx(np.linalg.eigvalsh(hessian)[-1], rel=1e-6)
+    assert hessian_top_eigenvalue(oracle, tolerance=1e-8).value == pytest.approx(np.linalg.eigvalsh(hessian)[-1], rel=1e-6)
     trace, error = hessian_trace(oracle, samples=400)
     assert abs(trace - np.trace(hessian)) < 4 * error and error < 0.1 * np.trace(hessian)
+
+
+def test_the_eigenvalue_budget_counts_hessian_vector_products_and_keeps_the_best_estimate():
+    curvatures = np.concatenate([[10.0, 9.9, 9.8], np.linspace(0.1, 9.0, 197)])  # a small gap: slow
+    oracle = regression(diagonal_design(curvatures, copies=1), torch.zeros(1, 200, dtype=torch.float64))
+    calls = 0
+    product = oracle.hessian_vector_product
+
+    def counted(vector):
+        nonlocal calls
+        calls += 1
+        return product(vector)
+
+    oracle.hessian_vector_product = counted
+    for budget in (5, 12, 40):
+        calls = 0
+        with pytest.warns(UserWarning, match=rf"did not converge in {budget} Hessian-vector products.*residual"):
+            estimate = hessian_top_eigenvalue(oracle, tolerance=1e-14, max_products=budget)
+        assert calls == estimate.products == budget and not estimate.converged
+        # A Rayleigh quotient: at most the top eigenvalue, and within its residual of some eigenvalue.
+        assert estimate.value <= 10.0 + 1e-12
+        assert np.abs(curvatures - estimate.value).min() <= estimate.residual
+    calls = 0
+    converged = hessian_top_eigenvalue(oracle, tolerance=1e-6, max_products=1000)
+    assert converged.converged and calls == converged.products < 1000
+    assert converged.value == pytest.approx(10.0, rel=1e-9)
+    with pytest.raises(ValueError, match="at least 5"):
+        hessian_top_eigenvalue(oracle, max_products=4)
+
+
+def offset_regression(curvatures: np.ndarray, solution: np.ndarray, dtype: torch.dtype) -> LossOracle:
+    """f(x) = 1 + 0.5 sum h_i (x_i - solution_i)^2: the loss at the minimum is 1."""
+    inputs = diagonal_design(curvatures).to(dtype)
+    model = nn.Linear(len(curvatures), 1, bias=False).to(dtype)
+    with torch.no_grad():
+        model.weight.copy_(torch.from_numpy(solution)[None])
+    targets = inputs @ torch.from_numpy(solution).to(dtype)
+
+    def loss_sum(net, batch):
+        x, y = batch
+        return 0.5 * ((net(x).squeeze(-1) - y) ** 2).sum() + len(y), torch.zeros(())
+
+    return LossOracle(model, [(inputs, targets)], loss_sum, torch.device("cpu"))
+
+
+def test_a_rise_below_float32s_resolution_is_still_measured():
+    # Rises of about 1e-10 over a loss of 1: float32 (resolution 6e-8 at 1) cannot see them.
+    curvatures, solution = np.array([0.5, 1.0, 2.0, 8.0]), np.array([0.0, -1.0, 2.0, 0.5])
+    eps = 2e-6
+    expected = 100 * 0.5 * (curvatures * (eps * (np.abs(solution) + 1)) ** 2).sum() / (1 + 1)
+    assert expected < 1e-7
+    assert epsilon_sharpness(offset_regression(curvatures, solution, torch.float64), eps) == pytest.approx(
+        expected, rel=1e-5)
+    assert epsilon_sharpness(offset_regression(curvatures, solution, torch.float32), eps) != pytest.approx(
+        expected, rel=1e-2), "a float32 loss would not see it (else this test shows nothing)"
+    # In a random subspace too: around x = 0 the box is |z| <= eps, the rise largest at a corner.
+    oracle = offset_regression(curvatures, np.zeros(4), torch.float64)
+    basis = random_subspace(4, 2, seed=3)
+    a = basis.double().numpy()
+    corners = [np.array([s, t]) * eps for s in (-1, 1) for t in (-1, 1)]
+    peak = max(0.5 * (a @ z) @ np.diag(curvatures) @ (a @ z) for z in corners)
+    assert epsilon_sharpness(oracle, eps, subspace=basis) == pytest.approx(100 * peak / 2, rel=1e-5)
 
 
 def test_hutchinson_is_exact_for_a_diagonal_hessian():
@@ -210,21 +274,34 @@ def _measure(rank: int, world: int, port: int, out: dict) -> None:
         oracle = LossOracle(relu_net(), mine if world > 1 else batches, cross_entropy, torch.device("cpu"))
         results = {
             "loss": oracle.evaluate().loss,
-            "eigenvalue": hessian_top_eigenvalue(oracle, tolerance=1e-6),
+            "eigenvalue": hessian_top_eigenvalue(oracle, tolerance=1e-6).value,
+            # Out of products before converging: every rank still gets rank 0's best estimate.
+            "eigenvalue_unconverged": hessian_top_eigenvalue(oracle, tolerance=1e-14, max_products=6).value,
             "trace": hessian_trace(oracle, samples=10)[0],
             "sharpness": epsilon_sharpness(oracle, 1e-2),
             "subspace": epsilon_sharpness(oracle, 1e-2, subspace=random_subspace(oracle.size, 5, 0)),
         }
+        try:  # a solver failing on rank 0 fails every rank, rather than leaving the others waiting
+            in_lockstep(oracle.hessian_vector_product, oracle.size, oracle.device, _failing_solver)
+        except (ZeroDivisionError, SolverFailed) as error:
+            results["failure"] = type(error).__name__
         out[rank] = results
     finally:
         dist.destroy_process_group()
+
+
+def _failing_solver(operator) -> None:
+    operator(torch.ones(operator.size, dtype=torch.float64))
+    raise ZeroDivisionError("the solver's own failure")
 
 
 def test_measurements_on_two_gloo_ranks_equal_one_process():
     from tests.helpers.gloo import spawn_gloo
 
     single, parallel = spawn_gloo(_measure, 1)[0], spawn_gloo(_measure, 2)
+    assert parallel[0].pop("failure") == "ZeroDivisionError" and parallel[1].pop("failure") == "SolverFailed"
     assert parallel[0] == parallel[1], "every rank gets rank 0's answers"
+    single.pop("failure")
     for name, value in single.items():
         assert parallel[0][name] == pytest.approx(value, rel=1e-4, abs=1e-9), name
 
