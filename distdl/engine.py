@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 
 from distdl.collectives import all_reduce_sum, distributed, world_size
-from distdl.config import EngineSection, OptimizerSection, TrainerSection
+from distdl.config import EngineSection, OptimizerSection, SharpnessAwareSection, TrainerSection
 from distdl.errors import CheckpointError, ConfigError
+from distdl.optim import LangevinNoise
 from distdl.optim.layerwise import FragmentLayout, LayerwiseOptimizer
 
 # DeepSpeed prints a config dump every `steps_per_print` steps; distdl logs itself.
@@ -186,11 +187,16 @@ class Engine:
         ds_config: dict[str, Any],
         measure_noise: bool = False,
         compile: bool = False,
+        sharpness_aware: Optional[SharpnessAwareSection] = None,
     ) -> None:
         import deepspeed
 
         self.ds_config = ds_config
         self.measure_noise = measure_noise
+        self.sharpness_aware = sharpness_aware
+        # While SAM's perturbed pass runs: each weight and batch-norm buffer with its value before it.
+        self._unperturbed: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._ascending = False
         self.compute_dtype = compute_dtype(ds_config)
         # DeepSpeed casts parameters to bf16/fp16 but not buffers; batch norm then meets fp32 running
         # statistics with bf16 inputs and weights and refuses. The buffers go to the compute dtype too,
@@ -211,6 +217,9 @@ class Engine:
         undo_initial_step(self._engine.optimizer)
         if isinstance(self.inner_optimizer, LayerwiseOptimizer):
             self.inner_optimizer.set_layouts(fragment_layouts(self._engine.optimizer))
+        if isinstance(self.inner_optimizer, LangevinNoise) and fragment_layouts(self._engine.optimizer):
+            # Each rank steps its own partition of the weights: its own noise for it.
+            self.inner_optimizer.noise_stream = dist.get_rank() if distributed() else 0
         if compile:
             # DeepSpeed's engine.compile() compiles the module in place (nn.Module.compile), so its
             # parameter names, checkpoints and exports are those of the uncompiled model, and ZeRO-3's
@@ -228,7 +237,10 @@ class Engine:
     # -- training
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """The model's forward, with floating-point inputs in the dtype it computes in."""
-        return self._engine(*self.cast(args), **self.cast(kwargs))
+        # SAM's first pass goes around DeepSpeed's forward, whose outputs carry hooks that refuse any
+        # backward but the engine's (it takes autograd.grad for one).
+        forward = self._engine.module if self._ascending else self._engine
+        return forward(*self.cast(args), **self.cast(kwargs))
 
     def cast(self, value: Any) -> Any:
         """Floating-point tensors (in dicts, lists and tuples too) in the engine's compute dtype, as HF
@@ -257,7 +269,49 @@ class Engine:
             # The all-reduced gradients clipping is about to see; a device tensor (no sync).
             grads = [p.grad for p in self._engine.module.parameters() if p.grad is not None]
             self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        self._restore_unperturbed()
+        if isinstance(self.inner_optimizer, LangevinNoise):
+            self.inner_optimizer.noise_step = self.global_steps
         self._engine.step()
+
+    def ascend(self, loss_of: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """SAM's first pass (Foret et al. 2021, Algorithm 1) on this micro-batch: the gradient g of
+        `loss_of()` at the weights w, then w + rho g / |g| (ASAM: w + rho T^2 g / |T g|, T = |w|).
+        The workload's own forward and backward then run there, and `step` puts w back first, so the
+        optimizer steps w with the gradient taken at w + e. Returns the loss at w.
+
+        g is this rank's micro-batch gradient, not all-reduced: Foret et al. perturb each
+        accelerator's weights by its own batch's gradient ("m-sharpness", m the per-device batch;
+        smaller m generalized better in their section 4.1), which also costs no communication. Batch
+        norm's running statistics keep this pass's update, not the perturbed pass's."""
+        section = self.sharpness_aware
+        assert section is not None, "the engine was built without optimizer.sam"
+        params = [p for p in self._engine.module.parameters() if p.requires_grad]
+        self._ascending = True
+        try:
+            loss = loss_of()
+            # autograd.grad, not backward: DeepSpeed's gradient buffers and hooks stay untouched.
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        finally:
+            self._ascending = False
+        moved = [(p, g) for p, g in zip(params, grads) if g is not None]
+        with torch.no_grad():
+            scales = [p.detach().float().abs() if section.adaptive else None for p, _ in moved]
+            directions = [g.float() if t is None else t * g.float() for (_, g), t in zip(moved, scales)]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in directions]))
+            factor = section.rho / (norm + 1e-12)
+            buffers = [b for b in self._engine.module.buffers()]
+            self._unperturbed = [(t, t.detach().clone()) for t in [p for p, _ in moved] + buffers]
+            for (param, _), direction, scale in zip(moved, directions, scales):
+                step = direction * factor if scale is None else direction * scale * factor
+                param.add_(step.to(param.dtype))
+        return loss.detach()
+
+    def _restore_unperturbed(self) -> None:
+        with torch.no_grad():
+            for tensor, value in self._unperturbed:
+                tensor.copy_(value)
+        self._unperturbed = []
 
     def train(self, mode: bool = True) -> None:
         self._engine.train(mode)
@@ -545,6 +599,10 @@ class EngineSet:
     @property
     def device(self) -> torch.device:
         return self.primary.device
+
+    @property
+    def sharpness_aware(self) -> bool:
+        return self.single and self.primary.sharpness_aware is not None
 
     def prepare_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A batch on the workers' device, its floating-point tensors in the compute dtype."""

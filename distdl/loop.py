@@ -31,7 +31,7 @@ from distdl.engine import CheckpointError, Engine, EngineSet, compile_failure, o
 from distdl.errors import ConfigError, RunDirError
 from distdl.flops import ModelFlops, Utilization, WorldPeak, counted_flops, device_peak
 from distdl.noise_scale import step_terms, with_noise_scale
-from distdl.optim import effective_lr, optimizer_factory, param_groups, scheduler_factory
+from distdl.optim import effective_lr, optimizer_factory, param_groups, scheduler_factory, with_noise
 from distdl.profiling import StepProfiler
 from distdl.registry import WORKLOADS
 from distdl.rundir import (
@@ -128,10 +128,11 @@ def worker_context(config: Config) -> WorkerContext:
 
 
 def build_engine(model: torch.nn.Module, config: Config, ds_config: dict[str, Any]) -> Engine:
-    make_optimizer = optimizer_factory(config.optimizer, config.trainer.global_batch_size)
+    make_optimizer = optimizer_factory(config.optimizer, config.trainer.global_batch_size, config.run.seed)
     if config.engine.offload_optimizer and config.optimizer.name in ("adam", "adamw"):
-        make_optimizer = offload_adam_factory(config.optimizer,
-                                              effective_lr(config.optimizer, config.trainer.global_batch_size))
+        make_optimizer = with_noise(offload_adam_factory(
+            config.optimizer, effective_lr(config.optimizer, config.trainer.global_batch_size)),
+            config.optimizer.noise, config.run.seed)
     return Engine(
         model,
         param_groups(model, config.optimizer.weight_decay),
@@ -140,6 +141,7 @@ def build_engine(model: torch.nn.Module, config: Config, ds_config: dict[str, An
         ds_config,
         measure_noise=config.trainer.noise_scale,
         compile=config.trainer.compile,
+        sharpness_aware=config.optimizer.sam,
     )
 
 
@@ -374,7 +376,8 @@ def train_step(config: Config, workload: Workload, engines: EngineSet, batches: 
     for accumulation_step in range(trainer.gradient_accumulation_steps):
         torch.manual_seed(micro_batch_seed(config.run.seed, step, first + accumulation_step))
         batch = engines.prepare_batch(next(batches))
-        step_metrics = workload.train_step(model, batch)
+        step_metrics = sharpness_aware_step(workload, model, batch) if engines.sharpness_aware else \
+            workload.train_step(model, batch)
         watch.add(step_metrics.values())
         window.add(step_metrics, workload.batch_size(batch))
     # fp16's dynamic loss scale overflows by design; DeepSpeed skips those steps itself.
@@ -383,6 +386,14 @@ def train_step(config: Config, workload: Workload, engines: EngineSet, batches: 
     watch.end_step(step, engines.device)
     if trainer.noise_scale:
         window.add_step(noise_terms(engines.primary, trainer))
+
+
+def sharpness_aware_step(workload: Workload, engine: Engine, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SAM: the engine's ascent on the workload's loss, then the workload's own step at the moved
+    weights. `loss` is the loss at the weights themselves, as without SAM; `sam_loss` the moved one's."""
+    loss = engine.ascend(lambda: workload.loss(engine, batch)[0])
+    metrics = workload.train_step(engine, batch)
+    return {**metrics, "loss": loss, "sam_loss": metrics["loss"]}
 
 
 def counted_step(config: Config, workload: Workload, engines: EngineSet, batches: Iterator[dict], window: Window,

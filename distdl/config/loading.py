@@ -107,6 +107,9 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     )
     resolve_paths(config, PATH_KEYS + spec.path_keys)
     validate(config)
+    refusal = getattr(spec, "sharpness_aware_refusal", None)
+    if config.optimizer.sam is not None and refusal:
+        raise ConfigError(f"optimizer.sam is not available for workload {workload_name}: {refusal}")
     spec.validate(config)
     return config
 

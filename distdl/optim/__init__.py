@@ -1,16 +1,17 @@
-"""Optimizers (torch's, and distdl's layer-wise LAMB and LARS) and LR schedules, built from their
-config sections."""
+"""Optimizers (torch's, and distdl's layer-wise LAMB and LARS), with Langevin noise on request, and
+LR schedules, built from their config sections."""
 
 from __future__ import annotations
 
 import bisect
 import math
 from functools import partial
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
+import numpy as np
 import torch
 
-from distdl.config import OptimizerSection, SchedulerSection
+from distdl.config import NoiseSection, OptimizerSection, SchedulerSection
 from distdl.optim.layerwise import Lamb, Lars
 
 
@@ -34,8 +35,16 @@ def effective_lr(section: OptimizerSection, global_batch_size: int) -> float:
     return section.lr * (ratio if section.lr_scaling == "linear" else math.sqrt(ratio))
 
 
-def optimizer_factory(section: OptimizerSection, global_batch_size: int) -> Callable[[Iterable[Any]], torch.optim.Optimizer]:
-    """A callable DeepSpeed applies to the (possibly partitioned) parameter groups."""
+OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
+
+
+def optimizer_factory(section: OptimizerSection, global_batch_size: int, seed: int = 0) -> OptimizerFactory:
+    """A callable DeepSpeed applies to the (possibly partitioned) parameter groups; with
+    `optimizer.noise`, its optimizers add Langevin noise drawn from `seed` after each step."""
+    return with_noise(_base_factory(section, global_batch_size), section.noise, seed)
+
+
+def _base_factory(section: OptimizerSection, global_batch_size: int) -> OptimizerFactory:
     lr = effective_lr(section, global_batch_size)
 
     # torch's fused kernels (CPU and CUDA) update every parameter in one call, where its default on
@@ -55,6 +64,59 @@ def optimizer_factory(section: OptimizerSection, global_batch_size: int) -> Call
                    fused=True)
 
     return make
+
+
+class LangevinNoise:
+    """Mixed into an optimizer class: after each step, every parameter it stepped gets independent
+    N(0, 2 lr T) noise, lr the group's scheduled rate and T the temperature. With the loss as the
+    potential, that is Welling & Teh's (2011) Langevin update, the Euler-Maruyama step of
+    dw = -grad L dt + sqrt(2 T) dW; for L a mean negative log-likelihood over N examples (weight
+    decay its prior), T = 1/N samples the posterior, as SGLD does.
+
+    The draws come from their own generator, seeded by (seed, global step, stream): a resume draws
+    them again exactly, and the data order and dropout are untouched. The engine sets the step
+    before each optimizer step, and the stream: 0 where every rank steps the same whole weights (so
+    they draw the same noise), the rank where each steps its own ZeRO partition."""
+
+    temperature: float = 0.0
+    noise_seed: int = 0
+    noise_stream: int = 0
+    noise_step: int = 0
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = super().step(closure)  # type: ignore[misc]
+        seed = int(np.random.SeedSequence([self.noise_seed, self.noise_step, self.noise_stream]).generate_state(
+            1, np.uint64)[0])
+        generators: dict[torch.device, torch.Generator] = {}
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            std = math.sqrt(2 * group["lr"] * self.temperature)
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                generator = generators.get(param.device)
+                if generator is None:
+                    generator = generators[param.device] = torch.Generator(param.device).manual_seed(seed)
+                noise = torch.randn(param.shape, generator=generator, device=param.device, dtype=param.dtype)
+                param.add_(noise, alpha=std)
+        return loss
+
+
+def with_noise(make: OptimizerFactory, noise: Optional[NoiseSection], seed: int) -> OptimizerFactory:
+    """`make`, its optimizers adding `noise` after each step (none at temperature 0)."""
+    if noise is None or noise.temperature == 0:
+        return make
+
+    def noisy(params: Iterable[Any]) -> torch.optim.Optimizer:
+        optimizer = make(params)
+        base = type(optimizer)
+        # The same object, its class now the base's subclass with the noise: DeepSpeed and torch see
+        # the base optimizer (isinstance, state, checkpoints), whatever the base is.
+        optimizer.__class__ = type(f"Langevin{base.__name__}", (LangevinNoise, base), {})
+        optimizer.temperature, optimizer.noise_seed = noise.temperature, seed  # type: ignore[attr-defined]
+        return optimizer
+
+    return noisy
 
 
 def scheduler_factory(section: SchedulerSection, max_steps: int) -> Callable[[torch.optim.Optimizer], Any]:

@@ -75,6 +75,9 @@ class Workload(ABC):
     path_keys: ClassVar[tuple[str, ...]] = ()
     # With several engines: the one whose weights `distdl export` writes.
     export_engine: ClassVar[Optional[str]] = None
+    # Why optimizer.sam cannot wrap this workload's step, or None where it can: the loop runs SAM's
+    # first pass on `loss` before `train_step`, so a workload with its own `train_step` refuses it.
+    sharpness_aware_refusal: ClassVar[Optional[str]] = None
 
     def __init__(self, sections: dict[str, Any], context: WorkerContext) -> None:
         self.context = context

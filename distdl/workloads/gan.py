@@ -77,6 +77,8 @@ class Gan(Workload):
                 "eval": GanEvalSection}
     path_keys = ("data.path", "data.prepared_path", "eval.classifier_run", "eval.inception_weights")
     export_engine = "generator"
+    sharpness_aware_refusal = ("its generator and discriminator step in turn against each other's losses, and "
+                               "SAM's ascent is defined for one model minimizing one loss")
 
     def __init__(self, sections: dict[str, Any], context: WorkerContext) -> None:
         super().__init__(sections, context)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -151,3 +152,243 @@ def test_the_engines_update_is_a_plain_loops_on_the_global_batch(world, cases, t
         if case[2].startswith("fp32"):
             for ours, theirs in zip(ranks[0][case]["engine"], ranks[world - 1][case]["engine"]):
                 assert torch.equal(ours, theirs), f"{case}: every rank ends with the same weights"
+
+
+# ----------------------------------------------------------------------------- SAM
+
+SAM_LR = 0.3
+# rho: ASAM's neighbourhood scales with |w| (here about 0.3), so it takes a larger rho (Kwon et al.: 0.5-2).
+SAM_RHO = {False: 0.2, True: 1.0}
+# (ZeRO stage, precision, adaptive): against the hand-computed update in fp32; bf16 within its precision.
+SAM_CASES = [(0, "fp32", False), (1, "fp32", True), (2, "fp32", False), (0, "bf16", False), (2, "bf16", True)]
+
+
+def _sam_engine(stage: int, precision: str, adaptive: bool, world: int, model: torch.nn.Module):
+    from distdl.config import load_config
+    from distdl.engine import Engine, build_deepspeed_config
+    from distdl.optim import optimizer_factory, param_groups
+
+    config = load_config(REPO / "configs/resnet/mnist_laptop.yaml", [
+        f"trainer.micro_batch_size={MICRO_BATCH}", f"trainer.global_batch_size={MICRO_BATCH * ACCUMULATION * world}",
+        f"scaling.num_workers={world}", "optimizer.name=sgd", f"optimizer.lr={SAM_LR}", "optimizer.momentum=0",
+        "optimizer.weight_decay=0", "engine.gradient_clipping=0", f"engine.zero_stage={stage}",
+        f"engine.precision={precision}", "engine.bucket_elements=16", f"optimizer.sam.rho={SAM_RHO[adaptive]}",
+        f"optimizer.sam.adaptive={str(adaptive).lower()}"])
+    ds_config = build_deepspeed_config(config.engine, config.trainer, world, False)
+    make_optimizer = optimizer_factory(config.optimizer, config.trainer.global_batch_size)
+    return Engine(model, param_groups(model, 0.0), make_optimizer, None, ds_config,
+                  sharpness_aware=config.optimizer.sam)
+
+
+def _quadratic(net, batch) -> torch.Tensor:
+    x, y = batch
+    return ((net(x).squeeze(-1).float() - y) ** 2).mean()
+
+
+def _sam_by_hand(weights: torch.Tensor, steps: list[list[tuple[torch.Tensor, torch.Tensor]]],
+                 adaptive: bool, rho: Optional[float] = None) -> torch.Tensor:
+    """Foret et al.'s Algorithm 1 on L_b(w) = mean (x.w - y)^2, written out: for each micro-batch b of
+    a step (every rank's, every accumulation's), g_b = grad L_b(w) and e_b = rho T^2 g_b / |T g_b|
+    (T = |w|, or 1 without `adaptive`); then w - lr mean_b grad L_b(w + e_b)."""
+    w = weights.double()
+    rho = SAM_RHO[adaptive] if rho is None else rho
+    for micro_batches in steps:
+        total = torch.zeros_like(w)
+        for x, y in micro_batches:
+            x, y = x.double(), y.double()
+
+            def gradient(at: torch.Tensor) -> torch.Tensor:
+                return 2 * x.T @ (x @ at - y) / len(y)
+
+            t = w.abs() if adaptive else torch.ones_like(w)
+            g = gradient(w)
+            total += gradient(w + rho * t * t * g / (t * g).norm())
+        w = w - SAM_LR * total / len(micro_batches)
+    return w
+
+
+def _sam_run(rank: int, world: int, stage: int, precision: str, adaptive: bool) -> dict:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 1, bias=False)
+    start = model.weight.detach().clone().reshape(-1)
+    engine = _sam_engine(stage, precision, adaptive, world, model)
+    data = torch.Generator().manual_seed(7)  # every rank draws every rank's batches, keeps its own
+    steps, first_loss = [], None
+    for _ in range(STEPS):
+        micro = [[(torch.randn(MICRO_BATCH, 6, generator=data), torch.randn(MICRO_BATCH, generator=data))
+                  for _ in range(world)] for _ in range(ACCUMULATION)]
+        steps.append([pair for accumulation in micro for pair in accumulation])
+        for accumulation in micro:
+            batch = engine.cast(accumulation[rank])
+            loss = float(engine.ascend(lambda: _quadratic(engine, batch)))
+            first_loss = loss if first_loss is None else first_loss
+            engine.backward(_quadratic(engine, batch))
+            engine.step()
+    x, y = steps[0][rank]
+    return {"engine": engine.full_parameters()[0].reshape(-1), "by_hand": _sam_by_hand(start, steps, adaptive),
+            "start": start, "steps": steps,
+            "first_loss": first_loss, "first_loss_by_hand": float(((x @ start - y) ** 2).mean())}
+
+
+def _sam_batch_norm_statistics(world: int) -> dict:
+    """Running statistics after a SAM step, and after one plain forward at the weights themselves."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 1))
+    plain = copy.deepcopy(model)
+    engine = _sam_engine(0, "fp32", False, world, model)
+    x, y = torch.randn(MICRO_BATCH, 6), torch.randn(MICRO_BATCH)
+    engine.ascend(lambda: _quadratic(engine, (x, y)))
+    moved = [p.detach().clone() for p in engine.module.parameters()]
+    engine.backward(_quadratic(engine, (x, y)))
+    engine.step()
+    plain(x)
+    return {"sam": [b.clone() for b in engine.module[1].buffers()], "plain": [b.clone() for b in plain[1].buffers()],
+            "moved": any(not torch.equal(a, b) for a, b in zip(moved, plain.parameters()))}
+
+
+def _sam_ranks(rank: int, world: int, port: int, out: dict) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out[rank] = {case: _sam_run(rank, world, *case) for case in (SAM_CASES if world > 1 else SAM_CASES[:1])}
+        if world == 1:
+            out["batch_norm"] = _sam_batch_norm_statistics(world)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_sam_is_foret_et_als_two_step_update(world):
+    """Each rank's micro-batch moves the weights along its own gradient; the step is the mean of the
+    gradients taken there, applied to the weights themselves. Every rank ends the same."""
+    from tests.helpers.gloo import spawn_gloo
+
+    ranks = spawn_gloo(_sam_ranks, world)
+    if world == 1:
+        statistics = ranks.pop("batch_norm")
+        assert statistics["moved"], "the second pass ran at moved weights"
+        for sam, plain in zip(statistics["sam"], statistics["plain"]):
+            assert torch.equal(sam, plain), "batch norm keeps the first pass's running statistics"
+    for case, result in ranks[0].items():
+        low = case[1] == "bf16"
+        torch.testing.assert_close(result["engine"].double(), result["by_hand"],
+                                   rtol=3e-2 if low else 1e-5, atol=3e-2 if low else 1e-6, msg=lambda m: f"{case}: {m}")
+        assert result["first_loss"] == pytest.approx(result["first_loss_by_hand"], rel=2e-2 if low else 1e-6), \
+            "the loss reported is the one at the weights themselves"
+        assert torch.equal(result["engine"], ranks[world - 1][case]["engine"]), f"{case}: ranks differ"
+        plain_sgd = _sam_by_hand(result["start"], result["steps"], case[2], rho=0.0)
+        assert (result["engine"].double() - plain_sgd).abs().max() > 0.1, f"{case}: SAM makes too small a difference"
+
+
+# ----------------------------------------------------------------------------- Langevin noise
+
+NOISE_LR, NOISE_TEMPERATURE, NOISE_STEPS = 0.01, 0.5, 40
+NOISE_CASES = [(0, "fp32"), (2, "fp32"), (1, "bf16")]
+
+
+def _noise_engine(stage: int, precision: str, world: int, model: torch.nn.Module, temperature: float):
+    from distdl.config import load_config
+    from distdl.engine import Engine, build_deepspeed_config
+    from distdl.optim import optimizer_factory, param_groups
+
+    config = load_config(REPO / "configs/resnet/mnist_laptop.yaml", [
+        f"trainer.micro_batch_size={MICRO_BATCH}", f"trainer.global_batch_size={MICRO_BATCH * world}",
+        f"scaling.num_workers={world}", "optimizer.name=sgd", f"optimizer.lr={NOISE_LR}", "optimizer.momentum=0",
+        "optimizer.weight_decay=0", "engine.gradient_clipping=0", f"engine.zero_stage={stage}",
+        f"engine.precision={precision}", "engine.bucket_elements=64", "run.seed=5",
+        f"optimizer.noise={{kind: isotropic, temperature: {temperature}}}"])
+    ds_config = build_deepspeed_config(config.engine, config.trainer, world, False)
+    make_optimizer = optimizer_factory(config.optimizer, config.trainer.global_batch_size, config.run.seed)
+    return Engine(model, param_groups(model, 0.0), make_optimizer, None, ds_config)
+
+
+def _noise_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(40, 50)  # 2,050 weights: ZeRO's partitions split a layer
+
+
+def _flat(engine) -> torch.Tensor:
+    return torch.cat([p.reshape(-1) for p in engine.full_parameters()])
+
+
+def _noise_walk(stage: int, precision: str, world: int) -> torch.Tensor:
+    """The weights after each of NOISE_STEPS steps of a zero loss: a pure random walk."""
+    engine = _noise_engine(stage, precision, world, _noise_model(), NOISE_TEMPERATURE)
+    walk = [_flat(engine)]
+    for _ in range(NOISE_STEPS):
+        engine.backward((engine(torch.randn(MICRO_BATCH, 40)) * 0).sum())
+        engine.step()
+        walk.append(_flat(engine))
+    return torch.stack(walk)
+
+
+def _noisy_sgd(rank: int, world: int, temperature: float, resume_dir: Optional[Path] = None) -> torch.Tensor:
+    """4 SGD steps on a real loss at ZeRO-2; with `resume_dir`, saved after 2 and resumed into an
+    engine built from other weights."""
+    engine = _noise_engine(2, "fp32", world, _noise_model(), temperature)
+    data = torch.Generator().manual_seed(3)
+    for step in range(4):
+        if resume_dir is not None and step == 2:
+            engine.save(resume_dir, {})
+            engine = _noise_engine(2, "fp32", world, _noise_model(seed=1), temperature)
+            engine.load(resume_dir)
+        x = [torch.randn(MICRO_BATCH, 40, generator=data) for _ in range(world)][rank]
+        engine.backward((engine(x) ** 2).mean())
+        engine.step()
+    return _flat(engine)
+
+
+def _noise_ranks(rank: int, world: int, port: int, checkpoints: str, out: dict) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = {case: _noise_walk(*case, world) for case in NOISE_CASES}
+        result["plain"] = _noisy_sgd(rank, world, 0.0)
+        result["noisy"] = _noisy_sgd(rank, world, NOISE_TEMPERATURE)
+        result["resumed"] = _noisy_sgd(rank, world, NOISE_TEMPERATURE, Path(checkpoints))
+        torch.manual_seed(0)
+        model = _noise_model()
+        without = _noise_engine(2, "fp32", world, model, 0.0)
+        result["optimizer_class"] = type(without.inner_optimizer).__name__
+        result["noisy_optimizer_class"] = type(
+            _noise_engine(2, "fp32", world, _noise_model(), NOISE_TEMPERATURE).inner_optimizer).__name__
+        out[rank] = result
+    finally:
+        dist.destroy_process_group()
+
+
+def test_langevin_noise_has_its_stated_variance_and_resumes_exactly(tmp_path):
+    """Each step adds N(0, 2 lr T) to every weight, independently across ZeRO's partitions, the same
+    on every rank; at temperature 0 the optimizer is plain SGD, and a resumed run draws the same noise."""
+    from tests.helpers.gloo import spawn_gloo
+
+    ranks = spawn_gloo(_noise_ranks, 2, str(tmp_path))
+    variance = 2 * NOISE_LR * NOISE_TEMPERATURE
+    for case in NOISE_CASES:
+        walk = ranks[0][case]
+        assert torch.equal(walk, ranks[1][case]), f"{case}: the ranks' weights differ"
+        steps = (walk[1:] - walk[:-1]).double()
+        # 40 x 2,050 draws: the sample variance's relative standard error is 0.5%.
+        tolerance = 0.05 if case[1] == "bf16" else 0.03
+        assert steps.var().item() == pytest.approx(variance, rel=tolerance), case
+        assert abs(steps.mean().item()) < 4 * (variance / steps.numel()) ** 0.5, case
+        # Partitions drawn from one stream would repeat each other's noise.
+        half = steps.shape[1] // 2
+        first, second = steps[:, :half].reshape(-1), steps[:, half:2 * half].reshape(-1)
+        assert abs(torch.corrcoef(torch.stack([first, second]))[0, 1].item()) < 0.05, case
+    result = ranks[0]
+    assert result["optimizer_class"] == "SGD" and result["noisy_optimizer_class"] == "LangevinSGD"
+    assert not torch.equal(result["plain"], result["noisy"])
+    assert torch.equal(result["resumed"], result["noisy"]), "a resumed run draws the same noise"

@@ -123,6 +123,43 @@ def test_activation_checkpointing_gives_the_same_losses_and_weights(local_worker
     assert checkpointed_summary["parameter_checksums"] == plain_summary["parameter_checksums"]
 
 
+# SAM around each single-model workload (the GANs refuse it), at a ZeRO stage and precision each.
+SHARPNESS_AWARE = [("resnet", "fp32", 0, "false"), ("glue_stsb", "bf16", 2, "true"), ("bert_pretrain", "fp32", 1, "false")]
+
+
+@pytest.mark.parametrize("name, precision, stage, adaptive", SHARPNESS_AWARE,
+                         ids=[f"{n}-{p}-zero{s}-adaptive_{a}" for n, p, s, a in SHARPNESS_AWARE])
+def test_sam_trains_every_workload_that_allows_it(local_workers, data, tmp_path, name, precision, stage, adaptive):
+    """The loop logs the loss at the weights themselves as `loss` and the moved weights' as `sam_loss`:
+    without dropout (the laptop MLP) the moved loss is the higher, since the move ascends the loss."""
+    if not CORPUS.is_dir() and name == "bert_pretrain":
+        pytest.skip("needs the Debian license texts in /usr/share/common-licenses")
+    file, overrides = MATRIX_BASES[name]
+    config = load_config(REPO / "configs" / file, [
+        f"run.storage_path={tmp_path}", *overrides(data), *short_run(), f"engine.precision={precision}",
+        f"engine.zero_stage={stage}", "optimizer.sam.rho=0.05", f"optimizer.sam.adaptive={adaptive}"])
+    logged = check_run(config, local_workers.train(config))
+    assert all(math.isfinite(m["sam_loss"]) for m in logged)
+    if name == "resnet":
+        assert all(m["sam_loss"] > m["loss"] for m in logged), logged
+
+
+def test_langevin_noise_trains_through_the_loop_with_equal_weights_on_every_rank(local_workers, data, tmp_path):
+    """bf16 at ZeRO-1: each rank adds its own noise to its partition of the fp32 weights, and the
+    all-gather after the step gives both ranks the same weights."""
+    file, overrides = MATRIX_BASES["resnet"]
+    runs = {}
+    for temperature in (0.0, 1e-4):
+        config = load_config(REPO / "configs" / file, [
+            f"run.storage_path={tmp_path}", f"run.name=t{temperature}", *overrides(data), *short_run(),
+            "engine.precision=bf16", "engine.zero_stage=1", f"optimizer.noise.temperature={temperature}"])
+        summary = local_workers.train(config)
+        check_run(config, summary)
+        runs[temperature] = summary
+    assert runs[1e-4]["optimizers"] == {"model": "LangevinSGD"} and runs[0.0]["optimizers"] == {"model": "SGD"}
+    assert runs[1e-4]["parameter_checksums"] != runs[0.0]["parameter_checksums"]
+
+
 # ----------------------------------------------------------------------------- every shipped config
 
 SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))

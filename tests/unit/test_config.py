@@ -237,6 +237,9 @@ def test_unknown_precision_lists_allowed_values():
     ("optimizer.momentum=1.5", "optimizer.momentum=1.5 must lie in [0, 1)"),
     ("tracking.wandb_mode=cloud", "tracking.wandb_mode='cloud' is not allowed; allowed: auto, online, offline"),
     ("engine.zero_stage=true", "engine.zero_stage=True is not allowed; allowed: 0, 1, 2, 3"),
+    ("optimizer.noise.temperature=-1e-4", "optimizer.noise.temperature=-0.0001 must be a finite number >= 0 (0: no noise)"),
+    ("optimizer.noise.kind=gaussian", "optimizer.noise.kind='gaussian' is not allowed; allowed: isotropic"),
+    ("optimizer.sam.rho=-1", "optimizer.sam.rho=-1.0 must be a finite positive number"),
 ])
 def test_every_limit_names_the_key_the_value_and_what_is_allowed(override, expected):
     assert expected in error(override)
@@ -275,6 +278,20 @@ def test_offload_needs_zero():
     message = error("engine.offload_optimizer=true", "engine.zero_stage=0")
     assert "engine.offload_optimizer" in message and "zero_stage" in message
     assert load("engine.offload_optimizer=true", "engine.zero_stage=1").engine.offload_optimizer
+
+
+def test_sam_is_refused_where_it_cannot_run_and_names_why():
+    assert load("optimizer.sam.rho=0.1").optimizer.sam.rho == 0.1
+    assert load("optimizer.sam={rho: 1.0, adaptive: true}").optimizer.sam.adaptive
+    assert "optimizer.sam.rho=0.0 must be a finite positive number" in error("optimizer.sam.rho=0")
+    assert "unknown key optimizer.sam.radius; valid keys in optimizer.sam: rho, adaptive" in error(
+        "optimizer.sam.radius=0.1")
+    message = error("optimizer.sam.rho=0.1", "engine.zero_stage=3")
+    assert "optimizer.sam needs engine.zero_stage 0, 1 or 2" in message and "partition" in message
+    message = error("optimizer.sam.rho=0.1", "engine.precision=fp16", "scaling.use_gpu=true")
+    assert "optimizer.sam needs engine.precision fp32 or bf16" in message and "loss scale" in message
+    message = error("optimizer.sam.rho=0.1", path=TINY.parents[1] / "gan/dcgan_mnist.yaml")
+    assert "optimizer.sam is not available for workload gan: its generator and discriminator" in message
 
 
 @pytest.mark.parametrize("override", ["trainer.max_steps", "=5", "trainer..max_steps=5", "trainer.=5"])
