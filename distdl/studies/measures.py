@@ -1,7 +1,7 @@
 """Measurements of a trained solution, data-parallel: each rank holds a shard of the examples, and
 every loss, gradient and Hessian-vector product is summed across ranks before a solver sees it.
 
-The solvers (scipy's Lanczos and L-BFGS-B, Hutchinson's estimator) run on rank 0 only; the other
+The solvers (scipy's LOBPCG and L-BFGS-B, Hutchinson's estimator) run on rank 0 only; the other
 ranks follow it in `Lockstep`, applying whatever vector rank 0 broadcasts. So every rank does the
 same number of collective operations whatever the solver does, and all get rank 0's answer.
 
@@ -9,6 +9,8 @@ same number of collective operations whatever the solver does, and all get rank 
   (scipy's lobpcg: a Krylov-like method that converges in about as few products as Lanczos, far
   fewer than power iteration, and whose budget counts products and keeps its best estimate).
 - `hessian_trace`: Hutchinson's estimator, E[v^T H v] over Rademacher vectors v.
+- `loss_landscape`: the loss on a line or a plane through the solution along filter-normalized
+  random directions (Li et al. 2018).
 - `epsilon_sharpness`: Keskar et al. 2017, Metric 2.1: the largest rise of the loss within the box
   |y_i| <= eps (|x_i| + 1) around the solution x (in the full space, or in a random subspace y = A z
   with the box taken on A^+ x), over 1 + f(x), times 100; maximized with L-BFGS-B as in the paper.
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -321,6 +323,53 @@ def epsilon_sharpness(oracle: LossOracle, epsilon: float, subspace: Optional[Vec
         return float(in_lockstep(loss_and_gradient_at, len(radius), oracle.device, solve))
     finally:
         oracle.set_parameters(center)
+
+
+def filter_normalized_direction(params: Sequence[torch.Tensor], seed: int) -> Vector:
+    """A random direction in parameter space, normalized filter by filter as Li et al. 2018 define it
+    for loss-landscape plots: each filter (a weight's slice along its first axis: a convolution's
+    output channel, a linear layer's output unit) of a Gaussian direction is rescaled to that
+    filter's norm in the weights. 1-D parameters (biases, normalization weights) get no component,
+    as in Li et al.'s plots (their `ignore biasbn`). A rescaling of the network that leaves its
+    function alone rescales the direction with it, so the landscape stays the same.
+
+    Drawn in float64 on the CPU from `seed`: the same direction on every rank."""
+    generator = torch.Generator().manual_seed(seed)
+    parts = []
+    for param in params:
+        direction = torch.randn(param.shape, generator=generator, dtype=torch.float64)
+        if param.dim() <= 1:
+            direction.zero_()
+        else:
+            filters = direction.view(param.shape[0], -1)
+            norms = param.detach().double().cpu().reshape(param.shape[0], -1).norm(dim=1, keepdim=True)
+            filters.mul_(norms / filters.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny))
+        parts.append(direction.reshape(-1))
+    return torch.cat(parts)
+
+
+def loss_landscape(oracle: LossOracle, directions: Sequence[Vector], coordinates: Sequence[float]) -> dict[str, Any]:
+    """Loss and accuracy at the parameters x + a d1 (one direction) or x + a d1 + b d2 (two), for a and
+    b in `coordinates` (Li et al. 2018); the parameters are left as they were. Every rank evaluates
+    the same points, each on its own examples. Returns the coordinates and the values, indexed [a]
+    or [a][b]."""
+    if len(directions) not in (1, 2):
+        raise ValueError(f"a loss landscape has 1 or 2 directions, not {len(directions)}")
+    center = oracle.parameters()
+    directions = [d.to(center.device) for d in directions]
+    grid = [(a,) for a in coordinates] if len(directions) == 1 else [(a, b) for a in coordinates for b in coordinates]
+    losses, accuracies = [], []
+    try:
+        for point in grid:
+            oracle.set_parameters(center + sum(c * d for c, d in zip(point, directions)))
+            result = oracle.evaluate()
+            losses.append(result.loss)
+            accuracies.append(result.accuracy)
+    finally:
+        oracle.set_parameters(center)
+    shape = (len(coordinates),) * len(directions)
+    return {"coordinates": [float(c) for c in coordinates], "loss": np.reshape(losses, shape).tolist(),
+            "accuracy": np.reshape(accuracies, shape).tolist()}
 
 
 def interpolation(model: torch.nn.Module, oracles: dict[str, LossOracle], start: dict[str, torch.Tensor],

@@ -78,6 +78,49 @@ def interpolation_curves(curves: dict[str, dict[str, Any]], study_dir: Path) -> 
     return _save(figure, study_dir / "interpolation.png")
 
 
+def landscape_lines(landscapes: dict[str, dict[str, Any]], study_dir: Path) -> Path:
+    """Li et al.'s 1-D plots: training loss (log scale) along one filter-normalized direction through
+    each solution, all on one axis."""
+    figure, (axis,) = _figure(1, 5.5)
+    colours = _colours(len(landscapes))
+    for colour, (name, landscape) in zip(colours, landscapes.items()):
+        axis.plot(landscape["coordinates"], landscape["loss"], color=colour, label=name)
+    axis.set_yscale("log")
+    axis.set_xlabel("step along a filter-normalized direction")
+    axis.set_ylabel("training loss")
+    axis.legend(fontsize=7)
+    return _save(figure, study_dir / "landscape_1d.png")
+
+
+def landscape_contours(landscapes: dict[str, dict[str, Any]], study_dir: Path) -> Path:
+    """Li et al.'s 2-D contour plots, one panel per solution, on one logarithmic colour scale for all,
+    so that a wider basin reads as a wider dark region whichever solution it is."""
+    from matplotlib.colors import LogNorm
+
+    surfaces = {name: np.asarray(landscape["loss"]) for name, landscape in landscapes.items()}
+    every = np.concatenate([surface.ravel() for surface in surfaces.values()])
+    low, high = max(every[every > 0].min(initial=np.inf), 1e-12), every.max()
+    levels = np.geomspace(low, max(high, low * 1.001), 20)
+    norm = LogNorm(levels[0], levels[-1])
+    figure, axes = _figure(len(surfaces), 4.2)
+    for axis, (name, surface) in zip(axes, surfaces.items()):
+        coordinates = landscapes[name]["coordinates"]
+        # Indexed [a][b]: a along the first direction (x), b along the second (y).
+        filled = axis.contourf(coordinates, coordinates, np.clip(surface, low, None).T, levels=levels, norm=norm,
+                               cmap="viridis")
+        axis.plot([0], [0], "w+", markersize=10)
+        axis.set_title(name, fontsize=9)
+        axis.set_xlabel("direction 1")
+        axis.set_aspect("equal")
+    axes[0].set_ylabel("direction 2")
+    figure.colorbar(filled, ax=list(axes), label="training loss", ticks=levels[::4], format="%.3g")
+    figure.savefig(study_dir / "landscape_2d.png", dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return study_dir / "landscape_2d.png"
+
+
 def noise_scale_curves(run_dirs: dict[str, Path], study_dir: Path) -> Optional[Path]:
     """B_simple over training per trial (log scale), where training logged it."""
     from distdl.rundir import read_metrics

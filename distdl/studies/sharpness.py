@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
-from annotated_types import Ge, Interval, MinLen
+from annotated_types import Ge, Gt, Interval, MinLen
 
-from distdl.config import AtLeastOne, Requirement, config_from_dict, noise_scale_possible, resolve_epochs
+from distdl.config import AtLeastOne, Finite, Requirement, config_from_dict, noise_scale_possible, resolve_epochs
 from distdl.errors import ConfigError
 from distdl.noise_scale import noise_scale_of_run
 from distdl.registry import STUDIES
@@ -43,9 +43,11 @@ from distdl.studies.measures import (
     MIN_HESSIAN_PRODUCTS,
     LossOracle,
     epsilon_sharpness,
+    filter_normalized_direction,
     hessian_top_eigenvalue,
     hessian_trace,
     interpolation,
+    loss_landscape,
     random_subspace,
 )
 from distdl.studies.plots import eps_name
@@ -79,6 +81,12 @@ class SharpnessSection(StudySection):
     trace_samples: AtLeastOne = 20
     # Points on the line from the small- to the large-batch solution, alpha in [-1, 2] as Keskar's Figure 3.
     interpolation_points: AtLeastOne = 25
+    # Loss landscapes around each solution along filter-normalized random directions (Li et al. 2018),
+    # at coordinates in [-landscape_span, landscape_span]: this many points on a line, and a grid of
+    # this many points a side on a plane (each point one pass over the measurement set); 0: skip.
+    landscape_points: Annotated[int, Ge(0), Requirement("must be 0 (skip) or more")] = 25
+    landscape_grid: Annotated[int, Ge(0), Requirement("must be 0 (skip) or more")] = 11
+    landscape_span: Annotated[float, Gt(0), Finite] = 1.0
 
 
 @STUDIES.register("sharpness")
@@ -167,10 +175,14 @@ class SharpnessStudy(Study):
     def write_report(self, trials: list[Trial]) -> StudyReport:
         import pandas as pd
 
-        results = []
+        results: list[dict[str, Any]] = []
+        surfaces: dict[str, dict[str, Any]] = {}
         for trial in trials:
             config = self.trial_config(trial)
             measured = json.loads((config.run_dir / MEASUREMENTS_FILE).read_text())
+            for key in ("landscape_1d", "landscape_2d"):
+                if key in measured:
+                    surfaces.setdefault(key, {})[trial.name] = measured.pop(key)
             noise = noise_scale_of_run(config.run_dir)
             for protocol in trial.tags["protocols"]:
                 results.append({"trial": trial.name, "protocol": protocol, "batch_size": trial.tags["batch_size"],
@@ -186,6 +198,10 @@ class SharpnessStudy(Study):
             "interpolation": plots.interpolation_curves(curves, self.study_dir) if curves else None,
             "noise_scale": plots.noise_scale_curves(
                 {t.name: self.trial_config(t).run_dir for t in trials}, self.study_dir),
+            "landscape_1d": plots.landscape_lines(surfaces["landscape_1d"], self.study_dir)
+            if "landscape_1d" in surfaces else None,
+            "landscape_2d": plots.landscape_contours(surfaces["landscape_2d"], self.study_dir)
+            if "landscape_2d" in surfaces else None,
         }
         figures = {k: v for k, v in figures.items() if v is not None}
         markdown = sharpness_markdown(frame, ratios, figures, self.section)
@@ -214,7 +230,20 @@ def measure_solution(train: LossOracle, test: LossOracle, section: SharpnessSect
     out["hessian_products_spent"], out["hessian_converged"] = top.products, top.converged
     out["hessian_trace"], out["hessian_trace_stderr"] = hessian_trace(train, section.trace_samples, seed)
     out["parameter_norm"] = float(train.parameters().norm())
+    out.update(landscapes(train, section, seed))
     out["measure_seconds"] = time.perf_counter() - started
+    return out
+
+
+def landscapes(train: LossOracle, section: SharpnessSection, seed: int) -> dict[str, Any]:
+    """The training loss on a line and on a plane through the solution (Li et al. 2018)."""
+    out = {}
+    first, second = (filter_normalized_direction(train.params, seed * 2 + k) for k in (0, 1))
+    for key, count, directions in (("landscape_1d", section.landscape_points, [first]),
+                                   ("landscape_2d", section.landscape_grid, [first, second])):
+        if count:
+            out[key] = loss_landscape(train, directions,
+                                      np.linspace(-section.landscape_span, section.landscape_span, count))
     return out
 
 

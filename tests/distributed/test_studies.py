@@ -19,7 +19,8 @@ SHARPNESS = REPO / "configs/studies/sharpness.yaml"
 TINY = ["data.dataset=digits", "model.hidden_sizes=[32]", "trainer.epochs=1", "trainer.log_every=5", "optimizer.lr=0.01",
         "study.batch_sizes=[16,96]", "study.seeds=[0]", "study.subspace_dimension=5", "study.measure_examples=300",
         "study.hessian_products=30", "study.trace_samples=4", "study.interpolation_points=5",
-        "study.sharpness_iterations=3", "tracking.wandb_mode=offline"]
+        "study.sharpness_iterations=3", "study.landscape_points=5", "study.landscape_grid=3",
+        "tracking.wandb_mode=offline"]
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +54,22 @@ def test_sharpness_study_writes_its_report_results_and_plots(sharpness_study):
         assert entry["hessian_top_eigenvalue"] > 0 and entry["noise_scale"] > 0
     markdown = (study_dir / "report.md").read_text()
     assert "equal_steps" in markdown and "## Large over small batch" in markdown
-    for name in ("sharpness_vs_batch_size", "interpolation", "noise_scale"):
+    for name in ("sharpness_vs_batch_size", "interpolation", "noise_scale", "landscape_1d", "landscape_2d"):
         assert f"]({name}.png)" in markdown and Image.open(study_dir / f"{name}.png").size[0] > 300
+    for trial in {r["trial"] for r in results}:
+        measured = json.loads((study_dir / "trials" / trial / "measurements.json").read_text())
+        line, plane = measured["landscape_1d"], measured["landscape_2d"]
+        assert line["coordinates"] == [-1.0, -0.5, 0.0, 0.5, 1.0] and np.shape(plane["loss"]) == (3, 3)
+        # The middle point is the solution itself; the loss rises away from it.
+        assert line["loss"][2] == pytest.approx(plane["loss"][1][1], rel=1e-12)
+        assert min(line["loss"][0], line["loss"][4]) > line["loss"][2]
     curve = json.loads((study_dir / "interpolation" / "equal_epochs-seed0.json").read_text())
     assert [r["alpha"] for r in curve["rows"]] == [-1.0, -0.25, 0.5, 1.25, 2.0]
     # The trials are W&B runs of the study's group, and the study logs its plots as images.
     trial_config = (study_dir / "trials" / "batch16-seed0-steps89" / "config.yaml").read_text()
     assert "wandb_group: sharpness-mnist5k" in trial_config
-    assert len(list(study_dir.glob("wandb/offline-run-*/files/media/images/*.png"))) == 3
+    images = {path.name.rsplit("_", 2)[0] for path in study_dir.glob("wandb/offline-run-*/files/media/images/*.png")}
+    assert images == {"sharpness_vs_batch_size", "interpolation", "noise_scale", "landscape_1d", "landscape_2d"}, images
 
 
 @pytest.mark.distributed

@@ -14,10 +14,12 @@ from distdl.studies.measures import (
     LossOracle,
     SolverFailed,
     epsilon_sharpness,
+    filter_normalized_direction,
     hessian_top_eigenvalue,
     hessian_trace,
     in_lockstep,
     interpolation,
+    loss_landscape,
     random_subspace,
 )
 
@@ -200,6 +202,38 @@ def test_adaptive_sharpness_ignores_a_relu_rescaling_that_changes_keskars():
     assert abs(epsilon_sharpness(after, 1e-2) - raw) > 0.1 * raw
 
 
+def test_filter_normalized_landscapes_of_a_relu_net_and_its_rescaled_twin_are_the_same():
+    """Li et al.'s reason for filter normalization: Dinh et al.'s rescaling leaves the function, and
+    so the landscape, unchanged; plain Gaussian directions see a different one."""
+    batches = [(x.double(), y) for x, y in classification_batches()]
+    net, twin = relu_net().double(), relu_net().double()
+    with torch.no_grad():  # the first layer's units scaled by 10, the next layer's inputs by 1/10
+        twin[0].weight *= 10
+        twin[0].bias *= 10
+        twin[2].weight /= 10
+    coordinates = np.linspace(-1, 1, 5)
+    surfaces, plain = {}, {}
+    for name, model in (("net", net), ("twin", twin)):
+        oracle = LossOracle(model, batches, cross_entropy, torch.device("cpu"))
+        directions = [filter_normalized_direction(oracle.params, seed) for seed in (0, 1)]
+        surfaces[name] = loss_landscape(oracle, directions, coordinates)
+        plain[name] = loss_landscape(oracle, [torch.randn(oracle.size, generator=torch.Generator().manual_seed(0),
+                                                          dtype=torch.float64)], coordinates)
+        center = len(coordinates) // 2
+        assert surfaces[name]["loss"][center][center] == pytest.approx(oracle.evaluate().loss, rel=1e-12)
+        assert torch.equal(oracle.parameters(), LossOracle(model, batches, cross_entropy,
+                                                           torch.device("cpu")).parameters()), "put back"
+    np.testing.assert_allclose(surfaces["twin"]["loss"], surfaces["net"]["loss"], rtol=1e-10)
+    assert np.ptp(surfaces["net"]["loss"]) > 0.1, "the landscape is not flat"
+    assert not np.allclose(plain["twin"]["loss"], plain["net"]["loss"], rtol=1e-2)
+    # Filter by filter: each output unit's slice of the direction has that unit's norm; biases none.
+    direction = filter_normalized_direction(list(net.parameters()), 0)
+    first = direction[: net[0].weight.numel()].view_as(net[0].weight)
+    torch.testing.assert_close(first.norm(dim=1), net[0].weight.detach().norm(dim=1))
+    bias = direction[net[0].weight.numel() : net[0].weight.numel() + net[0].bias.numel()]
+    assert not bias.any()
+
+
 def test_interpolation_passes_through_both_solutions_and_lerps_batch_norm_statistics():
     batches = classification_batches()
     first, second = (nn.Sequential(relu_net(seed), nn.BatchNorm1d(3)).eval() for seed in (0, 1))
@@ -280,6 +314,8 @@ def _measure(rank: int, world: int, port: int, out: dict) -> None:
             "trace": hessian_trace(oracle, samples=10)[0],
             "sharpness": epsilon_sharpness(oracle, 1e-2),
             "subspace": epsilon_sharpness(oracle, 1e-2, subspace=random_subspace(oracle.size, 5, 0)),
+            "landscape": loss_landscape(oracle, [filter_normalized_direction(oracle.params, s) for s in (0, 1)],
+                                        [-0.5, 0.0, 0.5])["loss"],
         }
         try:  # a solver failing on rank 0 fails every rank, rather than leaving the others waiting
             in_lockstep(oracle.hessian_vector_product, oracle.size, oracle.device, _failing_solver)
@@ -302,6 +338,7 @@ def test_measurements_on_two_gloo_ranks_equal_one_process():
     assert parallel[0].pop("failure") == "ZeroDivisionError" and parallel[1].pop("failure") == "SolverFailed"
     assert parallel[0] == parallel[1], "every rank gets rank 0's answers"
     single.pop("failure")
+    np.testing.assert_allclose(parallel[0].pop("landscape"), single.pop("landscape"), rtol=1e-6)
     for name, value in single.items():
         assert parallel[0][name] == pytest.approx(value, rel=1e-4, abs=1e-9), name
 
