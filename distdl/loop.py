@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -31,7 +32,15 @@ from distdl.engine import CheckpointError, Engine, EngineSet, compile_failure, o
 from distdl.errors import ConfigError, RunDirError
 from distdl.flops import ModelFlops, Utilization, WorldPeak, counted_flops, device_peak
 from distdl.noise_scale import step_terms, with_noise_scale
-from distdl.optim import effective_lr, optimizer_factory, param_groups, scheduler_factory, with_noise
+from distdl.optim import (
+    effective_lr,
+    minibatch_noise_scale,
+    minibatch_noise_weights,
+    optimizer_factory,
+    param_groups,
+    scheduler_factory,
+    with_noise,
+)
 from distdl.profiling import StepProfiler
 from distdl.registry import WORKLOADS
 from distdl.rundir import (
@@ -371,13 +380,12 @@ def train_step(config: Config, workload: Workload, engines: EngineSet, batches: 
     """One optimizer step: the accumulation steps' micro-batches through the workload, each watched
     and counted in the log window, then the step's gradient norms and noise-scale terms."""
     trainer = config.trainer
-    model = engines.for_workload()
     first = process_rank() * trainer.gradient_accumulation_steps
     for accumulation_step in range(trainer.gradient_accumulation_steps):
-        torch.manual_seed(micro_batch_seed(config.run.seed, step, first + accumulation_step))
+        seed = micro_batch_seed(config.run.seed, step, first + accumulation_step)
+        torch.manual_seed(seed)
         batch = engines.prepare_batch(next(batches))
-        step_metrics = sharpness_aware_step(workload, model, batch) if engines.sharpness_aware else \
-            workload.train_step(model, batch)
+        step_metrics = micro_batch_step(config, workload, engines, batch, seed)
         watch.add(step_metrics.values())
         window.add(step_metrics, workload.batch_size(batch))
     # fp16's dynamic loss scale overflows by design; DeepSpeed skips those steps itself.
@@ -386,6 +394,33 @@ def train_step(config: Config, workload: Workload, engines: EngineSet, batches: 
     watch.end_step(step, engines.device)
     if trainer.noise_scale:
         window.add_step(noise_terms(engines.primary, trainer))
+
+
+def micro_batch_step(config: Config, workload: Workload, engines: EngineSet, batch: dict[str, torch.Tensor],
+                     seed: int) -> dict[str, torch.Tensor]:
+    """One micro-batch's forward, backward and step: the workload's own, or around it SAM's or minibatch
+    noise's (which the config allows only for single-model workloads without their own train_step)."""
+    noise = config.optimizer.noise
+    if noise is not None and noise.kind == "minibatch":
+        trainer = config.trainer
+        scale = minibatch_noise_scale(trainer.global_batch_size, trainer.micro_batch_size, noise.batch_size)
+        # Its own generator (seeded apart from the micro-batch's dropout and masks), so resumes redraw it.
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence((seed, 1)).generate_state(1)[0]))
+        return minibatch_noise_step(workload, engines.primary, batch, scale, generator)
+    if engines.sharpness_aware:
+        return sharpness_aware_step(workload, engines.primary, batch)
+    return workload.train_step(engines.for_workload(), batch)
+
+
+def minibatch_noise_step(workload: Workload, engine: Engine, batch: dict[str, torch.Tensor], scale: float,
+                         generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The micro-batch's per-example losses reweighted (optim.minibatch_noise_weights), so that its
+    gradient carries noise shaped like small-batch gradient noise; `loss` stays the plain mean."""
+    losses, metrics = workload.example_losses(engine, batch)
+    weights = minibatch_noise_weights(len(losses), scale, generator).to(losses.device)
+    engine.backward((weights * losses).sum())
+    engine.step()
+    return {**metrics, "loss": losses.detach().mean()}
 
 
 def sharpness_aware_step(workload: Workload, engine: Engine, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

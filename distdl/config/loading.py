@@ -107,11 +107,21 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     )
     resolve_paths(config, PATH_KEYS + spec.path_keys)
     validate(config)
-    refusal = getattr(spec, "sharpness_aware_refusal", None)
-    if config.optimizer.sam is not None and refusal:
-        raise ConfigError(f"optimizer.sam is not available for workload {workload_name}: {refusal}")
+    _check_workload_allows(config, spec)
     spec.validate(config)
     return config
+
+
+def _check_workload_allows(config: Config, spec: Any) -> None:
+    """SAM and minibatch noise take over the workload's backward pass; a workload says why it can't."""
+    noise = config.optimizer.noise
+    wanted = [("optimizer.sam", config.optimizer.sam is not None, "sharpness_aware_refusal"),
+              ("optimizer.noise kind minibatch", noise is not None and noise.kind == "minibatch",
+               "minibatch_noise_refusal")]
+    for what, used, attribute in wanted:
+        refusal = getattr(spec, attribute, None)
+        if used and refusal:
+            raise ConfigError(f"{what} is not available for workload {config.workload}: {refusal}")
 
 
 def with_defaults(config_dict: dict[str, Any]) -> dict[str, Any]:

@@ -82,12 +82,15 @@ class SharpnessAwareSection:
 
 @dataclass
 class NoiseSection:
-    """Gaussian noise added to the weights after each optimizer step."""
+    """Gaussian noise injected into training."""
 
     # isotropic: Langevin dynamics at `temperature` (Welling & Teh 2011's update, SGLD): after each
     # step, every weight gets N(0, 2 lr T), lr the step's scheduled rate.
-    kind: Literal["isotropic"] = "isotropic"
+    # minibatch: the gradient gets noise with the covariance of gradient noise at `batch_size`
+    # (below the global batch), which then has the noise of that small batch: Sigma (1/b - 1/B).
+    kind: Literal["isotropic", "minibatch"] = "isotropic"
     temperature: Annotated[float, Ge(0), Finite, Requirement("must be a finite number >= 0 (0: no noise)")] = 0.0
+    batch_size: Optional[AtLeastOne] = None
 
 
 @dataclass
@@ -271,6 +274,7 @@ def validate(config: Config) -> None:
                           "needs scaling.num_workers >= 2, engine.zero_stage=0 and engine.precision=fp32 (got "
                           f"{config.scaling.num_workers}, {config.engine.zero_stage}, {config.engine.precision})")
     _resolve_batch(config)
+    _check_noise(config)
     _check_device(config)
 
 
@@ -281,6 +285,28 @@ def _check_schedule(scheduler: SchedulerSection, optimizer: OptimizerSection) ->
     if scheduler.name == "step" and sorted(set(scheduler.milestones)) != scheduler.milestones:
         raise ConfigError(f"scheduler.milestones={scheduler.milestones} must be increasing fractions of "
                           "trainer.max_steps, each in (0, 1)")
+
+
+def _check_noise(config: Config) -> None:
+    noise = config.optimizer.noise
+    if noise is None:
+        return
+    if noise.kind == "isotropic":
+        if noise.batch_size is not None:
+            raise ConfigError("optimizer.noise.batch_size applies to kind minibatch; isotropic noise takes a temperature")
+        return
+    if noise.temperature:
+        raise ConfigError("optimizer.noise.temperature applies to kind isotropic; minibatch noise takes a batch_size")
+    batch, micro = config.trainer.global_batch_size, config.trainer.micro_batch_size
+    if noise.batch_size is None or (batch is not None and noise.batch_size >= batch):
+        raise ConfigError(f"optimizer.noise.batch_size={noise.batch_size} must be set below trainer.global_batch_size="
+                          f"{batch}: minibatch noise gives the large batch the gradient noise of that smaller one")
+    if micro < 2:
+        raise ConfigError(f"optimizer.noise kind minibatch draws its noise from the spread of each micro-batch's "
+                          f"per-example gradients: trainer.micro_batch_size={micro} must be at least 2")
+    if config.optimizer.sam is not None:
+        raise ConfigError("optimizer.noise kind minibatch and optimizer.sam each take over a micro-batch's backward "
+                          "pass: choose one")
 
 
 def _check_sharpness_aware(config: Config) -> None:

@@ -103,8 +103,9 @@ class LangevinNoise:
 
 
 def with_noise(make: OptimizerFactory, noise: Optional[NoiseSection], seed: int) -> OptimizerFactory:
-    """`make`, its optimizers adding `noise` after each step (none at temperature 0)."""
-    if noise is None or noise.temperature == 0:
+    """`make`, its optimizers adding isotropic `noise` after each step (none at temperature 0;
+    minibatch noise goes into the gradient instead, in the loop)."""
+    if noise is None or noise.kind != "isotropic" or noise.temperature == 0:
         return make
 
     def noisy(params: Iterable[Any]) -> torch.optim.Optimizer:
@@ -117,6 +118,31 @@ def with_noise(make: OptimizerFactory, noise: Optional[NoiseSection], seed: int)
         return optimizer
 
     return noisy
+
+
+def minibatch_noise_scale(global_batch: int, micro_batch: int, noise_batch: int) -> float:
+    """s in `minibatch_noise_weights` for micro-batches of `micro_batch` examples that DeepSpeed
+    averages into a gradient of `global_batch`, for that gradient to get the noise of `noise_batch`.
+
+    Within a micro-batch of m examples with per-example gradients g_i, sum_i (z_i - mean z) g_i =
+    sum_i z_i (g_i - mean g) has covariance (m - 1) S, S their sample covariance: an unbiased estimate
+    of the per-example gradient covariance Sigma, since a micro-batch is a random draw of the data.
+    Scaled by s, and averaged over the B/m micro-batches of a step, it has covariance
+    (m/B)^2 (B/m) s^2 (m - 1) Sigma, which is Sigma (1/b - 1/B) for the s below. The batch-B gradient's
+    own noise (Sigma / B) plus this is Sigma / b: the gradient noise of batch b."""
+    if micro_batch < 2 or noise_batch >= global_batch:
+        raise ValueError(f"minibatch noise needs micro-batches of 2 or more (got {micro_batch}) and a noise batch "
+                         f"below the global batch (got {noise_batch} and {global_batch})")
+    return math.sqrt(global_batch / micro_batch * (1 / noise_batch - 1 / global_batch) / (micro_batch - 1))
+
+
+def minibatch_noise_weights(count: int, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Weights for a micro-batch's per-example losses: 1/m each (the mean loss), plus s (z_i - mean z)
+    with z ~ N(0, I). The gradient of the weighted sum is the micro-batch's gradient plus
+    s sum_i z_i (g_i - mean g), Gaussian noise shaped like per-example gradient noise, for the cost of
+    the usual backward pass: no per-example gradient is ever formed."""
+    z = torch.randn(count, generator=generator, dtype=torch.float64)
+    return (1.0 / count + scale * (z - z.mean())).float()
 
 
 def scheduler_factory(section: SchedulerSection, max_steps: int) -> Callable[[torch.optim.Optimizer], Any]:

@@ -78,6 +78,9 @@ class Workload(ABC):
     # Why optimizer.sam cannot wrap this workload's step, or None where it can: the loop runs SAM's
     # first pass on `loss` before `train_step`, so a workload with its own `train_step` refuses it.
     sharpness_aware_refusal: ClassVar[Optional[str]] = None
+    # Why optimizer.noise kind minibatch cannot reweight this workload's examples, or None where
+    # it can (the workload implements `example_losses`).
+    minibatch_noise_refusal: ClassVar[Optional[str]] = "its loss does not split into per-example losses"
 
     def __init__(self, sections: dict[str, Any], context: WorkerContext) -> None:
         self.context = context
@@ -118,6 +121,11 @@ class Workload(ABC):
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward one micro-batch through `model` (the engine); the loss and per-batch metrics."""
+        raise NotImplementedError
+
+    def example_losses(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Like `loss`, but each example's loss (a vector whose mean is `loss`), for workloads that
+        allow minibatch noise (see `minibatch_noise_refusal`)."""
         raise NotImplementedError
 
     def train_step(self, model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Iterator, Literal, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from annotated_types import Ge, Interval
 
 from distdl.collectives import gather_objects
@@ -131,6 +132,7 @@ def tokenized_splits(task: glue.GlueTask, data: GlueDataSection, tokenizer: Any)
 class GlueFinetune(Workload):
     sections = {"model": GlueModelSection, "data": GlueDataSection}
     path_keys = ("data.path", "data.cache_dir", "model.name_or_path", "model.tokenizer")
+    minibatch_noise_refusal = None
 
     def __init__(self, sections: dict[str, Any], context: WorkerContext) -> None:
         super().__init__(sections, context)
@@ -202,6 +204,15 @@ class GlueFinetune(Workload):
         if self.task.is_regression:
             return out.loss, {}
         return out.loss, {"accuracy": (out.logits.argmax(-1) == batch["labels"]).float().mean()}
+
+    def example_losses(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Each example's loss as transformers' sequence classifiers compute the mean: squared error
+        for STS-B's scores, cross-entropy otherwise."""
+        labels = batch["labels"]
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        if self.task.is_regression:
+            return F.mse_loss(logits.squeeze(-1), labels.float(), reduction="none"), {}
+        return F.cross_entropy(logits, labels, reduction="none"), {"accuracy": (logits.argmax(-1) == labels).float().mean()}
 
     def batch_size(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         return {"samples": int(batch["input_ids"].shape[0]), "tokens": int(batch["input_ids"].numel())}

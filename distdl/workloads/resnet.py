@@ -76,7 +76,7 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, loss: LossSe
     if loss.name == "mse":
         targets = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
         per_example = ((logits - targets) ** 2).sum(-1)
-        return per_example.sum() if reduction == "sum" else per_example.mean()
+        return {"sum": per_example.sum, "mean": per_example.mean}.get(reduction, lambda: per_example)()
     return F.cross_entropy(logits, labels, label_smoothing=loss.label_smoothing, reduction=reduction)
 
 
@@ -84,6 +84,7 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, loss: LossSe
 class ResNetClassification(Workload):
     sections = {"model": ResNetModelSection, "data": vision.VisionDataSection, "loss": LossSection}
     path_keys = ("data.path", "data.prepared_path")
+    minibatch_noise_refusal = None
 
     def __init__(self, sections: dict[str, Any], context: WorkerContext) -> None:
         super().__init__(sections, context)
@@ -151,6 +152,11 @@ class ResNetClassification(Workload):
         logits = model(batch["images"]).float()  # the loss in fp32 whatever the engine computes in
         loss = classification_loss(logits, batch["labels"], self.loss_section)
         return loss, {"accuracy": (logits.argmax(-1) == batch["labels"]).float().mean()}
+
+    def example_losses(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = model(batch["images"]).float()
+        losses = classification_loss(logits, batch["labels"], self.loss_section, reduction="none")
+        return losses, {"accuracy": (logits.argmax(-1) == batch["labels"]).float().mean()}
 
     def batch_size(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         # "tokens" counts pixels per channel, so tokens_per_s reads as pixels/s.

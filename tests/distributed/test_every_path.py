@@ -160,6 +160,23 @@ def test_langevin_noise_trains_through_the_loop_with_equal_weights_on_every_rank
     assert runs[1e-4]["parameter_checksums"] != runs[0.0]["parameter_checksums"]
 
 
+@pytest.mark.parametrize("name", ["resnet", "glue_stsb"])
+def test_minibatch_noise_changes_the_updates_but_not_the_loss_it_reports(local_workers, data, tmp_path, name):
+    """The per-example losses' mean is the workload's own loss (transformers' for GLUE): the first
+    step, taken at the same weights, reports the same loss with and without the noise."""
+    file, overrides = MATRIX_BASES[name]
+    runs = {}
+    for noise in ("null", "{kind: minibatch, batch_size: 4}"):
+        config = load_config(REPO / "configs" / file, [
+            f"run.storage_path={tmp_path}", f"run.name=noise-{noise == 'null'}", *overrides(data), *short_run(),
+            f"optimizer.noise={noise}"])
+        summary = local_workers.train(config)
+        runs[noise] = (summary, check_run(config, summary))
+    (plain_summary, plain), (noisy_summary, noisy) = runs["null"], runs["{kind: minibatch, batch_size: 4}"]
+    assert noisy[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-5)
+    assert noisy_summary["parameter_checksums"] != plain_summary["parameter_checksums"]
+
+
 # ----------------------------------------------------------------------------- every shipped config
 
 SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))

@@ -294,6 +294,27 @@ def test_sam_is_refused_where_it_cannot_run_and_names_why():
     assert "optimizer.sam is not available for workload gan: its generator and discriminator" in message
 
 
+def test_noise_settings_that_cannot_work_are_refused_naming_the_key():
+    laptop = TINY.parents[1] / "resnet/mnist_laptop.yaml"  # global batch 128, micro-batch 64
+
+    def refused(*overrides: str) -> str:
+        return error(*overrides, path=laptop)
+
+    minibatch = "optimizer.noise={kind: minibatch, batch_size: 4}"
+    assert load_config(laptop, [minibatch]).optimizer.noise.batch_size == 4
+    assert "optimizer.noise.batch_size=128 must be set below trainer.global_batch_size=128" in refused(
+        "optimizer.noise={kind: minibatch, batch_size: 128}")
+    assert "must be set below" in refused("optimizer.noise.kind=minibatch")
+    assert "trainer.micro_batch_size=1 must be at least 2" in refused(
+        minibatch, "trainer.micro_batch_size=1", "trainer.global_batch_size=16")
+    assert "optimizer.noise.temperature applies to kind isotropic" in refused(
+        "optimizer.noise={kind: minibatch, batch_size: 4, temperature: 0.1}")
+    assert "optimizer.noise.batch_size applies to kind minibatch" in refused("optimizer.noise.batch_size=4")
+    assert "choose one" in refused(minibatch, "optimizer.sam.rho=0.1")
+    assert "optimizer.noise kind minibatch is not available for workload bert_pretrain: its loss does not split" in \
+        error(minibatch)
+
+
 @pytest.mark.parametrize("override", ["trainer.max_steps", "=5", "trainer..max_steps=5", "trainer.=5"])
 def test_bad_override_syntax(override):
     message = error(override)
