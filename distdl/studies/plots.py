@@ -53,6 +53,34 @@ def sharpness_against_batch(frame: Any, section: Any, study_dir: Path) -> Path:
     return _save(figure, study_dir / "sharpness_vs_batch_size.png")
 
 
+def variant_gaps(gaps: Any, study_dir: Path) -> Path:
+    """Each large-batch arm's test-accuracy gap to the small batch, and its top-eigenvalue and adaptive
+    sharpness ratios, one dot per seed and a bar for the mean, per protocol."""
+    adaptive = next((c for c in gaps.columns if c.startswith("adaptive_sharpness") and c.endswith("_ratio")), None)
+    panels = [("test_accuracy_gap", "test accuracy minus the small batch's", False),
+              ("hessian_top_eigenvalue_ratio", "top eigenvalue over the small batch's", True)]
+    if adaptive:
+        panels.append((adaptive, "adaptive sharpness over the small batch's", True))
+    figure, axes = _figure(len(panels), 4.6)
+    arms = list(dict.fromkeys(gaps.arm))
+    protocols = list(dict.fromkeys(gaps.protocol))
+    width = 0.8 / len(protocols)
+    for axis, (column, title, ratio) in zip(axes, panels):
+        for index, protocol in enumerate(protocols):
+            mine = gaps[gaps.protocol == protocol]
+            positions = np.arange(len(arms)) + (index - (len(protocols) - 1) / 2) * width
+            means = [mine[mine.arm == arm][column].mean() for arm in arms]
+            axis.bar(positions, means, width, bottom=0.0, alpha=0.5, color=f"C{index}", label=protocol)
+            for position, arm in zip(positions, arms):
+                values = mine[mine.arm == arm][column]
+                axis.scatter([position] * len(values), values, s=10, color=f"C{index}")
+        axis.axhline(1.0 if ratio else 0.0, color="grey", lw=0.6)  # the small batch's level
+        axis.set_xticks(range(len(arms)), arms, rotation=20, ha="right", fontsize=7)
+        axis.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=7)
+    return _save(figure, study_dir / "variants.png")
+
+
 def interpolation_curves(curves: dict[str, dict[str, Any]], study_dir: Path) -> Path:
     """Keskar's Figure 3: loss (log scale) and accuracy from the small-batch solution (alpha 0) to the
     large-batch one (alpha 1), and beyond on both sides."""

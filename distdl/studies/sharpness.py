@@ -19,15 +19,17 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, Optional, get_args
 
 import numpy as np
 from annotated_types import Ge, Gt, Interval, MinLen
 
 from distdl.config import AtLeastOne, Finite, Requirement, config_from_dict, noise_scale_possible, resolve_epochs
 from distdl.errors import ConfigError
-from distdl.noise_scale import noise_scale_of_run
+from distdl.noise_scale import TRACE, noise_scale_of_run
+from distdl.optim import effective_lr
 from distdl.registry import STUDIES
+from distdl.rundir import read_metrics
 from distdl.studies import plots
 from distdl.studies.base import (
     Study,
@@ -54,6 +56,9 @@ from distdl.studies.plots import eps_name
 
 Protocol = Literal["equal_epochs", "equal_steps"]
 PROTOCOLS = get_args(Protocol)
+# What the large batch may add to close its gap to the small one (study.variants).
+Variant = Literal["isotropic_noise", "minibatch_noise", "sam"]
+PLAIN = "none"
 MEASUREMENTS_FILE = "measurements.json"
 
 
@@ -87,6 +92,13 @@ class SharpnessSection(StudySection):
     landscape_points: Annotated[int, Ge(0), Requirement("must be 0 (skip) or more")] = 25
     landscape_grid: Annotated[int, Ge(0), Requirement("must be 0 (skip) or more")] = 11
     landscape_span: Annotated[float, Gt(0), Finite] = 1.0
+    # More arms at the largest batch, each measured as the others and compared with the smallest batch:
+    # isotropic_noise (Langevin noise at noise_temperature), minibatch_noise (the gradient noise of the
+    # smallest batch), sam (SAM with sam_rho; ASAM with sam_adaptive).
+    variants: list[Variant] = field(default_factory=list)
+    noise_temperature: Optional[Annotated[float, Gt(0), Finite]] = None
+    sam_rho: Annotated[float, Gt(0), Finite] = 0.05
+    sam_adaptive: bool = False
 
 
 @STUDIES.register("sharpness")
@@ -97,6 +109,14 @@ class SharpnessStudy(Study):
     def validate(cls, section: SharpnessSection) -> None:
         check_sweep("study.batch_sizes", section.batch_sizes, "batch sizes")
         check_seeds(section.seeds)
+        if len(set(section.variants)) != len(section.variants):
+            raise ConfigError(f"study.variants={section.variants} lists a variant twice")
+        if section.variants and len(section.batch_sizes) < 2:
+            raise ConfigError("study.variants add arms at the largest batch to compare with the smallest: "
+                              f"study.batch_sizes={section.batch_sizes} needs two batch sizes or more")
+        if "isotropic_noise" in section.variants and section.noise_temperature is None:
+            raise ConfigError("study.variants has isotropic_noise: set study.noise_temperature (the Langevin "
+                              "temperature T; each step adds N(0, 2 lr T) to every weight)")
 
     # -- trials
     def trials(self, train_examples: int) -> list[Trial]:
@@ -119,7 +139,21 @@ class SharpnessStudy(Study):
                         "run.seed": seed, "trainer.noise_scale": noise,
                     }, {"batch_size": batch, "seed": seed, "steps": steps, "protocols": []}))
                     trial.tags["protocols"].append(protocol)
+        for trial in list(trials.values()):
+            if trial.tags["batch_size"] == max(self.section.batch_sizes):
+                for variant in self.section.variants:
+                    name = trial.name.replace("-seed", f"-{variant}-seed", 1)
+                    trials[name] = Trial(name, {**trial.overrides, **self._variant_overrides(variant)},
+                                         {**trial.tags, "variant": variant, "protocols": list(trial.tags["protocols"])})
         return list(trials.values())
+
+    def _variant_overrides(self, variant: str) -> dict[str, Any]:
+        section = self.section
+        if variant == "sam":
+            return {"optimizer.sam": {"rho": section.sam_rho, "adaptive": section.sam_adaptive}}
+        if variant == "isotropic_noise":
+            return {"optimizer.noise": {"kind": "isotropic", "temperature": section.noise_temperature}}
+        return {"optimizer.noise": {"kind": "minibatch", "batch_size": min(section.batch_sizes)}}
 
     def _steps(self, batch: int, workers: int, train_examples: int) -> int:
         """Optimizer steps for the config's epochs at this batch size, as the driver would count them."""
@@ -147,8 +181,8 @@ class SharpnessStudy(Study):
             return pairs
         for protocol in self.section.protocols:
             for seed in self.section.seeds:
-                mine = sorted((t for t in trials if protocol in t.tags["protocols"] and t.tags["seed"] == seed),
-                              key=lambda t: t.tags["batch_size"])
+                mine = sorted((t for t in trials if protocol in t.tags["protocols"] and t.tags["seed"] == seed
+                               and t.tags.get("variant", PLAIN) == PLAIN), key=lambda t: t.tags["batch_size"])
                 pairs.append((protocol, seed, mine[0], mine[-1]))
         return pairs
 
@@ -184,17 +218,22 @@ class SharpnessStudy(Study):
                 if key in measured:
                     surfaces.setdefault(key, {})[trial.name] = measured.pop(key)
             noise = noise_scale_of_run(config.run_dir)
+            late_traces = [m[TRACE] for m in read_metrics(config.run_dir) if TRACE in m]
+            measured["noise_trace"] = float(np.mean(late_traces[len(late_traces) // 2 :])) if late_traces else None
             for protocol in trial.tags["protocols"]:
                 results.append({"trial": trial.name, "protocol": protocol, "batch_size": trial.tags["batch_size"],
-                                "seed": trial.tags["seed"], "steps": trial.tags["steps"],
-                                **measured, "noise_scale": noise})
+                                "variant": trial.tags.get("variant", PLAIN), "seed": trial.tags["seed"],
+                                "steps": trial.tags["steps"], **measured, "noise_scale": noise})
         frame = pd.DataFrame(results)
         ratios = sharpness_ratios(frame, self.section)
+        gaps = variant_gaps(frame, self.section) if self.section.variants else None
         curves = {f"{protocol} seed {seed}": json.loads(
                       (self.study_dir / "interpolation" / f"{protocol}-seed{seed}.json").read_text())
                   for protocol, seed, _, _ in self._pairs(trials)}
         figures = {
-            "sharpness_vs_batch_size": plots.sharpness_against_batch(frame, self.section, self.study_dir),
+            "sharpness_vs_batch_size": plots.sharpness_against_batch(frame[frame.variant == PLAIN], self.section,
+                                                                     self.study_dir),
+            "variants": plots.variant_gaps(gaps, self.study_dir) if gaps is not None else None,
             "interpolation": plots.interpolation_curves(curves, self.study_dir) if curves else None,
             "noise_scale": plots.noise_scale_curves(
                 {t.name: self.trial_config(t).run_dir for t in trials}, self.study_dir),
@@ -204,8 +243,12 @@ class SharpnessStudy(Study):
             if "landscape_2d" in surfaces else None,
         }
         figures = {k: v for k, v in figures.items() if v is not None}
-        markdown = sharpness_markdown(frame, ratios, figures, self.section)
-        summary = {"ratios": {f"{r['protocol']}/seed{r['seed']}": r for r in ratios.to_dict(orient="records")}}
+        temperature = matched_temperature(frame, self.section, self.base)
+        markdown = sharpness_markdown(frame, ratios, figures, self.section, gaps, temperature)
+        summary = {"ratios": {f"{r['protocol']}/seed{r['seed']}": r for r in ratios.to_dict(orient="records")},
+                   "matched_temperature": temperature}
+        if gaps is not None:
+            summary["variants"] = gaps.to_dict(orient="records")
         return StudyReport(results={"entries": results, **summary}, markdown=markdown, plots=figures, table=frame,
                            summary=summary)
 
@@ -229,7 +272,7 @@ def measure_solution(train: LossOracle, test: LossOracle, section: SharpnessSect
     out["hessian_top_eigenvalue"], out["hessian_top_eigenvalue_residual"] = top.value, top.residual
     out["hessian_products_spent"], out["hessian_converged"] = top.products, top.converged
     out["hessian_trace"], out["hessian_trace_stderr"] = hessian_trace(train, section.trace_samples, seed)
-    out["parameter_norm"] = float(train.parameters().norm())
+    out["parameter_norm"], out["parameter_count"] = float(train.parameters().norm()), train.size
     out.update(landscapes(train, section, seed))
     out["measure_seconds"] = time.perf_counter() - started
     return out
@@ -250,19 +293,23 @@ def landscapes(train: LossOracle, section: SharpnessSection, seed: int) -> dict[
 RATIO_KEYS = ("sharpness_eps{}", "subspace_sharpness_eps{}", "adaptive_sharpness_eps{}")
 
 
+def _ratio_keys(frame: Any, section: SharpnessSection) -> list[str]:
+    keys = [k.format(eps_name(e)) for e in section.epsilons for k in RATIO_KEYS] + [
+        "hessian_top_eigenvalue", "hessian_trace"]
+    return [k for k in keys if k in frame]
+
+
 def sharpness_ratios(frame: Any, section: SharpnessSection) -> Any:
-    """Largest over smallest batch, per protocol and seed: each curvature measure's ratio, and the
-    test-accuracy and train-loss differences."""
+    """Largest over smallest batch (the plain arms), per protocol and seed: each curvature measure's
+    ratio, and the test-accuracy and train-loss differences."""
     import pandas as pd
 
     if len(section.batch_sizes) < 2:
         return pd.DataFrame()
-    keys = [k.format(eps_name(e)) for e in section.epsilons for k in RATIO_KEYS] + [
-        "hessian_top_eigenvalue", "hessian_trace"]
-    keys = [k for k in keys if k in frame]
+    keys = _ratio_keys(frame, section)
     small, large = min(section.batch_sizes), max(section.batch_sizes)
     rows = []
-    for (protocol, seed), group in frame.groupby(["protocol", "seed"]):
+    for (protocol, seed), group in frame[frame.variant == PLAIN].groupby(["protocol", "seed"]):
         a = group[group.batch_size == small].iloc[0]
         b = group[group.batch_size == large].iloc[0]
         row = {"protocol": protocol, "seed": seed, "small_batch": small, "large_batch": large}
@@ -273,8 +320,47 @@ def sharpness_ratios(frame: Any, section: SharpnessSection) -> Any:
     return pd.DataFrame(rows)
 
 
-def sharpness_markdown(frame: Any, ratios: Any, figures: dict[str, Path], section: SharpnessSection) -> str:
-    shown = ["protocol", "batch_size", "seed", "steps", "train_loss", "train_accuracy", "test_accuracy",
+def variant_gaps(frame: Any, section: SharpnessSection) -> Any:
+    """Each large-batch arm (plain, and each of study.variants) against the small batch, per protocol
+    and seed: the test-accuracy gap (arm minus small batch: 0 means the gap is closed) and each
+    curvature measure's ratio (1: as flat as the small batch)."""
+    import pandas as pd
+
+    keys = _ratio_keys(frame, section)
+    small, large = min(section.batch_sizes), max(section.batch_sizes)
+    rows = []
+    for (protocol, seed), group in frame.groupby(["protocol", "seed"]):
+        reference = group[(group.batch_size == small) & (group.variant == PLAIN)].iloc[0]
+        for _, arm in group[group.batch_size == large].iterrows():
+            row = {"protocol": protocol, "seed": seed, "arm": arm_name(arm.variant, large),
+                   "test_accuracy_gap": arm.test_accuracy - reference.test_accuracy,
+                   "train_loss": arm.train_loss}
+            row.update({f"{k}_ratio": arm[k] / reference[k] if reference[k] else float("nan") for k in keys})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def arm_name(variant: str, batch: int) -> str:
+    return f"batch {batch}" if variant == PLAIN else f"batch {batch} + {variant.replace('_', ' ')}"
+
+
+def matched_temperature(frame: Any, section: SharpnessSection, base: dict[str, Any]) -> Optional[float]:
+    """The Langevin temperature whose noise per step has the total variance of the small batch's extra
+    gradient noise at the large batch: lr^2 tr(Sigma) (1/b - 1/B) = 2 lr T d, so
+    T = lr tr(Sigma) (1/b - 1/B) / (2 d); tr(Sigma) from the small-batch runs' noise-scale terms
+    (late in training), lr the large batch's, d the parameter count. None without those terms."""
+    traces = frame[(frame.batch_size == min(section.batch_sizes)) & (frame.variant == PLAIN)].noise_trace.dropna()
+    if traces.empty:
+        return None
+    small, large = min(section.batch_sizes), max(section.batch_sizes)
+    optimizer = config_from_dict(base).optimizer
+    return float(effective_lr(optimizer, large) * traces.mean() * (1 / small - 1 / large)
+                 / (2 * frame.parameter_count.iloc[0]))
+
+
+def sharpness_markdown(frame: Any, ratios: Any, figures: dict[str, Path], section: SharpnessSection,
+                       gaps: Any = None, temperature: Optional[float] = None) -> str:
+    shown = ["protocol", "batch_size", "variant", "seed", "steps", "train_loss", "train_accuracy", "test_accuracy",
              *[c for c in frame.columns if "sharpness" in c], "hessian_top_eigenvalue", "hessian_trace", "noise_scale"]
     lines = [
         f"# Sharpness study `{section.name}`",
@@ -298,6 +384,7 @@ def sharpness_markdown(frame: Any, ratios: Any, figures: dict[str, Path], sectio
         "",
         ratios.to_markdown(index=False, floatfmt=".4g") if len(ratios) else "(one batch size: no ratios)",
         "",
+        *variant_markdown(gaps, section, temperature),
         "## Every solution",
         "",
         frame[[c for c in shown if c in frame]].to_markdown(index=False, floatfmt=".4g"),
@@ -306,3 +393,33 @@ def sharpness_markdown(frame: Any, ratios: Any, figures: dict[str, Path], sectio
     for name, path in figures.items():
         lines += [f"## {name.replace('_', ' ').capitalize()}", "", f"![{name}]({path.name})", ""]
     return "\n".join(lines)
+
+
+def variant_markdown(gaps: Any, section: SharpnessSection, temperature: Optional[float]) -> list[str]:
+    """The arms' gaps to the small batch, per seed and as the mean and spread over seeds."""
+    lines = []
+    if temperature is not None:
+        lines += [f"Isotropic noise as large as the small batch's extra gradient noise at the large batch would "
+                  f"have temperature T = lr tr(Sigma) (1/b - 1/B) / (2 d) = {temperature:.3g} (tr(Sigma) from the "
+                  "small-batch runs' noise-scale terms in the second half of training)"
+                  + (f"; this study ran T = {section.noise_temperature:.3g}." if section.noise_temperature else "."), ""]
+    if gaps is None:
+        return lines
+    columns = [c for c in gaps.columns if c not in ("seed", "protocol", "arm")]
+    summary = gaps.groupby(["protocol", "arm"], sort=False)[columns].agg(["mean", "std"])
+    summary.columns = [f"{column} {stat}" for column, stat in summary.columns]
+    return lines + [
+        "## Closing the gap: large-batch arms against the small batch",
+        "",
+        "Each arm trains the largest batch, plain or with one of study.variants, and is compared with the "
+        "smallest batch of the same protocol and seed: `test_accuracy_gap` is the arm's test accuracy minus the "
+        "small batch's (0: the gap is closed), each `_ratio` the arm's measure over the small batch's (1: as "
+        "flat). Mean and standard deviation over seeds:",
+        "",
+        summary.reset_index().to_markdown(index=False, floatfmt=".4g"),
+        "",
+        "Per seed:",
+        "",
+        gaps.to_markdown(index=False, floatfmt=".4g"),
+        "",
+    ]
