@@ -19,7 +19,16 @@ from annotated_types import Ge
 if TYPE_CHECKING:
     import torch
 
-from distdl.config import Config, Requirement, build_section, config_from_dict, parse_override, read_yaml, set_dotted
+from distdl.config import (
+    Config,
+    Requirement,
+    build_section,
+    config_from_dict,
+    parse_override,
+    read_yaml,
+    resolve_epochs,
+    set_dotted,
+)
 from distdl.errors import ConfigError
 from distdl.registry import WORKLOADS
 from distdl.workloads.base import WorkerContext, Workload
@@ -82,6 +91,17 @@ def per_worker(batch: int, workers: int) -> int:
     if batch % workers:
         raise ConfigError(f"study.batch_sizes: {batch} does not split evenly over scaling.num_workers={workers}")
     return batch // workers
+
+
+def epoch_steps(base: dict[str, Any], batch: int, workers: int, train_examples: int) -> int:
+    """Optimizer steps for the base config's `trainer.epochs` at this global batch, as the driver
+    would count them."""
+    raw = copy.deepcopy(base)
+    raw.setdefault("trainer", {}).update(global_batch_size=batch, micro_batch_size=per_worker(batch, workers),
+                                         gradient_accumulation_steps=None, max_steps=None)
+    config = config_from_dict(raw)
+    resolve_epochs(config, train_examples)
+    return config.trainer.max_steps
 
 
 def check_seeds(seeds: list[int]) -> None:

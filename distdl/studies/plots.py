@@ -81,6 +81,42 @@ def variant_gaps(gaps: Any, study_dir: Path) -> Path:
     return _save(figure, study_dir / "variants.png")
 
 
+def temperature_heatmaps(frame: Any, fits: dict[str, dict[str, Any]], study_dir: Path) -> Path:
+    """One heat map per fitted measure over (batch size, learning rate), log axes, the mean over seeds
+    in each cell, with dashed lines of constant lr/B through the grid's cells and the fitted k."""
+    from matplotlib.colors import LogNorm
+
+    batches, rates = sorted(frame.batch_size.unique()), sorted(frame.lr.unique())
+    figure, axes = _figure(len(fits), 4.4)
+    for axis, (key, fit) in zip(axes, fits.items()):
+        means = frame.groupby(["lr", "batch_size"])[key].mean()
+        grid = np.array([[means.get((lr, batch), np.nan) for batch in batches] for lr in rates])
+        norm = LogNorm(np.nanmin(grid), np.nanmax(grid)) if fit["log"] else None
+        mesh = axis.pcolormesh(_edges(batches), _edges(rates), grid, norm=norm, cmap="viridis", shading="flat")
+        for i, lr in enumerate(rates):
+            for j, batch in enumerate(batches):
+                axis.text(batch, lr, f"{grid[i, j]:.3g}", ha="center", va="center", fontsize=6, color="white")
+        for ratio in sorted({lr / batch for lr in rates for batch in batches}):
+            axis.plot(batches, [ratio * batch for batch in batches], "w--", lw=0.6)
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlim(_edges(batches)[0], _edges(batches)[-1])
+        axis.set_ylim(_edges(rates)[0], _edges(rates)[-1])
+        axis.set_xlabel("batch size B")
+        axis.set_title(f"{key}\nk = {fit['exponent']:.2f} [{fit['interval'][0]:.2f}, {fit['interval'][1]:.2f}]",
+                       fontsize=8)
+        figure.colorbar(mesh, ax=axis)
+    axes[0].set_ylabel("learning rate")
+    return _save(figure, study_dir / "temperature_heatmaps.png")
+
+
+def _edges(values: list[float]) -> np.ndarray:
+    """Cell edges around log-spaced centres: geometric midpoints, and as far again at both ends."""
+    logs = np.log(np.asarray(values, float))
+    middle = (logs[1:] + logs[:-1]) / 2
+    return np.exp(np.concatenate([[2 * logs[0] - middle[0]], middle, [2 * logs[-1] - middle[-1]]]))
+
+
 def interpolation_curves(curves: dict[str, dict[str, Any]], study_dir: Path) -> Path:
     """Keskar's Figure 3: loss (log scale) and accuracy from the small-batch solution (alpha 0) to the
     large-batch one (alpha 1), and beyond on both sides."""

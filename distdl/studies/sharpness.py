@@ -14,7 +14,6 @@ scale (McCandlish et al. 2018).
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Annotated, Any, Literal, Optional, get_args
 import numpy as np
 from annotated_types import Ge, Gt, Interval, MinLen
 
-from distdl.config import AtLeastOne, Finite, Requirement, config_from_dict, noise_scale_possible, resolve_epochs
+from distdl.config import AtLeastOne, Finite, Requirement, config_from_dict, noise_scale_possible
 from distdl.errors import ConfigError
 from distdl.noise_scale import TRACE, noise_scale_of_run
 from distdl.optim import effective_lr
@@ -38,6 +37,7 @@ from distdl.studies.base import (
     Trial,
     check_seeds,
     check_sweep,
+    epoch_steps,
     per_worker,
     trained_workload,
 )
@@ -63,11 +63,9 @@ MEASUREMENTS_FILE = "measurements.json"
 
 
 @dataclass
-class SharpnessSection(StudySection):
-    name: str = "sharpness"
-    batch_sizes: list[int] = field(default_factory=lambda: [32, 400])
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
-    protocols: Annotated[list[Protocol], MinLen(1)] = field(default_factory=lambda: list(PROTOCOLS))
+class MeasurementSection(StudySection):
+    """How every solution is measured (the sharpness and temperature studies share it)."""
+
     epsilons: Annotated[list[Annotated[float, Interval(gt=0, lt=1)]], MinLen(1)] = field(
         default_factory=lambda: [1e-3, 5e-4])
     # The random subspace's dimension for the subspace sharpness (Keskar et al. use 100); 0: skip.
@@ -84,14 +82,22 @@ class SharpnessSection(StudySection):
     hessian_tolerance: Annotated[float, Interval(gt=0, lt=1)] = 1e-3
     # Rademacher vectors for Hutchinson's trace estimate.
     trace_samples: AtLeastOne = 20
-    # Points on the line from the small- to the large-batch solution, alpha in [-1, 2] as Keskar's Figure 3.
-    interpolation_points: AtLeastOne = 25
     # Loss landscapes around each solution along filter-normalized random directions (Li et al. 2018),
     # at coordinates in [-landscape_span, landscape_span]: this many points on a line, and a grid of
     # this many points a side on a plane (each point one pass over the measurement set); 0: skip.
     landscape_points: Annotated[int, Ge(0), Requirement("must be 0 (skip) or more")] = 25
     landscape_grid: Annotated[int, Ge(0), Requirement("must be 0 (skip) or more")] = 11
     landscape_span: Annotated[float, Gt(0), Finite] = 1.0
+
+
+@dataclass
+class SharpnessSection(MeasurementSection):
+    name: str = "sharpness"
+    batch_sizes: list[int] = field(default_factory=lambda: [32, 400])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    protocols: Annotated[list[Protocol], MinLen(1)] = field(default_factory=lambda: list(PROTOCOLS))
+    # Points on the line from the small- to the large-batch solution, alpha in [-1, 2] as Keskar's Figure 3.
+    interpolation_points: AtLeastOne = 25
     # More arms at the largest batch, each measured as the others and compared with the smallest batch:
     # isotropic_noise (Langevin noise at noise_temperature), minibatch_noise (the gradient noise of the
     # smallest batch), sam (SAM with sam_rho; ASAM with sam_adaptive).
@@ -126,11 +132,12 @@ class SharpnessStudy(Study):
             raise ConfigError("the sharpness study compares batch sizes at equal epochs: set trainer.epochs "
                               "(and not trainer.max_steps) in the training config")
         noise = noise_scale_possible(base)
-        small_steps = self._steps(min(self.section.batch_sizes), workers, train_examples)
+        small_steps = epoch_steps(self.base, min(self.section.batch_sizes), workers, train_examples)
         trials: dict[str, Trial] = {}
         for protocol in self.section.protocols:
             for batch in sorted(self.section.batch_sizes):
-                steps = small_steps if protocol == "equal_steps" else self._steps(batch, workers, train_examples)
+                steps = small_steps if protocol == "equal_steps" else \
+                    epoch_steps(self.base, batch, workers, train_examples)
                 for seed in self.section.seeds:
                     name = f"batch{batch}-seed{seed}-steps{steps}"
                     trial = trials.setdefault(name, Trial(name, {
@@ -154,15 +161,6 @@ class SharpnessStudy(Study):
         if variant == "isotropic_noise":
             return {"optimizer.noise": {"kind": "isotropic", "temperature": section.noise_temperature}}
         return {"optimizer.noise": {"kind": "minibatch", "batch_size": min(section.batch_sizes)}}
-
-    def _steps(self, batch: int, workers: int, train_examples: int) -> int:
-        """Optimizer steps for the config's epochs at this batch size, as the driver would count them."""
-        raw = copy.deepcopy(self.base)
-        raw.setdefault("trainer", {}).update(global_batch_size=batch, micro_batch_size=per_worker(batch, workers),
-                                             gradient_accumulation_steps=None, max_steps=None)
-        config = config_from_dict(raw)
-        resolve_epochs(config, train_examples)
-        return config.trainer.max_steps
 
     # -- measurements
     def measure_tasks(self, trials: list[Trial]) -> list[dict[str, Any]]:
@@ -188,13 +186,7 @@ class SharpnessStudy(Study):
 
     @staticmethod
     def measure(task: dict[str, Any], section: SharpnessSection, context: Any) -> dict[str, Any]:
-        workload, model = trained_workload(task["config"], context)
-        # float64: the rises measured are far below float32's resolution of the loss.
-        model = model.double()
-        oracles = {split: LossOracle(model, [(x.double(), y) for x, y in workload.measurement_batches(
-                       split, section.measure_examples if split == "train" else None, section.measure_batch_size)],
-                       workload.loss_sum, context.device)
-                   for split in ("train", "eval")}
+        model, oracles = measured_solution(task["config"], section, context)
         if task["kind"] == "interpolation":
             _, other = trained_workload(task["other"], context)
             alphas = np.linspace(-1.0, 2.0, section.interpolation_points)
@@ -253,7 +245,20 @@ class SharpnessStudy(Study):
                            summary=summary)
 
 
-def measure_solution(train: LossOracle, test: LossOracle, section: SharpnessSection, seed: int) -> dict[str, Any]:
+def measured_solution(trial_config: dict[str, Any], section: MeasurementSection,
+                      context: Any) -> tuple[Any, dict[str, LossOracle]]:
+    """A trial's trained model in float64 (the rises measured are far below float32's resolution of
+    the loss), and loss oracles on its training measurement set and its whole eval set."""
+    workload, model = trained_workload(trial_config, context)
+    model = model.double()
+    oracles = {split: LossOracle(model, [(x.double(), y) for x, y in workload.measurement_batches(
+                   split, section.measure_examples if split == "train" else None, section.measure_batch_size)],
+                   workload.loss_sum, context.device)
+               for split in ("train", "eval")}
+    return model, oracles
+
+
+def measure_solution(train: LossOracle, test: LossOracle, section: MeasurementSection, seed: int) -> dict[str, Any]:
     started = time.perf_counter()
     out: dict[str, Any] = {}
     for name, oracle in (("train", train), ("test", test)):
@@ -278,7 +283,7 @@ def measure_solution(train: LossOracle, test: LossOracle, section: SharpnessSect
     return out
 
 
-def landscapes(train: LossOracle, section: SharpnessSection, seed: int) -> dict[str, Any]:
+def landscapes(train: LossOracle, section: MeasurementSection, seed: int) -> dict[str, Any]:
     """The training loss on a line and on a plane through the solution (Li et al. 2018)."""
     out = {}
     first, second = (filter_normalized_direction(train.params, seed * 2 + k) for k in (0, 1))

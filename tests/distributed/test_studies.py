@@ -188,7 +188,7 @@ def test_bad_study_settings_are_refused_before_any_training(override, expected, 
 
 def test_unknown_study_and_a_file_without_a_study_section(tmp_path, capsys):
     assert cli.main(["study", "grokking", str(SHARPNESS)]) == 2
-    assert "unknown study 'grokking'; known: overparam, scaling, sharpness" in capsys.readouterr().err
+    assert "unknown study 'grokking'; known: overparam, scaling, sharpness, temperature" in capsys.readouterr().err
     plain = REPO / "configs/resnet/mnist_laptop.yaml"
     assert cli.main(["study", "sharpness", str(plain)]) == 2
     assert "needs a 'study:' section" in capsys.readouterr().err

@@ -1,0 +1,173 @@
+"""`distdl study temperature`: does SGD's temperature, learning rate over batch size, set the solution
+it finds? (Jastrzebski et al. 2017; Smith & Le 2018.)
+
+Trains the study file's model on a grid of learning rates x batch sizes (and seeds), each for the
+config's `trainer.epochs` at its own learning rate (no batch scaling rule), and measures every
+solution as the sharpness study does: test accuracy, epsilon-sharpness, adaptive sharpness, the top
+Hessian eigenvalue and the trace. If SGD's noise scale lr/B is what matters, each measure is a
+function of lr/B alone: its contours over (lr, B) follow lines of constant lr/B. The report fits
+measure ~ f(lr / B^k) for each measure and gives k with its interval; Smith & Le predict k = 1.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from annotated_types import Gt
+
+from distdl.config import Finite, config_from_dict, noise_scale_possible
+from distdl.errors import ConfigError
+from distdl.registry import STUDIES
+from distdl.studies import plots
+from distdl.studies.base import Study, StudyReport, Trial, check_seeds, check_sweep, epoch_steps, per_worker
+from distdl.studies.plots import eps_name
+from distdl.studies.sharpness import MEASUREMENTS_FILE, MeasurementSection, measure_solution, measured_solution
+
+# Candidate exponents k, and the profile-likelihood threshold of a 95% interval (chi-squared, 1 dof).
+EXPONENTS = np.linspace(-1.0, 3.0, 401)
+CHI2_95 = 3.841
+
+
+@dataclass
+class TemperatureSection(MeasurementSection):
+    name: str = "temperature"
+    learning_rates: list[Annotated[float, Gt(0), Finite]] = field(default_factory=lambda: [0.01, 0.03, 0.1])
+    batch_sizes: list[int] = field(default_factory=lambda: [32, 128, 512])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    # One pass over the measurement set per point, for every cell of the grid: off unless asked for.
+    landscape_points: int = 0
+    landscape_grid: int = 0
+
+
+@STUDIES.register("temperature")
+class TemperatureStudy(Study):
+    section_class = TemperatureSection
+
+    @classmethod
+    def validate(cls, section: TemperatureSection) -> None:
+        check_sweep("study.batch_sizes", section.batch_sizes, "batch sizes")
+        check_seeds(section.seeds)
+        for key, values in (("study.learning_rates", section.learning_rates), ("study.batch_sizes", section.batch_sizes)):
+            if len(set(values)) < 2:
+                raise ConfigError(f"{key}={values} must hold two values or more: the study separates lr/B from lr "
+                                  "and B alone, which a grid with one point along either cannot")
+        if len(set(section.learning_rates)) != len(section.learning_rates):
+            raise ConfigError(f"study.learning_rates={section.learning_rates} lists a value twice")
+
+    def trials(self, train_examples: int) -> list[Trial]:
+        base = config_from_dict(self.base)
+        workers = base.scaling.num_workers
+        if base.trainer.epochs is None:
+            raise ConfigError("the temperature study trains every cell for the same epochs: set trainer.epochs "
+                              "(and not trainer.max_steps) in the training config")
+        noise = noise_scale_possible(base)
+        trials = []
+        for lr in self.section.learning_rates:
+            for batch in sorted(self.section.batch_sizes):
+                steps = epoch_steps(self.base, batch, workers, train_examples)
+                for seed in self.section.seeds:
+                    trials.append(Trial(f"lr{lr:g}-batch{batch}-seed{seed}-steps{steps}", {
+                        "trainer.global_batch_size": batch, "trainer.micro_batch_size": per_worker(batch, workers),
+                        "trainer.gradient_accumulation_steps": None, "trainer.max_steps": steps,
+                        "optimizer.lr": lr, "optimizer.reference_batch_size": None, "run.seed": seed,
+                        "trainer.noise_scale": noise,
+                    }, {"lr": lr, "batch_size": batch, "seed": seed, "steps": steps}))
+        return trials
+
+    def measure_tasks(self, trials: list[Trial]) -> list[dict[str, Any]]:
+        return [{"name": trial.name, "config": self.trial_config(trial).to_dict(),
+                 "out": str(self.trial_config(trial).run_dir / MEASUREMENTS_FILE)} for trial in trials]
+
+    @staticmethod
+    def measure(task: dict[str, Any], section: TemperatureSection, context: Any) -> dict[str, Any]:
+        _, oracles = measured_solution(task["config"], section, context)
+        return measure_solution(oracles["train"], oracles["eval"], section, context.seed)
+
+    def write_report(self, trials: list[Trial]) -> StudyReport:
+        import pandas as pd
+
+        entries = []
+        for trial in trials:
+            measured = json.loads((self.trial_config(trial).run_dir / MEASUREMENTS_FILE).read_text())
+            scalars = {k: v for k, v in measured.items() if not k.startswith("landscape")}
+            entries.append({"trial": trial.name, **trial.tags, "temperature": trial.tags["lr"] / trial.tags["batch_size"],
+                            **scalars})
+        frame = pd.DataFrame(entries)
+        fits = {key: temperature_exponent(frame.lr, frame.batch_size, frame[key], log)
+                for key, log in fitted_measures(frame, self.section)}
+        figures = {"temperature_heatmaps": plots.temperature_heatmaps(frame, fits, self.study_dir)}
+        markdown = temperature_markdown(frame, fits, figures, self.section)
+        summary = {"exponents": {key: fit["exponent"] for key, fit in fits.items()}}
+        return StudyReport(results={"entries": entries, "fits": fits}, markdown=markdown, plots=figures, table=frame,
+                           summary=summary)
+
+
+def fitted_measures(frame: Any, section: TemperatureSection) -> list[tuple[str, bool]]:
+    """(column, fit its logarithm): test accuracy as it is, the curvature measures on a log scale."""
+    eps = eps_name(section.epsilons[0])
+    candidates = [("test_accuracy", False), ("hessian_top_eigenvalue", True), (f"adaptive_sharpness_eps{eps}", True),
+                  (f"sharpness_eps{eps}", True), ("hessian_trace", True)]
+    return [(key, log) for key, log in candidates if key in frame and (not log or (frame[key] > 0).all())]
+
+
+def temperature_exponent(lr: Any, batch: Any, values: Any, log: bool = False) -> dict[str, Any]:
+    """The k for which `values` is best a function of u = log lr - k log B: for each candidate k, a
+    quadratic in u is fitted by least squares, and k minimizes its residual sum of squares (RSS).
+    The 95% interval holds the k whose profile likelihood ratio, n log(RSS(k) / RSS_min), stays below
+    chi-squared's 3.84 (1 degree of freedom, Gaussian residuals). R^2 is the best fit's."""
+    lr, batch = np.log(np.asarray(lr, float)), np.log(np.asarray(batch, float))
+    y = np.log(np.asarray(values, float)) if log else np.asarray(values, float)
+    total = float(((y - y.mean()) ** 2).sum())
+    rss = np.array([_quadratic_rss(lr - k * batch, y) for k in EXPONENTS])
+    best = int(rss.argmin())
+    floor = max(rss[best], 1e-12 * max(total, 1e-300))
+    inside = EXPONENTS[len(y) * np.log(np.maximum(rss, floor) / floor) <= CHI2_95]
+    low, high = float(inside.min()), float(inside.max())
+    return {"exponent": float(EXPONENTS[best]), "interval": [low, high], "r2": 1 - float(rss[best]) / total if total else 1.0,
+            "log": log, "follows_lr_over_b": bool(low <= 1.0 <= high), "points": len(y)}
+
+
+def _quadratic_rss(u: np.ndarray, y: np.ndarray) -> float:
+    design = np.stack([np.ones_like(u), u, u * u], axis=1)
+    _, residual, rank, _ = np.linalg.lstsq(design, y, rcond=None)
+    if rank < 3 or residual.size == 0:  # fewer distinct u than parameters: compute the residual directly
+        coefficients = np.linalg.lstsq(design, y, rcond=None)[0]
+        return float(((design @ coefficients - y) ** 2).sum())
+    return float(residual[0])
+
+
+def temperature_markdown(frame: Any, fits: dict[str, dict[str, Any]], figures: dict[str, Path],
+                         section: TemperatureSection) -> str:
+    rows = [{"measure": key, "k": fit["exponent"], "95% interval": f"[{fit['interval'][0]:.2f}, {fit['interval'][1]:.2f}]",
+             "R^2": fit["r2"], "scale": "log" if fit["log"] else "linear",
+             "follows lr/B (k = 1 inside)": "yes" if fit["follows_lr_over_b"] else "no"} for key, fit in fits.items()]
+    import pandas as pd
+
+    shown = ["lr", "batch_size", "seed", "steps", "temperature", "train_loss", "test_accuracy",
+             *[c for c in frame.columns if "sharpness" in c], "hessian_top_eigenvalue", "hessian_trace", "noise_scale"]
+    lines = [
+        f"# Temperature study `{section.name}`",
+        "",
+        "Every cell of the grid trains for the same epochs at its own learning rate lr and batch size B (no "
+        "scaling rule). If SGD's temperature lr/B sets the solution (Jastrzebski et al. 2017; Smith & Le 2018), "
+        "each measure depends on lr/B alone, and its contours follow the dashed lines of constant lr/B. For each "
+        "measure, k is the exponent for which the measure is best a function of lr / B^k (a quadratic in "
+        "log lr - k log B, least squares; the interval from the profile likelihood, 95%). Smith & Le predict k = 1; "
+        "k = 0 means the batch size does not matter at a fixed lr, k = 0.5 the square-root rule.",
+        "",
+        "## Exponents",
+        "",
+        pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3g"),
+        "",
+        "## Every cell",
+        "",
+        frame[[c for c in shown if c in frame]].to_markdown(index=False, floatfmt=".4g"),
+        "",
+    ]
+    for name, path in figures.items():
+        lines += [f"## {name.replace('_', ' ').capitalize()}", "", f"![{name}]({path.name})", ""]
+    return "\n".join(lines)
