@@ -197,6 +197,5 @@ def overparam_markdown(frame: Any, exponent: float, figures: dict[str, Path], se
         frame[[c for c in shown if c in frame]].to_markdown(index=False, floatfmt=".4g"),
         "",
     ]
-    for name, path in figures.items():
-        lines += [f"## {name.replace('_', ' ').capitalize()}", "", f"![{name}]({path.name})", ""]
+    lines += plots.markdown_sections(figures)
     return "\n".join(lines)

@@ -13,6 +13,14 @@ def eps_name(eps: float) -> str:
     mantissa, exponent = f"{eps:e}".split("e")
     return f"{float(mantissa):g}e{int(exponent)}"
 
+def markdown_sections(figures: dict[str, Path], suffix: str = "") -> list[str]:
+    """A report's section per figure: a heading from its name, and the image."""
+    lines = []
+    for name, path in figures.items():
+        lines += [f"## {name.replace('_', ' ').capitalize()}{suffix}", "", f"![{name}]({path.name})", ""]
+    return lines
+
+
 def _figure(columns: int = 1, width: float = 5.0) -> tuple[Any, Any]:
     import matplotlib
 

@@ -297,6 +297,5 @@ def scaling_markdown(speed: Any, curve: Any, fits: dict[str, dict[str, Any]], fi
         if missed := group[group.steps_to_target.isna()].batch_size.tolist():
             lines += [f"With {name}, batch sizes {missed} did not reach the target within {section.max_steps} "
                       "steps (study.max_steps).", ""]
-    for name, path in figures.items():
-        lines += [f"## {name.replace('_', ' ').capitalize()} plot", "", f"![{name}]({path.name})", ""]
+    lines += plots.markdown_sections(figures, " plot")
     return "\n".join(lines)

@@ -395,8 +395,7 @@ def sharpness_markdown(frame: Any, ratios: Any, figures: dict[str, Path], sectio
         frame[[c for c in shown if c in frame]].to_markdown(index=False, floatfmt=".4g"),
         "",
     ]
-    for name, path in figures.items():
-        lines += [f"## {name.replace('_', ' ').capitalize()}", "", f"![{name}]({path.name})", ""]
+    lines += plots.markdown_sections(figures)
     return "\n".join(lines)
 
 

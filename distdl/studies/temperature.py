@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from annotated_types import Gt
+from annotated_types import Ge, Gt
 
-from distdl.config import Finite, config_from_dict, noise_scale_possible
+from distdl.config import Finite, Requirement, config_from_dict, noise_scale_possible
 from distdl.errors import ConfigError
 from distdl.registry import STUDIES
 from distdl.studies import plots
@@ -39,8 +39,8 @@ class TemperatureSection(MeasurementSection):
     batch_sizes: list[int] = field(default_factory=lambda: [32, 128, 512])
     seeds: list[int] = field(default_factory=lambda: [0])
     # One pass over the measurement set per point, for every cell of the grid: off unless asked for.
-    landscape_points: int = 0
-    landscape_grid: int = 0
+    landscape_points: Annotated[int, Ge(0), Requirement("must be 0 (skip) or more")] = 0
+    landscape_grid: Annotated[int, Ge(0), Requirement("must be 0 (skip) or more")] = 0
 
 
 @STUDIES.register("temperature")
@@ -168,6 +168,5 @@ def temperature_markdown(frame: Any, fits: dict[str, dict[str, Any]], figures: d
         frame[[c for c in shown if c in frame]].to_markdown(index=False, floatfmt=".4g"),
         "",
     ]
-    for name, path in figures.items():
-        lines += [f"## {name.replace('_', ' ').capitalize()}", "", f"![{name}]({path.name})", ""]
+    lines += plots.markdown_sections(figures)
     return "\n".join(lines)
