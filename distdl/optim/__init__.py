@@ -82,12 +82,19 @@ class LangevinNoise:
     noise_seed: int = 0
     noise_stream: int = 0
     noise_step: int = 0
+    # ZeRO-3 steps the optimizer once per sub-group of parameters in every optimizer step: each call
+    # of a step draws its own noise, in the same order at every step and after a resume.
+    _drawn_step: int = -1
+    _draws: int = 0
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        loss = super().step(closure)  # type: ignore[misc]
-        seed = int(np.random.SeedSequence([self.noise_seed, self.noise_step, self.noise_stream]).generate_state(
-            1, np.uint64)[0])
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        loss = super().step(*args, **kwargs)  # type: ignore[misc]
+        if self._drawn_step != self.noise_step:
+            self._drawn_step, self._draws = self.noise_step, 0
+        key = [self.noise_seed, self.noise_step, self.noise_stream, self._draws]
+        self._draws += 1
+        seed = int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
         generators: dict[torch.device, torch.Generator] = {}
         for group in self.param_groups:  # type: ignore[attr-defined]
             std = math.sqrt(2 * group["lr"] * self.temperature)

@@ -289,7 +289,8 @@ def test_sam_is_foret_et_als_two_step_update(world):
 # ----------------------------------------------------------------------------- Langevin noise
 
 NOISE_LR, NOISE_TEMPERATURE, NOISE_STEPS = 0.01, 0.5, 40
-NOISE_CASES = [(0, "fp32"), (2, "fp32"), (1, "bf16")]
+# ZeRO-3 steps the optimizer once per sub-group (here per parameter group): each call draws anew.
+NOISE_CASES = [(0, "fp32"), (2, "fp32"), (3, "fp32"), (1, "bf16")]
 
 
 def _noise_engine(stage: int, precision: str, world: int, model: torch.nn.Module, temperature: float):
@@ -304,13 +305,20 @@ def _noise_engine(stage: int, precision: str, world: int, model: torch.nn.Module
         f"engine.precision={precision}", "engine.bucket_elements=64", "run.seed=5",
         f"optimizer.noise={{kind: isotropic, temperature: {temperature}}}"])
     ds_config = build_deepspeed_config(config.engine, config.trainer, world, False)
+    if stage == 3:
+        ds_config["zero_optimization"]["sub_group_size"] = NOISE_SUB_GROUP
     make_optimizer = optimizer_factory(config.optimizer, config.trainer.global_batch_size, config.run.seed)
     return Engine(model, param_groups(model, 0.0), make_optimizer, None, ds_config)
 
 
 def _noise_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Linear(40, 50)  # 2,050 weights: ZeRO's partitions split a layer
+    # 2,040 weights: ZeRO's partitions split a layer, and at ZeRO-3 each rank's two equal matrix
+    # partitions are two sub-groups (NOISE_SUB_GROUP), which must not draw the same noise.
+    return torch.nn.Sequential(torch.nn.Linear(40, 25, bias=False), torch.nn.Linear(25, 40))
+
+
+NOISE_SUB_GROUP = 500
 
 
 def _flat(engine) -> torch.Tensor:
@@ -380,7 +388,7 @@ def test_langevin_noise_has_its_stated_variance_and_resumes_exactly(tmp_path):
         walk = ranks[0][case]
         assert torch.equal(walk, ranks[1][case]), f"{case}: the ranks' weights differ"
         steps = (walk[1:] - walk[:-1]).double()
-        # 40 x 2,050 draws: the sample variance's relative standard error is 0.5%.
+        # 40 x 2,040 draws: the sample variance's relative standard error is 0.5%.
         tolerance = 0.05 if case[1] == "bf16" else 0.03
         assert steps.var().item() == pytest.approx(variance, rel=tolerance), case
         assert abs(steps.mean().item()) < 4 * (variance / steps.numel()) ** 0.5, case
@@ -388,6 +396,7 @@ def test_langevin_noise_has_its_stated_variance_and_resumes_exactly(tmp_path):
         half = steps.shape[1] // 2
         first, second = steps[:, :half].reshape(-1), steps[:, half:2 * half].reshape(-1)
         assert abs(torch.corrcoef(torch.stack([first, second]))[0, 1].item()) < 0.05, case
+        assert len({tuple(column) for column in steps.T.tolist()}) == steps.shape[1], f"{case}: repeated draws"
     result = ranks[0]
     assert result["optimizer_class"] == "SGD" and result["noisy_optimizer_class"] == "LangevinSGD"
     assert not torch.equal(result["plain"], result["noisy"])
