@@ -144,37 +144,26 @@ def test_sam_trains_every_workload_that_allows_it(local_workers, data, tmp_path,
         assert all(m["sam_loss"] > m["loss"] for m in logged), logged
 
 
-def test_langevin_noise_trains_through_the_loop_with_equal_weights_on_every_rank(local_workers, data, tmp_path):
-    """bf16 at ZeRO-1: each rank adds its own noise to its partition of the fp32 weights, and the
-    all-gather after the step gives both ranks the same weights."""
+def test_injected_noise_changes_the_updates_but_not_the_loss_it_reports(local_workers, data, tmp_path):
+    """bf16 at ZeRO-1. Langevin noise: each rank adds its own noise to its partition of the fp32
+    weights, and the all-gather after the step gives both ranks the same weights. Minibatch noise:
+    the per-example losses' mean is the workload's own loss (GLUE's: tests/unit/test_glue.py). Both
+    leave the first step's loss, taken at the same weights, as it is."""
     file, overrides = MATRIX_BASES["resnet"]
     runs = {}
-    for temperature in (0.0, 1e-4):
+    for name, noise in (("plain", "null"), ("langevin", "{kind: isotropic, temperature: 1.0e-4}"),
+                        ("minibatch", "{kind: minibatch, batch_size: 4}")):
         config = load_config(REPO / "configs" / file, [
-            f"run.storage_path={tmp_path}", f"run.name=t{temperature}", *overrides(data), *short_run(),
-            "engine.precision=bf16", "engine.zero_stage=1", f"optimizer.noise.temperature={temperature}"])
+            f"run.storage_path={tmp_path}", f"run.name={name}", *overrides(data), *short_run(),
+            "engine.precision=bf16", "engine.zero_stage=1", f"optimizer.noise={noise}"])
         summary = local_workers.train(config)
-        check_run(config, summary)
-        runs[temperature] = summary
-    assert runs[1e-4]["optimizers"] == {"model": "LangevinSGD"} and runs[0.0]["optimizers"] == {"model": "SGD"}
-    assert runs[1e-4]["parameter_checksums"] != runs[0.0]["parameter_checksums"]
-
-
-@pytest.mark.parametrize("name", ["resnet", "glue_stsb"])
-def test_minibatch_noise_changes_the_updates_but_not_the_loss_it_reports(local_workers, data, tmp_path, name):
-    """The per-example losses' mean is the workload's own loss (transformers' for GLUE): the first
-    step, taken at the same weights, reports the same loss with and without the noise."""
-    file, overrides = MATRIX_BASES[name]
-    runs = {}
-    for noise in ("null", "{kind: minibatch, batch_size: 4}"):
-        config = load_config(REPO / "configs" / file, [
-            f"run.storage_path={tmp_path}", f"run.name=noise-{noise == 'null'}", *overrides(data), *short_run(),
-            f"optimizer.noise={noise}"])
-        summary = local_workers.train(config)
-        runs[noise] = (summary, check_run(config, summary))
-    (plain_summary, plain), (noisy_summary, noisy) = runs["null"], runs["{kind: minibatch, batch_size: 4}"]
-    assert noisy[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-5)
-    assert noisy_summary["parameter_checksums"] != plain_summary["parameter_checksums"]
+        runs[name] = (summary, check_run(config, summary))
+    plain_summary, plain = runs.pop("plain")
+    for name, (summary, logged) in runs.items():
+        assert logged[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-5), name
+        assert summary["parameter_checksums"] != plain_summary["parameter_checksums"], name
+    assert runs["langevin"][0]["optimizers"] == {"model": "LangevinSGD"}
+    assert runs["minibatch"][0]["optimizers"] == plain_summary["optimizers"] == {"model": "SGD"}
 
 
 # ----------------------------------------------------------------------------- every shipped config

@@ -370,6 +370,14 @@ def test_every_task_trains_evaluates_and_writes_its_submission(name, glue_dir, t
     torch.manual_seed(0)
     model = workload.build_model()
     assert model.num_labels == task.num_labels
+    # Minibatch noise reweights per-example losses: their mean is transformers' own loss.
+    model.eval()
+    with torch.no_grad():
+        first = next(workload.train_batches(start=0))
+        losses, _ = workload.example_losses(model, first)
+        assert losses.shape == (8,) and losses.mean().item() == pytest.approx(workload.loss(model, first)[0].item(),
+                                                                             rel=1e-5)
+    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     batches = workload.train_batches(start=0)
     for _ in range(3):
