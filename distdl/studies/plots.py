@@ -174,21 +174,29 @@ def landscape_contours(landscapes: dict[str, dict[str, Any]], study_dir: Path) -
     low, high = max(every[every > 0].min(initial=np.inf), 1e-12), every.max()
     levels = np.geomspace(low, max(high, low * 1.001), 20)
     norm = LogNorm(levels[0], levels[-1])
-    figure, axes = _figure(len(surfaces), 4.2)
+    import matplotlib.pyplot as plt
+
+    columns = min(4, len(surfaces))
+    rows = -(-len(surfaces) // columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(3.6 * columns + 1, 3.4 * rows), squeeze=False)
+    axes = list(grid.ravel())
+    for axis in axes[len(surfaces):]:
+        axis.set_visible(False)
     for axis, (name, surface) in zip(axes, surfaces.items()):
         coordinates = landscapes[name]["coordinates"]
         # Indexed [a][b]: a along the first direction (x), b along the second (y).
         filled = axis.contourf(coordinates, coordinates, np.clip(surface, low, None).T, levels=levels, norm=norm,
                                cmap="viridis")
         axis.plot([0], [0], "w+", markersize=10)
-        axis.set_title(name, fontsize=9)
-        axis.set_xlabel("direction 1")
+        axis.set_title(name, fontsize=8)
         axis.set_aspect("equal")
-    axes[0].set_ylabel("direction 2")
-    figure.colorbar(filled, ax=list(axes), label="training loss", ticks=levels[::4], format="%.3g")
+        axis.tick_params(labelsize=7)
+    for row in grid:
+        row[0].set_ylabel("direction 2", fontsize=8)
+    for axis in grid[-1]:
+        axis.set_xlabel("direction 1", fontsize=8)
+    figure.colorbar(filled, ax=axes, label="training loss", ticks=levels[::4], format="%.3g")
     figure.savefig(study_dir / "landscape_2d.png", dpi=120)
-    import matplotlib.pyplot as plt
-
     plt.close(figure)
     return study_dir / "landscape_2d.png"
 
