@@ -1,8 +1,10 @@
 """`distdl study temperature`: does SGD's temperature, learning rate over batch size, set the solution
 it finds? (Jastrzebski et al. 2017; Smith & Le 2018.)
 
-Trains the study file's model on a grid of learning rates x batch sizes (and seeds), each for the
-config's `trainer.epochs` at its own learning rate (no batch scaling rule), and measures every
+Trains the study file's model on a grid of learning rates x batch sizes (and seeds), at its own
+learning rate (no batch scaling rule): each for the config's `trainer.epochs` (equal_epochs), or
+each until its training loss reaches `study.target_loss` (equal_loss: at equal epochs lr/B also
+fixes how far SGD travels, steps x lr, so there a cooler cell is also a less trained one). It measures every
 solution as the sharpness study does: test accuracy, epsilon-sharpness, adaptive sharpness, the top
 Hessian eigenvalue and the trace. If SGD's noise scale lr/B is what matters, each measure is a
 function of lr/B alone: its contours over (lr, B) follow lines of constant lr/B. The report fits
@@ -14,17 +16,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, Optional
 
 import numpy as np
 from annotated_types import Ge, Gt
 
-from distdl.config import Finite, Requirement, config_from_dict, noise_scale_possible
+from distdl.config import AtLeastOne, Finite, Requirement, config_from_dict, noise_scale_possible
 from distdl.errors import ConfigError
 from distdl.registry import STUDIES
 from distdl.studies import plots
 from distdl.studies.base import Study, StudyReport, Trial, check_seeds, check_sweep, epoch_steps, per_worker
 from distdl.studies.plots import eps_name
+from distdl.studies.scaling import steps_to_target
 from distdl.studies.sharpness import MEASUREMENTS_FILE, MeasurementSection, measure_solution, measured_solution
 
 # Candidate exponents k, and the profile-likelihood threshold of a 95% interval (chi-squared, 1 dof).
@@ -38,6 +41,11 @@ class TemperatureSection(MeasurementSection):
     learning_rates: list[Annotated[float, Gt(0), Finite]] = field(default_factory=lambda: [0.01, 0.03, 0.1])
     batch_sizes: list[int] = field(default_factory=lambda: [32, 128, 512])
     seeds: list[int] = field(default_factory=lambda: [0])
+    # equal_epochs: every cell trains trainer.epochs; equal_loss: every cell trains until its window-mean
+    # training loss reaches target_loss (trainer.stop_at_loss), within max_steps.
+    protocol: Literal["equal_epochs", "equal_loss"] = "equal_epochs"
+    target_loss: Optional[Annotated[float, Gt(0), Finite]] = None
+    max_steps: AtLeastOne = 5000
     # One pass over the measurement set per point, for every cell of the grid: off unless asked for.
     landscape_points: Annotated[int, Ge(0), Requirement("must be 0 (skip) or more")] = 0
     landscape_grid: Annotated[int, Ge(0), Requirement("must be 0 (skip) or more")] = 0
@@ -57,24 +65,33 @@ class TemperatureStudy(Study):
                                   "and B alone, which a grid with one point along either cannot")
         if len(set(section.learning_rates)) != len(section.learning_rates):
             raise ConfigError(f"study.learning_rates={section.learning_rates} lists a value twice")
+        if section.protocol == "equal_loss" and section.target_loss is None:
+            raise ConfigError("study.protocol=equal_loss trains every cell to the same training loss: set "
+                              "study.target_loss")
 
     def trials(self, train_examples: int) -> list[Trial]:
         base = config_from_dict(self.base)
         workers = base.scaling.num_workers
-        if base.trainer.epochs is None:
+        section = self.section
+        if base.trainer.epochs is None and section.protocol == "equal_epochs":
             raise ConfigError("the temperature study trains every cell for the same epochs: set trainer.epochs "
-                              "(and not trainer.max_steps) in the training config")
+                              "(and not trainer.max_steps) in the training config, or study.protocol=equal_loss")
         noise = noise_scale_possible(base)
         trials = []
-        for lr in self.section.learning_rates:
-            for batch in sorted(self.section.batch_sizes):
-                steps = epoch_steps(self.base, batch, workers, train_examples)
-                for seed in self.section.seeds:
-                    trials.append(Trial(f"lr{lr:g}-batch{batch}-seed{seed}-steps{steps}", {
+        for lr in section.learning_rates:
+            for batch in sorted(section.batch_sizes):
+                if section.protocol == "equal_loss":
+                    steps, budget, suffix = section.max_steps, {"trainer.stop_at_loss": section.target_loss,
+                                                                "trainer.epochs": None}, f"loss{section.target_loss:g}"
+                else:
+                    steps, budget = epoch_steps(self.base, batch, workers, train_examples), {}
+                    suffix = f"steps{steps}"
+                for seed in section.seeds:
+                    trials.append(Trial(f"lr{lr:g}-batch{batch}-seed{seed}-{suffix}", {
                         "trainer.global_batch_size": batch, "trainer.micro_batch_size": per_worker(batch, workers),
                         "trainer.gradient_accumulation_steps": None, "trainer.max_steps": steps,
                         "optimizer.lr": lr, "optimizer.reference_batch_size": None, "run.seed": seed,
-                        "trainer.noise_scale": noise,
+                        "trainer.noise_scale": noise, **budget,
                     }, {"lr": lr, "batch_size": batch, "seed": seed, "steps": steps}))
         return trials
 
@@ -92,13 +109,20 @@ class TemperatureStudy(Study):
 
         entries = []
         for trial in trials:
-            measured = json.loads((self.trial_config(trial).run_dir / MEASUREMENTS_FILE).read_text())
+            run_dir = self.trial_config(trial).run_dir
+            measured = json.loads((run_dir / MEASUREMENTS_FILE).read_text())
             scalars = {k: v for k, v in measured.items() if not k.startswith("landscape")}
-            entries.append({"trial": trial.name, **trial.tags, "temperature": trial.tags["lr"] / trial.tags["batch_size"],
-                            **scalars})
+            entry = {"trial": trial.name, **trial.tags, "temperature": trial.tags["lr"] / trial.tags["batch_size"],
+                     **scalars}
+            if self.section.protocol == "equal_loss":
+                reached = steps_to_target(run_dir, self.section.target_loss)
+                entry.update(steps=reached or trial.tags["steps"], reached_target=reached is not None)
+            entries.append(entry)
         frame = pd.DataFrame(entries)
-        fits = {key: temperature_exponent(frame.lr, frame.batch_size, frame[key], log)
-                for key, log in fitted_measures(frame, self.section)}
+        # Under equal_loss, a cell that never reached the target is not at the same training loss: left out.
+        fitted = frame[frame.reached_target] if "reached_target" in frame else frame
+        fits = {key: temperature_exponent(fitted.lr, fitted.batch_size, fitted[key], log)
+                for key, log in fitted_measures(fitted, self.section)}
         figures = {"temperature_heatmaps": plots.temperature_heatmaps(frame, fits, self.study_dir)}
         markdown = temperature_markdown(frame, fits, figures, self.section)
         summary = {"exponents": {key: fit["exponent"] for key, fit in fits.items()}}
@@ -147,13 +171,16 @@ def temperature_markdown(frame: Any, fits: dict[str, dict[str, Any]], figures: d
              "follows lr/B (k = 1 inside)": "yes" if fit["follows_lr_over_b"] else "no"} for key, fit in fits.items()]
     import pandas as pd
 
-    shown = ["lr", "batch_size", "seed", "steps", "temperature", "train_loss", "test_accuracy",
+    shown = ["lr", "batch_size", "seed", "steps", "reached_target", "temperature", "train_loss", "test_accuracy",
              *[c for c in frame.columns if "sharpness" in c], "hessian_top_eigenvalue", "hessian_trace", "noise_scale"]
     lines = [
         f"# Temperature study `{section.name}`",
         "",
-        "Every cell of the grid trains for the same epochs at its own learning rate lr and batch size B (no "
-        "scaling rule). If SGD's temperature lr/B sets the solution (Jastrzebski et al. 2017; Smith & Le 2018), "
+        (f"Every cell of the grid trains until its training loss reaches {section.target_loss:g} (within "
+         f"{section.max_steps} steps; cells that never reach it are left out of the fits)"
+         if section.protocol == "equal_loss" else "Every cell of the grid trains for the same epochs")
+        + " at its own learning rate lr and batch size B (no scaling rule). If SGD's temperature lr/B sets the "
+        "solution (Jastrzebski et al. 2017; Smith & Le 2018), "
         "each measure depends on lr/B alone, and its contours follow the dashed lines of constant lr/B. For each "
         "measure, k is the exponent for which the measure is best a function of lr / B^k (a quadratic in "
         "log lr - k log B, least squares; the interval from the profile likelihood, 95%). Smith & Le predict k = 1; "

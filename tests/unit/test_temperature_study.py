@@ -93,6 +93,42 @@ def test_the_report_fits_each_measure_and_draws_its_heat_map(tmp_path):
     assert Image.open(report.plots["temperature_heatmaps"]).size[0] > 1000
 
 
+def test_equal_loss_trains_every_cell_to_the_target_and_fits_only_the_cells_that_reached_it(tmp_path):
+    """At equal epochs lr/B also fixes steps x lr; under equal_loss every cell stops at the same
+    training loss, and a cell that never reached it is left out of the fits."""
+    study = _study(tmp_path, "study.protocol=equal_loss", "study.target_loss=0.1", "study.max_steps=2000")
+    trials = study.trials(4000)
+    config = study.trial_config(trials[0])
+    assert trials[0].name == "lr0.02-batch32-seed0-loss0.1"
+    assert (config.trainer.stop_at_loss, config.trainer.max_steps) == (0.1, 2000)
+    for trial in trials:
+        run_dir = study.trial_config(trial).run_dir
+        run_dir.mkdir(parents=True)
+        u = np.log(trial.tags["lr"] / trial.tags["batch_size"])
+        (run_dir / "measurements.json").write_text(json.dumps({"test_accuracy": 0.9 + 0.01 * u, "train_loss": 0.1}))
+        # The coldest cell (lr 0.02, batch 512) never gets there.
+        final = 0.5 if (trial.tags["lr"], trial.tags["batch_size"]) == (0.02, 512) else 0.09
+        lines = [{"step": 10, "loss": 0.8}, {"step": 20 * trial.tags["batch_size"], "loss": final}]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    study.study_dir.mkdir(parents=True, exist_ok=True)
+    report = study.write_report(trials)
+    cells = {(e["lr"], e["batch_size"]): e for e in report.results["entries"]}
+    assert cells[0.2, 128]["steps"] == 20 * 128 and cells[0.2, 128]["reached_target"]
+    assert not cells[0.02, 512]["reached_target"] and cells[0.02, 512]["steps"] == 2000
+    assert report.results["fits"]["test_accuracy"]["points"] == 8
+    assert "trains until its training loss reaches 0.1" in report.markdown
+    assert "study.protocol=equal_loss trains every cell to the same training loss: set study.target_loss" in \
+        _refused(tmp_path, "study.protocol=equal_loss")
+
+
+def _refused(tmp_path: Path, *overrides: str) -> str:
+    from distdl.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        _study(tmp_path, *overrides)
+    return str(error.value)
+
+
 @pytest.mark.parametrize("override, expected", [
     ("study.learning_rates=[0.1]", "study.learning_rates=[0.1] must hold two values or more"),
     ("study.batch_sizes=[64]", "study.batch_sizes=[64] must hold two values or more"),
