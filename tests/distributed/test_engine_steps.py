@@ -117,19 +117,11 @@ def _layout(world: int, name: str, stage: int, precision: str) -> dict:
 
 
 def _train(rank: int, world: int, port: int, cases: list, checkpoints: str, out: dict) -> None:
-    import os
+    from tests.helpers.gloo import torchrun_group
 
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with torchrun_group(rank, world, port):
         out[rank] = {case: _updates(rank, world, *case, Path(checkpoints)) if case[2].startswith("fp32")
                      else _layout(world, *case) for case in cases}
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world, cases", [(1, UPDATE_CASES[:1]), (2, UPDATE_CASES + LAYOUT_CASES)])
@@ -247,20 +239,12 @@ def _sam_batch_norm_statistics(world: int) -> dict:
 
 
 def _sam_ranks(rank: int, world: int, port: int, out: dict) -> None:
-    import os
+    from tests.helpers.gloo import torchrun_group
 
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with torchrun_group(rank, world, port):
         out[rank] = {case: _sam_run(rank, world, *case) for case in (SAM_CASES if world > 1 else SAM_CASES[:1])}
         if world == 1:
             out["batch_norm"] = _sam_batch_norm_statistics(world)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -353,28 +337,16 @@ def _noisy_sgd(rank: int, world: int, temperature: float, resume_dir: Optional[P
 
 
 def _noise_ranks(rank: int, world: int, port: int, checkpoints: str, out: dict) -> None:
-    import os
+    from tests.helpers.gloo import torchrun_group
 
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with torchrun_group(rank, world, port):
         result = {case: _noise_walk(*case, world) for case in NOISE_CASES}
         result["plain"] = _noisy_sgd(rank, world, 0.0)
         result["noisy"] = _noisy_sgd(rank, world, NOISE_TEMPERATURE)
         result["resumed"] = _noisy_sgd(rank, world, NOISE_TEMPERATURE, Path(checkpoints))
-        torch.manual_seed(0)
-        model = _noise_model()
-        without = _noise_engine(2, "fp32", world, model, 0.0)
-        result["optimizer_class"] = type(without.inner_optimizer).__name__
-        result["noisy_optimizer_class"] = type(
-            _noise_engine(2, "fp32", world, _noise_model(), NOISE_TEMPERATURE).inner_optimizer).__name__
+        for key, temperature in (("optimizer_class", 0.0), ("noisy_optimizer_class", NOISE_TEMPERATURE)):
+            result[key] = type(_noise_engine(2, "fp32", world, _noise_model(), temperature).inner_optimizer).__name__
         out[rank] = result
-    finally:
-        dist.destroy_process_group()
 
 
 def test_langevin_noise_has_its_stated_variance_and_resumes_exactly(tmp_path):

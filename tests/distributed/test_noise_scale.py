@@ -11,19 +11,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _train(rank: int, world: int, port: int, measure: bool, out: dict) -> None:
-    import os
-
-    import torch.distributed as dist
-
     from distdl.config import load_config
     from distdl.engine import Engine, build_deepspeed_config
     from distdl.optim import optimizer_factory, param_groups
+    from tests.helpers.gloo import torchrun_group
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with torchrun_group(rank, world, port):
         config = load_config(REPO / "configs/resnet/mnist_laptop.yaml", [
             "trainer.max_steps=3", "trainer.micro_batch_size=4", "trainer.global_batch_size=16",
             "optimizer.name=sgd", "optimizer.lr=0.1", f"trainer.noise_scale={str(measure).lower()}"])
@@ -43,8 +36,6 @@ def _train(rank: int, world: int, port: int, measure: bool, out: dict) -> None:
                     norms.append(engine.gradient_sq_norms)
                 engine.step()
         out[(rank, measure)] = {"weights": [p.detach().clone() for p in model.parameters()], "norms": norms}
-    finally:
-        dist.destroy_process_group()
 
 
 def test_measuring_the_noise_scale_leaves_training_unchanged_and_sees_each_ranks_gradient():
