@@ -93,12 +93,19 @@ def per_worker(batch: int, workers: int) -> int:
     return batch // workers
 
 
+def batch_overrides(batch: int, workers: int) -> dict[str, Any]:
+    """A trial's keys for a global batch of `batch` on `workers`, each with an even share and no
+    gradient accumulation."""
+    return {"trainer.global_batch_size": batch, "trainer.micro_batch_size": per_worker(batch, workers),
+            "trainer.gradient_accumulation_steps": None}
+
+
 def epoch_steps(base: dict[str, Any], batch: int, workers: int, train_examples: int) -> int:
     """Optimizer steps for the base config's `trainer.epochs` at this global batch, as the driver
     would count them."""
     raw = copy.deepcopy(base)
-    raw.setdefault("trainer", {}).update(global_batch_size=batch, micro_batch_size=per_worker(batch, workers),
-                                         gradient_accumulation_steps=None, max_steps=None)
+    for key, value in {**batch_overrides(batch, workers), "trainer.max_steps": None}.items():
+        set_dotted(raw, key, value)
     config = config_from_dict(raw)
     resolve_epochs(config, train_examples)
     return config.trainer.max_steps

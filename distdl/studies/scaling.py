@@ -36,9 +36,9 @@ from distdl.studies.base import (
     StudyReport,
     StudySection,
     Trial,
+    batch_overrides,
     check_seeds,
     check_sweep,
-    per_worker,
 )
 
 
@@ -130,11 +130,9 @@ class ScalingStudy(Study):
             prefix = f"target-{choice['name']}-" if choice else "target-"
             chosen = {f"optimizer.{key}": value for key, value in choice.items()}
             for batch in sorted(section.batch_sizes):
-                micro = per_worker(batch, workers)
                 for seed in section.seeds:
                     trials.append(Trial(f"{prefix}batch{batch}-seed{seed}", {
-                        **common, "trainer.micro_batch_size": micro, "trainer.global_batch_size": batch,
-                        "trainer.max_steps": section.max_steps,
+                        **common, **batch_overrides(batch, workers), "trainer.max_steps": section.max_steps,
                         "optimizer.reference_batch_size": section.reference_batch_size,
                         "trainer.noise_scale": noise, "trainer.stop_at_loss": section.target_loss, "run.seed": seed,
                         **chosen,

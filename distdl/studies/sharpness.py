@@ -35,10 +35,10 @@ from distdl.studies.base import (
     StudyReport,
     StudySection,
     Trial,
+    batch_overrides,
     check_seeds,
     check_sweep,
     epoch_steps,
-    per_worker,
     trained_workload,
 )
 from distdl.studies.measures import (
@@ -141,9 +141,8 @@ class SharpnessStudy(Study):
                 for seed in self.section.seeds:
                     name = f"batch{batch}-seed{seed}-steps{steps}"
                     trial = trials.setdefault(name, Trial(name, {
-                        "trainer.global_batch_size": batch, "trainer.micro_batch_size": per_worker(batch, workers),
-                        "trainer.gradient_accumulation_steps": None, "trainer.max_steps": steps,
-                        "run.seed": seed, "trainer.noise_scale": noise,
+                        **batch_overrides(batch, workers), "trainer.max_steps": steps, "run.seed": seed,
+                        "trainer.noise_scale": noise,
                     }, {"batch_size": batch, "seed": seed, "steps": steps, "protocols": []}))
                     trial.tags["protocols"].append(protocol)
         for trial in list(trials.values()):

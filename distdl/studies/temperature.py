@@ -25,7 +25,7 @@ from distdl.config import AtLeastOne, Finite, Requirement, config_from_dict, noi
 from distdl.errors import ConfigError
 from distdl.registry import STUDIES
 from distdl.studies import plots
-from distdl.studies.base import Study, StudyReport, Trial, check_seeds, check_sweep, epoch_steps, per_worker
+from distdl.studies.base import Study, StudyReport, Trial, batch_overrides, check_seeds, check_sweep, epoch_steps
 from distdl.studies.plots import eps_name
 from distdl.studies.scaling import steps_to_target
 from distdl.studies.sharpness import MEASUREMENTS_FILE, MeasurementSection, measure_solution, measured_solution
@@ -88,9 +88,7 @@ class TemperatureStudy(Study):
                     suffix = f"steps{steps}"
                 for seed in section.seeds:
                     trials.append(Trial(f"lr{lr:g}-batch{batch}-seed{seed}-{suffix}", {
-                        "trainer.global_batch_size": batch, "trainer.micro_batch_size": per_worker(batch, workers),
-                        "trainer.gradient_accumulation_steps": None, "trainer.max_steps": steps,
-                        "optimizer.lr": lr, "optimizer.reference_batch_size": None, "run.seed": seed,
+                        **batch_overrides(batch, workers), "trainer.max_steps": steps, "optimizer.lr": lr, "optimizer.reference_batch_size": None, "run.seed": seed,
                         "trainer.noise_scale": noise, **budget,
                     }, {"lr": lr, "batch_size": batch, "seed": seed, "steps": steps}))
         return trials
