@@ -8,10 +8,10 @@ import math
 from functools import partial
 from typing import Any, Callable, Iterable, Optional
 
-import numpy as np
 import torch
 
 from distdl.config import NoiseSection, OptimizerSection, SchedulerSection
+from distdl.data.shards import derived_seed
 from distdl.optim.layerwise import Lamb, Lars
 
 
@@ -92,9 +92,8 @@ class LangevinNoise:
         loss = super().step(*args, **kwargs)  # type: ignore[misc]
         if self._drawn_step != self.noise_step:
             self._drawn_step, self._draws = self.noise_step, 0
-        key = [self.noise_seed, self.noise_step, self.noise_stream, self._draws]
+        seed = derived_seed(self.noise_seed, self.noise_step, self.noise_stream, self._draws)
         self._draws += 1
-        seed = int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
         generators: dict[torch.device, torch.Generator] = {}
         for group in self.param_groups:  # type: ignore[attr-defined]
             std = math.sqrt(2 * group["lr"] * self.temperature)
