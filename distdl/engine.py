@@ -300,8 +300,8 @@ class Engine:
             directions = [g.float() if t is None else t * g.float() for (_, g), t in zip(moved, scales)]
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in directions]))
             factor = section.rho / (norm + 1e-12)
-            buffers = [b for b in self._engine.module.buffers()]
-            self._unperturbed = [(t, t.detach().clone()) for t in [p for p, _ in moved] + buffers]
+            kept = [p for p, _ in moved] + list(self._engine.module.buffers())
+            self._unperturbed = [(t, t.detach().clone()) for t in kept]
             for (param, _), direction, scale in zip(moved, directions, scales):
                 step = direction * factor if scale is None else direction * scale * factor
                 param.add_(step.to(param.dtype))
@@ -599,10 +599,6 @@ class EngineSet:
     @property
     def device(self) -> torch.device:
         return self.primary.device
-
-    @property
-    def sharpness_aware(self) -> bool:
-        return self.single and self.primary.sharpness_aware is not None
 
     def prepare_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A batch on the workers' device, its floating-point tensors in the compute dtype."""

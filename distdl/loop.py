@@ -407,7 +407,7 @@ def micro_batch_step(config: Config, workload: Workload, engines: EngineSet, bat
         # Its own generator (seeded apart from the micro-batch's dropout and masks), so resumes redraw it.
         generator = torch.Generator().manual_seed(int(np.random.SeedSequence((seed, 1)).generate_state(1)[0]))
         return minibatch_noise_step(workload, engines.primary, batch, scale, generator)
-    if engines.sharpness_aware:
+    if config.optimizer.sam is not None:
         return sharpness_aware_step(workload, engines.primary, batch)
     return workload.train_step(engines.for_workload(), batch)
 

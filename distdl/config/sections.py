@@ -298,7 +298,7 @@ def _check_noise(config: Config) -> None:
     if noise.temperature:
         raise ConfigError("optimizer.noise.temperature applies to kind isotropic; minibatch noise takes a batch_size")
     batch, micro = config.trainer.global_batch_size, config.trainer.micro_batch_size
-    if noise.batch_size is None or (batch is not None and noise.batch_size >= batch):
+    if noise.batch_size is None or noise.batch_size >= batch:  # the batch is resolved by now
         raise ConfigError(f"optimizer.noise.batch_size={noise.batch_size} must be set below trainer.global_batch_size="
                           f"{batch}: minibatch noise gives the large batch the gradient noise of that smaller one")
     if micro < 2:

@@ -76,7 +76,9 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, loss: LossSe
     if loss.name == "mse":
         targets = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
         per_example = ((logits - targets) ** 2).sum(-1)
-        return {"sum": per_example.sum, "mean": per_example.mean}.get(reduction, lambda: per_example)()
+        if reduction == "none":
+            return per_example
+        return per_example.sum() if reduction == "sum" else per_example.mean()
     return F.cross_entropy(logits, labels, label_smoothing=loss.label_smoothing, reduction=reduction)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from distdl.engine import consolidated_state_dict
 from distdl.errors import ConfigError
-from distdl.rundir import CONFIG_FILE, RunStorage, find_checkpoint, is_uri
+from distdl.rundir import CHECKPOINT_PREFIX, CONFIG_FILE, RunStorage, find_checkpoint, is_uri
 
 KEY = "model.init_from"
 
@@ -52,7 +52,7 @@ def locate(init_from: str, which: str) -> WarmStart:
             return WarmStart(path, path, find_checkpoint(path, which))
         except ConfigError as err:
             raise ConfigError(f"{KEY}: {err}") from None
-    if path.name.startswith("checkpoint_") and (path.parent / CONFIG_FILE).is_file():
+    if path.name.startswith(CHECKPOINT_PREFIX) and (path.parent / CONFIG_FILE).is_file():
         return WarmStart(path, path.parent, path)
     if (path / "config.json").is_file():
         return WarmStart(path)
@@ -64,7 +64,7 @@ def _locate_stored(uri: str, which: str) -> WarmStart:
     """A run directory on object storage, or one of its checkpoint_* folders: its files and the checkpoint
     in this node's cache (each process of a node may call this; the checkpoint is downloaded once)."""
     named = uri.rstrip("/").rsplit("/", 1)[-1]
-    if named.startswith("checkpoint_"):
+    if named.startswith(CHECKPOINT_PREFIX):
         uri, which = uri.rstrip("/").rsplit("/", 1)[0], named
     storage = RunStorage(uri, key=KEY, cache="read")
     storage.pull()
