@@ -45,12 +45,21 @@ def with_noise_scale(metrics: dict[str, float]) -> dict[str, float]:
     return metrics
 
 
-def noise_scale_of_run(run_dir: Path) -> Optional[float]:
-    """B_simple over the second half of a run's training: the ratio of the mean tr(Sigma) and |G|^2
-    (McCandlish et al. average numerator and denominator apart; single windows are noisy)."""
+def late_noise_terms(run_dir: Path) -> Optional[tuple[float, float]]:
+    """The mean tr(Sigma) and |G|^2 over the second half of a run's training (its logged windows), or
+    None for a run that logged none."""
     windows = [m for m in read_metrics(run_dir) if TRACE in m]
     if not windows:
         return None
     late = windows[len(windows) // 2 :]
-    gradient_sq = np.mean([m[GRADIENT_SQ] for m in late])
-    return float(np.mean([m[TRACE] for m in late]) / gradient_sq) if gradient_sq > 0 else None
+    return float(np.mean([m[TRACE] for m in late])), float(np.mean([m[GRADIENT_SQ] for m in late]))
+
+
+def noise_scale_of_run(run_dir: Path) -> Optional[float]:
+    """B_simple over the second half of a run's training: the ratio of the mean tr(Sigma) and |G|^2
+    (McCandlish et al. average numerator and denominator apart; single windows are noisy)."""
+    terms = late_noise_terms(run_dir)
+    if terms is None:
+        return None
+    trace, gradient_sq = terms
+    return trace / gradient_sq if gradient_sq > 0 else None

@@ -25,10 +25,9 @@ from annotated_types import Ge, Gt, Interval, MinLen
 
 from distdl.config import AtLeastOne, Finite, Requirement, config_from_dict, noise_scale_possible
 from distdl.errors import ConfigError
-from distdl.noise_scale import TRACE, noise_scale_of_run
+from distdl.noise_scale import late_noise_terms, noise_scale_of_run
 from distdl.optim import effective_lr
 from distdl.registry import STUDIES
-from distdl.rundir import read_metrics
 from distdl.studies import plots
 from distdl.studies.base import (
     Study,
@@ -209,8 +208,8 @@ class SharpnessStudy(Study):
                 if key in measured:
                     surfaces.setdefault(key, {})[trial.name] = measured.pop(key)
             noise = noise_scale_of_run(config.run_dir)
-            late_traces = [m[TRACE] for m in read_metrics(config.run_dir) if TRACE in m]
-            measured["noise_trace"] = float(np.mean(late_traces[len(late_traces) // 2 :])) if late_traces else None
+            terms = late_noise_terms(config.run_dir)
+            measured["noise_trace"] = terms[0] if terms else None
             for protocol in trial.tags["protocols"]:
                 results.append({"trial": trial.name, "protocol": protocol, "batch_size": trial.tags["batch_size"],
                                 "variant": trial.tags.get("variant", PLAIN), "seed": trial.tags["seed"],
