@@ -349,6 +349,10 @@ class Engine:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return [param.detach().float().cpu().clone() for param in params]
 
+    def trainable_parameters(self) -> int:
+        """The model's trainable weights, counted whole under ZeRO-3 (ds_numel) as without it."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self._engine.module.parameters() if p.requires_grad)
+
     def parameter_checksum(self) -> str:
         """sha256 of this rank's full fp32 weights (gathered under ZeRO-3); equal on every rank."""
         import hashlib
@@ -637,6 +641,9 @@ class EngineSet:
         if self.single:
             return self.primary.memory_report()
         return {name: engine.memory_report() for name, engine in self.engines.items()}
+
+    def trainable_parameters(self) -> dict[str, int]:
+        return {name: engine.trainable_parameters() for name, engine in self.engines.items()}
 
     def optimizers(self) -> dict[str, str]:
         """Each engine's optimizer class, under DeepSpeed's ZeRO or mixed-precision wrapper."""

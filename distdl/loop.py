@@ -565,6 +565,7 @@ def run_summary(config: Config, workload: Workload, engines: EngineSet, step: in
         "ray_node_ids": gather_objects(ray_node_id()),
         "memory_per_rank": gather_objects(engines.memory_report()),
         "optimizers": engines.optimizers(),
+        "trainable_parameters": engines.trainable_parameters(),
         "final": final,
         "utilization": utilization,
         **workload.summary(),

@@ -463,6 +463,7 @@ class RunSummary(TypedDict, total=False):
     ray_node_ids: list[Optional[str]]  # one per rank
     memory_per_rank: list[dict[str, Any]]
     optimizers: dict[str, str]  # each engine's optimizer class
+    trainable_parameters: dict[str, int]  # each engine's trainable weights (whole, also under ZeRO-3)
     final: dict[str, Any]  # the last logged metrics
     # Model FLOPs per step, the session's mean TFLOP/s per device and MFU, the peak and its source,
     # and with trainer.compile the first compiled step's seconds (distdl.flops).

@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
-from annotated_types import Ge
+from annotated_types import Ge, Gt
 
 if TYPE_CHECKING:
     import torch
 
 from distdl.config import (
+    AtLeastOne,
     Config,
+    Finite,
     Requirement,
     build_section,
     config_from_dict,
@@ -31,6 +33,7 @@ from distdl.config import (
 )
 from distdl.errors import ConfigError
 from distdl.registry import WORKLOADS
+from distdl.rundir import read_metrics
 from distdl.workloads.base import WorkerContext, Workload
 
 STUDY_KEY = "study"
@@ -45,6 +48,33 @@ class StudySection:
     # Trials trained at once through Ray Tune; null: as many as the Ray cluster holds side by side.
     max_concurrent_trials: Optional[Annotated[int, Ge(1), Requirement(
         "must be at least 1 (or null: as many as the cluster holds)")]] = None
+
+
+@dataclass
+class LossTarget:
+    """For an equal_loss protocol: every trial trains until its window-mean training loss reaches
+    target_loss (trainer.stop_at_loss), within max_steps."""
+
+    target_loss: Optional[Annotated[float, Gt(0), Finite]] = None
+    max_steps: AtLeastOne = 5000
+
+    def loss_budget(self) -> dict[str, Any]:
+        return {"trainer.max_steps": self.max_steps, "trainer.stop_at_loss": self.target_loss, "trainer.epochs": None}
+
+    def reached(self, run_dir: Path, budget: int) -> dict[str, Any]:
+        """The steps a trial took to the target (its whole budget if it never got there), and whether it did."""
+        steps = steps_to_target(run_dir, self.target_loss)
+        return {"steps": steps or budget, "reached_target": steps is not None}
+
+
+def steps_to_target(run_dir: Path, target: float) -> Optional[int]:
+    """The first logged step whose window-mean training loss is at or below the target. The window
+    (trainer.log_every steps) smooths the loss: with a window of one step, a single lucky small
+    batch crossed the target at a quarter of the steps a 5-step window gave."""
+    for record in read_metrics(run_dir):
+        if "loss" in record and record["loss"] <= target:
+            return int(record["step"])
+    return None
 
 
 @dataclass
@@ -153,6 +183,10 @@ class Study(ABC):
     @abstractmethod
     def trials(self, train_examples: int) -> list[Trial]:
         """The runs to train, given the training set's size."""
+
+    def later_trials(self, trials: list[Trial]) -> list[Trial]:
+        """Runs whose settings come from the trained `trials` (trained after them); none by default."""
+        return []
 
     @abstractmethod
     def measure_tasks(self, trials: list[Trial]) -> list[dict[str, Any]]:

@@ -2,7 +2,8 @@
 the workers, and write report.md, results.json and the plots into the study directory.
 
 The study directory is `<run.storage_path>/<study.name>/`; each trial is a run directory under its
-`trials/`. Running the same command again resumes: finished trials are neither retrained nor
+`trials/`. A study may add trials whose settings come from the first ones' training (the sharpness
+study's isotropic arm at the matched temperature); they train after them. Running the same command again resumes: finished trials are neither retrained nor
 remeasured, and the report is written afresh.
 """
 
@@ -42,6 +43,10 @@ def run_study(name: str, path: str | Path, overrides: list[str], overwrite: bool
     study_dir.mkdir(parents=True, exist_ok=True)
     (study_dir / STUDY_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
     train_trials(study, trials, base, section.max_concurrent_trials, connect)
+    if later := study.later_trials(trials):
+        print(f"distdl: {len(later)} more trials, whose settings come from the trained ones")
+        train_trials(study, later, base, section.max_concurrent_trials, connect)
+        trials = trials + later
     run_measurements(base, study.measure_tasks(trials), study_class.measure, section, study_dir / "ray", connect)
     report = study.write_report(trials)
     write_json(study_dir / RESULTS_FILE, report.results)

@@ -39,6 +39,7 @@ from distdl.studies.base import (
     batch_overrides,
     check_seeds,
     check_sweep,
+    steps_to_target,
 )
 
 
@@ -188,16 +189,6 @@ def samples_per_second(run_dir: Path) -> float:
     windows = [m["samples_per_s"] for m in read_metrics(run_dir) if "samples_per_s" in m]
     kept = windows[1:] or windows
     return float(np.mean(kept)) if kept else float("nan")
-
-
-def steps_to_target(run_dir: Path, target: float) -> Optional[int]:
-    """The first logged step whose window-mean training loss is at or below the target. The window
-    (trainer.log_every steps) smooths the loss: with a window of one step, a single lucky small
-    batch crossed the target at a quarter of the steps a 5-step window gave."""
-    for record in read_metrics(run_dir):
-        if "loss" in record and record["loss"] <= target:
-            return int(record["step"])
-    return None
 
 
 def add_efficiency(frame: Any) -> Any:

@@ -16,18 +16,26 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from annotated_types import Ge, Gt
 
-from distdl.config import AtLeastOne, Finite, Requirement, config_from_dict, noise_scale_possible
+from distdl.config import Finite, Requirement, config_from_dict, noise_scale_possible
 from distdl.errors import ConfigError
 from distdl.registry import STUDIES
 from distdl.studies import plots
-from distdl.studies.base import Study, StudyReport, Trial, batch_overrides, check_seeds, check_sweep, epoch_steps
+from distdl.studies.base import (
+    LossTarget,
+    Study,
+    StudyReport,
+    Trial,
+    batch_overrides,
+    check_seeds,
+    check_sweep,
+    epoch_steps,
+)
 from distdl.studies.plots import eps_name
-from distdl.studies.scaling import steps_to_target
 from distdl.studies.sharpness import MEASUREMENTS_FILE, MeasurementSection, measure_solution, measured_solution
 
 # Candidate exponents k, and the profile-likelihood threshold of a 95% interval (chi-squared, 1 dof).
@@ -36,7 +44,7 @@ CHI2_95 = 3.841
 
 
 @dataclass
-class TemperatureSection(MeasurementSection):
+class TemperatureSection(MeasurementSection, LossTarget):
     name: str = "temperature"
     learning_rates: list[Annotated[float, Gt(0), Finite]] = field(default_factory=lambda: [0.01, 0.03, 0.1])
     batch_sizes: list[int] = field(default_factory=lambda: [32, 128, 512])
@@ -44,8 +52,6 @@ class TemperatureSection(MeasurementSection):
     # equal_epochs: every cell trains trainer.epochs; equal_loss: every cell trains until its window-mean
     # training loss reaches target_loss (trainer.stop_at_loss), within max_steps.
     protocol: Literal["equal_epochs", "equal_loss"] = "equal_epochs"
-    target_loss: Optional[Annotated[float, Gt(0), Finite]] = None
-    max_steps: AtLeastOne = 5000
     # One pass over the measurement set per point, for every cell of the grid: off unless asked for.
     landscape_points: Annotated[int, Ge(0), Requirement("must be 0 (skip) or more")] = 0
     landscape_grid: Annotated[int, Ge(0), Requirement("must be 0 (skip) or more")] = 0
@@ -81,8 +87,7 @@ class TemperatureStudy(Study):
         for lr in section.learning_rates:
             for batch in sorted(section.batch_sizes):
                 if section.protocol == "equal_loss":
-                    steps, budget, suffix = section.max_steps, {"trainer.stop_at_loss": section.target_loss,
-                                                                "trainer.epochs": None}, f"loss{section.target_loss:g}"
+                    steps, budget, suffix = section.max_steps, section.loss_budget(), f"loss{section.target_loss:g}"
                 else:
                     steps, budget = epoch_steps(self.base, batch, workers, train_examples), {}
                     suffix = f"steps{steps}"
@@ -113,8 +118,7 @@ class TemperatureStudy(Study):
             entry = {"trial": trial.name, **trial.tags, "temperature": trial.tags["lr"] / trial.tags["batch_size"],
                      **scalars}
             if self.section.protocol == "equal_loss":
-                reached = steps_to_target(run_dir, self.section.target_loss)
-                entry.update(steps=reached or trial.tags["steps"], reached_target=reached is not None)
+                entry.update(self.section.reached(run_dir, trial.tags["steps"]))
             entries.append(entry)
         frame = pd.DataFrame(entries)
         # Under equal_loss, a cell that never reached the target is not at the same training loss: left out.

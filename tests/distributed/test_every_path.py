@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from distdl.config import load_config
+from distdl.registry import WORKLOADS
 from distdl.rundir import RunSummary, read_metrics
+from distdl.workloads.base import WorkerContext
 from tests.conftest import CORPUS, REPO
 
 # ----------------------------------------------------------------------------- the checks
@@ -92,7 +94,18 @@ def test_every_workload_trains_at_every_precision_and_zero_stage(local_workers, 
     config = load_config(REPO / "configs" / file, [
         f"run.storage_path={tmp_path}", *overrides(data), *short_run(), f"engine.precision={precision}",
         f"engine.zero_stage={stage}"])
-    check_run(config, local_workers.train(config))
+    summary = local_workers.train(config)
+    check_run(config, summary)
+    if stage == 3:  # partitioned weights are counted whole
+        assert summary["trainable_parameters"] == trainable_parameters(config)
+
+
+def trainable_parameters(config) -> dict[str, int]:
+    """Each of the workload's models' trainable weights, counted on models built in this process."""
+    context = WorkerContext(rank=0, world_size=1, seed=0, micro_batch_size=1, run_dir=config.run_dir,
+                            device=torch.device("cpu"))
+    models = WORKLOADS.get(config.workload)(dict(config.sections), context).build_models()
+    return {name: sum(p.numel() for p in model.parameters() if p.requires_grad) for name, model in models.items()}
 
 
 # GANs: no ZeRO-3. WGAN-GP's double backward through the recomputation: tests/unit/test_gan_parts.py.

@@ -8,16 +8,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from distdl import cli
 from distdl.cluster.connect import connect_ray
+from distdl.rundir import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 SHARPNESS = REPO / "configs/studies/sharpness.yaml"
-# scikit-learn's 8x8 digits, a small MLP, one epoch: three trials (batch 16; batch 96 at equal epochs
-# and at equal steps), each measured on 300 training digits.
+TARGET = 0.5
+# scikit-learn's 8x8 digits, a small MLP: batch 16 and 96, each trained to the same training loss, and
+# next to batch 96 an isotropic-noise arm at the temperature matched to batch 16's gradient noise
+# (trained after the others); each measured on 300 training digits. Equal epochs and equal steps give
+# trials that differ only in their step count (tests/unit/test_sharpness_report.py).
 TINY = ["data.dataset=digits", "model.hidden_sizes=[32]", "trainer.epochs=1", "trainer.log_every=5", "optimizer.lr=0.01",
-        "study.batch_sizes=[16,96]", "study.seeds=[0]", "study.subspace_dimension=5", "study.measure_examples=300",
+        "study.batch_sizes=[16,96]", "study.seeds=[0]", "study.protocols=[equal_loss]",
+        f"study.target_loss={TARGET}", "study.max_steps=200", "study.variants=[isotropic_noise]",
+        "study.noise_temperature=matched", "study.subspace_dimension=5", "study.measure_examples=300",
         "study.hessian_products=30", "study.trace_samples=4", "study.interpolation_points=5",
         "study.sharpness_iterations=3", "study.landscape_points=5", "study.landscape_grid=3",
         "tracking.wandb_mode=offline"]
@@ -39,12 +46,17 @@ def test_sharpness_study_writes_its_report_results_and_plots(sharpness_study):
 
     study_dir, report, _ = sharpness_study
     results = json.loads((study_dir / "results.json").read_text())["entries"]
-    assert {(r["protocol"], r["batch_size"]) for r in results} == {
-        ("equal_epochs", 16), ("equal_epochs", 96), ("equal_steps", 16), ("equal_steps", 96)}
-    steps = {(r["protocol"], r["batch_size"]): r["steps"] for r in results}
-    # 1,437 training digits over 2 workers: 718 each, 44 steps of 16 or 7 of 96 per epoch.
-    assert steps == {("equal_epochs", 16): 89, ("equal_epochs", 96): 14, ("equal_steps", 16): 89,
-                     ("equal_steps", 96): 89}
+    arms = {(r["protocol"], r["batch_size"], r["variant"]) for r in results}
+    assert arms == {("equal_loss", 16, "none"), ("equal_loss", 96, "none"), ("equal_loss", 96, "isotropic_noise")}
+    # Each stopped at its first logged window at or below the target, well within study.max_steps.
+    for entry in results:
+        losses = [(m["step"], m["loss"]) for m in read_metrics(study_dir / "trials" / entry["trial"]) if "loss" in m]
+        assert entry["reached_target"] and losses[-1][0] == entry["steps"] < 200 and losses[-1][1] <= TARGET
+        assert all(loss > TARGET for _, loss in losses[:-1]), losses
+    # The isotropic arm ran at the temperature the report gives, from batch 16's noise terms.
+    trial = next(r["trial"] for r in results if r["variant"] == "isotropic_noise")
+    config = yaml.safe_load((study_dir / "trials" / trial / "config.yaml").read_text())
+    assert config["optimizer"]["noise"]["temperature"] == report.results["matched_temperature"]["equal_loss"] > 0
     required = ("batch_size", "seed", "train_accuracy", "test_accuracy", "sharpness_eps1e-3", "sharpness_eps5e-4",
                 "hessian_top_eigenvalue", "hessian_trace", "subspace_sharpness_eps1e-3", "adaptive_sharpness_eps1e-3")
     for entry in results:
@@ -53,7 +65,7 @@ def test_sharpness_study_writes_its_report_results_and_plots(sharpness_study):
         assert entry["sharpness_eps1e-3"] > entry["sharpness_eps5e-4"] > 0  # a larger box holds a higher peak
         assert entry["hessian_top_eigenvalue"] > 0 and entry["noise_scale"] > 0
     markdown = (study_dir / "report.md").read_text()
-    assert "equal_steps" in markdown and "## Large over small batch" in markdown
+    assert "## Large over small batch" in markdown and "## Closing the gap" in markdown
     for name in ("sharpness_vs_batch_size", "interpolation", "noise_scale", "landscape_1d", "landscape_2d"):
         assert f"]({name}.png)" in markdown and Image.open(study_dir / f"{name}.png").size[0] > 300
     for trial in {r["trial"] for r in results}:
@@ -63,13 +75,14 @@ def test_sharpness_study_writes_its_report_results_and_plots(sharpness_study):
         # The middle point is the solution itself; the loss rises away from it.
         assert line["loss"][2] == pytest.approx(plane["loss"][1][1], rel=1e-12)
         assert min(line["loss"][0], line["loss"][4]) > line["loss"][2]
-    curve = json.loads((study_dir / "interpolation" / "equal_epochs-seed0.json").read_text())
+    curve = json.loads((study_dir / "interpolation" / "equal_loss-seed0.json").read_text())
     assert [r["alpha"] for r in curve["rows"]] == [-1.0, -0.25, 0.5, 1.25, 2.0]
     # The trials are W&B runs of the study's group, and the study logs its plots as images.
-    trial_config = (study_dir / "trials" / "batch16-seed0-steps89" / "config.yaml").read_text()
+    trial_config = (study_dir / "trials" / "batch16-seed0-loss0.5" / "config.yaml").read_text()
     assert "wandb_group: sharpness-mnist5k" in trial_config
     images = {path.name.rsplit("_", 2)[0] for path in study_dir.glob("wandb/offline-run-*/files/media/images/*.png")}
-    assert images == {"sharpness_vs_batch_size", "interpolation", "noise_scale", "landscape_1d", "landscape_2d"}, images
+    assert images == {"sharpness_vs_batch_size", "interpolation", "noise_scale", "landscape_1d", "landscape_2d",
+                      "variants"}, images
 
 
 def test_variants_add_large_batch_arms_with_their_own_optimizer_settings(tmp_path):
@@ -78,6 +91,7 @@ def test_variants_add_large_batch_arms_with_their_own_optimizer_settings(tmp_pat
     from distdl.studies.sharpness import SharpnessStudy
 
     overrides = [*TINY, f"run.storage_path={tmp_path}", "study.variants=[sam,isotropic_noise,minibatch_noise]",
+                 "study.protocols=[equal_epochs,equal_steps]",
                  "study.noise_temperature=1.0e-6", "study.sam_rho=0.1", "study.sam_adaptive=true"]
     study_file = read_study_file(SHARPNESS, overrides)
     study = SharpnessStudy(SharpnessStudy.parse_section(study_file.study), study_file.training, tmp_path)
@@ -106,8 +120,8 @@ def test_the_data_parallel_measurement_equals_one_process(sharpness_study):
 
     study_dir, _, overrides = sharpness_study
     section = SharpnessStudy.parse_section(read_study_file(SHARPNESS, overrides).study)
-    run_dir = study_dir / "trials" / "batch96-seed0-steps14"
-    config = {**json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())))}
+    run_dir = study_dir / "trials" / "batch96-seed0-loss0.5"
+    config = {**json.loads(json.dumps(yaml.safe_load((run_dir / "config.yaml").read_text())))}
     context = WorkerContext(rank=0, world_size=1, seed=0, micro_batch_size=48, run_dir=run_dir,
                             device=torch.device("cpu"))
     workload, model = trained_workload(config, context)
@@ -129,7 +143,7 @@ def test_a_study_run_again_trains_and_measures_nothing_twice(sharpness_study):
     watched = [*study_dir.glob("trials/*/metrics.jsonl"), *study_dir.glob("trials/*/measurements.json"),
                *study_dir.glob("interpolation/*.json")]
     before = {path: path.stat().st_mtime_ns for path in watched}
-    assert len(before) == 3 + 3 + 2
+    assert len(before) == 3 + 3 + 1
     run_study("sharpness", SHARPNESS, overrides, False, connect_ray)
     assert {path: path.stat().st_mtime_ns for path in watched} == before
     assert (study_dir / "report.md").is_file()
@@ -153,6 +167,9 @@ def test_a_study_run_again_trains_and_measures_nothing_twice(sharpness_study):
     ("study.variants=[sam,sam]", "lists a variant twice"),
     ("study.variants=[dropout]", "allowed: isotropic_noise, minibatch_noise, sam"),
     ("study.noise_temperature=-1", "study.noise_temperature=-1"),
+    ("study.noise_temperature=hot", "study.noise_temperature='hot'"),
+    ("study.protocols=[equal_loss]", "study.protocols has equal_loss, which trains every trial to the same training "
+                                     "loss: set study.target_loss"),
 ])
 def test_bad_study_settings_are_refused_before_any_training(override, expected, tmp_path, capsys):
     overrides = ["data.dataset=digits", f"run.storage_path={tmp_path}", override]
@@ -177,7 +194,7 @@ def test_a_study_directory_with_other_settings_is_refused(tmp_path):
 
     saved = {"study": {"kind": "sharpness", "seeds": [0]}, "training": {"optimizer": {"lr": 0.001}}}
     (tmp_path / "s").mkdir()
-    (tmp_path / "s" / "study.yaml").write_text(__import__("yaml").safe_dump(saved))
+    (tmp_path / "s" / "study.yaml").write_text(yaml.safe_dump(saved))
     check_study_dir(tmp_path / "s", saved, overwrite=False)  # the same settings: a resume
     changed = {**saved, "study": {"kind": "sharpness", "seeds": [0, 1]}}
     with pytest.raises(RunDirError, match=r"study.seeds: \[0\] -> \[0, 1\]"):
