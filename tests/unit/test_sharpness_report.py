@@ -14,6 +14,10 @@ from distdl.studies.sharpness import SharpnessStudy
 
 REPO = Path(__file__).resolve().parents[2]
 VARIANTS = REPO / "configs/studies/sharpness_variants.yaml"
+# The variants study as Adam at equal epochs, batch 32 against 1000, on which the arithmetic below is done.
+ADAM = ["study.batch_sizes=[32,1000]", "study.seeds=[0,1]", "study.protocols=[equal_epochs]",
+        "study.variants=[sam,minibatch_noise]", "study.noise_temperature=null", "trainer.epochs=10",
+        "optimizer.name=adam", "optimizer.lr=1.0e-3"]
 # Made-up measurements: test accuracy, top eigenvalue and adaptive sharpness per (batch, variant, seed).
 MEASURED = {(32, "none"): (0.95, 10.0, 0.2), (1000, "none"): (0.93, 40.0, 0.5),
             (1000, "sam"): (0.945, 20.0, 0.3), (1000, "minibatch_noise"): (0.94, 25.0, 0.35)}
@@ -37,7 +41,7 @@ def _fake_run(run_dir: Path, batch: int, variant: str, seed: int, losses: tuple[
 def test_the_report_gives_each_arms_gap_to_the_small_batch_and_the_matched_temperature(tmp_path):
     from PIL import Image
 
-    study_file = read_study_file(VARIANTS, [f"run.storage_path={tmp_path}"])
+    study_file = read_study_file(VARIANTS, [*ADAM, f"run.storage_path={tmp_path}"])
     study = SharpnessStudy(SharpnessStudy.parse_section(study_file.study), study_file.training, tmp_path / "study")
     trials = study.trials(4000)
     for trial in trials:
@@ -72,7 +76,7 @@ def test_equal_loss_trains_to_the_target_and_the_matched_isotropic_arms_train_af
     trial has the same step budget and stops at the target; the report gives the steps it took and
     names a trial that never got there."""
     study_file = read_study_file(VARIANTS, [
-        f"run.storage_path={tmp_path}", "study.protocols=[equal_epochs,equal_loss]", "study.target_loss=0.05",
+        *ADAM, f"run.storage_path={tmp_path}", "study.protocols=[equal_epochs,equal_loss]", "study.target_loss=0.05",
         "study.max_steps=300", "study.variants=[isotropic_noise,sam]", "study.noise_temperature=matched"])
     study = SharpnessStudy(SharpnessStudy.parse_section(study_file.study), study_file.training, tmp_path / "study")
     trials = study.trials(4000)
@@ -119,7 +123,7 @@ def test_equal_loss_trains_to_the_target_and_the_matched_isotropic_arms_train_af
 def test_a_matched_temperature_needs_the_small_batchs_noise_terms(tmp_path):
     from distdl.errors import ConfigError
 
-    study_file = read_study_file(VARIANTS, [f"run.storage_path={tmp_path}", "study.variants=[isotropic_noise]",
+    study_file = read_study_file(VARIANTS, [*ADAM, f"run.storage_path={tmp_path}", "study.variants=[isotropic_noise]",
                                             "study.noise_temperature=matched"])
     study = SharpnessStudy(SharpnessStudy.parse_section(study_file.study), study_file.training, tmp_path / "study")
     trials = study.trials(4000)
