@@ -1,4 +1,4 @@
-"""`distdl` command line: train, prepare, study, export and report. Knobs live in config files, not flags."""
+"""`distdl` command line: train, prepare, study, sweep, export and report. Knobs live in config files, not flags."""
 
 from __future__ import annotations
 
@@ -35,6 +35,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     study.add_argument("--overwrite", action="store_true",
                        help="if the study directory holds other settings, move it aside and start afresh")
 
+    sweep = commands.add_parser("sweep", help="a hyperparameter search on Ray Tune: trials side by side, ASHA stops "
+                                              "the worst mid-run")
+    sweep.add_argument("config", help="YAML training config, with a sweep: section or with --sweep")
+    sweep.add_argument("overrides", nargs="*", help="dotted.key=value overrides; sweep.* go to the sweep's section")
+    sweep.add_argument("--sweep", metavar="FILE", help="a YAML file holding the sweep: section (e.g. configs/glue/search.yaml)")
+    sweep.add_argument("--overwrite", action="store_true",
+                       help="if the sweep directory holds other settings, move it aside and start afresh")
+
     prepare = commands.add_parser("prepare", help="tokenize a training config's corpus into shards across the "
                                   "Ray cluster, at data.prepared_path, for training to read")
     prepare.add_argument("config", help="YAML config file (the one training will use)")
@@ -53,8 +61,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_submit_commands(commands)
 
     args, extra = parser.parse_known_args(argv)
-    if args.command == "submit":
-        # Overrides may follow the submit flags (key=value after --nodes 2 ...), as users type them.
+    if args.command in ("submit", "sweep"):
+        # Overrides may follow the flags (key=value after --nodes 2 or --sweep FILE), as users type them.
         args.overrides += [item for item in extra if "=" in item and not item.startswith("-")]
         extra = [item for item in extra if item not in args.overrides]
     if extra:
@@ -68,6 +76,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_prepare(args.config, args.overrides)
         if args.command == "study":
             return run_study(args.name, args.config, args.overrides, args.overwrite)
+        if args.command == "sweep":
+            return run_sweep(args.config, args.overrides, args.sweep, args.overwrite)
         if args.command == "report":
             return run_report(args.kind, [Path(d) for d in args.run_dirs])
         return run_export(args.run_dir, Path(args.out_dir), args.checkpoint)
@@ -222,6 +232,25 @@ def run_study(name: str, config_path: str, overrides: list[str], overwrite: bool
         print_failure(failed)
         return 1
     runner.print_summary(study_dir, report)
+    return 0
+
+
+def run_sweep(config_path: str, overrides: list[str], sweep_file: Optional[str], overwrite: bool) -> int:
+    from distdl.cluster.connect import connect_ray
+    from distdl.sweeps import runner
+
+    try:
+        sweep_dir, report = runner.run_sweep(config_path, overrides, sweep_file, overwrite, connect_ray)
+    except TrainingFailed as failed:
+        # Finished trials and their results stay in the sweep directory; the same command resumes the rest.
+        print_failure(failed)
+        return 1
+    print(f"distdl: sweep written to {sweep_dir}: report.md, results.json"
+          + "".join(f", {path.name}" for path in report.plots.values()))
+    summary = report.results["summary"]
+    if summary["best_trial"] is not None:
+        print(f"distdl: best trial {summary['best_trial']} ({summary['metric']} = {summary['best']:.4g} at step "
+              f"{summary['best_step']}); to export: {report.best_run or 'none has a recorded checkpoint'}")
     return 0
 
 

@@ -104,19 +104,20 @@ def already_connected(config: Config) -> None:
     """The Connect for code that runs inside a Ray worker already (a Ray Tune trial)."""
 
 
-def train(config: Config, connect: Connect, overwrite: bool = False) -> RunSummary:
-    """Run (or resume) a training run and return its summary."""
+def train(config: Config, connect: Connect, overwrite: bool = False, report_to_tune: bool = False) -> RunSummary:
+    """Run (or resume) a training run and return its summary. Inside a Ray Tune trial, with
+    `report_to_tune`, every evaluation's metrics also go to Tune, whose scheduler may stop the run."""
     with stop_on_signal(config.run_storage):
-        return run_training(config, connect, overwrite)
+        return run_training(config, connect, overwrite, report_to_tune)
 
 
-def run_training(config: Config, connect: Connect, overwrite: bool) -> RunSummary:
+def run_training(config: Config, connect: Connect, overwrite: bool, report_to_tune: bool = False) -> RunSummary:
     console_for_batch_logs()
     payload = prepare_run(config, connect, overwrite)
     if payload is None:
         return read_summary(config.run_dir)
     connect(config)  # the embedded local Ray starts only once the run is known to be good
-    trainer = build_trainer(config, payload)
+    trainer = build_trainer(config, {**payload, "report_evaluations": report_to_tune})
     storage = config.run_storage
     try:
         trainer.fit()
@@ -319,6 +320,11 @@ def build_trainer(config: Config, payload: dict[str, Any]) -> Any:
     from distdl.loop import train_loop_per_worker
 
     storage = config.run_storage
+    callbacks = []
+    if payload.get("report_evaluations"):
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())  # rank 0's reports, into the Tune trial around this run
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=payload,
@@ -331,6 +337,7 @@ def build_trainer(config: Config, payload: dict[str, Any]) -> Any:
             failure_config=FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=checkpoint_config(config),
             logging_config=quiet_train_logs(),
+            callbacks=callbacks,
         ),
     )
 

@@ -79,7 +79,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         tracker = Tracker(config.tracking, config.run_dir, config.run.name, config.to_dict(),
                           payload["wandb_mode"], start_step, config.trainer.max_steps,
                           payload.get("console_is_terminal", False))
-    run_steps(config, workload, engines, tracker, start_step, rank, model_flops)
+    run_steps(config, workload, engines, tracker, start_step, rank, model_flops,
+              report_evaluations=payload.get("report_evaluations", False))
 
 
 def pull_run_files(storage: RunStorage) -> None:
@@ -470,9 +471,12 @@ def compile_failures_named(config: Config) -> Iterator[None]:
 
 
 def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: Optional[Tracker],
-              start_step: int, rank: int, model_flops: Optional[ModelFlops] = None) -> None:
+              start_step: int, rank: int, model_flops: Optional[ModelFlops] = None,
+              report_evaluations: bool = False) -> None:
     """Train from `start_step` to the schedule's stop, logging, evaluating and checkpointing on its
-    steps, until a stop rule ends the session; then write the summary."""
+    steps, until a stop rule ends the session; then write the summary. With `report_evaluations`
+    (a run inside a Tune trial), an evaluation without a checkpoint is reported to Ray Train too,
+    so that Tune's scheduler sees every one."""
     session_started, session_clock = time.perf_counter(), config.run_storage.clock()
     score_key = workload.checkpoint_metric(config.sections)
     schedule = Schedule.of(config.trainer, score_key)
@@ -532,6 +536,10 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
             save_and_report(engines, workload, storage, rank, step, reported, previous_checkpoint,
                             utilization.model_flops)
             previous_checkpoint = checkpoint_name(step)
+        elif evaluate and report_evaluations:
+            import ray.train
+
+            ray.train.report(numeric_metrics(step, metrics))  # every rank, as Ray Train wants
         if log_step:
             window = Window()  # after eval and checkpoint, so throughput counts training time only
         if step == schedule.stop:
@@ -597,12 +605,16 @@ def save_and_report(engines: EngineSet, workload: Workload, storage: RunStorage,
             engines.save(directory, client_state={"step": step, "workload": workload.state_dict(),
                                                   "model_flops": dataclasses.asdict(model_flops)})
             torch.save(rng_state(engines.device), Path(directory) / RNG_FILE.format(rank=rank))
-            reported = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            ray.train.report({"step": step, **reported}, checkpoint=ray.train.Checkpoint.from_directory(directory),
+            ray.train.report(numeric_metrics(step, metrics), checkpoint=ray.train.Checkpoint.from_directory(directory),
                              checkpoint_dir_name=name)
     except OSError as err:
         raise CheckpointError(f"could not write the checkpoint of step {step} to {storage.location(name)} ({err}); "
                               "the run's previous checkpoint is kept and a rerun resumes from it") from err
+
+
+def numeric_metrics(step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What a step reports to Ray Train (and through it to Tune): the step and the numbers."""
+    return {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
 
 
 def ray_node_id() -> Optional[str]:

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from distdl.data import glue
 from distdl.errors import ConfigError
-from distdl.rundir import read_summary, saved_config
+from distdl.rundir import read_metrics, read_summary, saved_config
 
 # The BERT paper's GLUE average (Devlin et al. 2019, table 1): one number per entry, MNLI's matched
 # and mismatched sets counted as two entries, WNLI left out. Its BERT-base row averages to 79.6.
@@ -50,14 +50,28 @@ def bert_paper_average(scores: dict[tuple[str, str], float]) -> tuple[Optional[f
 
 
 def read_glue_run(run_dir: Path) -> dict[str, Any]:
-    """A finished GLUE run's task, best dev metrics and name; errors name the directory."""
+    """A GLUE run's task, best dev metrics and name; errors name the directory. A run that never
+    finished (a sweep's trial its scheduler stopped) is read from its logged evaluations."""
     config = saved_config(run_dir, "glue")
     summary = read_summary(run_dir)
-    best = summary.get("best") or {}
+    best = summary.get("best") or best_logged_evaluation(run_dir, glue.get_task(config["data"]["task"]).primary_metric)
     if best.get("step") is None:
-        raise ConfigError(f"{run_dir} has no evaluated result yet (summary.json has no best dev metrics)")
+        raise ConfigError(f"{run_dir} has no evaluated result yet (no best dev metrics in summary.json or "
+                          "metrics.jsonl)")
+    steps = summary.get("steps") or max((m["step"] for m in read_metrics(run_dir)), default=None)
     return {"run": run_dir.name, "task": config["data"]["task"], "metrics": best, "step": best["step"],
-            "steps": summary.get("steps")}
+            "steps": steps}
+
+
+def best_logged_evaluation(run_dir: Path, primary: str) -> dict[str, Any]:
+    """The logged evaluation with the highest primary metric (the later one on a tie, as the loop
+    keeps its best), in summary.json's `best` form; {} when none was logged."""
+    evaluations = [m for m in read_metrics(run_dir) if isinstance(m.get(primary), (int, float))
+                   and not math.isnan(m[primary])]
+    if not evaluations:
+        return {}
+    top = max(reversed(evaluations), key=lambda m: m[primary])
+    return {"step": top["step"], **{k: v for k, v in top.items() if k.startswith("eval_")}}
 
 
 def glue_table(run_dirs: list[Path]) -> str:

@@ -14,6 +14,7 @@ from distdl.config.loading import (
     read_yaml,
     resolve_paths,
     set_dotted,
+    split_section,
     with_defaults,
     without_session_keys,
 )
@@ -39,7 +40,7 @@ from distdl.config.sections import (
 __all__ = [
     "AtLeastOne", "Finite", "NonNegative", "Requirement", "StepInterval", "build_section", "coerce",
     "PATH_KEYS", "config_differences", "config_from_dict", "load_config", "parse_override", "read_yaml",
-    "resolve_paths", "set_dotted", "with_defaults", "without_session_keys",
+    "resolve_paths", "set_dotted", "split_section", "with_defaults", "without_session_keys",
     "FIXED_SECTIONS", "SESSION_KEYS", "Config", "EngineSection", "NoiseSection", "OptimizerSection", "RaySection", "RunSection",
     "ScalingSection", "SchedulerSection", "SharpnessAwareSection", "TrackingSection", "TrainerSection", "noise_scale_possible",
     "resolve_epochs", "validate",

@@ -25,6 +25,20 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return config_from_dict(raw)
 
 
+def split_section(raw: dict[str, Any], key: str, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
+    """A study's or sweep's own section (None if the file has none) and the training config beside it,
+    each with its own overrides: `key.*` go to the section, every other one to the training config."""
+    section = raw.pop(key, None)
+    for override in overrides:
+        dotted, value = parse_override(override)
+        if dotted.startswith(key + "."):
+            section = {} if section is None else section
+            set_dotted(section, dotted[len(key) + 1 :], value)
+        else:
+            set_dotted(raw, dotted, value)
+    return section, raw
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -57,6 +71,8 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node = tree
     for part in parents:
         child = node.setdefault(part, {})
+        if child is None:  # an optional section left out (optimizer.sam: null): a key below it sets it
+            child = node[part] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"override {key}: {part} is a value, not a section")
         node = child

@@ -26,10 +26,10 @@ from distdl.config import (
     Requirement,
     build_section,
     config_from_dict,
-    parse_override,
     read_yaml,
     resolve_epochs,
     set_dotted,
+    split_section,
 )
 from distdl.errors import ConfigError
 from distdl.registry import WORKLOADS
@@ -95,17 +95,11 @@ class StudyFile:
 
 def read_study_file(path: str | Path, overrides: list[str]) -> StudyFile:
     raw = read_yaml(path)
-    study = raw.pop(STUDY_KEY, None)
-    if not isinstance(study, dict):
+    if not isinstance(raw.get(STUDY_KEY), dict):
         raise ConfigError(f"study file {path} needs a '{STUDY_KEY}:' section (the study's settings) next to the "
                           "training config")
-    for override in overrides:
-        key, value = parse_override(override)
-        if key.startswith(STUDY_KEY + "."):
-            set_dotted(study, key[len(STUDY_KEY) + 1 :], value)
-        else:
-            set_dotted(raw, key, value)
-    return StudyFile(study, raw)
+    study, training = split_section(raw, STUDY_KEY, overrides)
+    return StudyFile(study, training)
 
 
 def check_sweep(key: str, values: list[int], what: str) -> None:

@@ -21,7 +21,7 @@ def markdown_sections(figures: dict[str, Path], suffix: str = "") -> list[str]:
     return lines
 
 
-def _figure(columns: int = 1, width: float = 5.0) -> tuple[Any, Any]:
+def figure_row(columns: int = 1, width: float = 5.0) -> tuple[Any, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +31,7 @@ def _figure(columns: int = 1, width: float = 5.0) -> tuple[Any, Any]:
     return figure, axes[0]
 
 
-def _save(figure: Any, path: Path) -> Path:
+def save_figure(figure: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure.tight_layout()
@@ -46,7 +46,7 @@ def sharpness_against_batch(frame: Any, section: Any, study_dir: Path) -> Path:
     panels = [(f"sharpness_eps{eps}", f"sharpness (eps={eps})", True),
               ("hessian_top_eigenvalue", "top Hessian eigenvalue", True),
               ("test_accuracy", "test accuracy", False)]
-    figure, axes = _figure(len(panels), 4.2)
+    figure, axes = figure_row(len(panels), 4.2)
     for axis, (column, label, log) in zip(axes, panels):
         for protocol, group in frame.groupby("protocol"):
             means = group.groupby("batch_size")[column].mean()
@@ -58,7 +58,7 @@ def sharpness_against_batch(frame: Any, section: Any, study_dir: Path) -> Path:
         axis.set_xlabel("batch size")
         axis.set_title(label)
     axes[0].legend()
-    return _save(figure, study_dir / "sharpness_vs_batch_size.png")
+    return save_figure(figure, study_dir / "sharpness_vs_batch_size.png")
 
 
 def variant_gaps(gaps: Any, study_dir: Path) -> Path:
@@ -69,7 +69,7 @@ def variant_gaps(gaps: Any, study_dir: Path) -> Path:
               ("hessian_top_eigenvalue_ratio", "top eigenvalue over the small batch's", True)]
     if adaptive:
         panels.append((adaptive, "adaptive sharpness over the small batch's", True))
-    figure, axes = _figure(len(panels), 4.6)
+    figure, axes = figure_row(len(panels), 4.6)
     arms = list(dict.fromkeys(gaps.arm))
     protocols = list(dict.fromkeys(gaps.protocol))
     width = 0.8 / len(protocols)
@@ -86,7 +86,7 @@ def variant_gaps(gaps: Any, study_dir: Path) -> Path:
         axis.set_xticks(range(len(arms)), arms, rotation=20, ha="right", fontsize=7)
         axis.set_title(title, fontsize=9)
     axes[0].legend(fontsize=7)
-    return _save(figure, study_dir / "variants.png")
+    return save_figure(figure, study_dir / "variants.png")
 
 
 def temperature_heatmaps(frame: Any, fits: dict[str, dict[str, Any]], study_dir: Path) -> Path:
@@ -95,7 +95,7 @@ def temperature_heatmaps(frame: Any, fits: dict[str, dict[str, Any]], study_dir:
     from matplotlib.colors import LogNorm
 
     batches, rates = sorted(frame.batch_size.unique()), sorted(frame.lr.unique())
-    figure, axes = _figure(len(fits), 4.4)
+    figure, axes = figure_row(len(fits), 4.4)
     for axis, (key, fit) in zip(axes, fits.items()):
         means = frame.groupby(["lr", "batch_size"])[key].mean()
         grid = np.array([[means.get((lr, batch), np.nan) for batch in batches] for lr in rates])
@@ -115,7 +115,7 @@ def temperature_heatmaps(frame: Any, fits: dict[str, dict[str, Any]], study_dir:
                        fontsize=8)
         figure.colorbar(mesh, ax=axis)
     axes[0].set_ylabel("learning rate")
-    return _save(figure, study_dir / "temperature_heatmaps.png")
+    return save_figure(figure, study_dir / "temperature_heatmaps.png")
 
 
 def _edges(values: list[float]) -> np.ndarray:
@@ -128,7 +128,7 @@ def _edges(values: list[float]) -> np.ndarray:
 def interpolation_curves(curves: dict[str, dict[str, Any]], study_dir: Path) -> Path:
     """Keskar's Figure 3: loss (log scale) and accuracy from the small-batch solution (alpha 0) to the
     large-batch one (alpha 1), and beyond on both sides."""
-    figure, axes = _figure(len(curves), 4.5)
+    figure, axes = figure_row(len(curves), 4.5)
     twins = []
     for axis, (title, curve) in zip(axes, curves.items()):
         rows = curve["rows"]
@@ -147,13 +147,13 @@ def interpolation_curves(curves: dict[str, dict[str, Any]], study_dir: Path) -> 
         axis.set_ylabel("loss")
     lines = [*axes[0].get_lines(), *twins[0].get_lines()]
     axes[0].legend(lines, [line.get_label() for line in lines], loc="upper left", fontsize=7)
-    return _save(figure, study_dir / "interpolation.png")
+    return save_figure(figure, study_dir / "interpolation.png")
 
 
 def landscape_lines(landscapes: dict[str, dict[str, Any]], study_dir: Path) -> Path:
     """Li et al.'s 1-D plots: training loss (log scale) along one filter-normalized direction through
     each solution, all on one axis."""
-    figure, (axis,) = _figure(1, 5.5)
+    figure, (axis,) = figure_row(1, 5.5)
     colours = _colours(len(landscapes))
     for colour, (name, landscape) in zip(colours, landscapes.items()):
         axis.plot(landscape["coordinates"], landscape["loss"], color=colour, label=name)
@@ -161,7 +161,7 @@ def landscape_lines(landscapes: dict[str, dict[str, Any]], study_dir: Path) -> P
     axis.set_xlabel("step along a filter-normalized direction")
     axis.set_ylabel("training loss")
     axis.legend(fontsize=7)
-    return _save(figure, study_dir / "landscape_1d.png")
+    return save_figure(figure, study_dir / "landscape_1d.png")
 
 
 def landscape_contours(landscapes: dict[str, dict[str, Any]], study_dir: Path) -> Path:
@@ -205,7 +205,7 @@ def noise_scale_curves(run_dirs: dict[str, Path], study_dir: Path) -> Optional[P
     """B_simple over training per trial (log scale), where training logged it."""
     from distdl.rundir import read_metrics
 
-    figure, (axis,) = _figure()
+    figure, (axis,) = figure_row()
     drawn = False
     for name, run_dir in run_dirs.items():
         points = [(m["step"], m["noise_scale"]) for m in read_metrics(run_dir)
@@ -224,12 +224,12 @@ def noise_scale_curves(run_dirs: dict[str, Path], study_dir: Path) -> Optional[P
     axis.set_ylabel("B_simple (examples)")
     axis.set_title("gradient noise scale")
     axis.legend(fontsize=7)
-    return _save(figure, study_dir / "noise_scale.png")
+    return save_figure(figure, study_dir / "noise_scale.png")
 
 
 def loss_curves(curves: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]], study_dir: Path) -> Path:
     """Training loss against step per width, on a log scale: a straight line is linear convergence."""
-    figure, (axis,) = _figure()
+    figure, (axis,) = figure_row()
     widths = sorted({width for width, _ in curves})
     colours = _colours(len(widths))
     for (width, seed), (steps, losses) in sorted(curves.items()):
@@ -239,11 +239,11 @@ def loss_curves(curves: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]], st
     axis.set_xlabel("step")
     axis.set_ylabel("training loss")
     axis.legend(fontsize=7)
-    return _save(figure, study_dir / "loss_curves.png")
+    return save_figure(figure, study_dir / "loss_curves.png")
 
 
 def distance_against_width(frame: Any, exponent: float, intercept: float, study_dir: Path) -> Path:
-    figure, (axis,) = _figure()
+    figure, (axis,) = figure_row()
     axis.scatter(frame.width, frame.relative_distance, label="||W - W0|| / ||W0||")
     if np.isfinite(exponent):
         widths = np.geomspace(frame.width.min(), frame.width.max(), 50)
@@ -253,12 +253,12 @@ def distance_against_width(frame: Any, exponent: float, intercept: float, study_
     axis.set_xlabel("width")
     axis.set_ylabel("relative distance from initialization")
     axis.legend()
-    return _save(figure, study_dir / "distance_vs_width.png")
+    return save_figure(figure, study_dir / "distance_vs_width.png")
 
 
 def error_against_width(frame: Any, study_dir: Path) -> Path:
     """Train and test error (and the share of ReLU patterns that changed) against width."""
-    figure, axes = _figure(2, 4.5)
+    figure, axes = figure_row(2, 4.5)
     means = frame.groupby("width").mean(numeric_only=True)
     axes[0].plot(means.index, means.train_error, "o-", label="train error")
     axes[0].plot(means.index, means.test_error, "o-", label="test error")
@@ -271,7 +271,7 @@ def error_against_width(frame: Any, study_dir: Path) -> Path:
     for axis in axes:
         axis.set_xscale("log")
         axis.set_xlabel("width")
-    return _save(figure, study_dir / "error_vs_width.png")
+    return save_figure(figure, study_dir / "error_vs_width.png")
 
 
 def _colours(count: int) -> list[Any]:
@@ -282,7 +282,7 @@ def _colours(count: int) -> list[Any]:
 
 def throughput_against_workers(frame: Any, study_dir: Path) -> Path:
     """Samples/s against workers (with the ideal line from the fewest workers), and the efficiency."""
-    figure, axes = _figure(2, 4.5)
+    figure, axes = figure_row(2, 4.5)
     for kind, group in frame.groupby("kind"):
         line = axes[0].plot(group.workers, group.samples_per_s, "o-", label=f"{kind} scaling")[0]
         first = group.iloc[0]
@@ -296,13 +296,13 @@ def throughput_against_workers(frame: Any, study_dir: Path) -> Path:
     for axis in axes:
         axis.set_xlabel("workers")
         axis.legend()
-    return _save(figure, study_dir / "throughput.png")
+    return save_figure(figure, study_dir / "throughput.png")
 
 
 def steps_against_batch(curve: Any, fits: dict[str, dict[str, Any]], target: float, study_dir: Path) -> Path:
     """Steps to the target loss against the global batch (log-log), one colour per optimizer: the
     runs, the fitted curve and both estimates of the critical batch size."""
-    figure, (axis,) = _figure(1, 5.5)
+    figure, (axis,) = figure_row(1, 5.5)
     batches = np.geomspace(curve.batch_size.min(), curve.batch_size.max(), 50)
     for index, (name, group) in enumerate(curve.groupby("optimizer", sort=False)):
         colour, fit, label = f"C{index}", fits[name], name if len(fits) > 1 else "measured"
@@ -320,4 +320,4 @@ def steps_against_batch(curve: Any, fits: dict[str, dict[str, Any]], target: flo
     axis.set_xlabel("global batch size")
     axis.set_ylabel(f"steps to training loss {target}")
     axis.legend(fontsize=7)
-    return _save(figure, study_dir / "steps_to_target.png")
+    return save_figure(figure, study_dir / "steps_to_target.png")

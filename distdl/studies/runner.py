@@ -18,13 +18,14 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from distdl.config import Config, config_differences, config_from_dict, with_defaults, without_session_keys
-from distdl.driver import Connect, already_connected, quiet_train_logs, scaling_config, train, training_failure
-from distdl.errors import ConfigError, RunDirError, TrainingFailed
+from distdl.config import Config, config_from_dict
+from distdl.driver import Connect, quiet_train_logs, scaling_config, train, training_failure
+from distdl.errors import ConfigError, TrainingFailed
 from distdl.registry import STUDIES, WORKLOADS
-from distdl.rundir import RunStorage, foreign_entries, is_uri, move_aside, write_json
+from distdl.rundir import RunStorage, is_uri, write_json
 from distdl.studies import jobs
 from distdl.studies.base import Study, StudyReport, read_study_file
+from distdl.tuning import check_finished, check_trials_dir, concurrent_trials, train_configs_with_tune
 
 STUDY_FILE = "study.yaml"
 RESULTS_FILE = "results.json"
@@ -45,7 +46,7 @@ def run_study(name: str, path: str | Path, overrides: list[str], overwrite: bool
     train_trials(study, trials, base, section.max_concurrent_trials, connect)
     if later := study.later_trials(trials):
         print(f"distdl: {len(later)} more trials, whose settings come from the trained ones")
-        train_trials(study, later, base, section.max_concurrent_trials, connect)
+        train_trials(study, later, base, section.max_concurrent_trials, connect, "later-trials")
         trials = trials + later
     run_measurements(base, study.measure_tasks(trials), study_class.measure, section, study_dir / "ray", connect)
     report = study.write_report(trials)
@@ -112,26 +113,11 @@ def locate_study(name: str, path: str | Path, overrides: list[str], check_dir: b
 
 def check_study_dir(study_dir: Path, saved: dict[str, Any], overwrite: bool) -> None:
     """Refuse a study directory that holds another study, unless overwriting (moved aside, not deleted)."""
-    saved_file = study_dir / STUDY_FILE
-    if not saved_file.is_file():
-        if study_dir.exists() and foreign_entries(study_dir):
-            raise RunDirError(f"study directory {study_dir} exists and is not a distdl study (no {STUDY_FILE}); "
-                              "choose another study.name or run.storage_path")
-        return
-    old = yaml.safe_load(saved_file.read_text()) or {}
-    old_study = {**saved["study"], **old.get("study", {})}  # settings added since: at today's values
-    differences = config_differences(old_study, saved["study"], "study.") + config_differences(
-        without_session_keys(with_defaults(old.get("training", {}))), without_session_keys(saved["training"]))
-    if not differences:
-        return
-    if not overwrite:
-        listed = "\n  ".join(differences)
-        raise RunDirError(f"study directory {study_dir} holds a study with other settings:\n  {listed}\n"
-                          "Use another study.name, or pass --overwrite to move the old study aside.")
-    print(f"distdl: moved the previous study to {move_aside(study_dir)}")
+    check_trials_dir(study_dir, STUDY_FILE, "study", saved, overwrite)
 
 
-def train_trials(study: Study, trials: list[Any], base: Any, limit: Optional[int], connect: Connect) -> None:
+def train_trials(study: Study, trials: list[Any], base: Any, limit: Optional[int], connect: Connect,
+                 experiment: str = "trials") -> None:
     """Each trial is an ordinary `distdl train` run. Several at once through Ray Tune where the Ray
     cluster holds their workers side by side, one after the other otherwise."""
     connect(base)
@@ -139,7 +125,7 @@ def train_trials(study: Study, trials: list[Any], base: Any, limit: Optional[int
     parallel = concurrent_trials(configs, limit)
     if parallel > 1 and len(configs) > 1:
         print(f"distdl: training {len(configs)} trials, up to {parallel} at once (Ray Tune)")
-        train_with_tune(configs, parallel, study.study_dir)
+        train_configs_with_tune(configs, parallel, study.study_dir / "ray", experiment)
         return
     from tqdm import tqdm
 
@@ -147,56 +133,6 @@ def train_trials(study: Study, trials: list[Any], base: Any, limit: Optional[int
     for config in bar:
         bar.set_postfix_str(config.run.name)
         check_finished(config.run.name, train(config, connect))
-
-
-def concurrent_trials(configs: list[Any], limit: Optional[int]) -> int:
-    """How many trials' workers the cluster holds at once (CPUs and GPUs), at most `limit`."""
-    import ray
-
-    available = ray.cluster_resources()
-    fits = []
-    for config in configs:
-        scaling = config.scaling
-        cpus = available.get("CPU", 0) // (scaling.num_workers * scaling.cpus_per_worker)
-        gpus = available.get("GPU", 0) // scaling.num_workers if scaling.use_gpu else cpus
-        fits.append(int(min(cpus, gpus)))
-    parallel = max(1, min(fits))
-    return min(parallel, limit) if limit else parallel
-
-
-def train_with_tune(configs: list[Any], parallel: int, study_dir: Path) -> None:
-    from ray import tune
-
-    tuner = tune.Tuner(
-        # The trial function only drives its TorchTrainer, whose workers hold the CPUs and GPUs;
-        # Tune needs some resource per trial, so it reserves the driver's memory.
-        tune.with_resources(tune_trial, {"memory": 256 * 2**20}),
-        param_space={"config": tune.grid_search([config.to_dict() for config in configs])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=parallel),
-        run_config=tune.RunConfig(name="trials", storage_path=str(study_dir / "ray"), verbose=1),
-    )
-    results = tuner.fit()
-    failed = [str(result.error).strip().splitlines()[-1] for result in results if result.error]
-    if failed:
-        raise TrainingFailed([f"{len(failed)} of {len(results)} trials failed:", *failed])
-
-
-def tune_trial(tune_config: dict[str, Any]) -> None:
-    from ray import tune
-
-    config = config_from_dict(tune_config["config"])
-    summary = train(config, already_connected)  # a Tune trial runs inside Ray
-    check_finished(config.run.name, summary)
-    tune.report({"steps": summary.get("steps", 0)})
-
-
-def check_finished(name: str, summary: dict[str, Any]) -> None:
-    """A trial that diverged or stopped early fails the study in one line (exit status 1), as a run does."""
-    if summary.get("non_finite_step") is not None:
-        raise TrainingFailed([f"trial {name} diverged: its loss or gradient norm was not finite at step "
-                              f"{summary['non_finite_step']}; lower its learning rate (or batch size) in the study"])
-    if not summary.get("completed", True):
-        raise TrainingFailed([f"trial {name} stopped before its last step; run the study again to go on"])
 
 
 def log_to_wandb(report: StudyReport, group: str, base: Any, study_dir: Path) -> None:

@@ -103,6 +103,11 @@ class Workload(ABC):
         """An evaluation metric (higher is better) to keep the best checkpoints by, or None: the latest."""
         return None
 
+    @classmethod
+    def evaluation_metrics(cls, sections: dict[str, Any]) -> list[str]:
+        """The numbers `evaluate` returns under these sections: what a sweep may rank its trials by."""
+        return []
+
     def build_model(self) -> torch.nn.Module:
         """The model, for workloads with one engine."""
         raise NotImplementedError

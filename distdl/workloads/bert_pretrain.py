@@ -277,6 +277,11 @@ class BertPretrain(Workload):
             )
         return train_count
 
+    @classmethod
+    def evaluation_metrics(cls, sections: dict[str, Any]) -> list[str]:
+        return ["eval_loss", "eval_mlm_accuracy", "eval_masked_tokens",
+                *(["eval_nsp_accuracy"] if sections["data"].next_sentence_prediction else [])]
+
     def build_model(self) -> torch.nn.Module:
         model = training_class(self.data)(bert_config(self.model_section, self.tokenizer, self.data.max_seq_length))
         if self.model_section.init_from:

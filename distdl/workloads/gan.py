@@ -132,6 +132,12 @@ class Gan(Workload):
             load_inception(Path(weights))  # a wrong file fails here, before any worker starts
         return len(data.train)
 
+    @classmethod
+    def evaluation_metrics(cls, sections: dict[str, Any]) -> list[str]:
+        evaluation = sections["eval"]
+        return [name for name, source in (("eval_frechet_distance", evaluation.classifier_run),
+                                          ("eval_inception_fid", evaluation.inception_weights)) if source is not None]
+
     def build_models(self) -> dict[str, torch.nn.Module]:
         section, data = self.model_section, self.data
         models = {

@@ -173,6 +173,11 @@ class GlueFinetune(Workload):
     def checkpoint_metric(cls, sections: dict[str, Any]) -> Optional[str]:
         return glue.get_task(sections["data"].task).primary_metric
 
+    @classmethod
+    def evaluation_metrics(cls, sections: dict[str, Any]) -> list[str]:
+        task = glue.get_task(sections["data"].task)
+        return [f"eval_{split.metric_prefix}{name}" for split in task.dev for name in ("loss", *task.metrics)]
+
     def build_model(self) -> torch.nn.Module:
         from transformers import AutoModelForSequenceClassification
 

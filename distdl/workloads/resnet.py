@@ -139,6 +139,10 @@ class ResNetClassification(Workload):
                 else _export_spec(sections, vision.load_vision(sections["data"])))  # runs from before it was kept
         classifiers.write_exported(out_dir, spec, state_dict)
 
+    @classmethod
+    def evaluation_metrics(cls, sections: dict[str, Any]) -> list[str]:
+        return ["eval_loss", "eval_top1", "eval_top5", "eval_images"]
+
     def build_model(self) -> torch.nn.Module:
         model = build_classifier(self.model_section, self.data.channels, self.data.image_size, self.data.classes)
         if self.model_section.activation_checkpointing:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distdl.config import load_config
+from distdl.config import load_config, read_yaml
 from distdl.registry import WORKLOADS
 from distdl.rundir import RunSummary, read_metrics
 from distdl.workloads.base import WorkerContext
@@ -40,6 +40,9 @@ def check_run(config, summary) -> list[dict]:
         assert norms and all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in norms.values()), metrics
         # CPU workers measure their matmul peak, so MFU is known here.
         assert metrics["mfu"] > 0 and metrics["tflops_per_device"] > 0, metrics
+    # The evaluation at the last step gives what the workload declares a sweep may rank by.
+    evaluated = {key for metrics in read_metrics(config.run_dir) for key in metrics if key.startswith("eval_")}
+    assert evaluated == set(WORKLOADS.get(config.workload).evaluation_metrics(config.sections)), evaluated
     usage = summary["utilization"]
     assert usage["flops_per_step"] > 0 and 0 < usage["mean_mfu"] < 2, usage
     assert usage["peak_source"].startswith(f"measured {config.engine.precision} matmul"), usage
@@ -181,7 +184,9 @@ def test_injected_noise_changes_the_updates_but_not_the_loss_it_reports(local_wo
 
 # ----------------------------------------------------------------------------- every shipped config
 
-SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
+# A file holding only a sweep: section (configs/glue/search.yaml) is not a training config; its
+# sweep runs, on a shipped task config, in tests/distributed/test_sweeps.py.
+SHIPPED = sorted(path for path in (REPO / "configs").rglob("*.yaml") if set(read_yaml(path)) != {"sweep"})
 
 
 def shipped_config(path: Path, storage: Path, data: dict[str, Path], *extra: str):

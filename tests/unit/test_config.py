@@ -400,6 +400,13 @@ def test_every_shipped_config_validates(path):
         # Named after their study, with a suffix for a variant (scaling_lars.yaml is a scaling study).
         STUDIES.get(path.stem.split("_")[0]).parse_section(study_file.study)
         config = config_from_dict(study_file.training)
+    elif path.name == "search.yaml":  # a sweep: section alone, for the configs beside it
+        from distdl.sweeps.runner import read_sweep
+
+        for task_config in sorted(path.parent.glob("*.yaml")):
+            if task_config != path:
+                read_sweep(task_config, ["trainer.micro_batch_size=8"], path)
+        return
     else:
         config = load_config(path)
     assert config.run.name and (config.trainer.max_steps or config.trainer.epochs) >= 1

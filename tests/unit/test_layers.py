@@ -1,6 +1,6 @@
 """distdl's imports go one way, down the layers (imports inside functions count too):
 
-    command line -> cluster launch -> driver -> worker loop -> engine, workloads, studies
+    command line -> cluster launch -> driver, runners -> worker loop -> engine, workloads, studies, sweeps
     -> data, models -> config, registry, errors, run directory
 
 and no module imports itself back through another. The graph is read from the source with `ast`."""
@@ -16,9 +16,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "distdl"
 LAYERS = {
     "distdl.cli": 0,
     "distdl.cluster": 1,
-    "distdl.driver": 2, "distdl.studies.runner": 2, "distdl.report": 2, "distdl.preparation": 2,
+    "distdl.driver": 2, "distdl.tuning": 2, "distdl.studies.runner": 2, "distdl.sweeps.runner": 2, "distdl.report": 2, "distdl.preparation": 2,
     "distdl.loop": 3, "distdl.studies.jobs": 3,
-    "distdl.engine": 4, "distdl.workloads": 4, "distdl.studies": 4, "distdl.tracking": 4, "distdl.optim": 4,
+    "distdl.engine": 4, "distdl.workloads": 4, "distdl.studies": 4, "distdl.sweeps": 4, "distdl.tracking": 4, "distdl.optim": 4,
     "distdl.metrics": 4, "distdl.noise_scale": 4, "distdl.flops": 4, "distdl.profiling": 4,
     "distdl.data": 5, "distdl.models": 5,
     "distdl.config": 6, "distdl.registry": 6, "distdl.errors": 6, "distdl.rundir": 6, "distdl.collectives": 6,

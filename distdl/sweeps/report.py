@@ -1,0 +1,127 @@
+"""A sweep's results from its trials' run directories: one row per trial with its values, its best
+metric and the step it came at, how far it trained and how it ended; the best trial; the steps the
+scheduler saved; a plot of the metric against each searched key."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from distdl.errors import ConfigError
+from distdl.rundir import latest_checkpoint, read_metrics, read_summary, saved_config
+from distdl.studies.plots import figure_row, markdown_sections, save_figure
+from distdl.sweeps.section import Dimension, SweepSection
+
+# Tune names a trial's directory <trainable>_<experiment id>_<5-digit index>_...; the index names its run.
+TUNE_TRIAL_ID = re.compile(r"_([0-9a-f]{5}_(\d{5}))_")
+
+
+@dataclass
+class SweepReport:
+    results: dict[str, Any]
+    markdown: str
+    plots: dict[str, Path]
+    best_run: Optional[Path]
+
+
+def sweep_report(results: Any, section: SweepSection, dimensions: list[Dimension], sweep_dir: Path) -> SweepReport:
+    failed = {match.group(2) for result in results if result.error
+              for match in [TUNE_TRIAL_ID.search(Path(result.path).name)] if match}
+    rows = [trial_row(run_dir, section, dimensions, failed)
+            for run_dir in sorted((sweep_dir / "trials").glob("trial*")) if (run_dir / "config.yaml").is_file()]
+    ranked = [row for row in rows if row["best"] is not None]
+    pick = max if section.mode == "max" else min
+    best = pick(ranked, key=lambda row: row["best"]) if ranked else None
+    # A trial the scheduler stopped may have no checkpoint Ray Train recorded: the best one to export
+    # is the best with one.
+    saved = [row for row in ranked if row["checkpoint"] is not None]
+    exported = pick(saved, key=lambda row: row["best"]) if saved else None
+    trained = sum(row["steps"] for row in rows)
+    budget = sum(row["max_steps"] for row in rows)
+    summary = {"metric": section.metric, "mode": section.mode, "scheduler": section.scheduler, "trials": len(rows),
+               "stopped_early": sum(row["status"] == "stopped early" for row in rows),
+               "trial_steps": trained, "trial_steps_without_stopping": budget,
+               "best_trial": best["trial"] if best else None, "best": best["best"] if best else None,
+               "best_step": best["best_step"] if best else None,
+               "best_trial_with_checkpoint": exported["trial"] if exported else None}
+    figures = {"metric_vs_values": metric_plot(rows, section, dimensions, sweep_dir)} if ranked else {}
+    best_run = sweep_dir / "trials" / exported["trial"] if exported else None
+    return SweepReport({"summary": summary, "trials": rows}, markdown(rows, summary, figures, section, best_run),
+                       figures, best_run)
+
+
+def trial_row(run_dir: Path, section: SweepSection, dimensions: list[Dimension], failed: set[str]) -> dict[str, Any]:
+    config = saved_config(run_dir)
+    values = {d.key: lookup(config, d.key) for d in dimensions}
+    scores = [(m["step"], m[section.metric]) for m in read_metrics(run_dir)
+              if isinstance(m.get(section.metric), (int, float)) and math.isfinite(m[section.metric])]
+    pick = max if section.mode == "max" else min
+    best_step, best = pick(scores, key=lambda score: score[1]) if scores else (None, None)
+    steps = max((m["step"] for m in read_metrics(run_dir)), default=0)
+    summary = read_summary(run_dir)
+    index = run_dir.name.split("-", 1)[0].removeprefix("trial")
+    status = ("finished" if summary.get("completed") else "failed" if index in failed or summary
+              else "stopped early" if section.scheduler != "none" else "interrupted")
+    return {"trial": run_dir.name, **values, "best": best, "best_step": best_step, "steps": steps,
+            "max_steps": config["trainer"]["max_steps"], "status": status, "checkpoint": recorded_checkpoint(run_dir)}
+
+
+def recorded_checkpoint(run_dir: Path) -> Optional[str]:
+    """The latest checkpoint Ray Train recorded as complete, or None (a trial stopped before any was)."""
+    try:
+        return latest_checkpoint(run_dir).name
+    except ConfigError:
+        return None
+
+
+def lookup(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def metric_plot(rows: list[dict[str, Any]], section: SweepSection, dimensions: list[Dimension],
+                sweep_dir: Path) -> Path:
+    """The best metric of each trial against each searched key, one panel per key; trials the
+    scheduler stopped drawn hollow."""
+    figure, axes = figure_row(len(dimensions), 4.5)
+    for axis, dimension in zip(axes, dimensions):
+        for status, marker in (("finished", "o"), ("stopped early", "x"), ("failed", "s"), ("interrupted", "^")):
+            mine = [row for row in rows if row["status"] == status and row["best"] is not None]
+            if mine:
+                axis.scatter([str(row[dimension.key]) if dimension.kind in ("grid", "choice") else row[dimension.key]
+                              for row in mine], [row["best"] for row in mine], marker=marker, label=status)
+        if dimension.kind == "loguniform":
+            axis.set_xscale("log")
+        axis.set_xlabel(dimension.key)
+        axis.set_ylabel(f"best {section.metric}")
+        axis.legend(fontsize=8)
+    return save_figure(figure, sweep_dir / "metric_vs_values.png")
+
+
+def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], figures: dict[str, Path], section: SweepSection,
+             best_run: Optional[Path]) -> str:
+    import pandas as pd
+
+    saved = summary["trial_steps_without_stopping"] - summary["trial_steps"]
+    lines = [f"# Sweep `{section.name}`", "",
+             f"{summary['trials']} trials ranked by {section.metric} ({section.mode}); scheduler {section.scheduler}"
+             + (f", which stopped {summary['stopped_early']} early: {summary['trial_steps']} trial-steps trained of "
+                f"{summary['trial_steps_without_stopping']} without stopping ({saved} saved)."
+                if section.scheduler != "none" else "."), ""]
+    if summary["best_trial"] is not None:
+        lines += [f"**Best:** `{summary['best_trial']}`, {section.metric} = {summary['best']:.4g} at step "
+                  f"{summary['best_step']}."]
+        if best_run is not None and best_run.name != summary["best_trial"]:
+            lines += [f"It was stopped before Ray Train recorded a checkpoint of it; the best trial with one is "
+                      f"`{best_run.name}`."]
+        if best_run is not None:
+            lines += [f"Its weights: `distdl export {best_run} OUT_DIR --checkpoint best`."]
+        lines += [""]
+    frame = pd.DataFrame(rows).sort_values("best", ascending=section.mode == "min", na_position="last")
+    frame["checkpoint"] = frame["checkpoint"].fillna("none recorded")
+    lines += ["## Trials", "", frame.to_markdown(index=False, floatfmt=".4g"), ""]
+    return "\n".join(lines + markdown_sections(figures))

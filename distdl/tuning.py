@@ -1,0 +1,102 @@
+"""Trials side by side on the Ray cluster, through Ray Tune: the studies' trials and `distdl sweep`'s.
+
+Each Tune trial drives one ordinary distdl run, whose Ray Train job runs inside the trial (Ray's
+pattern for Train V2). Every evaluation of the run reports its metrics to Tune as it happens
+(Ray's TuneReportCallback), so a Tune scheduler such as ASHA can stop a trial mid-run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+from distdl.config import Config, config_differences, config_from_dict, with_defaults, without_session_keys
+from distdl.driver import already_connected, train
+from distdl.errors import RunDirError, TrainingFailed
+from distdl.rundir import RunSummary, foreign_entries, move_aside
+
+# The resource each Tune trial itself holds: its function only drives its TorchTrainer, whose
+# workers hold the CPUs and GPUs, but Tune needs some resource per trial.
+TRIAL_DRIVER_RESOURCES = {"memory": 256 * 2**20}
+
+
+def trials_that_fit(config: Config) -> int:
+    """How many runs of this config the Ray cluster holds side by side (CPUs and GPUs); 0: none."""
+    import ray
+
+    available = ray.cluster_resources()
+    scaling = config.scaling
+    cpus = available.get("CPU", 0) // (scaling.num_workers * scaling.cpus_per_worker)
+    gpus = available.get("GPU", 0) // scaling.num_workers if scaling.use_gpu else cpus
+    return int(min(cpus, gpus))
+
+
+def concurrent_trials(configs: list[Config], limit: Optional[int]) -> int:
+    """How many trials' workers the cluster holds at once, at least 1 and at most `limit`."""
+    parallel = max(1, min(trials_that_fit(config) for config in configs))
+    return min(parallel, limit) if limit else parallel
+
+
+def train_configs_with_tune(configs: list[Config], parallel: int, storage: Path, name: str) -> None:
+    """Train whole configs (a study's trials) as a grid of Tune trials, `parallel` at a time; Tune's
+    experiment is `storage/name`."""
+    from ray import tune
+
+    tuner = tune.Tuner(
+        tune.with_resources(train_config_trial, TRIAL_DRIVER_RESOURCES),
+        param_space={"config": tune.grid_search([config.to_dict() for config in configs])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=parallel),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1),
+    )
+    raise_failures(tuner.fit())
+
+
+def train_config_trial(tune_config: dict[str, Any]) -> None:
+    run_trial(config_from_dict(tune_config["config"]))
+
+
+def run_trial(config: Config) -> RunSummary:
+    """One Tune trial's run: its evaluations report to Tune as they happen; a run that diverged or
+    stopped before its end fails the trial."""
+    summary = train(config, already_connected, report_to_tune=True)  # a Tune trial runs inside Ray
+    check_finished(config.run.name, summary)
+    return summary
+
+
+def raise_failures(results: Any, describe: Callable[[Any], str] = lambda result: "") -> None:
+    failed = [f"{describe(result)}{str(result.error).strip().splitlines()[-1]}" for result in results if result.error]
+    if failed:
+        raise TrainingFailed([f"{len(failed)} of {len(results)} trials failed:", *failed])
+
+
+def check_finished(name: str, summary: RunSummary) -> None:
+    """A trial that diverged or stopped early fails the study in one line (exit status 1), as a run does."""
+    if summary.get("non_finite_step") is not None:
+        raise TrainingFailed([f"trial {name} diverged: its loss or gradient norm was not finite at step "
+                              f"{summary['non_finite_step']}; lower its learning rate (or batch size)"])
+    if not summary.get("completed", True):
+        raise TrainingFailed([f"trial {name} stopped before its last step; run the same command again to go on"])
+
+
+def check_trials_dir(directory: Path, file_name: str, kind: str, saved: dict[str, Any], overwrite: bool) -> None:
+    """Refuse a study's or sweep's directory that holds one with other settings (`file_name` there
+    holds `{kind: ..., "training": ...}`), unless overwriting: then it is moved aside, not deleted."""
+    saved_file = directory / file_name
+    if not saved_file.is_file():
+        if directory.exists() and foreign_entries(directory):
+            raise RunDirError(f"{kind} directory {directory} exists and is not a distdl {kind} (no {file_name}); "
+                              f"choose another {kind}.name or run.storage_path")
+        return
+    old = yaml.safe_load(saved_file.read_text()) or {}
+    old_own = {**saved[kind], **old.get(kind, {})}  # settings added since: at today's values
+    differences = config_differences(old_own, saved[kind], f"{kind}.") + config_differences(
+        without_session_keys(with_defaults(old.get("training", {}))), without_session_keys(saved["training"]))
+    if not differences:
+        return
+    if not overwrite:
+        listed = "\n  ".join(differences)
+        raise RunDirError(f"{kind} directory {directory} holds a {kind} with other settings:\n  {listed}\n"
+                          f"Use another {kind}.name, or pass --overwrite to move the old {kind} aside.")
+    print(f"distdl: moved the previous {kind} to {move_aside(directory)}")

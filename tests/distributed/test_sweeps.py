@@ -1,0 +1,92 @@
+"""`distdl sweep` end to end on Ray Tune, 2 trials at a time, each a 2-worker Ray Train job with real
+DeepSpeed: ASHA stops trials mid-run on real digits, and a slice of the GLUE search runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distdl import cli
+from distdl.cluster.connect import connect_ray
+from distdl.rundir import read_metrics, read_summary
+
+pytestmark = pytest.mark.distributed
+REPO = Path(__file__).resolve().parents[2]
+LAPTOP = REPO / "configs/resnet/mnist_laptop.yaml"
+# Real 8x8 digits and a small MLP: 40 steps, evaluated every 10. SGD learns them at lr 0.3 and
+# barely moves at 0.001; the good rates come first, so ASHA has results to cut the poor ones against.
+DIGITS_SWEEP = [
+    "sweep.space={optimizer.lr: {grid: [0.3, 0.1, 0.003, 0.001]}}", "sweep.metric=eval_top1", "sweep.mode=max",
+    "sweep.scheduler=asha", "sweep.reduction_factor=2", "data.dataset=digits", "model.name=mlp",
+    "model.hidden_sizes=[32]", "trainer.epochs=null", "trainer.max_steps=40", "trainer.eval_every=10",
+    "trainer.checkpoint_every=20", "trainer.log_every=10", "scheduler.name=constant", "scheduler.warmup_ratio=0",
+    "tracking.wandb_mode=disabled", "tracking.progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def ray_with_dashboard():
+    """An embedded Ray as `distdl sweep` starts one: with the dashboard, whose State API Ray Train's
+    placement-group cleaner polls. A trial that ASHA stops is a Train controller killed mid-run; only
+    that cleaner gives its workers' CPUs back (without it, the next trial waits for them forever)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_asha_stops_the_poor_trials_mid_run_and_the_best_trial_exports(ray_with_dashboard, tmp_path):
+    from distdl.sweeps.runner import run_sweep
+
+    sweep_dir, report = run_sweep(LAPTOP, [*DIGITS_SWEEP, f"run.storage_path={tmp_path}"], None, False, connect_ray)
+    rows = {row["trial"]: row for row in report.results["trials"]}
+    assert len(rows) == 4 and all(name.startswith("trial0000") for name in rows)
+    # Each trial is an ordinary run with its own learning rate; its evaluations are the sweep's record.
+    for name, row in rows.items():
+        config = (sweep_dir / "trials" / name / "config.yaml").read_text()
+        assert f"lr: {row['optimizer.lr']}" in config
+        scores = [m["eval_top1"] for m in read_metrics(sweep_dir / "trials" / name) if "eval_top1" in m]
+        assert row["best"] == max(scores) and row["steps"] <= 40
+    # Tune's stop reaches a trial a few steps after its evaluation: one may even get to its last step,
+    # but a stopped trial never finishes its session (no summary.json).
+    stopped = [row for row in rows.values() if row["status"] == "stopped early"]
+    assert any(row["steps"] < row["max_steps"] == 40 for row in stopped), rows
+    assert all(read_summary(sweep_dir / "trials" / row["trial"]) == {} for row in stopped)
+    finished = [row for row in rows.values() if row["status"] == "finished"]
+    assert finished and all(row["steps"] == 40 for row in finished)
+    best = max(rows.values(), key=lambda row: row["best"])
+    summary = report.results["summary"]
+    assert (summary["best_trial"], summary["best"]) == (best["trial"], best["best"]) and best["optimizer.lr"] >= 0.1
+    # What exports is the best trial whose checkpoint Ray Train recorded (a stopped one may have none).
+    exportable = max((row for row in rows.values() if row["checkpoint"]), key=lambda row: row["best"])
+    assert report.best_run == sweep_dir / "trials" / exportable["trial"] and finished[0]["checkpoint"]
+    assert summary["trial_steps"] == sum(row["steps"] for row in rows.values()) < summary["trial_steps_without_stopping"]
+    assert json.loads((sweep_dir / "results.json").read_text())["summary"] == summary
+    markdown = (sweep_dir / "report.md").read_text()
+    assert f"**Best:** `{best['trial']}`" in markdown and f"distdl export {report.best_run} OUT_DIR" in markdown and "![metric_vs_values](metric_vs_values.png)" in markdown
+    assert (sweep_dir / "metric_vs_values.png").stat().st_size > 10_000
+    # The best trial's checkpoint exports.
+    assert cli.main(["export", str(report.best_run), str(tmp_path / "exported")]) == 0
+    assert any((tmp_path / "exported").iterdir())
+
+
+def test_a_slice_of_the_glue_search_runs_and_report_glue_picks_the_better_trial(ray_with_dashboard, tmp_path, glue_dir,
+                                                                               tiny_bert, capsys):
+    """Two of the paper's 24 trials on a fixture task, with the task config and the search file as
+    shipped; `distdl report glue` over the trials shows the one the sweep ranks first."""
+    argv = ["sweep", str(REPO / "configs/glue/rte.yaml"), "--sweep", str(REPO / "configs/glue/search.yaml"),
+            "sweep.space.trainer.global_batch_size={grid: [16]}", "sweep.space.trainer.epochs={grid: [1]}",
+            "sweep.space.optimizer.lr={grid: [5.0e-5, 2.0e-5]}", "trainer.micro_batch_size=8",
+            f"model.name_or_path={tiny_bert}", f"data.path={glue_dir}", "data.max_seq_length=32",
+            "trainer.log_every=5", f"run.storage_path={tmp_path}", "tracking.wandb_mode=disabled",
+            "tracking.progress_bar=false"]
+    assert cli.main(argv) == 0
+    sweep_dir = tmp_path / "glue-rte-sweep"
+    results = json.loads((sweep_dir / "results.json").read_text())
+    assert results["summary"]["metric"] == "eval_accuracy" and len(results["trials"]) == 2
+    capsys.readouterr()
+    assert cli.main(["report", "glue", *map(str, sorted((sweep_dir / "trials").iterdir()))]) == 0
+    table = capsys.readouterr().out
+    assert f"| {results['summary']['best_trial']} |" in table, table

@@ -1,0 +1,122 @@
+"""`distdl sweep`'s own settings, without Ray: the GLUE search's grid, Tune's search space and
+scheduler, trial names, and bad input refused before any trial starts, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distdl import cli
+from distdl.config import load_config
+from distdl.errors import ConfigError
+from distdl.sweeps.runner import read_sweep
+from distdl.sweeps.section import search_space, trial_name, trial_scheduler
+
+REPO = Path(__file__).resolve().parents[2]
+SEARCH = REPO / "configs/glue/search.yaml"
+MRPC = REPO / "configs/glue/mrpc.yaml"
+LAPTOP = REPO / "configs/resnet/mnist_laptop.yaml"
+
+
+def test_the_glue_search_expands_to_the_papers_24_combinations_each_a_valid_config():
+    from ray.tune.search.variant_generator import generate_variants
+
+    section, dimensions, base = read_sweep(MRPC, ["trainer.micro_batch_size=8"], SEARCH)
+    assert (section.name, section.metric, section.mode, section.scheduler) == ("glue-mrpc-sweep", "eval_f1", "max",
+                                                                                 "asha")
+    trials = [resolved for resolved, _ in generate_variants(search_space(dimensions))]
+    combinations = {(t[("optimizer.lr",)], t[("trainer.global_batch_size",)], t[("trainer.epochs",)]) for t in trials}
+    assert len(trials) == len(combinations) == 24
+    assert combinations == {(lr, batch, epochs) for lr in (5e-5, 4e-5, 3e-5, 2e-5) for batch in (16, 32)
+                            for epochs in (2, 3, 4)}
+    # ASHA's first rung is the first evaluation (every epoch here: step 1 and on), its rungs 3x apart.
+    scheduler = trial_scheduler(section)
+    assert (scheduler._time_attr, scheduler._reduction_factor) == ("step", 3)
+    # CoLA is ranked by its own metric.
+    assert read_sweep(REPO / "configs/glue/cola.yaml", ["trainer.micro_batch_size=8"], SEARCH)[0].metric == "eval_mcc"
+
+
+def test_every_kind_of_dimension_becomes_tunes_own():
+    from ray import tune
+
+    section, dimensions, _ = read_sweep(LAPTOP, [
+        "sweep.space={optimizer.lr: {loguniform: [1.0e-3, 1.0]}, optimizer.momentum: {uniform: [0.0, 0.9]}, "
+        "model.name: {choice: [mlp, cifar_resnet20]}, optimizer.weight_decay: {grid: [0.0, 1.0e-4]}}",
+        "sweep.metric=eval_top1", "sweep.mode=max", "sweep.samples=3"], None)
+    space = search_space(dimensions)
+    assert isinstance(space["optimizer.lr"], tune.search.sample.Float) and space["optimizer.lr"].lower == 1e-3
+    assert isinstance(space["optimizer.lr"].sampler, tune.search.sample.LogUniform)
+    assert isinstance(space["optimizer.momentum"].sampler, tune.search.sample.Uniform)
+    assert space["model.name"].categories == ["mlp", "cifar_resnet20"]
+    assert space["optimizer.weight_decay"] == {"grid_search": [0.0, 1e-4]}
+    assert section.samples == 3 and section.name == "resnet20-mnist-sweep" and trial_scheduler(section) is None
+
+
+def test_trial_names_give_the_index_and_the_values():
+    assert trial_name("71e9a_00003", {"optimizer.lr": 3e-05, "trainer.global_batch_size": 16}) == \
+        "trial00003-lr3e-05-global_batch_size16"
+    assert trial_name("71e9a_00012", {"model.name": "a/b c"}) == "trial00012-namea_b_c"
+
+
+def test_a_key_below_an_optional_section_left_out_can_be_searched():
+    _, dimensions, _ = read_sweep(LAPTOP, ["sweep.space={optimizer.sam.rho: {grid: [0.05, 0.1]}}",
+                                           "sweep.metric=eval_top1", "sweep.mode=max"], None)
+    assert dimensions[0].values == (0.05, 0.1)
+    assert load_config(LAPTOP).optimizer.sam is None
+
+
+ASHA = ["sweep.scheduler=asha", "sweep.metric=eval_top1", "sweep.mode=max"]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["sweep.space={optimizer.learning_rate: {grid: [0.1]}}"], "sweep.space.optimizer.learning_rate is not a key of "
+                                                               "the training config"),
+    (["sweep.space={optimizer.lr: {choice: []}}"], "sweep.space.optimizer.lr.choice=[] must be a non-empty list"),
+    (["sweep.space={optimizer.lr: {loguniform: [0, 0.1]}}"], "sweep.space.optimizer.lr.loguniform=[0, 0.1]: a "
+                                                             "log-uniform draw needs low > 0"),
+    (["sweep.space={optimizer.lr: {uniform: [0.1, 0.01]}}"], "must be two numbers [low, high] with low < high"),
+    (["sweep.space={optimizer.lr: {normal: [0.1, 0.01]}}"], "must be one of {grid: [...]}, {choice: [...]}"),
+    (["sweep.space={optimizer.lr: {grid: [0.1, 0.1]}}"], "lists a value twice"),
+    (["sweep.space={run.seed: {grid: [0, 1]}}"], "run.* and sweep.* name and place the trials"),
+    (["sweep.space={optimizer.lr: {grid: [-1.0]}}"], "the trial with optimizer.lr=-1.0 would have an invalid config"),
+    (["sweep.space={trainer.global_batch_size: {grid: [128, 192]}}"], "trainer.global_batch_size=192 would have an "
+                                                                    "invalid config"),
+    (["sweep.space={}"], "sweep.space is empty"),
+    (["sweep.metric=eval_f1", "sweep.mode=max"], "sweep.metric='eval_f1' is not reported by the resnet workload's "
+                                                 "evaluations here; it reports: eval_loss, eval_top1"),
+    (["sweep.metric=eval_top1"], "sweep.metric=eval_top1: set sweep.mode to max or min"),
+    ([], "set sweep.metric (and sweep.mode): the resnet workload has no default"),
+    ([*ASHA, "trainer.eval_every=0"], "sweep.scheduler=asha stops trials at their evaluations: set trainer.eval_every"),
+    (["sweep.scheduler=hyperband"], "sweep.scheduler='hyperband' is not allowed; allowed: none, asha"),
+    (["sweep.reduction_factor=1"], "sweep.reduction_factor=1"),
+    (["sweep.samples=0"], "sweep.samples=0 must be at least 1"),
+    (["sweep.colour=blue"], "unknown key sweep.colour"),
+])
+def test_bad_sweeps_are_refused_before_any_trial_starts(overrides, expected, tmp_path, capsys):
+    base = ["sweep.space={optimizer.lr: {grid: [0.1, 0.3]}}"] if not any(o.startswith("sweep.space") for o in overrides) \
+        else []
+    argv = ["sweep", str(LAPTOP), *base, *overrides, f"run.storage_path={tmp_path}"]
+    assert cli.main(argv) == 2
+    assert expected in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "nothing was written"
+
+
+def test_the_sweep_section_comes_from_the_config_or_its_own_file_not_both(tmp_path, capsys):
+    assert cli.main(["sweep", str(LAPTOP), f"run.storage_path={tmp_path}"]) == 2
+    assert "has no 'sweep:' section: add one, or give it with --sweep FILE" in capsys.readouterr().err
+    both = tmp_path / "both.yaml"
+    both.write_text(MRPC.read_text() + SEARCH.read_text())
+    with pytest.raises(ConfigError, match="gives another; keep one"):
+        read_sweep(both, [], SEARCH)
+    with pytest.raises(ConfigError, match="must hold only a 'sweep:' section"):
+        read_sweep(MRPC, [], MRPC)
+
+
+def test_a_search_dimension_can_be_replaced_from_the_command_line():
+    """sweep.space.optimizer.lr=... writes a nested key; it replaces the file's dotted one, in place."""
+    _, dimensions, _ = read_sweep(MRPC, ["trainer.micro_batch_size=8", "sweep.space.optimizer.lr={grid: [1.0e-4]}",
+                                         "sweep.space.trainer.epochs={choice: [1, 2]}"], SEARCH)
+    assert {d.key: (d.kind, d.values) for d in dimensions} == {
+        "optimizer.lr": ("grid", (1e-4,)), "trainer.global_batch_size": ("grid", (16, 32)),
+        "trainer.epochs": ("choice", (1, 2))}
