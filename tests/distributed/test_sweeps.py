@@ -1,5 +1,6 @@
 """`distdl sweep` end to end on Ray Tune, 2 trials at a time, each a 2-worker Ray Train job with real
-DeepSpeed: ASHA stops trials mid-run on real digits, and a slice of the GLUE search runs."""
+DeepSpeed: ASHA stops trials mid-run on real digits. A slice of the GLUE search, killed and resumed:
+tests/distributed/test_sweep_resume.py."""
 
 from __future__ import annotations
 
@@ -70,23 +71,3 @@ def test_asha_stops_the_poor_trials_mid_run_and_the_best_trial_exports(ray_with_
     # The best trial's checkpoint exports.
     assert cli.main(["export", str(report.best_run), str(tmp_path / "exported")]) == 0
     assert any((tmp_path / "exported").iterdir())
-
-
-def test_a_slice_of_the_glue_search_runs_and_report_glue_picks_the_better_trial(ray_with_dashboard, tmp_path, glue_dir,
-                                                                               tiny_bert, capsys):
-    """Two of the paper's 24 trials on a fixture task, with the task config and the search file as
-    shipped; `distdl report glue` over the trials shows the one the sweep ranks first."""
-    argv = ["sweep", str(REPO / "configs/glue/rte.yaml"), "--sweep", str(REPO / "configs/glue/search.yaml"),
-            "sweep.space.trainer.global_batch_size={grid: [16]}", "sweep.space.trainer.epochs={grid: [1]}",
-            "sweep.space.optimizer.lr={grid: [5.0e-5, 2.0e-5]}", "trainer.micro_batch_size=8",
-            f"model.name_or_path={tiny_bert}", f"data.path={glue_dir}", "data.max_seq_length=32",
-            "trainer.log_every=5", f"run.storage_path={tmp_path}", "tracking.wandb_mode=disabled",
-            "tracking.progress_bar=false"]
-    assert cli.main(argv) == 0
-    sweep_dir = tmp_path / "glue-rte-sweep"
-    results = json.loads((sweep_dir / "results.json").read_text())
-    assert results["summary"]["metric"] == "eval_accuracy" and len(results["trials"]) == 2
-    capsys.readouterr()
-    assert cli.main(["report", "glue", *map(str, sorted((sweep_dir / "trials").iterdir()))]) == 0
-    table = capsys.readouterr().out
-    assert f"| {results['summary']['best_trial']} |" in table, table
