@@ -30,7 +30,11 @@ class SweepReport:
 def sweep_report(results: Any, section: SweepSection, dimensions: list[Dimension], sweep_dir: Path) -> SweepReport:
     failed = {match.group(2) for result in results if result.error
               for match in [TUNE_TRIAL_ID.search(Path(result.path).name)] if match}
-    rows = [trial_row(run_dir, section, dimensions, failed)
+    # The last step Tune heard from each trial: a stopped trial's workers may log a few more steps
+    # before they are killed, after the scheduler decided; the ranking uses what Tune saw.
+    heard = {match.group(2): (result.metrics or {}).get("step") for result in results
+             for match in [TUNE_TRIAL_ID.search(Path(result.path).name)] if match}
+    rows = [trial_row(run_dir, section, dimensions, failed, heard)
             for run_dir in sorted((sweep_dir / "trials").glob("trial*")) if (run_dir / "config.yaml").is_file()]
     ranked = [row for row in rows if row["best"] is not None]
     pick = max if section.mode == "max" else min
@@ -53,18 +57,22 @@ def sweep_report(results: Any, section: SweepSection, dimensions: list[Dimension
                        figures, best_run)
 
 
-def trial_row(run_dir: Path, section: SweepSection, dimensions: list[Dimension], failed: set[str]) -> dict[str, Any]:
+def trial_row(run_dir: Path, section: SweepSection, dimensions: list[Dimension], failed: set[str],
+              heard: dict[str, Optional[int]]) -> dict[str, Any]:
     config = saved_config(run_dir)
     values = {d.key: lookup(config, d.key) for d in dimensions}
-    scores = [(m["step"], m[section.metric]) for m in read_metrics(run_dir)
-              if isinstance(m.get(section.metric), (int, float)) and math.isfinite(m[section.metric])]
-    pick = max if section.mode == "max" else min
-    best_step, best = pick(scores, key=lambda score: score[1]) if scores else (None, None)
-    steps = max((m["step"] for m in read_metrics(run_dir)), default=0)
+    records = read_metrics(run_dir)
     summary = read_summary(run_dir)
     index = run_dir.name.split("-", 1)[0].removeprefix("trial")
     status = ("finished" if summary.get("completed") else "failed" if index in failed or summary
               else "stopped early" if section.scheduler != "none" else "interrupted")
+    last_seen = heard.get(index) if status == "stopped early" else None
+    scores = [(m["step"], m[section.metric]) for m in records
+              if isinstance(m.get(section.metric), (int, float)) and math.isfinite(m[section.metric])
+              and (last_seen is None or m["step"] <= last_seen)]
+    pick = max if section.mode == "max" else min
+    best_step, best = pick(scores, key=lambda score: score[1]) if scores else (None, None)
+    steps = max((m["step"] for m in records), default=0)  # at least: a stopped trial may log a step more
     return {"trial": run_dir.name, **values, "best": best, "best_step": best_step, "steps": steps,
             "max_steps": config["trainer"]["max_steps"], "status": status, "checkpoint": recorded_checkpoint(run_dir)}
 
