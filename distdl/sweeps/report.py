@@ -15,8 +15,10 @@ from distdl.rundir import latest_checkpoint, read_metrics, read_summary, saved_c
 from distdl.studies.plots import figure_row, markdown_sections, save_figure
 from distdl.sweeps.section import Dimension, SweepSection
 
-# Tune names a trial's directory <trainable>_<experiment id>_<5-digit index>_...; the index names its run.
-TUNE_TRIAL_ID = re.compile(r"_([0-9a-f]{5}_(\d{5}))_")
+# Tune names a trial's directory <trainable>_<trial id>_<tag>_<date>. The basic search's trial ids are
+# <experiment id>_<5-digit index>, a searcher's (Optuna's) 8 random hex digits; the index, or the
+# whole id, names the trial's run (sweeps.section.trial_name).
+TUNE_TRIAL_ID = re.compile(r"^sweep_trial_((?:[0-9a-f]{5}_)?([0-9a-f]{5,8}))_")
 
 
 @dataclass

@@ -27,6 +27,7 @@ from distdl.sweeps.section import (
     Dimension,
     SweepSection,
     parse_sweep,
+    search_algorithm,
     search_space,
     trial_name,
     trial_scheduler,
@@ -130,11 +131,12 @@ def fit(section: SweepSection, dimensions: list[Dimension], base: Config, traini
     else:
         parallel = concurrent_trials([base], section.max_concurrent_trials)
         print(f"distdl: sweep {section.name}: up to {parallel} trials at once, ranked by {section.metric} "
-              f"({section.mode}), scheduler {section.scheduler}")
+              f"({section.mode}), search {section.search}, scheduler {section.scheduler}")
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(dimensions),
             tune_config=tune.TuneConfig(num_samples=section.samples, metric=section.metric, mode=section.mode,
+                                        search_alg=search_algorithm(section, base.run.seed),
                                         scheduler=trial_scheduler(section), max_concurrent_trials=parallel),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(sweep_dir), verbose=1),
         )

@@ -9,7 +9,8 @@ trial starts, and turned into Ray Tune's search space and scheduler.
         trainer.global_batch_size: {choice: [16, 32]}
         optimizer.weight_decay: {uniform: [0.0, 0.1]}
         scheduler.warmup_ratio: {loguniform: [0.01, 0.2]}
-      samples: 1                      # each grid point this many times; the other keys drawn at random
+      search: basic                   # basic (grid points crossed, the rest drawn at random) or optuna
+      samples: 1                      # basic: each grid point this many times; optuna: the trial budget
       metric: eval_f1                 # default: the workload's checkpoint metric
       mode: max
       scheduler: asha                 # none or asha
@@ -43,7 +44,12 @@ class SweepSection:
     # The sweep directory's name, under the training config's run.storage_path (default: <run.name>-sweep).
     name: Optional[str] = None
     space: dict[str, Any] = field(default_factory=dict)
-    # Tune's num_samples: every grid point this many times, each with its own draw of the other keys.
+    # basic: Tune's variant generator, which crosses the grid keys and draws the others at random.
+    # optuna: Optuna's TPE sampler (Bergstra et al. 2011; seeded by run.seed), which draws each
+    # trial's values from the trials finished before it; its keys are choice, uniform or loguniform.
+    search: Literal["basic", "optuna"] = "basic"
+    # Tune's num_samples. basic: every grid point this many times, each with its own draw of the
+    # other keys; optuna: how many trials it proposes.
     samples: AtLeastOne = 1
     # What ranks the trials (an evaluation metric of the workload) and whether higher is better.
     metric: Optional[str] = None
@@ -80,6 +86,8 @@ def parse_sweep(values: dict[str, Any], training: dict[str, Any]) -> tuple[Sweep
                           "optimizer.lr: {grid: [3.0e-5, 5.0e-5]}")
     dimensions = [parse_dimension(key, spec) for key, spec in flat_space(section.space).items()]
     check_values(dimensions, base, training)
+    if section.search == "optuna":
+        check_optuna(dimensions)
     section.metric, section.mode = ranking(section, base)
     if section.scheduler == "asha":
         section.grace_steps = section.grace_steps or first_evaluation(base)
@@ -126,6 +134,18 @@ def parse_dimension(key: str, spec: Any) -> Dimension:
 # Up to this many combinations of the searched values are each checked as a whole config; beyond,
 # each key's values are checked alone.
 MAX_CHECKED_COMBINATIONS = 1000
+
+
+def check_optuna(dimensions: list[Dimension]) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("optuna") is None:
+        raise ConfigError("sweep.search=optuna needs the optuna package, which is not installed here: "
+                          "pip install 'distdl[optuna]' (or sweep.search=basic)")
+    for dimension in dimensions:
+        if dimension.kind == "grid":
+            raise ConfigError(f"sweep.space.{dimension.key}: sweep.search=optuna draws every value itself and runs "
+                              f"no grid; give it as {{choice: {list(dimension.values)}}}")
 
 
 def check_values(dimensions: list[Dimension], base: Config, training: dict[str, Any]) -> None:
@@ -197,6 +217,15 @@ def search_space(dimensions: list[Dimension]) -> dict[str, Any]:
     return {d.key: samplers[d.kind](list(d.values)) for d in dimensions}
 
 
+def search_algorithm(section: SweepSection, seed: int) -> Optional[Any]:
+    """Tune's searcher; None: its variant generator (grid and random draws)."""
+    if section.search == "basic":
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=seed)
+
+
 def trial_scheduler(section: SweepSection) -> Optional[Any]:
     if section.scheduler == "none":
         return None
@@ -207,7 +236,8 @@ def trial_scheduler(section: SweepSection) -> Optional[Any]:
 
 
 def trial_name(trial_id: str, values: dict[str, Any]) -> str:
-    """A trial's run directory name: its index, then each searched key's last part and value."""
+    """A trial's run directory name: its index (Tune numbers the basic search's trials; a searcher's
+    trials have a random id instead), then each searched key's last part and value."""
     index = trial_id.rsplit("_", 1)[-1]
     parts = [f"{key.rsplit('.', 1)[-1]}{value:.4g}" if isinstance(value, float) else f"{key.rsplit('.', 1)[-1]}{value}"
              for key, value in values.items()]

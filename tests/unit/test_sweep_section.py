@@ -11,7 +11,8 @@ from distdl import cli
 from distdl.config import load_config
 from distdl.errors import ConfigError
 from distdl.sweeps.runner import read_sweep
-from distdl.sweeps.section import search_space, trial_name, trial_scheduler
+from distdl.sweeps.report import TUNE_TRIAL_ID
+from distdl.sweeps.section import search_algorithm, search_space, trial_name, trial_scheduler
 
 REPO = Path(__file__).resolve().parents[2]
 SEARCH = REPO / "configs/glue/search.yaml"
@@ -57,6 +58,42 @@ def test_trial_names_give_the_index_and_the_values():
     assert trial_name("71e9a_00003", {"optimizer.lr": 3e-05, "trainer.global_batch_size": 16}) == \
         "trial00003-lr3e-05-global_batch_size16"
     assert trial_name("71e9a_00012", {"model.name": "a/b c"}) == "trial00012-namea_b_c"
+    # A searcher's (Optuna's) trial ids are 8 random hex digits.
+    assert trial_name("c0ffee42", {"optimizer.lr": 0.1}) == "trialc0ffee42-lr0.1"
+    # The report finds each run's name in Tune's directory name for the trial, in both forms.
+    for directory, own in [("sweep_trial_71e9a_00003_3_optimizer.lr=0.0000_2026-12-01_10-00-00", "00003"),
+                           ("sweep_trial_c0ffee42_1_optimizer.lr=0.1000_2026-12-01_10-00-00", "c0ffee42")]:
+        assert TUNE_TRIAL_ID.search(directory).group(2) == own
+
+
+def test_optuna_proposes_from_choices_and_ranges_seeded_by_the_run_seed(monkeypatch):
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna = ["sweep.search=optuna", "sweep.metric=eval_top1", "sweep.mode=max", "sweep.samples=8"]
+    section, dimensions, _ = read_sweep(LAPTOP, [
+        "sweep.space={optimizer.lr: {loguniform: [1.0e-3, 1.0]}, model.name: {choice: [mlp, cifar_resnet20]}}",
+        *optuna], None)
+    searcher = search_algorithm(section, seed=6)
+    assert isinstance(searcher, OptunaSearch) and searcher._seed == 6
+    searcher.set_search_properties(section.metric, section.mode, search_space(dimensions))
+    drawn = [searcher.suggest(f"t{i}") for i in range(8)]
+    assert all(1e-3 <= d["optimizer.lr"] <= 1.0 and d["model.name"] in ("mlp", "cifar_resnet20") for d in drawn)
+    assert len({d["optimizer.lr"] for d in drawn}) == 8
+    # The same seed proposes the same trials.
+    again = search_algorithm(section, seed=6)
+    again.set_search_properties(section.metric, section.mode, search_space(dimensions))
+    assert [again.suggest(f"t{i}") for i in range(8)] == drawn
+    assert search_algorithm(read_sweep(LAPTOP, ["sweep.space={optimizer.lr: {grid: [0.1]}}", *optuna[1:]],
+                                       None)[0], seed=0) is None
+    # Optuna runs no grid; without the package, it is named, with how to install it.
+    with pytest.raises(ConfigError, match=r"sweep.space.optimizer.lr: sweep.search=optuna draws every value itself "
+                                          r"and runs no grid; give it as \{choice: \[0.1, 0.3\]\}"):
+        read_sweep(LAPTOP, ["sweep.space={optimizer.lr: {grid: [0.1, 0.3]}}", *optuna], None)
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(ConfigError, match=r"sweep.search=optuna needs the optuna package.*pip install 'distdl\[optuna\]'"):
+        read_sweep(LAPTOP, ["sweep.space={optimizer.lr: {choice: [0.1, 0.3]}}", *optuna], None)
 
 
 def test_a_key_below_an_optional_section_left_out_can_be_searched():
@@ -89,6 +126,7 @@ ASHA = ["sweep.scheduler=asha", "sweep.metric=eval_top1", "sweep.mode=max"]
     ([], "set sweep.metric (and sweep.mode): the resnet workload has no default"),
     ([*ASHA, "trainer.eval_every=0"], "sweep.scheduler=asha stops trials at their evaluations: set trainer.eval_every"),
     (["sweep.scheduler=hyperband"], "sweep.scheduler='hyperband' is not allowed; allowed: none, asha"),
+    (["sweep.search=hyperopt"], "sweep.search='hyperopt' is not allowed; allowed: basic, optuna"),
     (["sweep.reduction_factor=1"], "sweep.reduction_factor=1"),
     (["sweep.samples=0"], "sweep.samples=0 must be at least 1"),
     (["sweep.colour=blue"], "unknown key sweep.colour"),
