@@ -10,8 +10,8 @@ import pytest
 from distdl import cli
 from distdl.config import load_config
 from distdl.errors import ConfigError
-from distdl.sweeps.runner import read_sweep
 from distdl.sweeps.report import TUNE_TRIAL_ID
+from distdl.sweeps.runner import read_sweep
 from distdl.sweeps.section import search_algorithm, search_space, trial_name, trial_scheduler
 
 REPO = Path(__file__).resolve().parents[2]
