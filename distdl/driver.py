@@ -104,20 +104,28 @@ def already_connected(config: Config) -> None:
     """The Connect for code that runs inside a Ray worker already (a Ray Tune trial)."""
 
 
-def train(config: Config, connect: Connect, overwrite: bool = False, report_to_tune: bool = False) -> RunSummary:
-    """Run (or resume) a training run and return its summary. Inside a Ray Tune trial, with
-    `report_to_tune`, every evaluation's metrics also go to Tune, whose scheduler may stop the run."""
+def train(config: Config, connect: Connect, overwrite: bool = False, tune_callback: Optional[Any] = None,
+          start_from: Optional[Path] = None) -> RunSummary:
+    """Run (or resume) a training run and return its summary.
+
+    Inside a Ray Tune trial, `tune_callback` (a Ray Train callback) passes every evaluation's report
+    on to Tune, whose scheduler may stop the run. `start_from`: another run's checkpoint that a new
+    run starts from, under its own hyperparameters (population-based training); the run's own
+    checkpoints, once it has some, come first."""
     with stop_on_signal(config.run_storage):
-        return run_training(config, connect, overwrite, report_to_tune)
+        return run_training(config, connect, overwrite, tune_callback, start_from)
 
 
-def run_training(config: Config, connect: Connect, overwrite: bool, report_to_tune: bool = False) -> RunSummary:
+def run_training(config: Config, connect: Connect, overwrite: bool, tune_callback: Optional[Any] = None,
+                 start_from: Optional[Path] = None) -> RunSummary:
     console_for_batch_logs()
     payload = prepare_run(config, connect, overwrite)
     if payload is None:
         return read_summary(config.run_dir)
     connect(config)  # the embedded local Ray starts only once the run is known to be good
-    trainer = build_trainer(config, {**payload, "report_evaluations": report_to_tune})
+    payload = {**payload, "report_evaluations": tune_callback is not None,
+               "start_from": str(start_from) if start_from else None}
+    trainer = build_trainer(config, payload, [tune_callback] if tune_callback else [])
     storage = config.run_storage
     try:
         trainer.fit()
@@ -313,18 +321,13 @@ def quiet_train_logs() -> Any:
     return LoggingConfig(log_level="WARNING")
 
 
-def build_trainer(config: Config, payload: dict[str, Any]) -> Any:
+def build_trainer(config: Config, payload: dict[str, Any], callbacks: Optional[list[Any]] = None) -> Any:
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from distdl.loop import train_loop_per_worker
 
     storage = config.run_storage
-    callbacks = []
-    if payload.get("report_evaluations"):
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        callbacks.append(TuneReportCallback())  # rank 0's reports, into the Tune trial around this run
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=payload,
@@ -337,7 +340,7 @@ def build_trainer(config: Config, payload: dict[str, Any]) -> Any:
             failure_config=FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=checkpoint_config(config),
             logging_config=quiet_train_logs(),
-            callbacks=callbacks,
+            callbacks=callbacks or [],
         ),
     )
 

@@ -405,9 +405,30 @@ class Engine:
         """Every rank calls this; each writes its own shards into `directory`."""
         self._engine.save_checkpoint(str(directory), tag=f"global_step{self.global_steps}", client_state=client_state)
 
-    def load(self, directory: str | Path) -> dict[str, Any]:
-        """Restore weights, optimizer, LR schedule and step; return the saved client state."""
-        return self._load_checkpoint(Path(directory), f"checkpoint {directory}")
+    def load(self, directory: str | Path, own_hyperparameters: bool = False) -> dict[str, Any]:
+        """Restore weights, optimizer, LR schedule and step; return the saved client state.
+
+        With `own_hyperparameters` (another run's checkpoint, as population-based training clones
+        one), this run's optimizer settings (lr, weight decay, momentum, betas, ...) replace the
+        saved ones, and its LR schedule goes on from the saved step with this run's peak rate."""
+        if not own_hyperparameters:
+            return self._load_checkpoint(Path(directory), f"checkpoint {directory}")
+        settings = [{key: value for key, value in group.items() if key != "params"}
+                    for group in self.inner_optimizer.param_groups]
+        scheduler = self._engine.lr_scheduler
+        base_lrs = list(scheduler.base_lrs) if scheduler is not None else None
+        client_state = self._load_checkpoint(Path(directory), f"checkpoint {directory}")
+        groups = self.inner_optimizer.param_groups  # torch's load_state_dict made new ones
+        for group, own in zip(groups, settings):
+            group.update(own)
+        if scheduler is not None:
+            # torch's LambdaLR (every distdl schedule) brought the other run's base rates along.
+            scheduler.base_lrs = base_lrs
+            factors = [factor(scheduler.last_epoch) for factor in scheduler.lr_lambdas]
+            scheduler._last_lr = [base * factor for base, factor in zip(base_lrs, factors)]
+            for group, lr in zip(groups, scheduler._last_lr):
+                group["lr"] = lr
+        return client_state
 
     def _load_checkpoint(self, directory: Path, what: str, **options: Any) -> dict[str, Any]:
         """DeepSpeed's load_checkpoint with `options`; the saved client state. Errors name `what`."""
@@ -656,8 +677,9 @@ class EngineSet:
         for name, engine in self.engines.items():
             engine.save(self._folder(directory, name), client_state)
 
-    def load(self, directory: str | Path) -> dict[str, Any]:
-        states = [engine.load(self._folder(directory, name)) for name, engine in self.engines.items()]
+    def load(self, directory: str | Path, own_hyperparameters: bool = False) -> dict[str, Any]:
+        states = [engine.load(self._folder(directory, name), own_hyperparameters)
+                  for name, engine in self.engines.items()]
         return states[0]
 
     def warm_start_optimizers(self, directory: str | Path) -> None:

@@ -61,7 +61,6 @@ RNG_FILE = "rng_state_rank{rank}.pt"
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     """Ray Train's entry point; `payload` holds the resolved config as a plain dict."""
     import ray.train
-    import ray.train.torch
 
     config = config_from_dict(payload["config"])
     context = worker_context(config)
@@ -72,15 +71,16 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     workload: Workload = WORKLOADS.get(config.workload)(config.sections, context)
     engines = EngineSet({name: build_engine(model, config, payload["deepspeed_config"])
                          for name, model in initial_models(workload, config.run.seed).items()})
-    start_step, model_flops = (resume(engines, workload, config.run.seed, rank) if ray.train.get_checkpoint()
-                               else (fresh_start(engines, workload, config.run.seed, rank), None))
+    resumed = ray.train.get_checkpoint() is not None
+    start_step, model_flops = start(engines, workload, config.run.seed, rank, payload.get("start_from"))
     tracker = None
     if rank == 0:
         tracker = Tracker(config.tracking, config.run_dir, config.run.name, config.to_dict(),
                           payload["wandb_mode"], start_step, config.trainer.max_steps,
                           payload.get("console_is_terminal", False))
     run_steps(config, workload, engines, tracker, start_step, rank, model_flops,
-              report_evaluations=payload.get("report_evaluations", False))
+              report_evaluations=payload.get("report_evaluations", False),
+              previous_checkpoint=checkpoint_name(start_step) if resumed else None)
 
 
 def pull_run_files(storage: RunStorage) -> None:
@@ -164,25 +164,37 @@ def fresh_start(engines: EngineSet, workload: Workload, seed: int, rank: int) ->
     return 0
 
 
-def resume(engines: EngineSet, workload: Workload, seed: int, rank: int) -> tuple[int, Optional[ModelFlops]]:
-    """Load the latest checkpoint; the step it was saved at and the model FLOPs the run counted."""
+def start(engines: EngineSet, workload: Workload, seed: int, rank: int,
+          start_from: Optional[str]) -> tuple[int, Optional[ModelFlops]]:
+    """Where training starts: the run's latest checkpoint; else `start_from`, another run's checkpoint
+    (a population-based training trial cloning a better one), under this run's hyperparameters; else
+    step 0. The step, and the model FLOPs counted so far (None: count them on the first step)."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    with checkpoint.as_directory() as directory:
-        client_state = engines.load(directory)
-        workload.load_state_dict(client_state.get("workload", {}))
-        # The loop's step (a GAN's engines may step different numbers of times).
-        step = int(client_state.get("step", engines.primary.global_steps))
-        if saved_world_size(directory) == world_size():
-            rng_file = Path(directory) / RNG_FILE.format(rank=rank)
-            if not rng_file.is_file():
-                raise CheckpointError(f"checkpoint {directory} has no {rng_file.name}: it is incomplete")
-            set_rng_state(torch.load(rng_file, weights_only=True), engines.device)
-        else:
-            # Another worker count: ranks no longer match the saved random streams. Training micro-batches
-            # seed their own (micro_batch_seed); what else draws starts anew from the seed, step and rank.
-            torch.manual_seed(seed + 1 + rank + 1_000_003 * step)
+    if (checkpoint := ray.train.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as directory:
+            return resume(engines, workload, seed, rank, Path(directory))
+    if start_from is not None:
+        return resume(engines, workload, seed, rank, Path(start_from), own_hyperparameters=True)
+    return fresh_start(engines, workload, seed, rank), None
+
+
+def resume(engines: EngineSet, workload: Workload, seed: int, rank: int, directory: Path,
+           own_hyperparameters: bool = False) -> tuple[int, Optional[ModelFlops]]:
+    """Load a checkpoint; the step it was saved at and the model FLOPs the run counted."""
+    client_state = engines.load(directory, own_hyperparameters)
+    workload.load_state_dict(client_state.get("workload", {}))
+    # The loop's step (a GAN's engines may step different numbers of times).
+    step = int(client_state.get("step", engines.primary.global_steps))
+    if saved_world_size(directory) == world_size():
+        rng_file = Path(directory) / RNG_FILE.format(rank=rank)
+        if not rng_file.is_file():
+            raise CheckpointError(f"checkpoint {directory} has no {rng_file.name}: it is incomplete")
+        set_rng_state(torch.load(rng_file, weights_only=True), engines.device)
+    else:
+        # Another worker count: ranks no longer match the saved random streams. Training micro-batches
+        # seed their own (micro_batch_seed); what else draws starts anew from the seed, step and rank.
+        torch.manual_seed(seed + 1 + rank + 1_000_003 * step)
     flops = client_state.get("model_flops")
     return step, ModelFlops(**flops) if flops else None
 
@@ -472,11 +484,12 @@ def compile_failures_named(config: Config) -> Iterator[None]:
 
 def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: Optional[Tracker],
               start_step: int, rank: int, model_flops: Optional[ModelFlops] = None,
-              report_evaluations: bool = False) -> None:
+              report_evaluations: bool = False, previous_checkpoint: Optional[str] = None) -> None:
     """Train from `start_step` to the schedule's stop, logging, evaluating and checkpointing on its
     steps, until a stop rule ends the session; then write the summary. With `report_evaluations`
     (a run inside a Tune trial), an evaluation without a checkpoint is reported to Ray Train too,
-    so that Tune's scheduler sees every one."""
+    so that Tune's scheduler sees every one. `previous_checkpoint`: the run's own checkpoint it resumed
+    from (not another run's that it started from)."""
     session_started, session_clock = time.perf_counter(), config.run_storage.clock()
     score_key = workload.checkpoint_metric(config.sections)
     schedule = Schedule.of(config.trainer, score_key)
@@ -485,7 +498,6 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
     batches = workload.train_batches(start=start_step * config.trainer.gradient_accumulation_steps)
     peak = session_peak(config, engines, rank)  # before the first window's clock starts
     window, watch, logged = Window(), FiniteWatch(), {}
-    previous_checkpoint = checkpoint_name(start_step) if start_step else None
     profiler = StepProfiler(config.trainer.profile_steps, rank, world_size(), config.run_dir, engines.device,
                             config.trainer.profile_memory, config.trainer.profile_stacks)
     # The model FLOPs are counted once per run, on its first step, and kept in its checkpoints: a

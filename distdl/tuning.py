@@ -7,10 +7,12 @@ pattern for Train V2). Every evaluation of the run reports its metrics to Tune a
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import yaml
+from ray.train.v2.api.callback import UserCallback
 
 from distdl.config import Config, config_differences, config_from_dict, with_defaults, without_session_keys
 from distdl.driver import already_connected, train
@@ -57,12 +59,68 @@ def train_config_trial(tune_config: dict[str, Any]) -> None:
     run_trial(config_from_dict(tune_config["config"]))
 
 
-def run_trial(config: Config) -> RunSummary:
+def run_trial(config: Config, checkpoints_to_tune: bool = False, start_from: Optional[Path] = None) -> RunSummary:
     """One Tune trial's run: its evaluations report to Tune as they happen; a run that diverged or
-    stopped before its end fails the trial."""
-    summary = train(config, already_connected, report_to_tune=True)  # a Tune trial runs inside Ray
+    stopped before its end fails the trial. With `checkpoints_to_tune`, Tune gets a copy of each
+    checkpoint too (population-based training clones trials from them); `start_from`: the cloned
+    checkpoint the run starts from."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    if not checkpoints_to_tune:  # a Tune trial runs inside Ray: already connected
+        summary = train(config, already_connected, tune_callback=TuneReportCallback(), start_from=start_from)
+    else:
+        with CheckpointRelay(config.run.name) as relay:
+            summary = train(config, already_connected, tune_callback=relay.callback, start_from=start_from)
     check_finished(config.run.name, summary)
     return summary
+
+
+class CheckpointRelay:
+    """Passes a run's reports to the Tune trial around it with their checkpoints, which Ray's
+    TuneReportCallback leaves out (it gives Tune their paths only). Tune copies each checkpoint into
+    the trial's own storage before the run goes on, so the run may delete its copy later.
+
+    A Ray Train callback in the run's controller puts each report on a queue; a thread of the trial
+    reports it to Tune and acknowledges it, which lets the controller go on."""
+
+    def __init__(self, run_name: str) -> None:
+        from ray.util.queue import Queue
+
+        self.run_name = run_name
+        self.reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+        self.received = Queue(maxsize=1, actor_options={"num_cpus": 0})
+        self.callback = ReportWithCheckpoint(self.reports, self.received)
+        self.thread = threading.Thread(target=self.relay, name="distdl-checkpoints-to-tune", daemon=True)
+
+    def __enter__(self) -> "CheckpointRelay":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.reports.put(None)
+        self.thread.join()
+
+    def relay(self) -> None:
+        from ray import tune
+
+        while (report := self.reports.get()) is not None:
+            metrics, checkpoint = report
+            if checkpoint is not None:
+                # Which run and step a trial that clones this checkpoint starts from.
+                checkpoint.set_metadata({"run": self.run_name, "step": metrics["step"]})
+            tune.report(metrics, checkpoint=checkpoint)
+            self.received.put(True)
+
+
+class ReportWithCheckpoint(UserCallback):
+    """Runs in the Ray Train controller: rank 0's report and its checkpoint, to the CheckpointRelay."""
+
+    def __init__(self, reports: Any, received: Any) -> None:
+        self.reports, self.received = reports, received
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Optional[Any]) -> None:
+        self.reports.put((dict(metrics[0]), checkpoint))
+        self.received.get()  # the trial has handed it to Tune, which copied the checkpoint
 
 
 def raise_failures(results: Any, describe: Callable[[Any], str] = lambda result: "") -> None:

@@ -1,9 +1,11 @@
 """A sweep's results from its trials' run directories: one row per trial with its values, its best
 metric and the step it came at, how far it trained and how it ended; the best trial; the steps the
-scheduler saved; a plot of the metric against each searched key."""
+scheduler saved; a plot of the metric against each searched key. Under PBT, a trial is one run per
+stretch between the checkpoints it continued from: one row each, with where it came from."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -19,6 +21,8 @@ from distdl.sweeps.section import Dimension, SweepSection
 # <experiment id>_<5-digit index>, a searcher's (Optuna's) 8 random hex digits; the index, or the
 # whole id, names the trial's run (sweeps.section.trial_name).
 TUNE_TRIAL_ID = re.compile(r"^sweep_trial_((?:[0-9a-f]{5}_)?([0-9a-f]{5,8}))_")
+# PBT: <sweep dir>/lineage/<run>.json, for each run that continues a checkpoint: {run, step, values}.
+LINEAGE = "lineage"
 
 
 @dataclass
@@ -36,8 +40,10 @@ def sweep_report(results: Any, section: SweepSection, dimensions: list[Dimension
     # before they are killed, after the scheduler decided; the ranking uses what Tune saw.
     heard = {match.group(2): (result.metrics or {}).get("step") for result in results
              for match in [TUNE_TRIAL_ID.search(Path(result.path).name)] if match}
-    rows = [trial_row(run_dir, section, dimensions, failed, heard)
+    lineage = {path.stem: json.loads(path.read_text()) for path in sorted((sweep_dir / LINEAGE).glob("*.json"))}
+    rows = [trial_row(run_dir, section, dimensions, failed, heard, lineage.get(run_dir.name))
             for run_dir in sorted((sweep_dir / "trials").glob("trial*")) if (run_dir / "config.yaml").is_file()]
+    mark_replaced(rows)
     ranked = [row for row in rows if row["best"] is not None]
     pick = max if section.mode == "max" else min
     best = pick(ranked, key=lambda row: row["best"]) if ranked else None
@@ -45,10 +51,13 @@ def sweep_report(results: Any, section: SweepSection, dimensions: list[Dimension
     # is the best with one.
     saved = [row for row in ranked if row["checkpoint"] is not None]
     exported = pick(saved, key=lambda row: row["best"]) if saved else None
-    trained = sum(row["steps"] for row in rows)
-    budget = sum(row["max_steps"] for row in rows)
-    summary = {"metric": section.metric, "mode": section.mode, "scheduler": section.scheduler, "trials": len(rows),
+    trained = sum(row["steps"] - row["start_step"] for row in rows)
+    budget = sum({row["index"]: row["max_steps"] for row in rows}.values())
+    summary = {"metric": section.metric, "mode": section.mode, "scheduler": section.scheduler,
+               "trials": len({row["index"] for row in rows}), "runs": len(rows),
                "stopped_early": sum(row["status"] == "stopped early" for row in rows),
+               "continued_from_another": sum(row["from"] is not None and not row["from"].startswith(f"trial{row['index']}-")
+                                             for row in rows),
                "trial_steps": trained, "trial_steps_without_stopping": budget,
                "best_trial": best["trial"] if best else None, "best": best["best"] if best else None,
                "best_step": best["best_step"] if best else None,
@@ -60,14 +69,14 @@ def sweep_report(results: Any, section: SweepSection, dimensions: list[Dimension
 
 
 def trial_row(run_dir: Path, section: SweepSection, dimensions: list[Dimension], failed: set[str],
-              heard: dict[str, Optional[int]]) -> dict[str, Any]:
+              heard: dict[str, Optional[int]], origin: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     config = saved_config(run_dir)
     values = {d.key: lookup(config, d.key) for d in dimensions}
     records = read_metrics(run_dir)
     summary = read_summary(run_dir)
     index = run_dir.name.split("-", 1)[0].removeprefix("trial")
     status = ("finished" if summary.get("completed") else "failed" if index in failed or summary
-              else "stopped early" if section.scheduler != "none" else "interrupted")
+              else "stopped early" if section.scheduler == "asha" else "interrupted")
     last_seen = heard.get(index) if status == "stopped early" else None
     scores = [(m["step"], m[section.metric]) for m in records
               if isinstance(m.get(section.metric), (int, float)) and math.isfinite(m[section.metric])
@@ -75,8 +84,19 @@ def trial_row(run_dir: Path, section: SweepSection, dimensions: list[Dimension],
     pick = max if section.mode == "max" else min
     best_step, best = pick(scores, key=lambda score: score[1]) if scores else (None, None)
     steps = max((m["step"] for m in records), default=0)  # at least: a stopped trial may log a step more
-    return {"trial": run_dir.name, **values, "best": best, "best_step": best_step, "steps": steps,
-            "max_steps": config["trainer"]["max_steps"], "status": status, "checkpoint": recorded_checkpoint(run_dir)}
+    start_step = origin["step"] if origin else 0
+    return {"trial": run_dir.name, "index": index, **values, "best": best, "best_step": best_step,
+            "start_step": start_step, "from": f"{origin['run']} at step {start_step}" if origin else None,
+            "steps": max(steps, start_step), "max_steps": config["trainer"]["max_steps"], "status": status,
+            "checkpoint": recorded_checkpoint(run_dir)}
+
+
+def mark_replaced(rows: list[dict[str, Any]]) -> None:
+    """Under PBT, a trial's run that a later run of the same trial took over from a checkpoint."""
+    for row in rows:
+        later = [other for other in rows if other["index"] == row["index"] and other["start_step"] > row["start_step"]]
+        if later and row["status"] == "interrupted":
+            row["status"] = "replaced"
 
 
 def recorded_checkpoint(run_dir: Path) -> Optional[str]:
@@ -99,7 +119,8 @@ def metric_plot(rows: list[dict[str, Any]], section: SweepSection, dimensions: l
     scheduler stopped drawn hollow."""
     figure, axes = figure_row(len(dimensions), 4.5)
     for axis, dimension in zip(axes, dimensions):
-        for status, marker in (("finished", "o"), ("stopped early", "x"), ("failed", "s"), ("interrupted", "^")):
+        for status, marker in (("finished", "o"), ("stopped early", "x"), ("replaced", "+"), ("failed", "s"),
+                               ("interrupted", "^")):
             mine = [row for row in rows if row["status"] == status and row["best"] is not None]
             if mine:
                 axis.scatter([str(row[dimension.key]) if dimension.kind in ("grid", "choice") else row[dimension.key]
@@ -121,7 +142,9 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], figures: dict[
              f"{summary['trials']} trials ranked by {section.metric} ({section.mode}); scheduler {section.scheduler}"
              + (f", which stopped {summary['stopped_early']} early: {summary['trial_steps']} trial-steps trained of "
                 f"{summary['trial_steps_without_stopping']} without stopping ({saved} saved)."
-                if section.scheduler != "none" else "."), ""]
+                if section.scheduler == "asha" else
+                f": {summary['continued_from_another']} times a trial continued from another's checkpoint, "
+                f"perturbed; {summary['runs']} runs in all." if section.scheduler == "pbt" else "."), ""]
     if summary["best_trial"] is not None:
         lines += [f"**Best:** `{summary['best_trial']}`, {section.metric} = {summary['best']:.4g} at step "
                   f"{summary['best_step']}."]
@@ -132,6 +155,9 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], figures: dict[
             lines += [f"Its weights: `distdl export {best_run} OUT_DIR --checkpoint best`."]
         lines += [""]
     frame = pd.DataFrame(rows).sort_values("best", ascending=section.mode == "min", na_position="last")
+    frame = frame.drop(columns=["index", "start_step"] + ([] if section.scheduler == "pbt" else ["from"]))
     frame["checkpoint"] = frame["checkpoint"].fillna("none recorded")
+    if "from" in frame:
+        frame["from"] = frame["from"].fillna("its own start")
     lines += ["## Trials", "", frame.to_markdown(index=False, floatfmt=".4g"), ""]
     return "\n".join(lines + markdown_sections(figures))

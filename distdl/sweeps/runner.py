@@ -21,12 +21,13 @@ from distdl.driver import Connect
 from distdl.errors import ConfigError
 from distdl.registry import WORKLOADS
 from distdl.rundir import is_uri, write_json
-from distdl.sweeps.report import SweepReport, sweep_report
+from distdl.sweeps.report import LINEAGE, SweepReport, sweep_report
 from distdl.sweeps.section import (
     SWEEP_KEY,
     Dimension,
     SweepSection,
     parse_sweep,
+    population,
     search_algorithm,
     search_space,
     trial_name,
@@ -43,6 +44,9 @@ from distdl.tuning import (
 
 SWEEP_FILE = "sweep.yaml"
 EXPERIMENT = "tune"
+# Tune keeps this many copies of each PBT trial's latest checkpoints: the one another trial is about
+# to continue from stays while its owner trains on.
+TUNE_CHECKPOINTS_KEPT = 2
 
 
 def run_sweep(config_path: str | Path, overrides: list[str], sweep_file: Optional[str | Path], overwrite: bool,
@@ -53,7 +57,7 @@ def run_sweep(config_path: str | Path, overrides: list[str], sweep_file: Optiona
     saved = {"sweep": asdict(section), "training": base.to_dict()}
     check_trials_dir(sweep_dir, SWEEP_FILE, "sweep", saved, overwrite)
     connect(base)
-    check_placement(section, base)
+    check_placement(section, dimensions, base)
     WORKLOADS.get(base.workload).prepare(base)  # once, before trials prepare side by side
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / SWEEP_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
@@ -102,7 +106,7 @@ def with_absolute_paths(training: dict[str, Any], base: Config) -> dict[str, Any
     return training
 
 
-def check_placement(section: SweepSection, base: Config) -> None:
+def check_placement(section: SweepSection, dimensions: list[Dimension], base: Config) -> None:
     """Refuse, before any trial starts, a sweep whose trials the Ray cluster cannot place as asked."""
     import ray
 
@@ -115,6 +119,12 @@ def check_placement(section: SweepSection, base: Config) -> None:
     if section.max_concurrent_trials and section.max_concurrent_trials > fits:
         raise ConfigError(f"sweep.max_concurrent_trials={section.max_concurrent_trials}: the Ray cluster holds "
                           f"{fits} trial(s) of {needs} at once; lower it, or null for as many as fit")
+    side_by_side = min(fits, section.max_concurrent_trials or fits)
+    if section.scheduler == "pbt" and population(section, dimensions) > side_by_side:
+        # A trial waiting for a place would let the checkpoint it is to continue from be deleted.
+        raise ConfigError(f"sweep.scheduler=pbt trains its population side by side: {population(section, dimensions)} "
+                          f"trials, but {side_by_side} fit at once ({needs} each); lower sweep.samples or the grid, "
+                          "or add workers to the Ray cluster")
 
 
 def fit(section: SweepSection, dimensions: list[Dimension], base: Config, training: dict[str, Any],
@@ -122,7 +132,8 @@ def fit(section: SweepSection, dimensions: list[Dimension], base: Config, traini
     """Tune's results, one per trial: a new experiment, or the one a previous command left unfinished."""
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(sweep_trial, base=training, sweep_dir=str(sweep_dir)),
+    pbt = section.scheduler == "pbt"
+    trainable = tune.with_resources(tune.with_parameters(sweep_trial, base=training, sweep_dir=str(sweep_dir), pbt=pbt),
                                     TRIAL_DRIVER_RESOURCES)
     experiment = sweep_dir / EXPERIMENT
     if tune.Tuner.can_restore(str(experiment)):
@@ -137,21 +148,32 @@ def fit(section: SweepSection, dimensions: list[Dimension], base: Config, traini
             param_space=search_space(dimensions),
             tune_config=tune.TuneConfig(num_samples=section.samples, metric=section.metric, mode=section.mode,
                                         search_alg=search_algorithm(section, base.run.seed),
-                                        scheduler=trial_scheduler(section), max_concurrent_trials=parallel),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(sweep_dir), verbose=1),
+                                        scheduler=trial_scheduler(section, dimensions),
+                                        max_concurrent_trials=parallel),
+            # PBT: Tune's copies of each trial's checkpoints, which other trials continue from.
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(sweep_dir), verbose=1,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=TUNE_CHECKPOINTS_KEPT if pbt
+                                                                              else None)),
         )
     return tuner.fit()
 
 
-def sweep_trial(values: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> None:
-    """One Tune trial: the base config with the trial's values, as a run named after them."""
+def sweep_trial(values: dict[str, Any], base: dict[str, Any], sweep_dir: str, pbt: bool = False) -> None:
+    """One Tune trial: the base config with the trial's values, as a run named after them. Under PBT,
+    a trial Tune restarts from a checkpoint (another trial's, which it clones, or its own after a
+    crash) continues from it as a new run named after the step it starts at."""
     from ray import tune
 
     raw = copy.deepcopy(base)
     for key, value in values.items():
         set_dotted(raw, key, value)
-    name = trial_name(tune.get_context().get_trial_id(), values)
+    checkpoint = tune.get_checkpoint() if pbt else None
+    origin = checkpoint.get_metadata() if checkpoint is not None else {}
+    name = trial_name(tune.get_context().get_trial_id(), values, origin.get("step"))
     set_dotted(raw, "run.name", name)
     set_dotted(raw, "run.storage_path", str(Path(sweep_dir) / "trials"))
     set_dotted(raw, "tracking.wandb_group", Path(sweep_dir).name)
-    run_trial(config_from_dict(raw))
+    if checkpoint is not None:
+        write_json(Path(sweep_dir) / LINEAGE / f"{name}.json", {**origin, "values": values})
+    run_trial(config_from_dict(raw), checkpoints_to_tune=pbt,
+              start_from=Path(checkpoint.path) if checkpoint is not None else None)

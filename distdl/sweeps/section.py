@@ -13,7 +13,7 @@ trial starts, and turned into Ray Tune's search space and scheduler.
       samples: 1                      # basic: each grid point this many times; optuna: the trial budget
       metric: eval_f1                 # default: the workload's checkpoint metric
       mode: max
-      scheduler: asha                 # none or asha
+      scheduler: asha                 # none, asha or pbt
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import itertools
 import math
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Annotated, Any, Literal, Optional
 
-from annotated_types import Gt
+from annotated_types import Gt, Interval
 
 from distdl.config import AtLeastOne, Config, Finite, build_section, config_from_dict, set_dotted
 from distdl.errors import ConfigError
@@ -56,11 +57,24 @@ class SweepSection:
     mode: Optional[Literal["max", "min"]] = None
     # asha: Li et al. 2020's asynchronous successive halving, which stops a trial at one of its
     # evaluations when it is outside the best 1/reduction_factor of the trials that reached that step.
-    scheduler: Literal["none", "asha"] = "none"
+    # pbt: Jaderberg et al. 2017's population-based training. The trials train side by side; every
+    # perturbation_steps, one in the bottom quantile_fraction continues from the latest checkpoint
+    # of one in the top fraction, with that trial's settings, its optimizer keys perturbed (x0.8 or
+    # x1.2, a neighbouring listed value, or with resample_probability a fresh draw).
+    scheduler: Literal["none", "asha", "pbt"] = "none"
     # ASHA's first rung, in optimizer steps (default: the first evaluation, trainer.eval_every);
     # the next rungs lie reduction_factor times further each.
     grace_steps: Optional[AtLeastOne] = None
     reduction_factor: Annotated[float, Gt(1), Finite] = 3.0
+    # PBT's interval in optimizer steps (default: trainer.checkpoint_every, which must equal
+    # trainer.eval_every: a trial reports its checkpoint with each evaluation).
+    perturbation_steps: Optional[AtLeastOne] = None
+    quantile_fraction: Annotated[float, Interval(gt=0, le=0.5)] = 0.25
+    resample_probability: Annotated[float, Interval(ge=0, le=1)] = 0.25
+    # PBT: every trial waits at each interval until the whole population has reached it, and the
+    # trials are ranked together (each decision then independent of which trial ran faster); a
+    # trial that waits is paused and goes on from its checkpoint as a new run.
+    synchronous: bool = False
     # Trials trained at once; null: as many as the Ray cluster holds side by side.
     max_concurrent_trials: Optional[AtLeastOne] = None
 
@@ -91,6 +105,8 @@ def parse_sweep(values: dict[str, Any], training: dict[str, Any]) -> tuple[Sweep
     section.metric, section.mode = ranking(section, base)
     if section.scheduler == "asha":
         section.grace_steps = section.grace_steps or first_evaluation(base)
+    if section.scheduler == "pbt":
+        section.perturbation_steps = perturbation_interval(section, dimensions, base)
     return section, dimensions
 
 
@@ -208,6 +224,36 @@ def first_evaluation(base: Config) -> int:
     return every if isinstance(every, int) else 1
 
 
+# What population-based training may change in a trial that continues from another's checkpoint:
+# the optimizer's settings, which the run's own config sets over the loaded state (Engine.load).
+PBT_KEYS = ("optimizer.lr", "optimizer.weight_decay", "optimizer.momentum", "optimizer.eps")
+
+
+def perturbation_interval(section: SweepSection, dimensions: list[Dimension], base: Config) -> int:
+    """PBT's interval in steps; refuses a sweep whose trials report no checkpoint with their
+    evaluations, or which searches nothing PBT can perturb."""
+    trainer = base.trainer
+    if not trainer.checkpoint_every or trainer.eval_every != trainer.checkpoint_every:
+        raise ConfigError(f"sweep.scheduler=pbt continues trials from the checkpoints they report with their "
+                          f"evaluations: set trainer.eval_every and trainer.checkpoint_every to the same steps (they "
+                          f"are {trainer.eval_every} and {trainer.checkpoint_every})")
+    if not any(d.key in PBT_KEYS for d in dimensions):
+        raise ConfigError(f"sweep.scheduler=pbt perturbs {', '.join(PBT_KEYS)} as it trains; sweep.space searches "
+                          f"none of them ({', '.join(d.key for d in dimensions)})")
+    interval = section.perturbation_steps
+    if interval is None:
+        if not isinstance(trainer.checkpoint_every, int):
+            raise ConfigError(f"sweep.scheduler=pbt: trainer.checkpoint_every={trainer.checkpoint_every}; give "
+                              "sweep.perturbation_steps in optimizer steps")
+        interval = trainer.checkpoint_every
+    return interval
+
+
+def population(section: SweepSection, dimensions: list[Dimension]) -> int:
+    """How many trials the sweep runs: each grid point `samples` times (Optuna: `samples`)."""
+    return section.samples * math.prod(len(d.values) for d in dimensions if d.kind == "grid")
+
+
 def search_space(dimensions: list[Dimension]) -> dict[str, Any]:
     """Ray Tune's param_space: one entry per searched key."""
     from ray import tune
@@ -226,19 +272,37 @@ def search_algorithm(section: SweepSection, seed: int) -> Optional[Any]:
     return OptunaSearch(seed=seed)
 
 
-def trial_scheduler(section: SweepSection) -> Optional[Any]:
+def trial_scheduler(section: SweepSection, dimensions: list[Dimension]) -> Optional[Any]:
     if section.scheduler == "none":
         return None
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
-    return ASHAScheduler(time_attr="step", max_t=UNBOUNDED_STEPS, grace_period=section.grace_steps,
-                         reduction_factor=section.reduction_factor)
+    if section.scheduler == "asha":
+        return ASHAScheduler(time_attr="step", max_t=UNBOUNDED_STEPS, grace_period=section.grace_steps,
+                             reduction_factor=section.reduction_factor)
+    mutable = [d for d in dimensions if d.key in PBT_KEYS]
+    space = search_space(mutable)
+    mutations = {d.key: list(d.values) if d.kind in ("grid", "choice") else space[d.key] for d in mutable}
+    return PopulationBasedTraining(
+        time_attr="step", perturbation_interval=section.perturbation_steps, hyperparam_mutations=mutations,
+        quantile_fraction=section.quantile_fraction, resample_probability=section.resample_probability,
+        synch=section.synchronous, custom_explore_fn=partial(within_bounds, [d for d in mutable if d.kind in ("uniform", "loguniform")]))
 
 
-def trial_name(trial_id: str, values: dict[str, Any]) -> str:
+def within_bounds(ranges: list[Dimension], config: dict[str, Any]) -> dict[str, Any]:
+    """A perturbed value (x0.8 or x1.2) back inside its key's [low, high]: momentum 0.9 x 1.2 is no momentum."""
+    for dimension in ranges:
+        low, high = dimension.values
+        config[dimension.key] = min(max(config[dimension.key], low), high)
+    return config
+
+
+def trial_name(trial_id: str, values: dict[str, Any], start_step: Optional[int] = None) -> str:
     """A trial's run directory name: its index (Tune numbers the basic search's trials; a searcher's
-    trials have a random id instead), then each searched key's last part and value."""
+    trials have a random id instead), then each searched key's last part and value; under PBT, a
+    trial that continues from another's checkpoint is a new run, named after the step it starts at."""
     index = trial_id.rsplit("_", 1)[-1]
     parts = [f"{key.rsplit('.', 1)[-1]}{value:.4g}" if isinstance(value, float) else f"{key.rsplit('.', 1)[-1]}{value}"
              for key, value in values.items()]
-    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", "-".join([f"trial{index}", *parts]))[:120]
+    name = re.sub(r"[^A-Za-z0-9_.=+-]", "_", "-".join([f"trial{index}", *parts]))
+    return name[:120] if start_step is None else f"{name[:110]}-from{start_step}"

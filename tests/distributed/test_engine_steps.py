@@ -16,6 +16,8 @@ from typing import Optional
 import pytest
 import torch
 
+from distdl.config import SchedulerSection
+
 REPO = Path(__file__).resolve().parents[2]
 ACCUMULATION, MICRO_BATCH, STEPS = 2, 4, 3
 LR = {"adamw": 0.01, "lamb": 0.01, "lars": 0.5}
@@ -24,9 +26,12 @@ LR = {"adamw": 0.01, "lamb": 0.01, "lars": 0.5}
 # fp32-resume: saved after step 2 and loaded into an engine built from other weights, then step 3.
 # fp32-warm: the same, but as a second phase (model.init_optimizer): an engine with half the lr
 # takes the saved weights and optimizer state and keeps its own lr.
+# fp32-pbt: under a linear LR schedule, loaded as population-based training continues another
+# trial's checkpoint: an engine with half the peak lr takes the weights, optimizer state and step,
+# and goes on along its own schedule (a plain loop whose peak lr is halved at that step).
 UPDATE_CASES = [("adamw", 0, "fp32")] + [(name, stage, "fp32") for name in ("lamb", "lars") for stage in range(4)] + [
     ("lamb", 2, "fp32-offload"), ("lars", 3, "fp32-offload"), ("lamb", 2, "fp32-resume"), ("lars", 3, "fp32-resume"),
-    ("lamb", 2, "fp32-warm"), ("adamw", 1, "fp32-warm")]
+    ("lamb", 2, "fp32-warm"), ("adamw", 1, "fp32-warm"), ("adamw", 0, "fp32-pbt"), ("lars", 2, "fp32-pbt")]
 RESUME_AT = 2
 # bf16-fp32acc: bf16 with fp32 gradient accumulation (a raw DeepSpeed JSON's data_types), where
 # DeepSpeed's BF16_Optimizer partitions the fp32 copy at ZeRO-1. DeepSpeed refuses fp16 on CPUs.
@@ -44,7 +49,7 @@ def _model(seed: int = 0) -> torch.nn.Module:
 def _engine(name: str, stage: int, precision: str, world: int, model: torch.nn.Module, lr_scale: float = 1.0):
     from distdl.config import load_config
     from distdl.engine import Engine, build_deepspeed_config
-    from distdl.optim import optimizer_factory, param_groups
+    from distdl.optim import optimizer_factory, param_groups, scheduler_factory
 
     global_batch = MICRO_BATCH * ACCUMULATION * world
     config = load_config(REPO / "configs/resnet/mnist_laptop.yaml", [
@@ -52,12 +57,15 @@ def _engine(name: str, stage: int, precision: str, world: int, model: torch.nn.M
         f"scaling.num_workers={world}", f"optimizer.name={name}", f"optimizer.lr={LR[name] * lr_scale}",
         "optimizer.weight_decay=0.1", "engine.gradient_clipping=0.05", f"engine.zero_stage={stage}",
         f"engine.precision={precision.split('-')[0]}", "engine.bucket_elements=16",
-        f"engine.offload_optimizer={precision.endswith('offload')}"])
+        f"engine.offload_optimizer={precision.endswith('offload')}", "scheduler.name=linear",
+        "scheduler.warmup_steps=0"])
     ds_config = build_deepspeed_config(config.engine, config.trainer, world, False)
     if precision == "bf16-fp32acc":
         ds_config["data_types"] = {"grad_accum_dtype": "fp32"}
     make_optimizer = optimizer_factory(config.optimizer, global_batch)
-    return Engine(model, param_groups(model, 0.1), make_optimizer, None, ds_config), make_optimizer
+    # A schedule that changes the lr every step, for the case that swaps the peak lr mid-run.
+    make_scheduler = scheduler_factory(config.scheduler, STEPS + 2) if precision.endswith("pbt") else None
+    return Engine(model, param_groups(model, 0.1), make_optimizer, make_scheduler, ds_config), make_optimizer
 
 
 def _loss(net, x: torch.Tensor) -> torch.Tensor:
@@ -65,27 +73,39 @@ def _loss(net, x: torch.Tensor) -> torch.Tensor:
 
 
 def _updates(rank: int, world: int, name: str, stage: int, precision: str, checkpoints: Path) -> dict:
-    from distdl.optim import param_groups
+    from distdl.optim import param_groups, scheduler_factory
 
     model = _model()
     reference = copy.deepcopy(model)
     engine, make_optimizer = _engine(name, stage, precision, world, model)
     reference_optimizer = make_optimizer(param_groups(reference, 0.1))
+    pbt = precision.endswith("pbt")
+    reference_schedule = scheduler_factory(SchedulerSection(name="linear"), STEPS + 2)(reference_optimizer) if pbt \
+        else None
     data = torch.Generator().manual_seed(100)  # every rank draws every rank's batches, keeps its own
     for step in range(STEPS):
-        if precision.endswith(("resume", "warm")) and step == RESUME_AT:
+        if precision.endswith(("resume", "warm", "pbt")) and step == RESUME_AT:
             folder = checkpoints / f"{name}-{stage}-{precision}"
             engine.save(folder, {})
             warm = precision.endswith("warm")
             # The load must bring the weights.
-            engine, _ = _engine(name, stage, precision, world, _model(seed=1), lr_scale=0.5 if warm else 1.0)
+            engine, _ = _engine(name, stage, precision, world, _model(seed=1), lr_scale=0.5 if warm or pbt else 1.0)
             if warm:
                 engine.warm_start_optimizer(folder)
                 assert engine.global_steps == 0, "a second phase counts its own steps"
                 for group in reference_optimizer.param_groups:
                     group["lr"] *= 0.5
             else:
-                engine.load(folder)
+                engine.load(folder, own_hyperparameters=pbt)
+            if pbt:
+                assert engine.global_steps == RESUME_AT, "it goes on from the saved step"
+                reference_schedule.base_lrs = [lr * 0.5 for lr in reference_schedule.base_lrs]
+                for group, lr in zip(reference_optimizer.param_groups, reference_schedule.get_lr()):
+                    group["lr"] = lr
+                assert [group["lr"] for group in engine.inner_optimizer.param_groups] == pytest.approx(
+                    [group["lr"] for group in reference_optimizer.param_groups], rel=1e-12), (
+                    [group["lr"] for group in engine.inner_optimizer.param_groups], reference_schedule.last_epoch,
+                    [group["lr"] for group in reference_optimizer.param_groups])
         for _ in range(ACCUMULATION):
             batches = [torch.randn(MICRO_BATCH, 6, generator=data) for _ in range(world)]
             engine.backward(_loss(engine, batches[rank]))
@@ -95,6 +115,8 @@ def _updates(rank: int, world: int, name: str, stage: int, precision: str, check
         torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
         reference_optimizer.step()
         reference_optimizer.zero_grad()
+        if reference_schedule is not None:
+            reference_schedule.step()
     return {"engine": engine.full_parameters(), "plain": [p.detach().clone() for p in reference.parameters()],
             "grad_norm": engine.grad_norm()}
 

@@ -78,3 +78,38 @@ def test_optuna_proposes_asha_stops_the_poor_trials_mid_run_and_the_best_trial_e
     # The best trial's checkpoint exports.
     assert cli.main(["export", str(best_run), str(tmp_path / "exported")]) == 0
     assert any((tmp_path / "exported").iterdir())
+
+
+def test_pbt_continues_the_poor_trial_from_the_good_ones_checkpoint_under_its_own_learning_rate(tmp_path):
+    """Synchronous PBT over two digits trials, lr 0.3 and 0.001, 15 steps, checkpointed and evaluated
+    every 5, perturbed at step 10: ranked together there, the poor trial continues from the good
+    one's step-10 checkpoint as a new run, with the good one's rate perturbed to a neighbouring
+    listed value, which the run's optimizer then uses."""
+    pbt = [arg for arg in DIGITS_SWEEP if not arg.startswith(("sweep.", "run.seed", "trainer."))] + [
+        "sweep.space={optimizer.lr: {grid: [0.3, 0.001]}}", "sweep.scheduler=pbt", "sweep.synchronous=true",
+        "sweep.perturbation_steps=10", "sweep.quantile_fraction=0.5", "sweep.resample_probability=0",
+        "sweep.metric=eval_top1", "sweep.mode=max", "trainer.max_steps=15", "trainer.eval_every=5",
+        "trainer.checkpoint_every=5", "trainer.log_every=5", "ray.num_cpus=4", f"run.storage_path={tmp_path}"]
+    done = subprocess.run([sys.executable, "-m", "distdl.cli", "sweep", str(LAPTOP), *pbt], capture_output=True,
+                          text=True, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    sweep_dir = tmp_path / "resnet20-mnist-sweep"
+    results = json.loads((sweep_dir / "results.json").read_text())
+    rows = {row["trial"]: row for row in results["trials"]}
+    good, poor = (next(name for name in rows if name.endswith(f"-lr{lr}")) for lr in (0.3, 0.001))
+    assert (results["summary"]["trials"], results["summary"]["continued_from_another"]) == (2, 1), rows
+    clone = next(row for row in rows.values() if row["from"] == f"{good} at step 10" and row["index"] != rows[good]["index"])
+    assert clone["index"] == rows[poor]["index"] and clone["trial"] == f"{poor.split('-')[0]}-lr{clone['optimizer.lr']}-from10"
+    assert rows[poor]["status"] == "replaced" and clone["status"] == "finished" and clone["optimizer.lr"] in (0.3, 0.001)
+    # The new run starts at the good trial's step 10, with its weights: its evaluation at step 15 is
+    # near the good trial's at 10, far above the poor trial's own.
+    scores = {name: {m["step"]: m for m in read_metrics(sweep_dir / "trials" / name)} for name in (good, poor)}
+    cloned = {m["step"]: m for m in read_metrics(sweep_dir / "trials" / clone["trial"])}
+    assert min(cloned) > 10 and max(cloned) == 15 and read_summary(sweep_dir / "trials" / clone["trial"])["completed"]
+    assert cloned[15]["eval_top1"] > scores[poor][10]["eval_top1"] + 0.3, (cloned[15], scores[poor][10])
+    # It trains at its own rate (a constant schedule), not the checkpoint's.
+    assert cloned[15]["lr"] == pytest.approx(clone["optimizer.lr"], rel=1e-9)
+    lineage = json.loads((sweep_dir / "lineage" / f"{clone['trial']}.json").read_text())
+    assert lineage == {"run": good, "step": 10, "values": {"optimizer.lr": clone["optimizer.lr"]}}
+    assert "1 times a trial continued from another's checkpoint" in (sweep_dir / "report.md").read_text()
+    assert results["summary"]["best_trial"] in {row["trial"] for row in rows.values() if row["status"] == "finished"}

@@ -32,7 +32,7 @@ def test_the_glue_search_expands_to_the_papers_24_combinations_each_a_valid_conf
     assert combinations == {(lr, batch, epochs) for lr in (5e-5, 4e-5, 3e-5, 2e-5) for batch in (16, 32)
                             for epochs in (2, 3, 4)}
     # ASHA's first rung is the first evaluation (every epoch here: step 1 and on), its rungs 3x apart.
-    scheduler = trial_scheduler(section)
+    scheduler = trial_scheduler(section, dimensions)
     assert (scheduler._time_attr, scheduler._reduction_factor) == ("step", 3)
     # CoLA is ranked by its own metric.
     assert read_sweep(REPO / "configs/glue/cola.yaml", ["trainer.micro_batch_size=8"], SEARCH)[0].metric == "eval_mcc"
@@ -51,7 +51,7 @@ def test_every_kind_of_dimension_becomes_tunes_own():
     assert isinstance(space["optimizer.momentum"].sampler, tune.search.sample.Uniform)
     assert space["model.name"].categories == ["mlp", "cifar_resnet20"]
     assert space["optimizer.weight_decay"] == {"grid_search": [0.0, 1e-4]}
-    assert section.samples == 3 and section.name == "resnet20-mnist-sweep" and trial_scheduler(section) is None
+    assert section.samples == 3 and section.name == "resnet20-mnist-sweep" and trial_scheduler(section, dimensions) is None
 
 
 def test_trial_names_give_the_index_and_the_values():
@@ -104,6 +104,8 @@ def test_a_key_below_an_optional_section_left_out_can_be_searched():
 
 
 ASHA = ["sweep.scheduler=asha", "sweep.metric=eval_top1", "sweep.mode=max"]
+PBT = ["sweep.scheduler=pbt", "sweep.metric=eval_top1", "sweep.mode=max", "trainer.eval_every=10",
+       "trainer.checkpoint_every=10"]
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -125,7 +127,15 @@ ASHA = ["sweep.scheduler=asha", "sweep.metric=eval_top1", "sweep.mode=max"]
     (["sweep.metric=eval_top1"], "sweep.metric=eval_top1: set sweep.mode to max or min"),
     ([], "set sweep.metric (and sweep.mode): the resnet workload has no default"),
     ([*ASHA, "trainer.eval_every=0"], "sweep.scheduler=asha stops trials at their evaluations: set trainer.eval_every"),
-    (["sweep.scheduler=hyperband"], "sweep.scheduler='hyperband' is not allowed; allowed: none, asha"),
+    (["sweep.scheduler=hyperband"], "sweep.scheduler='hyperband' is not allowed; allowed: none, asha, pbt"),
+    ([*PBT, "trainer.checkpoint_every=20"], "sweep.scheduler=pbt continues trials from the checkpoints they report "
+                                            "with their evaluations: set trainer.eval_every and "
+                                            "trainer.checkpoint_every to the same steps (they are 10 and 20)"),
+    ([*PBT, "sweep.space={model.name: {grid: [mlp, cifar_resnet20]}}"], "sweep.scheduler=pbt perturbs optimizer.lr, "
+                                                                       "optimizer.weight_decay, optimizer.momentum, "
+                                                                       "optimizer.eps as it trains; sweep.space "
+                                                                       "searches none of them (model.name)"),
+    ([*PBT, "sweep.quantile_fraction=0.6"], "sweep.quantile_fraction=0.6"),
     (["sweep.search=hyperopt"], "sweep.search='hyperopt' is not allowed; allowed: basic, optuna"),
     (["sweep.reduction_factor=1"], "sweep.reduction_factor=1"),
     (["sweep.samples=0"], "sweep.samples=0 must be at least 1"),
@@ -158,3 +168,30 @@ def test_a_search_dimension_can_be_replaced_from_the_command_line():
     assert {d.key: (d.kind, d.values) for d in dimensions} == {
         "optimizer.lr": ("grid", (1e-4,)), "trainer.global_batch_size": ("grid", (16, 32)),
         "trainer.epochs": ("choice", (1, 2))}
+
+
+def test_pbt_perturbs_the_optimizer_keys_within_their_ranges_and_its_population_trains_side_by_side(monkeypatch):
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    from distdl.sweeps import runner
+
+    section, dimensions, training = read_sweep(LAPTOP, [
+        *PBT, "sweep.space={optimizer.lr: {grid: [0.3, 0.1]}, optimizer.momentum: {uniform: [0.5, 0.95]}, "
+        "model.name: {grid: [mlp, cifar_resnet20]}}", "sweep.samples=2"], None)
+    assert section.perturbation_steps == 10, "the interval defaults to the checkpoints'"
+    scheduler = trial_scheduler(section, dimensions)
+    assert isinstance(scheduler, PopulationBasedTraining) and scheduler._perturbation_interval == 10
+    # Only the optimizer's keys are perturbed (a trial that continues another's takes its model name too).
+    assert set(scheduler._hyperparam_mutations) == {"optimizer.lr", "optimizer.momentum"}
+    assert scheduler._hyperparam_mutations["optimizer.lr"] == [0.3, 0.1]
+    # x1.2 would take momentum 0.9 past its range (and past 1, where SGD diverges): it stays at the bound.
+    assert scheduler._custom_explore_fn({"optimizer.lr": 0.36, "optimizer.momentum": 1.08}) == {
+        "optimizer.lr": 0.36, "optimizer.momentum": 0.95}
+    # 2 lrs x 2 models x 2 samples: 8 trials, which must fit side by side.
+    base = load_config(LAPTOP, ["trainer.eval_every=10", "trainer.checkpoint_every=10"])
+    monkeypatch.setattr(runner, "trials_that_fit", lambda config: 8)
+    runner.check_placement(section, dimensions, base)
+    monkeypatch.setattr(runner, "trials_that_fit", lambda config: 4)
+    with pytest.raises(ConfigError, match="sweep.scheduler=pbt trains its population side by side: 8 trials, but 4 "
+                                          "fit at once"):
+        runner.check_placement(section, dimensions, base)
