@@ -106,6 +106,7 @@ class CheckpointRelay:
         while (report := self.reports.get()) is not None:
             metrics, checkpoint = report
             if checkpoint is not None:
+                checkpoint = tune.Checkpoint(checkpoint.path, checkpoint.filesystem)  # Tune's own class
                 # Which run and step a trial that clones this checkpoint starts from.
                 checkpoint.set_metadata({"run": self.run_name, "step": metrics["step"]})
             tune.report(metrics, checkpoint=checkpoint)
@@ -119,8 +120,13 @@ class ReportWithCheckpoint(UserCallback):
         self.reports, self.received = reports, received
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Optional[Any]) -> None:
-        self.reports.put((dict(metrics[0]), checkpoint))
-        self.received.get()  # the trial has handed it to Tune, which copied the checkpoint
+        from ray.exceptions import RayActorError
+
+        try:
+            self.reports.put((dict(metrics[0]), checkpoint))
+            self.received.get()  # the trial has handed it to Tune, which copied the checkpoint
+        except RayActorError:
+            pass  # the trial is gone (Tune paused or stopped it), and this run with it
 
 
 def raise_failures(results: Any, describe: Callable[[Any], str] = lambda result: "") -> None:
