@@ -10,6 +10,7 @@ ones resumed from their checkpoints). The sweep ends with results.json, report.m
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -45,8 +46,8 @@ from distdl.tuning import (
 SWEEP_FILE = "sweep.yaml"
 EXPERIMENT = "tune"
 # Tune keeps this many copies of each PBT trial's latest checkpoints: the one another trial is about
-# to continue from stays while its owner trains on.
-TUNE_CHECKPOINTS_KEPT = 2
+# to continue from stays while its owner trains on (Tune warns that 2 or fewer may not).
+TUNE_CHECKPOINTS_KEPT = 3
 
 
 def run_sweep(config_path: str | Path, overrides: list[str], sweep_file: Optional[str | Path], overwrite: bool,
@@ -136,6 +137,8 @@ def fit(section: SweepSection, dimensions: list[Dimension], base: Config, traini
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, base=training, sweep_dir=str(sweep_dir), pbt=pbt),
                                     TRIAL_DRIVER_RESOURCES)
     experiment = sweep_dir / EXPERIMENT
+    # Tune's advice for class trainables that reset in place; a distdl trial starts a new run instead.
+    warnings.filterwarnings("ignore", message="Consider boosting PBT performance by enabling `reuse_actors`")
     if tune.Tuner.can_restore(str(experiment)):
         print(f"distdl: resuming the sweep's trials from {experiment}")
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)

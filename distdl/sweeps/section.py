@@ -106,6 +106,10 @@ def parse_sweep(values: dict[str, Any], training: dict[str, Any]) -> tuple[Sweep
     if section.scheduler == "asha":
         section.grace_steps = section.grace_steps or first_evaluation(base)
     if section.scheduler == "pbt":
+        if section.search != "basic":
+            raise ConfigError(f"sweep.scheduler=pbt explores by itself, around its initial population; it does not "
+                              f"combine with sweep.search={section.search} (Tune's PBT refuses a searcher): use "
+                              "sweep.search=basic")
         section.perturbation_steps = perturbation_interval(section, dimensions, base)
     return section, dimensions
 

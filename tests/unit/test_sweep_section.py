@@ -136,6 +136,10 @@ PBT = ["sweep.scheduler=pbt", "sweep.metric=eval_top1", "sweep.mode=max", "train
                                                                        "optimizer.eps as it trains; sweep.space "
                                                                        "searches none of them (model.name)"),
     ([*PBT, "sweep.quantile_fraction=0.6"], "sweep.quantile_fraction=0.6"),
+    ([*PBT, "sweep.search=optuna", "sweep.space={optimizer.lr: {choice: [0.1, 0.3]}}"], "sweep.scheduler=pbt explores "
+                                                                                       "by itself, around its initial "
+                                                                                       "population; it does not combine "
+                                                                                       "with sweep.search=optuna"),
     (["sweep.search=hyperopt"], "sweep.search='hyperopt' is not allowed; allowed: basic, optuna"),
     (["sweep.reduction_factor=1"], "sweep.reduction_factor=1"),
     (["sweep.samples=0"], "sweep.samples=0 must be at least 1"),
