@@ -41,9 +41,10 @@ def sweep_report(results: Any, section: SweepSection, dimensions: list[Dimension
     heard = {match.group(2): (result.metrics or {}).get("step") for result in results
              for match in [TUNE_TRIAL_ID.search(Path(result.path).name)] if match}
     lineage = {path.stem: json.loads(path.read_text()) for path in sorted((sweep_dir / LINEAGE).glob("*.json"))}
-    rows = [trial_row(run_dir, section, dimensions, failed, heard, lineage.get(run_dir.name))
-            for run_dir in sorted((sweep_dir / "trials").glob("trial*")) if (run_dir / "config.yaml").is_file()]
-    mark_replaced(rows)
+    run_dirs = [run_dir for run_dir in sorted((sweep_dir / "trials").glob("trial*")) if (run_dir / "config.yaml").is_file()]
+    rows = [trial_row(run_dir, section, dimensions, failed, heard, lineage.get(run_dir.name),
+                      replaced_at(run_dir.name, run_dirs, lineage))
+            for run_dir in run_dirs]
     ranked = [row for row in rows if row["best"] is not None]
     pick = max if section.mode == "max" else min
     best = pick(ranked, key=lambda row: row["best"]) if ranked else None
@@ -68,16 +69,35 @@ def sweep_report(results: Any, section: SweepSection, dimensions: list[Dimension
                        figures, best_run)
 
 
+def trial_index(run_name: str) -> str:
+    return run_name.split("-", 1)[0].removeprefix("trial")
+
+
+def replaced_at(name: str, run_dirs: list[Path], lineage: dict[str, dict[str, Any]]) -> Optional[int]:
+    """Under PBT, the step at which a later run of the same trial took over from this one (it went
+    on from a checkpoint of that step); None if none did."""
+    def start(run_name: str) -> int:
+        return lineage[run_name]["step"] if run_name in lineage else 0
+
+    later = [start(run_dir.name) for run_dir in run_dirs
+             if trial_index(run_dir.name) == trial_index(name) and start(run_dir.name) > start(name)]
+    return min(later) if later else None
+
+
 def trial_row(run_dir: Path, section: SweepSection, dimensions: list[Dimension], failed: set[str],
-              heard: dict[str, Optional[int]], origin: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+              heard: dict[str, Optional[int]], origin: Optional[dict[str, Any]] = None,
+              replaced_at_step: Optional[int] = None) -> dict[str, Any]:
     config = saved_config(run_dir)
     values = {d.key: lookup(config, d.key) for d in dimensions}
     records = read_metrics(run_dir)
     summary = read_summary(run_dir)
-    index = run_dir.name.split("-", 1)[0].removeprefix("trial")
+    index = trial_index(run_dir.name)
     status = ("finished" if summary.get("completed") else "failed" if index in failed or summary
-              else "stopped early" if section.scheduler == "asha" else "interrupted")
-    last_seen = heard.get(index) if status == "stopped early" else None
+              else "stopped early" if section.scheduler == "asha"
+              else "replaced" if replaced_at_step is not None else "interrupted")
+    # A stopped trial, or a replaced PBT run, is ranked by what it reported before it was stopped
+    # or replaced: its workers may log a step or an evaluation more before they are killed.
+    last_seen = heard.get(index) if status == "stopped early" else replaced_at_step if status == "replaced" else None
     scores = [(m["step"], m[section.metric]) for m in records
               if isinstance(m.get(section.metric), (int, float)) and math.isfinite(m[section.metric])
               and (last_seen is None or m["step"] <= last_seen)]
@@ -89,14 +109,6 @@ def trial_row(run_dir: Path, section: SweepSection, dimensions: list[Dimension],
             "start_step": start_step, "from": f"{origin['run']} at step {start_step}" if origin else None,
             "steps": max(steps, start_step), "max_steps": config["trainer"]["max_steps"], "status": status,
             "checkpoint": recorded_checkpoint(run_dir)}
-
-
-def mark_replaced(rows: list[dict[str, Any]]) -> None:
-    """Under PBT, a trial's run that a later run of the same trial took over from a checkpoint."""
-    for row in rows:
-        later = [other for other in rows if other["index"] == row["index"] and other["start_step"] > row["start_step"]]
-        if later and row["status"] == "interrupted":
-            row["status"] = "replaced"
 
 
 def recorded_checkpoint(run_dir: Path) -> Optional[str]:

@@ -84,12 +84,14 @@ def test_pbt_continues_the_poor_trial_from_the_good_ones_checkpoint_under_its_ow
     """Synchronous PBT over two digits trials, lr 0.3 and 0.001, 15 steps, checkpointed and evaluated
     every 5, perturbed at step 10: ranked together there, the poor trial continues from the good
     one's step-10 checkpoint as a new run, with the good one's rate perturbed to a neighbouring
-    listed value, which the run's optimizer then uses."""
+    listed value, which the run's optimizer then uses. One worker per trial: PBT's decisions do not
+    depend on it, and the two trials then share the 2 cores without a second process each."""
     pbt = [arg for arg in DIGITS_SWEEP if not arg.startswith(("sweep.", "run.seed", "trainer."))] + [
         "sweep.space={optimizer.lr: {grid: [0.3, 0.001]}}", "sweep.scheduler=pbt", "sweep.synchronous=true",
         "sweep.perturbation_steps=10", "sweep.quantile_fraction=0.5", "sweep.resample_probability=0",
         "sweep.metric=eval_top1", "sweep.mode=max", "trainer.max_steps=15", "trainer.eval_every=5",
-        "trainer.checkpoint_every=5", "trainer.log_every=5", "ray.num_cpus=4", f"run.storage_path={tmp_path}"]
+        "trainer.checkpoint_every=5", "trainer.log_every=5", "scaling.num_workers=1", "ray.num_cpus=2",
+        f"run.storage_path={tmp_path}"]
     done = subprocess.run([sys.executable, "-m", "distdl.cli", "sweep", str(LAPTOP), *pbt], capture_output=True,
                           text=True, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
