@@ -19,7 +19,7 @@ LAYERS = {
     "distdl.driver": 2, "distdl.tuning": 2, "distdl.studies.runner": 2, "distdl.sweeps.runner": 2, "distdl.report": 2, "distdl.preparation": 2,
     "distdl.loop": 3, "distdl.studies.jobs": 3,
     "distdl.engine": 4, "distdl.workloads": 4, "distdl.studies": 4, "distdl.sweeps": 4, "distdl.tracking": 4, "distdl.optim": 4,
-    "distdl.metrics": 4, "distdl.noise_scale": 4, "distdl.flops": 4, "distdl.profiling": 4,
+    "distdl.metrics": 4, "distdl.noise_scale": 4, "distdl.flops": 4, "distdl.profiling": 4, "distdl.planning": 4,
     "distdl.data": 5, "distdl.models": 5,
     "distdl.config": 6, "distdl.registry": 6, "distdl.errors": 6, "distdl.rundir": 6, "distdl.collectives": 6,
     "distdl": 6,

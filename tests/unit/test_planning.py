@@ -1,0 +1,122 @@
+"""`distdl plan`'s model, without a cluster: the ring and hierarchical all-reduce against their
+formulas, ZeRO's volumes, the model's limits, and cluster files refused naming the file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distdl.errors import ConfigError
+from distdl.planning.cluster import ClusterSpec, Link, read_cluster
+from distdl.planning.model import (
+    BatchPolicy,
+    ScalingFit,
+    StepModel,
+    allreduce_seconds,
+    gradient_sync_seconds,
+    knee,
+    predict,
+    ring_allreduce_seconds,
+    steps_to_target,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((REPO / "clusters").glob("*.yaml"))
+NODE = ClusterSpec(gpu="A100", gpus_per_node=8, intra_node=Link(300.0, 3.0), inter_node=Link(25.0, 8.0))
+BERT_LARGE = 340e6 * 2  # bf16 gradients of BERT-large
+
+
+def test_the_ring_all_reduce_sends_2_n_minus_1_over_n_of_the_message_and_pays_2_n_minus_1_latencies():
+    link = Link(bandwidth_gb_s=10.0, latency_us=5.0)
+    assert ring_allreduce_seconds(1e9, 1, link) == 0.0, "one rank has no one to talk to"
+    assert ring_allreduce_seconds(1e9, 4, link) == pytest.approx(2 * 3 / 4 * 1e9 / 10e9 + 6 * 5e-6, rel=1e-12)
+    # Bandwidth-bound, it tends to twice the message over the bandwidth, whatever the rank count.
+    assert ring_allreduce_seconds(1e9, 1024, Link(10.0, 0.0)) == pytest.approx(0.2, rel=2e-3)
+
+
+def test_one_node_is_a_ring_and_several_are_hierarchical():
+    assert allreduce_seconds(BERT_LARGE, 8, NODE) == ring_allreduce_seconds(BERT_LARGE, 8, NODE.intra_node)
+    # 4 nodes: reduce-scatter and all-gather in the node, a ring over the nodes for each GPU's eighth.
+    in_node = ring_allreduce_seconds(BERT_LARGE, 8, NODE.intra_node)
+    across = ring_allreduce_seconds(BERT_LARGE / 8, 4, NODE.inter_node)
+    assert allreduce_seconds(BERT_LARGE, 32, NODE) == pytest.approx(in_node + across, rel=1e-12)
+    # Crossing nodes costs more than staying in one: the network is the slower link.
+    assert allreduce_seconds(BERT_LARGE, 16, NODE) > allreduce_seconds(BERT_LARGE, 8, NODE)
+
+
+def test_zero_3_moves_half_as_much_again_as_stages_0_to_2():
+    stages = [gradient_sync_seconds(BERT_LARGE, stage, 64, NODE) for stage in range(4)]
+    assert stages[0] == stages[1] == stages[2] and stages[3] == pytest.approx(1.5 * stages[0], rel=1e-12)
+
+
+MODEL = StepModel(compute_per_micro_batch_s=0.25, micro_batch=16, gradient_bytes=BERT_LARGE, overlap=0.0,
+                  optimizer_s=0.01)
+
+
+def test_one_gpu_communicates_nothing_and_is_perfectly_efficient():
+    (row,) = predict(MODEL, NODE, BatchPolicy("per_gpu", 64), [1])
+    assert row["step_s"] == pytest.approx(4 * 0.25 + 0.01) and row["efficiency"] == 1.0
+    assert row["samples_per_s"] == pytest.approx(64 / 1.01)
+
+
+def test_efficiency_falls_as_the_network_slows_and_rises_with_overlap():
+    def efficiency(bandwidth: float, overlap: float = 0.0) -> float:
+        cluster = ClusterSpec(gpu="A100", gpus_per_node=8, intra_node=Link(300.0, 3.0),
+                              inter_node=Link(bandwidth, 8.0))
+        model = StepModel(0.25, 16, BERT_LARGE, overlap=overlap)
+        return predict(model, cluster, BatchPolicy("per_gpu", 64), [256])[0]["efficiency"]
+
+    falling = [efficiency(bandwidth) for bandwidth in (100.0, 50.0, 25.0, 12.5, 1.0)]
+    assert all(a > b for a, b in zip(falling, falling[1:])), falling
+    assert 0 < falling[-1] < falling[0] < 1
+    assert efficiency(25.0, overlap=0.8) > efficiency(25.0)
+
+
+def test_steps_fall_to_s_min_far_above_the_critical_batch():
+    assert steps_to_target(1e9, min_steps=1000, critical_batch=500) == pytest.approx(1000, rel=1e-6)
+    # At B = B_crit it takes twice S_min (McCandlish et al.'s trade-off point).
+    assert steps_to_target(500, min_steps=1000, critical_batch=500) == 2000
+
+
+def test_a_fixed_global_batch_splits_where_it_can_and_the_knee_is_where_gpu_hours_start_to_climb():
+    policy = BatchPolicy("global", 4096)
+    rows = predict(MODEL, NODE, policy, [1, 2, 3, 8, 64, 256, 512], ScalingFit(min_steps=5000, critical_batch=2000))
+    assert [row["gpus"] for row in rows] == [1, 2, 8, 64, 256], "3 GPUs cannot split 4096; 512 x 16 > 4096"
+    assert [row["accumulation"] for row in rows] == [256, 128, 32, 4, 1]
+    # The global batch, and so the steps to the target, stay; the time falls, then communication wins.
+    assert len({row["steps_to_target"] for row in rows}) == 1
+    times = [row["time_to_target_s"] for row in rows]
+    assert times[1] < times[0] and all(row["gpu_hours"] >= rows[0]["gpu_hours"] for row in rows)
+    chosen = knee(rows, gpu_hours_tolerance=0.1)
+    assert chosen["fastest_gpus"] == 256
+    within = [row["gpus"] for row in rows if row["gpu_hours"] <= rows[0]["gpu_hours"] * 1.1]
+    assert chosen["knee_gpus"] == max(within)
+    assert knee(predict(MODEL, NODE, policy, [8]), 0.1) == {"fastest_gpus": None, "knee_gpus": None}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_cluster_file_reads_with_a_known_gpu(path):
+    cluster = read_cluster(path)
+    assert cluster.peak("bf16") > 100 and cluster.intra_node.bandwidth_gb_s > cluster.inter_node.bandwidth_gb_s
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("gpu: H100\ngpus_per_node: 8\nintra_node: {latency_us: 3}\ninter_node: {bandwidth_gb_s: 50, latency_us: 8}\n",
+     "missing intra_node.bandwidth_gb_s"),
+    ("gpu: H100\ngpus_per_node: 8\n", "missing intra_node, inter_node"),
+    ("gpu: H100\ngpus_per_node: 8\nintra_node: {bandwidth_gb_s: 0, latency_us: 3}\n"
+     "inter_node: {bandwidth_gb_s: 50, latency_us: 8}\n", "cluster.intra_node.bandwidth_gb_s=0"),
+    ("gpu: TPU v5\ngpus_per_node: 4\nintra_node: {bandwidth_gb_s: 100, latency_us: 3}\n"
+     "inter_node: {bandwidth_gb_s: 50, latency_us: 8}\n", "gpu='TPU v5' is not in distdl.flops's datasheet table; "
+                                                          "set peak_tflops"),
+    ("gpu: H100\ngpus_per_node: 8\nintra_node: {bandwidth_gb_s: 450, latency_us: 3}\n"
+     "inter_node: {bandwidth_gb_s: 50, latency_us: 8}\nnics: 8\n", "unknown key cluster.nics"),
+    ("- a list\n", "must be a mapping of keys"),
+])
+def test_bad_cluster_files_are_refused_naming_the_file_and_key(tmp_path, text, expected):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        read_cluster(path)
+    assert expected in str(refused.value) and str(path) in str(refused.value)
