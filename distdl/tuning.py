@@ -8,6 +8,7 @@ pattern for Train V2). Every evaluation of the run reports its metrics to Tune a
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -17,7 +18,7 @@ from ray.train.v2.api.callback import UserCallback
 from distdl.config import Config, config_differences, config_from_dict, with_defaults, without_session_keys
 from distdl.driver import already_connected, train
 from distdl.errors import RunDirError, TrainingFailed
-from distdl.rundir import RunSummary, foreign_entries, move_aside
+from distdl.rundir import SUMMARY_FILE, RunSummary, foreign_entries, move_aside
 
 # The resource each Tune trial itself holds: its function only drives its TorchTrainer, whose
 # workers hold the CPUs and GPUs, but Tune needs some resource per trial.
@@ -64,13 +65,21 @@ def run_trial(config: Config, checkpoints_to_tune: bool = False, start_from: Opt
     stopped before its end fails the trial. With `checkpoints_to_tune`, Tune gets a copy of each
     checkpoint too (population-based training clones trials from them); `start_from`: the cloned
     checkpoint the run starts from."""
+    from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    started = time.time()
     if not checkpoints_to_tune:  # a Tune trial runs inside Ray: already connected
         summary = train(config, already_connected, tune_callback=TuneReportCallback(), start_from=start_from)
     else:
         with CheckpointRelay(config.run.name) as relay:
             summary = train(config, already_connected, tune_callback=relay.callback, start_from=start_from)
+    summary_file = config.run_dir / SUMMARY_FILE
+    if summary and summary_file.is_file() and summary_file.stat().st_mtime < started:
+        # The run had ended before (a sweep restored after its driver died between the run's end and
+        # Tune's record of it): it trained and reported nothing now, and Tune wants the trial's metric.
+        final = summary.get("final", {})
+        tune.report({"step": summary["steps"], **{k: v for k, v in final.items() if isinstance(v, (int, float))}})
     check_finished(config.run.name, summary)
     return summary
 

@@ -42,15 +42,16 @@ def test_a_killed_slice_of_the_glue_search_resumes_and_report_glue_picks_its_bes
     scheduler off so that both run to their end) on a fixture task, with a 2-layer BERT."""
     command = [sys.executable, "-m", "distdl.cli", "sweep", str(REPO / "configs/glue/rte.yaml"),
                "--sweep", str(REPO / "configs/glue/search.yaml"), "sweep.scheduler=none",
-               "sweep.space.trainer.global_batch_size={grid: [16]}", "sweep.space.trainer.epochs={grid: [2]}",
-               "sweep.space.optimizer.lr={grid: [5.0e-4, 2.0e-5]}", "trainer.micro_batch_size=8",
+               "sweep.space.trainer.global_batch_size={grid: [16]}", "sweep.space.trainer.epochs={grid: [2, 6]}",
+               "sweep.space.optimizer.lr={grid: [5.0e-4]}", "trainer.micro_batch_size=8",
                f"model.name_or_path={tiny_bert}", f"data.path={glue_dir}", "data.max_seq_length=32",
                "trainer.log_every=5", "trainer.eval_every=5", "trainer.checkpoint_every=5",
                f"run.storage_path={tmp_path}", "tracking.wandb_mode=disabled", "tracking.progress_bar=false"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     sweep_dir = tmp_path / "glue-rte-sweep"
     first = sweep_dir / "trials" / "trial00000-global_batch_size16-epochs2-lr0.0005"
-    second = sweep_dir / "trials" / "trial00001-global_batch_size16-epochs2-lr2e-05"
+    # The second trial is the longer: killed at its first recorded checkpoint, it is far from its end.
+    second = sweep_dir / "trials" / "trial00001-global_batch_size16-epochs6-lr0.0005"
     with (tmp_path / "first.log").open("w") as log:
         driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
@@ -68,9 +69,9 @@ def test_a_killed_slice_of_the_glue_search_resumes_and_report_glue_picks_its_bes
     assert rerun.returncode == 0, output[-3000:]
     assert "resuming the sweep's trials" in output and f"resuming run {second}" in output, output[-3000:]
     assert (first / "metrics.jsonl").stat().st_mtime_ns == kept, "the finished trial is not trained again"
-    assert read_summary(second)["completed"] and read_summary(second)["steps"] == 20
+    assert read_summary(second)["completed"] and read_summary(second)["steps"] == 60
     steps = [m["step"] for m in read_metrics(second) if "loss" in m]
-    assert steps == [5, 10, 15, 20], steps
+    assert steps == list(range(5, 61, 5)), steps
     # The GLUE table over the sweep's trials shows the one the sweep ranks first.
     results = json.loads((sweep_dir / "results.json").read_text())
     assert results["summary"]["metric"] == "eval_accuracy" and len(results["trials"]) == 2
