@@ -78,8 +78,9 @@ def run_trial(config: Config, checkpoints_to_tune: bool = False, start_from: Opt
     if summary and summary_file.is_file() and summary_file.stat().st_mtime < started:
         # The run had ended before (a sweep restored after its driver died between the run's end and
         # Tune's record of it): it trained and reported nothing now, and Tune wants the trial's metric.
-        final = summary.get("final", {})
-        tune.report({"step": summary["steps"], **{k: v for k, v in final.items() if isinstance(v, (int, float))}})
+        from distdl.loop import numeric_metrics  # what the loop reports to Tune, from the run's summary
+
+        tune.report(numeric_metrics(summary["steps"], summary.get("final", {})))
     check_finished(config.run.name, summary)
     return summary
 
