@@ -190,7 +190,8 @@ SHIPPED = sorted(path for path in (REPO / "configs").rglob("*.yaml") if set(read
 
 
 def shipped_config(path: Path, storage: Path, data: dict[str, Path], *extra: str):
-    """The config as shipped, and as run here: only its data source, its sizes and scaling.use_gpu changed
+    """The config as shipped, and as run here: only its data source, its sizes (loader processes among
+    them) and scaling.use_gpu changed
     (the gradient accumulation too, to 2 at most: the recipes reach their global batches through
     hundreds of accumulation steps)."""
     import copy
@@ -206,6 +207,10 @@ def shipped_config(path: Path, storage: Path, data: dict[str, Path], *extra: str
     accumulation = min(shipped.trainer.gradient_accumulation_steps, 2)
     sizes = ["scaling.num_workers=2", "scaling.use_gpu=false", "trainer.micro_batch_size=4",
              f"trainer.global_batch_size={4 * 2 * accumulation}"]
+    # One loader process per rank, not the recipe's 6: the loader path runs, and 2 cores do not spend
+    # 12 processes' start-up importing torch for 3 steps.
+    if getattr(shipped.sections.get("data"), "loader_workers", 0) > 1:
+        sizes.append("data.loader_workers=1")
     for override in [f"run.storage_path={storage}", *sizes, *short_run(), *data_source(shipped, data), *extra]:
         set_dotted(raw, *parse_override(override))
     return shipped, config_from_dict(raw)
