@@ -37,6 +37,10 @@ from distdl.rundir import read_metrics
 from distdl.workloads.base import WorkerContext, Workload
 
 STUDY_KEY = "study"
+# What a study directory holds besides its trials: the settings it ran with, its results and report.
+STUDY_FILE = "study.yaml"
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
 
 
 @dataclass

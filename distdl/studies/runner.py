@@ -24,12 +24,8 @@ from distdl.errors import ConfigError, TrainingFailed
 from distdl.registry import STUDIES, WORKLOADS
 from distdl.rundir import RunStorage, is_uri, write_json
 from distdl.studies import jobs
-from distdl.studies.base import Study, StudyReport, read_study_file
+from distdl.studies.base import REPORT_FILE, RESULTS_FILE, STUDY_FILE, Study, StudyReport, read_study_file
 from distdl.tuning import check_finished, check_trials_dir, concurrent_trials, train_configs_with_tune
-
-STUDY_FILE = "study.yaml"
-RESULTS_FILE = "results.json"
-REPORT_FILE = "report.md"
 
 
 def run_study(name: str, path: str | Path, overrides: list[str], overwrite: bool,
