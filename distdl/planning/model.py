@@ -1,6 +1,6 @@
 """The model `distdl plan` predicts a data-parallel run with, at N GPUs (docs/plan.md has the equations).
 
-Step time = accumulation x compute per micro-batch + the gradient synchronization the backward
+Step time = the samples a GPU takes x compute per sample + the gradient synchronization the backward
 pass does not hide + the optimizer step. The synchronization is a ring all-reduce of the gradients
 inside a node, hierarchical across nodes (reduce-scatter in the node, a ring over the nodes for each
 GPU's shard, all-gather in the node), at ZeRO's volume: stages 0-2 move what an all-reduce moves,
@@ -60,7 +60,7 @@ def steps_to_target(batch: float, min_steps: float, critical_batch: float) -> fl
 class BatchPolicy:
     """How the global batch follows the GPU count. per_gpu: each GPU takes `size` samples a step
     (micro-batches accumulated), so the global batch grows with N (weak scaling); global: the global
-    batch stays `size`, and each GPU accumulates what its share needs (strong scaling)."""
+    batch stays `size`, and each GPU takes its share (strong scaling)."""
 
     kind: Literal["per_gpu", "global"]
     size: int
@@ -68,28 +68,33 @@ class BatchPolicy:
     def global_batch(self, gpus: int) -> int:
         return self.size * gpus if self.kind == "per_gpu" else self.size
 
-    def accumulation(self, gpus: int, micro_batch: int) -> Optional[int]:
-        """Micro-batches per GPU per step; None where N GPUs cannot split the global batch evenly."""
-        per_gpu = self.size if self.kind == "per_gpu" else self.size / gpus
-        steps, left = divmod(per_gpu, micro_batch)
-        return int(steps) if steps >= 1 and left == 0 else None
+    def split(self, gpus: int, micro_batch: int) -> Optional[tuple[int, int]]:
+        """(micro-batch, micro-batches per GPU per step) for N GPUs: the configured micro-batch, or the
+        GPU's whole share where that is smaller; None where N GPUs cannot split the batch into whole
+        micro-batches."""
+        share, left = divmod(self.global_batch(gpus), gpus)
+        if left or share < 1:
+            return None
+        micro = min(micro_batch, share)
+        accumulation, left = divmod(share, micro)
+        return None if left else (micro, accumulation)
 
 
 @dataclass(frozen=True)
 class StepModel:
     """One data-parallel step, from a profile (or FLOP counts and a stated MFU)."""
 
-    compute_per_micro_batch_s: float  # forward and backward of one micro-batch on one GPU
-    micro_batch: int
+    compute_per_sample_s: float  # forward and backward of one sample on one GPU, at the profiled micro-batch
+    micro_batch: int  # the largest micro-batch a GPU runs
     gradient_bytes: float  # the gradients one GPU holds, at their communication precision
     zero_stage: int = 0
     # The share of the synchronization that runs beside the backward pass (0: none hidden).
     overlap: float = 0.0
     optimizer_s: float = 0.0
 
-    def step_seconds(self, gpus: int, accumulation: int, cluster: ClusterSpec) -> float:
+    def step_seconds(self, gpus: int, samples_per_gpu: int, cluster: ClusterSpec) -> float:
         exposed = (1 - self.overlap) * gradient_sync_seconds(self.gradient_bytes, self.zero_stage, gpus, cluster)
-        return accumulation * self.compute_per_micro_batch_s + exposed + self.optimizer_s
+        return samples_per_gpu * self.compute_per_sample_s + exposed + self.optimizer_s
 
 
 @dataclass(frozen=True)
@@ -107,14 +112,15 @@ def predict(model: StepModel, cluster: ClusterSpec, policy: BatchPolicy, gpu_cou
     and the GPU-hours they take."""
     rows = []
     for gpus in gpu_counts:
-        accumulation = policy.accumulation(gpus, model.micro_batch)
-        if accumulation is None:
+        split = policy.split(gpus, model.micro_batch)
+        if split is None:
             continue
-        step = model.step_seconds(gpus, accumulation, cluster)
-        alone = model.step_seconds(1, accumulation, cluster)  # the same micro-batches on one GPU
+        micro, accumulation = split
         batch = policy.global_batch(gpus)
+        step = model.step_seconds(gpus, batch // gpus, cluster)
+        alone = model.step_seconds(1, batch // gpus, cluster)  # the same samples on one GPU
         row = {"gpus": gpus, "nodes": math.ceil(gpus / cluster.gpus_per_node), "global_batch": batch,
-               "accumulation": accumulation, "step_s": step, "samples_per_s": batch / step,
+               "micro_batch": micro, "accumulation": accumulation, "step_s": step, "samples_per_s": batch / step,
                "efficiency": alone / step}
         if scaling is not None:
             steps = steps_to_target(batch, scaling.min_steps, scaling.critical_batch)

@@ -50,7 +50,7 @@ def test_zero_3_moves_half_as_much_again_as_stages_0_to_2():
     assert stages[0] == stages[1] == stages[2] and stages[3] == pytest.approx(1.5 * stages[0], rel=1e-12)
 
 
-MODEL = StepModel(compute_per_micro_batch_s=0.25, micro_batch=16, gradient_bytes=BERT_LARGE, overlap=0.0,
+MODEL = StepModel(compute_per_sample_s=0.25 / 16, micro_batch=16, gradient_bytes=BERT_LARGE, overlap=0.0,
                   optimizer_s=0.01)
 
 
@@ -64,7 +64,7 @@ def test_efficiency_falls_as_the_network_slows_and_rises_with_overlap():
     def efficiency(bandwidth: float, overlap: float = 0.0) -> float:
         cluster = ClusterSpec(gpu="A100", gpus_per_node=8, intra_node=Link(300.0, 3.0),
                               inter_node=Link(bandwidth, 8.0))
-        model = StepModel(0.25, 16, BERT_LARGE, overlap=overlap)
+        model = StepModel(0.25 / 16, 16, BERT_LARGE, overlap=overlap)
         return predict(model, cluster, BatchPolicy("per_gpu", 64), [256])[0]["efficiency"]
 
     falling = [efficiency(bandwidth) for bandwidth in (100.0, 50.0, 25.0, 12.5, 1.0)]
@@ -81,15 +81,17 @@ def test_steps_fall_to_s_min_far_above_the_critical_batch():
 
 def test_a_fixed_global_batch_splits_where_it_can_and_the_knee_is_where_gpu_hours_start_to_climb():
     policy = BatchPolicy("global", 4096)
-    rows = predict(MODEL, NODE, policy, [1, 2, 3, 8, 64, 256, 512], ScalingFit(min_steps=5000, critical_batch=2000))
-    assert [row["gpus"] for row in rows] == [1, 2, 8, 64, 256], "3 GPUs cannot split 4096; 512 x 16 > 4096"
-    assert [row["accumulation"] for row in rows] == [256, 128, 32, 4, 1]
+    rows = predict(MODEL, NODE, policy, [1, 2, 3, 8, 64, 256, 512, 8192],
+                   ScalingFit(min_steps=5000, critical_batch=2000))
+    assert [row["gpus"] for row in rows] == [1, 2, 8, 64, 256, 512], "3 GPUs cannot split 4096, nor can 8192"
+    assert [row["accumulation"] for row in rows] == [256, 128, 32, 4, 1, 1]
+    assert [row["micro_batch"] for row in rows] == [16] * 5 + [8], "512 GPUs take 8 samples each, in one micro-batch"
     # The global batch, and so the steps to the target, stay; the time falls, then communication wins.
     assert len({row["steps_to_target"] for row in rows}) == 1
     times = [row["time_to_target_s"] for row in rows]
     assert times[1] < times[0] and all(row["gpu_hours"] >= rows[0]["gpu_hours"] for row in rows)
     chosen = knee(rows, gpu_hours_tolerance=0.1)
-    assert chosen["fastest_gpus"] == 256
+    assert chosen["fastest_gpus"] == min(rows, key=lambda row: row["time_to_target_s"])["gpus"] == 512
     within = [row["gpus"] for row in rows if row["gpu_hours"] <= rows[0]["gpu_hours"] * 1.1]
     assert chosen["knee_gpus"] == max(within)
     assert knee(predict(MODEL, NODE, policy, [8]), 0.1) == {"fastest_gpus": None, "knee_gpus": None}
