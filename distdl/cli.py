@@ -1,4 +1,4 @@
-"""`distdl` command line: train, prepare, study, sweep, export and report. Knobs live in config files, not flags."""
+"""`distdl` command line: train, prepare, study, sweep, plan, export and report. Knobs live in config files, not flags."""
 
 from __future__ import annotations
 
@@ -59,9 +59,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report.add_argument("run_dirs", nargs="+", help="run directories (several per task: the best on dev is shown)")
 
     add_submit_commands(commands)
+    add_plan_command(commands)
 
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("submit", "sweep"):
+    if args.command in ("submit", "sweep", "plan"):
         # Overrides may follow the flags (key=value after --nodes 2 or --sweep FILE), as users type them.
         args.overrides += [item for item in extra if "=" in item and not item.startswith("-")]
         extra = [item for item in extra if item not in args.overrides]
@@ -78,12 +79,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_study(args.name, args.config, args.overrides, args.overwrite)
         if args.command == "sweep":
             return run_sweep(args.config, args.overrides, args.sweep, args.overwrite)
+        if args.command == "plan":
+            return run_plan(args)
         if args.command == "report":
             return run_report(args.kind, [Path(d) for d in args.run_dirs])
         return run_export(args.run_dir, Path(args.out_dir), args.checkpoint)
     except USER_ERRORS as err:
         print(f"distdl: error: {err}", file=sys.stderr)
         return 2
+
+
+def add_plan_command(commands: Any) -> None:
+    plan = commands.add_parser("plan", help="predict throughput, time to a target loss and GPU-hours against the GPU "
+                               "count, from a short run, a cluster file and a scaling study (docs/plan.md)")
+    plan.add_argument("config", help="YAML training config to plan (or a study file: its training config)")
+    plan.add_argument("overrides", nargs="*", help="dotted.key=value overrides, as for distdl train")
+    plan.add_argument("--cluster", required=True, metavar="FILE", help="cluster file (clusters/*.yaml)")
+    plan.add_argument("--profile", required=True, metavar="RUN_DIR",
+                      help="a short run of the config on the cluster's GPU type (one worker is best)")
+    plan.add_argument("--scaling", metavar="STUDY_DIR", help="a finished `distdl study scaling` of the config")
+    plan.add_argument("--batch", choices=["global", "per_gpu"], default="global",
+                      help="global: the config's global batch at every GPU count (accumulating what a GPU's share "
+                      "needs); per_gpu: each GPU's share of it stays, the global batch grows with the GPUs")
+    plan.add_argument("--gpus", help="comma-separated GPU counts (default: 1, 2, 4, ... in a node, then whole nodes "
+                      "doubling, up to the cluster or 4096)")
+    plan.add_argument("--overlap", type=float, default=0.0,
+                      help="the share of the gradient synchronization hidden behind the backward pass (default 0)")
+    plan.add_argument("--tolerance", type=float, default=0.10,
+                      help="the knee: the most GPUs whose GPU-hours stay within this share of the least (0.10)")
+    plan.add_argument("--out", metavar="DIR", help="where plan.json, plan.md and plan.png go "
+                      "(default: plans/<run.name>-<cluster name>)")
 
 
 def add_submit_commands(commands: Any) -> None:
@@ -144,6 +169,41 @@ def run_submit(args: argparse.Namespace) -> int:
     slurm.submit(request, plan, args.dry_run,
                  workers_follow_nodes=any(key.startswith("scaling.num_workers=") for key in derived))
     return 0
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from distdl.planning.cluster import read_cluster
+    from distdl.planning.inputs import planned_config, read_profile, read_scaling
+    from distdl.planning.plan import PlanRequest, check_gpu_counts, make_plan, write_plan
+
+    if not 0 <= args.overlap <= 1:
+        raise ConfigError(f"--overlap {args.overlap}: a share of the synchronization, from 0 to 1")
+    if not 0 <= args.tolerance:
+        raise ConfigError(f"--tolerance {args.tolerance}: a share of the least GPU-hours, 0 or more")
+    config = planned_config(args.config, args.overrides)
+    cluster = read_cluster(args.cluster)
+    gpus = parse_gpu_counts(args.gpus) if args.gpus else None
+    if gpus:
+        check_gpu_counts(gpus, cluster, args.cluster)
+    profile = read_profile(args.profile, config)
+    scaling = read_scaling(args.scaling, config) if args.scaling else None
+    request = PlanRequest(args.config, args.overrides, args.batch, gpus, args.overlap, args.tolerance)
+    plan = make_plan(config, cluster, profile, scaling, request)
+    out_dir = Path(args.out) if args.out else Path("plans") / f"{config.run.name}-{cluster.name}"
+    written = write_plan(plan, out_dir)
+    print(written["markdown"].read_text())
+    print(f"distdl: plan written to {out_dir}: {', '.join(path.name for path in written.values())}")
+    return 0
+
+
+def parse_gpu_counts(text: str) -> list[int]:
+    try:
+        counts = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ConfigError(f"--gpus {text}: comma-separated whole GPU counts, e.g. 1,8,64") from None
+    if not counts:
+        raise ConfigError("--gpus is empty: give comma-separated GPU counts, e.g. 1,8,64")
+    return sorted(set(counts))
 
 
 def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:

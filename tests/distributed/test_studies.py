@@ -250,17 +250,27 @@ def test_bad_overparam_settings_are_refused(override, expected, tmp_path, capsys
 SCALING = REPO / "configs/studies/scaling.yaml"
 
 
-@pytest.mark.distributed
-def test_scaling_study_measures_throughput_and_steps_to_target(ray_local, tmp_path):
-    from distdl.rundir import read_metrics
+# The digits MLP the scaling study trains, and the study's own keys.
+SCALING_MODEL = ["data.dataset=digits", "model.hidden_sizes=[32]", "optimizer.lr=0.05"]
+SCALING_STUDY = ["trainer.log_every=2", "study.workers=[2]", "study.throughput_kinds=[strong]",
+                 "study.throughput_steps=8", "study.strong_batch_size=64", "study.batch_sizes=[16,64]",
+                 "study.target_loss=1.0", "study.max_steps=300", "study.optimizers=[sgd, {name: lars, lr: 1.0}]",
+                 "tracking.wandb_mode=disabled"]
+
+
+@pytest.fixture(scope="module")
+def scaling_study(ray_local, tmp_path_factory) -> Path:
     from distdl.studies.runner import run_study
 
-    study_dir, report = run_study("scaling", SCALING, [
-        "data.dataset=digits", "model.hidden_sizes=[32]", "optimizer.lr=0.05", "trainer.log_every=2",
-        "study.workers=[2]", "study.throughput_kinds=[strong]", "study.throughput_steps=8",
-        "study.strong_batch_size=64", "study.batch_sizes=[16,64]", "study.target_loss=1.0", "study.max_steps=300",
-        "study.optimizers=[sgd, {name: lars, lr: 1.0}]", f"run.storage_path={tmp_path}",
-        "tracking.wandb_mode=disabled"], False, connect_ray)
+    storage = tmp_path_factory.mktemp("scaling")
+    study_dir, _ = run_study("scaling", SCALING, [*SCALING_MODEL, *SCALING_STUDY, f"run.storage_path={storage}"],
+                             False, connect_ray)
+    return study_dir
+
+
+@pytest.mark.distributed
+def test_scaling_study_measures_throughput_and_steps_to_target(scaling_study):
+    study_dir = scaling_study
     results = json.loads((study_dir / "results.json").read_text())
     # One worker count keeps the test short; the efficiency arithmetic is tested on known numbers below.
     (speed,) = results["throughput"]
@@ -279,6 +289,99 @@ def test_scaling_study_measures_throughput_and_steps_to_target(ray_local, tmp_pa
     markdown = (study_dir / "report.md").read_text()
     assert "B_crit is" in markdown and "for sgd" in markdown and "for lars" in markdown
     assert {"throughput.png", "steps_to_target.png"} <= {p.name for p in study_dir.glob("*.png")}
+
+
+# Two gloo processes per "node": the links of benchmarks/results/allreduce_gloo_cpu.json's ring fit.
+GLOO_CLUSTER = """name: gloo-pair
+gpu: cpu
+peak_tflops: 0.1
+gpus_per_node: 2
+max_nodes: 4
+intra_node: {bandwidth_gb_s: 1.36, latency_us: 425}
+inter_node: {bandwidth_gb_s: 1.36, latency_us: 425}
+"""
+
+
+@pytest.mark.distributed
+def test_a_plan_from_the_studys_profile_and_fit_is_consistent_and_reproduces_its_profile(scaling_study, tmp_path,
+                                                                                      capsys):
+    from distdl.planning.cluster import read_cluster
+    from distdl.planning.model import gradient_sync_seconds
+    from distdl.planning.plan import default_gpu_counts
+
+    cluster = tmp_path / "gloo.yaml"
+    cluster.write_text(GLOO_CLUSTER)
+    profile = scaling_study / "trials" / "throughput-strong-workers2"  # 2 workers, micro-batch 32, batch 64
+
+    def plan(*args: str) -> tuple[int, str]:
+        code = cli.main(["plan", str(SCALING), *SCALING_MODEL, "--cluster", str(cluster), "--profile", str(profile),
+                         "--scaling", str(scaling_study), *args])
+        out, err = capsys.readouterr()
+        return code, out + err
+
+    code, out = plan("optimizer.name=lars", "--out", str(tmp_path / "lars"))
+    assert code == 0, out
+    written = json.loads((tmp_path / "lars" / "plan.json").read_text())
+    assert (tmp_path / "lars" / "plan.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "lars" / "plan.md").read_text() in out, "the table printed is the one written"
+    results = json.loads((scaling_study / "results.json").read_text())
+    fit = results["by_optimizer"]["lars"]
+    assert written["scaling"]["optimizer"] == "lars" and written["scaling"]["critical_batch"] == fit["critical_batch_size"]
+    # The profile: its windows after the first, its parameters (64x32 + 32, batch norm's 2x32, 32x10 + 10).
+    rates = [m["samples_per_s"] for m in read_metrics(profile) if m.get("samples_per_s")]
+    assert written["profile"]["samples_per_s"] == pytest.approx(float(np.median(rates[1:])))
+    assert written["profile"]["trainable_parameters"] == 2442 and written["profile"]["world_size"] == 2
+    # The config's global batch 32 in micro-batches of 16 at most, on 1, 2, 4 and 8 processes.
+    rows = written["rows"]
+    assert [row["gpus"] for row in rows] == default_gpu_counts(read_cluster(cluster)) == [1, 2, 4, 8]
+    assert [(row["micro_batch"], row["accumulation"]) for row in rows] == [(16, 2), (16, 1), (8, 1), (4, 1)]
+    for row in rows:
+        assert row["samples_per_s"] == pytest.approx(row["global_batch"] / row["step_s"], rel=1e-12)
+        steps = fit["min_steps"] * (1 + fit["critical_batch_size"] / row["global_batch"])
+        assert row["steps_to_target"] == pytest.approx(steps, rel=1e-12)
+        assert row["time_to_target_s"] == pytest.approx(steps * row["step_s"], rel=1e-12)
+        assert row["gpu_hours"] == pytest.approx(row["gpus"] * row["time_to_target_s"] / 3600, rel=1e-12)
+    assert rows[0]["efficiency"] == 1.0 and all(0 < row["efficiency"] < 1 for row in rows[1:])
+    assert written["fastest_gpus"] == min(rows, key=lambda row: row["time_to_target_s"])["gpus"]
+    least = min(row["gpu_hours"] for row in rows)
+    assert written["knee_gpus"] == max(row["gpus"] for row in rows if row["gpu_hours"] <= 1.1 * least)
+    knee_row = next(row for row in rows if row["gpus"] == written["knee_gpus"])
+    assert f"--nodes={knee_row['nodes']}" in written["submit"] and written["submit"].startswith("distdl submit slurm ")
+    assert written["submit"] in out
+
+    # Fed its own profile's batch, the plan gives back the step the profile measured, synchronization included.
+    code, out = plan("trainer.micro_batch_size=32", "trainer.global_batch_size=64", "--gpus", "2",
+                     "--out", str(tmp_path / "own"))
+    assert code == 0, out
+    (own,) = json.loads((tmp_path / "own" / "plan.json").read_text())["rows"]
+    assert own["step_s"] == pytest.approx(64 / written["profile"]["samples_per_s"], rel=1e-9)
+    sync = gradient_sync_seconds(2442 * 4, 0, 2, read_cluster(cluster))
+    assert own["step_s"] - sync == pytest.approx(64 * written["step_model"]["compute_per_sample_s"] / 2, rel=1e-9)
+
+    # Bad input: each error names the file or flag and the key, and nothing is written.
+    unfitted = tmp_path / "unfitted"
+    unfitted.mkdir()
+    (unfitted / "study.yaml").write_text((scaling_study / "study.yaml").read_text())
+    del results["by_optimizer"]["sgd"]["critical_batch_size"]
+    (unfitted / "results.json").write_text(json.dumps(results))
+    no_bandwidth = tmp_path / "no_bandwidth.yaml"
+    no_bandwidth.write_text(GLOO_CLUSTER.replace("bandwidth_gb_s: 1.36, ", ""))
+    for args, expected in [
+        (["model.hidden_sizes=[64]"], f"--profile {profile / 'config.yaml'}: model.hidden_sizes=[32], but the "
+                                      "config planned has model.hidden_sizes=[64]"),
+        (["--scaling", str(unfitted)], f"--scaling {unfitted / 'results.json'}: by_optimizer.sgd has no "
+                                       "critical_batch_size"),
+        (["optimizer.name=adamw"], "no fit for optimizer.name='adamw'; the study fitted sgd, lars"),
+        (["--gpus", "0,2"], "--gpus 0,2: 0 is out of range; allowed: 1 to 8"),
+        (["--gpus", "16"], f"--gpus 16: 16 is out of range; allowed: 1 to 8 (the lesser of 4096 and {cluster}'s"),
+        (["--cluster", str(no_bandwidth)], f"{no_bandwidth}: missing intra_node.bandwidth_gb_s, "
+                                           "inter_node.bandwidth_gb_s"),
+        (["--profile", str(tmp_path)], f"--profile: {tmp_path} is not a distdl run directory"),
+    ]:
+        out_dir = tmp_path / "refused"
+        code, out = plan(*args, "--out", str(out_dir))
+        assert code == 2 and expected in out, (args, out)
+        assert not out_dir.exists()
 
 
 @pytest.mark.distributed

@@ -1,0 +1,217 @@
+"""`distdl plan`: the step model fed from a profile, a cluster file and a scaling study, over the GPU
+counts a job could ask for; the table, the plot, the JSON and the `distdl submit slurm` line."""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from distdl.config import Config
+from distdl.errors import ConfigError
+from distdl.planning.cluster import ClusterSpec
+from distdl.planning.inputs import Profile, ScalingInput, gradient_bytes
+from distdl.planning.model import BatchPolicy, ScalingFit, StepModel, gradient_sync_seconds, knee, predict
+
+MAX_GPUS = 4096
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the command line asked for, besides the files."""
+
+    config_path: str
+    overrides: list[str] = field(default_factory=list)
+    batch_policy: str = "global"  # global: the config's global batch at every N; per_gpu: its per-GPU share
+    gpus: Optional[list[int]] = None  # None: powers of two inside a node, then whole nodes doubling
+    overlap: float = 0.0
+    gpu_hours_tolerance: float = 0.10
+
+
+def default_gpu_counts(cluster: ClusterSpec) -> list[int]:
+    """1, 2, 4, ... inside a node, then 1, 2, 4, ... whole nodes, up to the cluster or 4,096 GPUs."""
+    top = min(cluster.max_gpus, MAX_GPUS)
+    inside = [2**k for k in range(13) if 2**k < cluster.gpus_per_node]
+    nodes = [cluster.gpus_per_node * 2**k for k in range(13) if cluster.gpus_per_node * 2**k <= top]
+    return [n for n in inside + nodes if n <= top]
+
+
+def check_gpu_counts(gpus: list[int], cluster: ClusterSpec, cluster_path: str) -> None:
+    top = min(cluster.max_gpus, MAX_GPUS)
+    wrong = [n for n in gpus if not 1 <= n <= top]
+    if wrong:
+        raise ConfigError(f"--gpus {','.join(map(str, gpus))}: {wrong[0]} is out of range; allowed: 1 to {top} "
+                          f"(the lesser of {MAX_GPUS} and {cluster_path}'s gpus_per_node x max_nodes = "
+                          f"{cluster.max_gpus})")
+    split = [n for n in gpus if n > cluster.gpus_per_node and n % cluster.gpus_per_node]
+    if split:
+        raise ConfigError(f"--gpus: {split[0]} GPUs do not fill whole nodes of {cluster.gpus_per_node} "
+                          f"({cluster_path}: gpus_per_node); above one node, give multiples of it")
+
+
+def step_model(config: Config, profile: Profile, cluster: ClusterSpec, overlap: float) -> tuple[StepModel, list[str]]:
+    """Compute per micro-batch of the planned config from the profile, and what was assumed on the way."""
+    notes = []
+    parameters_bytes = gradient_bytes(profile.trainable_parameters, config.engine.precision)
+    compute_s = profile.step_s
+    if profile.world_size > 1:
+        # The profile's step holds its own synchronization: take off what the model gives for it on this cluster.
+        synced = (1 - overlap) * gradient_sync_seconds(parameters_bytes, config.engine.zero_stage,
+                                                       profile.world_size, cluster)
+        compute_s -= synced
+        notes.append(f"the profile ran on {profile.world_size} workers: its step less the modelled "
+                     f"synchronization ({synced * 1e3:.3g} ms, assuming it ran on this cluster) is its compute")
+        if compute_s <= 0:
+            raise ConfigError(f"--profile {profile.run_dir}: its step ({profile.step_s * 1e3:.3g} ms) is shorter than "
+                              f"the synchronization the cluster file gives for {profile.world_size} workers; the "
+                              "profile did not run on this cluster: profile one worker (scaling.num_workers=1)")
+    per_sample = compute_s / (profile.accumulation * profile.micro_batch)
+    if not overlap:
+        notes.append("no synchronization hidden behind the backward pass (--overlap states a share)")
+    notes.append("the optimizer step is inside the profiled compute per sample")
+    return StepModel(compute_per_sample_s=per_sample, micro_batch=config.trainer.micro_batch_size,
+                     gradient_bytes=parameters_bytes, zero_stage=config.engine.zero_stage, overlap=overlap), notes
+
+
+def batch_policy(config: Config, kind: str) -> BatchPolicy:
+    trainer = config.trainer
+    if kind == "global":
+        return BatchPolicy("global", trainer.global_batch_size)
+    per_gpu, left = divmod(trainer.global_batch_size, config.scaling.num_workers)
+    if left:
+        raise ConfigError(f"--batch per_gpu: trainer.global_batch_size={trainer.global_batch_size} does not split "
+                          f"evenly over scaling.num_workers={config.scaling.num_workers}")
+    return BatchPolicy("per_gpu", per_gpu)
+
+
+def make_plan(config: Config, cluster: ClusterSpec, profile: Profile, scaling: Optional[ScalingInput],
+              request: PlanRequest) -> dict[str, Any]:
+    """The plan as JSON-ready data: inputs, assumptions, one row per GPU count, the fastest and knee counts."""
+    model, notes = step_model(config, profile, cluster, request.overlap)
+    policy = batch_policy(config, request.batch_policy)
+    counts = request.gpus or default_gpu_counts(cluster)
+    fit = ScalingFit(scaling.min_steps, scaling.critical_batch) if scaling else None
+    rows = predict(model, cluster, policy, counts, fit)
+    skipped = sorted(set(counts) - {row["gpus"] for row in rows})
+    if skipped:
+        notes.append(f"{', '.join(map(str, skipped))} GPUs cannot split the global batch {policy.size} into whole "
+                     f"micro-batches (of {model.micro_batch} at most)")
+    smaller = [row["gpus"] for row in rows if row["micro_batch"] < profile.micro_batch]
+    if smaller:
+        notes.append(f"from {smaller[0]} GPUs on, micro-batches are smaller than the profile's {profile.micro_batch}: "
+                     "compute is taken as linear in the samples, which a GPU at small micro-batches does not reach "
+                     "(the plan is optimistic there)")
+    if scaling is None:
+        notes.append("no --scaling study: no steps or time to a target loss, and no knee")
+    else:
+        notes.extend(scaling_notes(scaling, rows))
+    chosen = knee(rows, request.gpu_hours_tolerance)
+    plan = {
+        "config": request.config_path, "overrides": request.overrides, "cluster": asdict(cluster),
+        "profile": {**{k: v for k, v in asdict(profile).items() if k != "run_dir"}, "run_dir": str(profile.run_dir),
+                    "step_s": profile.step_s},
+        "scaling": {**asdict(scaling), "study_dir": str(scaling.study_dir)} if scaling else None,
+        "step_model": asdict(model), "batch_policy": asdict(policy), "gpu_hours_tolerance": request.gpu_hours_tolerance,
+        "rows": rows, **chosen, "notes": notes,
+    }
+    pick = chosen["knee_gpus"] or (max(rows, key=lambda row: row["samples_per_s"])["gpus"] if rows else None)
+    plan["submit"] = submit_line(config, request, cluster, next(row for row in rows if row["gpus"] == pick)) if pick else None
+    return plan
+
+
+def scaling_notes(scaling: ScalingInput, rows: list[dict[str, Any]]) -> list[str]:
+    notes = [f"steps to loss {scaling.target_loss} (the study's target) from S(B) = {scaling.min_steps:.4g} "
+             f"(1 + {scaling.critical_batch:.4g} / B), fitted for {scaling.optimizer}"]
+    if scaling.beyond_measured_batches:
+        notes.append("the study found no critical batch within 100x its batches (its steps still fall as 1/B): "
+                     "the steps planned at large batches are a lower bound")
+    if scaling.measured_batches:
+        low, high = scaling.measured_batches[0], scaling.measured_batches[-1]
+        outside = sorted({int(row["global_batch"]) for row in rows if not low <= row["global_batch"] <= high})
+        if outside:
+            notes.append(f"global batches {', '.join(map(str, outside))} lie outside the {low}-{high} the study "
+                         "measured: their steps are extrapolated along its fit")
+    return notes
+
+
+def submit_line(config: Config, request: PlanRequest, cluster: ClusterSpec, row: dict[str, Any]) -> str:
+    """The `distdl submit slurm` command for one row: its nodes, its GPUs per node, its global batch, and
+    a time limit of the predicted time to target plus a fifth (an hour when there is no target)."""
+    gpus, nodes = int(row["gpus"]), int(row["nodes"])
+    overrides = [o for o in request.overrides if not o.startswith(("trainer.global_batch_size=", "scaling.num_workers="))]
+    if row["global_batch"] != config.trainer.global_batch_size:
+        overrides.append(f"trainer.global_batch_size={int(row['global_batch'])}")
+    seconds = 1.2 * row["time_to_target_s"] if "time_to_target_s" in row else 3600.0
+    per_node = gpus // nodes
+    words = ["distdl", "submit", "slurm", request.config_path, *overrides, f"--nodes={nodes}",
+             f"--gpus-per-node={per_node}", f"--cpus-per-task={per_node * config.scaling.cpus_per_worker}",
+             f"--time={slurm_time(seconds)}"]
+    return shlex.join(words)
+
+
+def slurm_time(seconds: float) -> str:
+    """D-HH:MM:SS, rounded up to the minute."""
+    minutes = max(1, math.ceil(seconds / 60))
+    days, minutes = divmod(minutes, 24 * 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{days}-{hours:02d}:{minutes:02d}:00" if days else f"{hours:02d}:{minutes:02d}:00"
+
+
+def table(plan: dict[str, Any]) -> str:
+    """The rows as a markdown table, the fastest and knee counts marked."""
+    timed = plan["scaling"] is not None
+    head = ["GPUs", "nodes", "global batch", "micro-batch", "accum.", "step (ms)", "samples/s", "efficiency"]
+    head += ["steps to target", "time to target", "GPU-hours"] if timed else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in plan["rows"]:
+        mark = "".join([" (fastest)" if row["gpus"] == plan["fastest_gpus"] else "",
+                        " (knee)" if row["gpus"] == plan["knee_gpus"] else ""])
+        cells = [f"{row['gpus']}{mark}", str(row["nodes"]), str(row["global_batch"]), str(row["micro_batch"]),
+                 str(row["accumulation"]),
+                 f"{row['step_s'] * 1e3:.4g}", f"{row['samples_per_s']:.4g}", f"{row['efficiency']:.1%}"]
+        if timed:
+            cells += [f"{row['steps_to_target']:.4g}", duration(row["time_to_target_s"]), f"{row['gpu_hours']:.4g}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.3g} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.3g} min"
+    return f"{seconds / 3600:.3g} h"
+
+
+def markdown(plan: dict[str, Any]) -> str:
+    profile, cluster = plan["profile"], plan["cluster"]
+    lines = [f"# Plan for `{plan['config']}` on {cluster['name']}", "",
+             f"- Profile: {profile['run_dir']} ({profile['world_size']} worker(s), {profile['samples_per_s']:.4g} "
+             f"samples/s, median of {profile['windows']} windows; {profile['device'] or 'device unknown'})",
+             f"- Batch policy: {plan['batch_policy']['kind']} ({plan['batch_policy']['size']})"]
+    if plan["scaling"]:
+        lines.append(f"- Scaling study: {plan['scaling']['study_dir']}")
+    lines += ["", table(plan), ""]
+    if plan["fastest_gpus"] is not None:
+        lines.append(f"**Fastest to the target:** {plan['fastest_gpus']} GPUs. **Knee:** {plan['knee_gpus']} GPUs, "
+                     f"the most whose GPU-hours stay within {plan['gpu_hours_tolerance']:.0%} of the least.")
+        lines.append("")
+    if plan["submit"]:
+        lines += ["To submit:", "", "    " + plan["submit"], ""]
+    lines += ["Assumed:", "", *[f"- {note}" for note in plan["notes"]], ""]
+    return "\n".join(lines)
+
+
+def write_plan(plan: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """plan.json, plan.md and plan.png in `out_dir`."""
+    from distdl.planning.plots import plot_plan
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {"json": out_dir / "plan.json", "markdown": out_dir / "plan.md"}
+    written["json"].write_text(json.dumps(plan, indent=2) + "\n")
+    written["markdown"].write_text(markdown(plan))
+    written["plot"] = plot_plan(plan, out_dir / "plan.png")
+    return written
