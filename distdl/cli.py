@@ -173,7 +173,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
 def run_plan(args: argparse.Namespace) -> int:
     from distdl.planning.cluster import read_cluster
-    from distdl.planning.inputs import planned_config, read_profile, read_scaling
+    from distdl.planning.inputs import is_study_file, planned_config, read_profile, read_scaling
     from distdl.planning.plan import PlanRequest, check_gpu_counts, make_plan, write_plan
 
     if not 0 <= args.overlap <= 1:
@@ -187,10 +187,13 @@ def run_plan(args: argparse.Namespace) -> int:
         check_gpu_counts(gpus, cluster, args.cluster)
     profile = read_profile(args.profile, config)
     scaling = read_scaling(args.scaling, config) if args.scaling else None
-    request = PlanRequest(args.config, args.overrides, args.batch, gpus, args.overlap, args.tolerance)
-    plan = make_plan(config, cluster, profile, scaling, request)
     out_dir = Path(args.out) if args.out else Path("plans") / f"{config.run.name}-{cluster.name}"
-    written = write_plan(plan, out_dir)
+    # A study file cannot be submitted for training: the submit line names its training config, written out.
+    training_file = out_dir / "training.yaml" if is_study_file(args.config) else None
+    request = PlanRequest(args.config, args.overrides, args.batch, gpus, args.overlap, args.tolerance,
+                          str(training_file) if training_file else None)
+    plan = make_plan(config, cluster, profile, scaling, request)
+    written = write_plan(plan, out_dir, config, training_file)
     print(written["markdown"].read_text())
     print(f"distdl: plan written to {out_dir}: {', '.join(path.name for path in written.values())}")
     return 0

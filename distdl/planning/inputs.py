@@ -48,10 +48,14 @@ class Profile:
         return self.global_batch // (self.micro_batch * self.world_size)
 
 
+def is_study_file(path: str | Path) -> bool:
+    return STUDY_KEY in read_yaml(path)
+
+
 def planned_config(path: str | Path, overrides: list[str]) -> Config:
     """The training config to plan: a training config file, or a study file's training part (its
     study: section and study.* overrides set trials, not the model)."""
-    if STUDY_KEY in read_yaml(path):
+    if is_study_file(path):
         return config_from_dict(read_study_file(path, overrides).training)
     return load_config(path, overrides)
 

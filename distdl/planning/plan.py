@@ -17,6 +17,9 @@ from distdl.planning.inputs import Profile, ScalingInput, gradient_bytes
 from distdl.planning.model import BatchPolicy, ScalingFit, StepModel, gradient_sync_seconds, knee, predict
 
 MAX_GPUS = 4096
+# Added to a job's time limit: Ray's start on every node, data loading, the final checkpoint, and
+# submit slurm's checkpoint warning (120 s before the limit by default).
+START_UP_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,8 @@ class PlanRequest:
     gpus: Optional[list[int]] = None  # None: powers of two inside a node, then whole nodes doubling
     overlap: float = 0.0
     gpu_hours_tolerance: float = 0.10
+    # The training config the submit line names, where CONFIG is a study file (its overrides are in it).
+    submit_config: Optional[str] = None
 
 
 def default_gpu_counts(cluster: ClusterSpec) -> list[int]:
@@ -101,7 +106,8 @@ def make_plan(config: Config, cluster: ClusterSpec, profile: Profile, scaling: O
                      f"micro-batches (of {model.micro_batch} at most)")
     smaller = [row["gpus"] for row in rows if row["micro_batch"] < profile.micro_batch]
     if smaller:
-        notes.append(f"from {smaller[0]} GPUs on, micro-batches are smaller than the profile's {profile.micro_batch}: "
+        where = "at every GPU count" if smaller[0] == rows[0]["gpus"] else f"from {smaller[0]} GPUs on"
+        notes.append(f"{where}, micro-batches are smaller than the profile's {profile.micro_batch}: "
                      "compute is taken as linear in the samples, which a GPU at small micro-batches does not reach "
                      "(the plan is optimistic there)")
     if scaling is None:
@@ -138,15 +144,19 @@ def scaling_notes(scaling: ScalingInput, rows: list[dict[str, Any]]) -> list[str
 
 
 def submit_line(config: Config, request: PlanRequest, cluster: ClusterSpec, row: dict[str, Any]) -> str:
-    """The `distdl submit slurm` command for one row: its nodes, its GPUs per node, its global batch, and
-    a time limit of the predicted time to target plus a fifth (an hour when there is no target)."""
+    """The `distdl submit slurm` command for one row: its nodes, GPUs per node, workers and batch, and
+    a time limit of the predicted time to target plus a fifth and START_UP_S (an hour when there is no
+    target)."""
     gpus, nodes = int(row["gpus"]), int(row["nodes"])
-    overrides = [o for o in request.overrides if not o.startswith(("trainer.global_batch_size=", "scaling.num_workers="))]
-    if row["global_batch"] != config.trainer.global_batch_size:
-        overrides.append(f"trainer.global_batch_size={int(row['global_batch'])}")
-    seconds = 1.2 * row["time_to_target_s"] if "time_to_target_s" in row else 3600.0
+    planned = {"scaling.num_workers": gpus, "trainer.micro_batch_size": int(row["micro_batch"]),
+               "trainer.gradient_accumulation_steps": int(row["accumulation"]),
+               "trainer.global_batch_size": int(row["global_batch"])}
+    overrides = [] if request.submit_config else [o for o in request.overrides if o.split("=", 1)[0] not in planned]
+    # The row's worker count and batch, so the config checks as the job will run it.
+    overrides += [f"{key}={value}" for key, value in planned.items()]
+    seconds = 1.2 * row["time_to_target_s"] + START_UP_S if "time_to_target_s" in row else 3600.0
     per_node = gpus // nodes
-    words = ["distdl", "submit", "slurm", request.config_path, *overrides, f"--nodes={nodes}",
+    words = ["distdl", "submit", "slurm", request.submit_config or request.config_path, *overrides, f"--nodes={nodes}",
              f"--gpus-per-node={per_node}", f"--cpus-per-task={per_node * config.scaling.cpus_per_worker}",
              f"--time={slurm_time(seconds)}"]
     return shlex.join(words)
@@ -205,12 +215,18 @@ def markdown(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_plan(plan: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    """plan.json, plan.md and plan.png in `out_dir`."""
+def write_plan(plan: dict[str, Any], out_dir: Path, config: Config, training_file: Optional[Path] = None) -> dict[str, Path]:
+    """plan.json, plan.md and plan.png in `out_dir`, and the planned training config where the submit
+    line names one (`training_file`: CONFIG was a study file)."""
+    import yaml
+
     from distdl.planning.plots import plot_plan
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {"json": out_dir / "plan.json", "markdown": out_dir / "plan.md"}
+    if training_file is not None:
+        training_file.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        written["training"] = training_file
     written["json"].write_text(json.dumps(plan, indent=2) + "\n")
     written["markdown"].write_text(markdown(plan))
     written["plot"] = plot_plan(plan, out_dir / "plan.png")

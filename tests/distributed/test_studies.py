@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -314,7 +315,8 @@ def test_a_plan_from_the_studys_profile_and_fit_is_consistent_and_reproduces_its
     profile = scaling_study / "trials" / "throughput-strong-workers2"  # 2 workers, micro-batch 32, batch 64
 
     def plan(*args: str) -> tuple[int, str]:
-        code = cli.main(["plan", str(SCALING), *SCALING_MODEL, "--cluster", str(cluster), "--profile", str(profile),
+        code = cli.main(["plan", str(SCALING), *SCALING_MODEL, f"run.storage_path={tmp_path}", "--cluster", str(cluster),
+                         "--profile", str(profile),
                          "--scaling", str(scaling_study), *args])
         out, err = capsys.readouterr()
         return code, out + err
@@ -346,8 +348,14 @@ def test_a_plan_from_the_studys_profile_and_fit_is_consistent_and_reproduces_its
     least = min(row["gpu_hours"] for row in rows)
     assert written["knee_gpus"] == max(row["gpus"] for row in rows if row["gpu_hours"] <= 1.1 * least)
     knee_row = next(row for row in rows if row["gpus"] == written["knee_gpus"])
-    assert f"--nodes={knee_row['nodes']}" in written["submit"] and written["submit"].startswith("distdl submit slurm ")
-    assert written["submit"] in out
+    # CONFIG is a study file: the submit line names its training config, written beside the plan, and works.
+    line = shlex.split(written["submit"])
+    assert line[:4] == ["distdl", "submit", "slurm", str(tmp_path / "lars" / "training.yaml")]
+    assert {f"--nodes={knee_row['nodes']}", f"scaling.num_workers={knee_row['gpus']}",
+            f"trainer.global_batch_size={knee_row['global_batch']}"} <= set(line) and written["submit"] in out
+    assert yaml.safe_load((tmp_path / "lars" / "training.yaml").read_text())["optimizer"]["name"] == "lars"
+    assert cli.main([*line[1:], "--dry-run"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
 
     # Fed its own profile's batch, the plan gives back the step the profile measured, synchronization included.
     code, out = plan("trainer.micro_batch_size=32", "trainer.global_batch_size=64", "--gpus", "2",
