@@ -76,6 +76,13 @@ def datasheet_tflops(device_name: str, kind: str) -> Optional[float]:
     return None
 
 
+def same_datasheet_gpu(name: str, other: str) -> bool:
+    """Whether two GPU names (as CUDA or a cluster file gives them) are one model of the table."""
+    rows = [[i for i, (pattern, _) in enumerate(DATASHEET_TFLOPS) if re.search(pattern, n, re.IGNORECASE)][:1]
+            for n in (name, other)]
+    return bool(rows[0]) and rows[0] == rows[1]
+
+
 def gpu_precision_kind(precision: str, tf32: bool, device: torch.device) -> str:
     """What a run's matmuls execute as: fp32 runs use TF32 tensor cores where on and available."""
     if precision != "fp32":

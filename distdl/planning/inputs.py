@@ -5,6 +5,7 @@ the file and the key."""
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import yaml
 
 from distdl.config import Config, config_from_dict, load_config, read_yaml
 from distdl.errors import ConfigError
-from distdl.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics, read_summary, saved_config
+from distdl.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics, saved_config
 from distdl.studies.base import RESULTS_FILE, STUDY_FILE, STUDY_KEY, read_study_file
 
 # What sets the compute of one sample besides the model section: the text and image sizes.
@@ -32,6 +33,7 @@ class Profile:
     micro_batch: int
     global_batch: int
     precision: str
+    zero_stage: int
     trainable_parameters: int
     samples_per_s: float  # the median of the logged windows after the first (the first holds the warm-up)
     windows: int
@@ -44,8 +46,8 @@ class Profile:
         return self.global_batch / self.samples_per_s
 
     @property
-    def accumulation(self) -> int:
-        return self.global_batch // (self.micro_batch * self.world_size)
+    def samples_per_worker(self) -> int:
+        return self.global_batch // self.world_size
 
 
 def is_study_file(path: str | Path) -> bool:
@@ -79,16 +81,46 @@ def check_same_model(planned: Config, other: Config, source: str, advice: str) -
                           f"{also}; {advice}")
 
 
+def read_json(path: Path, flag: str) -> dict[str, Any]:
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{flag} {path} is not valid JSON: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{flag} {path} must hold a JSON object")
+    return values
+
+
+def required(values: dict[str, Any], key: str, path: Path, flag: str) -> Any:
+    if key not in values:
+        raise ConfigError(f"{flag} {path}: no {key!r}; it was written by another distdl version or cut short")
+    return values[key]
+
+
+def config_of(values: dict[str, Any], path: Path, flag: str) -> Config:
+    try:
+        return config_from_dict(values)
+    except ConfigError as err:
+        raise ConfigError(f"{flag} {path}: {err}") from None
+
+
 def read_profile(run_dir: str | Path, planned: Config) -> Profile:
     """A finished (or stopped) run of the planned model: its throughput, batch and parameters."""
     run_dir = Path(run_dir)
-    saved = saved_config(run_dir, key="--profile")
-    profiled = config_from_dict(saved)
+    profiled = config_of(saved_config(run_dir, key="--profile"), run_dir / CONFIG_FILE, "--profile")
     check_same_model(planned, profiled, f"--profile {run_dir / CONFIG_FILE}",
                      "profile a short run of the planned config (distdl train CONFIG trainer.max_steps=50)")
-    summary = read_summary(run_dir)
-    if not summary:
+    summary_file = run_dir / SUMMARY_FILE
+    if not summary_file.is_file():
         raise ConfigError(f"--profile {run_dir}: no {SUMMARY_FILE}; the run has not ended a session yet")
+    summary = read_json(summary_file, "--profile")
+    world = int(required(summary, "world_size", summary_file, "--profile"))
+    parameters = required(summary, "trainable_parameters", summary_file, "--profile")
+    trainer = profiled.trainer
+    if trainer.global_batch_size % (trainer.micro_batch_size * world):
+        raise ConfigError(f"--profile {summary_file}: world_size={world} does not split "
+                          f"{run_dir / CONFIG_FILE}'s trainer.global_batch_size={trainer.global_batch_size} into "
+                          f"micro-batches of {trainer.micro_batch_size}; the two files are not of one run")
     rates = [m["samples_per_s"] for m in read_metrics(run_dir) if m.get("samples_per_s")]
     if len(rates) < 2:
         raise ConfigError(f"--profile {run_dir / METRICS_FILE}: samples_per_s was logged {len(rates)} time(s); "
@@ -96,11 +128,11 @@ def read_profile(run_dir: str | Path, planned: Config) -> Profile:
                           "or lower trainer.log_every")
     usage = summary.get("utilization") or {}
     flops_per_step = usage.get("flops_per_step")
-    trainer = profiled.trainer
     return Profile(
-        run_dir=run_dir, world_size=int(summary["world_size"]), micro_batch=trainer.micro_batch_size,
+        run_dir=run_dir, world_size=world, micro_batch=trainer.micro_batch_size,
         global_batch=trainer.global_batch_size, precision=profiled.engine.precision,
-        trainable_parameters=sum(summary["trainable_parameters"].values()),
+        zero_stage=profiled.engine.zero_stage,
+        trainable_parameters=sum(parameters.values()) if isinstance(parameters, dict) else int(parameters),
         samples_per_s=statistics.median(rates[1:]), windows=len(rates) - 1, mfu=usage.get("mean_mfu"),
         flops_per_sample=flops_per_step / trainer.global_batch_size if flops_per_step else None,
         device=usage.get("peak_source"))
@@ -127,29 +159,41 @@ def read_scaling(study_dir: str | Path, planned: Config) -> ScalingInput:
         if not needed.is_file():
             raise ConfigError(f"--scaling {study_dir}: no {needed.name}; give the directory of a finished "
                               "`distdl study scaling` (its report.md and results.json)")
-    settings = yaml.safe_load(settings_file.read_text())
-    if settings.get("study", {}).get("kind") != "scaling":
-        raise ConfigError(f"--scaling {settings_file}: study.kind={settings.get('study', {}).get('kind')!r}; "
-                          "allowed: scaling (a `distdl study scaling` directory)")
-    check_same_model(planned, config_from_dict(settings["training"]), f"--scaling {settings_file}",
+    try:
+        settings = yaml.safe_load(settings_file.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--scaling {settings_file} is not valid YAML: {err}") from None
+    study = settings.get("study") if isinstance(settings, dict) else None
+    if not isinstance(study, dict) or study.get("kind") != "scaling":
+        kind = study.get("kind") if isinstance(study, dict) else None
+        raise ConfigError(f"--scaling {settings_file}: study.kind={kind!r}; allowed: scaling (a `distdl study "
+                          "scaling` directory)")
+    trained = config_of(required(settings, "training", settings_file, "--scaling"), settings_file, "--scaling")
+    check_same_model(planned, trained, f"--scaling {settings_file}",
                      "steps to a target loss carry over only within one model and data")
-    results = json.loads(results_file.read_text())
-    fits = results.get("by_optimizer", {})
+    results = read_json(results_file, "--scaling")
+    # Studies from before study.optimizers keep their one fit at the top level, for the config's optimizer.
+    fits = results.get("by_optimizer") or {trained.optimizer.name: results}
     name = planned.optimizer.name
     if name not in fits:
         raise ConfigError(f"--scaling {results_file}: no fit for optimizer.name={name!r}; the study fitted "
                           f"{', '.join(fits) or 'nothing'}")
     fit = fits[name]
-    if "critical_batch_size" not in fit:
+    if "critical_batch_size" not in fit or "min_steps" not in fit:
         raise ConfigError(f"--scaling {results_file}: by_optimizer.{name} has no critical_batch_size: fewer than "
-                          f"two of its batch sizes reached study.target_loss={settings['study']['target_loss']}; "
+                          f"two of its batch sizes reached study.target_loss={study.get('target_loss')}; "
                           "raise study.max_steps or the target loss, and run the study again")
+    # A batch whose runs never reached the target has NaN steps in results.json (pandas' missing value).
     batches = sorted({row["batch_size"] for row in results.get("entries", [])
-                      if row.get("optimizer") == name and row.get("steps_to_target") is not None})
+                      if row.get("optimizer", name) == name and is_number(row.get("steps_to_target"))})
     return ScalingInput(study_dir=study_dir, optimizer=name, min_steps=fit["min_steps"],
                         critical_batch=fit["critical_batch_size"], noise_scale_batch=fit.get("noise_scale_batch"),
-                        target_loss=settings["study"]["target_loss"], measured_batches=batches,
+                        target_loss=study["target_loss"], measured_batches=batches,
                         beyond_measured_batches=bool(fit.get("beyond_measured_batches")))
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def gradient_bytes(parameters: int, precision: str) -> float:

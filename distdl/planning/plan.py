@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from distdl.config import Config
 from distdl.errors import ConfigError
+from distdl.flops import same_datasheet_gpu
 from distdl.planning.cluster import ClusterSpec
 from distdl.planning.inputs import Profile, ScalingInput, gradient_bytes
 from distdl.planning.model import BatchPolicy, ScalingFit, StepModel, gradient_sync_seconds, knee, predict
@@ -64,8 +65,9 @@ def step_model(config: Config, profile: Profile, cluster: ClusterSpec, overlap: 
     compute_s = profile.step_s
     if profile.world_size > 1:
         # The profile's step holds its own synchronization: take off what the model gives for it on this cluster.
-        synced = (1 - overlap) * gradient_sync_seconds(parameters_bytes, config.engine.zero_stage,
-                                                       profile.world_size, cluster)
+        # At the profile's own ZeRO stage and precision: what its step held.
+        profiled_bytes = gradient_bytes(profile.trainable_parameters, profile.precision)
+        synced = (1 - overlap) * gradient_sync_seconds(profiled_bytes, profile.zero_stage, profile.world_size, cluster)
         compute_s -= synced
         notes.append(f"the profile ran on {profile.world_size} workers: its step less the modelled "
                      f"synchronization ({synced * 1e3:.3g} ms, assuming it ran on this cluster) is its compute")
@@ -73,7 +75,11 @@ def step_model(config: Config, profile: Profile, cluster: ClusterSpec, overlap: 
             raise ConfigError(f"--profile {profile.run_dir}: its step ({profile.step_s * 1e3:.3g} ms) is shorter than "
                               f"the synchronization the cluster file gives for {profile.world_size} workers; the "
                               "profile did not run on this cluster: profile one worker (scaling.num_workers=1)")
-    per_sample = compute_s / (profile.accumulation * profile.micro_batch)
+    per_sample = compute_s / profile.samples_per_worker
+    profiled_gpu = (profile.device or "").partition(" for ")[2]  # "datasheet bf16 for NVIDIA H100 80GB HBM3"
+    if profiled_gpu and not same_datasheet_gpu(profiled_gpu, cluster.gpu):
+        notes.append(f"the profile ran on {profiled_gpu}, the cluster file's GPU is {cluster.gpu}: the plan holds "
+                     "only for the GPU the profile ran on")
     if not overlap:
         notes.append("no synchronization hidden behind the backward pass (--overlap states a share)")
     notes.append("the optimizer step is inside the profiled compute per sample")
@@ -101,9 +107,14 @@ def make_plan(config: Config, cluster: ClusterSpec, profile: Profile, scaling: O
     fit = ScalingFit(scaling.min_steps, scaling.critical_batch) if scaling else None
     rows = predict(model, cluster, policy, counts, fit)
     skipped = sorted(set(counts) - {row["gpus"] for row in rows})
+    batch = f"the global batch {policy.size}" if policy.kind == "global" else "their global batch"
+    if not rows:
+        raise ConfigError(f"no GPU count of {', '.join(map(str, counts))} can split {batch} (trainer."
+                          f"global_batch_size) into whole micro-batches of trainer.micro_batch_size={model.micro_batch} "
+                          "or fewer samples; give --gpus that divide it")
     if skipped:
-        notes.append(f"{', '.join(map(str, skipped))} GPUs cannot split the global batch {policy.size} into whole "
-                     f"micro-batches (of {model.micro_batch} at most)")
+        notes.append(f"{', '.join(map(str, skipped))} GPUs cannot split {batch} into whole micro-batches "
+                     f"(of {model.micro_batch} at most)")
     smaller = [row["gpus"] for row in rows if row["micro_batch"] < profile.micro_batch]
     if smaller:
         where = "at every GPU count" if smaller[0] == rows[0]["gpus"] else f"from {smaller[0]} GPUs on"

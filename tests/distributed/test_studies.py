@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -367,11 +368,17 @@ def test_a_plan_from_the_studys_profile_and_fit_is_consistent_and_reproduces_its
     assert own["step_s"] - sync == pytest.approx(64 * written["step_model"]["compute_per_sample_s"] / 2, rel=1e-9)
 
     # Bad input: each error names the file or flag and the key, and nothing is written.
+
     unfitted = tmp_path / "unfitted"
     unfitted.mkdir()
     (unfitted / "study.yaml").write_text((scaling_study / "study.yaml").read_text())
     del results["by_optimizer"]["sgd"]["critical_batch_size"]
     (unfitted / "results.json").write_text(json.dumps(results))
+    cut_short = tmp_path / "cut_short"
+    shutil.copytree(profile, cut_short)
+    summary = json.loads((cut_short / "summary.json").read_text())
+    del summary["trainable_parameters"]
+    (cut_short / "summary.json").write_text(json.dumps(summary))
     no_bandwidth = tmp_path / "no_bandwidth.yaml"
     no_bandwidth.write_text(GLOO_CLUSTER.replace("bandwidth_gb_s: 1.36, ", ""))
     for args, expected in [
@@ -385,6 +392,8 @@ def test_a_plan_from_the_studys_profile_and_fit_is_consistent_and_reproduces_its
         (["--cluster", str(no_bandwidth)], f"{no_bandwidth}: missing intra_node.bandwidth_gb_s, "
                                            "inter_node.bandwidth_gb_s"),
         (["--profile", str(tmp_path)], f"--profile: {tmp_path} is not a distdl run directory"),
+        (["--profile", str(cut_short)], f"--profile {cut_short / 'summary.json'}: no 'trainable_parameters'"),
+        (["--gpus", "6"], "no GPU count of 6 can split the global batch 32 (trainer.global_batch_size)"),
     ]:
         out_dir = tmp_path / "refused"
         code, out = plan(*args, "--out", str(out_dir))
