@@ -23,6 +23,7 @@ from distdl.config import EngineSection, OptimizerSection, SharpnessAwareSection
 from distdl.errors import CheckpointError, ConfigError
 from distdl.optim import LangevinNoise
 from distdl.optim.layerwise import FragmentLayout, LayerwiseOptimizer
+from distdl.rundir import read_json_object
 
 # DeepSpeed prints a config dump every `steps_per_print` steps; distdl logs itself.
 _QUIET_STEPS = 2**31 - 1
@@ -66,13 +67,7 @@ def read_deepspeed_json(path: str) -> dict[str, Any]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError(f"engine.deepspeed_config: {file} does not exist")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"engine.deepspeed_config: {file} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"engine.deepspeed_config: {file} must hold a JSON object")
-    return data
+    return read_json_object(file, "engine.deepspeed_config")
 
 
 # Keys only distdl's engine section sets: a raw JSON that sets them would silently contradict it.

@@ -423,6 +423,17 @@ def write_json(path: Path, value: Any) -> None:
     _write_atomically(path, json.dumps(value, indent=2))
 
 
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file holding an object; errors name `what` (the key or flag that pointed at it) and the file."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{what}: {path} is not valid JSON: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what}: {path} must hold a JSON object")
+    return values
+
+
 def saved_config(run_dir: Path, workload: str | None = None, key: str = "") -> dict[str, Any]:
     """The config a run directory holds, optionally of a given workload; errors name the directory
     (and the config key that pointed at it)."""

@@ -4,7 +4,6 @@ the file and the key."""
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import asdict, dataclass
@@ -15,7 +14,7 @@ import yaml
 
 from distdl.config import Config, config_from_dict, load_config, read_yaml
 from distdl.errors import ConfigError
-from distdl.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics, saved_config
+from distdl.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_json_object, read_metrics, saved_config
 from distdl.studies.base import RESULTS_FILE, STUDY_FILE, STUDY_KEY, read_study_file
 
 # What sets the compute of one sample besides the model section: the text and image sizes.
@@ -81,16 +80,6 @@ def check_same_model(planned: Config, other: Config, source: str, advice: str) -
                           f"{also}; {advice}")
 
 
-def read_json(path: Path, flag: str) -> dict[str, Any]:
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{flag} {path} is not valid JSON: {err}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{flag} {path} must hold a JSON object")
-    return values
-
-
 def required(values: dict[str, Any], key: str, path: Path, flag: str) -> Any:
     if key not in values:
         raise ConfigError(f"{flag} {path}: no {key!r}; it was written by another distdl version or cut short")
@@ -113,7 +102,7 @@ def read_profile(run_dir: str | Path, planned: Config) -> Profile:
     summary_file = run_dir / SUMMARY_FILE
     if not summary_file.is_file():
         raise ConfigError(f"--profile {run_dir}: no {SUMMARY_FILE}; the run has not ended a session yet")
-    summary = read_json(summary_file, "--profile")
+    summary = read_json_object(summary_file, "--profile")
     world = int(required(summary, "world_size", summary_file, "--profile"))
     parameters = required(summary, "trainable_parameters", summary_file, "--profile")
     trainer = profiled.trainer
@@ -171,7 +160,7 @@ def read_scaling(study_dir: str | Path, planned: Config) -> ScalingInput:
     trained = config_of(required(settings, "training", settings_file, "--scaling"), settings_file, "--scaling")
     check_same_model(planned, trained, f"--scaling {settings_file}",
                      "steps to a target loss carry over only within one model and data")
-    results = read_json(results_file, "--scaling")
+    results = read_json_object(results_file, "--scaling")
     # Studies from before study.optimizers keep their one fit at the top level, for the config's optimizer.
     fits = results.get("by_optimizer") or {trained.optimizer.name: results}
     name = planned.optimizer.name
