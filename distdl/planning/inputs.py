@@ -10,8 +10,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from distdl.config import Config, config_from_dict, load_config, read_yaml
 from distdl.errors import ConfigError
 from distdl.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_json_object, read_metrics, saved_config
@@ -149,10 +147,10 @@ def read_scaling(study_dir: str | Path, planned: Config) -> ScalingInput:
             raise ConfigError(f"--scaling {study_dir}: no {needed.name}; give the directory of a finished "
                               "`distdl study scaling` (its report.md and results.json)")
     try:
-        settings = yaml.safe_load(settings_file.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--scaling {settings_file} is not valid YAML: {err}") from None
-    study = settings.get("study") if isinstance(settings, dict) else None
+        settings = read_yaml(settings_file)
+    except ConfigError as err:
+        raise ConfigError(f"--scaling: {err}") from None
+    study = settings.get(STUDY_KEY)
     if not isinstance(study, dict) or study.get("kind") != "scaling":
         kind = study.get("kind") if isinstance(study, dict) else None
         raise ConfigError(f"--scaling {settings_file}: study.kind={kind!r}; allowed: scaling (a `distdl study "

@@ -59,13 +59,13 @@ def check_gpu_counts(gpus: list[int], cluster: ClusterSpec, cluster_path: str) -
 
 
 def step_model(config: Config, profile: Profile, cluster: ClusterSpec, overlap: float) -> tuple[StepModel, list[str]]:
-    """Compute per micro-batch of the planned config from the profile, and what was assumed on the way."""
+    """Compute per sample of the planned config from the profile, and what was assumed on the way."""
     notes = []
     parameters_bytes = gradient_bytes(profile.trainable_parameters, config.engine.precision)
     compute_s = profile.step_s
     if profile.world_size > 1:
-        # The profile's step holds its own synchronization: take off what the model gives for it on this cluster.
-        # At the profile's own ZeRO stage and precision: what its step held.
+        # The profile's step holds its own synchronization (at its own ZeRO stage and precision): take off
+        # what the model gives for it on this cluster.
         profiled_bytes = gradient_bytes(profile.trainable_parameters, profile.precision)
         synced = (1 - overlap) * gradient_sync_seconds(profiled_bytes, profile.zero_stage, profile.world_size, cluster)
         compute_s -= synced
@@ -134,8 +134,9 @@ def make_plan(config: Config, cluster: ClusterSpec, profile: Profile, scaling: O
         "step_model": asdict(model), "batch_policy": asdict(policy), "gpu_hours_tolerance": request.gpu_hours_tolerance,
         "rows": rows, **chosen, "notes": notes,
     }
-    pick = chosen["knee_gpus"] or (max(rows, key=lambda row: row["samples_per_s"])["gpus"] if rows else None)
-    plan["submit"] = submit_line(config, request, cluster, next(row for row in rows if row["gpus"] == pick)) if pick else None
+    # The knee; without a study, the count with the most throughput.
+    pick = chosen["knee_gpus"] or max(rows, key=lambda row: row["samples_per_s"])["gpus"]
+    plan["submit"] = submit_line(config, request, cluster, next(row for row in rows if row["gpus"] == pick))
     return plan
 
 
@@ -220,8 +221,7 @@ def markdown(plan: dict[str, Any]) -> str:
         lines.append(f"**Fastest to the target:** {plan['fastest_gpus']} GPUs. **Knee:** {plan['knee_gpus']} GPUs, "
                      f"the most whose GPU-hours stay within {plan['gpu_hours_tolerance']:.0%} of the least.")
         lines.append("")
-    if plan["submit"]:
-        lines += ["To submit:", "", "    " + plan["submit"], ""]
+    lines += ["To submit:", "", "    " + plan["submit"], ""]
     lines += ["Assumed:", "", *[f"- {note}" for note in plan["notes"]], ""]
     return "\n".join(lines)
 
