@@ -1,5 +1,5 @@
 """`distdl plan`'s model, without a cluster: the ring and hierarchical all-reduce against their
-formulas, ZeRO's volumes, the model's limits, and cluster files refused naming the file and key."""
+formulas, ZeRO's volumes, the model's limits, cluster files and plan flags refused naming the culprit."""
 
 from __future__ import annotations
 
@@ -122,3 +122,22 @@ def test_bad_cluster_files_are_refused_naming_the_file_and_key(tmp_path, text, e
     with pytest.raises(ConfigError) as refused:
         read_cluster(path)
     assert expected in str(refused.value) and str(path) in str(refused.value)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--overlap", "1.5"], "--overlap 1.5: a share of the synchronization, from 0 to 1"),
+    (["--tolerance", "-0.1"], "--tolerance -0.1: a share of the least GPU-hours, 0 or more"),
+    (["--gpus", "8,many"], "--gpus 8,many: comma-separated whole GPU counts"),
+    (["--batch", "weak"], "argument --batch: invalid choice: 'weak' (choose from 'global', 'per_gpu')"),
+])
+def test_bad_plan_flags_are_refused_naming_the_flag_and_what_is_allowed(tmp_path, capsys, flags, expected):
+    from distdl import cli
+
+    args = ["plan", str(REPO / "configs/bert/pretrain_tiny.yaml"), "--cluster", str(SHIPPED[0]),
+            "--profile", str(tmp_path), "--out", str(tmp_path / "plan"), *flags]
+    try:
+        code = cli.main(args)
+    except SystemExit as exited:  # argparse's own refusal of a choice
+        code = exited.code
+    assert code == 2 and expected in capsys.readouterr().err
+    assert not (tmp_path / "plan").exists()
