@@ -95,8 +95,11 @@ def add_plan_command(commands: Any) -> None:
     plan.add_argument("config", help="YAML training config to plan (or a study file: its training config)")
     plan.add_argument("overrides", nargs="*", help="dotted.key=value overrides, as for distdl train")
     plan.add_argument("--cluster", required=True, metavar="FILE", help="cluster file (clusters/*.yaml)")
-    plan.add_argument("--profile", required=True, metavar="RUN_DIR",
-                      help="a short run of the config on the cluster's GPU type (one worker is best)")
+    compute = plan.add_mutually_exclusive_group(required=True)
+    compute.add_argument("--profile", metavar="RUN_DIR",
+                         help="a short run of the config on the cluster's GPU type (one worker is best)")
+    compute.add_argument("--mfu", type=float, help="without a profile: the model FLOP utilization to assume (e.g. "
+                         "0.4); the config's model FLOPs are counted on a synthetic sample")
     plan.add_argument("--scaling", metavar="STUDY_DIR", help="a finished `distdl study scaling` of the config")
     plan.add_argument("--batch", choices=["global", "per_gpu"], default="global",
                       help="global: the config's global batch at every GPU count (accumulating what a GPU's share "
@@ -173,11 +176,14 @@ def run_submit(args: argparse.Namespace) -> int:
 
 def run_plan(args: argparse.Namespace) -> int:
     from distdl.planning.cluster import read_cluster
+    from distdl.planning.estimate import estimate_compute
     from distdl.planning.inputs import is_study_file, planned_config, read_profile, read_scaling
     from distdl.planning.plan import PlanRequest, check_gpu_counts, make_plan, write_plan
 
     if not 0 <= args.overlap <= 1:
         raise ConfigError(f"--overlap {args.overlap}: a share of the synchronization, from 0 to 1")
+    if args.mfu is not None and not 0 < args.mfu <= 1:
+        raise ConfigError(f"--mfu {args.mfu}: a share of the GPU's peak FLOP/s, above 0 and at most 1")
     if not 0 <= args.tolerance:
         raise ConfigError(f"--tolerance {args.tolerance}: a share of the least GPU-hours, 0 or more")
     config = planned_config(args.config, args.overrides)
@@ -185,14 +191,18 @@ def run_plan(args: argparse.Namespace) -> int:
     gpus = parse_gpu_counts(args.gpus) if args.gpus else None
     if gpus:
         check_gpu_counts(gpus, cluster, args.cluster)
-    profile = read_profile(args.profile, config)
+    if args.profile:
+        compute = read_profile(args.profile, config)
+    else:
+        print(f"distdl: counting the model FLOPs of one {config.workload} sample on this CPU ...", flush=True)
+        compute = estimate_compute(config, args.mfu, cluster.peak(config.engine.precision))
     scaling = read_scaling(args.scaling, config) if args.scaling else None
     out_dir = Path(args.out) if args.out else Path("plans") / f"{config.run.name}-{cluster.name}"
     # A study file cannot be submitted for training: the submit line names its training config, written out.
     training_file = out_dir / "training.yaml" if is_study_file(args.config) else None
     request = PlanRequest(args.config, args.overrides, args.batch, gpus, args.overlap, args.tolerance,
                           str(training_file) if training_file else None)
-    plan = make_plan(config, cluster, profile, scaling, request)
+    plan = make_plan(config, cluster, compute, scaling, request)
     written = write_plan(plan, out_dir, config, training_file)
     print(written["markdown"].read_text())
     print(f"distdl: plan written to {out_dir}: {', '.join(path.name for path in written.values())}")

@@ -14,6 +14,7 @@ from distdl.config import Config
 from distdl.errors import ConfigError
 from distdl.flops import same_datasheet_gpu
 from distdl.planning.cluster import ClusterSpec
+from distdl.planning.estimate import Estimate
 from distdl.planning.inputs import Profile, ScalingInput, gradient_bytes
 from distdl.planning.model import BatchPolicy, ScalingFit, StepModel, gradient_sync_seconds, knee, predict
 
@@ -58,10 +59,33 @@ def check_gpu_counts(gpus: list[int], cluster: ClusterSpec, cluster_path: str) -
                           f"({cluster_path}: gpus_per_node); above one node, give multiples of it")
 
 
-def step_model(config: Config, profile: Profile, cluster: ClusterSpec, overlap: float) -> tuple[StepModel, list[str]]:
-    """Compute per sample of the planned config from the profile, and what was assumed on the way."""
+def step_model(config: Config, compute: Profile | Estimate, cluster: ClusterSpec,
+               overlap: float) -> tuple[StepModel, list[str]]:
+    """The step model of the planned config, its compute per sample from a profile or an estimate, and
+    what was assumed on the way."""
+    if isinstance(compute, Estimate):
+        per_sample, notes = compute.compute_per_sample_s, estimate_notes(config, compute, cluster)
+    else:
+        per_sample, notes = profiled_compute(config, compute, cluster, overlap)
+    if not overlap:
+        notes.append("no synchronization hidden behind the backward pass (--overlap states a share)")
+    parameters_bytes = gradient_bytes(compute.trainable_parameters, config.engine.precision)
+    return StepModel(compute_per_sample_s=per_sample, micro_batch=config.trainer.micro_batch_size,
+                     gradient_bytes=parameters_bytes, zero_stage=config.engine.zero_stage, overlap=overlap), notes
+
+
+def estimate_notes(config: Config, estimate: Estimate, cluster: ClusterSpec) -> list[str]:
+    notes = [f"no profile: compute per sample is {estimate.flops_per_sample:.4g} model FLOPs (counted on the "
+             f"config's model) at a stated MFU of {estimate.mfu:.0%} of the {cluster.gpu}'s "
+             f"{estimate.peak_tflops:g} TFLOP/s ({config.engine.precision}); a short run measures it "
+             "(--profile)",
+             "the optimizer step and the data loading are taken to fit inside the stated MFU"]
+    return notes + ([estimate.caveat] if estimate.caveat else [])
+
+
+def profiled_compute(config: Config, profile: Profile, cluster: ClusterSpec, overlap: float) -> tuple[float, list[str]]:
+    """Compute per sample from the profile's step."""
     notes = []
-    parameters_bytes = gradient_bytes(profile.trainable_parameters, config.engine.precision)
     compute_s = profile.step_s
     if profile.world_size > 1:
         # The profile's step holds its own synchronization (at its own ZeRO stage and precision): take off
@@ -75,16 +99,12 @@ def step_model(config: Config, profile: Profile, cluster: ClusterSpec, overlap: 
             raise ConfigError(f"--profile {profile.run_dir}: its step ({profile.step_s * 1e3:.3g} ms) is shorter than "
                               f"the synchronization the cluster file gives for {profile.world_size} workers; the "
                               "profile did not run on this cluster: profile one worker (scaling.num_workers=1)")
-    per_sample = compute_s / profile.samples_per_worker
     profiled_gpu = (profile.device or "").partition(" for ")[2]  # "datasheet bf16 for NVIDIA H100 80GB HBM3"
     if profiled_gpu and not same_datasheet_gpu(profiled_gpu, cluster.gpu):
         notes.append(f"the profile ran on {profiled_gpu}, the cluster file's GPU is {cluster.gpu}: the plan holds "
                      "only for the GPU the profile ran on")
-    if not overlap:
-        notes.append("no synchronization hidden behind the backward pass (--overlap states a share)")
     notes.append("the optimizer step is inside the profiled compute per sample")
-    return StepModel(compute_per_sample_s=per_sample, micro_batch=config.trainer.micro_batch_size,
-                     gradient_bytes=parameters_bytes, zero_stage=config.engine.zero_stage, overlap=overlap), notes
+    return compute_s / profile.samples_per_worker, notes
 
 
 def batch_policy(config: Config, kind: str) -> BatchPolicy:
@@ -98,10 +118,11 @@ def batch_policy(config: Config, kind: str) -> BatchPolicy:
     return BatchPolicy("per_gpu", per_gpu)
 
 
-def make_plan(config: Config, cluster: ClusterSpec, profile: Profile, scaling: Optional[ScalingInput],
+def make_plan(config: Config, cluster: ClusterSpec, compute: Profile | Estimate, scaling: Optional[ScalingInput],
               request: PlanRequest) -> dict[str, Any]:
-    """The plan as JSON-ready data: inputs, assumptions, one row per GPU count, the fastest and knee counts."""
-    model, notes = step_model(config, profile, cluster, request.overlap)
+    """The plan as JSON-ready data: inputs, assumptions, one row per GPU count, the fastest and knee counts.
+    `compute`: a profile (a measured run), or without one, counted FLOPs at a stated MFU."""
+    model, notes = step_model(config, compute, cluster, request.overlap)
     policy = batch_policy(config, request.batch_policy)
     counts = request.gpus or default_gpu_counts(cluster)
     fit = ScalingFit(scaling.min_steps, scaling.critical_batch) if scaling else None
@@ -115,10 +136,12 @@ def make_plan(config: Config, cluster: ClusterSpec, profile: Profile, scaling: O
     if skipped:
         notes.append(f"{', '.join(map(str, skipped))} GPUs cannot split {batch} into whole micro-batches "
                      f"(of {model.micro_batch} at most)")
-    smaller = [row["gpus"] for row in rows if row["micro_batch"] < profile.micro_batch]
+    profiled_micro, whose = ((compute.micro_batch, "the profile's") if isinstance(compute, Profile)
+                             else (model.micro_batch, "the configured"))
+    smaller = [row["gpus"] for row in rows if row["micro_batch"] < profiled_micro]
     if smaller:
         where = "at every GPU count" if smaller[0] == rows[0]["gpus"] else f"from {smaller[0]} GPUs on"
-        notes.append(f"{where}, micro-batches are smaller than the profile's {profile.micro_batch}: "
+        notes.append(f"{where}, micro-batches are smaller than {whose} {profiled_micro}: "
                      "compute is taken as linear in the samples, which a GPU at small micro-batches does not reach "
                      "(the plan is optimistic there)")
     if scaling is None:
@@ -128,8 +151,8 @@ def make_plan(config: Config, cluster: ClusterSpec, profile: Profile, scaling: O
     chosen = knee(rows, request.gpu_hours_tolerance)
     plan = {
         "config": request.config_path, "overrides": request.overrides, "cluster": asdict(cluster),
-        "profile": {**{k: v for k, v in asdict(profile).items() if k != "run_dir"}, "run_dir": str(profile.run_dir),
-                    "step_s": profile.step_s},
+        "profile": profile_json(compute) if isinstance(compute, Profile) else None,
+        "estimate": asdict(compute) if isinstance(compute, Estimate) else None,
         "scaling": {**asdict(scaling), "study_dir": str(scaling.study_dir)} if scaling else None,
         "step_model": asdict(model), "batch_policy": asdict(policy), "gpu_hours_tolerance": request.gpu_hours_tolerance,
         "rows": rows, **chosen, "notes": notes,
@@ -138,6 +161,10 @@ def make_plan(config: Config, cluster: ClusterSpec, profile: Profile, scaling: O
     pick = chosen["knee_gpus"] or max(rows, key=lambda row: row["samples_per_s"])["gpus"]
     plan["submit"] = submit_line(config, request, cluster, next(row for row in rows if row["gpus"] == pick))
     return plan
+
+
+def profile_json(profile: Profile) -> dict[str, Any]:
+    return {**asdict(profile), "run_dir": str(profile.run_dir), "step_s": profile.step_s}
 
 
 def scaling_notes(scaling: ScalingInput, rows: list[dict[str, Any]]) -> list[str]:
@@ -209,11 +236,15 @@ def duration(seconds: float) -> str:
 
 
 def markdown(plan: dict[str, Any]) -> str:
-    profile, cluster = plan["profile"], plan["cluster"]
-    lines = [f"# Plan for `{plan['config']}` on {cluster['name']}", "",
-             f"- Profile: {profile['run_dir']} ({profile['world_size']} worker(s), {profile['samples_per_s']:.4g} "
-             f"samples/s, median of {profile['windows']} windows; {profile['device'] or 'device unknown'})",
-             f"- Batch policy: {plan['batch_policy']['kind']} ({plan['batch_policy']['size']})"]
+    profile, estimate, cluster = plan["profile"], plan["estimate"], plan["cluster"]
+    lines = [f"# Plan for `{plan['config']}` on {cluster['name']}", ""]
+    if profile:
+        lines.append(f"- Profile: {profile['run_dir']} ({profile['world_size']} worker(s), {profile['samples_per_s']:.4g} "
+                     f"samples/s, median of {profile['windows']} windows; {profile['device'] or 'device unknown'})")
+    else:
+        lines.append(f"- No profile: {estimate['flops_per_sample']:.4g} FLOPs per sample at a stated MFU of "
+                     f"{estimate['mfu']:.0%} ({estimate['peak_tflops']:g} TFLOP/s peak per GPU)")
+    lines += [f"- Batch policy: {plan['batch_policy']['kind']} ({plan['batch_policy']['size']})"]
     if plan["scaling"]:
         lines.append(f"- Scaling study: {plan['scaling']['study_dir']}")
     lines += ["", table(plan), ""]

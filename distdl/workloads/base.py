@@ -13,6 +13,7 @@ import torch
 from distdl.collectives import all_reduce_sum
 from distdl.config import Config
 from distdl.data.shards import BatchPlan, lockstep_slices
+from distdl.errors import ConfigError
 
 Result = TypeVar("Result")
 
@@ -68,6 +69,18 @@ def summed_over_ranks(parts: list[torch.Tensor], width: int, device: torch.devic
     return all_reduce_sum(totals).tolist()
 
 
+@dataclass
+class ExampleStep:
+    """The config's model (fresh weights) and a sample or two of its shapes with random content, without
+    the data: what `distdl plan` counts model FLOPs and trainable parameters on when it has no profile."""
+
+    models: dict[str, torch.nn.Module]
+    loss: Callable[[], torch.Tensor]  # the samples' forward pass, to the loss the step's backward starts from
+    samples: int = 1
+    # Where the sample's shapes differ from the data's (the plan states it).
+    caveat: Optional[str] = None
+
+
 class Workload(ABC):
     # The workload's own top-level config sections and their dataclasses.
     sections: ClassVar[dict[str, type]] = {}
@@ -107,6 +120,12 @@ class Workload(ABC):
     def evaluation_metrics(cls, sections: dict[str, Any]) -> list[str]:
         """The numbers `evaluate` returns under these sections: what a sweep may rank its trials by."""
         return []
+
+    @classmethod
+    def example_step(cls, config: Config) -> ExampleStep:
+        """One synthetic sample through the config's model (see ExampleStep)."""
+        raise ConfigError(f"workload {config.workload}: distdl plan cannot count its FLOPs without a measured run; "
+                          "give --profile RUN_DIR (a short run: distdl train CONFIG trainer.max_steps=50)")
 
     def build_model(self) -> torch.nn.Module:
         """The model, for workloads with one engine."""

@@ -16,7 +16,14 @@ from distdl.models.checkpointing import checkpoint_transformer_layers
 from distdl.registry import WORKLOADS
 from distdl.rundir import saved_config
 from distdl.workloads import warm_start
-from distdl.workloads.base import WorkerContext, Workload, evaluate_in_lockstep, evaluation_mode, summed_over_ranks
+from distdl.workloads.base import (
+    ExampleStep,
+    WorkerContext,
+    Workload,
+    evaluate_in_lockstep,
+    evaluation_mode,
+    summed_over_ranks,
+)
 
 POSITIONS = "bert.embeddings.position_embeddings.weight"
 # What one BERT class has and another lacks (the NSP head and the pooler that feeds it): absent in
@@ -67,6 +74,10 @@ class BertModelSection:
 
 
 def bert_config(model: BertModelSection, tokenizer: Any, max_seq_length: int) -> Any:
+    return sized_bert_config(model, len(tokenizer), tokenizer.pad_token_id, max_seq_length)
+
+
+def sized_bert_config(model: BertModelSection, vocab_size: int, pad_token_id: Optional[int], max_seq_length: int) -> Any:
     from transformers import BertConfig
 
     if model.config_path:
@@ -79,8 +90,8 @@ def bert_config(model: BertModelSection, tokenizer: Any, max_seq_length: int) ->
         config = BertConfig(
             num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, intermediate_size=4 * hidden
         )
-    config.vocab_size = len(tokenizer)
-    config.pad_token_id = tokenizer.pad_token_id
+    config.vocab_size = vocab_size
+    config.pad_token_id = pad_token_id
     config.max_position_embeddings = max(config.max_position_embeddings, max_seq_length)
     config._attn_implementation = model.attn_implementation
     return config
@@ -276,6 +287,28 @@ class BertPretrain(Workload):
                 f"one global batch (trainer.global_batch_size={config.trainer.global_batch_size}); give more text"
             )
         return train_count
+
+    @classmethod
+    def example_step(cls, config: Config) -> ExampleStep:
+        """A block of data.max_seq_length random tokens, data.mlm_probability of them masked; the
+        vocabulary of tokenizer.name_or_path, or of tokenizer.vocab_size where a tokenizer is trained."""
+        model, data, section = config.sections["model"], config.sections["data"], config.sections["tokenizer"]
+        tokenizer = text.load_tokenizer(section, config.run_dir) if section.name_or_path else None
+        vocab_size = len(tokenizer) if tokenizer is not None else section.vocab_size
+        bert = training_class(data)(sized_bert_config(model, vocab_size, tokenizer and tokenizer.pad_token_id,
+                                                      data.max_seq_length))
+        if model.activation_checkpointing:
+            bert = checkpoint_transformer_layers(bert)
+        seq = data.max_seq_length
+        labels = torch.full((1, seq), -100)
+        masked = torch.randperm(seq)[:max(1, round(data.mlm_probability * seq))]
+        batch = {"input_ids": torch.randint(vocab_size, (1, seq)), "attention_mask": torch.ones(1, seq, dtype=torch.long),
+                 "token_type_ids": torch.zeros(1, seq, dtype=torch.long), "labels": labels.index_fill(1, masked, 0)}
+        if data.next_sentence_prediction:
+            batch["next_sentence_label"] = torch.zeros(1, dtype=torch.long)
+        caveat = None if tokenizer is not None else (f"the vocabulary taken as tokenizer.vocab_size={vocab_size}, "
+                                                     "the size the tokenizer is trained to")
+        return ExampleStep({"model": bert}, lambda: bert(**batch).loss, caveat=caveat)
 
     @classmethod
     def evaluation_metrics(cls, sections: dict[str, Any]) -> list[str]:

@@ -25,7 +25,7 @@ from distdl.errors import ConfigError
 from distdl.models.checkpointing import checkpoint_transformer_layers
 from distdl.registry import WORKLOADS
 from distdl.rundir import CONFIG_FILE
-from distdl.workloads.base import WorkerContext, Workload, evaluate_in_lockstep, evaluation_mode
+from distdl.workloads.base import ExampleStep, WorkerContext, Workload, evaluate_in_lockstep, evaluation_mode
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -168,6 +168,26 @@ class GlueFinetune(Workload):
         check_tokenizer(tokenizer, config, model, data.max_seq_length)
         splits = tokenized_splits(task, data, tokenizer)
         return len(splits["train"])
+
+    @classmethod
+    def example_step(cls, config: Config) -> ExampleStep:
+        """A sequence of data.max_seq_length random tokens through the model's architecture (fresh weights)."""
+        from transformers import AutoModelForSequenceClassification
+
+        model, data = config.sections["model"], config.sections["data"]
+        task = glue.get_task(data.task)
+        check_local_model_files(model.name_or_path, "model.name_or_path")
+        architecture = model_config(model, task)
+        classifier = AutoModelForSequenceClassification.from_config(architecture, dtype=torch.float32)
+        if model.activation_checkpointing:
+            classifier = checkpoint_transformer_layers(classifier)
+        seq = data.max_seq_length
+        labels = torch.zeros(1, dtype=torch.float if task.is_regression else torch.long)
+        batch = {"input_ids": torch.randint(architecture.vocab_size, (1, seq)),
+                 "attention_mask": torch.ones(1, seq, dtype=torch.long), "labels": labels}
+        caveat = (f"every sequence taken as data.max_seq_length={seq} tokens: batches are padded to their "
+                  "longest only, so compute is overestimated for shorter sentences")
+        return ExampleStep({"model": classifier}, lambda: classifier(**batch).loss, caveat=caveat)
 
     @classmethod
     def checkpoint_metric(cls, sections: dict[str, Any]) -> Optional[str]:

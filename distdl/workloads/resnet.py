@@ -24,7 +24,14 @@ from distdl.models.checkpointing import checkpoint_residual_stages, compile_refu
 from distdl.models.classifiers import CLASSIFIER_NAMES as MODEL_NAMES
 from distdl.models.resnet import MODEL_NAMES as RESNET_NAMES
 from distdl.registry import WORKLOADS
-from distdl.workloads.base import WorkerContext, Workload, evaluate_in_lockstep, evaluation_mode, summed_over_ranks
+from distdl.workloads.base import (
+    ExampleStep,
+    WorkerContext,
+    Workload,
+    evaluate_in_lockstep,
+    evaluation_mode,
+    summed_over_ranks,
+)
 
 LOSSES = ("cross_entropy", "mse")
 # What `distdl export` writes beside the weights, kept in the run directory when the run starts.
@@ -138,6 +145,22 @@ class ResNetClassification(Workload):
         spec = (json.loads(saved.read_text()) if saved.is_file()
                 else _export_spec(sections, vision.load_vision(sections["data"])))  # runs from before it was kept
         classifiers.write_exported(out_dir, spec, state_dict)
+
+    @classmethod
+    def example_step(cls, config: Config) -> ExampleStep:
+        """Two random images of the data's channels and crop through the classifier (batch norm needs
+        two); the classes of the dataset (an image folder's are counted from its folders)."""
+        section, data = config.sections["model"], config.sections["data"]
+        spec = vision.spec_for(data)
+        size = data.image_size or spec.image_size
+        classes = spec.classes or (data.synthetic_classes if data.dataset == "synthetic"
+                                   else vision.load_vision(data).classes)
+        model = build_classifier(section, spec.channels, size, classes)
+        if section.activation_checkpointing:
+            model = checkpoint_residual_stages(model)
+        images, labels = torch.randn(2, spec.channels, size, size), torch.zeros(2, dtype=torch.long)
+        return ExampleStep({"model": model},
+                           lambda: classification_loss(model(images).float(), labels, config.sections["loss"]), samples=2)
 
     @classmethod
     def evaluation_metrics(cls, sections: dict[str, Any]) -> list[str]:

@@ -315,10 +315,9 @@ def test_a_plan_from_the_studys_profile_and_fit_is_consistent_and_reproduces_its
     cluster.write_text(GLOO_CLUSTER)
     profile = scaling_study / "trials" / "throughput-strong-workers2"  # 2 workers, micro-batch 32, batch 64
 
-    def plan(*args: str) -> tuple[int, str]:
+    def plan(*args: str, compute: tuple[str, ...] = ("--profile", str(profile))) -> tuple[int, str]:
         code = cli.main(["plan", str(SCALING), *SCALING_MODEL, f"run.storage_path={tmp_path}", "--cluster", str(cluster),
-                         "--profile", str(profile),
-                         "--scaling", str(scaling_study), *args])
+                         *compute, "--scaling", str(scaling_study), *args])
         out, err = capsys.readouterr()
         return code, out + err
 
@@ -366,6 +365,17 @@ def test_a_plan_from_the_studys_profile_and_fit_is_consistent_and_reproduces_its
     assert own["step_s"] == pytest.approx(64 / written["profile"]["samples_per_s"], rel=1e-9)
     sync = gradient_sync_seconds(2442 * 4, 0, 2, read_cluster(cluster))
     assert own["step_s"] - sync == pytest.approx(64 * written["step_model"]["compute_per_sample_s"] / 2, rel=1e-9)
+
+    # Without a profile: the FLOPs counted on a synthetic sample are those the run counted on its data,
+    # at the stated share of the cluster file's peak.
+    code, out = plan("--out", str(tmp_path / "estimated"), compute=("--mfu", "0.25"))
+    assert code == 0, out
+    estimated = json.loads((tmp_path / "estimated" / "plan.json").read_text())
+    assert estimated["profile"] is None and "No profile:" in out
+    assert estimated["estimate"]["flops_per_sample"] == pytest.approx(written["profile"]["flops_per_sample"], rel=1e-12)
+    assert estimated["estimate"]["trainable_parameters"] == 2442
+    assert estimated["step_model"]["compute_per_sample_s"] == pytest.approx(
+        written["profile"]["flops_per_sample"] / (0.25 * 0.1e12), rel=1e-12)
 
     # Bad input: each error names the file or flag and the key, and nothing is written.
 

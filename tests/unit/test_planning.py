@@ -126,6 +126,10 @@ def test_bad_cluster_files_are_refused_naming_the_file_and_key(tmp_path, text, e
 
 @pytest.mark.parametrize("flags, expected", [
     (["--overlap", "1.5"], "--overlap 1.5: a share of the synchronization, from 0 to 1"),
+    (["--mfu", "0"], "--mfu 0.0: a share of the GPU's peak FLOP/s, above 0 and at most 1"),
+    (["--mfu", "40"], "--mfu 40.0: a share of the GPU's peak FLOP/s, above 0 and at most 1"),
+    (["--mfu", "0.4", "--profile", "run"], "argument --profile: not allowed with argument --mfu"),
+    ([], "one of the arguments --profile --mfu is required"),
     (["--tolerance", "-0.1"], "--tolerance -0.1: a share of the least GPU-hours, 0 or more"),
     (["--gpus", "8,many"], "--gpus 8,many: comma-separated whole GPU counts"),
     (["--batch", "weak"], "argument --batch: invalid choice: 'weak' (choose from 'global', 'per_gpu')"),
@@ -133,11 +137,68 @@ def test_bad_cluster_files_are_refused_naming_the_file_and_key(tmp_path, text, e
 def test_bad_plan_flags_are_refused_naming_the_flag_and_what_is_allowed(tmp_path, capsys, flags, expected):
     from distdl import cli
 
+    compute = [] if "--mfu" in flags or not flags else ["--profile", str(tmp_path)]
     args = ["plan", str(REPO / "configs/bert/pretrain_tiny.yaml"), "--cluster", str(SHIPPED[0]),
-            "--profile", str(tmp_path), "--out", str(tmp_path / "plan"), *flags]
+            *compute, "--out", str(tmp_path / "plan"), *flags]
     try:
         code = cli.main(args)
     except SystemExit as exited:  # argparse's own refusal of a choice
         code = exited.code
     assert code == 2 and expected in capsys.readouterr().err
     assert not (tmp_path / "plan").exists()
+
+
+def test_without_a_profile_resnet50_is_counted_as_torchvision_states_it():
+    """ResNet-50 at 224 pixels: torchvision's published 4.089 GMACs forward (2 FLOPs each, three
+    passes for forward and backward) and its parameter count."""
+    from torchvision.models import ResNet50_Weights
+
+    from distdl.config import load_config
+    from distdl.planning.estimate import estimate_compute
+
+    config = load_config(REPO / "configs/resnet/imagenet_resnet50.yaml",
+                         ["data.dataset=synthetic", "data.synthetic_classes=1000", "data.image_size=224"])
+    estimate = estimate_compute(config, mfu=0.5, peak_tflops=312.0)
+    published = ResNet50_Weights.IMAGENET1K_V1.meta
+    assert estimate.trainable_parameters == published["num_params"] == 25_557_032
+    # Measured: 0.96% below; torchvision's count takes in the layers' additions and pooling too.
+    assert estimate.flops_per_sample == pytest.approx(3 * 2 * published["_ops"] * 1e9, rel=0.015)
+    assert estimate.compute_per_sample_s == pytest.approx(estimate.flops_per_sample / (0.5 * 312e12), rel=1e-12)
+
+
+def test_without_a_profile_bert_base_is_counted_above_kaplans_6nd_by_attention_and_the_masked_head():
+    """BERT-base at 128 tokens against Kaplan et al.'s 6 x non-embedding parameters x tokens: the
+    count adds the attention scores (12 layers x 4 x 128 x 768 per token, forward) and the vocabulary
+    head at the masked positions, and leaves out the biases and layer norms (elementwise, not matmuls);
+    nothing else differs."""
+    from distdl.config import load_config
+    from distdl.planning.estimate import estimate_compute
+    from distdl.registry import WORKLOADS
+
+    config = load_config(REPO / "configs/bert/pretrain_base.yaml", ["tokenizer.name_or_path=null"])
+    estimate = estimate_compute(config, mfu=0.4, peak_tflops=989.4)
+    model = WORKLOADS.get("bert_pretrain").example_step(config).models["model"]
+    assert estimate.trainable_parameters == model.num_parameters()
+    kaplan = 6 * 128 * model.num_parameters(exclude_embeddings=True)
+    attention = 3 * 12 * 4 * 128 * 768 * 128
+    masked_head = 3 * round(0.15 * 128) * 2 * 768 * 8000  # the decoder, tied to the word embeddings
+    transform_saved = 3 * (128 - round(0.15 * 128)) * 2 * 768 * 768  # the head's dense layer at masked positions only
+    elementwise = 6 * 128 * sum(p.numel() for name, p in model.named_parameters()
+                                if name.endswith("bias") or "LayerNorm" in name)
+    assert estimate.flops_per_sample == pytest.approx(
+        kaplan + attention + masked_head - transform_saved - elementwise, rel=1e-6)
+
+
+def test_without_a_profile_a_glue_model_is_its_architecture_and_a_gan_is_refused(tiny_bert):
+    from transformers import AutoModelForSequenceClassification
+
+    from distdl.config import load_config
+    from distdl.planning.estimate import estimate_compute
+
+    config = load_config(REPO / "configs/glue/rte.yaml", [f"model.name_or_path={tiny_bert}"])
+    estimate = estimate_compute(config, mfu=0.3, peak_tflops=312.0)
+    classifier = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    assert estimate.trainable_parameters == classifier.num_parameters()
+    assert "data.max_seq_length" in estimate.caveat
+    with pytest.raises(ConfigError, match="cannot count its FLOPs without a measured run; give --profile"):
+        estimate_compute(load_config(REPO / "configs/gan/dcgan_mnist.yaml"), mfu=0.3, peak_tflops=312.0)
