@@ -106,8 +106,9 @@ def add_plan_command(commands: Any) -> None:
                       "needs); per_gpu: each GPU's share of it stays, the global batch grows with the GPUs")
     plan.add_argument("--gpus", help="comma-separated GPU counts (default: 1, 2, 4, ... in a node, then whole nodes "
                       "doubling, up to the cluster or 4096)")
-    plan.add_argument("--overlap", type=float, default=0.0,
-                      help="the share of the gradient synchronization hidden behind the backward pass (default 0)")
+    plan.add_argument("--overlap", type=float,
+                      help="the share of the gradient synchronization hidden behind the backward pass (default: "
+                      "measured by the profile's trace, trainer.profile_steps, where it has one; else 0)")
     plan.add_argument("--tolerance", type=float, default=0.10,
                       help="the knee: the most GPUs whose GPU-hours stay within this share of the least (0.10)")
     plan.add_argument("--out", metavar="DIR", help="where plan.json, plan.md and plan.png go "
@@ -180,7 +181,7 @@ def run_plan(args: argparse.Namespace) -> int:
     from distdl.planning.inputs import is_study_file, planned_config, read_profile, read_scaling
     from distdl.planning.plan import PlanRequest, check_gpu_counts, make_plan, write_plan
 
-    if not 0 <= args.overlap <= 1:
+    if args.overlap is not None and not 0 <= args.overlap <= 1:
         raise ConfigError(f"--overlap {args.overlap}: a share of the synchronization, from 0 to 1")
     if args.mfu is not None and not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu {args.mfu}: a share of the GPU's peak FLOP/s, above 0 and at most 1")

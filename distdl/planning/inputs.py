@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 from distdl.config import Config, config_from_dict, load_config, read_yaml
 from distdl.errors import ConfigError
+from distdl.planning.trace import StepTrace, read_step_trace
+from distdl.profiling import PROFILE_DIR
 from distdl.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_json_object, read_metrics, saved_config
 from distdl.studies.base import RESULTS_FILE, STUDY_FILE, STUDY_KEY, read_study_file
 
@@ -37,6 +39,7 @@ class Profile:
     mfu: Optional[float]
     flops_per_sample: Optional[float]
     device: Optional[str]  # where the peak FLOP/s came from, which names the device
+    trace: Optional[StepTrace] = None  # rank 0's trace of trainer.profile_steps, where the run took one
 
     @property
     def step_s(self) -> float:
@@ -122,7 +125,13 @@ def read_profile(run_dir: str | Path, planned: Config) -> Profile:
         trainable_parameters=sum(parameters.values()) if isinstance(parameters, dict) else int(parameters),
         samples_per_s=statistics.median(rates[1:]), windows=len(rates) - 1, mfu=usage.get("mean_mfu"),
         flops_per_sample=flops_per_step / trainer.global_batch_size if flops_per_step else None,
-        device=usage.get("peak_source"))
+        device=usage.get("peak_source"), trace=rank_zero_trace(run_dir))
+
+
+def rank_zero_trace(run_dir: Path) -> Optional[StepTrace]:
+    """Rank 0's trace of the run's trainer.profile_steps (its last session's, where it resumed)."""
+    traces = sorted((run_dir / PROFILE_DIR).glob("rank0_steps*.pt.trace.json"), key=lambda path: path.stat().st_mtime)
+    return read_step_trace(traces[-1]) if traces else None
 
 
 @dataclass(frozen=True)

@@ -90,11 +90,14 @@ class StepModel:
     zero_stage: int = 0
     # The share of the synchronization that runs beside the backward pass (0: none hidden).
     overlap: float = 0.0
+    # The optimizer step over all the parameters on one GPU; ZeRO stages 1-3 split it over the GPUs
+    # (each steps its partition of the optimizer state).
     optimizer_s: float = 0.0
 
     def step_seconds(self, gpus: int, samples_per_gpu: int, cluster: ClusterSpec) -> float:
         exposed = (1 - self.overlap) * gradient_sync_seconds(self.gradient_bytes, self.zero_stage, gpus, cluster)
-        return samples_per_gpu * self.compute_per_sample_s + exposed + self.optimizer_s
+        optimizer = self.optimizer_s / gpus if self.zero_stage >= 1 else self.optimizer_s
+        return samples_per_gpu * self.compute_per_sample_s + exposed + optimizer
 
 
 @dataclass(frozen=True)

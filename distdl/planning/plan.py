@@ -32,7 +32,7 @@ class PlanRequest:
     overrides: list[str] = field(default_factory=list)
     batch_policy: str = "global"  # global: the config's global batch at every N; per_gpu: its per-GPU share
     gpus: Optional[list[int]] = None  # None: powers of two inside a node, then whole nodes doubling
-    overlap: float = 0.0
+    overlap: Optional[float] = None  # None: measured by the profile's trace, else 0
     gpu_hours_tolerance: float = 0.10
     # The training config the submit line names, where CONFIG is a study file (its overrides are in it).
     submit_config: Optional[str] = None
@@ -60,18 +60,29 @@ def check_gpu_counts(gpus: list[int], cluster: ClusterSpec, cluster_path: str) -
 
 
 def step_model(config: Config, compute: Profile | Estimate, cluster: ClusterSpec,
-               overlap: float) -> tuple[StepModel, list[str]]:
+               overlap: Optional[float]) -> tuple[StepModel, list[str]]:
     """The step model of the planned config, its compute per sample from a profile or an estimate, and
-    what was assumed on the way."""
+    what was assumed on the way. `overlap`: stated (--overlap), or None: measured by the profile's
+    trace where it has one, else 0."""
     if isinstance(compute, Estimate):
-        per_sample, notes = compute.compute_per_sample_s, estimate_notes(config, compute, cluster)
+        part, notes = Compute(compute.compute_per_sample_s), estimate_notes(config, compute, cluster)
     else:
-        per_sample, notes = profiled_compute(config, compute, cluster, overlap)
+        part, notes = profiled_compute(config, compute, cluster, overlap)
+    if overlap is None:
+        overlap = part.measured_overlap or 0.0
     if not overlap:
         notes.append("no synchronization hidden behind the backward pass (--overlap states a share)")
     parameters_bytes = gradient_bytes(compute.trainable_parameters, config.engine.precision)
-    return StepModel(compute_per_sample_s=per_sample, micro_batch=config.trainer.micro_batch_size,
-                     gradient_bytes=parameters_bytes, zero_stage=config.engine.zero_stage, overlap=overlap), notes
+    return StepModel(compute_per_sample_s=part.per_sample_s, micro_batch=config.trainer.micro_batch_size,
+                     gradient_bytes=parameters_bytes, zero_stage=config.engine.zero_stage, overlap=overlap,
+                     optimizer_s=part.optimizer_s), notes
+
+
+@dataclass(frozen=True)
+class Compute:
+    per_sample_s: float
+    optimizer_s: float = 0.0  # the whole optimizer step on one GPU (StepModel.optimizer_s)
+    measured_overlap: Optional[float] = None
 
 
 def estimate_notes(config: Config, estimate: Estimate, cluster: ClusterSpec) -> list[str]:
@@ -83,28 +94,48 @@ def estimate_notes(config: Config, estimate: Estimate, cluster: ClusterSpec) -> 
     return notes + ([estimate.caveat] if estimate.caveat else [])
 
 
-def profiled_compute(config: Config, profile: Profile, cluster: ClusterSpec, overlap: float) -> tuple[float, list[str]]:
-    """Compute per sample from the profile's step."""
+def profiled_compute(config: Config, profile: Profile, cluster: ClusterSpec,
+                     overlap: Optional[float]) -> tuple[Compute, list[str]]:
+    """Compute per sample from the profile's step: less its optimizer step and its exposed
+    synchronization, as its trace measured them (shares of the traced step, applied to the
+    profile's), or without a trace, less the synchronization the model gives it on this cluster."""
     notes = []
-    compute_s = profile.step_s
-    if profile.world_size > 1:
-        # The profile's step holds its own synchronization (at its own ZeRO stage and precision): take off
-        # what the model gives for it on this cluster.
-        profiled_bytes = gradient_bytes(profile.trainable_parameters, profile.precision)
-        synced = (1 - overlap) * gradient_sync_seconds(profiled_bytes, profile.zero_stage, profile.world_size, cluster)
-        compute_s -= synced
-        notes.append(f"the profile ran on {profile.world_size} workers: its step less the modelled "
-                     f"synchronization ({synced * 1e3:.3g} ms, assuming it ran on this cluster) is its compute")
-        if compute_s <= 0:
-            raise ConfigError(f"--profile {profile.run_dir}: its step ({profile.step_s * 1e3:.3g} ms) is shorter than "
-                              f"the synchronization the cluster file gives for {profile.world_size} workers; the "
-                              "profile did not run on this cluster: profile one worker (scaling.num_workers=1)")
+    trace = profile.trace
+    if trace is not None:
+        measured = trace.overlap if overlap is None else overlap
+        exposed = trace.collectives_s * (1 - (measured or 0.0)) / trace.step_s * profile.step_s
+        optimizer = trace.optimizer_s / trace.step_s * profile.step_s
+        compute_s = profile.step_s - exposed - optimizer
+        notes.append(f"from the profile's trace ({trace.path.name}, {trace.steps} steps): the optimizer step "
+                     f"{optimizer * 1e3:.3g} ms and exposed collectives {exposed * 1e3:.3g} ms of its "
+                     f"{profile.step_s * 1e3:.3g} ms step"
+                     + (f", {trace.overlap:.0%} of the collectives beside computation" if trace.overlap is not None
+                        else ""))
+    else:
+        measured, optimizer = None, 0.0
+        compute_s = profile.step_s
+        notes.append("the optimizer step is inside the profiled compute per sample (trainer.profile_steps "
+                     "in the profile's run measures it apart)")
+        if profile.world_size > 1:
+            # The step holds its own synchronization (at its own ZeRO stage and precision): take off
+            # what the model gives for it on this cluster.
+            profiled_bytes = gradient_bytes(profile.trainable_parameters, profile.precision)
+            synced = (1 - (overlap or 0.0)) * gradient_sync_seconds(profiled_bytes, profile.zero_stage,
+                                                                    profile.world_size, cluster)
+            compute_s -= synced
+            notes.append(f"the profile ran on {profile.world_size} workers: its step less the modelled "
+                         f"synchronization ({synced * 1e3:.3g} ms, assuming it ran on this cluster) is its compute")
+    if compute_s <= 0:
+        raise ConfigError(f"--profile {profile.run_dir}: its step ({profile.step_s * 1e3:.3g} ms) is shorter than "
+                          f"its synchronization and optimizer step ({(profile.step_s - compute_s) * 1e3:.3g} ms): the "
+                          "profile did not run on this cluster: profile one worker (scaling.num_workers=1)")
     profiled_gpu = (profile.device or "").partition(" for ")[2]  # "datasheet bf16 for NVIDIA H100 80GB HBM3"
     if profiled_gpu and not same_datasheet_gpu(profiled_gpu, cluster.gpu):
         notes.append(f"the profile ran on {profiled_gpu}, the cluster file's GPU is {cluster.gpu}: the plan holds "
                      "only for the GPU the profile ran on")
-    notes.append("the optimizer step is inside the profiled compute per sample")
-    return compute_s / profile.samples_per_worker, notes
+    # ZeRO stages 1-3 step each GPU's partition of the optimizer state only.
+    whole_optimizer = optimizer * (profile.world_size if profile.zero_stage >= 1 else 1)
+    return Compute(compute_s / profile.samples_per_worker, whole_optimizer, measured), notes
 
 
 def batch_policy(config: Config, kind: str) -> BatchPolicy:
@@ -164,7 +195,8 @@ def make_plan(config: Config, cluster: ClusterSpec, compute: Profile | Estimate,
 
 
 def profile_json(profile: Profile) -> dict[str, Any]:
-    return {**asdict(profile), "run_dir": str(profile.run_dir), "step_s": profile.step_s}
+    trace = {**asdict(profile.trace), "path": str(profile.trace.path)} if profile.trace else None
+    return {**asdict(profile), "run_dir": str(profile.run_dir), "step_s": profile.step_s, "trace": trace}
 
 
 def scaling_notes(scaling: ScalingInput, rows: list[dict[str, Any]]) -> list[str]:

@@ -257,7 +257,7 @@ SCALING_MODEL = ["data.dataset=digits", "model.hidden_sizes=[32]", "optimizer.lr
 SCALING_STUDY = ["trainer.log_every=2", "study.workers=[2]", "study.throughput_kinds=[strong]",
                  "study.throughput_steps=8", "study.strong_batch_size=64", "study.batch_sizes=[16,64]",
                  "study.target_loss=1.0", "study.max_steps=300", "study.optimizers=[sgd, {name: lars, lr: 1.0}]",
-                 "tracking.wandb_mode=disabled"]
+                 "tracking.wandb_mode=disabled", "trainer.profile_steps=[4,5]"]
 
 
 @pytest.fixture(scope="module")
@@ -357,14 +357,27 @@ def test_a_plan_from_the_studys_profile_and_fit_is_consistent_and_reproduces_its
     assert cli.main([*line[1:], "--dry-run"]) == 0, capsys.readouterr().err
     capsys.readouterr()
 
-    # Fed its own profile's batch, the plan gives back the step the profile measured, synchronization included.
+    # The profile's trace of steps 4-5: its optimizer step and its collectives apart, their overlap
+    # with computation measured (no --overlap given).
+    trace = written["profile"]["trace"]
+    assert trace["steps"] == 2 and trace["path"].endswith("rank0_steps4-5.pt.trace.json")
+    assert 0 < trace["optimizer_s"] < trace["step_s"] and 0 < trace["collectives_s"] < trace["step_s"]
+    assert written["step_model"]["overlap"] == trace["overlap"] and 0 <= trace["overlap"] <= 1
+    # Fed its own profile's batch, the plan gives back the step the profile measured, but for its
+    # measured synchronization, replaced by the modelled one.
     code, out = plan("trainer.micro_batch_size=32", "trainer.global_batch_size=64", "--gpus", "2",
                      "--out", str(tmp_path / "own"))
     assert code == 0, out
-    (own,) = json.loads((tmp_path / "own" / "plan.json").read_text())["rows"]
-    assert own["step_s"] == pytest.approx(64 / written["profile"]["samples_per_s"], rel=1e-9)
-    sync = gradient_sync_seconds(2442 * 4, 0, 2, read_cluster(cluster))
-    assert own["step_s"] - sync == pytest.approx(64 * written["step_model"]["compute_per_sample_s"] / 2, rel=1e-9)
+    own_plan = json.loads((tmp_path / "own" / "plan.json").read_text())
+    (own,) = own_plan["rows"]
+    profiled_step = 64 / written["profile"]["samples_per_s"]
+    exposed = (1 - trace["overlap"]) * trace["collectives_s"] / trace["step_s"] * profiled_step
+    modelled = (1 - trace["overlap"]) * gradient_sync_seconds(2442 * 4, 0, 2, read_cluster(cluster))
+    assert own["step_s"] == pytest.approx(profiled_step - exposed + modelled, rel=1e-9)
+    optimizer = own_plan["step_model"]["optimizer_s"]
+    assert optimizer == pytest.approx(trace["optimizer_s"] / trace["step_s"] * profiled_step, rel=1e-9)
+    assert own["step_s"] - modelled - optimizer == pytest.approx(
+        64 * own_plan["step_model"]["compute_per_sample_s"] / 2, rel=1e-9)
 
     # Without a profile: the FLOPs counted on a synthetic sample are those the run counted on its data,
     # at the stated share of the cluster file's peak.

@@ -4,6 +4,7 @@ formulas, ZeRO's volumes, the model's limits, cluster files and plan flags refus
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -220,3 +221,107 @@ def test_without_a_profile_a_glue_model_is_its_architecture_and_a_gan_is_refused
     assert "data.max_seq_length" in estimate.caveat
     with pytest.raises(ConfigError, match="cannot count its FLOPs without a measured run; give --profile"):
         estimate_compute(load_config(REPO / "configs/gan/dcgan_mnist.yaml"), mfu=0.3, peak_tflops=312.0)
+
+
+def trace_file(tmp_path: Path, events: list[tuple[str, float, float, Any]], cat: str = "cpu_op") -> Path:
+    import json
+
+    path = tmp_path / "rank0_steps1-2.pt.trace.json"
+    path.write_text(json.dumps({"traceEvents": [
+        {"ph": "X", "name": name, "ts": start, "dur": duration, "tid": tid,
+         "cat": "kernel" if cat == "kernel" and ":" not in name and "#" not in name else "cpu_op"}
+        for name, start, duration, tid in events]}))
+    return path
+
+
+def test_a_cpu_trace_gives_the_optimizer_the_collectives_and_their_overlap_with_the_steps_thread(tmp_path):
+    from distdl.planning.trace import read_step_trace
+
+    path = trace_file(tmp_path, [
+        ("ProfilerStep#1", 0, 100, 1), ("ProfilerStep#2", 100, 100, 1),
+        ("aten::mm", 0, 60, 1), ("aten::mm", 100, 50, 1),
+        ("Optimizer.step#AdamW.step", 80, 10, 1), ("Optimizer.step#AdamW.step", 180, 10, 1),
+        ("gloo:all_reduce", 50, 20, 2),  # 10 of its 20 µs beside the first mm
+        ("gloo:all_reduce", 160, 10, 3),  # alone
+        ("aten::add", 155, 20, 4),  # another thread's op is not the steps' computation
+        ("gloo:all_reduce", 300, 10, 2),  # outside the traced steps
+    ])
+    trace = read_step_trace(path)
+    assert trace.steps == 2 and trace.step_s == pytest.approx(100e-6)
+    assert trace.optimizer_s == pytest.approx(10e-6) and trace.collectives_s == pytest.approx(15e-6)
+    assert trace.overlap == pytest.approx(10 / 30)
+
+
+def test_a_gpu_trace_counts_nccl_kernels_against_the_other_kernels(tmp_path):
+    from distdl.planning.trace import read_step_trace
+
+    path = trace_file(tmp_path, [("ProfilerStep#7", 0, 100, 1), ("ampere_sgemm_128x64_tn", 0, 60, 7),
+                                 ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", 40, 40, 8),
+                                 ("gloo:all_reduce", 0, 100, 2)], cat="kernel")  # a GPU trace: only kernels count
+    trace = read_step_trace(path)
+    assert trace.collectives_s == pytest.approx(40e-6) and trace.overlap == pytest.approx(0.5)
+    alone = read_step_trace(trace_file(tmp_path, [("ProfilerStep#1", 0, 100, 1), ("aten::mm", 0, 90, 1)]))
+    assert alone.overlap is None and alone.collectives_s == 0
+
+
+def test_a_profile_trace_that_is_not_one_is_refused_naming_the_file(tmp_path):
+    from distdl.planning.trace import read_step_trace
+
+    for text, expected in (("{not json", "not a readable torch.profiler trace"),
+                           ('{"traceEvents": [{"ph": "X", "name": "aten::mm", "ts": 0, "dur": 5}]}',
+                            "no ProfilerStep#N range")):
+        path = tmp_path / "rank0_steps1-2.pt.trace.json"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=expected) as refused:
+            read_step_trace(path)
+        assert str(path) in str(refused.value)
+
+
+def test_zero_splits_the_optimizer_step_over_the_gpus_and_stage_0_repeats_it():
+    for stage, expected in ((0, 0.1), (1, 0.1 / 8), (3, 0.1 / 8)):
+        model = StepModel(compute_per_sample_s=0.0, micro_batch=1, gradient_bytes=0.0, zero_stage=stage,
+                          optimizer_s=0.1)
+        latency = gradient_sync_seconds(0.0, stage, 8, NODE)  # the ring's hops, with nothing to send
+        assert model.step_seconds(8, 1, NODE) - latency == pytest.approx(expected, rel=1e-12)
+
+
+def a_profile(trace=None, world_size: int = 2, zero_stage: int = 0):
+    from distdl.planning.inputs import Profile
+
+    # 64 samples a step at 400 samples/s: a 160 ms step, 32 samples on each of 2 workers.
+    return Profile(run_dir=Path("runs/profile"), world_size=world_size, micro_batch=32, global_batch=64,
+                   precision="fp32", zero_stage=zero_stage, trainable_parameters=1_000_000, samples_per_s=400.0,
+                   windows=3, mfu=None, flops_per_sample=None, device=None, trace=trace)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_a_traced_profile_gives_compute_less_its_measured_optimizer_and_exposed_collectives(zero_stage):
+    from distdl.config import load_config
+    from distdl.planning.plan import step_model
+    from distdl.planning.trace import StepTrace
+
+    config = load_config(REPO / "configs/bert/pretrain_tiny.yaml", [f"engine.zero_stage={zero_stage}"])
+    # Traced at 200 ms a step (the profiler's own cost): 20 ms optimizer, 40 ms collectives, a quarter hidden.
+    trace = StepTrace(Path("rank0_steps4-5.pt.trace.json"), 2, 0.200, 0.020, 0.040, 0.25)
+    model, notes = step_model(config, a_profile(trace, zero_stage=zero_stage), NODE, overlap=None)
+    # Shares of the traced step, applied to the profile's 160 ms: 16 ms optimizer, 24 ms exposed.
+    assert model.overlap == 0.25
+    assert model.optimizer_s == pytest.approx(0.016 * (2 if zero_stage else 1), rel=1e-12)
+    assert model.compute_per_sample_s == pytest.approx((0.160 - 0.016 - 0.024) / 32, rel=1e-12)
+    assert any("25% of the collectives beside computation" in note for note in notes)
+    stated, _ = step_model(config, a_profile(trace, zero_stage=zero_stage), NODE, overlap=0.0)
+    assert stated.overlap == 0.0 and stated.compute_per_sample_s == pytest.approx((0.160 - 0.016 - 0.032) / 32)
+
+
+def test_an_untraced_profile_on_several_workers_gives_compute_less_the_modelled_synchronization():
+    from distdl.config import load_config
+    from distdl.planning.plan import step_model
+
+    config = load_config(REPO / "configs/bert/pretrain_tiny.yaml", ["engine.zero_stage=0"])
+    model, notes = step_model(config, a_profile(), NODE, overlap=None)
+    synced = gradient_sync_seconds(4e6, 0, 2, NODE)
+    assert model.overlap == 0.0 and model.optimizer_s == 0.0
+    assert model.compute_per_sample_s == pytest.approx((0.160 - synced) / 32, rel=1e-12)
+    alone, _ = step_model(config, a_profile(world_size=1), NODE, overlap=None)
+    assert alone.compute_per_sample_s == pytest.approx(0.160 / 64, rel=1e-12)
+    assert any("optimizer step is inside the profiled compute" in note for note in notes)
