@@ -196,7 +196,7 @@ def run_plan(args: argparse.Namespace) -> int:
         compute = read_profile(args.profile, config)
     else:
         print(f"distdl: counting the model FLOPs of one {config.workload} sample on this CPU ...", flush=True)
-        compute = estimate_compute(config, args.mfu, cluster.peak(config.engine.precision))
+        compute = estimate_compute(config, args.mfu, cluster.peak(config.engine.precision, config.engine.tf32))
     scaling = read_scaling(args.scaling, config) if args.scaling else None
     out_dir = Path(args.out) if args.out else Path("plans") / f"{config.run.name}-{cluster.name}"
     # A study file cannot be submitted for training: the submit line names its training config, written out.

@@ -57,11 +57,12 @@ class ClusterSpec:
     def max_gpus(self) -> int:
         return self.gpus_per_node * self.max_nodes
 
-    def peak(self, precision: str) -> float:
-        """One GPU's dense peak TFLOP/s for a run's precision (fp32 runs on TF32 tensor cores)."""
+    def peak(self, precision: str, tf32: bool = True) -> float:
+        """One GPU's dense peak TFLOP/s for a run's precision (fp32 on TF32 tensor cores where `tf32`,
+        engine.tf32, allows it)."""
         if self.peak_tflops is not None:
             return self.peak_tflops
-        kind = "tf32" if precision == "fp32" else precision
+        kind = "tf32" if precision == "fp32" and tf32 else precision
         tflops = datasheet_tflops(self.gpu, kind) or datasheet_tflops(self.gpu, precision)
         if tflops is None:  # a V100 has no bf16, for one
             raise ConfigError(f"gpu={self.gpu!r}: no {kind} datasheet figure for it in distdl.flops; set peak_tflops "

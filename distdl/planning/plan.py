@@ -88,10 +88,17 @@ class Compute:
 def estimate_notes(config: Config, estimate: Estimate, cluster: ClusterSpec) -> list[str]:
     notes = [f"no profile: compute per sample is {estimate.flops_per_sample:.4g} model FLOPs (counted on the "
              f"config's model) at a stated MFU of {estimate.mfu:.0%} of the {cluster.gpu}'s "
-             f"{estimate.peak_tflops:g} TFLOP/s ({config.engine.precision}); a short run measures it "
+             f"{estimate.peak_tflops:g} TFLOP/s ({peak_kind(config, cluster)}); a short run measures it "
              "(--profile)",
              "the optimizer step and the data loading are taken to fit inside the stated MFU"]
     return notes + ([estimate.caveat] if estimate.caveat else [])
+
+
+def peak_kind(config: Config, cluster: ClusterSpec) -> str:
+    if cluster.peak_tflops is not None:
+        return "the cluster file's peak_tflops"
+    precision = config.engine.precision
+    return "fp32 on TF32 tensor cores" if precision == "fp32" and config.engine.tf32 else precision
 
 
 def profiled_compute(config: Config, profile: Profile, cluster: ClusterSpec,
@@ -278,7 +285,11 @@ def markdown(plan: dict[str, Any]) -> str:
                      f"{estimate['mfu']:.0%} ({estimate['peak_tflops']:g} TFLOP/s peak per GPU)")
     lines += [f"- Batch policy: {plan['batch_policy']['kind']} ({plan['batch_policy']['size']})"]
     if plan["scaling"]:
-        lines.append(f"- Scaling study: {plan['scaling']['study_dir']}")
+        study = plan["scaling"]
+        simple = (f", B_simple = {study['noise_scale_batch']:.4g} (the gradient noise scale it measured)"
+                  if study["noise_scale_batch"] else "")
+        lines.append(f"- Scaling study: {study['study_dir']} ({study['optimizer']}: S_min = {study['min_steps']:.4g}, "
+                     f"B_crit = {study['critical_batch']:.4g}{simple})")
     lines += ["", table(plan), ""]
     if plan["fastest_gpus"] is not None:
         lines.append(f"**Fastest to the target:** {plan['fastest_gpus']} GPUs. **Knee:** {plan['knee_gpus']} GPUs, "

@@ -120,6 +120,8 @@ def test_a_fixed_global_batch_splits_where_it_can_and_the_knee_is_where_gpu_hour
 def test_every_shipped_cluster_file_reads_with_a_known_gpu(path):
     cluster = read_cluster(path)
     assert cluster.peak("bf16") > 100 and cluster.intra_node.bandwidth_gb_s > cluster.inter_node.bandwidth_gb_s
+    # fp32 runs on TF32 tensor cores unless engine.tf32 is off.
+    assert cluster.peak("fp32") > cluster.peak("fp32", tf32=False) > 0
 
 
 @pytest.mark.parametrize("text, expected", [
