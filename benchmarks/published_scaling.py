@@ -77,7 +77,7 @@ def step_seconds(model: StepModel, cluster: ClusterSpec, policy: BatchPolicy, gp
 def throughput_case(name: str, cluster: ClusterSpec, phase: Phase, policy: BatchPolicy,
                     published: dict[int, float], source: str) -> dict:
     """Published samples/s at several GPU counts; the first is the calibration point."""
-    base, *others = published
+    base = next(iter(published))
     model = calibrated(phase, cluster, base, policy.global_batch(base) / published[base], policy)
     rows = []
     for gpus, rate in published.items():

@@ -10,6 +10,7 @@ the traced steps compute what untraced ones do.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,6 +18,16 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 PROFILE_DIR = "profiles"
+# profiles/<name>.pt.trace.json and <name>.txt
+TRACE_NAME = "rank{rank}_steps{first}-{last}"
+
+
+def trace_files(run_dir: Path, rank: int) -> list[Path]:
+    """The Chrome traces a rank of a run wrote, in the order of the steps they traced."""
+    named = re.compile(rf"^rank{rank}_steps(\d+)-(\d+)\.pt\.trace\.json$")
+    found = [(tuple(map(int, match.groups())), path) for path in (run_dir / PROFILE_DIR).glob("*.pt.trace.json")
+             if (match := named.match(path.name))]
+    return [path for _, path in sorted(found)]
 
 
 class StepProfiler:
@@ -62,7 +73,7 @@ class StepProfiler:
         if self._profile is None:
             return
         self._profile.stop()
-        out = self.folder / f"rank{self.rank}_steps{self.traced[0]}-{self.traced[-1]}"
+        out = self.folder / TRACE_NAME.format(rank=self.rank, first=self.traced[0], last=self.traced[-1])
         self.folder.mkdir(parents=True, exist_ok=True)
         self._profile.export_chrome_trace(f"{out}.pt.trace.json")
         sort_by = "self_cuda_time_total" if ProfilerActivity.CUDA in self.options["activities"] else "self_cpu_time_total"

@@ -347,6 +347,30 @@ def _synthetic(data: VisionDataSection, spec: DatasetSpec, size: int, symmetric:
                       spec.channels, data.synthetic_classes, size)
 
 
+def class_count(data: VisionDataSection) -> int:
+    """The dataset's number of classes without its images: the table's, data.synthetic_classes, the
+    packed shards' manifest, or the class folders under an image folder's train/ (names only)."""
+    from torchvision.datasets.folder import find_classes
+
+    spec = spec_for(data)
+    if spec.classes is not None:
+        return spec.classes
+    if data.dataset == "synthetic":
+        return data.synthetic_classes
+    if data.prepared_path is not None:
+        manifest = prepared.read_manifest(prepared.pull_records(prepared.prepared_storage(data)), "images")
+        return len(manifest["source"]["splits"]["train"]["classes"])
+    if data.path is None:
+        raise ConfigError(f"data.path is required for data.dataset={data.dataset}: its class folders give the "
+                          "classifier's size")
+    train = Path(data.path).expanduser() / "train"
+    try:
+        return len(find_classes(str(train))[0])
+    except (FileNotFoundError, OSError) as err:
+        raise ConfigError(f"data.path: {train} has no class folders ({err}); imagefolder expects "
+                          f"{train}/<class>/<image> (the ImageNet layout)") from None
+
+
 def rank_indices(size: int, rank: int, world_size: int) -> range:
     """A contiguous block per rank (the first size % world_size ranks one longer), as shards.shard_for_rank."""
     base, extra = divmod(size, world_size)

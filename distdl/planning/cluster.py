@@ -57,13 +57,18 @@ class ClusterSpec:
     def max_gpus(self) -> int:
         return self.gpus_per_node * self.max_nodes
 
-    def peak(self, precision: str, tf32: bool = True) -> float:
-        """One GPU's dense peak TFLOP/s for a run's precision (fp32 on TF32 tensor cores where `tf32`,
-        engine.tf32, allows it)."""
+    def peak_kind(self, precision: str, tf32: bool = True) -> str:
+        """Which peak a run's precision reads: "peak_tflops" (the file's own), or a datasheet column:
+        fp32 on TF32 tensor cores where `tf32` (engine.tf32) allows and the GPU has them."""
         if self.peak_tflops is not None:
-            return self.peak_tflops
+            return "peak_tflops"
         kind = "tf32" if precision == "fp32" and tf32 else precision
-        tflops = datasheet_tflops(self.gpu, kind) or datasheet_tflops(self.gpu, precision)
+        return kind if datasheet_tflops(self.gpu, kind) is not None else precision  # a V100 has no TF32
+
+    def peak(self, precision: str, tf32: bool = True) -> float:
+        """One GPU's dense peak TFLOP/s for a run's precision (see `peak_kind`)."""
+        kind = self.peak_kind(precision, tf32)
+        tflops = self.peak_tflops if kind == "peak_tflops" else datasheet_tflops(self.gpu, kind)
         if tflops is None:  # a V100 has no bf16, for one
             raise ConfigError(f"gpu={self.gpu!r}: no {kind} datasheet figure for it in distdl.flops; set peak_tflops "
                               "(dense TFLOP/s per GPU)")

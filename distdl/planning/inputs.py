@@ -13,7 +13,7 @@ from typing import Any, Optional
 from distdl.config import Config, config_from_dict, load_config, read_yaml
 from distdl.errors import ConfigError
 from distdl.planning.trace import StepTrace, read_step_trace
-from distdl.profiling import PROFILE_DIR
+from distdl.profiling import trace_files
 from distdl.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_json_object, read_metrics, saved_config
 from distdl.studies.base import RESULTS_FILE, STUDY_FILE, STUDY_KEY, read_study_file
 
@@ -125,13 +125,21 @@ def read_profile(run_dir: str | Path, planned: Config) -> Profile:
         trainable_parameters=sum(parameters.values()) if isinstance(parameters, dict) else int(parameters),
         samples_per_s=statistics.median(rates[1:]), windows=len(rates) - 1, mfu=usage.get("mean_mfu"),
         flops_per_sample=flops_per_step / trainer.global_batch_size if flops_per_step else None,
-        device=usage.get("peak_source"), trace=rank_zero_trace(run_dir))
+        device=usage.get("peak_source"), trace=rank_zero_trace(run_dir, world))
 
 
-def rank_zero_trace(run_dir: Path) -> Optional[StepTrace]:
-    """Rank 0's trace of the run's trainer.profile_steps (its last session's, where it resumed)."""
-    traces = sorted((run_dir / PROFILE_DIR).glob("rank0_steps*.pt.trace.json"), key=lambda path: path.stat().st_mtime)
-    return read_step_trace(traces[-1]) if traces else None
+def rank_zero_trace(run_dir: Path, world_size: int) -> Optional[StepTrace]:
+    """Rank 0's trace of the run's trainer.profile_steps (the latest steps traced, where sessions
+    traced several), checked to come from a session of the summary's world size."""
+    traces = trace_files(run_dir, rank=0)
+    if not traces:
+        return None
+    trace = read_step_trace(traces[-1])
+    if trace.world_size is not None and trace.world_size != world_size:
+        raise ConfigError(f"--profile {trace.path}: traced on {trace.world_size} workers, but "
+                          f"{run_dir / SUMMARY_FILE} has world_size={world_size}: the trace is of another session; "
+                          "move it out of the run's profiles/ folder, or profile again")
+    return trace
 
 
 @dataclass(frozen=True)

@@ -95,47 +95,50 @@ def estimate_notes(config: Config, estimate: Estimate, cluster: ClusterSpec) -> 
 
 
 def peak_kind(config: Config, cluster: ClusterSpec) -> str:
-    if cluster.peak_tflops is not None:
-        return "the cluster file's peak_tflops"
-    precision = config.engine.precision
-    return "fp32 on TF32 tensor cores" if precision == "fp32" and config.engine.tf32 else precision
+    kind = cluster.peak_kind(config.engine.precision, config.engine.tf32)
+    return {"peak_tflops": "the cluster file's peak_tflops", "tf32": "fp32 on TF32 tensor cores"}.get(kind, kind)
 
 
 def profiled_compute(config: Config, profile: Profile, cluster: ClusterSpec,
                      overlap: Optional[float]) -> tuple[Compute, list[str]]:
-    """Compute per sample from the profile's step: less its optimizer step and its exposed
-    synchronization, as its trace measured them (shares of the traced step, applied to the
-    profile's), or without a trace, less the synchronization the model gives it on this cluster."""
+    """Compute per sample from the profile's step: less its optimizer step and the collectives it
+    left exposed, as its trace measured them (shares of the traced step, applied to the profile's),
+    or without a trace, less the synchronization the model gives it on this cluster. A stated
+    `overlap` is for the planned runs; the profile's own step is split by what it measured."""
     notes = []
     trace = profile.trace
+    optimizer, measured = 0.0, None
+    compute_s = profile.step_s
     if trace is not None:
-        measured = trace.overlap if overlap is None else overlap
-        exposed = trace.collectives_s * (1 - (measured or 0.0)) / trace.step_s * profile.step_s
         optimizer = trace.optimizer_s / trace.step_s * profile.step_s
-        compute_s = profile.step_s - exposed - optimizer
+        exposed = trace.exposed_collectives_s / trace.step_s * profile.step_s
+        compute_s -= optimizer + exposed
+        measured = trace.overlap
         notes.append(f"from the profile's trace ({trace.path.name}, {trace.steps} steps): the optimizer step "
                      f"{optimizer * 1e3:.3g} ms and exposed collectives {exposed * 1e3:.3g} ms of its "
                      f"{profile.step_s * 1e3:.3g} ms step"
                      + (f", {trace.overlap:.0%} of the collectives beside computation" if trace.overlap is not None
                         else ""))
     else:
-        measured, optimizer = None, 0.0
-        compute_s = profile.step_s
         notes.append("the optimizer step is inside the profiled compute per sample (trainer.profile_steps "
                      "in the profile's run measures it apart)")
-        if profile.world_size > 1:
-            # The step holds its own synchronization (at its own ZeRO stage and precision): take off
-            # what the model gives for it on this cluster.
-            profiled_bytes = gradient_bytes(profile.trainable_parameters, profile.precision)
-            synced = (1 - (overlap or 0.0)) * gradient_sync_seconds(profiled_bytes, profile.zero_stage,
-                                                                    profile.world_size, cluster)
-            compute_s -= synced
-            notes.append(f"the profile ran on {profile.world_size} workers: its step less the modelled "
-                         f"synchronization ({synced * 1e3:.3g} ms, assuming it ran on this cluster) is its compute")
+    if profile.world_size > 1 and (trace is None or not trace.collectives_s):
+        # The step holds its own synchronization (at its own ZeRO stage and precision), unmeasured:
+        # take off what the model gives for it on this cluster.
+        profiled_bytes = gradient_bytes(profile.trainable_parameters, profile.precision)
+        synced = (1 - (overlap or 0.0)) * gradient_sync_seconds(profiled_bytes, profile.zero_stage,
+                                                                profile.world_size, cluster)
+        compute_s -= synced
+        unseen = " (its trace shows no collectives)" if trace is not None else ""
+        notes.append(f"the profile ran on {profile.world_size} workers{unseen}: its step less the modelled "
+                     f"synchronization ({synced * 1e3:.3g} ms, assuming it ran on this cluster) is its compute")
     if compute_s <= 0:
-        raise ConfigError(f"--profile {profile.run_dir}: its step ({profile.step_s * 1e3:.3g} ms) is shorter than "
-                          f"its synchronization and optimizer step ({(profile.step_s - compute_s) * 1e3:.3g} ms): the "
-                          "profile did not run on this cluster: profile one worker (scaling.num_workers=1)")
+        cause = ("its trace's optimizer step and exposed collectives fill it: profile more steps, or check the "
+                 "trace in Perfetto" if trace is not None and trace.collectives_s else
+                 "the profile did not run on this cluster: profile one worker (scaling.num_workers=1)")
+        raise ConfigError(f"--profile {profile.run_dir}: its step ({profile.step_s * 1e3:.3g} ms) leaves no compute "
+                          f"after its synchronization and optimizer step ({(profile.step_s - compute_s) * 1e3:.3g} "
+                          f"ms); {cause}")
     profiled_gpu = (profile.device or "").partition(" for ")[2]  # "datasheet bf16 for NVIDIA H100 80GB HBM3"
     if profiled_gpu and not same_datasheet_gpu(profiled_gpu, cluster.gpu):
         notes.append(f"the profile ran on {profiled_gpu}, the cluster file's GPU is {cluster.gpu}: the plan holds "

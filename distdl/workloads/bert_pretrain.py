@@ -295,8 +295,8 @@ class BertPretrain(Workload):
         model, data, section = config.sections["model"], config.sections["data"], config.sections["tokenizer"]
         tokenizer = text.load_tokenizer(section, config.run_dir) if section.name_or_path else None
         vocab_size = len(tokenizer) if tokenizer is not None else section.vocab_size
-        bert = training_class(data)(sized_bert_config(model, vocab_size, tokenizer and tokenizer.pad_token_id,
-                                                      data.max_seq_length))
+        pad_token_id = tokenizer.pad_token_id if tokenizer is not None else None
+        bert = training_class(data)(sized_bert_config(model, vocab_size, pad_token_id, data.max_seq_length))
         if model.activation_checkpointing:
             bert = checkpoint_transformer_layers(bert)
         seq = data.max_seq_length

@@ -104,6 +104,10 @@ def check_tokenizer(tokenizer: Any, config: Any, model: GlueModelSection, max_se
         )
     if tokenizer.pad_token_id is None:
         raise ConfigError(f"model.tokenizer: the tokenizer from {source!r} has no padding token")
+    check_positions(config, max_seq_length)
+
+
+def check_positions(config: Any, max_seq_length: int) -> None:
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and max_seq_length > limit:
         raise ConfigError(f"data.max_seq_length={max_seq_length} exceeds the model's max_position_embeddings={limit}")
@@ -178,6 +182,7 @@ class GlueFinetune(Workload):
         task = glue.get_task(data.task)
         check_local_model_files(model.name_or_path, "model.name_or_path")
         architecture = model_config(model, task)
+        check_positions(architecture, data.max_seq_length)
         classifier = AutoModelForSequenceClassification.from_config(architecture, dtype=torch.float32)
         if model.activation_checkpointing:
             classifier = checkpoint_transformer_layers(classifier)

@@ -149,13 +149,11 @@ class ResNetClassification(Workload):
     @classmethod
     def example_step(cls, config: Config) -> ExampleStep:
         """Two random images of the data's channels and crop through the classifier (batch norm needs
-        two); the classes of the dataset (an image folder's are counted from its folders)."""
+        two); the classes of the dataset (an image folder's are its class folders' names)."""
         section, data = config.sections["model"], config.sections["data"]
         spec = vision.spec_for(data)
         size = data.image_size or spec.image_size
-        classes = spec.classes or (data.synthetic_classes if data.dataset == "synthetic"
-                                   else vision.load_vision(data).classes)
-        model = build_classifier(section, spec.channels, size, classes)
+        model = build_classifier(section, spec.channels, size, vision.class_count(data))
         if section.activation_checkpointing:
             model = checkpoint_residual_stages(model)
         images, labels = torch.randn(2, spec.channels, size, size), torch.zeros(2, dtype=torch.long)

@@ -4,7 +4,6 @@ formulas, ZeRO's volumes, the model's limits, cluster files and plan flags refus
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -122,6 +121,9 @@ def test_every_shipped_cluster_file_reads_with_a_known_gpu(path):
     assert cluster.peak("bf16") > 100 and cluster.intra_node.bandwidth_gb_s > cluster.inter_node.bandwidth_gb_s
     # fp32 runs on TF32 tensor cores unless engine.tf32 is off.
     assert cluster.peak("fp32") > cluster.peak("fp32", tf32=False) > 0
+    assert cluster.peak_kind("fp32") == "tf32" and cluster.peak_kind("fp32", tf32=False) == "fp32"
+    volta = ClusterSpec(gpu="V100", gpus_per_node=8, intra_node=Link(150.0, 3.0), inter_node=Link(12.5, 8.0))
+    assert volta.peak_kind("fp32") == "fp32" and volta.peak("fp32") == 15.7  # no TF32 tensor cores
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -187,6 +189,21 @@ def test_without_a_profile_resnet50_is_counted_as_torchvision_states_it():
     assert estimate.compute_per_sample_s == pytest.approx(estimate.flops_per_sample / (0.5 * 312e12), rel=1e-12)
 
 
+
+def test_without_a_profile_an_image_folders_classes_are_its_class_folders_and_no_image_is_read(tmp_path):
+    from distdl.config import load_config
+    from distdl.planning.estimate import estimate_compute
+
+    for name in ("cat", "dog", "eel"):
+        (tmp_path / "train" / name).mkdir(parents=True)  # no images, no val/: only the names are read
+    config = load_config(REPO / "configs/resnet/imagenet_resnet50.yaml", [f"data.path={tmp_path}"])
+    estimate = estimate_compute(config, mfu=0.5, peak_tflops=312.0)
+    assert estimate.trainable_parameters == 25_557_032 - 2049 * 1000 + 2049 * 3  # the head: 2048 x classes + bias
+    missing = load_config(REPO / "configs/resnet/imagenet_resnet50.yaml", [f"data.path={tmp_path / 'none'}"])
+    with pytest.raises(ConfigError, match=f"data.path: {tmp_path / 'none' / 'train'} has no class folders"):
+        estimate_compute(missing, mfu=0.5, peak_tflops=312.0)
+
+
 def test_without_a_profile_bert_base_is_counted_above_kaplans_6nd_by_attention_and_the_masked_head():
     """BERT-base at 128 tokens against Kaplan et al.'s 6 x non-embedding parameters x tokens: the
     count adds the attention scores (12 layers x 4 x 128 x 768 per token, forward) and the vocabulary
@@ -220,19 +237,31 @@ def test_without_a_profile_a_glue_model_is_its_architecture_and_a_gan_is_refused
     estimate = estimate_compute(config, mfu=0.3, peak_tflops=312.0)
     classifier = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
     assert estimate.trainable_parameters == classifier.num_parameters()
+    # Forward FLOPs of the 2-layer, 32-wide BERT on 128 tokens: each layer's projections (4 h^2) and
+    # feed-forward (2 h x 64) per token, its attention scores (4 x 128 x h per token), then the pooler and
+    # the 2-way classifier on one token; the backward pass twice that.
+    h, tokens = 32, 128
+    layer = tokens * (2 * (4 * h * h + 2 * h * 64) + 4 * tokens * h)
+    assert estimate.flops_per_sample == 3 * (2 * layer + 2 * h * h + 2 * h * 2)
     assert "data.max_seq_length" in estimate.caveat
+    too_long = load_config(REPO / "configs/glue/rte.yaml", [f"model.name_or_path={tiny_bert}", "data.max_seq_length=256"])
+    with pytest.raises(ConfigError, match="data.max_seq_length=256 exceeds the model's max_position_embeddings=128"):
+        estimate_compute(too_long, mfu=0.3, peak_tflops=312.0)
     with pytest.raises(ConfigError, match="cannot count its FLOPs without a measured run; give --profile"):
         estimate_compute(load_config(REPO / "configs/gan/dcgan_mnist.yaml"), mfu=0.3, peak_tflops=312.0)
 
 
-def trace_file(tmp_path: Path, events: list[tuple[str, float, float, Any]], cat: str = "cpu_op") -> Path:
+def trace_file(tmp_path: Path, events: list[tuple], world_size: int = 2) -> Path:
+    """A Chrome trace as torch.profiler writes it: (name, start µs, duration µs, thread[, category])."""
     import json
 
+    def category(name: str) -> str:
+        return "user_annotation" if "#" in name else "cpu_op"
+
     path = tmp_path / "rank0_steps1-2.pt.trace.json"
-    path.write_text(json.dumps({"traceEvents": [
-        {"ph": "X", "name": name, "ts": start, "dur": duration, "tid": tid,
-         "cat": "kernel" if cat == "kernel" and ":" not in name and "#" not in name else "cpu_op"}
-        for name, start, duration, tid in events]}))
+    path.write_text(json.dumps({"distributedInfo": {"backend": "gloo", "rank": 0, "world_size": world_size},
+                                "traceEvents": [{"ph": "X", "name": e[0], "ts": e[1], "dur": e[2], "tid": e[3],
+                                                 "cat": e[4] if len(e) > 4 else category(e[0])} for e in events]}))
     return path
 
 
@@ -244,24 +273,36 @@ def test_a_cpu_trace_gives_the_optimizer_the_collectives_and_their_overlap_with_
         ("aten::mm", 0, 60, 1), ("aten::mm", 100, 50, 1),
         ("Optimizer.step#AdamW.step", 80, 10, 1), ("Optimizer.step#AdamW.step", 180, 10, 1),
         ("gloo:all_reduce", 50, 20, 2),  # 10 of its 20 µs beside the first mm
-        ("gloo:all_reduce", 160, 10, 3),  # alone
+        ("gloo:all_reduce", 160, 10, 3),  # alone: exposed
+        ("gloo:all_reduce", 182, 4, 2),  # inside the optimizer step (LAMB's norms): the optimizer's time
         ("aten::add", 155, 20, 4),  # another thread's op is not the steps' computation
         ("gloo:all_reduce", 300, 10, 2),  # outside the traced steps
     ])
     trace = read_step_trace(path)
-    assert trace.steps == 2 and trace.step_s == pytest.approx(100e-6)
-    assert trace.optimizer_s == pytest.approx(10e-6) and trace.collectives_s == pytest.approx(15e-6)
-    assert trace.overlap == pytest.approx(10 / 30)
+    assert trace.steps == 2 and trace.world_size == 2 and trace.step_s == pytest.approx(100e-6)
+    assert trace.optimizer_s == pytest.approx(10e-6) and trace.collectives_s == pytest.approx(17e-6)
+    assert trace.exposed_collectives_s == pytest.approx(10e-6) and trace.overlap == pytest.approx(10 / 34)
 
 
-def test_a_gpu_trace_counts_nccl_kernels_against_the_other_kernels(tmp_path):
+def test_a_gpu_trace_counts_its_steps_once_and_nccl_kernels_against_the_others_in_the_gpus_ranges(tmp_path):
+    """Kineto writes each range twice on a GPU: as the CPU ran it, and later as the GPU ran it."""
     from distdl.planning.trace import read_step_trace
 
-    path = trace_file(tmp_path, [("ProfilerStep#7", 0, 100, 1), ("ampere_sgemm_128x64_tn", 0, 60, 7),
-                                 ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", 40, 40, 8),
-                                 ("gloo:all_reduce", 0, 100, 2)], cat="kernel")  # a GPU trace: only kernels count
+    gpu = "gpu_user_annotation"
+    path = trace_file(tmp_path, [
+        ("ProfilerStep#7", 0, 30, 1), ("ProfilerStep#8", 30, 30, 1),  # the CPU runs ahead
+        ("Optimizer.step#AdamW.step", 20, 5, 1), ("Optimizer.step#AdamW.step", 50, 5, 1),
+        ("ProfilerStep#7", 10, 100, 9, gpu), ("ProfilerStep#8", 110, 100, 9, gpu),
+        ("Optimizer.step#AdamW.step", 90, 20, 9, gpu), ("Optimizer.step#AdamW.step", 190, 20, 9, gpu),
+        ("ampere_sgemm_128x64_tn", 10, 60, 7, "kernel"), ("ampere_sgemm_128x64_tn", 110, 60, 7, "kernel"),
+        ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", 50, 40, 8, "kernel"),  # 20 µs beside the sgemm
+        ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", 170, 20, 8, "kernel"),  # exposed
+        ("gloo:all_reduce", 0, 100, 2),  # a GPU trace: only kernels count
+    ])
     trace = read_step_trace(path)
-    assert trace.collectives_s == pytest.approx(40e-6) and trace.overlap == pytest.approx(0.5)
+    assert trace.steps == 2 and trace.step_s == pytest.approx(100e-6) and trace.optimizer_s == pytest.approx(20e-6)
+    assert trace.collectives_s == pytest.approx(30e-6) and trace.overlap == pytest.approx(20 / 60)
+    assert trace.exposed_collectives_s == pytest.approx(20e-6)  # (70-90 and 170-190)/2, none in the optimizer
     alone = read_step_trace(trace_file(tmp_path, [("ProfilerStep#1", 0, 100, 1), ("aten::mm", 0, 90, 1)]))
     assert alone.overlap is None and alone.collectives_s == 0
 
@@ -303,16 +344,24 @@ def test_a_traced_profile_gives_compute_less_its_measured_optimizer_and_exposed_
     from distdl.planning.trace import StepTrace
 
     config = load_config(REPO / "configs/bert/pretrain_tiny.yaml", [f"engine.zero_stage={zero_stage}"])
-    # Traced at 200 ms a step (the profiler's own cost): 20 ms optimizer, 40 ms collectives, a quarter hidden.
-    trace = StepTrace(Path("rank0_steps4-5.pt.trace.json"), 2, 0.200, 0.020, 0.040, 0.25)
+    # Traced at 200 ms a step (the profiler's own cost): 20 ms optimizer, 40 ms collectives, a quarter
+    # beside computation, 30 exposed.
+    trace = StepTrace(Path("rank0_steps4-5.pt.trace.json"), 2, 2, 0.200, 0.020, 0.040, 0.030, 0.25)
     model, notes = step_model(config, a_profile(trace, zero_stage=zero_stage), NODE, overlap=None)
     # Shares of the traced step, applied to the profile's 160 ms: 16 ms optimizer, 24 ms exposed.
     assert model.overlap == 0.25
     assert model.optimizer_s == pytest.approx(0.016 * (2 if zero_stage else 1), rel=1e-12)
     assert model.compute_per_sample_s == pytest.approx((0.160 - 0.016 - 0.024) / 32, rel=1e-12)
     assert any("25% of the collectives beside computation" in note for note in notes)
+    # A stated overlap is for the planned runs: the profile's step is split by what it measured.
     stated, _ = step_model(config, a_profile(trace, zero_stage=zero_stage), NODE, overlap=0.0)
-    assert stated.overlap == 0.0 and stated.compute_per_sample_s == pytest.approx((0.160 - 0.016 - 0.032) / 32)
+    assert stated.overlap == 0.0 and stated.compute_per_sample_s == model.compute_per_sample_s
+    # A trace of 2 workers without collectives (a torch that records them otherwise): the modelled ones.
+    silent = StepTrace(Path("rank0_steps4-5.pt.trace.json"), 2, 2, 0.200, 0.020, 0.0, 0.0, None)
+    fallback, notes = step_model(config, a_profile(silent, zero_stage=zero_stage), NODE, overlap=None)
+    synced = gradient_sync_seconds(4e6, zero_stage, 2, NODE)
+    assert fallback.compute_per_sample_s == pytest.approx((0.160 - 0.016 - synced) / 32, rel=1e-12)
+    assert any("its trace shows no collectives" in note for note in notes)
 
 
 def test_an_untraced_profile_on_several_workers_gives_compute_less_the_modelled_synchronization():
@@ -327,3 +376,45 @@ def test_an_untraced_profile_on_several_workers_gives_compute_less_the_modelled_
     alone, _ = step_model(config, a_profile(world_size=1), NODE, overlap=None)
     assert alone.compute_per_sample_s == pytest.approx(0.160 / 64, rel=1e-12)
     assert any("optimizer step is inside the profiled compute" in note for note in notes)
+
+
+def test_the_profiles_latest_steps_trace_is_read_and_one_of_another_world_size_refused(tmp_path):
+    import os
+    import shutil
+
+    from distdl.planning.inputs import rank_zero_trace
+
+    (tmp_path / "profiles").mkdir()
+    steps = [("ProfilerStep#1", 0, 100, 1), ("aten::mm", 0, 90, 1)]
+    later = trace_file(tmp_path, steps, world_size=4)
+    shutil.move(later, tmp_path / "profiles" / "rank0_steps10-11.pt.trace.json")
+    earlier = shutil.move(trace_file(tmp_path, steps + [("ProfilerStep#2", 100, 100, 1)], world_size=2),
+                          tmp_path / "profiles" / "rank0_steps2-3.pt.trace.json")
+    os.utime(earlier, (2e9, 2e9))  # copied last: the newest file, not the latest steps
+    with pytest.raises(ConfigError) as refused:
+        rank_zero_trace(tmp_path, world_size=2)
+    assert "rank0_steps10-11.pt.trace.json: traced on 4 workers" in str(refused.value)
+    assert f"{tmp_path / 'summary.json'} has world_size=2" in str(refused.value)
+    assert rank_zero_trace(tmp_path, world_size=4).steps == 1
+
+
+def test_the_published_comparison_in_the_docs_is_what_its_benchmark_computes(monkeypatch):
+    """benchmarks/published_scaling.py rerun (arithmetic only) gives its committed results, and every
+    error the docs' table states."""
+    import importlib.util
+    import json
+    import sys
+
+    spec = importlib.util.spec_from_file_location("published_scaling", REPO / "benchmarks/published_scaling.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, benchmark)  # its dataclasses look their module up
+    spec.loader.exec_module(benchmark)
+    cases = [*benchmark.nvidia_bert_a100(), *benchmark.bert_time_to_train(), *benchmark.horovod()]
+    committed = json.loads((REPO / "benchmarks/results/published_scaling.json").read_text())["cases"]
+    assert [case["case"] for case in cases] == [case["case"] for case in committed]
+    docs = (REPO / "docs/plan.md").read_text()
+    for case, saved in zip(cases, committed):
+        for row, saved_row in zip(case["rows"], saved["rows"]):
+            assert row["error"] == pytest.approx(saved_row["error"], abs=1e-12)
+            if row is not case["rows"][0]:
+                assert f"{row['error']:+.1%}" in docs, (case["case"], row["gpus"])
