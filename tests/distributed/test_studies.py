@@ -362,6 +362,7 @@ def test_a_plan_from_the_studys_profile_and_fit_is_consistent_and_reproduces_its
     trace = written["profile"]["trace"]
     assert trace["steps"] == 2 and trace["path"].endswith("rank0_steps4-5.pt.trace.json")
     assert 0 < trace["optimizer_s"] < trace["step_s"] and 0 < trace["collectives_s"] < trace["step_s"]
+    assert trace["world_size"] == 2 and trace["exposed_collectives_s"] <= trace["collectives_s"]
     assert written["step_model"]["overlap"] == trace["overlap"] and 0 <= trace["overlap"] <= 1
     # Fed its own profile's batch, the plan gives back the step the profile measured, but for its
     # measured synchronization, replaced by the modelled one.
@@ -371,7 +372,7 @@ def test_a_plan_from_the_studys_profile_and_fit_is_consistent_and_reproduces_its
     own_plan = json.loads((tmp_path / "own" / "plan.json").read_text())
     (own,) = own_plan["rows"]
     profiled_step = 64 / written["profile"]["samples_per_s"]
-    exposed = (1 - trace["overlap"]) * trace["collectives_s"] / trace["step_s"] * profiled_step
+    exposed = trace["exposed_collectives_s"] / trace["step_s"] * profiled_step
     modelled = (1 - trace["overlap"]) * gradient_sync_seconds(2442 * 4, 0, 2, read_cluster(cluster))
     assert own["step_s"] == pytest.approx(profiled_step - exposed + modelled, rel=1e-9)
     optimizer = own_plan["step_model"]["optimizer_s"]
