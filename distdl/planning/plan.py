@@ -281,8 +281,10 @@ def markdown(plan: dict[str, Any]) -> str:
     profile, estimate, cluster = plan["profile"], plan["estimate"], plan["cluster"]
     lines = [f"# Plan for `{plan['config']}` on {cluster['name']}", ""]
     if profile:
+        mfu = f", MFU {profile['mfu']:.1%}" if profile["mfu"] is not None else ""
         lines.append(f"- Profile: {profile['run_dir']} ({profile['world_size']} worker(s), {profile['samples_per_s']:.4g} "
-                     f"samples/s, median of {profile['windows']} windows; {profile['device'] or 'device unknown'})")
+                     f"samples/s, median of {profile['windows']} windows{mfu}; "
+                     f"{profile['device'] or 'device unknown'})")
     else:
         lines.append(f"- No profile: {estimate['flops_per_sample']:.4g} FLOPs per sample at a stated MFU of "
                      f"{estimate['mfu']:.0%} ({estimate['peak_tflops']:g} TFLOP/s peak per GPU)")
