@@ -24,7 +24,8 @@ TRACE_NAME = "rank{rank}_steps{first}-{last}"
 
 def trace_files(run_dir: Path, rank: int) -> list[Path]:
     """The Chrome traces a rank of a run wrote, in the order of the steps they traced."""
-    named = re.compile(rf"^rank{rank}_steps(\d+)-(\d+)\.pt\.trace\.json$")
+    steps = r"(\d+)"
+    named = re.compile("^" + TRACE_NAME.format(rank=rank, first=steps, last=steps) + r"\.pt\.trace\.json$")
     found = [(tuple(map(int, match.groups())), path) for path in (run_dir / PROFILE_DIR).glob("*.pt.trace.json")
              if (match := named.match(path.name))]
     return [path for _, path in sorted(found)]

@@ -38,16 +38,21 @@ class PlanRequest:
     submit_config: Optional[str] = None
 
 
+def gpu_limit(cluster: ClusterSpec) -> int:
+    """The most GPUs a plan considers: the cluster's, at most MAX_GPUS."""
+    return min(cluster.max_gpus, MAX_GPUS)
+
+
 def default_gpu_counts(cluster: ClusterSpec) -> list[int]:
     """1, 2, 4, ... inside a node, then 1, 2, 4, ... whole nodes, up to the cluster or 4,096 GPUs."""
-    top = min(cluster.max_gpus, MAX_GPUS)
+    top = gpu_limit(cluster)
     inside = [2**k for k in range(13) if 2**k < cluster.gpus_per_node]
     nodes = [cluster.gpus_per_node * 2**k for k in range(13) if cluster.gpus_per_node * 2**k <= top]
     return [n for n in inside + nodes if n <= top]
 
 
 def check_gpu_counts(gpus: list[int], cluster: ClusterSpec, cluster_path: str) -> None:
-    top = min(cluster.max_gpus, MAX_GPUS)
+    top = gpu_limit(cluster)
     wrong = [n for n in gpus if not 1 <= n <= top]
     if wrong:
         raise ConfigError(f"--gpus {','.join(map(str, gpus))}: {wrong[0]} is out of range; allowed: 1 to {top} "

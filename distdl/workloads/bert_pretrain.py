@@ -97,6 +97,13 @@ def sized_bert_config(model: BertModelSection, vocab_size: int, pad_token_id: Op
     return config
 
 
+def fresh_bert(model: BertModelSection, data: text.TextDataSection, vocab_size: int,
+               pad_token_id: Optional[int]) -> torch.nn.Module:
+    """The model the config trains, freshly initialized (activation checkpointing on where configured)."""
+    bert = training_class(data)(sized_bert_config(model, vocab_size, pad_token_id, data.max_seq_length))
+    return checkpoint_transformer_layers(bert) if model.activation_checkpointing else bert
+
+
 def source_run_config(source: warm_start.WarmStart) -> Config:
     """The config of the bert_pretrain run init_from names."""
     return config_from_dict(saved_config(source.run_dir, "bert_pretrain", key=warm_start.KEY))
@@ -296,9 +303,7 @@ class BertPretrain(Workload):
         tokenizer = text.load_tokenizer(section, config.run_dir) if section.name_or_path else None
         vocab_size = len(tokenizer) if tokenizer is not None else section.vocab_size
         pad_token_id = tokenizer.pad_token_id if tokenizer is not None else None
-        bert = training_class(data)(sized_bert_config(model, vocab_size, pad_token_id, data.max_seq_length))
-        if model.activation_checkpointing:
-            bert = checkpoint_transformer_layers(bert)
+        bert = fresh_bert(model, data, vocab_size, pad_token_id)
         seq = data.max_seq_length
         labels = torch.full((1, seq), -100)
         masked = torch.randperm(seq)[:max(1, round(data.mlm_probability * seq))]
@@ -316,10 +321,10 @@ class BertPretrain(Workload):
                 *(["eval_nsp_accuracy"] if sections["data"].next_sentence_prediction else [])]
 
     def build_model(self) -> torch.nn.Module:
-        model = training_class(self.data)(bert_config(self.model_section, self.tokenizer, self.data.max_seq_length))
+        model = fresh_bert(self.model_section, self.data, len(self.tokenizer), self.tokenizer.pad_token_id)
         if self.model_section.init_from:
             self._load_initial_weights(model)
-        return checkpoint_transformer_layers(model) if self.model_section.activation_checkpointing else model
+        return model
 
     def _load_initial_weights(self, model: torch.nn.Module) -> None:
         source = self.warm_start

@@ -94,6 +94,13 @@ def model_config(model: GlueModelSection, task: glue.GlueTask) -> Any:
     return config
 
 
+def local_architecture(model: GlueModelSection, data: GlueDataSection) -> tuple[glue.GlueTask, Any]:
+    """The task and the model's config for it, the model's files checked to be there."""
+    task = glue.get_task(data.task)
+    check_local_model_files(model.name_or_path, "model.name_or_path")
+    return task, model_config(model, task)
+
+
 def check_tokenizer(tokenizer: Any, config: Any, model: GlueModelSection, max_seq_length: int) -> None:
     """The tokenizer must emit only ids the model's embedding has, and pad."""
     source = model.tokenizer or model.name_or_path
@@ -165,9 +172,7 @@ class GlueFinetune(Workload):
     def prepare(cls, config: Config) -> int:
         """Check model, tokenizer and data together, and fill the tokenization cache for the workers."""
         model, data = config.sections["model"], config.sections["data"]
-        task = glue.get_task(data.task)
-        check_local_model_files(model.name_or_path, "model.name_or_path")
-        config = model_config(model, task)
+        task, config = local_architecture(model, data)
         tokenizer = load_tokenizer(model)
         check_tokenizer(tokenizer, config, model, data.max_seq_length)
         splits = tokenized_splits(task, data, tokenizer)
@@ -179,9 +184,7 @@ class GlueFinetune(Workload):
         from transformers import AutoModelForSequenceClassification
 
         model, data = config.sections["model"], config.sections["data"]
-        task = glue.get_task(data.task)
-        check_local_model_files(model.name_or_path, "model.name_or_path")
-        architecture = model_config(model, task)
+        task, architecture = local_architecture(model, data)
         check_positions(architecture, data.max_seq_length)
         classifier = AutoModelForSequenceClassification.from_config(architecture, dtype=torch.float32)
         if model.activation_checkpointing:

@@ -72,6 +72,12 @@ def build_classifier(section: ResNetModelSection, channels: int, image_size: int
     return classifiers.build_classifier(section.name, channels, image_size, classes, **_options(section))
 
 
+def fresh_classifier(section: ResNetModelSection, channels: int, image_size: int, classes: int) -> torch.nn.Module:
+    """The classifier the config trains, freshly initialized (its residual stages checkpointed where configured)."""
+    model = build_classifier(section, channels, image_size, classes)
+    return checkpoint_residual_stages(model) if section.activation_checkpointing else model
+
+
 def _options(section: ResNetModelSection) -> dict[str, Any]:
     return {"zero_init_residual": section.zero_init_residual, "width_multiplier": section.width_multiplier,
             "hidden_sizes": section.hidden_sizes, "batch_norm": section.batch_norm, "width": section.width,
@@ -153,9 +159,7 @@ class ResNetClassification(Workload):
         section, data = config.sections["model"], config.sections["data"]
         spec = vision.spec_for(data)
         size = data.image_size or spec.image_size
-        model = build_classifier(section, spec.channels, size, vision.class_count(data))
-        if section.activation_checkpointing:
-            model = checkpoint_residual_stages(model)
+        model = fresh_classifier(section, spec.channels, size, vision.class_count(data))
         images, labels = torch.randn(2, spec.channels, size, size), torch.zeros(2, dtype=torch.long)
         return ExampleStep({"model": model},
                            lambda: classification_loss(model(images).float(), labels, config.sections["loss"]), samples=2)
@@ -165,9 +169,7 @@ class ResNetClassification(Workload):
         return ["eval_loss", "eval_top1", "eval_top5", "eval_images"]
 
     def build_model(self) -> torch.nn.Module:
-        model = build_classifier(self.model_section, self.data.channels, self.data.image_size, self.data.classes)
-        if self.model_section.activation_checkpointing:
-            model = checkpoint_residual_stages(model)
+        model = fresh_classifier(self.model_section, self.data.channels, self.data.image_size, self.data.classes)
         if self.model_section.sync_batchnorm:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model
