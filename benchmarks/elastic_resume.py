@@ -2,7 +2,7 @@
 checkpoint, against reading that checkpoint's files once, in the same invocation.
 
 A large ResNet trains 2 steps with AdamW at ZeRO-2 on 2 workers through `distdl train` and
-checkpoints. The checkpoint is then converted for 1 worker (`distdl.engine.reshard_checkpoint`, what
+checkpoints. The checkpoint is then converted for 1 worker (`distdl.engine.checkpoints.reshard_checkpoint`, what
 the driver does before such a resume). Reported: the checkpoint's size, the conversion's seconds, the
 seconds `torch.load` takes to read every file of the checkpoint, and their ratio; and the converted
 folder's size next to the checkpoint's.
@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from distdl.engine import reshard_checkpoint
+    from distdl.engine.checkpoints import reshard_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="distdl-elastic-") as storage:
         checkpoint = train_and_checkpoint(args.model, Path(storage))

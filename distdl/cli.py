@@ -280,7 +280,7 @@ def print_failure(failed: TrainingFailed) -> None:
 
 def last_good_checkpoint(storage: RunStorage) -> str:
     """Which checkpoint a rerun of a failed run (a RunStorage) resumes from, in words."""
-    from distdl.rundir import checkpoint_step, latest_checkpoint
+    from distdl.engine.checkpoints import checkpoint_step, latest_checkpoint
 
     # A run on object storage is read through a copy of its own: the working copy may be a live run's.
     storage = RunStorage(storage.uri, cache="read") if storage.remote else storage
@@ -331,34 +331,29 @@ def run_sweep(config_path: str, overrides: list[str], sweep_file: Optional[str],
 def run_export(location: str | Path, out_dir: Path, which: str = "latest") -> int:
     """`location`: a run directory, or its URI on object storage (its files and the checkpoint are
     pulled into the node's cache first)."""
-    from distdl.engine import consolidated_state_dict
+    from distdl.engine.checkpoints import trained_state
     from distdl.registry import WORKLOADS
-    from distdl.rundir import RunStorage, find_checkpoint, saved_config
 
-    # Its own copy: the run's working copy on this node may be a live run's.
-    storage = RunStorage(location, cache="read")
-    storage.pull()
-    run_dir = storage.local
-    saved = saved_config(run_dir)
+    trained = trained_state(location, which)
+    config = config_from_dict(trained.config())
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"export target {out_dir} exists and is not empty; choose a new folder")
-    config = config_from_dict(saved)
     workload = WORKLOADS.get(config.workload)
     if not workload.has_export_format():
-        raise ConfigError(f"workload {config.workload} defines no export format; its checkpoints stay in {storage}")
-    checkpoint = storage.pull_checkpoint(find_checkpoint(run_dir, which, storage.checkpoints()).name)
-    state_dict = consolidated_state_dict(checkpoint / (workload.export_engine or ""))
+        raise ConfigError(f"workload {config.workload} defines no export format; its checkpoints stay in "
+                          f"{trained.storage}")
+    state_dict = trained.weights(workload.export_engine or "")
     # Written beside the target and renamed into place: a failed export leaves nothing behind.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        workload.export(config.sections, run_dir, state_dict, staging)
+        workload.export(config.sections, trained.run_dir, state_dict, staging)
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
         staging.rename(out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"distdl: exported {checkpoint.name} ({len(state_dict)} tensors, fp32) to {out_dir}")
+    print(f"distdl: exported {trained.name} ({len(state_dict)} tensors, fp32) to {out_dir}")
     return 0
 
 

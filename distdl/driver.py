@@ -18,7 +18,9 @@ from typing import Any, Callable, Iterator, Optional
 import yaml
 
 from distdl.config import SESSION_KEYS, Config, config_differences, resolve_epochs, with_defaults, without_session_keys
-from distdl.errors import CheckpointError, ConfigError, RunDirError, TrainingFailed
+from distdl.engine.checkpoints import checkpoint_step, reshard_for_workers, resume_checkpoint
+from distdl.engine.deepspeed_config import build_deepspeed_config
+from distdl.errors import ConfigError, RunDirError, TrainingFailed
 from distdl.registry import WORKLOADS
 from distdl.rundir import (
     CHECKPOINT_SCORE,
@@ -27,9 +29,7 @@ from distdl.rundir import (
     STOP_REQUEST_FILE,
     RunStorage,
     RunSummary,
-    checkpoint_step,
     foreign_entries,
-    latest_checkpoint,
     read_summary,
     restore_snapshot,
 )
@@ -139,8 +139,6 @@ def prepare_run(config: Config, connect: Connect, overwrite: bool) -> Optional[d
     """Everything before the workers start: the run directory checked and made, the workload's data
     prepared, the checkpoint to resume from verified, the config saved. Returns what every worker gets
     (train_loop_per_worker's payload), or None when the run is at its target already."""
-    from distdl.engine import build_deepspeed_config, verify_checkpoint
-
     # Built once, here: a bad raw DeepSpeed JSON fails before Ray starts, and workers on other
     # nodes need not see the JSON file.
     ds_config = build_deepspeed_config(config.engine, config.trainer, config.scaling.num_workers,
@@ -164,19 +162,10 @@ def prepare_run(config: Config, connect: Connect, overwrite: bool) -> Optional[d
         raise
     if steps_per_epoch:
         print(f"distdl: one epoch is {steps_per_epoch} steps; training for {config.trainer.max_steps} steps")
-    if resuming and checkpoint_step(config.run_dir) is not None:
-        checkpoint = latest_checkpoint(config.run_dir)
-        if storage.remote:
-            # Not read back here: an object is written whole or not at all, and Ray Train records a
-            # checkpoint only once every rank's upload finished. Its presence is checked.
-            if checkpoint.name not in storage.checkpoints():
-                raise CheckpointError(f"{storage.location(checkpoint.name)} is missing; Ray Train recorded it as "
-                                      "the run's latest checkpoint")
-        else:
-            verify_checkpoint(checkpoint)
+    if resuming and (checkpoint := resume_checkpoint(storage)) is not None:
         if reached_target(config):
             return None
-        if reshard_for_workers(config, storage, checkpoint.name):
+        if reshard_for(config, checkpoint):
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     (config.run_dir / CONFIG_FILE).write_text(config.to_yaml())
     storage.push_written_since(pulled)  # the config, and what the workload prepared (a tokenizer)
@@ -186,27 +175,19 @@ def prepare_run(config: Config, connect: Connect, overwrite: bool) -> Optional[d
             "wandb_mode": resolve_wandb_mode(config.tracking.wandb_mode), "console_is_terminal": console_is_terminal()}
 
 
-def reshard_for_workers(config: Config, storage: RunStorage, name: str) -> bool:
-    """A checkpoint saved by another number of workers, made loadable by this run's; whether the workers
-    load DeepSpeed's universal checkpoint. The global batch stays; gradient accumulation makes it up.
-
-    On object storage the checkpoint is resharded in the working copy and what that wrote is pushed."""
-    from distdl.engine import reshard_checkpoint
-    from distdl.loop import saved_world_size
-
-    saved = saved_world_size(storage.file_names(name) if storage.remote else storage.local / name)
+def reshard_for(config: Config, checkpoint: str) -> bool:
+    """The run's latest checkpoint, saved by another number of workers, made loadable by this run's;
+    whether the workers load DeepSpeed's universal checkpoint. The global batch stays; gradient
+    accumulation makes it up."""
     workers = config.scaling.num_workers
-    if saved in (None, workers):
+    reshard = reshard_for_workers(config.run_storage, checkpoint, workers)
+    if reshard is None:
         return False
-    stored = storage.file_names(name)
-    checkpoint = storage.pull_checkpoint(name)
-    universal = reshard_checkpoint(checkpoint, workers)
-    storage.push_new(name, stored)  # what resharding added (DeepSpeed copies some files with their times)
-    how = "resharded its ZeRO state (DeepSpeed's universal checkpoint)" if universal else "loading it whole"
-    print(f"distdl: {checkpoint.name} was saved by {saved} workers; resuming on {workers}, {how}; the global "
-          f"batch stays {config.trainer.global_batch_size} with gradient accumulation "
+    how = "resharded its ZeRO state (DeepSpeed's universal checkpoint)" if reshard.universal else "loading it whole"
+    print(f"distdl: {checkpoint} was saved by {reshard.saved_workers} workers; resuming on {workers}, {how}; the "
+          f"global batch stays {config.trainer.global_batch_size} with gradient accumulation "
           f"{config.trainer.gradient_accumulation_steps}")
-    return universal
+    return reshard.universal
 
 
 def training_failure(err: Exception, storage: RunStorage) -> Exception:

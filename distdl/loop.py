@@ -8,7 +8,6 @@ checkpoint and report to Ray Train.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 import os
 import tempfile
@@ -28,8 +27,9 @@ from distdl.collectives import all_reduce_sum, any_rank, gather_objects, world_s
 from distdl.collectives import rank as process_rank
 from distdl.config import Config, config_from_dict
 from distdl.data.shards import micro_batch_seed
-from distdl.engine import CheckpointError, Engine, EngineSet, compile_failure, offload_adam_factory, set_tf32
-from distdl.errors import ConfigError, RunDirError
+from distdl.engine.checkpoints import checkpoint_name, restore_rng_state, save_rng_state, saved_world_size
+from distdl.engine.engine import Engine, EngineSet, offload_adam_factory
+from distdl.errors import CheckpointError, ConfigError, RunDirError
 from distdl.flops import ModelFlops, Utilization, WorldPeak, counted_flops, device_peak
 from distdl.noise_scale import step_terms, with_noise_scale
 from distdl.optim import (
@@ -41,6 +41,7 @@ from distdl.optim import (
     scheduler_factory,
     with_noise,
 )
+from distdl.precision import set_tf32
 from distdl.profiling import StepProfiler
 from distdl.registry import WORKLOADS
 from distdl.rundir import (
@@ -54,8 +55,6 @@ from distdl.rundir import (
 )
 from distdl.tracking import Tracker
 from distdl.workloads.base import WorkerContext, Workload, initial_models
-
-RNG_FILE = "rng_state_rank{rank}.pt"
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
@@ -187,38 +186,13 @@ def resume(engines: EngineSet, workload: Workload, seed: int, rank: int, directo
     # The loop's step (a GAN's engines may step different numbers of times).
     step = int(client_state.get("step", engines.primary.global_steps))
     if saved_world_size(directory) == world_size():
-        rng_file = Path(directory) / RNG_FILE.format(rank=rank)
-        if not rng_file.is_file():
-            raise CheckpointError(f"checkpoint {directory} has no {rng_file.name}: it is incomplete")
-        set_rng_state(torch.load(rng_file, weights_only=True), engines.device)
+        restore_rng_state(directory, rank, engines.device)
     else:
         # Another worker count: ranks no longer match the saved random streams. Training micro-batches
         # seed their own (micro_batch_seed); what else draws starts anew from the seed, step and rank.
         torch.manual_seed(seed + 1 + rank + 1_000_003 * step)
     flops = client_state.get("model_flops")
     return step, ModelFlops(**flops) if flops else None
-
-
-def saved_world_size(checkpoint: str | Path | list[str]) -> Optional[int]:
-    """How many workers saved a checkpoint (each saves its random state); None for a foreign folder.
-    `checkpoint`: its folder, or the names of its files (listed on object storage)."""
-    if isinstance(checkpoint, list):
-        return sum(fnmatch.fnmatch(name, RNG_FILE.format(rank="*")) for name in checkpoint) or None
-    return len(list(Path(checkpoint).glob(RNG_FILE.format(rank="*")))) or None
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        # This worker's own GPU only: on resume it may sit at another index on its node.
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 class Window:
@@ -462,6 +436,26 @@ def session_peak(config: Config, engines: EngineSet, rank: int) -> WorldPeak:
     return world_peak
 
 
+# Where torch.compile's own code lives: an error raised there is the compiler failing, not the model.
+_COMPILER_PACKAGES = ("torch/_dynamo/", "torch/_inductor/", "torch/_functorch/")
+
+
+def compile_failure(error: BaseException) -> Optional[str]:
+    """The reason, when `error` is torch.compile failing to trace or compile (else None): a dynamo
+    or Inductor exception, or any error raised inside the compiler's own code (dynamo raises some
+    as plain AssertionErrors)."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    frames = traceback.extract_tb(error.__traceback__)
+    raised_in_compiler = bool(frames) and any(package in frames[-1].filename.replace("\\", "/")
+                                               for package in _COMPILER_PACKAGES)
+    out_of_memory = isinstance(error, (MemoryError, torch.OutOfMemoryError))
+    if out_of_memory or not (isinstance(error, TorchDynamoException) or raised_in_compiler):
+        return None
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
 @contextmanager
 def compile_failures_named(config: Config) -> Iterator[None]:
     """With trainer.compile, torch.compile failing (at the first compiled step, a recompilation, or
@@ -592,10 +586,6 @@ def run_summary(config: Config, workload: Workload, engines: EngineSet, step: in
     }
 
 
-def checkpoint_name(step: int) -> str:
-    return f"checkpoint_{step:08d}"
-
-
 def save_and_report(engines: EngineSet, workload: Workload, storage: RunStorage, rank: int, step: int,
                     metrics: dict[str, Any], previous: Optional[str], model_flops: ModelFlops) -> None:
     """Every rank writes its shards into a local temporary directory; Ray Train copies them into one
@@ -616,7 +606,7 @@ def save_and_report(engines: EngineSet, workload: Workload, storage: RunStorage,
         with tempfile.TemporaryDirectory(prefix="distdl-ckpt-") as directory:
             engines.save(directory, client_state={"step": step, "workload": workload.state_dict(),
                                                   "model_flops": dataclasses.asdict(model_flops)})
-            torch.save(rng_state(engines.device), Path(directory) / RNG_FILE.format(rank=rank))
+            save_rng_state(directory, rank, engines.device)
             ray.train.report(numeric_metrics(step, metrics), checkpoint=ray.train.Checkpoint.from_directory(directory),
                              checkpoint_dir_name=name)
     except OSError as err:

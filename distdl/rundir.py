@@ -211,7 +211,7 @@ class RunStorage:
 
     def checkpoints(self) -> list[str]:
         """The checkpoint folders the run directory holds."""
-        return sorted(name for name, folder in self._entry_kinds().items() if folder and _is_checkpoint(name))
+        return sorted(name for name, folder in self._entry_kinds().items() if folder and is_checkpoint(name))
 
     def check_writable(self) -> None:
         """Prove an object can be written (and removed) before any worker starts."""
@@ -231,14 +231,14 @@ class RunStorage:
         self.local.mkdir(parents=True, exist_ok=True)
         pulled = set()
         for name, folder in self._entry_kinds().items():
-            if not (folder and _is_checkpoint(name)):
+            if not (folder and is_checkpoint(name)):
                 pulled |= self._download(name, self.local / name, skip)
         if fresh:
             for path in sorted(self.local.rglob("*"), reverse=True):  # files before their folders
                 relative = path.relative_to(self.local).as_posix()
                 top = relative.split("/")[0]
                 # Checkpoints are pull_checkpoint's (checked against the store when used).
-                if top == SLURM_LOGS or _is_checkpoint(top) or skip(relative) or _in_progress(path.name):
+                if top == SLURM_LOGS or is_checkpoint(top) or skip(relative) or _in_progress(path.name):
                     continue
                 if path.is_file() and relative not in pulled:
                     path.unlink()
@@ -285,7 +285,7 @@ class RunStorage:
         self.push_files(path for path in (sorted(root.rglob("*")) if root.is_dir() else [])
                         if path.is_file() and path.stat().st_mtime >= started and not _in_progress(path.name)
                         and not path.name.startswith(".distdl-")
-                        and (folder or not _is_checkpoint(path.relative_to(root).parts[0]) or path.parent == root))
+                        and (folder or not is_checkpoint(path.relative_to(root).parts[0]) or path.parent == root))
 
     def push_new(self, folder: str, stored: Collection[str]) -> None:
         """Push the files of a working-copy folder that are not among `stored` (its files on the store)."""
@@ -375,7 +375,7 @@ def _in_progress(name: str) -> bool:
     return name.endswith((".partial", ".tmp", ".lock")) or ".partial-" in name
 
 
-def _is_checkpoint(name: str) -> bool:
+def is_checkpoint(name: str) -> bool:
     """A checkpoint folder's name (Ray Train's own record, checkpoint_manager_snapshot.json, is not one)."""
     return name.startswith(CHECKPOINT_PREFIX) and name != RAY_SNAPSHOT
 
@@ -491,7 +491,7 @@ def read_summary(run_dir: Path) -> RunSummary:
 # ----------------------------------------------------------------------------- Ray Train's checkpoint record
 
 
-def _snapshot(run_dir: Path) -> dict[str, Any]:
+def checkpoint_record(run_dir: Path) -> dict[str, Any]:
     """Ray Train's checkpoint record ({} before the first checkpoint); a damaged one is named."""
     path = Path(run_dir) / RAY_SNAPSHOT
     if not path.is_file():
@@ -500,65 +500,6 @@ def _snapshot(run_dir: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path} is damaged ({err}); Ray Train cannot tell which checkpoint is complete") from None
-
-
-def _latest_checkpoint_result(run_dir: Path) -> dict[str, Any]:
-    """Ray Train's own record of the checkpoint it resumes from ({} before the first one)."""
-    return _snapshot(run_dir).get("latest_checkpoint_result") or {}
-
-
-def checkpoint_step(run_dir: Path) -> int | None:
-    """The step of the checkpoint Ray Train would resume from."""
-    return (_latest_checkpoint_result(run_dir).get("metrics") or {}).get("step")
-
-
-def latest_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint Ray Train resumes from: the latest one its snapshot records as complete.
-
-    Never the highest-numbered folder: a save cut short leaves a folder that was never recorded.
-    """
-    run_dir = Path(run_dir)
-    latest = _latest_checkpoint_result(run_dir).get("checkpoint_dir_name")
-    if latest:
-        return run_dir / latest
-    if any(run_dir.glob(CHECKPOINT_PREFIX + "*")):
-        raise ConfigError(f"run directory {run_dir} holds no complete checkpoint: Ray Train recorded none of its "
-                          "checkpoint_* folders (a save cut short?)")
-    raise ConfigError(f"run directory {run_dir} holds no checkpoint (checkpoint_*)")
-
-
-def _kept(run_dir: Path, kept: Optional[Collection[str]]) -> set[str]:
-    """The checkpoint folders a run holds: listed by the caller (object storage), or found locally."""
-    return set(kept) if kept is not None else {p.name for p in Path(run_dir).glob(CHECKPOINT_PREFIX + "*")
-                                               if p.is_dir() and _is_checkpoint(p.name)}
-
-
-def best_checkpoint(run_dir: Path, kept: Optional[Collection[str]] = None) -> Path:
-    """The kept checkpoint with the highest score, for runs that rank checkpoints by a metric."""
-    present = _kept(run_dir, kept)
-    results = _snapshot(run_dir).get("checkpoint_results", [])
-    scored = [r for r in results if isinstance((r.get("metrics") or {}).get(CHECKPOINT_SCORE), (int, float))
-              and r["checkpoint_dir_name"] in present]
-    if not scored:
-        raise ConfigError(f"run directory {run_dir} holds no scored checkpoint (its workload keeps the latest only); "
-                          "use --checkpoint latest")
-    # Ties go to the later checkpoint, as Ray Train ranks them.
-    best = max(scored, key=lambda r: (r["metrics"][CHECKPOINT_SCORE], r["checkpoint_dir_name"]))
-    return Path(run_dir) / best["checkpoint_dir_name"]
-
-
-def find_checkpoint(run_dir: Path, which: str, kept: Optional[Collection[str]] = None) -> Path:
-    """`latest`, `best`, or a checkpoint folder's name (`kept`: the checkpoints on object storage)."""
-    if which == "latest":
-        return latest_checkpoint(run_dir)
-    if which == "best":
-        return best_checkpoint(run_dir, kept)
-    which = Path(which).name  # a folder's path, or a name with a trailing slash from the shell
-    present = _kept(run_dir, kept)
-    if which not in present:
-        listed = ", ".join(sorted(present)) or "none"
-        raise ConfigError(f"--checkpoint {which!r}: not latest, best, or a checkpoint of {run_dir} (kept: {listed})")
-    return Path(run_dir) / which
 
 
 def back_up_snapshot(storage: RunStorage, recorded: str, timeout_s: float = 120.0) -> bool:

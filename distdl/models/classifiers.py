@@ -70,7 +70,7 @@ def write_exported(out_dir: Path, spec: dict[str, Any], state_dict: dict[str, to
     from safetensors.torch import save_file
 
     try:
-        _from_spec(spec).load_state_dict(state_dict, strict=True)
+        from_spec(spec).load_state_dict(state_dict, strict=True)
     except RuntimeError as err:  # missing, unexpected or differently shaped tensors
         first_problem = (str(err).splitlines()[1:] or [str(err)])[0].strip()
         raise ConfigError(f"the checkpoint does not match {spec['architecture']}: {first_problem} ...") from None
@@ -84,12 +84,12 @@ def load_exported(folder: str | Path) -> torch.nn.Module:
 
     folder = Path(folder)
     spec = json.loads((folder / SPEC_FILE).read_text())
-    model = _from_spec(spec)
+    model = from_spec(spec)
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
     return model.eval()
 
 
-def _from_spec(spec: dict[str, Any]) -> torch.nn.Module:
+def from_spec(spec: dict[str, Any]) -> torch.nn.Module:
     if spec["torchvision"]:
         import torchvision
 

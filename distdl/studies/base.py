@@ -31,6 +31,7 @@ from distdl.config import (
     set_dotted,
     split_section,
 )
+from distdl.engine.checkpoints import trained_state
 from distdl.errors import ConfigError
 from distdl.registry import WORKLOADS
 from distdl.rundir import read_metrics
@@ -214,14 +215,11 @@ class StudyReport:
 def trained_workload(trial_config: dict[str, Any], context: WorkerContext) -> tuple[Workload, torch.nn.Module]:
     """A trial's workload with augmentation off (the loss is a fixed function of the weights), and
     its model with the trial's final weights, in eval mode (batch norm uses its running statistics)."""
-    from distdl.engine import consolidated_state_dict
-    from distdl.rundir import latest_checkpoint
-
     config = config_from_dict(trial_config)
     sections = dict(config.sections)
     if dataclasses.is_dataclass(sections.get("data")) and hasattr(sections["data"], "augment"):
         sections["data"] = dataclasses.replace(sections["data"], augment=False)
     workload = WORKLOADS.get(config.workload)(sections, context)
     model = workload.build_model()
-    model.load_state_dict(consolidated_state_dict(latest_checkpoint(config.run_dir)))
+    model.load_state_dict(trained_state(config.run_dir).weights())
     return workload, model.to(context.device).eval()

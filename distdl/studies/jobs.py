@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from distdl.config import config_from_dict
-from distdl.engine import set_tf32
 from distdl.loop import worker_context
+from distdl.precision import set_tf32
 from distdl.rundir import write_json
 
 

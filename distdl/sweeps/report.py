@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from distdl.engine.checkpoints import latest_checkpoint
 from distdl.errors import ConfigError
-from distdl.rundir import latest_checkpoint, read_metrics, read_summary, saved_config
+from distdl.rundir import read_metrics, read_summary, saved_config
 from distdl.studies.plots import figure_row, markdown_sections, save_figure
 from distdl.sweeps.section import Dimension, SweepSection
 

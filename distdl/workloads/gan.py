@@ -31,6 +31,7 @@ from distdl.models.checkpointing import checkpoint_conv_blocks, compile_refused
 from distdl.models.dcgan import Discriminator, Generator
 from distdl.registry import WORKLOADS
 from distdl.workloads.base import WorkerContext, Workload, evaluation_mode
+from distdl.workloads.classifier_run import trained_classifier
 
 OBJECTIVES = ("dcgan", "wgan_gp")
 SAMPLES_DIRNAME = "samples"
@@ -259,13 +260,11 @@ class Gan(Workload):
         return self._spaces
 
     def _classifier_embedding(self, device: torch.device) -> Callable[[torch.Tensor], np.ndarray]:
-        from distdl.workloads.resnet import load_trained_classifier
-
-        model, data = load_trained_classifier(Path(self.eval_section.classifier_run))
+        classifier = trained_classifier(self.eval_section.classifier_run, key="eval.classifier_run")
+        model = classifier.model
         model.fc = torch.nn.Identity()  # penultimate features
         model = model.to(device).eval()
-        spec = vision.spec_for(data)
-        mean, std = (torch.tensor(values, device=device).view(1, -1, 1, 1) for values in (spec.mean, spec.std))
+        mean, std = (torch.tensor(values, device=device).view(1, -1, 1, 1) for values in (classifier.mean, classifier.std))
 
         def embed(images: torch.Tensor) -> np.ndarray:
             # GAN pixels are in [-1, 1]; the classifier was trained on the dataset's normalization.

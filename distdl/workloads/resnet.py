@@ -32,10 +32,9 @@ from distdl.workloads.base import (
     evaluation_mode,
     summed_over_ranks,
 )
+from distdl.workloads.classifier_run import CLASSIFIER_FILE
 
 LOSSES = ("cross_entropy", "mse")
-# What `distdl export` writes beside the weights, kept in the run directory when the run starts.
-EXPORT_SPEC_FILE = "classifier.json"
 
 
 @dataclass
@@ -138,7 +137,7 @@ class ResNetClassification(Workload):
             raise ConfigError(f"data.path: images come out as {tuple(image.shape)} (channels, height, width), "
                               f"not {expected}; set data.image_size, or check the image files")
         if config.run_dir.is_dir():
-            (config.run_dir / EXPORT_SPEC_FILE).write_text(json.dumps(_export_spec(config.sections, data), indent=2)
+            (config.run_dir / CLASSIFIER_FILE).write_text(json.dumps(_export_spec(config.sections, data), indent=2)
                                                            + "\n")
         return len(data.train)
 
@@ -147,7 +146,7 @@ class ResNetClassification(Workload):
         """model.safetensors and model.json (distdl.models.classifiers): a torchvision ResNet on colour
         images loads into torchvision's constructor strictly; every classifier loads with
         `distdl.models.classifiers.load_exported`."""
-        saved = run_dir / EXPORT_SPEC_FILE
+        saved = run_dir / CLASSIFIER_FILE
         spec = (json.loads(saved.read_text()) if saved.is_file()
                 else _export_spec(sections, vision.load_vision(sections["data"])))  # runs from before it was kept
         classifiers.write_exported(out_dir, spec, state_dict)
@@ -245,21 +244,3 @@ def _first_image(dataset: Any, data: vision.VisionDataSection) -> tuple[torch.Te
         return dataset[0]
     except Exception as err:
         raise ConfigError(f"data.path: the first training image of {data.dataset} could not be read: {err}") from err
-
-
-def load_trained_classifier(run_dir: Path) -> tuple[torch.nn.Module, vision.VisionDataSection]:
-    """The classifier of a finished `resnet` run (its latest checkpoint, fp32, on the CPU) and its data section."""
-    from distdl.config import config_from_dict
-    from distdl.engine import consolidated_state_dict
-    from distdl.rundir import latest_checkpoint, saved_config
-
-    config = config_from_dict(saved_config(run_dir, "resnet"))
-    data_section = config.sections["data"]
-    data = vision.load_vision(data_section)
-    model = build_classifier(config.sections["model"], data.channels, data.image_size, data.classes)
-    state = consolidated_state_dict(latest_checkpoint(run_dir))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"classifier run {run_dir}: its checkpoint does not match {config.sections['model'].name} "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model, data_section

@@ -14,27 +14,34 @@ from typing import Any, Optional
 
 import torch
 
-from distdl.engine import consolidated_state_dict
+from distdl.engine.checkpoints import TrainedState, is_run_location, trained_state
 from distdl.errors import ConfigError
-from distdl.rundir import CHECKPOINT_PREFIX, CONFIG_FILE, RunStorage, find_checkpoint, is_uri
+from distdl.rundir import is_uri
 
 KEY = "model.init_from"
 
 
 @dataclass(frozen=True)
 class WarmStart:
-    """Where the starting weights are: a run's DeepSpeed checkpoint, or an HF model folder."""
+    """Where the starting weights are: a run's checkpoint, or an HF model folder."""
 
-    path: Path
-    run_dir: Optional[Path] = None
-    checkpoint: Optional[Path] = None
+    path: Path  # the run directory (its local copy), or the HF folder
+    trained: Optional[TrainedState] = None
 
     @property
     def is_run(self) -> bool:
-        return self.run_dir is not None
+        return self.trained is not None
+
+    @property
+    def run_dir(self) -> Optional[Path]:
+        return self.trained.run_dir if self.trained else None
+
+    @property
+    def checkpoint(self) -> Optional[Path]:
+        return self.trained.checkpoint if self.trained else None
 
     def describe(self) -> str:
-        return f"{self.checkpoint.name} of run {self.run_dir}" if self.is_run else f"HF model folder {self.path}"
+        return self.trained.describe() if self.trained else f"HF model folder {self.path}"
 
 
 def locate(init_from: str, which: str) -> WarmStart:
@@ -42,46 +49,31 @@ def locate(init_from: str, which: str) -> WarmStart:
     HF model folder (a config.json beside the weights); anything else is refused, naming the key.
     A run directory may be on object storage (s3://...)."""
     if is_uri(init_from):
-        return _locate_stored(init_from, which)
+        return _from_run(init_from, which)
     path = Path(init_from).expanduser()
     if not path.exists():
         raise ConfigError(f"{KEY}: {path} does not exist; give a distdl run directory, one of its "
                           "checkpoint_* folders, or an exported HF model folder")
-    if (path / CONFIG_FILE).is_file():
-        try:
-            return WarmStart(path, path, find_checkpoint(path, which))
-        except ConfigError as err:
-            raise ConfigError(f"{KEY}: {err}") from None
-    if path.name.startswith(CHECKPOINT_PREFIX) and (path.parent / CONFIG_FILE).is_file():
-        return WarmStart(path, path.parent, path)
+    if is_run_location(path):
+        return _from_run(path, which)
     if (path / "config.json").is_file():
         return WarmStart(path)
-    raise ConfigError(f"{KEY}: {path} is neither a distdl run directory (no {CONFIG_FILE}), nor a checkpoint_* "
+    raise ConfigError(f"{KEY}: {path} is neither a distdl run directory (no config.yaml), nor a checkpoint_* "
                       "folder of one, nor an HF model folder (no config.json)")
 
 
-def _locate_stored(uri: str, which: str) -> WarmStart:
-    """A run directory on object storage, or one of its checkpoint_* folders: its files and the checkpoint
-    in this node's cache (each process of a node may call this; the checkpoint is downloaded once)."""
-    named = uri.rstrip("/").rsplit("/", 1)[-1]
-    if named.startswith(CHECKPOINT_PREFIX):
-        uri, which = uri.rstrip("/").rsplit("/", 1)[0], named
-    storage = RunStorage(uri, key=KEY, cache="read")
-    storage.pull()
-    if not (storage.local / CONFIG_FILE).is_file():
-        raise ConfigError(f"{KEY}: {storage} is not a distdl run directory (no {CONFIG_FILE})")
-    try:
-        checkpoint = find_checkpoint(storage.local, which, storage.checkpoints())
-    except ConfigError as err:
-        raise ConfigError(f"{KEY}: {err}") from None
-    return WarmStart(storage.local, storage.local, storage.pull_checkpoint(checkpoint.name))
+def _from_run(run: str | Path, which: str) -> WarmStart:
+    """A run's checkpoint, in this node's file system (downloaded once per node from object storage)."""
+    trained = trained_state(run, which, key=KEY)
+    trained.checkpoint  # found (and on object storage downloaded) now, before any worker starts
+    return WarmStart(trained.run_dir, trained)
 
 
 def source_weights(source: WarmStart, model_class: type) -> dict[str, torch.Tensor]:
     """fp32 weights, named as in `model_class`; the ones an HF folder lacks (a head its class does not
     have) are left out, so the new model keeps its own initialization there."""
-    if source.is_run:
-        return consolidated_state_dict(source.checkpoint)
+    if source.trained is not None:
+        return source.trained.weights()
     try:
         model, info = model_class.from_pretrained(str(source.path), output_loading_info=True, dtype=torch.float32)
     except Exception as err:  # transformers raises many types for unreadable or foreign folders

@@ -287,10 +287,9 @@ def job_tokens(job_id: str) -> set[str]:
 
 
 def final_weights(run_dir: Path) -> dict:
-    from distdl.engine import consolidated_state_dict
-    from distdl.rundir import latest_checkpoint
+    from distdl.engine.checkpoints import trained_state
 
-    return consolidated_state_dict(latest_checkpoint(run_dir))
+    return trained_state(run_dir).weights()
 
 
 ENDED_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",

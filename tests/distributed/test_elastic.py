@@ -14,9 +14,9 @@ import torch
 from distdl.cluster.connect import connect_ray
 from distdl.config import load_config
 from distdl.driver import train
-from distdl.engine import consolidated_state_dict, reshard_checkpoint, saved_partitions
+from distdl.engine.checkpoints import consolidated_state_dict, reshard_checkpoint, saved_partitions, trained_state
 from distdl.errors import CheckpointError
-from distdl.rundir import latest_checkpoint, read_metrics
+from distdl.rundir import read_metrics
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]
@@ -78,7 +78,7 @@ def test_a_run_resumes_on_other_worker_counts_and_ends_as_if_it_never_stopped(ra
             assert ("universal checkpoint" in said) == (stage > 0)
     assert summary["completed"]
     expected = consolidated_state_dict(straight.run_dir / "checkpoint_00000008")
-    resumed = consolidated_state_dict(config.run_storage.pull_checkpoint(latest_checkpoint(config.run_dir).name))
+    resumed = trained_state(config.run_storage.uri).weights()
     assert expected.keys() == resumed.keys()
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -112,7 +112,7 @@ def run_lived_on_object_storage(config, s3, tmp_path: Path, capsys, weights: dic
     assert (tmp_path / "export" / "model.safetensors").is_file()
     source = locate("s3://elastic/runs/elastic", "latest")
     assert source.is_run and source.checkpoint.name == "checkpoint_00000008"
-    started_from = consolidated_state_dict(source.checkpoint)
+    started_from = source.trained.weights()
     assert all(torch.equal(started_from[name], weights[name]) for name in weights)
     assert locate("s3://elastic/runs/elastic/checkpoint_00000006", "latest").checkpoint.name == "checkpoint_00000006"
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no run directory was made locally

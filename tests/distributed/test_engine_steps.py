@@ -48,7 +48,8 @@ def _model(seed: int = 0) -> torch.nn.Module:
 
 def _engine(name: str, stage: int, precision: str, world: int, model: torch.nn.Module, lr_scale: float = 1.0):
     from distdl.config import load_config
-    from distdl.engine import Engine, build_deepspeed_config
+    from distdl.engine.deepspeed_config import build_deepspeed_config
+    from distdl.engine.engine import Engine
     from distdl.optim import optimizer_factory, param_groups, scheduler_factory
 
     global_batch = MICRO_BATCH * ACCUMULATION * world
@@ -179,7 +180,8 @@ SAM_CASES = [(0, "fp32", False), (1, "fp32", True), (2, "fp32", False), (0, "bf1
 
 def _sam_engine(stage: int, precision: str, adaptive: bool, world: int, model: torch.nn.Module):
     from distdl.config import load_config
-    from distdl.engine import Engine, build_deepspeed_config
+    from distdl.engine.deepspeed_config import build_deepspeed_config
+    from distdl.engine.engine import Engine
     from distdl.optim import optimizer_factory, param_groups
 
     config = load_config(REPO / "configs/resnet/mnist_laptop.yaml", [
@@ -301,7 +303,8 @@ NOISE_CASES = [(0, "fp32"), (2, "fp32"), (3, "fp32"), (1, "bf16")]
 
 def _noise_engine(stage: int, precision: str, world: int, model: torch.nn.Module, temperature: float):
     from distdl.config import load_config
-    from distdl.engine import Engine, build_deepspeed_config
+    from distdl.engine.deepspeed_config import build_deepspeed_config
+    from distdl.engine.engine import Engine
     from distdl.optim import optimizer_factory, param_groups
 
     config = load_config(REPO / "configs/resnet/mnist_laptop.yaml", [

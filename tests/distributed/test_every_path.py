@@ -248,7 +248,7 @@ def lamb_phase1(local_workers, data, tmp_path_factory):
 def test_every_shipped_config_trains_as_shipped(local_workers, data, tmp_path, path, request):
     if not CORPUS.is_dir() and "bert" in path.parent.name:
         pytest.skip("needs the Debian license texts in /usr/share/common-licenses")
-    from distdl.loop import checkpoint_name
+    from distdl.engine.checkpoints import checkpoint_name
 
     phase1 = request.getfixturevalue("lamb_phase1") if "lamb_phase" in path.name else None
     # Phase 2 starts from phase 1's run, made by this same check; phase 1 is that run.
@@ -277,7 +277,7 @@ def test_deepspeeds_cpu_adam_takes_torchs_steps(name, reference):
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from distdl.config import OptimizerSection
-    from distdl.engine import offload_adam_factory
+    from distdl.engine.engine import offload_adam_factory
 
     section = OptimizerSection(name=name, lr=1e-2, weight_decay=0.1)
     torch.manual_seed(0)

@@ -18,9 +18,9 @@ import torch
 from distdl.cluster.connect import connect_ray
 from distdl.config import load_config
 from distdl.driver import train
-from distdl.engine import consolidated_state_dict, verify_checkpoint
+from distdl.engine.checkpoints import checkpoint_step, latest_checkpoint, trained_state, verify_checkpoint
 from distdl.errors import TrainingFailed
-from distdl.rundir import checkpoint_step, latest_checkpoint, read_metrics, read_summary
+from distdl.rundir import read_metrics, read_summary
 from tests.conftest import CORPUS
 from tests.helpers.bert_runs import QUICKSTART, overrides, run
 
@@ -53,8 +53,8 @@ def straight_run(ray_local, tmp_path_factory, common):
 
 
 def assert_same_final_weights(straight, other) -> None:
-    a = consolidated_state_dict(latest_checkpoint(straight.run_dir))
-    b = consolidated_state_dict(latest_checkpoint(other.run_dir))
+    a = trained_state(straight.run_dir).weights()
+    b = trained_state(other.run_dir).weights()
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _train(rank: int, world: int, port: int, measure: bool, out: dict) -> None:
     from distdl.config import load_config
-    from distdl.engine import Engine, build_deepspeed_config
+    from distdl.engine.deepspeed_config import build_deepspeed_config
+    from distdl.engine.engine import Engine
     from distdl.optim import optimizer_factory, param_groups
     from tests.helpers.gloo import torchrun_group
 

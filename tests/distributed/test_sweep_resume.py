@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from distdl.engine.checkpoints import latest_checkpoint
 from distdl.errors import ConfigError
-from distdl.rundir import latest_checkpoint, read_metrics, read_summary
+from distdl.rundir import read_metrics, read_summary
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]

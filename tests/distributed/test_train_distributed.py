@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distdl.rundir import latest_checkpoint, read_metrics
+from distdl.engine.checkpoints import latest_checkpoint
+from distdl.rundir import read_metrics
 from tests.helpers.bert_runs import QUICKSTART, run
 
 pytestmark = pytest.mark.distributed

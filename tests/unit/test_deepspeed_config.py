@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from distdl.config import load_config
-from distdl.engine import build_deepspeed_config, merge_deepspeed_config
+from distdl.engine.deepspeed_config import build_deepspeed_config, merge_deepspeed_config
 from distdl.errors import ConfigError
 
 TINY = Path(__file__).resolve().parents[2] / "configs/bert/pretrain_tiny.yaml"
@@ -177,7 +177,7 @@ def test_raw_json_may_repeat_distdl_settings(tmp_path):
 def test_tf32_is_set_for_matmuls_and_convolutions(enabled, precision):
     import torch
 
-    from distdl.engine import set_tf32
+    from distdl.precision import set_tf32
 
     if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         pytest.skip("PyTorch before 2.9 has only allow_tf32")

@@ -240,7 +240,7 @@ def test_bad_vision_and_recipe_values_name_the_key(override, expected):
 
 
 def test_export_names_the_kept_checkpoints_when_asked_for_another(tmp_path):
-    from distdl.rundir import find_checkpoint
+    from distdl.engine.checkpoints import find_checkpoint
 
     (tmp_path / "checkpoint_00000010").mkdir()
     with pytest.raises(ConfigError, match=r"'checkpoint_9'.*kept: checkpoint_00000010"):
