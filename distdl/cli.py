@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 from distdl.config import config_from_dict, load_config
 from distdl.errors import USER_ERRORS, ConfigError, RunDirError, TrainingFailed
 from distdl.registry import STUDIES
-from distdl.rundir import RunStorage
+from distdl.rundir import Outcome, RunStorage, run_outcome
 
 # Exit status of `distdl train` that checkpointed and stopped on SIGUSR1 (slurm/ray_cluster.sbatch requeues on it).
 STOPPED_ON_REQUEST = 3
@@ -237,16 +237,17 @@ def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:
         print_failure(failed)
         print(f"distdl: {last_good_checkpoint(config.run_storage)}", file=sys.stderr)
         return 1
-    if not summary:
+    outcome = run_outcome(summary)
+    if outcome is Outcome.NO_SUMMARY:
         print(f"distdl: the run ended without a summary; see {config.run_storage}", file=sys.stderr)
         return 1
-    if summary.get("non_finite_step") is not None:
+    if outcome is Outcome.DIVERGED:
         print(f"distdl: error: the loss or gradient norm was not finite at step {summary['non_finite_step']}; "
               f"training stopped at step {summary['steps']} without saving. {last_good_checkpoint(config.run_storage)}. "
               "Lower the learning rate, raise warmup or gradient clipping, or use bf16 instead of fp16, "
               "in a new run (or --overwrite).", file=sys.stderr)
         return 1
-    if summary.get("stopped_on_request_step") and not summary.get("completed"):
+    if outcome is Outcome.STOPPED:
         print(f"distdl: stopped on request at step {summary['stopped_on_request_step']} with a checkpoint; "
               f"run the same command to resume ({config.run_storage})")
         return STOPPED_ON_REQUEST

@@ -27,11 +27,13 @@ from distdl.rundir import (
     CONFIG_FILE,
     SLURM_LOGS,
     STOP_REQUEST_FILE,
+    Outcome,
     RunStorage,
     RunSummary,
     foreign_entries,
     read_summary,
     restore_snapshot,
+    run_outcome,
 )
 from distdl.tracking import resolve_wandb_mode
 
@@ -268,8 +270,9 @@ def reached_target(config: Config) -> bool:
     """Whether the run's latest checkpoint is already at this session's target step."""
     done = checkpoint_step(config.run_dir)
     target = config.trainer.stop_at_step or config.trainer.max_steps
-    stopped = read_summary(config.run_dir).get("stopped_at_loss_step")
-    if done is not None and stopped == done and config.trainer.stop_at_loss is not None:
+    summary = read_summary(config.run_dir)
+    reached = run_outcome(summary) is Outcome.TARGET_REACHED and summary["stopped_at_loss_step"] == done
+    if done is not None and reached and config.trainer.stop_at_loss is not None:
         print(f"distdl: {config.run_dir} reached trainer.stop_at_loss at step {done} already; nothing to train.")
         return True
     if done is None or done < target:

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 import weakref
+from enum import Enum
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Optional, TypedDict
@@ -486,6 +487,36 @@ class RunSummary(TypedDict, total=False):
 def read_summary(run_dir: Path) -> RunSummary:
     summary_file = Path(run_dir) / SUMMARY_FILE
     return json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+
+
+class Outcome(Enum):
+    """How a training session ended, as its summary tells it (`run_outcome`)."""
+
+    FINISHED = "finished"  # trained to trainer.max_steps with every value finite
+    TARGET_REACHED = "target reached"  # trainer.stop_at_loss reached: finished early, by design
+    STOPPED = "stopped"  # checkpointed and stopped on request (SIGUSR1, the stop request): a rerun goes on
+    DIVERGED = "diverged"  # a loss or gradient norm was not finite; nothing after the last good checkpoint saved
+    UNFINISHED = "unfinished"  # ended before its last step otherwise (trainer.stop_at_step)
+    NO_SUMMARY = "no summary"  # the session wrote none (it never ended on its own)
+
+    @property
+    def done(self) -> bool:
+        """Whether the run has nothing left to train."""
+        return self in (Outcome.FINISHED, Outcome.TARGET_REACHED)
+
+
+def run_outcome(summary: RunSummary) -> Outcome:
+    """The one reading of how a session ended: for the command line's exit status, Tune's trials, the
+    driver and the sweep report alike."""
+    if not summary:
+        return Outcome.NO_SUMMARY
+    if summary.get("non_finite_step") is not None:
+        return Outcome.DIVERGED
+    if summary.get("completed"):
+        return Outcome.TARGET_REACHED if summary.get("stopped_at_loss_step") is not None else Outcome.FINISHED
+    if summary.get("stopped_on_request_step") is not None:
+        return Outcome.STOPPED
+    return Outcome.UNFINISHED
 
 
 # ----------------------------------------------------------------------------- Ray Train's checkpoint record

@@ -18,7 +18,7 @@ from ray.train.v2.api.callback import UserCallback
 from distdl.config import Config, config_differences, config_from_dict, with_defaults, without_session_keys
 from distdl.driver import already_connected, train
 from distdl.errors import RunDirError, TrainingFailed
-from distdl.rundir import SUMMARY_FILE, RunSummary, foreign_entries, move_aside
+from distdl.rundir import SUMMARY_FILE, Outcome, RunSummary, foreign_entries, move_aside, run_outcome
 
 # The resource each Tune trial itself holds: its function only drives its TorchTrainer, whose
 # workers hold the CPUs and GPUs, but Tune needs some resource per trial.
@@ -147,10 +147,11 @@ def raise_failures(results: Any, describe: Callable[[Any], str] = lambda result:
 
 def check_finished(name: str, summary: RunSummary) -> None:
     """A trial that diverged or stopped early fails the study in one line (exit status 1), as a run does."""
-    if summary.get("non_finite_step") is not None:
+    outcome = run_outcome(summary)
+    if outcome is Outcome.DIVERGED:
         raise TrainingFailed([f"trial {name} diverged: its loss or gradient norm was not finite at step "
                               f"{summary['non_finite_step']}; lower its learning rate (or batch size)"])
-    if not summary.get("completed", True):
+    if outcome in (Outcome.STOPPED, Outcome.UNFINISHED):
         raise TrainingFailed([f"trial {name} stopped before its last step; run the same command again to go on"])
 
 

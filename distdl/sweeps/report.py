@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from distdl.engine.checkpoints import latest_checkpoint
 from distdl.errors import ConfigError
-from distdl.rundir import read_metrics, read_summary, saved_config
+from distdl.rundir import read_metrics, read_summary, run_outcome, saved_config
 from distdl.studies.plots import figure_row, markdown_sections, save_figure
 from distdl.sweeps.section import Dimension, SweepSection
 
@@ -93,7 +93,7 @@ def trial_row(run_dir: Path, section: SweepSection, dimensions: list[Dimension],
     records = read_metrics(run_dir)
     summary = read_summary(run_dir)
     index = trial_index(run_dir.name)
-    status = ("finished" if summary.get("completed") else "failed" if index in failed or summary
+    status = ("finished" if run_outcome(summary).done else "failed" if index in failed or summary
               else "stopped early" if section.scheduler == "asha"
               else "replaced" if replaced_at_step is not None else "interrupted")
     # A stopped trial, or a replaced PBT run, is ranked by what it reported before it was stopped
