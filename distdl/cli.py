@@ -359,9 +359,9 @@ def run_export(location: str | Path, out_dir: Path, which: str = "latest") -> in
 
 
 def run_report(kind: str, run_dirs: list[Path]) -> int:
-    from distdl import report
+    from distdl import glue_report
 
-    print(report.glue_table(run_dirs))
+    print(glue_report.glue_table(run_dirs))
     return 0
 
 

@@ -24,7 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from distdl.collectives import all_reduce_sum, world_size
-from distdl.models.checkpointing import recomputation_counted
+from distdl.models.activation_checkpointing import recomputation_counted
 
 # Dense (no structured sparsity) peak TFLOP/s per GPU from NVIDIA's datasheets: bf16/fp16 and TF32
 # on tensor cores, fp32 without them. First matching pattern of torch.cuda.get_device_name() wins.

@@ -26,7 +26,6 @@ import torch.distributed as dist
 from distdl.collectives import all_reduce_sum, any_rank, gather_objects, world_size
 from distdl.collectives import rank as process_rank
 from distdl.config import Config, config_from_dict
-from distdl.data.shards import micro_batch_seed
 from distdl.engine.checkpoints import checkpoint_name, restore_rng_state, save_rng_state, saved_world_size
 from distdl.engine.engine import Engine, EngineSet, offload_adam_factory
 from distdl.errors import CheckpointError, ConfigError, RunDirError
@@ -53,6 +52,7 @@ from distdl.rundir import (
     RunSummary,
     back_up_snapshot,
 )
+from distdl.seeds import micro_batch_seed
 from distdl.tracking import Tracker
 from distdl.workloads.base import WorkerContext, Workload, initial_models
 

@@ -11,8 +11,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from distdl.config import NoiseSection, OptimizerSection, SchedulerSection
-from distdl.data.shards import derived_seed
 from distdl.optim.layerwise import Lamb, Lars
+from distdl.seeds import derived_seed
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from distdl.studies.plots import figure_row, save_figure
+from distdl.figures import figure_row, save_figure
 
 
 def plot_plan(plan: dict[str, Any], path: Path) -> Path:

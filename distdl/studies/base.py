@@ -42,6 +42,8 @@ STUDY_KEY = "study"
 STUDY_FILE = "study.yaml"
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
+# What a study measured on one trial's solution, in the trial's run directory.
+MEASUREMENTS_FILE = "measurements.json"
 
 
 @dataclass

@@ -24,9 +24,11 @@ from annotated_types import Interval
 
 from distdl.collectives import all_reduce_sum
 from distdl.config import AtLeastOne
+from distdl.figures import markdown_sections
 from distdl.registry import STUDIES
 from distdl.studies import plots
 from distdl.studies.base import (
+    MEASUREMENTS_FILE,
     Study,
     StudyReport,
     StudySection,
@@ -39,7 +41,6 @@ from distdl.studies.measures import LossOracle
 
 WidthKey = Literal["model.width", "model.width_multiplier"]
 WIDTH_KEYS = get_args(WidthKey)
-MEASUREMENTS_FILE = "measurements.json"
 
 
 @dataclass
@@ -197,5 +198,5 @@ def overparam_markdown(frame: Any, exponent: float, figures: dict[str, Path], se
         frame[[c for c in shown if c in frame]].to_markdown(index=False, floatfmt=".4g"),
         "",
     ]
-    lines += plots.markdown_sections(figures)
+    lines += markdown_sections(figures)
     return "\n".join(lines)

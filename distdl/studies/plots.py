@@ -7,38 +7,13 @@ from typing import Any, Optional
 
 import numpy as np
 
+from distdl.figures import figure_row, save_figure
+
 
 def eps_name(eps: float) -> str:
     """1e-3 -> '1e-3', 5e-4 -> '5e-4': the keys results.json uses."""
     mantissa, exponent = f"{eps:e}".split("e")
     return f"{float(mantissa):g}e{int(exponent)}"
-
-def markdown_sections(figures: dict[str, Path], suffix: str = "") -> list[str]:
-    """A report's section per figure: a heading from its name, and the image."""
-    lines = []
-    for name, path in figures.items():
-        lines += [f"## {name.replace('_', ' ').capitalize()}{suffix}", "", f"![{name}]({path.name})", ""]
-    return lines
-
-
-def figure_row(columns: int = 1, width: float = 5.0) -> tuple[Any, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, columns, figsize=(width * columns, 4), squeeze=False)
-    return figure, axes[0]
-
-
-def save_figure(figure: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
-
 
 def sharpness_against_batch(frame: Any, section: Any, study_dir: Path) -> Path:
     """Sharpness, top Hessian eigenvalue and test accuracy against batch size, one line per protocol."""

@@ -27,6 +27,7 @@ from annotated_types import Gt, MinLen
 
 from distdl.config import AtLeastOne, OptimizerSection, build_section, config_from_dict, noise_scale_possible
 from distdl.errors import ConfigError
+from distdl.figures import markdown_sections
 from distdl.noise_scale import noise_scale_of_run
 from distdl.registry import STUDIES
 from distdl.rundir import read_metrics
@@ -286,5 +287,5 @@ def scaling_markdown(speed: Any, curve: Any, fits: dict[str, dict[str, Any]], fi
         if missed := group[group.steps_to_target.isna()].batch_size.tolist():
             lines += [f"With {name}, batch sizes {missed} did not reach the target within {section.max_steps} "
                       "steps (study.max_steps).", ""]
-    lines += plots.markdown_sections(figures, " plot")
+    lines += markdown_sections(figures, " plot")
     return "\n".join(lines)

@@ -23,9 +23,11 @@ from annotated_types import Ge, Gt
 
 from distdl.config import Finite, Requirement, config_from_dict, noise_scale_possible
 from distdl.errors import ConfigError
+from distdl.figures import markdown_sections
 from distdl.registry import STUDIES
 from distdl.studies import plots
 from distdl.studies.base import (
+    MEASUREMENTS_FILE,
     LossTarget,
     Study,
     StudyReport,
@@ -36,7 +38,7 @@ from distdl.studies.base import (
     epoch_steps,
 )
 from distdl.studies.plots import eps_name
-from distdl.studies.sharpness import MEASUREMENTS_FILE, MeasurementSection, measure_solution, measured_solution
+from distdl.studies.solutions import MeasurementSection, measure_solution, measured_solution
 
 # Candidate exponents k, and the profile-likelihood threshold of a 95% interval (chi-squared, 1 dof).
 EXPONENTS = np.linspace(-1.0, 3.0, 401)
@@ -197,5 +199,5 @@ def temperature_markdown(frame: Any, fits: dict[str, dict[str, Any]], figures: d
         frame[[c for c in shown if c in frame]].to_markdown(index=False, floatfmt=".4g"),
         "",
     ]
-    lines += plots.markdown_sections(figures)
+    lines += markdown_sections(figures)
     return "\n".join(lines)

@@ -14,8 +14,8 @@ from typing import Any, Optional
 
 from distdl.engine.checkpoints import latest_checkpoint
 from distdl.errors import ConfigError
+from distdl.figures import figure_row, markdown_sections, save_figure
 from distdl.rundir import read_metrics, read_summary, run_outcome, saved_config
-from distdl.studies.plots import figure_row, markdown_sections, save_figure
 from distdl.sweeps.section import Dimension, SweepSection
 
 # Tune names a trial's directory <trainable>_<trial id>_<tag>_<date>. The basic search's trial ids are

@@ -12,7 +12,7 @@ import torch
 from distdl.config import Config, config_from_dict
 from distdl.data import prepared, shards, text
 from distdl.errors import ConfigError
-from distdl.models.checkpointing import checkpoint_transformer_layers
+from distdl.models.activation_checkpointing import checkpoint_transformer_layers
 from distdl.registry import WORKLOADS
 from distdl.rundir import saved_config
 from distdl.workloads import warm_start

@@ -26,12 +26,18 @@ from distdl.collectives import gather_objects
 from distdl.config import AtLeastOne, Config
 from distdl.data import vision
 from distdl.errors import ConfigError
-from distdl.metrics import Statistics, feature_statistics, frechet_distance, inception_features, load_inception
-from distdl.models.checkpointing import checkpoint_conv_blocks, compile_refused
+from distdl.models.activation_checkpointing import checkpoint_conv_blocks, compile_refused
 from distdl.models.dcgan import Discriminator, Generator
 from distdl.registry import WORKLOADS
 from distdl.workloads.base import WorkerContext, Workload, evaluation_mode
 from distdl.workloads.classifier_run import trained_classifier
+from distdl.workloads.frechet import (
+    Statistics,
+    feature_statistics,
+    frechet_distance,
+    inception_features,
+    load_inception,
+)
 
 OBJECTIVES = ("dcgan", "wgan_gp")
 SAMPLES_DIRNAME = "samples"

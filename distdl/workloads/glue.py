@@ -22,7 +22,7 @@ from distdl.config import Config
 from distdl.data import glue, shards, text
 from distdl.data.files import check_local_model_files
 from distdl.errors import ConfigError
-from distdl.models.checkpointing import checkpoint_transformer_layers
+from distdl.models.activation_checkpointing import checkpoint_transformer_layers
 from distdl.registry import WORKLOADS
 from distdl.rundir import CONFIG_FILE
 from distdl.workloads.base import ExampleStep, WorkerContext, Workload, evaluate_in_lockstep, evaluation_mode

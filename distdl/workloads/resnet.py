@@ -20,7 +20,7 @@ from distdl.config import AtLeastOne, Config
 from distdl.data import vision
 from distdl.errors import ConfigError
 from distdl.models import classifiers
-from distdl.models.checkpointing import checkpoint_residual_stages, compile_refused
+from distdl.models.activation_checkpointing import checkpoint_residual_stages, compile_refused
 from distdl.models.classifiers import CLASSIFIER_NAMES as MODEL_NAMES
 from distdl.models.resnet import MODEL_NAMES as RESNET_NAMES
 from distdl.registry import WORKLOADS

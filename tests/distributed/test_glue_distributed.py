@@ -15,7 +15,7 @@ from distdl.cluster.connect import connect_ray
 from distdl.config import load_config
 from distdl.data import glue
 from distdl.driver import train
-from distdl.report import glue_table
+from distdl.glue_report import glue_table
 from distdl.rundir import RAY_SNAPSHOT, read_metrics
 from tests.helpers.glue_fixtures import SIZES
 

@@ -117,7 +117,8 @@ def test_the_data_parallel_measurement_equals_one_process(sharpness_study):
     """Rank 0 of 2 wrote measurements.json; the same measurement in this one process agrees."""
     from distdl.studies.base import read_study_file, trained_workload
     from distdl.studies.measures import LossOracle
-    from distdl.studies.sharpness import SharpnessStudy, measure_solution
+    from distdl.studies.sharpness import SharpnessStudy
+    from distdl.studies.solutions import measure_solution
     from distdl.workloads.base import WorkerContext
 
     study_dir, _, overrides = sharpness_study

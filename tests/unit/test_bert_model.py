@@ -57,7 +57,7 @@ def test_a_batch_without_masked_tokens_gives_a_zero_loss_not_nan():
 
 def test_activation_checkpointing_recomputes_each_layer_and_keeps_loss_and_gradients():
     """With dropout on, so the recomputation must replay the same masks."""
-    from distdl.models.checkpointing import checkpoint_transformer_layers
+    from distdl.models.activation_checkpointing import checkpoint_transformer_layers
 
     config = BertConfig(**{**CONFIG.to_dict(), "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1})
     torch.manual_seed(0)
@@ -85,7 +85,7 @@ def test_activation_checkpointing_recomputes_each_layer_and_keeps_loss_and_gradi
 
 def test_a_model_without_gradient_checkpointing_is_refused_naming_the_key():
     from distdl.errors import ConfigError
-    from distdl.models.checkpointing import checkpoint_transformer_layers
+    from distdl.models.activation_checkpointing import checkpoint_transformer_layers
 
     with pytest.raises(ConfigError, match=r"model.activation_checkpointing=true: Linear does not support"):
         checkpoint_transformer_layers(torch.nn.Linear(2, 2))

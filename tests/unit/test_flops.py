@@ -19,8 +19,8 @@ from distdl.flops import (
     device_peak,
     measured_matmul_tflops,
 )
+from distdl.models.activation_checkpointing import checkpoint_transformer_layers
 from distdl.models.bert import BertForMaskedPositionsLM
-from distdl.models.checkpointing import checkpoint_transformer_layers
 from distdl.tracking import ProgressLine
 
 BERT = BertConfig(vocab_size=2000, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,

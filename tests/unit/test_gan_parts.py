@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from distdl.errors import ConfigError
-from distdl.metrics import feature_statistics, frechet_distance, inception_features, load_inception
 from distdl.models.dcgan import Discriminator, Generator
+from distdl.workloads.frechet import feature_statistics, frechet_distance, inception_features, load_inception
 
 
 @pytest.mark.parametrize("channels, size", [(1, 28), (3, 32), (3, 64)])
@@ -33,7 +33,7 @@ def test_checkpointed_dcgan_blocks_change_no_gradient_statistic_or_name_and_reco
     import copy
 
     from distdl.flops import counted_flops
-    from distdl.models.checkpointing import checkpoint_conv_blocks
+    from distdl.models.activation_checkpointing import checkpoint_conv_blocks
 
     torch.manual_seed(0)
     plain = [Generator(16, 1, 28, width=8), Discriminator(1, 28, 8, "batch")]
@@ -62,7 +62,7 @@ def test_a_checkpointed_critic_gives_wgan_gps_gradient_penalty_unchanged():
     """The penalty differentiates the critic twice (create_graph), through the recomputation."""
     import copy
 
-    from distdl.models.checkpointing import checkpoint_conv_blocks
+    from distdl.models.activation_checkpointing import checkpoint_conv_blocks
 
     torch.manual_seed(0)
     plain = Discriminator(1, 28, 8, "layer")

@@ -16,7 +16,7 @@ from distdl import cli
 from distdl.config import load_config, resolve_epochs
 from distdl.data import glue
 from distdl.errors import ConfigError
-from distdl.report import bert_paper_average, glue_table
+from distdl.glue_report import bert_paper_average, glue_table
 from tests.helpers.glue_fixtures import SIZES
 
 REPO = Path(__file__).resolve().parents[2]

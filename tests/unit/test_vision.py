@@ -302,7 +302,7 @@ def test_the_measured_loss_keeps_float64_and_training_losses_are_fp32(tmp_path):
 @pytest.mark.parametrize("name", ["cifar_resnet20", "resnet18"])
 def test_checkpointed_resnet_blocks_keep_loss_gradients_and_batch_norm_statistics(name):
     """Each block runs again in the backward pass, and batch norm folds each batch in only once."""
-    from distdl.models.checkpointing import checkpoint_residual_stages
+    from distdl.models.activation_checkpointing import checkpoint_residual_stages
 
     torch.manual_seed(0)
     plain = build_resnet(name, 3, 10)

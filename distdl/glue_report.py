@@ -1,4 +1,4 @@
-"""Tables from finished runs: `distdl report glue RUN_DIR ...`."""
+"""The GLUE table from finished runs: `distdl report glue RUN_DIR ...`."""
 
 from __future__ import annotations
 
