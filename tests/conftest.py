@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-CORPUS = Path("/usr/share/common-licenses")
+from tests.helpers.shared import CORPUS, REPO
 
 # Set before anything imports distdl's registry; Ray workers inherit it and load the test plugins too.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))

@@ -21,10 +21,9 @@ from distdl.data import prepared, text
 from distdl.preparation import MAX_CHUNK_BYTES
 from distdl.rundir import read_metrics
 from tests.cluster.test_ray_cluster import free_port
-from tests.conftest import CORPUS
+from tests.helpers.shared import CORPUS, QUIET, REPO
 
 pytestmark = pytest.mark.distributed
-REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs/bert/pretrain_tiny.yaml"
 RESNET = REPO / "configs/resnet/mnist_laptop.yaml"
 PACKED = "s3://packed/digits"
@@ -157,8 +156,7 @@ def three_steps(local_workers, config_file: Path, storage: Path, name: str, *ove
     """A 3-step run on the local workers: its logged losses and its final eval loss."""
     config = load_config(config_file, [*overrides, f"run.storage_path={storage}", f"run.name={name}",
                                        "trainer.max_steps=3", "trainer.log_every=1", "trainer.eval_every=3",
-                                       "trainer.checkpoint_every=0", "tracking.wandb_mode=disabled",
-                                       "tracking.progress_bar=false"])
+                                       "trainer.checkpoint_every=0", *QUIET])
     summary = local_workers.train(config)
     return [row["loss"] for row in read_metrics(config.run_dir) if "loss" in row] + [summary["final"]["eval_loss"]]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers.shared import QUIET, REPO
 
 pytestmark = pytest.mark.distributed
 RAY = Path(sys.executable).with_name("ray")
@@ -75,7 +75,7 @@ def distdl(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.
 def test_submit_ray_trains_through_the_jobs_api(ray_head, tmp_path, corpus):
     overrides = [f"run.storage_path={tmp_path}", f"data.path={corpus}", "trainer.max_steps=4",
                  "trainer.micro_batch_size=4", "trainer.global_batch_size=8", "tokenizer.vocab_size=1000",
-                 "data.max_seq_length=32", "tracking.wandb_mode=disabled", "tracking.progress_bar=false"]
+                 "data.max_seq_length=32", *QUIET]
     done = distdl("submit", "ray", TINY, *overrides, "--address", ray_head["jobs"], "--follow",
                   env=env_with_token(tmp_path, ray_head["token"]))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -20,7 +20,7 @@ import pytest
 from distdl.cluster.slurm import SlurmRequest, check_request, render_script, scaling_overrides, time_limit_seconds
 from distdl.cluster.submit import plan_job
 from distdl.errors import ConfigError
-from tests.conftest import REPO
+from tests.helpers.shared import QUIET, REPO
 
 TINY = REPO / "configs/bert/pretrain_tiny.yaml"
 HOSTILE = "it's a \"run\"; $(touch pwned) `touch pwned` & echo"
@@ -231,7 +231,7 @@ def test_missing_sbatch_and_bad_requests_exit_2(tmp_path):
 
 JOB_OVERRIDES = ["data.path=/usr/share/common-licenses", "trainer.max_steps=100", "trainer.log_every=2",
                  "trainer.micro_batch_size=4", "trainer.global_batch_size=8", "tokenizer.vocab_size=1000",
-                 "data.max_seq_length=32", "tracking.wandb_mode=disabled", "tracking.progress_bar=false"]
+                 "data.max_seq_length=32", *QUIET]
 
 
 @pytest.fixture(scope="module")

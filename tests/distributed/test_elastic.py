@@ -17,9 +17,9 @@ from distdl.driver import train
 from distdl.engine.checkpoints import consolidated_state_dict, reshard_checkpoint, saved_partitions, trained_state
 from distdl.errors import CheckpointError
 from distdl.rundir import read_metrics
+from tests.helpers.shared import QUIET, REPO
 
 pytestmark = pytest.mark.distributed
-REPO = Path(__file__).resolve().parents[2]
 
 
 def mlp_config(storage: Path, mnist_root: Path, name: str, workers: int, *overrides: str):
@@ -31,8 +31,7 @@ def mlp_config(storage: Path, mnist_root: Path, name: str, workers: int, *overri
         f"scaling.num_workers={workers}", "model.name=mlp", "model.hidden_sizes=[64, 64]", "model.batch_norm=false",
         "optimizer.name=sgd", "optimizer.lr=0.05", "optimizer.momentum=0.9", "scheduler.name=linear",
         "trainer.epochs=null", "trainer.max_steps=8", "trainer.micro_batch_size=16", "trainer.global_batch_size=32",
-        "trainer.log_every=2", "trainer.eval_every=8", "trainer.checkpoint_every=4", "tracking.wandb_mode=disabled",
-        "tracking.progress_bar=false", *overrides])
+        "trainer.log_every=2", "trainer.eval_every=8", "trainer.checkpoint_every=4", *QUIET, *overrides])
     return config
 
 
@@ -127,7 +126,7 @@ def test_state_the_universal_checkpoint_cannot_carry_is_refused_naming_why(local
     config = load_config(REPO / "configs/resnet/mnist_laptop.yaml", [
         f"data.path={mnist_root}", f"run.storage_path={tmp_path}", "model.name=mlp", "model.hidden_sizes=[16]",
         "engine.zero_stage=3", "trainer.epochs=null", "trainer.max_steps=2", "trainer.checkpoint_every=2",
-        "tracking.wandb_mode=disabled", "tracking.progress_bar=false"])
+        *QUIET])
     local_workers.train(config, keep_checkpoints=True)
     checkpoint = config.run_dir / "checkpoint_00000002"
     assert saved_partitions(checkpoint) == 2 and not reshard_checkpoint(checkpoint, 2)

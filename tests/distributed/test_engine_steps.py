@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from distdl.config import SchedulerSection
+from tests.helpers.shared import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 ACCUMULATION, MICRO_BATCH, STEPS = 2, 4, 3
 LR = {"adamw": 0.01, "lamb": 0.01, "lars": 0.5}
 # (optimizer, ZeRO stage, precision); fp32 cases are checked update by update, the others' layouts.

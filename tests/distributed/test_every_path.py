@@ -18,7 +18,7 @@ from distdl.config import load_config, read_yaml
 from distdl.registry import WORKLOADS
 from distdl.rundir import RunSummary, read_metrics
 from distdl.workloads.base import WorkerContext
-from tests.conftest import CORPUS, REPO
+from tests.helpers.shared import CORPUS, QUIET, REPO
 
 # ----------------------------------------------------------------------------- the checks
 
@@ -52,7 +52,7 @@ def check_run(config, summary) -> list[dict]:
 def short_run(*overrides: str) -> list[str]:
     """A few steps, a line and an evaluation at each, W&B off, nothing else changed."""
     return ["trainer.max_steps=3", "trainer.epochs=null", "trainer.log_every=1", "trainer.eval_every=0",
-            "trainer.checkpoint_every=0", "tracking.wandb_mode=disabled", "tracking.progress_bar=false", *overrides]
+            "trainer.checkpoint_every=0", *QUIET, *overrides]
 
 
 # ----------------------------------------------------------------------------- every workload x precision x stage

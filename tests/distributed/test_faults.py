@@ -21,8 +21,8 @@ from distdl.driver import train
 from distdl.engine.checkpoints import checkpoint_step, latest_checkpoint, trained_state, verify_checkpoint
 from distdl.errors import TrainingFailed
 from distdl.rundir import read_metrics, read_summary
-from tests.conftest import CORPUS
 from tests.helpers.bert_runs import QUICKSTART, overrides, run
+from tests.helpers.shared import CORPUS
 
 pytestmark = pytest.mark.distributed
 # bf16: a resumed, restarted or rerun run must equal the uninterrupted one in bf16 too.

@@ -18,9 +18,9 @@ from distdl.driver import train
 from distdl.glue_report import glue_table
 from distdl.rundir import RAY_SNAPSHOT, read_metrics
 from tests.helpers.glue_fixtures import SIZES
+from tests.helpers.shared import QUIET, REPO
 
 pytestmark = pytest.mark.distributed
-REPO = Path(__file__).resolve().parents[2]
 
 
 def finetune(tmp_path: Path, glue_dir: Path, model: Path, task: str, *overrides: str):
@@ -33,8 +33,7 @@ def finetune(tmp_path: Path, glue_dir: Path, model: Path, task: str, *overrides:
         "trainer.global_batch_size=16",
         "trainer.log_every=2",
         "optimizer.lr=2e-4",
-        "tracking.wandb_mode=disabled",
-        "tracking.progress_bar=false",
+        *QUIET,
     ]
     config = load_config(REPO / "configs" / "glue" / f"{task}.yaml", [*base, *overrides])
     return config, train(config, connect_ray)
@@ -126,7 +125,7 @@ def test_pretrain_tiny_then_export_then_finetune(ray_local, tmp_path, glue_dir, 
     pretrain = load_config(REPO / "configs/bert/pretrain_tiny.yaml", [
         f"run.storage_path={tmp_path}", f"data.path={corpus}", "trainer.max_steps=6", "trainer.micro_batch_size=8",
         "trainer.global_batch_size=16", "trainer.log_every=3", "tokenizer.vocab_size=2000", "data.max_seq_length=64",
-        "tracking.wandb_mode=disabled", "tracking.progress_bar=false",
+        *QUIET,
     ])
     train(pretrain, connect_ray)
     exported = tmp_path / "bert-tiny-hf"

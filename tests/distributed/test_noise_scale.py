@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.shared import REPO
 
 
 def _train(rank: int, world: int, port: int, measure: bool, out: dict) -> None:

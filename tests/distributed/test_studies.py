@@ -15,8 +15,8 @@ import yaml
 from distdl import cli
 from distdl.cluster.connect import connect_ray
 from distdl.rundir import read_metrics
+from tests.helpers.shared import QUIET, REPO
 
-REPO = Path(__file__).resolve().parents[2]
 SHARPNESS = REPO / "configs/studies/sharpness.yaml"
 TARGET = 0.5
 # scikit-learn's 8x8 digits, a small MLP: batch 16 and 96, each trained to the same training loss, and
@@ -218,7 +218,7 @@ def test_overparam_study_fits_the_distance_exponent_and_writes_its_plots(ray_loc
     study_dir, report = run_study("overparam", OVERPARAM, [
         "data.train_subset=128", "trainer.global_batch_size=128", "trainer.micro_batch_size=64",
         "trainer.max_steps=40", "trainer.log_every=2", "study.widths=[16,1024]", f"run.storage_path={tmp_path}",
-        "tracking.wandb_mode=disabled"], False, connect_ray)
+        *QUIET], False, connect_ray)
     results = json.loads((study_dir / "results.json").read_text())
     assert (study_dir / "ray" / "trials").is_dir(), "4 logical CPUs hold both 2-worker trials: Ray Tune ran them at once"
     narrow, wide = sorted(results["entries"], key=lambda e: e["width"])
@@ -258,7 +258,7 @@ SCALING_MODEL = ["data.dataset=digits", "model.hidden_sizes=[32]", "optimizer.lr
 SCALING_STUDY = ["trainer.log_every=2", "study.workers=[2]", "study.throughput_kinds=[strong]",
                  "study.throughput_steps=8", "study.strong_batch_size=64", "study.batch_sizes=[16,64]",
                  "study.target_loss=1.0", "study.max_steps=300", "study.optimizers=[sgd, {name: lars, lr: 1.0}]",
-                 "tracking.wandb_mode=disabled", "trainer.profile_steps=[4,5]"]
+                 *QUIET, "trainer.profile_steps=[4,5]"]
 
 
 @pytest.fixture(scope="module")
@@ -432,7 +432,7 @@ def test_a_diverged_trial_fails_the_study_in_one_line(ray_local, tmp_path, capsy
                      "optimizer.lr=1e30", "trainer.log_every=2", "study.workers=[2]", "study.throughput_kinds=[strong]",
                      "study.throughput_steps=4", "study.strong_batch_size=64", "study.batch_sizes=[64]",
                      "study.max_steps=20", "study.max_concurrent_trials=1", f"run.storage_path={tmp_path}",
-                     "tracking.wandb_mode=disabled"])
+                     *QUIET])
     err = capsys.readouterr().err
     assert code == 1, err
     [line] = [line for line in err.splitlines() if line.startswith("distdl: error:")]

@@ -18,9 +18,9 @@ import pytest
 from distdl.engine.checkpoints import latest_checkpoint
 from distdl.errors import ConfigError
 from distdl.rundir import read_metrics, read_summary
+from tests.helpers.shared import QUIET, REPO
 
 pytestmark = pytest.mark.distributed
-REPO = Path(__file__).resolve().parents[2]
 
 
 def wait_for(condition, timeout_s: float, what: str) -> None:
@@ -47,7 +47,7 @@ def test_a_killed_slice_of_the_glue_search_resumes_and_report_glue_picks_its_bes
                "sweep.space.optimizer.lr={grid: [5.0e-4]}", "trainer.micro_batch_size=8",
                f"model.name_or_path={tiny_bert}", f"data.path={glue_dir}", "data.max_seq_length=32",
                "trainer.log_every=5", "trainer.eval_every=5", "trainer.checkpoint_every=5",
-               f"run.storage_path={tmp_path}", "tracking.wandb_mode=disabled", "tracking.progress_bar=false"]
+               f"run.storage_path={tmp_path}", *QUIET]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     sweep_dir = tmp_path / "glue-rte-sweep"
     first = sweep_dir / "trials" / "trial00000-global_batch_size16-epochs2-lr0.0005"

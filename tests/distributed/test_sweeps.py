@@ -9,15 +9,14 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from distdl import cli
 from distdl.rundir import read_metrics, read_summary
+from tests.helpers.shared import QUIET, REPO
 
 pytestmark = pytest.mark.distributed
-REPO = Path(__file__).resolve().parents[2]
 LAPTOP = REPO / "configs/resnet/mnist_laptop.yaml"
 # Real 8x8 digits and a small MLP: 40 steps, evaluated every 10. SGD learns them at lr 0.3 and
 # barely moves at 0.001. Optuna (TPE, seeded by run.seed) proposes the rates; seeded 6, it draws
@@ -29,7 +28,7 @@ DIGITS_SWEEP = [
     "sweep.scheduler=asha", "sweep.reduction_factor=2", "data.dataset=digits", "model.name=mlp",
     "model.hidden_sizes=[32]", "trainer.epochs=null", "trainer.max_steps=40", "trainer.eval_every=10",
     "trainer.checkpoint_every=20", "trainer.log_every=10", "scheduler.name=constant", "scheduler.warmup_ratio=0",
-    "tracking.wandb_mode=disabled", "tracking.progress_bar=false"]
+    *QUIET]
 
 
 def test_optuna_proposes_asha_stops_the_poor_trials_mid_run_and_the_best_trial_exports(tmp_path):

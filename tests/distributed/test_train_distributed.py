@@ -10,6 +10,7 @@ import torch
 from distdl.engine.checkpoints import latest_checkpoint
 from distdl.rundir import read_metrics
 from tests.helpers.bert_runs import QUICKSTART, run
+from tests.helpers.shared import QUIET
 
 pytestmark = pytest.mark.distributed
 
@@ -167,7 +168,7 @@ def test_worker_error_is_one_clear_line(ray_local, tmp_path, corpus, capsys):
 
     args = ["train", str(QUICKSTART), f"run.storage_path={tmp_path}", f"data.path={corpus}",
             "workload=bert_pretrain_broken_node", "trainer.max_steps=2", "tokenizer.vocab_size=1000",
-            "data.max_seq_length=32", "tracking.wandb_mode=disabled", "tracking.progress_bar=false"]
+            "data.max_seq_length=32", *QUIET]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "distdl: error: worker 1 failed:" in err and "corpus shard unreadable on this node" in err

@@ -12,9 +12,9 @@ from distdl.cluster.connect import connect_ray
 from distdl.config import load_config
 from distdl.driver import train
 from distdl.rundir import read_metrics
+from tests.helpers.shared import QUIET, REPO
 
 pytestmark = pytest.mark.distributed
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def classifier_run(ray_local, tmp_path_factory, mnist_root):
     """A ResNet-20 trained on the digits: tested below, and the feature space of the GANs' Frechet distance."""
     config = load_config(REPO / "configs/resnet/mnist_laptop.yaml", [
         f"data.path={mnist_root}", f"run.storage_path={tmp_path_factory.mktemp('runs')}", "trainer.epochs=2",
-        "trainer.log_every=5", "engine.zero_stage=1", "tracking.wandb_mode=disabled", "tracking.progress_bar=false",
+        "trainer.log_every=5", "engine.zero_stage=1", *QUIET,
     ])
     return config, train(config, connect_ray)
 
@@ -47,7 +47,7 @@ def test_lars_learns_real_digits_at_zero2(ray_local, tmp_path, mnist_root):
     config = load_config(REPO / "configs/resnet/mnist_laptop.yaml", [
         f"data.path={mnist_root}", f"run.storage_path={tmp_path}", "trainer.epochs=2", "trainer.log_every=5",
         "engine.zero_stage=2", "optimizer.name=lars", "optimizer.lr=2.0", "scheduler.name=polynomial",
-        "scheduler.power=2", "scheduler.warmup_ratio=0.1", "tracking.wandb_mode=disabled", "tracking.progress_bar=false"])
+        "scheduler.power=2", "scheduler.warmup_ratio=0.1", *QUIET])
     summary = train(config, connect_ray)
     losses = [m["loss"] for m in read_metrics(config.run_dir) if "loss" in m]
     assert losses[-1] < 0.2 * losses[0], losses
@@ -59,7 +59,7 @@ def gan(tmp_path: Path, mnist_root: Path, config_name: str, *overrides: str):
     config = load_config(REPO / "configs" / "gan" / config_name, [
         f"data.path={mnist_root}", f"run.storage_path={tmp_path}", "trainer.max_steps=8", "trainer.log_every=2",
         "trainer.eval_every=4", "trainer.checkpoint_every=4", "model.generator_width=16",
-        "model.discriminator_width=16", "tracking.progress_bar=false", "tracking.wandb_mode=disabled", *overrides,
+        "model.discriminator_width=16", *QUIET, *overrides,
     ])
     return config, train(config, connect_ray)
 
@@ -129,7 +129,7 @@ def test_a_resnet18_exports_weights_torchvision_loads_strictly_with_the_runs_acc
         f"data.path={digits_folder}", "data.dataset=imagefolder", "data.image_size=32", "model.name=resnet18",
         f"run.storage_path={tmp_path}", "trainer.epochs=null", "trainer.max_steps=20", "trainer.log_every=10",
         "trainer.micro_batch_size=16", "trainer.global_batch_size=32", "optimizer.lr=0.05",
-        "tracking.wandb_mode=disabled", "tracking.progress_bar=false"])
+        *QUIET])
     summary = train(config, connect_ray)
     assert cli.main(["export", str(config.run_dir), str(tmp_path / "exported")]) == 0
     spec = json.loads((tmp_path / "exported" / "model.json").read_text())

@@ -7,8 +7,9 @@ from pathlib import Path
 from distdl.cluster.connect import connect_ray
 from distdl.config import load_config
 from distdl.driver import train
+from tests.helpers.shared import QUIET, TINY
 
-QUICKSTART = Path(__file__).resolve().parents[2] / "configs/bert/pretrain_tiny.yaml"
+QUICKSTART = TINY
 
 
 def overrides(tmp_path: Path, corpus: Path, *extra: str) -> list[str]:
@@ -25,8 +26,7 @@ def overrides(tmp_path: Path, corpus: Path, *extra: str) -> list[str]:
         "data.max_seq_length=64",
         "optimizer.lr=2e-3",
         "scheduler.warmup_steps=2",
-        "tracking.wandb_mode=disabled",
-        "tracking.progress_bar=false",
+        *QUIET,
         *extra,
     ]
 

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -15,8 +14,8 @@ from distdl.config import load_config
 from distdl.driver import check_run_dir
 from distdl.errors import RunDirError
 from distdl.rundir import CONFIG_FILE
+from tests.helpers.shared import QUIET, REPO
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs/bert/pretrain_tiny.yaml"
 
 
@@ -65,7 +64,7 @@ def test_bad_deepspeed_json_fails_before_ray(tmp_path, monkeypatch):
     config = load_config(TINY, [f"run.storage_path={tmp_path / 'runs'}", f"data.path={corpus}",
                                 f"engine.deepspeed_config={bad_json}", "tokenizer.vocab_size=200",
                                 "data.max_seq_length=16", "trainer.micro_batch_size=2", "trainer.global_batch_size=4",
-                                f"data.cache_dir={tmp_path / 'hf'}", "tracking.wandb_mode=disabled"])
+                                f"data.cache_dir={tmp_path / 'hf'}", *QUIET])
 
     def ray_starts(config):
         raise AssertionError("Ray would start here")

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
 from distdl.config import config_from_dict, load_config, resolve_epochs
 from distdl.errors import ConfigError
-
-TINY = Path(__file__).resolve().parents[2] / "configs/bert/pretrain_tiny.yaml"
+from tests.helpers.shared import CONFIGS, TINY
 
 
 def load(*overrides):
@@ -290,12 +287,12 @@ def test_sam_is_refused_where_it_cannot_run_and_names_why():
     assert "optimizer.sam needs engine.zero_stage 0, 1 or 2" in message and "partition" in message
     message = error("optimizer.sam.rho=0.1", "engine.precision=fp16", "scaling.use_gpu=true")
     assert "optimizer.sam needs engine.precision fp32 or bf16" in message and "loss scale" in message
-    message = error("optimizer.sam.rho=0.1", path=TINY.parents[1] / "gan/dcgan_mnist.yaml")
+    message = error("optimizer.sam.rho=0.1", path=CONFIGS / "gan/dcgan_mnist.yaml")
     assert "optimizer.sam is not available for workload gan: its generator and discriminator" in message
 
 
 def test_noise_settings_that_cannot_work_are_refused_naming_the_key():
-    laptop = TINY.parents[1] / "resnet/mnist_laptop.yaml"  # global batch 128, micro-batch 64
+    laptop = CONFIGS / "resnet/mnist_laptop.yaml"  # global batch 128, micro-batch 64
 
     def refused(*overrides: str) -> str:
         return error(*overrides, path=laptop)
@@ -388,7 +385,7 @@ def test_impossible_values_are_refused(override, culprit):
         load_config(TINY, [override])
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml")),
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")),
                          ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     if path.parent.name == "studies":  # a training config plus a study: section
@@ -426,7 +423,6 @@ def test_bad_epoch_settings_are_named(override, shown):
     assert override.split("=")[0] in message and shown in message
 
 
-CONFIGS = TINY.parents[1]
 
 
 @pytest.mark.parametrize("config, override, expected", [

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 
 from distdl.config import load_config
 from distdl.engine.deepspeed_config import build_deepspeed_config, merge_deepspeed_config
 from distdl.errors import ConfigError
-
-TINY = Path(__file__).resolve().parents[2] / "configs/bert/pretrain_tiny.yaml"
+from tests.helpers.shared import TINY
 
 
 def ds_config(*overrides):

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 
 import pytest
 import yaml
 
 from distdl.config import FIXED_SECTIONS
 from distdl.registry import WORKLOADS
+from tests.helpers.shared import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 REFERENCE = REPO / "docs" / "configuration.md"
 
 

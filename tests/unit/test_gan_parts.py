@@ -11,6 +11,7 @@ import torch
 from distdl.errors import ConfigError
 from distdl.models.dcgan import Discriminator, Generator
 from distdl.workloads.frechet import feature_statistics, frechet_distance, inception_features, load_inception
+from tests.helpers.shared import REPO
 
 
 @pytest.mark.parametrize("channels, size", [(1, 28), (3, 32), (3, 64)])
@@ -137,7 +138,6 @@ def test_inception_weights_that_are_missing_foreign_or_pickled_code_are_refused(
 
 # ----------------------------------------------------------------------------- config checks
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def gan_config_error(*overrides: str) -> str:

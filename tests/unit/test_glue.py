@@ -18,8 +18,8 @@ from distdl.data import glue
 from distdl.errors import ConfigError
 from distdl.glue_report import bert_paper_average, glue_table
 from tests.helpers.glue_fixtures import SIZES
+from tests.helpers.shared import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 PAIR_TASKS = [name for name, task in glue.TASKS.items() if len(task.text_columns) == 2]
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[2] / "distdl"
-README = PACKAGE.parent / "README.md"
+from tests.helpers.shared import REPO
+
+PACKAGE = REPO / "distdl"
+README = REPO / "README.md"
 
 # Top to bottom: each layer's name and its units (a module, or a package with every module under it
 # that no longer unit names). A unit may import its own modules and any unit of a lower layer.

@@ -14,15 +14,13 @@ import sys
 import time
 import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
 
 from distdl.cli import main
 from distdl.rundir import RAY_SNAPSHOT, SNAPSHOT_BACKUP, RunStorage, back_up_snapshot, restore_snapshot
 from tests.conftest import S3_CREDENTIALS
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.shared import QUIET, REPO
 
 
 @pytest.fixture(params=["folder", "s3"])
@@ -136,7 +134,7 @@ def test_a_bucket_that_cannot_be_used_stops_train_naming_the_uri(s3_server, case
         monkeypatch.setenv("AWS_ENDPOINT_URL", request.getfixturevalue("refusing_server"))
     monkeypatch.chdir(tmp_path)
     status = main(["train", str(REPO / "configs/resnet/mnist_laptop.yaml"), f"run.storage_path=s3://{bucket}/team",
-                   "run.name=bad", "data.dataset=mnist5k", "tracking.wandb_mode=disabled"])
+                   "run.name=bad", "data.dataset=mnist5k", *QUIET])
     said = capsys.readouterr()
     assert status == 2
     reason = {"missing bucket": "NO_SUCH_BUCKET", "unreachable endpoint": "Could not connect",

@@ -20,8 +20,8 @@ from distdl.planning.model import (
     ring_allreduce_seconds,
     steps_to_target,
 )
+from tests.helpers.shared import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "clusters").glob("*.yaml"))
 NODE = ClusterSpec(gpu="A100", gpus_per_node=8, intra_node=Link(300.0, 3.0), inter_node=Link(25.0, 8.0))
 BERT_LARGE = 340e6 * 2  # bf16 gradients of BERT-large

@@ -11,6 +11,7 @@ import pytest
 
 from distdl.data import prepared, text
 from distdl.errors import ConfigError
+from tests.helpers.shared import CONFIGS, TINY
 from tests.unit.test_text_data import english_like_lines
 
 SEQ = 32
@@ -168,7 +169,6 @@ def test_a_missing_partial_or_corrupt_shard_is_named(shard_folder):
 
 # ----------------------------------------------------------------------------- refusals before Ray starts
 
-TINY = Path(__file__).resolve().parents[2] / "configs/bert/pretrain_tiny.yaml"
 
 
 def no_ray(config) -> None:
@@ -196,7 +196,7 @@ def test_prepare_refuses_what_it_cannot_prepare_and_leaves_it_alone(tmp_path, co
             corpus, tokenizer_dir, tmp_path / "new", "data.lines_per_shard=1500"),
         "data.prepared_path is required": load_config(TINY, [f"data.path={corpus}"]),
         "workload 'resnet' with this data has no preparation step": load_config(
-            TINY.parents[1] / "resnet/mnist_laptop.yaml", [f"data.path={tmp_path}"]),
+            CONFIGS / "resnet/mnist_laptop.yaml", [f"data.path={tmp_path}"]),
     }
     for message, config in cases.items():
         with pytest.raises(ConfigError, match=message):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -11,8 +9,8 @@ from distdl.config import load_config
 from distdl.errors import ConfigError
 from distdl.optim import optimizer_factory, scheduler_factory
 from distdl.optim.layerwise import Lamb, Lars
+from tests.helpers.shared import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 LR, STEPS, WARMUP = 0.4, 20, 4
 
 

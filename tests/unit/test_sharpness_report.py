@@ -11,8 +11,8 @@ import pytest
 
 from distdl.studies.base import read_study_file
 from distdl.studies.sharpness import SharpnessStudy
+from tests.helpers.shared import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 VARIANTS = REPO / "configs/studies/sharpness_variants.yaml"
 # The variants study as Adam at equal epochs, batch 32 against 1000, on which the arithmetic below is done.
 ADAM = ["study.batch_sizes=[32,1000]", "study.seeds=[0,1]", "study.protocols=[equal_epochs]",

@@ -3,8 +3,6 @@ scheduler, trial names, and bad input refused before any trial starts, naming th
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from distdl import cli
@@ -13,8 +11,8 @@ from distdl.errors import ConfigError
 from distdl.sweeps.report import TUNE_TRIAL_ID
 from distdl.sweeps.runner import read_sweep
 from distdl.sweeps.section import search_algorithm, search_space, trial_name, trial_scheduler
+from tests.helpers.shared import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 SEARCH = REPO / "configs/glue/search.yaml"
 MRPC = REPO / "configs/glue/mrpc.yaml"
 LAPTOP = REPO / "configs/resnet/mnist_laptop.yaml"

@@ -12,8 +12,8 @@ import pytest
 from distdl import cli
 from distdl.studies.base import read_study_file
 from distdl.studies.temperature import TemperatureStudy, temperature_exponent
+from tests.helpers.shared import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 TEMPERATURE = REPO / "configs/studies/temperature.yaml"
 RATES, BATCHES = [0.01, 0.03, 0.1, 0.3], [16, 64, 256]
 

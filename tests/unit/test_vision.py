@@ -13,8 +13,8 @@ from distdl.data import vision
 from distdl.errors import ConfigError
 from distdl.models.resnet import CIFAR_RESNETS, MODEL_NAMES, TORCHVISION_RESNETS, build_resnet
 from distdl.optim import effective_lr
+from tests.helpers.shared import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 LAPTOP = REPO / "configs" / "resnet" / "mnist_laptop.yaml"
 
 

@@ -13,7 +13,7 @@ from distdl.errors import ConfigError
 from distdl.workloads import warm_start
 from distdl.workloads.base import WorkerContext
 from distdl.workloads.bert_pretrain import POSITIONS, BertPretrain
-from tests.conftest import CORPUS, REPO
+from tests.helpers.shared import CORPUS, REPO
 
 SOURCE_POSITIONS = 64
 
