@@ -1,7 +1,8 @@
-"""The run directory's layout: the files distdl and Ray Train keep there, and how to read them.
+"""The run directory's layout: the files distdl and Ray Train keep there, where the run lives (a
+folder or object storage), and how to read its config, metrics, summary (and how the run ended) and
+Ray Train's checkpoint record. Nothing here imports from the layers above.
 
-Everything that reads a run directory (the driver, the worker loop, export, workloads that load
-another run) goes through here; nothing here imports from the layers above.
+What is inside a checkpoint, and which checkpoint is the latest or best, is distdl/engine/checkpoints.py's.
 """
 
 from __future__ import annotations

@@ -41,6 +41,36 @@ def test_resnet_learns_real_digits_with_zero1(classifier_run):
         assert memory["peak_rss_mib"] > memory["parameters_mib"]
 
 
+def test_a_classifier_run_is_rebuilt_from_its_classifier_json_without_reading_its_data(classifier_run, tmp_path,
+                                                                                       monkeypatch):
+    """What a GAN measures its Frechet distance with: the run's own classifier.json and its latest
+    weights. A run from before that file was kept is rebuilt from its config and data set, the same."""
+    import shutil
+
+    import torch
+
+    from distdl.data import vision
+    from distdl.workloads.classifier_run import CLASSIFIER_FILE, trained_classifier
+
+    config, _ = classifier_run
+    older = tmp_path / "older"
+    shutil.copytree(config.run_dir, older)
+    (older / CLASSIFIER_FILE).unlink()
+    from_config = trained_classifier(older, key="eval.classifier_run")
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the classifier's data set was read")
+
+    monkeypatch.setattr(vision, "load_vision", unread)
+    from_json = trained_classifier(config.run_dir, key="eval.classifier_run")
+    assert (from_json.mean, from_json.std) == (from_config.mean, from_config.std) == ((0.1307,), (0.3081,))
+    images = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = from_json.model(images)
+        assert torch.equal(logits, from_config.model(images))
+    assert not from_json.model.training and logits.shape == (4, 10)
+
+
 def test_lars_learns_real_digits_at_zero2(ray_local, tmp_path, mnist_root):
     """LARS, its layer norms gathered from ZeRO-2's flat partitions across the two ranks, with MLPerf's
     power-2 polynomial schedule. Measured here: top-1 0.837 at lr 2 (0.847 at lr 8); chance is 0.1."""
