@@ -1,4 +1,4 @@
-"""Shared fixtures. Distributed tests share one local Ray instance for the whole test run (ray.init costs ~8 s)."""
+"""Shared fixtures. Distributed tests share one local Ray instance per module (ray.init costs ~8 s)."""
 
 from __future__ import annotations
 
@@ -60,17 +60,15 @@ def s3_server():
             os.environ[key] = value
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local(s3_server):
-    """One embedded Ray for the whole test run, for the tests that train through Ray Train in this
-    process (its start costs about 8 s, its shutdown a few more). Its workers inherit the S3 server's
-    address, started before it. Each run leaves nothing behind in it: Ray Train removes a run's actors
-    and placement group when the run ends. What needs a Ray of its own (a cluster of `ray start` nodes,
-    a killed driver) starts one in a process of its own."""
+    """An embedded Ray for one test module; its workers inherit the S3 server's address, started before it.
+
+    Not one Ray for the whole test run: tried, the first Ray Train run after tests/distributed/
+    test_every_path.py (which runs the driver's side of its runs in this process) hung for 17 minutes
+    inside Ray's GCS client, exporting Ray Train's controller class. A fresh Ray per module does not."""
     import ray
 
-    if ray.is_initialized():  # a test that connected by itself: its Ray may hold fewer CPUs
-        ray.shutdown()
     # 4 logical CPUs: two 1-CPU workers plus Ray Train's controller, on a 2-core machine.
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield

@@ -69,8 +69,18 @@ def saved_world_size(checkpoint: str | Path | list[str]) -> Optional[int]:
     return len(list(Path(checkpoint).glob(pattern))) or None
 
 
-# ----------------------------------------------------------------------------- DeepSpeed's files
+def engine_folder(checkpoint_dir: str | Path, engine: str, engines: int) -> Path:
+    """Where one of a workload's `engines` engines saves in a checkpoint folder: the folder itself for a
+    single engine, else a sub-folder named after the engine (a GAN's generator/ and discriminator/)."""
+    return Path(checkpoint_dir) if engines == 1 else Path(checkpoint_dir) / engine
 
+
+def deepspeed_tag(step: int) -> str:
+    """The name of the folder DeepSpeed writes an engine's files into (its `latest` file names it)."""
+    return f"global_step{step}"
+
+
+# ----------------------------------------------------------------------------- DeepSpeed's files
 
 
 def _tagged_model_states(checkpoint_dir: Path) -> tuple[Path, list[Path]]:

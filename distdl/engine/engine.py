@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from distdl.collectives import all_reduce_sum, distributed, world_size
 from distdl.config import OptimizerSection, SharpnessAwareSection
+from distdl.engine.checkpoints import deepspeed_tag, engine_folder
 from distdl.engine.zero_fragments import fragment_layouts
 from distdl.errors import CheckpointError
 from distdl.optim import LangevinNoise
@@ -284,7 +285,7 @@ class Engine:
     # -- checkpoints
     def save(self, directory: str | Path, client_state: dict[str, Any]) -> None:
         """Every rank calls this; each writes its own shards into `directory`."""
-        self._engine.save_checkpoint(str(directory), tag=f"global_step{self.global_steps}", client_state=client_state)
+        self._engine.save_checkpoint(str(directory), tag=deepspeed_tag(self.global_steps), client_state=client_state)
 
     def load(self, directory: str | Path, own_hyperparameters: bool = False) -> dict[str, Any]:
         """Restore weights, optimizer, LR schedule and step; return the saved client state.
@@ -445,7 +446,7 @@ class EngineSet:
         return {name: type(engine.inner_optimizer).__name__ for name, engine in self.engines.items()}
 
     def _folder(self, directory: str | Path, name: str) -> Path:
-        return Path(directory) if self.single else Path(directory) / name
+        return engine_folder(directory, name, len(self.engines))
 
     def save(self, directory: str | Path, client_state: dict[str, Any]) -> None:
         for name, engine in self.engines.items():
