@@ -1,5 +1,5 @@
 """Writes tests/fixtures/previous_layout/: a small run checkpointed by an earlier distdl, which every
-later distdl must still resume and export (tests/distributed/test_previous_layout.py).
+later distdl must still resume and export (tests/distributed/test_elastic.py).
 
 The fixture was written by distdl at commit 61bd0de, the last one before checkpoints moved into
 distdl/engine/checkpoints.py, from a checkout of that commit with this file copied in:
