@@ -405,10 +405,14 @@ def reshard_for_workers(storage: RunStorage, name: str, workers: int) -> Optiona
 # ----------------------------------------------------------------------------- a finished run's weights
 
 
+def _is_checkpoint_of_a_run(path: Path) -> bool:
+    """A local checkpoint_* folder inside a distdl run directory."""
+    return path.name.startswith(CHECKPOINT_PREFIX) and (path.parent / CONFIG_FILE).is_file()
+
+
 def is_run_location(path: Path) -> bool:
     """A local distdl run directory, or one of its checkpoint_* folders."""
-    return (path / CONFIG_FILE).is_file() or (path.name.startswith(CHECKPOINT_PREFIX)
-                                               and (path.parent / CONFIG_FILE).is_file())
+    return (path / CONFIG_FILE).is_file() or _is_checkpoint_of_a_run(path)
 
 
 class TrainedState:
@@ -458,10 +462,15 @@ def trained_state(run: str | Path, which: str = "latest", key: str = "") -> Trai
     metric) or a checkpoint_* name. A run on object storage is pulled into a copy of its own in this
     node's cache (a live run's working copy on the node stays as it is). Errors name `key`, the config
     key that named the run, when given."""
-    location = str(run).rstrip("/") if is_uri(str(run)) else str(Path(run).expanduser())
-    parent, _, named = location.rpartition("/")
-    if named.startswith(CHECKPOINT_PREFIX) and (is_uri(location) or (Path(parent) / CONFIG_FILE).is_file()):
-        location, which = parent, named
+    if is_uri(str(run)):
+        location = str(run).rstrip("/")
+        parent, _, named = location.rpartition("/")
+        if named.startswith(CHECKPOINT_PREFIX):  # a folder of the run on the store: its files are checked below
+            location, which = parent, named
+    else:
+        location = Path(run).expanduser()
+        if _is_checkpoint_of_a_run(location):
+            location, which = location.parent, location.name
     storage = RunStorage(location, key=key or "the run directory", cache="read")
     storage.pull()
     if not (storage.local / CONFIG_FILE).is_file():
