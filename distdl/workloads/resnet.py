@@ -32,7 +32,7 @@ from distdl.workloads.base import (
     evaluation_mode,
     summed_over_ranks,
 )
-from distdl.workloads.classifier_run import CLASSIFIER_FILE
+from distdl.workloads.classifier_run import CLASSIFIER_FILE, classifier_options, saved_spec, spec_of
 
 LOSSES = ("cross_entropy", "mse")
 
@@ -68,19 +68,13 @@ class LossSection:
 
 
 def build_classifier(section: ResNetModelSection, channels: int, image_size: int, classes: int) -> torch.nn.Module:
-    return classifiers.build_classifier(section.name, channels, image_size, classes, **_options(section))
+    return classifiers.build_classifier(section.name, channels, image_size, classes, **classifier_options(section))
 
 
 def fresh_classifier(section: ResNetModelSection, channels: int, image_size: int, classes: int) -> torch.nn.Module:
     """The classifier the config trains, freshly initialized (its residual stages checkpointed where configured)."""
     model = build_classifier(section, channels, image_size, classes)
     return checkpoint_residual_stages(model) if section.activation_checkpointing else model
-
-
-def _options(section: ResNetModelSection) -> dict[str, Any]:
-    return {"zero_init_residual": section.zero_init_residual, "width_multiplier": section.width_multiplier,
-            "hidden_sizes": section.hidden_sizes, "batch_norm": section.batch_norm, "width": section.width,
-            "train_output_layer": section.train_output_layer}
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, loss: LossSection,
@@ -137,7 +131,7 @@ class ResNetClassification(Workload):
             raise ConfigError(f"data.path: images come out as {tuple(image.shape)} (channels, height, width), "
                               f"not {expected}; set data.image_size, or check the image files")
         if config.run_dir.is_dir():
-            (config.run_dir / CLASSIFIER_FILE).write_text(json.dumps(_export_spec(config.sections, data), indent=2)
+            (config.run_dir / CLASSIFIER_FILE).write_text(json.dumps(spec_of(config.sections, data), indent=2)
                                                            + "\n")
         return len(data.train)
 
@@ -146,10 +140,7 @@ class ResNetClassification(Workload):
         """model.safetensors and model.json (distdl.models.classifiers): a torchvision ResNet on colour
         images loads into torchvision's constructor strictly; every classifier loads with
         `distdl.models.classifiers.load_exported`."""
-        saved = run_dir / CLASSIFIER_FILE
-        spec = (json.loads(saved.read_text()) if saved.is_file()
-                else _export_spec(sections, vision.load_vision(sections["data"])))  # runs from before it was kept
-        classifiers.write_exported(out_dir, spec, state_dict)
+        classifiers.write_exported(out_dir, saved_spec(run_dir, sections), state_dict)
 
     @classmethod
     def example_step(cls, config: Config) -> ExampleStep:
@@ -230,13 +221,6 @@ class ResNetClassification(Workload):
             raise RuntimeError(f"evaluation counted {int(count)} images of {len(self.data.eval)}")
         return {"eval_loss": loss_sum / count, "eval_top1": top1 / count, "eval_top5": top5 / count,
                 "eval_images": int(count)}
-
-
-def _export_spec(sections: dict[str, Any], data: vision.VisionData) -> dict[str, Any]:
-    spec = vision.spec_for(sections["data"])
-    return classifiers.export_spec(sections["model"].name, _options(sections["model"]), data.channels,
-                                   data.image_size, data.names(), spec.mean, spec.std,
-                                   vision.eval_resize(sections["data"], data.image_size))
 
 
 def _first_image(dataset: Any, data: vision.VisionDataSection) -> tuple[torch.Tensor, int]:
