@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -19,6 +20,7 @@ from typing import Any, Collection, Optional
 
 import torch
 
+from distdl.engine.safe_loading import check_tensors_only, load_tensors, tensors_only
 from distdl.errors import CheckpointError, ConfigError
 from distdl.rundir import (
     CHECKPOINT_PREFIX,
@@ -54,7 +56,7 @@ def restore_rng_state(directory: str | Path, rank: int, device: torch.device) ->
     rng_file = Path(directory) / RNG_FILE.format(rank=rank)
     if not rng_file.is_file():
         raise CheckpointError(f"checkpoint {directory} has no {rng_file.name}: it is incomplete")
-    state = torch.load(rng_file, weights_only=True)
+    state = load_tensors(rng_file)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -132,14 +134,17 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tenso
     checkpoint_dir = Path(checkpoint_dir)
     tag_dir, model_files = _tagged_model_states(checkpoint_dir)
     try:
-        model_states = torch.load(model_files[0], map_location="cpu", weights_only=False)
+        model_states = load_tensors(model_files[0])
         stage = int(model_states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
         # ZeRO 1-3 (and bf16 at stage 0, whose optimizer keeps the fp32 master weights) need the
         # optimizer shards; plain stage 0 keeps full fp32 weights in the model states.
         if stage > 0 or any(tag_dir.glob("bf16_zero_pp_rank_*")):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
+            with tensors_only(checkpoint_dir):
+                state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
         else:
             state = model_states["module"]
+    except CheckpointError:
+        raise
     except Exception as err:
         raise CheckpointError(f"checkpoint {tag_dir} could not be read: {err}") from err
     return {name: tensor.float() for name, tensor in state.items()}
@@ -223,7 +228,7 @@ def _adam_view(tag_dir: Path, view: Path, what: str) -> Optional[dict[str, str]]
     Adam's two moment slots, for DeepSpeed's converter, and which slot holds which state. None when the
     state is Adam's and the converter reads the tag as saved."""
     shards = sorted(file for file in tag_dir.iterdir() if _SHARD_RANK.match(file.name))
-    first_saved = torch.load(shards[0], map_location="cpu", weights_only=False)
+    first_saved = load_tensors(shards[0])
     first = first_saved["optimizer_state_dict"]
     if "base_optimizer_state" not in first:  # ZeRO-3's layout, which the converter reads as Adam's only
         keys = {key for state in first["optimizer_state_dict"]["state"].values() for key in state}
@@ -247,7 +252,7 @@ def _adam_view(tag_dir: Path, view: Path, what: str) -> Optional[dict[str, str]]
         if not _SHARD_RANK.match(file.name):
             _link_or_copy(file, view / file.name)  # the model states, unchanged and often large
             continue
-        saved = loaded.pop(file, None) or torch.load(file, map_location="cpu", weights_only=False)
+        saved = loaded.pop(file, None) or load_tensors(file)
         optimizer = saved["optimizer_state_dict"]
         states = optimizer["base_optimizer_state"]["state"]
         for group, partition in enumerate(optimizer["single_partition_of_fp32_groups"]):
@@ -269,15 +274,25 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+_CONVERTER = ("import runpy, sys, torch; from distdl.engine.safe_loading import checkpoint_types; "
+              "torch.serialization.add_safe_globals(checkpoint_types()); sys.argv[0] = 'ds_to_universal'; "
+              "runpy.run_module('deepspeed.checkpoint.ds_to_universal', run_name='__main__', alter_sys=True)")
+
+
 def _run_converter(source: Path, output: Path, tag_dir: Path) -> None:
     import subprocess
     import sys
 
-    # A process of its own: the converter fans out over process pools and prints its progress.
-    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
-               "--output_folder", str(output), "--inject_missing_state", "--num_extract_workers", "2",
-               "--num_merge_workers", "2"]
-    done = subprocess.run(command, capture_output=True, text=True)
+    # A process of its own: the converter fans out over process pools and prints its progress. It reads
+    # tensors only (tensors_only's switch reaches it through the environment; its forked pool inherits the
+    # allowed types).
+    command = [sys.executable, "-c", _CONVERTER, "--input_folder", str(source), "--output_folder", str(output),
+               "--inject_missing_state", "--num_extract_workers", "2", "--num_merge_workers", "2"]
+    with tensors_only(source):
+        done = subprocess.run(command, capture_output=True, text=True)
+    if "UnpicklingError" in done.stderr:
+        with tensors_only(source):  # the file it refused, named
+            raise pickle.UnpicklingError(done.stderr.strip().splitlines()[-1])
     if done.returncode != 0:
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
         raise CheckpointError(f"could not convert checkpoint {tag_dir} to DeepSpeed's universal checkpoint for "
@@ -379,6 +394,7 @@ def resume_checkpoint(storage: RunStorage) -> Optional[str]:
                                   "checkpoint")
     else:
         verify_checkpoint(storage.local / name)
+        check_tensors_only(storage.local / name)
     return name
 
 

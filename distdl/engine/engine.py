@@ -14,6 +14,7 @@ import torch.distributed as dist
 from distdl.collectives import all_reduce_sum, distributed, world_size
 from distdl.config import OptimizerSection, SharpnessAwareSection
 from distdl.engine.checkpoints import deepspeed_tag, engine_folder
+from distdl.engine.safe_loading import tensors_only
 from distdl.engine.zero_fragments import fragment_layouts
 from distdl.errors import CheckpointError
 from distdl.optim import LangevinNoise
@@ -315,7 +316,10 @@ class Engine:
     def _load_checkpoint(self, directory: Path, what: str, **options: Any) -> dict[str, Any]:
         """DeepSpeed's load_checkpoint with `options`; the saved client state. Errors name `what`."""
         try:
-            path, client_state = self._engine.load_checkpoint(str(directory), **options)
+            with tensors_only(directory):
+                path, client_state = self._engine.load_checkpoint(str(directory), **options)
+        except CheckpointError:
+            raise
         except Exception as err:  # DeepSpeed raises many types for damaged or foreign files
             raise CheckpointError(f"{what} could not be loaded: {err}") from err
         if path is None:

@@ -11,6 +11,7 @@ import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
+from distdl.engine.safe_loading import load_tensors, tensors_only
 from distdl.errors import ConfigError
 
 Statistics = dict[str, np.ndarray]
@@ -30,13 +31,13 @@ def frechet_distance(a: Statistics, b: Statistics) -> float:
 
 
 def load_inception(path: Path, key: str = "eval.inception_weights") -> torch.nn.Module:
-    """The FID InceptionV3 from a local weights file, checked to load without running pickled code
-    (torch-fidelity itself unpickles fully, so it only sees files that passed that check)."""
+    """The FID InceptionV3 from a local weights file, loaded without running pickled code: torch-fidelity's
+    own torch.load of it runs inside `tensors_only`, so the bytes it loads are the bytes checked."""
     hint = f"download {URL_INCEPTION_V3} once where there is network and point {key} at it"
     if not path.is_file():
         raise ConfigError(f"{key}: {path} is not a file; {hint}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensors(path)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means the file is not usable
         reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
         raise ConfigError(f"{key}: {path} is not a PyTorch weights file that loads safely "
@@ -44,7 +45,8 @@ def load_inception(path: Path, key: str = "eval.inception_weights") -> torch.nn.
     if not isinstance(state, dict):
         raise ConfigError(f"{key}: {path} holds a {type(state).__name__}, not a state dict; {hint}")
     try:
-        return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+        with tensors_only(path):
+            return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
     except RuntimeError as error:
         raise ConfigError(f"{key}: {path} is not the FID InceptionV3 (torch-fidelity's "
                           f"weights-inception-2015-12-05): {_mismatch(error)}; {hint}") from error

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from distdl.cli import main
@@ -32,7 +30,7 @@ from distdl.engine.checkpoints import (
 from distdl.errors import CheckpointError
 from distdl.models.classifiers import load_exported
 from distdl.rundir import CONFIG_FILE, read_metrics
-from tests.helpers.previous_layout import RUN_NAME
+from tests.helpers.previous_layout import FIXTURE, copy_run
 from tests.helpers.shared import QUIET, REPO
 
 pytestmark = pytest.mark.distributed
@@ -154,19 +152,9 @@ def test_state_the_universal_checkpoint_cannot_carry_is_refused_naming_why(local
 
 # ----------------------------------------------------------------------------- a checkpoint of an earlier distdl
 
-FIXTURE = REPO / "tests" / "fixtures" / "previous_layout"
-
-
 @pytest.fixture()
 def old_run(tmp_path) -> Path:
-    """The fixture's run directory, copied where this test keeps its runs: its config names where the
-    run lives, which is the one thing a moved run changes."""
-    run_dir = tmp_path / "runs" / RUN_NAME
-    shutil.copytree(FIXTURE / RUN_NAME, run_dir)
-    saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
-    saved["run"]["storage_path"] = str(run_dir.parent)
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
-    return run_dir
+    return copy_run(tmp_path / "runs")
 
 
 def assert_equal_weights(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], **tolerance) -> None:

@@ -147,6 +147,41 @@ def _train(rank: int, world: int, port: int, cases: list, checkpoints: str, out:
                      else _layout(world, *case) for case in cases}
 
 
+def _load_planted(rank: int, world: int, port: int, folder: str, kind: str, sentinel: str, out: dict) -> None:
+    import torch.distributed as dist
+
+    from distdl.errors import CheckpointError
+    from tests.helpers.gloo import torchrun_group
+    from tests.helpers.payloads import plant_kind
+
+    with torchrun_group(rank, world, port):
+        engine, _ = _engine("adamw", 2, "fp32", world, _model())
+        engine.save(folder, {})
+        dist.barrier()
+        if rank == 0:
+            plant_kind(Path(folder), kind, Path(sentinel))
+        dist.barrier()
+        fresh, _ = _engine("adamw", 2, "fp32", world, _model(seed=1))
+        try:
+            fresh.load(folder)
+            out[rank] = "loaded"
+        except CheckpointError as err:
+            out[rank] = str(err)
+
+
+@pytest.mark.parametrize("kind", ["model states", "optimizer states"])
+def test_deepspeeds_own_loader_refuses_a_planted_payload_naming_the_file(tmp_path, kind):
+    """DeepSpeed's load_checkpoint asks torch to unpickle in full; inside the engine it unpickles tensors and
+    DeepSpeed's few types only, on every rank, and the payload never runs."""
+    from tests.helpers.gloo import spawn_gloo
+
+    ranks = spawn_gloo(_load_planted, 2, str(tmp_path / "saved"), kind, str(tmp_path / "ran"))
+    for rank in range(2):
+        assert "asks for posix.system" in ranks[rank] and str(tmp_path / "saved" / "global_step0") in ranks[rank], \
+            ranks[rank]
+    assert not (tmp_path / "ran").exists()
+
+
 @pytest.mark.parametrize("world, cases", [(1, UPDATE_CASES[:1]), (2, UPDATE_CASES + LAYOUT_CASES)])
 def test_the_engines_update_is_a_plain_loops_on_the_global_batch(world, cases, tmp_path):
     from tests.helpers.gloo import spawn_gloo

@@ -38,6 +38,24 @@ def run_config(storage: Path, name: str, *extra: str):
     return load_config(config_file, [*OVERRIDES, f"run.storage_path={storage}", f"run.name={name}", *extra])
 
 
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "previous_layout"
+
+
+def copy_run(storage: Path) -> Path:
+    """The fixture's run directory, copied into `storage`: its config names where the run lives, which is
+    the one thing a moved run changes."""
+    import yaml
+
+    from distdl.rundir import CONFIG_FILE
+
+    run_dir = storage / RUN_NAME
+    shutil.copytree(FIXTURE / RUN_NAME, run_dir)
+    saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+    saved["run"]["storage_path"] = str(storage)
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
+    return run_dir
+
+
 def export_weights(run_dir: Path, target: Path) -> None:
     from distdl.cli import main
 

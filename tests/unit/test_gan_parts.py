@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from distdl.errors import ConfigError
 from distdl.models.dcgan import Discriminator, Generator
 from distdl.workloads.frechet import feature_statistics, frechet_distance, inception_features, load_inception
+from tests.helpers.payloads import plant
 from tests.helpers.shared import REPO
 
 
@@ -131,6 +133,12 @@ def test_inception_weights_that_are_missing_foreign_or_pickled_code_are_refused(
     torch.save(Path("not weights"), tmp_path / "pickled.pth")  # unpickling it would build an object
     with pytest.raises(ConfigError, match="pickled.pth is not a PyTorch weights file that loads safely"):
         load_inception(tmp_path / "pickled.pth")
+    # The real weights with a payload planted: refused naming what it asked for, and it never runs.
+    shutil.copyfile(inception_weights, tmp_path / "planted.pth")
+    plant(tmp_path / "planted.pth", tmp_path / "payload-ran")
+    with pytest.raises(ConfigError, match=r"planted.pth is not a PyTorch weights file .* asks for posix\.system"):
+        load_inception(tmp_path / "planted.pth")
+    assert not (tmp_path / "payload-ran").exists()
     (tmp_path / "truncated.pth").write_bytes(inception_weights.read_bytes()[:1000])
     with pytest.raises(ConfigError, match="truncated.pth is not a PyTorch weights file"):
         load_inception(tmp_path / "truncated.pth")
