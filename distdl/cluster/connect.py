@@ -9,14 +9,17 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from distdl.config import Config
+from distdl.engine.safe_loading import TRUST_VARIABLE
 from distdl.errors import ClusterError, ConfigError
 
-# Environment the workers need to see as the driver does (Ray clusters start workers elsewhere).
-FORWARDED_ENV = ("DISTDL_PLUGINS", "WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "HF_TOKEN", "HF_HOME",
-                 "HF_DATASETS_CACHE",
+# Environment the workers need to see as the driver does (Ray clusters start workers elsewhere). Never a
+# credential: Ray keeps a runtime_env with the job's record (readable by anyone holding the cluster's
+# token) and writes it into its logs. Workers find credentials where the user's environment puts them on
+# each node: inherited from the driver (embedded Ray) or the job (Slurm), or the node's own (docs/trust.md).
+FORWARDED_ENV = ("DISTDL_PLUGINS", TRUST_VARIABLE, "WANDB_MODE", "WANDB_BASE_URL", "HF_HOME", "HF_DATASETS_CACHE",
                  "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 # NCCL's settings (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...) are per cluster and set by the user on the driver.
 FORWARDED_PREFIXES = ("NCCL_",)
@@ -62,10 +65,22 @@ def connect_ray(config: Config) -> None:
         # The dashboard (on 127.0.0.1) serves the State API that Ray Train's placement-group cleaner polls;
         # without it the cleaner warns every second on the console.
         ray.init(num_cpus=config.ray.num_cpus, runtime_env={"env_vars": env_vars}, include_dashboard=True,
-                 log_to_driver=True, **quiet)
+                 log_to_driver=True, _temp_dir=private_temp_dir(), **quiet)
         restrict_default_token()
     else:
         join_cluster(config.ray.address, env_vars, quiet)
+
+
+def private_temp_dir() -> Optional[str]:
+    """Where an embedded Ray keeps its session (logs, sockets, the job's records): a fresh directory only
+    this user can enter (mode 0700), not Ray's default /tmp/ray, which any user of the machine can read.
+    Left behind, as Ray leaves its sessions, for the logs. None (Ray's choice) when the user set RAY_TMPDIR:
+    its protection is theirs."""
+    if os.environ.get("RAY_TMPDIR"):
+        return None
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="distdl-ray-")
 
 
 def restrict_default_token() -> None:

@@ -51,7 +51,8 @@ def ray_head(tmp_path_factory):
              f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=4", "--disable-usage-stats",
              f"--temp-dir={temp_dir}"]
     subprocess.run(start, check=True, capture_output=True, timeout=120, env=env_with_token(home, token), cwd=home)
-    yield {"gcs": f"127.0.0.1:{gcs_port}", "jobs": f"http://127.0.0.1:{dashboard_port}", "token": token}
+    yield {"gcs": f"127.0.0.1:{gcs_port}", "jobs": f"http://127.0.0.1:{dashboard_port}", "token": token,
+           "temp_dir": temp_dir}
     # Only this head's processes: `ray stop` would end every Ray instance on the machine (other tests' too).
     stop_processes_of(temp_dir)
     shutil.rmtree(temp_dir, ignore_errors=True)
@@ -72,17 +73,76 @@ def distdl(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.
                           timeout=timeout, cwd=REPO)
 
 
-def test_submit_ray_trains_through_the_jobs_api(ray_head, tmp_path, corpus):
-    overrides = [f"run.storage_path={tmp_path}", f"data.path={corpus}", "trainer.max_steps=4",
-                 "trainer.micro_batch_size=4", "trainer.global_batch_size=8", "tokenizer.vocab_size=1000",
-                 "data.max_seq_length=32", *QUIET]
-    done = distdl("submit", "ray", TINY, *overrides, "--address", ray_head["jobs"], "--follow",
-                  env=env_with_token(tmp_path, ray_head["token"]))
+def small_run(tmp_path: Path, corpus: Path) -> list[str]:
+    return [f"run.storage_path={tmp_path}", f"data.path={corpus}", "trainer.max_steps=4", "trainer.micro_batch_size=4",
+            "trainer.global_batch_size=8", "tokenizer.vocab_size=1000", "data.max_seq_length=32", *QUIET]
+
+
+def with_secrets(env: dict[str, str]) -> tuple[dict[str, str], list[str], str]:
+    """The environment with credentials planted (their values are what must appear nowhere), and a
+    setting distdl does forward, whose value shows where Ray writes what it is given."""
+    planted = {"WANDB_API_KEY": f"wandb-secret-{secrets.token_hex(16)}", "HF_TOKEN": f"hf_secret{secrets.token_hex(16)}"}
+    canary = f"http://canary-{secrets.token_hex(8)}.invalid"
+    return {**env, **planted, "WANDB_BASE_URL": canary}, list(planted.values()), canary
+
+
+def files_holding(root: Path, values: list[str]) -> list[str]:
+    """Every file under `root` that holds any of `values`, and which."""
+    found = []
+    for file in root.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            try:
+                data = file.read_bytes()
+            except OSError:  # a socket or a file Ray removes as we read
+                continue
+            found += [f"{file}: {value[:12]}..." for value in values if value.encode() in data]
+    return found
+
+
+def job_info(address: str, job_id: str, env: dict[str, str]) -> str:
+    """The Jobs API's record of a job, as its own client gives it to anyone holding the cluster's token."""
+    script = ("import sys; from ray.job_submission import JobSubmissionClient; "
+              "print(JobSubmissionClient(sys.argv[1]).get_job_info(sys.argv[2]))")
+    done = subprocess.run([sys.executable, "-c", script, address, job_id], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_submit_ray_trains_through_the_jobs_api_and_no_credential_travels(ray_head, tmp_path, corpus):
+    env, planted, canary = with_secrets(env_with_token(tmp_path, ray_head["token"]))
+    done = distdl("submit", "ray", TINY, *small_run(tmp_path, corpus), "--address", ray_head["jobs"], "--follow",
+                  env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "submitted Ray job distdl-bert-tiny-" in done.stdout and "SUCCEEDED" in done.stdout
     assert "ray job logs --address" in done.stdout
     summary = json.loads((tmp_path / "bert-tiny" / "summary.json").read_text())
     assert summary["completed"] and summary["steps"] == 4 and len(summary["ray_node_ids"]) == 2
+    job_id = done.stdout.split("submitted Ray job ", 1)[1].split()[0]
+    record = job_info(ray_head["jobs"], job_id, env)
+    assert canary in record, "the job's record holds its runtime environment"
+    assert not any(value in record for value in planted)
+    assert not any(value in done.stdout + done.stderr for value in planted)
+    assert files_holding(Path(ray_head["temp_dir"]), [canary]), "Ray's logs hold what the job was given"
+    assert not files_holding(Path(ray_head["temp_dir"]), planted)
+    assert not files_holding(tmp_path / "bert-tiny", planted)
+
+
+def test_an_embedded_run_keeps_rays_files_private_and_credentials_out_of_them(tmp_path, corpus):
+    scratch = Path(tempfile.mkdtemp(prefix="distdl-tmp-", dir="/tmp"))  # short: Unix socket paths
+    try:
+        env, planted, canary = with_secrets({**env_with_token(tmp_path, None), "TMPDIR": str(scratch)})
+        done = distdl("train", TINY, *small_run(tmp_path, corpus), env=env)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        sessions = list(scratch.glob("distdl-ray-*"))
+        assert len(sessions) == 1 and sessions[0].stat().st_mode & 0o777 == 0o700, sessions
+        assert files_holding(sessions[0], [canary]), "Ray's logs hold the runtime environment distdl gives it"
+        assert not files_holding(scratch, planted)
+        assert not files_holding(tmp_path / "bert-tiny", planted)
+        assert not any(value in done.stdout + done.stderr for value in planted)
+    finally:
+        stop_processes_of(str(scratch))
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def test_cluster_refuses_whoever_lacks_its_token(ray_head, tmp_path):
