@@ -141,8 +141,9 @@ def add_submit_commands(commands: Any) -> None:
                        help="first of the job's Ray ports (default: from the job id, so jobs sharing nodes differ)")
     slurm.add_argument("--dry-run", action="store_true", help="print the sbatch script instead of submitting it")
     ray.add_argument("--address", required=True, help="the cluster's Ray Jobs API (dashboard), http://HEAD:8265")
-    ray.add_argument("--working-dir", default=".", help="folder shipped to the cluster as the job's working "
-                     "directory; the config must be inside it (default: .)")
+    ray.add_argument("--working-dir", help="folder whose files are shipped to the cluster as the job's working "
+                     "directory; the config must be inside it (default: the config's git work tree). Its git-ignored "
+                     "files, credential files and a home directory are never shipped")
     ray.add_argument("--python", default="python", help="the cluster's Python with distdl installed (default: python)")
     ray.add_argument("--follow", action="store_true", help="stream the job's logs and exit with its outcome")
 
@@ -154,7 +155,8 @@ def run_submit(args: argparse.Namespace) -> int:
         raise ConfigError("--prepare and --study: a job either prepares data or runs a study; submit them apart")
     if args.target == "ray":
         plan = submit.plan_job(args.config, args.overrides, args.study, prepare=args.prepare)
-        return submit.submit_ray(plan, args.address, Path(args.working_dir), args.python, args.follow)
+        working_dir = Path(args.working_dir) if args.working_dir else None
+        return submit.submit_ray(plan, args.address, working_dir, args.python, args.follow)
     from distdl.cluster import slurm
 
     request = slurm.SlurmRequest(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,

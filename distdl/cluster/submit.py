@@ -8,11 +8,13 @@ checked as `distdl train` would; the job then runs the same `distdl train` (or `
 from __future__ import annotations
 
 import shlex
+import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
+from distdl.cluster import upload
 from distdl.cluster.connect import forwarded_env, use_cluster_token
 from distdl.config import RunSection, load_config, parse_override, read_yaml
 from distdl.driver import check_run_dir
@@ -89,20 +91,32 @@ def ray_entrypoint(plan: JobPlan, working_dir: Path, python: str) -> str:
     return shlex.join([python, "-m", "distdl.cli", *args, "ray.address=auto"])
 
 
-def submit_ray(plan: JobPlan, address: str, working_dir: Path, python: str, follow: bool) -> int:
-    """Submit to a running Ray cluster through the Ray Jobs API, the working directory as runtime env."""
+def submit_ray(plan: JobPlan, address: str, working_dir: Optional[Path], python: str, follow: bool) -> int:
+    """Submit to a running Ray cluster through the Ray Jobs API; the job's working directory is the
+    project's files (distdl/cluster/upload.py), by default those of the config's git work tree."""
     if not Path(plan.storage_path).is_absolute() and not is_uri(plan.storage_path):
         key = "data.prepared_path" if plan.args[0] == "prepare" else "run.storage_path"
         raise ConfigError(f"{key}={plan.storage_path!r} is relative: on a Ray cluster the job runs in a "
                           "temporary copy of the working directory, and the run would be lost with it. "
                           "Give an absolute path that the cluster's nodes share, or an object-store URI (s3://...)")
-    working_dir = working_dir.resolve()
+    config_file = Path(plan.args[2 if plan.args[0] == "study" else 1])
+    working_dir = (working_dir or upload.project_root(config_file)).resolve()
     entrypoint = ray_entrypoint(plan, working_dir, python)
+    files = upload.project_files(working_dir)
+    if PurePosixPath(config_file.resolve().relative_to(working_dir).as_posix()) not in files:
+        raise ConfigError(f"config {config_file} is not among the files the job receives from {working_dir} "
+                          "(a .gitignore excludes it?)")
+    upload.check_upload(working_dir, files)
     client = job_client(address)
     submission_id = f"distdl-{plan.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    runtime_env = {"working_dir": str(working_dir), "excludes": [".git", ".venv"], "env_vars": forwarded_env()}
-    job_id = submit_when_ready(client, entrypoint, submission_id, runtime_env)
+    stage = upload.staged_copy(working_dir, files)
+    try:
+        runtime_env = {"working_dir": str(stage), "env_vars": forwarded_env()}
+        job_id = submit_when_ready(client, entrypoint, submission_id, runtime_env)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     print(f"distdl: submitted Ray job {job_id} to {address}: {entrypoint}")
+    print(f"distdl: shipped {len(files)} files of {working_dir}")
     print(f"distdl: run directory {plan.run_dir}")
     print(f"distdl: follow with: ray job logs --address {address} --follow {job_id}; "
           f"stop with: ray job stop --address {address} {job_id}")
@@ -139,7 +153,9 @@ def _relative_to(config: Path, working_dir: Path) -> str:
 
 
 def job_client(address: str) -> Any:
-    """A Jobs API client, sending this user's Ray token when the cluster asks for one."""
+    """A Jobs API client, sending this user's Ray token when the cluster asks for one; a cluster that
+    would run the job without asking for one is refused."""
+    refuse_open_cluster(address)
     use_cluster_token()
     from ray.job_submission import JobSubmissionClient
 
@@ -149,6 +165,25 @@ def job_client(address: str) -> Any:
         raise ClusterError(f"cannot reach the Ray Jobs API at {address}: {str(err).splitlines()[0]}\n"
                           "Give the dashboard's address (http://HEAD:8265) of a running cluster, and its token "
                           "(RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) if it uses token authentication") from err
+
+
+def refuse_open_cluster(address: str, timeout_s: float = 10.0) -> None:
+    """Refuse a cluster whose Jobs API answers without a token (Ray before 2.52, or token authentication
+    turned off): anyone who reaches it runs code as its user and reads every job's record."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{address.rstrip('/')}/api/jobs/", timeout=timeout_s) as answer:
+            answered = answer.status
+    except urllib.error.HTTPError as err:
+        answered = err.code  # 401: it asks for a token
+    except (urllib.error.URLError, OSError, ValueError):
+        return  # unreachable or not http: the client says so
+    if answered == 200:
+        raise ClusterError(f"the Ray cluster at {address} takes jobs without a token: anyone who reaches it runs code "
+                           "as its user and reads every job's record. Start it with token authentication (Ray >= "
+                           "2.52 with RAY_AUTH_MODE=token; the default from Ray 2.60)")
 
 
 def follow_job(client: Any, job_id: str) -> int:
