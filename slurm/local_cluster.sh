@@ -5,17 +5,28 @@
 #   slurm/local_cluster.sh start   # installs the packages if needed (apt, as root); prints SLURM_CONF=...
 #   slurm/local_cluster.sh stop    # cancels the jobs, stops the daemons this script started
 #
-# Everything it writes lives in $DISTDL_SLURM_DIR (default /tmp/distdl-slurm); /etc is touched only
-# for munge's key and two /etc/hosts names. Commands reach this cluster with SLURM_CONF set to
-# $DISTDL_SLURM_DIR/slurm.conf, so a machine's own Slurm setup is left alone.
+# Everything it writes lives in $DISTDL_SLURM_DIR (default ~/.cache/distdl/slurm), a directory of the
+# user's own that it creates with mode 0700 and refuses when another user owns it (never a fixed path
+# under /tmp, which anyone could create first). /etc is touched only for munge's key and two /etc/hosts
+# names. Commands reach this cluster with SLURM_CONF set to $DISTDL_SLURM_DIR/slurm.conf, so a machine's
+# own Slurm setup is left alone.
 set -euo pipefail
 
-STATE=${DISTDL_SLURM_DIR:-/tmp/distdl-slurm}
+STATE=${DISTDL_SLURM_DIR:-${HOME:?}/.cache/distdl/slurm}
 CONF=$STATE/slurm.conf
 CPUS_PER_NODE=${DISTDL_SLURM_CPUS_PER_NODE:-2}
 NODE_MEMORY_MB=${DISTDL_SLURM_NODE_MEMORY_MB:-4000}
 
 die() { echo "local_cluster.sh: $*" >&2; exit 1; }
+
+private_state() {
+    mkdir -p "$(dirname "$STATE")"
+    mkdir -m 0700 "$STATE" 2>/dev/null || true
+    { [ -d "$STATE" ] && [ ! -L "$STATE" ]; } || die "$STATE (DISTDL_SLURM_DIR) is not a directory"
+    [ "$(stat -c %u "$STATE")" = "$(id -u)" ] \
+        || die "$STATE (DISTDL_SLURM_DIR) belongs to another user; set DISTDL_SLURM_DIR to a folder of your own"
+    chmod 0700 "$STATE"
+}
 
 install_packages() {
     command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
@@ -84,7 +95,7 @@ running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 start() {
     install_packages
     [ "$(id -u)" = 0 ] || die "starting slurmctld and slurmd needs root"
-    mkdir -p "$STATE"
+    private_state
     start_munge
     write_conf
     export SLURM_CONF=$CONF
@@ -104,6 +115,8 @@ start() {
 }
 
 stop() {
+    [ -e "$STATE" ] || return 0
+    private_state
     [ -f "$CONF" ] || return 0
     export SLURM_CONF=$CONF
     scancel --full --quiet --partition=debug 2>/dev/null || true

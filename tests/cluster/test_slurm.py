@@ -246,9 +246,24 @@ def slurm_cluster(tmp_path_factory):
     if started.returncode != 0:
         pytest.skip(f"cannot start a local Slurm cluster here: {started.stderr.strip()[-300:]}")
     os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+    assert state.stat().st_mode & 0o777 == 0o700, "the cluster's state is private to its user"
     yield
     subprocess.run([str(REPO / "slurm/local_cluster.sh"), "stop"], env=env, timeout=120)
     os.environ.pop("SLURM_CONF", None)
+
+
+def test_the_local_cluster_refuses_a_state_directory_another_user_owns(tmp_path):
+    """Its state never goes into a folder someone else made first (a fixed /tmp path could be)."""
+    if os.getuid() != 0:
+        pytest.skip("needs root, to give a folder to another user")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)  # nobody
+    for command in ("start", "stop"):
+        done = subprocess.run([str(REPO / "slurm/local_cluster.sh"), command], capture_output=True, text=True,
+                              env={**os.environ, "DISTDL_SLURM_DIR": str(theirs)}, timeout=300)
+        assert done.returncode == 1 and "belongs to another user" in done.stderr, (command, done.stderr)
+    assert list(theirs.iterdir()) == []
 
 
 def submit(storage: Path, name: str, *overrides: str) -> str:
