@@ -8,7 +8,10 @@ identical weights on both ranks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,26 @@ from distdl.workloads.base import WorkerContext
 from tests.helpers.shared import CORPUS, QUIET, REPO
 
 # ----------------------------------------------------------------------------- the checks
+
+
+@functools.cache
+def reference_peak_tflops(precision: str, threads: int) -> float:
+    """This machine's matmul peak at `precision` on `threads` threads, measured by the test itself (the
+    best of a second of 1024x1024 matmuls), not by the run whose MFU it bounds."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = (torch.randn(1024, 1024).to(torch.bfloat16 if precision == "bf16" else torch.float32) for _ in range(2))
+        torch.mm(a, b)
+        best, started = 0.0, time.perf_counter()
+        while time.perf_counter() - started < 1.0:
+            begin = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * 1024**3 / (time.perf_counter() - begin) / 1e12)
+        return best
+    finally:
+        torch.set_num_threads(saved)
+
 
 
 def check_run(config, summary) -> list[dict]:
@@ -44,8 +67,14 @@ def check_run(config, summary) -> list[dict]:
     evaluated = {key for metrics in read_metrics(config.run_dir) for key in metrics if key.startswith("eval_")}
     assert evaluated == set(WORKLOADS.get(config.workload).evaluation_metrics(config.sections)), evaluated
     usage = summary["utilization"]
-    assert usage["flops_per_step"] > 0 and 0 < usage["mean_mfu"] < 2, usage
+    assert usage["flops_per_step"] > 0 and usage["mean_mfu"] > 0, usage
     assert usage["peak_source"].startswith(f"measured {config.engine.precision} matmul"), usage
+    # No step beats the machine's matmul peak as the test measures it (the run's MFU is against a peak
+    # the run measured itself, which a busy machine can understate).
+    threads = int(re.search(r"on (\d+) CPU thread", usage["peak_source"]).group(1))
+    peak = reference_peak_tflops(config.engine.precision, threads)
+    assert all(metrics["tflops_per_device"] / peak < 1 for metrics in logged), ([m["tflops_per_device"] for m in logged],
+                                                                               peak)
     return logged
 
 
