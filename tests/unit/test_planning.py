@@ -60,24 +60,25 @@ def _timed_all_reduces(rank: int, world: int, port: int, sizes_mib: list[int], r
 
 def test_the_ring_formula_fitted_on_some_sizes_predicts_the_all_reduces_of_others():
     """Real gloo all-reduces between 2 processes, measured here: the ring formula with the link fitted to
-    the smallest and largest messages predicts the medians of the sizes between them (the formula's
-    shape, affine in the message with 2 (n-1)/n of it sent, is what is tested; a wrong factor is 2x off)."""
-    import statistics
-
+    the smallest and largest messages predicts the fastest all-reduces of the sizes between them, within
+    the spread of this 2-core machine (single sizes vary by up to 30% from run to run). What this checks
+    is the formula's shape, affine in the message; its factors, 2 (n-1)/n of the message and 2 (n-1)
+    latencies, are pinned on known numbers by the test above, which a wrong factor fails outright."""
     import numpy as np
 
     from tests.helpers.gloo import spawn_gloo
 
-    fitted, held_out = [1, 2, 32], [4, 8, 16]
-    ranks = spawn_gloo(_timed_all_reduces, 2, fitted + held_out, 9)
-    # An all-reduce ends for both ranks together: each repeat's time is the slower rank's.
-    median = {size: statistics.median(map(max, ranks[0][size], ranks[1][size])) for size in fitted + held_out}
-    slope, intercept = np.polyfit([size * 2**20 for size in fitted], [median[size] for size in fitted], 1,
-                                  w=[1 / median[size] for size in fitted])
+    fitted, held_out = [1, 2, 64], [8, 16, 32]  # held out where the message, not the latency, dominates
+    ranks = spawn_gloo(_timed_all_reduces, 2, fitted + held_out, 15)
+    # An all-reduce ends for both ranks together: each repeat's time is the slower rank's. The fastest
+    # repeat is the link's own time (a busy machine only adds to it), steadier than the median here.
+    best = {size: min(map(max, ranks[0][size], ranks[1][size])) for size in fitted + held_out}
+    slope, intercept = np.polyfit([size * 2**20 for size in fitted], [best[size] for size in fitted], 1,
+                                  w=[1 / best[size] for size in fitted])
     # For n = 2: t = 2 (n-1)/n M / bandwidth + 2 (n-1) latency = M / bandwidth + 2 latency.
     link = Link(bandwidth_gb_s=1 / slope / 1e9, latency_us=max(intercept, 0.0) / 2 * 1e6)
-    errors = {size: ring_allreduce_seconds(size * 2**20, 2, link) / median[size] - 1 for size in held_out}
-    assert all(abs(error) < 0.5 for error in errors.values()), (errors, median)
+    errors = {size: ring_allreduce_seconds(size * 2**20, 2, link) / best[size] - 1 for size in held_out}
+    assert all(abs(error) < 0.5 for error in errors.values()), (errors, best)
 
 
 def test_one_node_is_a_ring_and_several_are_hierarchical():

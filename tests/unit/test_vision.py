@@ -83,7 +83,9 @@ def test_mnist_files_are_read_by_torchvision_without_download(mnist_root):
     assert (len(data.train), len(data.eval), data.channels, data.classes) == (4000, 1000, 1, 10)
     image, label = data.train[0]
     assert image.shape == (1, 28, 28) and 0 <= label < 10
-    assert abs(float(image.mean())) < 1.0  # normalized with MNIST's mean and std
+    # Normalized with MNIST's mean and std: a black pixel is (0 - 0.1307) / 0.3081, a white one (1 - 0.1307) / 0.3081.
+    assert float(image.min()) == pytest.approx(-0.1307 / 0.3081, rel=1e-5)
+    assert float(image.max()) == pytest.approx((1 - 0.1307) / 0.3081, rel=1e-5)
 
 
 @pytest.mark.parametrize("name, train, held_out, size", [("digits", 1437, 360, 8), ("mnist5k", 4000, 1000, 28)])
