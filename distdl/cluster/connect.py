@@ -74,13 +74,16 @@ def connect_ray(config: Config) -> None:
 def private_temp_dir() -> Optional[str]:
     """Where an embedded Ray keeps its session (logs, sockets, the job's records): a fresh directory only
     this user can enter (mode 0700), not Ray's default /tmp/ray, which any user of the machine can read.
-    Left behind, as Ray leaves its sessions, for the logs. None (Ray's choice) when the user set RAY_TMPDIR:
-    its protection is theirs."""
+    Left behind, as Ray leaves its sessions, for the logs. Under /tmp as Ray's own, not $TMPDIR: Ray's Unix
+    sockets lie four folders down and their paths may not pass 107 bytes (a Slurm job's TMPDIR is long).
+    None (Ray's choice) when the user set RAY_TMPDIR: its protection is theirs."""
     if os.environ.get("RAY_TMPDIR"):
         return None
     import tempfile
 
-    return tempfile.mkdtemp(prefix="distdl-ray-")
+    # Ray makes the folder it is given world-writable (0777); the private one is the folder around it.
+    private = tempfile.mkdtemp(prefix="distdl-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    return os.path.join(private, "ray")
 
 
 def restrict_default_token() -> None:

@@ -129,20 +129,22 @@ def test_submit_ray_trains_through_the_jobs_api_and_no_credential_travels(ray_he
 
 
 def test_an_embedded_run_keeps_rays_files_private_and_credentials_out_of_them(tmp_path, corpus):
-    scratch = Path(tempfile.mkdtemp(prefix="distdl-tmp-", dir="/tmp"))  # short: Unix socket paths
+    before = set(Path("/tmp").glob("distdl-ray-*"))
+    env, planted, canary = with_secrets(env_with_token(tmp_path, None))
+    env.pop("RAY_TMPDIR", None)
+    done = distdl("train", TINY, *small_run(tmp_path, corpus), env=env)
+    sessions = sorted(set(Path("/tmp").glob("distdl-ray-*")) - before)
     try:
-        env, planted, canary = with_secrets({**env_with_token(tmp_path, None), "TMPDIR": str(scratch)})
-        done = distdl("train", TINY, *small_run(tmp_path, corpus), env=env)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        sessions = list(scratch.glob("distdl-ray-*"))
         assert len(sessions) == 1 and sessions[0].stat().st_mode & 0o777 == 0o700, sessions
         assert files_holding(sessions[0], [canary]), "Ray's logs hold the runtime environment distdl gives it"
-        assert not files_holding(scratch, planted)
+        assert not files_holding(sessions[0], planted)
         assert not files_holding(tmp_path / "bert-tiny", planted)
         assert not any(value in done.stdout + done.stderr for value in planted)
     finally:
-        stop_processes_of(str(scratch))
-        shutil.rmtree(scratch, ignore_errors=True)
+        for session in sessions:
+            stop_processes_of(str(session))
+            shutil.rmtree(session, ignore_errors=True)
 
 
 def test_cluster_refuses_whoever_lacks_its_token(ray_head, tmp_path):
