@@ -176,7 +176,7 @@ def test_unreachable_cluster_and_relative_storage_are_clear_errors(tmp_path):
     outside.write_text((REPO / TINY).read_text())
     cases = {f"cannot reach the Ray Jobs API at {closed}": [TINY, f"run.storage_path={tmp_path}"],
              "run.storage_path='runs' is relative": [TINY, "run.storage_path=runs"],
-             "outside the working directory": [str(outside), f"run.storage_path={tmp_path}"]}
+             "outside the working directory": [str(outside), f"run.storage_path={tmp_path}", "--working-dir", str(REPO)]}
     for message, args in cases.items():
         done = distdl("submit", "ray", *args, "--address", closed, env=env, timeout=120)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
