@@ -93,9 +93,11 @@ def trial_row(run_dir: Path, section: SweepSection, dimensions: list[Dimension],
     records = read_metrics(run_dir)
     summary = read_summary(run_dir)
     index = trial_index(run_dir.name)
-    status = ("finished" if run_outcome(summary).done else "failed" if index in failed or summary
-              else "stopped early" if section.scheduler == "asha"
-              else "replaced" if replaced_at_step is not None else "interrupted")
+    # Replaced comes first: under PBT a run's workers may still finish its last steps after Tune chose to
+    # continue its trial from another run's checkpoint (Ray Train reports without pausing the loop).
+    status = ("replaced" if replaced_at_step is not None else "finished" if run_outcome(summary).done
+              else "failed" if index in failed or summary else "stopped early" if section.scheduler == "asha"
+              else "interrupted")
     # A stopped trial, or a replaced PBT run, is ranked by what it reported before it was stopped
     # or replaced: its workers may log a step or an evaluation more before they are killed.
     last_seen = heard.get(index) if status == "stopped early" else replaced_at_step if status == "replaced" else None

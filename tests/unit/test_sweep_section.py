@@ -197,3 +197,25 @@ def test_pbt_perturbs_the_optimizer_keys_within_their_ranges_and_its_population_
     with pytest.raises(ConfigError, match="sweep.scheduler=pbt trains its population side by side: 8 trials, but 4 "
                                           "fit at once"):
         runner.check_placement(section, dimensions, base)
+
+
+def test_a_pbt_run_replaced_at_a_step_is_replaced_even_if_its_workers_finished_the_rest(tmp_path):
+    """Ray Train reports without pausing the loop: a run whose trial Tune continued from another run's
+    step-10 checkpoint may still finish its last steps. It is reported replaced, ranked by what it
+    reported up to step 10, whichever came first (a race the PBT test lost once on a busy machine)."""
+    import json
+
+    from distdl.sweeps.report import trial_row
+    from distdl.sweeps.section import SweepSection
+
+    config = load_config(LAPTOP, ["trainer.max_steps=15", f"run.storage_path={tmp_path}", "run.name=trial00001-lr0.001"])
+    run_dir = tmp_path / "trial00001-lr0.001"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(config.to_yaml())
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": step, "eval_top1": step / 100}) + "\n"
+                                                   for step in (5, 10, 15)))
+    (run_dir / "summary.json").write_text(json.dumps({"completed": True, "steps": 15}))
+    section = SweepSection(metric="eval_top1", mode="max", scheduler="pbt")
+    row = trial_row(run_dir, section, [], set(), {}, replaced_at_step=10)
+    assert (row["status"], row["best_step"], row["best"]) == ("replaced", 10, 0.1)
+    assert trial_row(run_dir, section, [], set(), {})["status"] == "finished"
