@@ -87,7 +87,7 @@ def written_value(config_file: Path, overrides: list[str], section: str, key: st
 
 def ray_entrypoint(plan: JobPlan, working_dir: Path, python: str) -> str:
     """The shell command the Ray job runs (Ray's job supervisor hands it to a shell): every word quoted."""
-    args = [_relative_to(Path(arg), working_dir) if _is_config_arg(plan, i) else arg for i, arg in enumerate(plan.args)]
+    args = [_relative_to(Path(arg), working_dir) if i == _config_index(plan) else arg for i, arg in enumerate(plan.args)]
     return shlex.join([python, "-m", "distdl.cli", *args, "ray.address=auto"])
 
 
@@ -99,7 +99,7 @@ def submit_ray(plan: JobPlan, address: str, working_dir: Optional[Path], python:
         raise ConfigError(f"{key}={plan.storage_path!r} is relative: on a Ray cluster the job runs in a "
                           "temporary copy of the working directory, and the run would be lost with it. "
                           "Give an absolute path that the cluster's nodes share, or an object-store URI (s3://...)")
-    config_file = Path(plan.args[2 if plan.args[0] == "study" else 1])
+    config_file = Path(plan.args[_config_index(plan)])
     working_dir = (working_dir or upload.project_root(config_file)).resolve()
     entrypoint = ray_entrypoint(plan, working_dir, python)
     files = upload.project_files(working_dir)
@@ -140,8 +140,9 @@ def submit_when_ready(client: Any, entrypoint: str, submission_id: str, runtime_
             time.sleep(3)
 
 
-def _is_config_arg(plan: JobPlan, index: int) -> bool:
-    return index == (2 if plan.args[0] == "study" else 1)
+def _config_index(plan: JobPlan) -> int:
+    """Where the config file stands in the job's arguments (after the study's name for a study)."""
+    return 2 if plan.args[0] == "study" else 1
 
 
 def _relative_to(config: Path, working_dir: Path) -> str:

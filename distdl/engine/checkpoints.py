@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import pickle
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,7 +19,7 @@ from typing import Any, Collection, Optional
 
 import torch
 
-from distdl.engine.safe_loading import check_tensors_only, load_tensors, tensors_only
+from distdl.engine.safe_loading import check_tensors_only, load_tensors, refused, tensors_only
 from distdl.errors import CheckpointError, ConfigError
 from distdl.rundir import (
     CHECKPOINT_PREFIX,
@@ -291,8 +290,7 @@ def _run_converter(source: Path, output: Path, tag_dir: Path) -> None:
     with tensors_only(source):
         done = subprocess.run(command, capture_output=True, text=True)
     if "UnpicklingError" in done.stderr:
-        with tensors_only(source):  # the file it refused, named
-            raise pickle.UnpicklingError(done.stderr.strip().splitlines()[-1])
+        raise refused(source, done.stderr.strip().splitlines()[-1])
     if done.returncode != 0:
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
         raise CheckpointError(f"could not convert checkpoint {tag_dir} to DeepSpeed's universal checkpoint for "

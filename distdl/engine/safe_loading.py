@@ -15,6 +15,7 @@ into them) load in full only from folders the user names in `DISTDL_TRUSTED_CHEC
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 from contextlib import contextmanager
@@ -40,8 +41,9 @@ def checkpoint_types() -> list[Callable[..., Any]]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def _allowed_names() -> set[str]:
-    return {f"{kind.__module__}.{kind.__qualname__}" for kind in checkpoint_types()}
+@functools.cache
+def _allowed_names() -> frozenset[str]:
+    return frozenset(f"{kind.__module__}.{kind.__qualname__}" for kind in checkpoint_types())
 
 
 def trusted_folders() -> list[Path]:
@@ -72,7 +74,7 @@ def tensors_only(location: str | Path) -> Iterator[None]:
         refusal = _unpickling_refusal(err)
         if refusal is None or isinstance(err, CheckpointError):  # not a refusal, or one already named
             raise
-        raise _refused(Path(location), refusal) from err
+        raise refused(location, refusal) from err
     finally:
         for name, value in saved.items():
             os.environ.pop(name, None)
@@ -94,8 +96,8 @@ def check_tensors_only(folder: str | Path) -> None:
     if is_trusted(folder):
         return
     for file in sorted(folder.rglob("*.pt")):
-        if unsafe_globals(file):
-            raise _refused(folder, pickle.UnpicklingError(f"{file} asks for more than tensors"))
+        if names := unsafe_globals(file):
+            raise _named_refusal(file, names, folder)
 
 
 def unsafe_globals(file: Path) -> list[str]:
@@ -119,16 +121,25 @@ def _unpickling_refusal(err: BaseException) -> pickle.UnpicklingError | None:
     return None
 
 
-def _refused(location: Path, refusal: pickle.UnpicklingError) -> CheckpointError:
-    """Name the file that asked for more than tensors, and the types it asked for."""
+def refused(location: str | Path, refusal: BaseException | str) -> CheckpointError:
+    """The error for a refusal met while reading under `location` (a file or a folder): it names the file
+    that asked for more than tensors and the types it asked for, found by reading (never executing) the
+    pickles; `refusal` (the unpickler's words) stands in when no file shows it any longer."""
+    location = Path(location)
     files = [location] if location.is_file() else sorted(location.rglob("*.pt")) if location.is_dir() else []
-    culprits = [(file, names) for file in files if (names := unsafe_globals(file))]
-    trust = (f"If these are your own files and you trust them, set {TRUST_VARIABLE}="
-             f"{location if location.is_dir() else location.parent} to load them in full")
-    if not culprits:
-        first_line = (str(refusal).strip().splitlines() or [""])[0][:300]
-        return CheckpointError(f"a torch file under {location} holds more than tensors, and distdl does not "
-                               f"unpickle it because that could run code ({first_line}). {trust}")
-    file, names = culprits[0]
+    folder = location if location.is_dir() else location.parent
+    for file in files:
+        if names := unsafe_globals(file):
+            return _named_refusal(file, names, folder)
+    first_line = (str(refusal).strip().splitlines() or [""])[0][:300]
+    return CheckpointError(f"a torch file under {location} holds more than tensors, and distdl does not unpickle it "
+                           f"because that could run code ({first_line}). {_trust_hint(folder)}")
+
+
+def _named_refusal(file: Path, names: list[str], folder: Path) -> CheckpointError:
     return CheckpointError(f"{file} asks for {', '.join(names)}, which a checkpoint of tensors never needs; distdl "
-                           f"does not unpickle it because that could run code. {trust}")
+                           f"does not unpickle it because that could run code. {_trust_hint(folder)}")
+
+
+def _trust_hint(folder: Path) -> str:
+    return f"If these are your own files and you trust them, set {TRUST_VARIABLE}={folder} to load them in full"
