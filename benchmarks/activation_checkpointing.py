@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from provenance import write_results
+
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = Path("/usr/share/common-licenses")
 
@@ -88,7 +90,7 @@ def main() -> None:
                                               for a, b in zip(off["memory_per_rank"], on["memory_per_rank"])]
     if off["samples_per_s"] and on["samples_per_s"]:
         results["samples_per_s_ratio_on_to_off"] = round(on["samples_per_s"] / off["samples_per_s"], 3)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
 
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES_MB = [1, 2, 4, 8, 16, 32, 64]
@@ -112,7 +113,7 @@ def main() -> None:
                      "predicted_s": float(predicted), "relative_error": float(predicted / median - 1),
                      "within_iqr": bool(low <= predicted <= high)})
     result = {"world": WORLD, "threads_per_process": 1, "repeats": args.repeats, "fit": line, "sizes": rows}
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     plot(times, line, args.out.with_suffix(".png"))
     print(json.dumps({"fit": line, "errors": {r["size_mib"]: round(r["relative_error"], 3) for r in rows}}, indent=2))
 

@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from provenance import write_results
+
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = Path("/usr/share/common-licenses")
 
@@ -69,7 +71,7 @@ def main() -> None:
             results["models"][model] = {"eager": eager, "compiled": compiled,
                                         "samples_per_s_ratio_compiled_to_eager":
                                             round(compiled["samples_per_s"] / eager["samples_per_s"], 3)}
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     print(json.dumps({model: {k: v for k, v in r.items() if k.endswith("ratio_compiled_to_eager")}
                       | {"compile_s": r["compiled"]["compile_s"]} for model, r in results["models"].items()}, indent=2))
 

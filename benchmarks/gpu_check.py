@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from provenance import write_results
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -181,7 +183,7 @@ def main() -> None:
     print(json.dumps(report, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_results(args.out, report)
 
 
 if __name__ == "__main__":

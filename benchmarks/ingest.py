@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from provenance import write_results
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -182,7 +184,7 @@ def main() -> None:
             "images_500x375_jpeg_crop224": image_rates(tmp / "large", tmp / "large-packed", 224),
         }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_results(args.out, result)
     print(json.dumps(result, indent=1))
 
 

@@ -13,7 +13,6 @@ an offloaded optimizer does per optimizer step on each rank for its partition.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
+from provenance import write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"mini": (4, 256, 4), "small": (4, 512, 8), "base": (12, 768, 12)}
@@ -95,7 +95,7 @@ def main() -> None:
         "torch": torch.__version__,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     for name, value in medians.items():
         print(f"{name}: {value * 1e3:.0f} ms per step of {count / 1e6:.1f}M parameters, "
               f"{result['speedup_over_torch_adamw'][name]:.2f}x torch AdamW")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from provenance import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +74,7 @@ def main() -> None:
                    "distdl_lamb_to_adamw_fused": round(median["distdl_lamb"] / median["adamw_fused"], 2),
                    "distdl_lars_to_sgd_fused": round(median["distdl_lars"] / median["sgd_fused"], 2)},
     }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     print(json.dumps(result["step_ms_median"]), json.dumps(result["ratios"]))
 
 

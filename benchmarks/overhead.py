@@ -60,6 +60,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from provenance import write_results
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bare_loop
 
@@ -291,7 +293,7 @@ def main() -> None:
     print_table(report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_results(args.out, report)
         print(f"overhead: wrote {args.out}")
 
 

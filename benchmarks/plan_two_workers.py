@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
+from provenance import write_results  # noqa: E402
 
 from distdl.config import config_from_dict, load_config  # noqa: E402
 from distdl.planning.cluster import ClusterSpec, Link  # noqa: E402
@@ -219,7 +220,7 @@ def main() -> None:
         steps = results["steps_to_target"] = steps_case(storage)
         print(f"steps to loss 1.0 at batch 32: predicted {steps['predicted_steps']:.1f} from the fit at 16 and 64, "
               f"measured {steps['measured_steps']} (mean {steps['measured_mean']:.1f}; {steps['error']:+.1%})")
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    write_results(Path(args.out), results)
     print(f"written {args.out}")
 
 

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import write_results
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -81,7 +83,7 @@ def main() -> None:
         "cores_one_driver_feeds": round(read_rate * tokens_per_line / per_task),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_results(args.out, result)
     print(json.dumps(result, indent=1))
 
 

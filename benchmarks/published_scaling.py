@@ -23,9 +23,10 @@ Cases (sources in docs/plan.md, "Against published numbers"):
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+from provenance import write_results
 
 from distdl.planning.cluster import ClusterSpec, Link, read_cluster
 from distdl.planning.model import BatchPolicy, StepModel, gradient_sync_seconds
@@ -237,7 +238,7 @@ def main() -> None:
     args = parser.parse_args()
     cases = [*nvidia_bert_a100(), *bert_time_to_train(), *horovod()]
     out = Path(args.out)
-    out.write_text(json.dumps({"overlap": 0.0, "cases": cases}, indent=2) + "\n")
+    write_results(out, {"overlap": 0.0, "cases": cases})
     plot(cases, out.with_suffix(".png"))
     print(markdown(cases))
     for case in cases:

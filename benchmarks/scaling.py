@@ -32,6 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import overhead  # noqa: E402
+from provenance import write_results  # noqa: E402
 
 # Extra overrides per setup, on top of overhead.run_distdl's.
 SETUPS: dict[str, tuple[int, tuple[str, ...]]] = {
@@ -90,7 +91,7 @@ def main() -> None:
     print(json.dumps({k: report[k] for k in ("samples_per_s", "efficiency")}, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_results(args.out, report)
         print(f"scaling: wrote {args.out}")
 
 

@@ -22,6 +22,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from provenance import write_results
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs/bert/pretrain_tiny.yaml"
 OVERRIDES = ["data.path=/usr/share/common-licenses", "trainer.max_steps=4", "trainer.log_every=2",
@@ -91,7 +93,7 @@ def main() -> None:
         print(f"job {i}: " + ", ".join(f"{k} {v:.1f}" for k, v in job.items()))
     result = {"nodes": args.nodes, "workers": args.nodes, "jobs": jobs,
               "machine": f"{os.cpu_count()} cores; nodes {'share this host' if args.local else 'as Slurm gave them'}"}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(Path(args.out), result)
     print(f"written to {args.out}")
 
 

@@ -38,6 +38,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+from provenance import write_results  # noqa: E402
 from vs_hf_trainer import GLUE_TASK, HF_QUIET, RECIPE, write_sst2_layout  # noqa: E402
 
 LEARNING_RATES = [5e-5, 4e-5, 3e-5, 2e-5]
@@ -169,7 +170,7 @@ def main() -> None:
     for side in ("distdl", "hf_trainer"):
         part = results[side]
         part["trial_steps_saved"] = part["trial_steps_without_stopping"] - part["trial_steps"]
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     print(f"wrote {args.out}")
 
 

@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from provenance import write_results
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = {"batch": 32, "lr": 2e-5, "eps": 1e-6, "weight_decay": 0.01, "warmup_ratio": 0.1, "max_length": 128,
           "clipping": 1.0, "threads": 2}
@@ -367,7 +369,7 @@ def main() -> None:
         if "mlm" in args.workloads:
             results["mlm"] = compare_mlm(Path(tmp), seeds, args.mlm_steps)
     results["wall_s"] = round(time.time() - started)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     print(json.dumps({name: {k: v for k, v in part.items() if "ratio" in k or "gap" in k}
                       for name, part in results.items() if isinstance(part, dict)}, indent=2))
 

@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from provenance import write_results
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -54,7 +56,7 @@ def main() -> None:
             stage: {key: round(ranks[0][key] / baseline[key], 3) for key in baseline if baseline[key]}
             for stage, ranks in results["stages"].items()
         }
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     print(json.dumps(results.get("ratio_to_stage0_rank0", {}), indent=2))
 
 

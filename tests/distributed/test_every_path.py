@@ -341,14 +341,13 @@ def test_offloaded_optimizer_states_train_with_deepspeeds_cpu_adam(local_workers
     assert summary["optimizers"] == {"model": "DeepSpeedCPUAdam"}
 
 
-def test_the_gpu_checks_prepared_runs_are_valid_configs():
+def test_the_gpu_checks_prepared_runs_are_valid_configs(monkeypatch):
     """benchmarks/gpu_check.py runs these on a GPU machine; a typo must not wait for one to show."""
     import argparse
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks/gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    from tests.helpers.benchmark_scripts import load_benchmark
+
+    gpu_check = load_benchmark("gpu_check", monkeypatch)
     args = argparse.Namespace(bert_steps=60, resnet_steps=60, log_every=10, bert_batch=256, resnet_batch=128)
     runs = gpu_check.config_runs(args, str(CORPUS), "/tokenizer")
     assert set(runs) == {f"{model}{variant}" for model in ("bert_base", "resnet50")

@@ -429,14 +429,11 @@ def test_the_profiles_latest_steps_trace_is_read_and_one_of_another_world_size_r
 def test_the_published_comparison_in_the_docs_is_what_its_benchmark_computes(monkeypatch):
     """benchmarks/published_scaling.py rerun (arithmetic only) gives its committed results, and every
     error the docs' table states."""
-    import importlib.util
     import json
-    import sys
 
-    spec = importlib.util.spec_from_file_location("published_scaling", REPO / "benchmarks/published_scaling.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, benchmark)  # its dataclasses look their module up
-    spec.loader.exec_module(benchmark)
+    from tests.helpers.benchmark_scripts import load_benchmark
+
+    benchmark = load_benchmark("published_scaling", monkeypatch)
     cases = [*benchmark.nvidia_bert_a100(), *benchmark.bert_time_to_train(), *benchmark.horovod()]
     committed = json.loads((REPO / "benchmarks/results/published_scaling.json").read_text())["cases"]
     assert [case["case"] for case in cases] == [case["case"] for case in committed]
