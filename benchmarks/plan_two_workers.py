@@ -12,7 +12,10 @@
    step, timed in one process alone and in two processes at once (one thread each, no
    communication): how much two workers slow each other on these 2 cores, which no
    interconnect model holds.
-3. **Steps to a target loss at a batch the study did not run.** A scaling study of the digits MLP
+3. **The synchronization traced.** The tiny BERT at ZeRO-2 on 2 workers with steps 4-5 traced on
+   each rank: the time its collectives took (and the part beside no computation) against the ring
+   formula's synchronization time of the throughput runs.
+4. **Steps to a target loss at a batch the study did not run.** A scaling study of the digits MLP
    fits S(B) = S_min (1 + B_crit / B) at two batches; a second study runs a batch between them; the
    fit's S at that batch is compared with the mean steps its seeds took.
 
@@ -43,6 +46,8 @@ from distdl.planning.cluster import ClusterSpec, Link  # noqa: E402
 from distdl.planning.inputs import read_profile, read_scaling  # noqa: E402
 from distdl.planning.model import steps_to_target  # noqa: E402
 from distdl.planning.plan import PlanRequest, make_plan  # noqa: E402
+from distdl.planning.trace import read_step_trace  # noqa: E402
+from distdl.profiling import trace_files  # noqa: E402
 
 CORPUS = "/usr/share/common-licenses"
 QUIET = ["tracking.wandb_mode=disabled", "tracking.progress_bar=false", "trainer.eval_every=0",
@@ -124,6 +129,20 @@ def prediction_pair(name: str, config: str, common: list[str], storage: Path, to
     return pair
 
 
+def traced_case(storage: Path, tokenizer: list[str]) -> dict:
+    """The tiny BERT at ZeRO-2 on 2 workers, steps 4-5 traced on each rank: what its collectives took
+    against the ring formula's synchronization time."""
+    name, config, common, extra = CASES[1]
+    distdl("train", config, *common, *extra, *tokenizer, f"run.storage_path={storage}", "run.name=traced",
+           "scaling.num_workers=2", "trainer.profile_steps=[4,5]")
+    ranks = []
+    for rank in (0, 1):
+        trace = read_step_trace(trace_files(storage / "traced", rank=rank)[-1])
+        ranks.append({"rank": rank, "steps": trace.steps, "step_s": trace.step_s, "collectives_s": trace.collectives_s,
+                      "exposed_collectives_s": trace.exposed_collectives_s, "optimizer_s": trace.optimizer_s})
+    return {"case": name, "profile_steps": [4, 5], "ranks": ranks}
+
+
 def timed_steps(barrier, steps: int, queue) -> None:
     """One process: the tiny BERT's training steps on one thread, timed after a warm-up and a barrier."""
     import time
@@ -201,7 +220,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="distdl-plan-bench-") as tmp:
         storage = Path(tmp)
         results = {"cluster": dataclasses.asdict(gloo_cluster()), "side_by_side_control": side_by_side_control(),
-                   "throughput": [], "steps_to_target": None}
+                   "throughput": [], "traced": None, "steps_to_target": None}
         control = results["side_by_side_control"]
         print(f"control: tiny BERT steps take x{control['slowdown']:.3g} as long in two processes at once as in "
               "one alone", flush=True)
@@ -217,6 +236,10 @@ def main() -> None:
             if "BERT" in name and not tokenizer:  # WordPiece training is not deterministic: one vocabulary for all
                 first = name.replace(" ", "_").replace(",", "") + "-r0-alone"
                 tokenizer = [f"tokenizer.name_or_path={storage / first / 'tokenizer'}"]
+        traced = results["traced"] = traced_case(storage, tokenizer)
+        print("traced, 2 workers, ZeRO-2: collectives " + ", ".join(
+            f"rank {rank['rank']} {rank['collectives_s'] * 1e3:.1f} ms ({rank['exposed_collectives_s'] * 1e3:.1f} "
+            f"exposed) of a {rank['step_s'] * 1e3:.0f} ms step" for rank in traced["ranks"]), flush=True)
         steps = results["steps_to_target"] = steps_case(storage)
         print(f"steps to loss 1.0 at batch 32: predicted {steps['predicted_steps']:.1f} from the fit at 16 and 64, "
               f"measured {steps['measured_steps']} (mean {steps['measured_mean']:.1f}; {steps['error']:+.1%})")
