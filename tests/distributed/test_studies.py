@@ -298,14 +298,10 @@ def test_scaling_study_measures_throughput_and_steps_to_target(scaling_study):
 
 
 # Two gloo processes per "node": the links of benchmarks/results/allreduce_gloo_cpu.json's ring fit.
-GLOO_CLUSTER = """name: gloo-pair
-gpu: cpu
-peak_tflops: 0.1
-gpus_per_node: 2
-max_nodes: 4
-intra_node: {bandwidth_gb_s: 1.36, latency_us: 425}
-inter_node: {bandwidth_gb_s: 1.36, latency_us: 425}
-"""
+GLOO_FIT = json.loads((REPO / "benchmarks/results/allreduce_gloo_cpu.json").read_text())["fit"]
+GLOO_LINK = {"bandwidth_gb_s": round(GLOO_FIT["bandwidth_gb_s"], 2), "latency_us": round(GLOO_FIT["latency_us"])}
+GLOO_CLUSTER = yaml.safe_dump({"name": "gloo-pair", "gpu": "cpu", "peak_tflops": 0.1, "gpus_per_node": 2,
+                               "max_nodes": 4, "intra_node": GLOO_LINK, "inter_node": GLOO_LINK})
 
 
 @pytest.mark.distributed
@@ -408,7 +404,7 @@ def test_a_plan_from_the_studys_profile_and_fit_is_consistent_and_reproduces_its
     del summary["trainable_parameters"]
     (cut_short / "summary.json").write_text(json.dumps(summary))
     no_bandwidth = tmp_path / "no_bandwidth.yaml"
-    no_bandwidth.write_text(GLOO_CLUSTER.replace("bandwidth_gb_s: 1.36, ", ""))
+    no_bandwidth.write_text(yaml.safe_dump({**yaml.safe_load(GLOO_CLUSTER), "intra_node": {"latency_us": 425}}))
     for args, expected in [
         (["model.hidden_sizes=[64]"], f"--profile {profile / 'config.yaml'}: model.hidden_sizes=[32], but the "
                                       "config planned has model.hidden_sizes=[64]"),

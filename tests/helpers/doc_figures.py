@@ -1,0 +1,351 @@
+"""The figures the docs quote from benchmarks/results/, each pinned to its results file.
+
+A pin is (doc, results file, render): `render(record)` gives the text as the doc must show it,
+with its neighbours, so that a figure is pinned where it stands. tests/unit/test_results_files.py
+checks that every rendering is in its doc. After a benchmark is rerun,
+
+    .venv/bin/python -m tests.helpers.doc_figures HEAD
+
+replaces each figure rendered from the file at HEAD with the one rendered from the file in the
+working tree; prose that interprets the figures still needs reading again.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import statistics
+import subprocess
+import sys
+from typing import Any, Callable
+
+from tests.helpers.shared import REPO
+
+Render = Callable[[dict[str, Any]], str]
+
+
+def per_round_efficiency(record: dict[str, Any], setup: str) -> list[float]:
+    details = record["details"]
+    return [two["samples_per_s"] / (2 * one["samples_per_s"]) for one, two in zip(details["1w"], details[setup])]
+
+
+def mib(value: float) -> str:
+    return f"{value:,.0f} MiB"
+
+
+def peak_rss(record: dict[str, Any], checkpointing: str, rank: int) -> float:
+    """A rank's peak resident memory; the GAN records it per network, both the process's."""
+    memory = record["runs"][checkpointing]["memory_per_rank"][rank]
+    return memory["generator"]["peak_rss_mib"] if "generator" in memory else memory["peak_rss_mib"]
+
+
+CHECKPOINTING = ("activation_checkpointing_cpu.json", "activation_checkpointing_gan_cpu.json")
+
+
+BENCH = "docs/benchmarks.md"
+PREPARATION = "docs/data-preparation.md"
+PLAN = "docs/plan.md"
+SWEEPS = "docs/sweeps.md"
+PINS: list[tuple[str, str, Render]] = [
+    # overhead.py
+    (BENCH, "overhead_cpu.json", lambda r: f"| distdl, 1 worker | {r['samples_per_s']['distdl_1w']:.1f} | "
+                                           f"{r['seconds_to_first_step']['distdl_1w']:.1f} "),
+    (BENCH, "overhead_cpu.json", lambda r: f"| distdl, 2 workers | {r['samples_per_s']['distdl_2w']:.1f} | "
+                                           f"{r['seconds_to_first_step']['distdl_2w']:.1f} |"),
+    (BENCH, "overhead_cpu.json", lambda r: f"(`benchmarks/bare_loop.py`) | {r['samples_per_s']['bare_2w']:.1f} | "
+                                           f"{r['seconds_to_first_step']['bare_2w']:.1f} |"),
+    (BENCH, "overhead_cpu.json", lambda r: f"| plain single-process PyTorch loop | {r['samples_per_s']['plain_1p']:.1f} |"),
+    (BENCH, "overhead_cpu.json", lambda r: f"distdl / bare loop (2 workers each): **{r['ratio_vs_bare']:.2f}**; "
+                                           f"distdl 1 worker / plain loop: **{r['ratio_vs_plain']:.2f}**"),
+    (BENCH, "overhead_cpu.json", lambda r: f"(medians of {r['settings']['repeats']} rounds; samples/s over steps "
+                                           f"{r['settings']['skip'] + 1}-{r['settings']['steps']})"),
+    # scaling.py
+    (BENCH, "scaling_cpu.json", lambda r: f"| 1 worker | {r['samples_per_s']['1w']:.1f} | - |"),
+    (BENCH, "scaling_cpu.json", lambda r: "(DeepSpeed's default, and distdl's on CPU workers) | "
+     f"{r['samples_per_s']['2w_overlap_off']:.1f} | **{r['efficiency']['2w_overlap_off']:.2f}** "
+     "({:.2f} and {:.2f} in the two rounds) |".format(*per_round_efficiency(r, "2w_overlap_off"))),
+    (BENCH, "scaling_cpu.json", lambda r: "(distdl's default on GPU workers) | "
+     f"{r['samples_per_s']['2w_overlap_on']:.1f} | {r['efficiency']['2w_overlap_on']:.2f} "
+     "({:.2f} and {:.2f}) |".format(*per_round_efficiency(r, "2w_overlap_on"))),
+    # offload_adam.py
+    (BENCH, "offload_adam_cpu.json", lambda r: f"BERT-base ({r['parameters'] / 1e6:.1f}M) with the same gradients, "
+                                               f"all optimizers round-robin in one invocation, {r['threads']} threads, "
+                                               f"medians of {len(r['step_s']['torch_adamw'])} rounds"),
+    (BENCH, "offload_adam_cpu.json", lambda r: f"before) | {r['median_step_s']['torch_adamw'] * 1e3:.0f} ms | 1.00 |"),
+    (BENCH, "offload_adam_cpu.json", lambda r: f"as Accelerate's) | {r['median_step_s']['deepspeed_cpu_adam'] * 1e3:.0f} "
+                                               f"ms | **{r['speedup_over_torch_adamw']['deepspeed_cpu_adam']:.1f}x** |"),
+    (BENCH, "offload_adam_cpu.json", lambda r: f"on CPU | {r['median_step_s']['torch_adamw_fused'] * 1e3:.0f} ms | "
+                                               f"{r['speedup_over_torch_adamw']['torch_adamw_fused']:.1f}x |"),
+    # activation_checkpointing.py
+    *[(BENCH, name, lambda r, rank=rank: f"| peak resident memory, rank {rank} | {mib(peak_rss(r, 'off', rank))} | "
+       f"{mib(peak_rss(r, 'on', rank))} | **{r['peak_memory_ratio_on_to_off'][rank]:.2f}** |")
+      for name in CHECKPOINTING for rank in (0, 1)],
+    *[(BENCH, name, lambda r, digits=digits: f"| samples/s | {r['runs']['off']['samples_per_s']:.{digits}f} | "
+       f"{r['runs']['on']['samples_per_s']:.{digits}f} | **{r['samples_per_s_ratio_on_to_off']:.2f}** |")
+      for name, digits in zip(CHECKPOINTING, (2, 1))],
+    ("docs/performance.md", "activation_checkpointing_cpu.json",
+     lambda r: f"{r['peak_memory_ratio_on_to_off'][0]:.2f}x, at {r['samples_per_s_ratio_on_to_off']:.2f}x the samples/s"),
+    ("docs/performance.md", "activation_checkpointing_gan_cpu.json",
+     lambda r: "{:.2f}-{:.2f}x, at {:.2f}x".format(min(r['peak_memory_ratio_on_to_off']),
+                                                    max(r['peak_memory_ratio_on_to_off']),
+                                                    r['samples_per_s_ratio_on_to_off'])),
+    # optimizer_step.py
+    (BENCH, "optimizer_step_cpu.json", lambda r: f"MiniLM-L6's {r['parameters'] / 1e6:.1f}M parameters, "
+     f"{r['threads']} threads, the median of {len(r['step_ms_each']['adamw_fused'])} interleaved rounds: distdl's "
+     f"LAMB {r['step_ms_median']['distdl_lamb']:.1f} ms and timm's {r['step_ms_median']['timm_lamb']:.1f} ms "
+     f"(**{r['ratios']['distdl_lamb_to_timm_lamb']:.2f}x**); distdl's LARS {r['step_ms_median']['distdl_lars']:.1f} ms "
+     f"and timm's {r['step_ms_median']['timm_lars']:.1f} ms (**{r['ratios']['distdl_lars_to_timm_lars']:.2f}x**); "
+     f"torch's fused AdamW {r['step_ms_median']['adamw_fused']:.1f} ms and fused SGD "
+     f"{r['step_ms_median']['sgd_fused']:.1f} ms"),
+    # compile.py
+    *[(BENCH, "compile_cpu.json", lambda r, model=model, label=label: f"| {label}, samples/s | "
+       f"{r['models'][model]['eager']['samples_per_s']:.1f} | {r['models'][model]['compiled']['samples_per_s']:.1f} | "
+       f"**{r['models'][model]['samples_per_s_ratio_compiled_to_eager']:.2f}** | "
+       f"{r['models'][model]['compiled']['compile_s']:.1f} |")
+      for model, label in (("bert_tiny", "tiny BERT"), ("resnet20", "ResNet-20"))],
+
+    # elastic_resume.py
+    (BENCH, "elastic_resume_cpu.json", lambda r: f"2 ZeRO partitions) | {r['checkpoint_mib']:,.0f} MiB |"),
+    (BENCH, "elastic_resume_cpu.json", lambda r: f"written beside it | {r['universal_mib']:,.0f} MiB |"),
+    (BENCH, "elastic_resume_cpu.json", lambda r: f"(`torch.load`) | {r['read_checkpoint_s']:.2f} s |"),
+    (BENCH, "elastic_resume_cpu.json", lambda r: f"| conversion | {r['convert_s']:.1f} s, "
+                                                 f"**{r['convert_to_read_ratio']:.1f}x** the read |"),
+    # prepare_scaling.py
+    *[(doc, "prepare_scaling_cpu.json", lambda r: f"{r['corpus_mb']:.1f} MB of text: this Python's standard library "
+       f"sources, {r['lines'] / 1e6:.2f} million non-empty lines") for doc in (BENCH, PREPARATION)],
+    *[(doc, "prepare_scaling_cpu.json", lambda r: f"for {r['tokens'] / 1e6:.1f} million tokens") for doc in (BENCH,)],
+    (PREPARATION, "prepare_scaling_cpu.json", lambda r: f"giving {r['tokens'] / 1e6:.1f} million tokens"),
+    *[(doc, "prepare_scaling_cpu.json", lambda r: f"| 1 Ray CPU | {r['tokens_per_s_1_worker']:,} |")
+      for doc in (BENCH, PREPARATION)],
+    (BENCH, "prepare_scaling_cpu.json", lambda r: f"| 2 Ray CPUs | {r['tokens_per_s_2_workers']:,}, "
+                                                  f"**{r['speedup_2_vs_1']:.2f}x** |"),
+    (PREPARATION, "prepare_scaling_cpu.json", lambda r: f"| 2 Ray CPUs | {r['tokens_per_s_2_workers']:,} "
+                                                        f"(**{r['speedup_2_vs_1']:.2f}x**) |"),
+    (BENCH, "prepare_scaling_cpu.json", lambda r: f"One task tokenizes and writes {r['one_task_tokens_per_s']:,} "
+     f"tokens/s. The driver reads {r['driver_read_lines_per_s'] / 1e6:.2f} million lines/s, enough for about "
+     f"{r['cores_one_driver_feeds']} such tasks."),
+    (PREPARATION, "prepare_scaling_cpu.json", lambda r: f"| one task, tokenizing and writing | "
+     f"{r['one_task_tokens_per_s']:,} | | the driver, reading lines | {r['driver_read_lines_per_s'] / 1e6:.2f} million "
+     f"lines/s | The driver reads about {r['cores_one_driver_feeds']} tasks' worth"),
+    # ingest.py
+    (BENCH, "ingest_cpu.json", lambda r: "(rows read, then MLM-masked) | {ingest_samples_per_s:,.0f} | "
+     "{step_samples_per_s:.0f} | **{ingest_vs_step:.0f}x** |".format(**r["tiny_bert_seq128"])),
+    (BENCH, "ingest_cpu.json", lambda r: "(decoded, crop, flip, normalize) | {ingest_samples_per_s:,.0f} | "
+     "{step_samples_per_s:.0f} | **{ingest_vs_step:.0f}x** |".format(**r["resnet20_32px"])),
+    (BENCH, "ingest_cpu.json", lambda r: "random-resized crop 32 | {folder_images_per_s:,.0f} | "
+     "{packed_images_per_s:,.0f} | **{packed_vs_folder:.2f}x** |".format(**r["images_32px_png"])),
+    (BENCH, "ingest_cpu.json", lambda r: "random-resized crop 224 | {folder_images_per_s:,.0f} | "
+     "{packed_images_per_s:,.0f} | **{packed_vs_folder:.2f}x** |".format(**r["images_500x375_jpeg_crop224"])),
+    (PREPARATION, "ingest_cpu.json", lambda r: f"masking them runs at {r['tiny_bert_seq128']['ingest_vs_step']:.0f}x"),
+    (PREPARATION, "ingest_cpu.json", lambda r: f"32x32 images runs at {r['resnet20_32px']['ingest_vs_step']:.0f}x"),
+    (PREPARATION, "ingest_cpu.json", lambda r: "decode and augment at {:.2f}-{:.2f}x".format(*sorted(
+        r[images]["packed_vs_folder"] for images in ("images_32px_png", "images_500x375_jpeg_crop224")))),
+    # glue_real_text.py
+    ("docs/glue.md", "glue_real_text.json", lambda r: f"1,852 train, {r['sizes']['dev']} dev".replace(
+        "1,852", f"{r['sizes']['train']:,}")),
+    ("docs/glue.md", "glue_real_text.json", lambda r: f"builds a CoLA-format acceptability task from "
+                                                      f"{r['sizes']['train'] + r['sizes']['dev']:,}"),
+    ("docs/glue.md", "glue_real_text.json", lambda r: f"for {r['epochs']} epochs ({r['pretrained']['steps']} steps, "
+     f"{r['pretrained']['train_wall_time_s']:.0f} s of training) reached a dev Matthews correlation of "
+     f"**{r['pretrained']['best_dev_mcc']:.3f}**"),
+    ("docs/glue.md", "glue_real_text.json", lambda r: f"(best {r['random_init']['best_dev_mcc']:.3f}, "
+                                                      f"final {r['random_init']['final_dev_mcc']:.3f})"),
+    # zero_memory.py
+    *[("docs/vision.md", "zero_memory_cpu.json", lambda r, stage=stage: zero_row(r, stage)) for stage in "0123"],
+    # slurm_startup.py
+    ("docs/cluster.md", "slurm_startup.json", lambda r: "2-core machine): {}. Of that, {} is the submit command and "
+     "the queue, {} is bringing up the Ray nodes, and {} is the driver".format(*(seconds_range(r["jobs"], key) for key in (
+         "submit_to_first_step_s", "queued_s", "ray_up_s", "driver_and_workers_to_first_step_s")))),
+    # optimizer_step.py, in large-batch.md
+    ("docs/large-batch.md", "optimizer_step_cpu.json", lambda r: f"MiniLM-L6's {r['parameters'] / 1e6:.1f}M parameters "
+     f"({r['threads']} CPU threads, the median of {len(r['step_ms_each']['adamw_fused'])} interleaved rounds"),
+    ("docs/large-batch.md", "optimizer_step_cpu.json", lambda r: f"distdl's LAMB takes "
+     f"{r['step_ms_median']['distdl_lamb']:.0f} ms, {r['ratios']['distdl_lamb_to_timm_lamb']:.2f}x timm's; its LARS "
+     f"{r['step_ms_median']['distdl_lars']:.0f} ms, {r['ratios']['distdl_lars_to_timm_lars']:.2f}x timm's."),
+    ("docs/large-batch.md", "optimizer_step_cpu.json", lambda r: f"LAMB costs "
+     f"{r['ratios']['distdl_lamb_to_adamw_fused']:.0f}x a fused AdamW step there "
+     f"({r['step_ms_median']['adamw_fused']:.0f} ms), LARS {r['ratios']['distdl_lars_to_sgd_fused']:.0f}x a fused SGD"),
+
+    # allreduce_gloo.py
+    (PLAN, "allreduce_gloo_cpu.json", lambda r: f"2-core machine, {r['repeats']} repeats each"),
+    (PLAN, "allreduce_gloo_cpu.json", lambda r: f"gives β = {r['fit']['bandwidth_gb_s']:.2f} GB/s and α = "
+                                                f"{r['fit']['latency_us']:.0f} µs. For {within(r)} of the "
+                                                f"{len(r['sizes'])} sizes the fitted time lies within the measured "
+                                                "interquartile range."),
+    (PLAN, "allreduce_gloo_cpu.json", lambda r: "(1 MiB: {:.1f}-{:.1f} ms between the quartiles)".format(
+        *(seconds * 1e3 for seconds in r["sizes"][0]["iqr_s"]))),
+    (PLAN, "allreduce_gloo_cpu.json", lambda r: f"within the quartiles of {r['repeats']} repeats at {within(r)} of "
+                                                f"{len(r['sizes'])} sizes"),
+    # plan_two_workers.py
+    *[(PLAN, "plan_two_workers_cpu.json", lambda r, index=index: plan_row(r["throughput"][index])) for index in range(4)],
+    (PLAN, "plan_two_workers_cpu.json", lambda r: "**The plan over-predicts** (median {:+.0%} from a profile alone, "
+     "{:+.0%} from one on one core)".format(*plan_medians(r))),
+    (PLAN, "plan_two_workers_cpu.json", lambda r: "the median error falls from {:+.0%} to {:+.0%}".format(
+        *plan_medians(r))),
+    (PLAN, "plan_two_workers_cpu.json", lambda r: f"ran two at once at x{r['side_by_side_control']['slowdown']:.2f} "
+                                                  "the time of one"),
+    (PLAN, "plan_two_workers_cpu.json", lambda r: "The modelled synchronization of the tiny BERT's {:.2f} M fp32 "
+     "gradients is {:.1f} ms of a ~{:.0f} ms step".format(
+         r["throughput"][1]["pairs"][0]["trainable_parameters"] / 1e6,
+         r["throughput"][1]["pairs"][0]["modelled_sync_s"] * 1e3, r["throughput"][1]["pairs"][0]["measured_step_s"] * 1e3)),
+    (PLAN, "plan_two_workers_cpu.json", lambda r: "its gloo collectives took {:.1f} ms a step on rank 0 and {:.1f} ms "
+     "on rank 1, {:.1f} and {:.1f} ms of it beside no computation".format(
+         *(rank["collectives_s"] * 1e3 for rank in r["traced"]["ranks"]),
+         *(rank["exposed_collectives_s"] * 1e3 for rank in r["traced"]["ranks"]))),
+    (PLAN, "plan_two_workers_cpu.json", lambda r: "The AdamW step took {:.1f} and {:.1f} ms on the two ranks".format(
+        *(rank["optimizer_s"] * 1e3 for rank in r["traced"]["ranks"]))),
+    (PLAN, "plan_two_workers_cpu.json", lambda r: steps_text(r["steps_to_target"])),
+    # vs_hf_hyperparameter_search.py
+    *[(SWEEPS, "vs_hf_hyperparameter_search_cpu.json", lambda r, side=side, label=label: search_row(r, side, label))
+      for side, label in (("distdl", "distdl sweep + ASHA"), ("hf_trainer", "HF Trainer + Optuna pruner"))],
+    # vs_hf_trainer.py
+    (BENCH, "vs_hf_trainer_cpu.json", lambda r: "| GLUE samples/s, 2 threads (per seed) | {} | {} | **{:.3f}** ({}) |"
+     .format(*(", ".join(f"{rate:.1f}" for rate in r["glue"][side]["samples_per_s"]["each"])
+               for side in ("distdl", "hf_trainer")), r["glue"]["samples_per_s_ratio_distdl_to_hf"],
+             ", ".join(f"{mine / theirs:.2f}" for mine, theirs in zip(r["glue"]["distdl"]["samples_per_s"]["each"],
+                                                                      r["glue"]["hf_trainer"]["samples_per_s"]["each"])))),
+    (BENCH, "vs_hf_trainer_cpu.json", lambda r: "| GLUE samples/s, 1 thread | {:.1f} | {:.1f} | **{:.2f}** |".format(
+        *(r["glue_one_thread"][side]["samples_per_s"]["mean"] for side in ("distdl", "hf_trainer")),
+        r["glue_one_thread"]["samples_per_s_ratio_distdl_to_hf"])),
+    (BENCH, "vs_hf_trainer_cpu.json", lambda r: "| GLUE dev accuracy (per seed) | {} | {} | {:+.1f} points, standard "
+     "error {:.1f} |".format(*(", ".join(f"{accuracy:.3f}" for accuracy in r["glue"][side]["dev_accuracy"]["each"])
+                               for side in ("distdl", "hf_trainer")),
+                             r["glue"]["dev_accuracy_gap_points"], r["glue"]["dev_accuracy_gap_standard_error"])),
+    (BENCH, "vs_hf_trainer_cpu.json", lambda r: "| MLM samples/s (per seed) | {} | {} | **{:.2f}** |".format(
+        *(", ".join(f"{rate:.1f}" for rate in r["mlm"][side]["samples_per_s"]["each"]) for side in ("distdl", "hf_trainer")),
+        r["mlm"]["samples_per_s_ratio_distdl_to_hf"])),
+    (BENCH, "vs_hf_trainer_cpu.json", lambda r: "| MLM held-out loss | {:.3f} | {:.3f} | {:.3f} |".format(
+        *(r["mlm"][side]["heldout_mlm_loss"]["mean"] for side in ("distdl", "hf_trainer")),
+        r["mlm"]["heldout_mlm_loss_ratio_distdl_to_hf"])),
+    ("docs/performance.md", "vs_hf_trainer_cpu.json", lambda r: "| GLUE, samples/s on 2 threads | {:.1f} | {:.1f} | "
+     "**{:.3f}** |".format(*(r["glue"][side]["samples_per_s"]["mean"] for side in ("distdl", "hf_trainer")),
+                            r["glue"]["samples_per_s_ratio_distdl_to_hf"])),
+    ("docs/performance.md", "vs_hf_trainer_cpu.json", lambda r: "| GLUE, samples/s on 1 thread | {:.1f} | {:.1f} | "
+     "**{:.2f}** |".format(*(r["glue_one_thread"][side]["samples_per_s"]["mean"] for side in ("distdl", "hf_trainer")),
+                           r["glue_one_thread"]["samples_per_s_ratio_distdl_to_hf"])),
+    ("docs/performance.md", "vs_hf_trainer_cpu.json", lambda r: "| GLUE, dev accuracy (mean of 3) | {:.3f} | {:.3f} | "
+     "{:+.1f} points (standard error {:.1f}) |".format(
+         *(r["glue"][side]["dev_accuracy"]["mean"] for side in ("distdl", "hf_trainer")),
+         r["glue"]["dev_accuracy_gap_points"], r["glue"]["dev_accuracy_gap_standard_error"])),
+    ("docs/performance.md", "vs_hf_trainer_cpu.json", lambda r: "| MLM, samples/s | {:.1f} | {:.1f} | **{:.2f}** |"
+     .format(*(r["mlm"][side]["samples_per_s"]["mean"] for side in ("distdl", "hf_trainer")),
+             r["mlm"]["samples_per_s_ratio_distdl_to_hf"])),
+    ("docs/performance.md", "vs_hf_trainer_cpu.json", lambda r: "| MLM, held-out loss (same masks) | {:.3f} | {:.3f} | "
+     "{:.3f} |".format(*(r["mlm"][side]["heldout_mlm_loss"]["mean"] for side in ("distdl", "hf_trainer")),
+                       r["mlm"]["heldout_mlm_loss_ratio_distdl_to_hf"])),
+]
+
+
+def within(record: dict[str, Any]) -> int:
+    return sum(size["within_iqr"] for size in record["sizes"])
+
+
+def plan_row(case: dict[str, Any]) -> str:
+    """A config's row of docs/plan.md's 2-worker table: measured samples/s, then each profile's errors."""
+    pairs = case["pairs"]
+    measured = " / ".join(f"{pair['measured_samples_per_s']:.1f}" for pair in pairs)
+    errors = [" / ".join(f"{pair[label]['error']:+.1%}" for pair in pairs) for label in ("alone", "one_core")]
+    return f"| {measured} | {errors[0]} | {errors[1]} |"
+
+
+def plan_medians(record: dict[str, Any]) -> list[float]:
+    return [statistics.median(pair[label]["error"] for case in record["throughput"] for pair in case["pairs"])
+            for label in ("alone", "one_core")]
+
+
+def steps_text(steps: dict[str, Any]) -> str:
+    fitted = {batch: statistics.mean(run["steps_to_target"] for run in steps["fitted_runs"] if run["batch_size"] == batch)
+              for batch in steps["fitted_batches"]}
+    return ("The fit (S_min = {:.2f}, B_crit = {:.1f}, from {:.1f} mean steps at batch 16 and {:.3g} at 64) gives "
+            "{:.1f} steps at batch 32; its three seeds took {} (mean {:.1f}): {:+.1%}.").format(
+        steps["min_steps"], steps["critical_batch_size"], fitted[16], fitted[64], steps["predicted_steps"],
+        ", ".join(map(str, steps["measured_steps"][:-1])) + f" and {steps['measured_steps'][-1]}",
+        steps["measured_mean"], steps["error"])
+
+
+def search_row(record: dict[str, Any], side: str, label: str) -> str:
+    """A search's row of docs/sweeps.md: the order, trial-steps, best rate and accuracy, wall time."""
+    search = record[side]
+    order = ", ".join(f"{trial['lr']:.0e}".replace("e-05", "e-5") for trial in search["trials"])
+    return (f"| {label} | {order} | {stopped_early(search['trials'])} | {search['trial_steps']} | {search['best_lr']:.0e} | {search['best_accuracy']:.3f} | "
+            f"{search['wall_s']:.0f} s |").replace("e-05", "e-5")
+
+
+def stopped_early(trials: list[dict[str, Any]]) -> str:
+    """'3 (at step 15)', or '3 (two at 15, one at 30)' where they stopped at different steps."""
+    steps = [trial["steps"] for trial in trials if trial["status"] == "stopped early"]
+    counts = collections.Counter(steps)
+    if len(counts) == 1:
+        return f"{len(steps)} (at step {steps[0]})"
+    words = {1: "one", 2: "two", 3: "three", 4: "four"}
+    return f"{len(steps)} (" + ", ".join(f"{words[count]} at {step}" for step, count in sorted(counts.items())) + ")"
+
+
+def zero_row(record: dict[str, Any], stage: str) -> str:
+    """A ZeRO stage's row of docs/vision.md: rank 0's MiB, with the ratio to ZeRO-0 where it is not 1."""
+    held, ratios = record["stages"][stage][0], record["ratio_to_stage0_rank0"][stage]
+    cells = [f"{held[key]:.0f}" + (f" ({ratios[key]:.2f})" if stage != "0" and ratios[key] != 1.0 else "")
+             for key in ("parameters_mib", "optimizer_state_mib", "peak_rss_mib")]
+    return f"| {stage} | " + " | ".join(cells) + " |"
+
+
+def seconds_range(jobs: list[dict[str, float]], key: str) -> str:
+    low, high = min(job[key] for job in jobs), max(job[key] for job in jobs)
+    return f"{low:.0f} s" if round(low) == round(high) else f"{low:.0f}-{high:.0f} s"
+
+
+def missing(record_of: Callable[[str], dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(doc, results file, rendering) for every pin whose rendering its doc does not hold (line breaks
+    and runs of spaces count as one space: the docs wrap their prose)."""
+    docs: dict[str, str] = {}
+    found = []
+    for doc, name, render in PINS:
+        text = docs.setdefault(doc, " ".join((REPO / doc).read_text().split()))
+        rendered = render(record_of(name))
+        if " ".join(rendered.split()) not in text:
+            found.append((doc, name, rendered))
+    return found
+
+
+def spaced(rendered: str) -> re.Pattern:
+    """The rendering wherever the doc wraps it."""
+    return re.compile(r"\s+".join(map(re.escape, rendered.split())))
+
+
+def committed_record(revision: str) -> Callable[[str], dict[str, Any]]:
+    def record(name: str) -> dict[str, Any]:
+        shown = subprocess.run(["git", "-C", str(REPO), "show", f"{revision}:benchmarks/results/{name}"],
+                               capture_output=True, text=True, check=True).stdout
+        return json.loads(shown)
+    return record
+
+
+def working_record(name: str) -> dict[str, Any]:
+    return json.loads((REPO / "benchmarks/results" / name).read_text())
+
+
+def update(revision: str) -> None:
+    """Replace each rendering from `revision`'s results with the working tree's, in every doc."""
+    before = committed_record(revision)
+    for doc, name, render in PINS:
+        try:
+            new = render(working_record(name))
+        except (KeyError, IndexError, TypeError) as missing_key:
+            print(f"{doc}: {name} has no {missing_key} yet; rerun its script")
+            continue
+        try:
+            old = render(before(name))
+        except (KeyError, IndexError, TypeError):  # the figure is new in this rerun
+            old = new
+        path = REPO / doc
+        text = path.read_text()
+        if old != new and spaced(old).search(text):
+            path.write_text(spaced(old).sub(lambda match: new, text))
+            print(f"{doc}: {old!r} -> {new!r}")
+        elif not spaced(new).search(text):
+            print(f"{doc}: neither {old!r} nor {new!r} found; edit by hand")
+
+
+if __name__ == "__main__":
+    update(sys.argv[1] if len(sys.argv) > 1 else "HEAD")

@@ -1,0 +1,106 @@
+"""Every committed results file is a record someone else can reproduce: written by its script through
+benchmarks/provenance.py, holding only keys that script writes, and no path of the machine it ran on."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.benchmark_scripts import BENCHMARKS, load_benchmark
+from tests.helpers.shared import REPO
+
+RESULTS = sorted((BENCHMARKS / "results").glob("*.json"))
+COMMAND = re.compile(r"^python benchmarks/(?P<script>\w+)\.py( |$)")
+# Changes that cannot alter what a benchmark measures; anything else uncommitted makes a record unrepeatable.
+HARMLESS = re.compile(r"^(tests|docs)/|\.md$")
+
+
+def script_literals(script: Path) -> set[str]:
+    """The string constants in a script and in the sibling benchmark modules it imports."""
+    tree = ast.parse(script.read_text())
+    literals = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else [alias.name for alias in node.names]
+            for name in names:
+                sibling = BENCHMARKS / f"{name}.py"
+                if name and sibling.exists() and sibling != script:
+                    literals |= script_literals(sibling)
+    return literals
+
+
+def test_results_files_exist():
+    assert len(RESULTS) >= 18, [path.name for path in RESULTS]
+
+
+@pytest.mark.parametrize("path", RESULTS, ids=[path.name for path in RESULTS])
+def test_each_results_file_says_how_to_make_it_again(path, monkeypatch):
+    record = json.loads(path.read_text())
+    provenance = record.get("provenance")
+    assert provenance, f"{path.name} was not written through benchmarks/provenance.py: rerun its script"
+    assert set(provenance) == {"command", "commit", "uncommitted_changes", "date", "machine", "versions"}
+    assert set(provenance["machine"]) == {"cores", "cpu", "memory_gib", "gpus", "os"}
+    assert {"torch", "deepspeed", "ray", "transformers", "python"} <= set(provenance["versions"])
+    assert all(provenance["versions"].values()), provenance["versions"]
+
+    command = COMMAND.match(provenance["command"])
+    assert command, f"{path.name}: {provenance['command']!r} is not a benchmark script's command line"
+    script = BENCHMARKS / f"{command['script']}.py"
+    assert "write_results(" in script.read_text(), f"{script.name} does not write through provenance.py"
+
+    unrepeatable = [name for name in provenance["uncommitted_changes"] if not HARMLESS.search(name)]
+    assert not unrepeatable, f"{path.name} was measured on uncommitted code: {unrepeatable}"
+    assert re.fullmatch(r"[0-9a-f]{40}", provenance["commit"])
+    if not git("rev-parse", "--is-shallow-repository").stdout.strip() == "true":
+        ancestor = git("merge-base", "--is-ancestor", provenance["commit"], "HEAD")
+        assert ancestor.returncode == 0, f"{path.name}: commit {provenance['commit']} is not in this history"
+
+    unwritten = set(record) - {"provenance"} - script_literals(script)
+    assert not unwritten, f"{path.name} holds keys {sorted(unwritten)} that {script.name} never writes (a hand edit?)"
+
+    provenance_module = load_benchmark("provenance", monkeypatch)
+    assert provenance_module.machine_paths(record) == [], f"{path.name} holds paths of the machine it ran on"
+
+
+def git(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(REPO), *arguments], capture_output=True, text=True)
+
+
+def test_a_record_is_written_whole_with_the_command_as_typed_at_the_root(tmp_path, monkeypatch):
+    provenance = load_benchmark("provenance", monkeypatch)
+    out = tmp_path / "result.json"
+    monkeypatch.setattr("sys.argv", [str(BENCHMARKS / "scaling.py"), "--out", str(REPO / "benchmarks/results/x.json"),
+                                     "--corpus=/usr/share/common-licenses", "--repeats", "2"])
+    provenance.write_results(out, {"samples_per_s": 1.5})
+    record = json.loads(out.read_text())
+    assert record["samples_per_s"] == 1.5
+    assert record["provenance"]["command"] == ("python benchmarks/scaling.py --out benchmarks/results/x.json "
+                                               "--corpus=/usr/share/common-licenses --repeats 2")
+    assert record["provenance"]["commit"] == git("rev-parse", "HEAD").stdout.strip()
+    assert record["provenance"]["machine"]["cores"] >= 1
+
+
+def test_a_path_of_this_machine_is_refused_by_key_and_the_previous_record_kept(tmp_path, monkeypatch):
+    provenance = load_benchmark("provenance", monkeypatch)
+    out = tmp_path / "result.json"
+    out.write_text('{"previous": true}\n')
+    with pytest.raises(ValueError, match=r"results\.runs\[1\]\.model hold absolute paths"):
+        provenance.write_results(out, {"runs": [{"model": "bert"}, {"model": str(tmp_path / "random-init")}],
+                                       "corpus": "/usr/share/common-licenses"})
+    with pytest.raises(TypeError):
+        provenance.write_results(out, {"unserializable": object()})
+    assert out.read_text() == '{"previous": true}\n'
+    assert [entry.name for entry in tmp_path.iterdir()] == ["result.json"], "no partial file left behind"
+
+
+def test_every_figure_the_docs_quote_is_the_one_its_results_file_holds():
+    from tests.helpers.doc_figures import missing, working_record
+
+    stale = missing(working_record)
+    assert not stale, "docs quote figures their results files do not hold (python -m tests.helpers.doc_figures " \
+                      "HEAD updates them after a rerun):\n" + "\n".join(f"{doc} ({name}): {text}" for doc, name, text in stale)
