@@ -50,7 +50,7 @@ SWEEPS = "docs/sweeps.md"
 PINS: list[tuple[str, str, Render]] = [
     # overhead.py
     (BENCH, "overhead_cpu.json", lambda r: f"| distdl, 1 worker | {r['samples_per_s']['distdl_1w']:.1f} | "
-                                           f"{r['seconds_to_first_step']['distdl_1w']:.1f} "),
+                                           f"{r['seconds_to_first_step']['distdl_1w']:.1f} (includes"),
     (BENCH, "overhead_cpu.json", lambda r: f"| distdl, 2 workers | {r['samples_per_s']['distdl_2w']:.1f} | "
                                            f"{r['seconds_to_first_step']['distdl_2w']:.1f} |"),
     (BENCH, "overhead_cpu.json", lambda r: f"(`benchmarks/bare_loop.py`) | {r['samples_per_s']['bare_2w']:.1f} | "
