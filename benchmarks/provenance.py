@@ -1,12 +1,14 @@
 """How to make a results file again: every benchmark writes its results through `write_results`.
 
 Each file under benchmarks/results/ carries a `provenance` object: the command that wrote it (paths
-relative to the repository), the commit and any uncommitted changes to tracked files, the date, the
+relative to the repository's root), the commit the run started from and the changes to it that
+were not committed (tracked or untracked, all but the file being written), the date it started, the
 machine (cores, CPU model, memory, GPUs) and the versions of Python, torch, DeepSpeed, Ray and
-transformers. The file is written whole (a temporary file renamed into place), so an interrupted
-benchmark leaves the previous record rather than half a new one, and no machine's own paths (a home,
-a checkout, a temporary directory) go into it: tests/unit/test_results_files.py checks all of this
-for every committed file.
+transformers. What git says is taken when the script imports this module, before it measures
+anything; code that changed while it ran is named in `code_changed_during_run`. The file is
+written whole (a temporary file renamed into place), so an interrupted benchmark leaves the previous
+record rather than half a new one, and no machine's own paths (a home, a checkout, a temporary
+directory, an environment) go into it. tests/unit/test_results_files.py checks the committed files.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from distdl.rundir import write_json
 
@@ -33,49 +38,65 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
     """Write `results` with its provenance to `path`, whole, refusing a path that only this machine has."""
     found = machine_paths(results)
     if found:
-        raise ValueError(f"{path.name}: {', '.join(found)} hold absolute paths of this machine; record what "
-                         "they name instead (a package, a file name, a path relative to the repository)")
-    write_json(path, {**results, "provenance": provenance()})
+        raise ValueError(f"{path.name}: {', '.join(found)} hold paths of this machine; record what they name "
+                         "instead (a package, a file name, a path relative to the repository)")
+    write_json(path, {**results, "provenance": provenance(path)})
 
 
-def provenance() -> dict[str, Any]:
-    return {"command": command(), **git_state(), "date": datetime.datetime.now(datetime.timezone.utc)
-            .isoformat(timespec="seconds"), "machine": machine(), "versions": versions()}
+def provenance(path: Path) -> dict[str, Any]:
+    written = str(path.resolve().relative_to(REPO)) if path.resolve().is_relative_to(REPO) else None
+    now = git_state()
+    return {"command": STARTED["command"], "commit": STARTED["commit"],
+            "uncommitted_changes": [name for name in STARTED["changes"] if name != written],
+            "code_changed_during_run": sorted(code_changes(STARTED, now) - {written}),
+            "date": STARTED["date"], "machine": machine(), "versions": versions()}
 
 
-def command(argv: list[str] | None = None) -> str:
+def command(argv: list[str], cwd: Path) -> str:
     """The command line as it would be typed at the repository's root."""
-    argv = sys.argv if argv is None else argv
-    return shlex.join(["python", *(relative_to_repo(argument) for argument in argv)])
+    return shlex.join(["python", *(as_typed_at_root(argument, cwd) for argument in argv)])
 
 
-def relative_to_repo(argument: str) -> str:
-    """A path inside the repository, bare or as --flag=path, made relative to it; anything else as given."""
+def as_typed_at_root(argument: str, cwd: Path) -> str:
+    """A path inside the repository (bare or as --flag=path) relative to its root; one outside it, and
+    outside shared system data, only by its name (the machine's own layout is nobody else's)."""
     flag, equals, value = argument.partition("=") if argument.startswith("--") else ("", "", argument)
-    path = Path(value)
-    if path.is_absolute() and path.resolve().is_relative_to(REPO):
-        value = str(path.resolve().relative_to(REPO))
+    path = cwd / value
+    if value.startswith("/") or (value and not value.startswith("-") and path.exists()):
+        resolved = path.resolve()
+        if resolved.is_relative_to(REPO):
+            value = str(resolved.relative_to(REPO))
+        elif not str(resolved).startswith(SHARED_SYSTEM_DATA):
+            value = f"<outside the repository>/{resolved.name}"
     return f"{flag}{equals}{value}"
 
 
-def git_state() -> dict[str, Any]:
-    def git(*arguments: str) -> str:
-        return subprocess.run(["git", "-C", str(REPO), *arguments], capture_output=True, text=True,
-                              check=True).stdout.strip()
+def git(*arguments: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *arguments], capture_output=True, text=True,
+                          check=True).stdout
 
-    changed = [name for name in git("diff", "--name-only", "HEAD").splitlines()
-               if not name.startswith("benchmarks/results/")]
-    return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": changed}
+
+def git_state() -> dict[str, Any]:
+    """HEAD and every path that differs from it, tracked or not (paths relative to the root)."""
+    changes = [line[3:] for line in git("status", "--porcelain", "--untracked-files=all").splitlines()]
+    return {"commit": git("rev-parse", "HEAD").strip(), "changes": sorted(changes)}
+
+
+def code_changes(started: dict[str, Any], now: dict[str, Any]) -> set[str]:
+    """Paths whose content differs now from when the run started (a commit in between counts by its diff)."""
+    moved = set(git("diff", "--name-only", started["commit"], now["commit"]).split()) \
+        if started["commit"] != now["commit"] else set()
+    return moved | (set(started["changes"]) ^ set(now["changes"]))
 
 
 def machine() -> dict[str, Any]:
-    import cpuinfo  # py-cpuinfo, a DeepSpeed dependency
+    import cpuinfo  # py-cpuinfo: DeepSpeed's own dependency, which DeepSpeed uses for the same
     import torch
 
     gpus = [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {"cores": os.cpu_count(), "cpu": cpuinfo.get_cpu_info().get("brand_raw", platform.processor()),
-            "memory_gib": round(memory_gib, 1), "gpus": gpus, "os": platform.platform(terse=True)}
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpus": gpus,
+            "os": platform.platform(terse=True)}
 
 
 def versions() -> dict[str, str | None]:
@@ -88,12 +109,26 @@ def versions() -> dict[str, str | None]:
     return {"python": platform.python_version(), **{package: installed(package) for package in PACKAGES}}
 
 
+def machine_roots() -> list[str]:
+    roots = {str(REPO), str(Path.home()), tempfile.gettempdir(), sys.prefix, os.path.realpath(sys.prefix)}
+    return sorted(root for root in roots if root not in ("/", ""))
+
+
 def machine_paths(value: Any, where: str = "results") -> list[str]:
-    """Keys whose values are absolute paths outside shared system data, as `results.a.b[2]`."""
+    """Where, as `results.a.b[2]`, a key or value holds an absolute path outside shared system data or
+    any of this machine's own roots (the checkout, the home, the temporary directory, the environment)."""
     if isinstance(value, dict):
-        return [found for key, item in value.items() for found in machine_paths(item, f"{where}.{key}")]
+        return [found for key, item in value.items()
+                for found in machine_paths(key, f"{where} key {key!r}") + machine_paths(item, f"{where}.{key}")]
     if isinstance(value, list):
         return [found for index, item in enumerate(value) for found in machine_paths(item, f"{where}[{index}]")]
-    if isinstance(value, str) and value.startswith(("/", "~")) and not value.startswith(SHARED_SYSTEM_DATA):
-        return [where]
+    if isinstance(value, str):
+        absolute = value.startswith(("/", "~/")) and not value.startswith(SHARED_SYSTEM_DATA)
+        if absolute or any(root in value for root in machine_roots()):
+            return [where]
     return []
+
+
+# Taken at import, which every benchmark does before it measures anything.
+STARTED = {**git_state(), "command": command(sys.argv, Path.cwd()),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
