@@ -13,12 +13,13 @@ working tree; prose that interprets the figures still needs reading again.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import re
 import statistics
 import subprocess
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from tests.helpers.shared import REPO
 
@@ -26,7 +27,9 @@ Render = Callable[[dict[str, Any]], str]
 
 
 def per_round_efficiency(record: dict[str, Any], setup: str) -> list[float]:
+    """Each round's efficiency; the docs speak of two rounds, so another count renders nothing they hold."""
     details = record["details"]
+    assert len(details[setup]) == 2, f"{len(details[setup])} rounds"
     return [two["samples_per_s"] / (2 * one["samples_per_s"]) for one, two in zip(details["1w"], details[setup])]
 
 
@@ -62,6 +65,8 @@ PINS: list[tuple[str, str, Render]] = [
                                            f"{r['settings']['skip'] + 1}-{r['settings']['steps']})"),
     # scaling.py
     (BENCH, "scaling_cpu.json", lambda r: f"| 1 worker | {r['samples_per_s']['1w']:.1f} | - |"),
+    (BENCH, "scaling_cpu.json", lambda r: "between rounds of one: {:.1f} and {:.1f} samples/s for 1 worker".format(
+        *(run["samples_per_s"] for run in r["details"]["1w"]))),
     (BENCH, "scaling_cpu.json", lambda r: "(DeepSpeed's default, and distdl's on CPU workers) | "
      f"{r['samples_per_s']['2w_overlap_off']:.1f} | **{r['efficiency']['2w_overlap_off']:.2f}** "
      "({:.2f} and {:.2f} in the two rounds) |".format(*per_round_efficiency(r, "2w_overlap_off"))),
@@ -114,7 +119,7 @@ PINS: list[tuple[str, str, Render]] = [
     # prepare_scaling.py
     *[(doc, "prepare_scaling_cpu.json", lambda r: f"{r['corpus_mb']:.1f} MB of text: this Python's standard library "
        f"sources, {r['lines'] / 1e6:.2f} million non-empty lines") for doc in (BENCH, PREPARATION)],
-    *[(doc, "prepare_scaling_cpu.json", lambda r: f"for {r['tokens'] / 1e6:.1f} million tokens") for doc in (BENCH,)],
+    (BENCH, "prepare_scaling_cpu.json", lambda r: f"blocks, for {r['tokens'] / 1e6:.1f} million tokens"),
     (PREPARATION, "prepare_scaling_cpu.json", lambda r: f"giving {r['tokens'] / 1e6:.1f} million tokens"),
     *[(doc, "prepare_scaling_cpu.json", lambda r: f"| 1 Ray CPU | {r['tokens_per_s_1_worker']:,} |")
       for doc in (BENCH, PREPARATION)],
@@ -142,8 +147,7 @@ PINS: list[tuple[str, str, Render]] = [
     (PREPARATION, "ingest_cpu.json", lambda r: "decode and augment at {:.2f}-{:.2f}x".format(*sorted(
         r[images]["packed_vs_folder"] for images in ("images_32px_png", "images_500x375_jpeg_crop224")))),
     # glue_real_text.py
-    ("docs/glue.md", "glue_real_text.json", lambda r: f"1,852 train, {r['sizes']['dev']} dev".replace(
-        "1,852", f"{r['sizes']['train']:,}")),
+    ("docs/glue.md", "glue_real_text.json", lambda r: f"{r['sizes']['train']:,} train, {r['sizes']['dev']} dev"),
     ("docs/glue.md", "glue_real_text.json", lambda r: f"builds a CoLA-format acceptability task from "
                                                       f"{r['sizes']['train'] + r['sizes']['dev']:,}"),
     ("docs/glue.md", "glue_real_text.json", lambda r: f"for {r['epochs']} epochs ({r['pretrained']['steps']} steps, "
@@ -212,6 +216,13 @@ PINS: list[tuple[str, str, Render]] = [
      "error {:.1f} |".format(*(", ".join(f"{accuracy:.3f}" for accuracy in r["glue"][side]["dev_accuracy"]["each"])
                                for side in ("distdl", "hf_trainer")),
                              r["glue"]["dev_accuracy_gap_points"], r["glue"]["dev_accuracy_gap_standard_error"])),
+    (BENCH, "vs_hf_trainer_cpu.json", lambda r: "| GLUE without dropout: dev accuracy, dev loss | {:.4f}, {:.7f} | "
+     "{:.4f}, {:.7f} |".format(*(value for side in ("distdl", "hf_trainer") for value in (
+         r["glue_without_dropout"][side]["dev_accuracy"]["mean"], r["glue_without_dropout"][side]["dev_loss"]["mean"])))),
+    (BENCH, "vs_hf_trainer_cpu.json", lambda r: "pair's speed, {:.2f}x in this invocation".format(
+        r["glue_without_dropout"]["samples_per_s_ratio_distdl_to_hf"])),
+    (BENCH, "vs_hf_trainer_cpu.json", lambda r: "HF Trainer (transformers {}, one process".format(
+        ".".join(r["provenance"]["versions"]["transformers"].split(".")[:2]))),
     (BENCH, "vs_hf_trainer_cpu.json", lambda r: "| MLM samples/s (per seed) | {} | {} | **{:.2f}** |".format(
         *(", ".join(f"{rate:.1f}" for rate in r["mlm"][side]["samples_per_s"]["each"]) for side in ("distdl", "hf_trainer")),
         r["mlm"]["samples_per_s_ratio_distdl_to_hf"])),
@@ -276,16 +287,18 @@ def stopped_early(trials: list[dict[str, Any]]) -> str:
     """'3 (at step 15)', or '3 (two at 15, one at 30)' where they stopped at different steps."""
     steps = [trial["steps"] for trial in trials if trial["status"] == "stopped early"]
     counts = collections.Counter(steps)
-    if len(counts) == 1:
-        return f"{len(steps)} (at step {steps[0]})"
+    if len(counts) <= 1:
+        return f"{len(steps)} (at step {steps[0]})" if steps else "0"
     words = {1: "one", 2: "two", 3: "three", 4: "four"}
-    return f"{len(steps)} (" + ", ".join(f"{words[count]} at {step}" for step, count in sorted(counts.items())) + ")"
+    return f"{len(steps)} (" + ", ".join(f"{words.get(count, count)} at {step}"
+                                         for step, count in sorted(counts.items())) + ")"
 
 
 def zero_row(record: dict[str, Any], stage: str) -> str:
     """A ZeRO stage's row of docs/vision.md: rank 0's MiB, with the ratio to ZeRO-0 where it is not 1."""
-    held, ratios = record["stages"][stage][0], record["ratio_to_stage0_rank0"][stage]
-    cells = [f"{held[key]:.0f}" + (f" ({ratios[key]:.2f})" if stage != "0" and ratios[key] != 1.0 else "")
+    held, baseline = record["stages"][stage][0], record["stages"]["0"][0]
+    ratios = {key: f"{held[key] / baseline[key]:.2f}" for key in held}  # not the file's ratios, rounded to 3 places
+    cells = [f"{held[key]:.0f}" + (f" ({ratios[key]})" if ratios[key] != "1.00" else "")
              for key in ("parameters_mib", "optimizer_state_mib", "peak_rss_mib")]
     return f"| {stage} | " + " | ".join(cells) + " |"
 
@@ -295,30 +308,47 @@ def seconds_range(jobs: list[dict[str, float]], key: str) -> str:
     return f"{low:.0f} s" if round(low) == round(high) else f"{low:.0f}-{high:.0f} s"
 
 
+def rendering(render: Render, record: dict[str, Any]) -> tuple[Optional[str], str]:
+    """(the text, "") or (None, why it cannot be rendered: the file lacks a key the pin reads)."""
+    try:
+        return render(record), ""
+    except (KeyError, IndexError) as lacking:
+        return None, f"the results file lacks {lacking}: rerun its script"
+    except AssertionError as differs:
+        return None, f"the results file differs in shape from what the docs say ({differs})"
+
+
 def missing(record_of: Callable[[str], dict[str, Any]]) -> list[tuple[str, str, str]]:
-    """(doc, results file, rendering) for every pin whose rendering its doc does not hold (line breaks
-    and runs of spaces count as one space: the docs wrap their prose)."""
+    """(doc, results file, rendering or why none) for every pin whose rendering its doc does not hold
+    (line breaks and runs of spaces count as one space: the docs wrap their prose)."""
     docs: dict[str, str] = {}
     found = []
     for doc, name, render in PINS:
         text = docs.setdefault(doc, " ".join((REPO / doc).read_text().split()))
-        rendered = render(record_of(name))
-        if " ".join(rendered.split()) not in text:
-            found.append((doc, name, rendered))
+        rendered, why = rendering(render, record_of(name))
+        if rendered is None or " ".join(rendered.split()) not in text:
+            found.append((doc, name, rendered or why))
     return found
 
 
 def spaced(rendered: str) -> re.Pattern:
-    """The rendering wherever the doc wraps it."""
-    return re.compile(r"\s+".join(map(re.escape, rendered.split())))
+    """The rendering wherever the doc wraps it (the whitespace between its words captured)."""
+    return re.compile(r"(\s+)".join(map(re.escape, rendered.split())))
 
 
-def committed_record(revision: str) -> Callable[[str], dict[str, Any]]:
-    def record(name: str) -> dict[str, Any]:
-        shown = subprocess.run(["git", "-C", str(REPO), "show", f"{revision}:benchmarks/results/{name}"],
-                               capture_output=True, text=True, check=True).stdout
-        return json.loads(shown)
-    return record
+def rewrapped(new: str, match: re.Match) -> str:
+    """`new` with the doc's own line breaks where the words match one for one."""
+    words, gaps = new.split(), match.groups()
+    if len(words) != len(gaps) + 1:
+        return new
+    return "".join(word + gap for word, gap in zip(words, (*gaps, "")))
+
+
+@functools.cache
+def committed_record(revision: str, name: str) -> Optional[dict[str, Any]]:
+    shown = subprocess.run(["git", "-C", str(REPO), "show", f"{revision}:benchmarks/results/{name}"],
+                           capture_output=True, text=True)
+    return json.loads(shown.stdout) if shown.returncode == 0 else None  # None: new since `revision`
 
 
 def working_record(name: str) -> dict[str, Any]:
@@ -326,23 +356,22 @@ def working_record(name: str) -> dict[str, Any]:
 
 
 def update(revision: str) -> None:
-    """Replace each rendering from `revision`'s results with the working tree's, in every doc."""
-    before = committed_record(revision)
+    """Replace each rendering from `revision`'s results with the working tree's, where it stands once."""
     for doc, name, render in PINS:
-        try:
-            new = render(working_record(name))
-        except (KeyError, IndexError, TypeError) as missing_key:
-            print(f"{doc}: {name} has no {missing_key} yet; rerun its script")
+        new, why = rendering(render, working_record(name))
+        if new is None:
+            print(f"{doc}: {name}: {why}")
             continue
-        try:
-            old = render(before(name))
-        except (KeyError, IndexError, TypeError):  # the figure is new in this rerun
-            old = new
+        before = committed_record(revision, name)
+        old = (rendering(render, before)[0] if before is not None else None) or new
         path = REPO / doc
         text = path.read_text()
-        if old != new and spaced(old).search(text):
-            path.write_text(spaced(old).sub(lambda match: new, text))
+        replaced, count = spaced(old).subn(lambda match: rewrapped(new, match), text)
+        if old != new and count == 1:
+            path.write_text(replaced)
             print(f"{doc}: {old!r} -> {new!r}")
+        elif old != new and count > 1:
+            print(f"{doc}: {old!r} stands {count} times; edit by hand")
         elif not spaced(new).search(text):
             print(f"{doc}: neither {old!r} nor {new!r} found; edit by hand")
 

@@ -17,10 +17,11 @@ from tests.helpers.shared import REPO
 RESULTS = sorted((BENCHMARKS / "results").glob("*.json"))
 COMMAND = re.compile(r"^python benchmarks/(?P<script>\w+)\.py( |$)")
 # Changes that cannot alter what a benchmark measures; anything else uncommitted makes a record unrepeatable.
-HARMLESS = re.compile(r"^(tests|docs)/|\.md$")
+HARMLESS = re.compile(r"^(tests|docs)/|\.(md|png)$")
+RECORD_KEYS = {"command", "commit", "uncommitted_changes", "date", "machine", "versions"}
 
 
-def script_literals(script: Path) -> set[str]:
+def script_literals(script: Path, seen: frozenset[Path] = frozenset()) -> set[str]:
     """The string constants in a script and in the sibling benchmark modules it imports."""
     tree = ast.parse(script.read_text())
     literals = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
@@ -29,9 +30,22 @@ def script_literals(script: Path) -> set[str]:
             names = [node.module] if isinstance(node, ast.ImportFrom) else [alias.name for alias in node.names]
             for name in names:
                 sibling = BENCHMARKS / f"{name}.py"
-                if name and sibling.exists() and sibling != script:
-                    literals |= script_literals(sibling)
+                if name and sibling.exists() and sibling not in seen | {script}:
+                    literals |= script_literals(sibling, seen | {script})
     return literals
+
+
+def unrepeatable(changes: list[str], script: Path) -> list[str]:
+    """Changed paths that could alter the script's results: code, configs, or a results file it reads."""
+    source = script.read_text()
+    return [name for name in changes if not HARMLESS.search(name)
+            and not (name.startswith("benchmarks/results/") and Path(name).name not in source)]
+
+
+@pytest.fixture(scope="module")
+def provenance_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield load_benchmark("provenance", patch)
 
 
 def test_results_files_exist():
@@ -39,11 +53,12 @@ def test_results_files_exist():
 
 
 @pytest.mark.parametrize("path", RESULTS, ids=[path.name for path in RESULTS])
-def test_each_results_file_says_how_to_make_it_again(path, monkeypatch):
+def test_each_results_file_says_how_to_make_it_again(path, provenance_module):
     record = json.loads(path.read_text())
     provenance = record.get("provenance")
     assert provenance, f"{path.name} was not written through benchmarks/provenance.py: rerun its script"
-    assert set(provenance) == {"command", "commit", "uncommitted_changes", "date", "machine", "versions"}
+    # code_changed_during_run came a few hours after the first records of 2026-12-07; absent means not checked.
+    assert RECORD_KEYS <= set(provenance) <= RECORD_KEYS | {"code_changed_during_run"}
     assert set(provenance["machine"]) == {"cores", "cpu", "memory_gib", "gpus", "os"}
     assert {"torch", "deepspeed", "ray", "transformers", "python"} <= set(provenance["versions"])
     assert all(provenance["versions"].values()), provenance["versions"]
@@ -53,17 +68,16 @@ def test_each_results_file_says_how_to_make_it_again(path, monkeypatch):
     script = BENCHMARKS / f"{command['script']}.py"
     assert "write_results(" in script.read_text(), f"{script.name} does not write through provenance.py"
 
-    unrepeatable = [name for name in provenance["uncommitted_changes"] if not HARMLESS.search(name)]
-    assert not unrepeatable, f"{path.name} was measured on uncommitted code: {unrepeatable}"
+    for key in ("uncommitted_changes", "code_changed_during_run"):
+        changed = unrepeatable(provenance.get(key, []), script)
+        assert not changed, f"{path.name}: {key} holds {changed}, which can change what it measured"
     assert re.fullmatch(r"[0-9a-f]{40}", provenance["commit"])
-    if not git("rev-parse", "--is-shallow-repository").stdout.strip() == "true":
+    if git("rev-parse", "--is-shallow-repository").stdout.strip() != "true":  # a shallow clone lacks the commit
         ancestor = git("merge-base", "--is-ancestor", provenance["commit"], "HEAD")
         assert ancestor.returncode == 0, f"{path.name}: commit {provenance['commit']} is not in this history"
 
     unwritten = set(record) - {"provenance"} - script_literals(script)
     assert not unwritten, f"{path.name} holds keys {sorted(unwritten)} that {script.name} never writes (a hand edit?)"
-
-    provenance_module = load_benchmark("provenance", monkeypatch)
     assert provenance_module.machine_paths(record) == [], f"{path.name} holds paths of the machine it ran on"
 
 
@@ -72,16 +86,19 @@ def git(*arguments: str) -> subprocess.CompletedProcess:
 
 
 def test_a_record_is_written_whole_with_the_command_as_typed_at_the_root(tmp_path, monkeypatch):
-    provenance = load_benchmark("provenance", monkeypatch)
     out = tmp_path / "result.json"
-    monkeypatch.setattr("sys.argv", [str(BENCHMARKS / "scaling.py"), "--out", str(REPO / "benchmarks/results/x.json"),
-                                     "--corpus=/usr/share/common-licenses", "--repeats", "2"])
+    monkeypatch.chdir(BENCHMARKS)  # typed from benchmarks/, recorded as typed at the root
+    monkeypatch.setattr("sys.argv", ["scaling.py", "--out", "results/scaling_cpu.json", "--model",
+                                     str(tmp_path / "bert"), "--corpus=/usr/share/common-licenses", "--repeats", "2"])
+    provenance = load_benchmark("provenance", monkeypatch)
     provenance.write_results(out, {"samples_per_s": 1.5})
     record = json.loads(out.read_text())
     assert record["samples_per_s"] == 1.5
-    assert record["provenance"]["command"] == ("python benchmarks/scaling.py --out benchmarks/results/x.json "
-                                               "--corpus=/usr/share/common-licenses --repeats 2")
+    assert record["provenance"]["command"] == (
+        "python benchmarks/scaling.py --out benchmarks/results/scaling_cpu.json --model '<outside the repository>/bert' "
+        "--corpus=/usr/share/common-licenses --repeats 2")
     assert record["provenance"]["commit"] == git("rev-parse", "HEAD").stdout.strip()
+    assert record["provenance"]["code_changed_during_run"] == []
     assert record["provenance"]["machine"]["cores"] >= 1
 
 
@@ -89,9 +106,11 @@ def test_a_path_of_this_machine_is_refused_by_key_and_the_previous_record_kept(t
     provenance = load_benchmark("provenance", monkeypatch)
     out = tmp_path / "result.json"
     out.write_text('{"previous": true}\n')
-    with pytest.raises(ValueError, match=r"results\.runs\[1\]\.model hold absolute paths"):
-        provenance.write_results(out, {"runs": [{"model": "bert"}, {"model": str(tmp_path / "random-init")}],
-                                       "corpus": "/usr/share/common-licenses"})
+    for results, culprit in [({"runs": [{"model": "bert"}, {"model": str(tmp_path / "random-init")}]}, r"results\.runs\[1\]\.model"),
+                             ({"note": f"loaded from {Path.home()}/models"}, r"results\.note"),
+                             ({str(tmp_path): 1.0}, "results key")]:
+        with pytest.raises(ValueError, match=culprit + ".* hold paths of this machine"):
+            provenance.write_results(out, {**results, "corpus": "/usr/share/common-licenses", "step": "~120 ms"})
     with pytest.raises(TypeError):
         provenance.write_results(out, {"unserializable": object()})
     assert out.read_text() == '{"previous": true}\n'
