@@ -37,6 +37,10 @@ def mib(value: float) -> str:
     return f"{value:,.0f} MiB"
 
 
+def slower_two_cpu_run(record: dict[str, Any]) -> float:
+    return min(run["tokens_per_s"] for run in record["runs"] if run["ray_cpus"] == 2)
+
+
 def ratio_range(ratios: list[float]) -> str:
     low, high = f"{min(ratios):.2f}", f"{max(ratios):.2f}"
     return low if low == high else f"{low}-{high}"
@@ -129,8 +133,7 @@ PINS: list[tuple[str, str, Render]] = [
     (BENCH, "prepare_scaling_cpu.json", lambda r: f"| 2 Ray CPUs | {r['tokens_per_s_2_workers']:,}, "
                                                   f"**{r['speedup_2_vs_1']:.2f}x** |"),
     (BENCH, "prepare_scaling_cpu.json", lambda r: "the other 2-CPU run gave {:,.0f} tokens/s ({:.2f}x)".format(
-        *(lambda other: (other, other / r["tokens_per_s_1_worker"]))(min(
-            run["tokens_per_s"] for run in r["runs"] if run["ray_cpus"] == 2)))),
+        slower_two_cpu_run(r), slower_two_cpu_run(r) / r["tokens_per_s_1_worker"])),
     (PREPARATION, "prepare_scaling_cpu.json", lambda r: f"| 2 Ray CPUs | {r['tokens_per_s_2_workers']:,} "
                                                         f"(**{r['speedup_2_vs_1']:.2f}x**) |"),
     (BENCH, "prepare_scaling_cpu.json", lambda r: f"One task tokenizes and writes {r['one_task_tokens_per_s']:,} "
