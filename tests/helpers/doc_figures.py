@@ -123,6 +123,8 @@ PINS: list[tuple[str, str, Render]] = [
     (BENCH, "elastic_resume_cpu.json", lambda r: f"(`torch.load`) | {r['read_checkpoint_s']:.2f} s |"),
     (BENCH, "elastic_resume_cpu.json", lambda r: f"| conversion | {r['convert_s']:.1f} s, "
                                                  f"**{r['convert_to_read_ratio']:.1f}x** the read |"),
+    (BENCH, "elastic_resume_cpu.json", lambda r: "(about 4 GB with Adam's state) would take about {:.0f} s at this "
+     "machine's rate".format(4e9 / (r["checkpoint_mib"] * 2**20) * r["convert_s"])),
     # prepare_scaling.py
     *[(doc, "prepare_scaling_cpu.json", lambda r: f"{r['corpus_mb']:.1f} MB of text: this Python's standard library "
        f"sources, {r['lines'] / 1e6:.2f} million non-empty lines") for doc in (BENCH, PREPARATION)],
@@ -202,6 +204,10 @@ PINS: list[tuple[str, str, Render]] = [
      "{:+.0%} from one on one core)".format(*plan_medians(r))),
     (PLAN, "plan_two_workers_cpu.json", lambda r: "the median error falls from {:+.0%} to {:+.0%}".format(
         *plan_medians(r))),
+    (PLAN, "plan_two_workers_cpu.json", lambda r: "(the one-core errors, {:+.0%} to {:+.0%})".format(
+        min(one_core_errors(r)), max(one_core_errors(r)))),
+    (PLAN, "plan_two_workers_cpu.json", lambda r: "(seq 32, the shortest step: {:+.0%})".format(
+        r["throughput"][2]["median_error_one_core"])),
     (PLAN, "plan_two_workers_cpu.json", lambda r: f"ran two at once at x{r['side_by_side_control']['slowdown']:.2f} "
                                                   "the time of one"),
     (PLAN, "plan_two_workers_cpu.json", lambda r: "The modelled synchronization of the tiny BERT's {:.2f} M fp32 "
@@ -215,9 +221,17 @@ PINS: list[tuple[str, str, Render]] = [
     (PLAN, "plan_two_workers_cpu.json", lambda r: "The AdamW step took {:.1f} and {:.1f} ms on the two ranks".format(
         *(rank["optimizer_s"] * 1e3 for rank in r["traced"]["ranks"]))),
     (PLAN, "plan_two_workers_cpu.json", lambda r: steps_text(r["steps_to_target"])),
+    (PLAN, "plan_two_workers_cpu.json", lambda r: "({}-{} steps at batch 16)".format(*(f(
+        run["steps_to_target"] for run in r["steps_to_target"]["fitted_runs"] if run["batch_size"] == 16)
+        for f in (min, max)))),
     # vs_hf_hyperparameter_search.py
     *[(SWEEPS, "vs_hf_hyperparameter_search_cpu.json", lambda r, side=side, label=label: search_row(r, side, label))
       for side, label in (("distdl", "distdl sweep + ASHA"), ("hf_trainer", "HF Trainer + Optuna pruner"))],
+    (SWEEPS, "vs_hf_hyperparameter_search_cpu.json", lambda r: "| trial-steps (of {}) |".format(
+        r["distdl"]["trial_steps_without_stopping"])),
+    (SWEEPS, "vs_hf_hyperparameter_search_cpu.json", lambda r: "**distdl's wall time is {:.0f} s {} for four "
+     "trials:**".format(abs(r["distdl"]["wall_s"] - r["hf_trainer"]["wall_s"]),
+                        "longer" if r["distdl"]["wall_s"] > r["hf_trainer"]["wall_s"] else "shorter")),
     # vs_hf_trainer.py
     (BENCH, "vs_hf_trainer_cpu.json", lambda r: "| GLUE samples/s, 2 threads (per seed) | {} | {} | **{:.3f}** ({}) |"
      .format(*(", ".join(f"{rate:.1f}" for rate in r["glue"][side]["samples_per_s"]["each"])
@@ -273,6 +287,10 @@ def plan_row(case: dict[str, Any]) -> str:
     measured = " / ".join(f"{pair['measured_samples_per_s']:.1f}" for pair in pairs)
     errors = [" / ".join(f"{pair[label]['error']:+.1%}" for pair in pairs) for label in ("alone", "one_core")]
     return f"| {measured} | {errors[0]} | {errors[1]} |"
+
+
+def one_core_errors(record: dict[str, Any]) -> list[float]:
+    return [pair["one_core"]["error"] for case in record["throughput"] for pair in case["pairs"]]
 
 
 def plan_medians(record: dict[str, Any]) -> list[float]:
