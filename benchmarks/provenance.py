@@ -20,16 +20,13 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import psutil
-
+from distdl.provenance import LIBRARIES, installed, machine
 from distdl.rundir import write_json
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("torch", "deepspeed", "ray", "transformers")
 # System data a Debian/Ubuntu package installs at the same place on every machine (the licence corpus).
 SHARED_SYSTEM_DATA = "/usr/share/"
 
@@ -89,24 +86,8 @@ def code_changes(started: dict[str, Any], now: dict[str, Any]) -> set[str]:
     return moved | (set(started["changes"]) ^ set(now["changes"]))
 
 
-def machine() -> dict[str, Any]:
-    import cpuinfo  # py-cpuinfo: DeepSpeed's own dependency, which DeepSpeed uses for the same
-    import torch
-
-    gpus = [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]
-    return {"cores": os.cpu_count(), "cpu": cpuinfo.get_cpu_info().get("brand_raw", platform.processor()),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpus": gpus,
-            "os": platform.platform(terse=True)}
-
-
 def versions() -> dict[str, str | None]:
-    def installed(package: str) -> str | None:
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return None
-
-    return {"python": platform.python_version(), **{package: installed(package) for package in PACKAGES}}
+    return {"python": platform.python_version(), **{library: installed(library) for library in LIBRARIES}}
 
 
 def machine_roots() -> list[str]:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
+from distdl import provenance
 from distdl.config import Config, config_from_dict
 from distdl.driver import Connect, quiet_train_logs, scaling_config, train, training_failure
 from distdl.errors import ConfigError, TrainingFailed
@@ -46,7 +47,7 @@ def run_study(name: str, path: str | Path, overrides: list[str], overwrite: bool
         trials = trials + later
     run_measurements(base, study.measure_tasks(trials), study_class.measure, section, study_dir / "ray", connect)
     report = study.write_report(trials)
-    write_json(study_dir / RESULTS_FILE, report.results)
+    write_json(study_dir / RESULTS_FILE, {**report.results, "provenance": provenance.record()})
     (study_dir / REPORT_FILE).write_text(report.markdown)
     log_to_wandb(report, section.name, base, study_dir)
     return study_dir, report

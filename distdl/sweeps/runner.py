@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
+from distdl import provenance
 from distdl.config import PATH_KEYS, Config, config_from_dict, read_yaml, set_dotted, split_section
 from distdl.driver import Connect
 from distdl.errors import ConfigError
@@ -64,7 +65,7 @@ def run_sweep(config_path: str | Path, overrides: list[str], sweep_file: Optiona
     (sweep_dir / SWEEP_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
     results = fit(section, dimensions, base, training, sweep_dir)
     report = sweep_report(results, section, dimensions, sweep_dir)
-    write_json(sweep_dir / "results.json", report.results)
+    write_json(sweep_dir / "results.json", {**report.results, "provenance": provenance.record()})
     (sweep_dir / "report.md").write_text(report.markdown)
     raise_failures(results, lambda result: f"{result.path}: ")
     return sweep_dir, report

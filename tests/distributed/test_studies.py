@@ -15,7 +15,7 @@ import yaml
 from distdl import cli
 from distdl.cluster.connect import connect_ray
 from distdl.rundir import read_metrics
-from tests.helpers.shared import QUIET, REPO
+from tests.helpers.shared import QUIET, REPO, git_head
 
 SHARPNESS = REPO / "configs/studies/sharpness.yaml"
 TARGET = 0.5
@@ -220,6 +220,7 @@ def test_overparam_study_fits_the_distance_exponent_and_writes_its_plots(ray_loc
         "trainer.max_steps=40", "trainer.log_every=2", "study.widths=[16,1024]", f"run.storage_path={tmp_path}",
         *QUIET], False, connect_ray)
     results = json.loads((study_dir / "results.json").read_text())
+    assert results["provenance"]["software"]["distdl"]["commit"] == git_head()
     assert (study_dir / "ray" / "trials").is_dir(), "4 logical CPUs hold both 2-worker trials: Ray Tune ran them at once"
     narrow, wide = sorted(results["entries"], key=lambda e: e["width"])
     # A wrongly rebuilt W0 (another random draw) would put every network about sqrt(2) away.

@@ -14,7 +14,7 @@ import pytest
 
 from distdl import cli
 from distdl.rundir import read_metrics, read_summary
-from tests.helpers.shared import QUIET, REPO
+from tests.helpers.shared import QUIET, REPO, git_head
 
 pytestmark = pytest.mark.distributed
 LAPTOP = REPO / "configs/resnet/mnist_laptop.yaml"
@@ -42,6 +42,7 @@ def test_optuna_proposes_asha_stops_the_poor_trials_mid_run_and_the_best_trial_e
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     sweep_dir = tmp_path / "resnet20-mnist-sweep"
     results = json.loads((sweep_dir / "results.json").read_text())
+    assert results["provenance"]["software"]["distdl"]["commit"] == git_head()
     rows = {row["trial"]: row for row in results["trials"]}
     # Optuna's trials are named by their random trial ids.
     assert len(rows) == 4 and all(re.fullmatch(r"trial[0-9a-f]{8}-lr[0-9.]+", name) for name in rows), rows

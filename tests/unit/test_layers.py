@@ -40,7 +40,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("optimizers, data, models", ("distdl.optim", "distdl.data", "distdl.models")),
     ("config", ("distdl.config",)),
     ("foundations", ("distdl.rundir", "distdl.registry", "distdl.figures", "distdl.seeds", "distdl.precision",
-                     "distdl.collectives")),
+                     "distdl.collectives", "distdl.provenance")),
     ("errors", ("distdl.errors", "distdl")),
 )
 UNITS = {unit: depth for depth, (_, units) in enumerate(LAYERS) for unit in units}
