@@ -405,7 +405,9 @@ def test_a_plan_from_the_studys_profile_and_fit_is_consistent_and_reproduces_its
     del summary["trainable_parameters"]
     (cut_short / "summary.json").write_text(json.dumps(summary))
     no_bandwidth = tmp_path / "no_bandwidth.yaml"
-    no_bandwidth.write_text(yaml.safe_dump({**yaml.safe_load(GLOO_CLUSTER), "intra_node": {"latency_us": GLOO_LINK["latency_us"]}}))
+    latency_only = {"latency_us": GLOO_LINK["latency_us"]}
+    no_bandwidth.write_text(yaml.safe_dump({**yaml.safe_load(GLOO_CLUSTER), "intra_node": latency_only,
+                                            "inter_node": latency_only}))
     for args, expected in [
         (["model.hidden_sizes=[64]"], f"--profile {profile / 'config.yaml'}: model.hidden_sizes=[32], but the "
                                       "config planned has model.hidden_sizes=[64]"),
