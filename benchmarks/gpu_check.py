@@ -182,7 +182,6 @@ def main() -> None:
     }
     print(json.dumps(report, indent=2))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         write_results(args.out, report)
 
 

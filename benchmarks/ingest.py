@@ -183,7 +183,6 @@ def main() -> None:
             "images_32px_png": image_rates(tmp / "small", tmp / "small-packed", 32),
             "images_500x375_jpeg_crop224": image_rates(tmp / "large", tmp / "large-packed", 224),
         }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_results(args.out, result)
     print(json.dumps(result, indent=1))
 

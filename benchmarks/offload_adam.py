@@ -94,7 +94,6 @@ def main() -> None:
         "speedup_over_torch_adamw": {name: medians["torch_adamw"] / value for name, value in medians.items()},
         "torch": torch.__version__,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_results(args.out, result)
     for name, value in medians.items():
         print(f"{name}: {value * 1e3:.0f} ms per step of {count / 1e6:.1f}M parameters, "

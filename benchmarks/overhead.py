@@ -292,7 +292,6 @@ def main() -> None:
     report = summarize(args, results)
     print_table(report)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         write_results(args.out, report)
         print(f"overhead: wrote {args.out}")
 

@@ -82,7 +82,6 @@ def main() -> None:
         "driver_read_lines_per_s": round(read_rate),
         "cores_one_driver_feeds": round(read_rate * tokens_per_line / per_task),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_results(args.out, result)
     print(json.dumps(result, indent=1))
 

@@ -90,7 +90,6 @@ def main() -> None:
     report = summarize(args, results)
     print(json.dumps({k: report[k] for k in ("samples_per_s", "efficiency")}, indent=2))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         write_results(args.out, report)
         print(f"scaling: wrote {args.out}")
 
