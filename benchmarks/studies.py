@@ -21,12 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
 from provenance import write_results
 
 from distdl.studies.base import REPORT_FILE, RESULTS_FILE, STUDY_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks/results/studies"
+# W&B would only slow the runs down; the plots and tables are kept here.
+QUIET = ["tracking.wandb_mode=disabled"]
 # Name (the study's study.name) -> (study, config, overrides).
 STUDIES = {
     "sharpness-mnist5k": ("sharpness", "configs/studies/sharpness.yaml", []),
@@ -53,13 +56,15 @@ STUDIES = {
 
 def run(name: str, work: Path) -> None:
     kind, config, overrides = STUDIES[name]
-    command = [sys.executable, "-m", "distdl.cli", "study", kind, config, *overrides,
-               f"run.storage_path={work}", "tracking.wandb_mode=disabled"]
-    print(f"{name}: {' '.join(command[3:])}", flush=True)
+    overrides = [*overrides, *QUIET]
+    # Run from the work folder, so that the study's settings keep the config's relative storage path.
+    command = [sys.executable, "-m", "distdl.cli", "study", kind, str(REPO / config), *overrides]
+    print(f"{name}: distdl study {kind} {config} {' '.join(overrides)}", flush=True)
     started = time.perf_counter()
-    subprocess.run(command, cwd=REPO, check=True)
+    subprocess.run(command, cwd=work, check=True)
     wall = time.perf_counter() - started
-    kept = keep(work / name, OUT / name)
+    storage = yaml.safe_load((REPO / config).read_text())["run"]["storage_path"]
+    kept = keep(work / storage / name, OUT / name)
     write_results(OUT / f"{name}.json", {
         "study": kind, "config": config, "overrides": overrides, "wall_minutes": round(wall / 60, 1),
         "files": kept})
