@@ -96,6 +96,7 @@ def main() -> None:
     if unknown:
         parser.error(f"no study {', '.join(unknown)}; the studies are {', '.join(STUDIES)}")
     work = args.work or Path(tempfile.mkdtemp(prefix="distdl-studies-"))
+    work.mkdir(parents=True, exist_ok=True)
     for name in args.names or list(STUDIES):
         run(name, work.resolve())
     if args.work is None:
