@@ -57,22 +57,23 @@ STUDIES = {
 def run(name: str, work: Path) -> None:
     kind, config, overrides = STUDIES[name]
     overrides = [*overrides, *QUIET]
-    # Run from the work folder, so that the study's settings keep the config's relative storage path.
+    # Run from the work folder: the config's relative storage path puts the study there.
     command = [sys.executable, "-m", "distdl.cli", "study", kind, str(REPO / config), *overrides]
     print(f"{name}: distdl study {kind} {config} {' '.join(overrides)}", flush=True)
     started = time.perf_counter()
     subprocess.run(command, cwd=work, check=True)
     wall = time.perf_counter() - started
     storage = yaml.safe_load((REPO / config).read_text())["run"]["storage_path"]
-    kept = keep(work / storage / name, OUT / name)
+    kept = keep(work / storage / name, OUT / name, storage)
     write_results(OUT / f"{name}.json", {
         "study": kind, "config": config, "overrides": overrides, "wall_minutes": round(wall / 60, 1),
         "files": kept})
     print(f"{name}: {wall / 60:.1f} minutes, written to {(OUT / name).relative_to(REPO)}", flush=True)
 
 
-def keep(study_dir: Path, out: Path) -> list[str]:
-    """What a reader wants of a study directory, copied whole over the previous copy."""
+def keep(study_dir: Path, out: Path, storage: str) -> list[str]:
+    """What a reader wants of a study directory, copied whole over the previous copy. The settings keep
+    the config's storage path, not the absolute one the study resolved it to on this machine."""
     names = [STUDY_FILE, RESULTS_FILE, REPORT_FILE, *sorted(path.name for path in study_dir.glob("*.png"))]
     missing = [name for name in names[:3] if not (study_dir / name).is_file()]
     if missing:
@@ -80,8 +81,11 @@ def keep(study_dir: Path, out: Path) -> list[str]:
     staging = out.with_name(out.name + ".new")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for name in names:
+    for name in names[1:]:
         shutil.copy2(study_dir / name, staging / name)
+    settings = yaml.safe_load((study_dir / STUDY_FILE).read_text())
+    settings["training"]["run"]["storage_path"] = storage
+    (staging / STUDY_FILE).write_text(yaml.safe_dump(settings, sort_keys=False))
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return names
