@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import math
 import re
 import statistics
 import subprocess
@@ -285,6 +286,285 @@ PINS: list[tuple[str, str, Render]] = [
      "{:.3f} |".format(*(r["mlm"][side]["heldout_mlm_loss"]["mean"] for side in ("distdl", "hf_trainer")),
                        r["mlm"]["heldout_mlm_loss_ratio_distdl_to_hf"])),
 ]
+
+
+STUDIES_DOC = "docs/studies.md"
+SCALING = "studies/scaling-mnist5k/results.json"
+PINS += [
+    # studies.py: scaling-mnist5k
+    (STUDIES_DOC, "studies/scaling-mnist5k.json", lambda r: f"lr 0.01 at batch 32; 2 CPU cores, {r['wall_minutes']:.0f} "
+                                                         "minutes; `python benchmarks/studies.py scaling-mnist5k`)"),
+    (STUDIES_DOC, SCALING, lambda r: "Strong scaling (batch 256): {} samples/s on 1 worker, {} on 2, efficiency {:.2f}."
+     .format(*(tens(row["samples_per_s"]) for row in throughput(r, "strong")), throughput(r, "strong")[1]["efficiency"])),
+    (STUDIES_DOC, SCALING, lambda r: f"Weak scaling (128 per worker): efficiency {throughput(r, 'weak')[1]['efficiency']:.2f}."),
+    (STUDIES_DOC, SCALING, lambda r: "(5-step windows): {} steps at batch {}.".format(
+        *(listed([entry[key] for entry in r["entries"]]) for key in ("steps_to_target", "batch_size")))),
+    (STUDIES_DOC, SCALING, lambda r: f"The fit on log S gives B_crit = {r['critical_batch_size']:.0f} (R² {r['fit_r2_log']:.2f})."),
+    (STUDIES_DOC, SCALING, lambda r: f"gives B_simple = {r['noise_scale_batch']:,.0f}: "
+                                     f"{r['noise_scale_batch'] / r['critical_batch_size']:.1f}x larger."),
+]
+
+
+LARS = "studies/scaling-sgd-vs-lars/results.json"
+PINS += [
+    # studies.py: scaling-sgd-vs-lars
+    (STUDIES_DOC, "studies/scaling-sgd-vs-lars.json", lambda r: f"2 seeds (2 CPU cores, {r['wall_minutes']:.0f} minutes; "
+                                                            "`python benchmarks/studies.py scaling-sgd-vs-lars`)"),
+    (STUDIES_DOC, LARS, lambda r: "| SGD | " + " | ".join(map(str, mean_steps(r, "sgd").values())) + " |"),
+    (STUDIES_DOC, LARS, lambda r: "| LARS | " + " | ".join(map(str, mean_steps(r, "lars").values())) + " |"),
+    (STUDIES_DOC, LARS, lambda r: "Fitted B_crit: **{:,.0f} for SGD** (R² {:.2f} on log S), **{:,.0f} for LARS** (R² {:.2f}), "
+     "{:.1f}x.".format(*fit(r, "sgd"), *fit(r, "lars"), r["by_optimizer"]["lars"]["critical_batch_size"]
+                       / r["by_optimizer"]["sgd"]["critical_batch_size"])),
+    (STUDIES_DOC, LARS, lambda r: "LARS pays for it at small batches: {:.1f}x SGD's steps at batch 32.".format(
+        mean_steps(r, "lars")[32] / mean_steps(r, "sgd")[32])),
+    (STUDIES_DOC, LARS, lambda r: "B_simple, the noise scale measured in the same runs: {:,.0f} (SGD) and {:,.0f} (LARS)."
+     .format(*(r["by_optimizer"][name]["noise_scale_batch"] for name in ("sgd", "lars")))),
+]
+
+
+OVERPARAM = "studies/overparam-digits/results.json"
+PINS += [
+    # studies.py: overparam-digits
+    (STUDIES_DOC, "studies/overparam-digits.json", lambda r: f"2 CPU workers, {r['wall_minutes']:.0f} minutes; "
+                                                          "`python benchmarks/studies.py overparam-digits`):"),
+    *((STUDIES_DOC, OVERPARAM, lambda r, index=index: width_row(r["entries"][index])) for index in range(5)),
+    (STUDIES_DOC, OVERPARAM, lambda r: f"**Distance exponent:** −{-r['distance_exponent']:.3f}, against Du et al.'s −1/2."),
+]
+
+
+TEMPERATURE = "studies/temperature-mnist5k/results.json"
+MEASURES = {"test accuracy": "test_accuracy", "top Hessian eigenvalue": "hessian_top_eigenvalue",
+            "Hessian trace": "hessian_trace", "adaptive sharpness ε=1e-3": "adaptive_sharpness_eps1e-3",
+            "ε-sharpness ε=1e-3": "sharpness_eps1e-3"}
+PINS += [
+    # studies.py: temperature-mnist5k
+    (STUDIES_DOC, "studies/temperature-mnist5k.json", lambda r: f"2 CPU workers, {r['wall_minutes']:.0f} minutes in "
+                                                             "all (`python benchmarks/studies.py temperature-mnist5k`)."),
+    *((STUDIES_DOC, TEMPERATURE, lambda r, label=label: fit_row(r, label) + f" {r['fits'][MEASURES[label]]['r2']:.3f} |")
+      for label in MEASURES),
+    (STUDIES_DOC, TEMPERATURE, lambda r: "test accuracy ({:.3f} to {:.3f}) and a flatter solution (top eigenvalue "
+     "{:.0f} to {:.1f}).".format(*spread(r, "test_accuracy"), cell(r, 0.02, 512)["hessian_top_eigenvalue"],
+                                 cell(r, 0.2, 32)["hessian_top_eigenvalue"])),
+    (STUDIES_DOC, TEMPERATURE, lambda r: "The training loss varies with it, from {:.3f} to {:.2f} across the grid."
+     .format(*spread(r, "train_loss"))),
+    (STUDIES_DOC, TEMPERATURE, lambda r: f"Keskar's ε-sharpness fits no exponent (R² {r['fits']['sharpness_eps1e-3']['r2']:.2f})."),
+]
+
+
+EQUAL_LOSS = "studies/temperature-mnist5k-equal-loss/results.json"
+RANGE_FORMATS = {"test accuracy": ".3f", "top Hessian eigenvalue": ".1f", "Hessian trace": ".0f",
+                 "adaptive sharpness ε=1e-3": ".2f"}
+PINS += [
+    # studies.py: temperature-mnist5k-equal-loss
+    (STUDIES_DOC, "studies/temperature-mnist5k-equal-loss.json", lambda r: f"loss of 0.1 ({r['wall_minutes']:.0f} minutes, "
+                                                                        "`python benchmarks/studies.py temperature-mnist5k-equal-loss`;"),
+    (STUDIES_DOC, EQUAL_LOSS, lambda r: "every cell got there, in {} to {} steps):".format(*spread(r, "steps"))
+     if all(entry["reached_target"] for entry in r["entries"]) else "some cells never got there"),
+    *((STUDIES_DOC, EQUAL_LOSS, lambda r, label=label: fit_row(r, label) + " {:.3f} | {:{form}} to {:{form}} |".format(
+        r["fits"][MEASURES[label]]["r2"], *spread(r, MEASURES[label]), form=RANGE_FORMATS[label]))
+      for label in RANGE_FORMATS),
+    (STUDIES_DOC, TEMPERATURE, lambda r: "the grid's {:.0f}-point spread".format(100 * (spread(r, "test_accuracy")[1]
+                                                                                      - spread(r, "test_accuracy")[0]))),
+    (STUDIES_DOC, EQUAL_LOSS, lambda r: "spread shrinks to {:.1f} points".format(
+        100 * (spread(r, "test_accuracy")[1] - spread(r, "test_accuracy")[0]))),
+    (STUDIES_DOC, EQUAL_LOSS, lambda r: "eigenvalue falls {:.1f}x from the coldest cell to the hottest".format(
+        cell(r, 0.02, 512)["hessian_top_eigenvalue"] / cell(r, 0.2, 32)["hessian_top_eigenvalue"])),
+    (STUDIES_DOC, EQUAL_LOSS, lambda r: "Its exponent k = {:.2f} excludes 1, and so does the trace's ({:.2f}).".format(
+        r["fits"]["hessian_top_eigenvalue"]["exponent"], r["fits"]["hessian_trace"]["exponent"])
+     if not r["fits"]["hessian_top_eigenvalue"]["follows_lr_over_b"] and not r["fits"]["hessian_trace"]["follows_lr_over_b"]
+     else "k = 1 is inside an interval now"),
+]
+
+
+VARIANTS = "studies/sharpness-variants-mnist5k/results.json"
+SAM_RHO = "studies/sharpness-sam-rho-mnist5k/results.json"
+PINS += [
+    # studies.py: sharpness-variants-mnist5k and sharpness-sam-rho-mnist5k
+    (STUDIES_DOC, "studies/sharpness-variants-mnist5k.json", lambda r: f"2 CPU workers, {r['wall_minutes']:.0f} minutes in "
+     "all (`python benchmarks/studies.py sharpness-variants-mnist5k`)."),
+    (STUDIES_DOC, VARIANTS, lambda r: f"at the matched temperature, T = {r['matched_temperature']['equal_loss']:.2e}"
+     .replace("e-0", "e-")),
+    (STUDIES_DOC, VARIANTS, lambda r: f"| (batch 32 itself) | {arm_steps(r, 'batch32-seed')} | 0 | 1 | 1 | 1 | 1 |"),
+    (STUDIES_DOC, VARIANTS, lambda r: "| plain | " + arm_row(r, "batch 512", "batch512-seed", " points")),
+    (STUDIES_DOC, VARIANTS, lambda r: "| + SAM, ρ = 0.05 | " + arm_row(r, "batch 512 + sam", "batch512-sam-seed")),
+    (STUDIES_DOC, SAM_RHO, lambda r: "| + SAM, ρ = 0.2 (second run) | " + arm_row(r, "batch 512 + sam", "batch512-sam-seed")),
+    (STUDIES_DOC, VARIANTS, lambda r: "| + minibatch noise (batch 32's) | "
+     + arm_row(r, "batch 512 + minibatch noise", "batch512-minibatch_noise-seed")),
+    (STUDIES_DOC, VARIANTS, lambda r: "| + isotropic noise, same size | "
+     + arm_row(r, "batch 512 + isotropic noise", "batch512-isotropic_noise-seed")),
+]
+
+
+PINS += [
+    (STUDIES_DOC, VARIANTS, lambda r: "(eigenvalue ratio {} → {}, trace {} → {}).".format(
+        arm_mean(r, "batch 512", "hessian_top_eigenvalue_ratio"), arm_mean(r, "batch 512 + minibatch noise", "hessian_top_eigenvalue_ratio"),
+        arm_mean(r, "batch 512", "hessian_trace_ratio"), arm_mean(r, "batch 512 + minibatch noise", "hessian_trace_ratio"))),
+    (STUDIES_DOC, VARIANTS, lambda r: "({} → {}; each seed within {:.0f}% of its plain arm)".format(
+        arm_mean(r, "batch 512", "hessian_top_eigenvalue_ratio"), arm_mean(r, "batch 512 + isotropic noise", "hessian_top_eigenvalue_ratio"),
+        math.ceil(100 * max(abs(noisy["hessian_top_eigenvalue_ratio"] / plain["hessian_top_eigenvalue_ratio"] - 1)
+                            for plain, noisy in zip(arm_measures(r, "batch 512"), arm_measures(r, "batch 512 + isotropic noise")))))),
+    (STUDIES_DOC, VARIANTS, lambda r: "The shaped noise also slows training: {} steps to the target against {}.".format(
+        arm_steps(r, "batch512-minibatch_noise-seed"), arm_steps(r, "batch512-seed"))),
+    (STUDIES_DOC, VARIANTS, lambda r: "(eigenvalue ratio {} → {}, trace {} → {}) at the plain arm's {} steps.".format(
+        arm_mean(r, "batch 512", "hessian_top_eigenvalue_ratio"), arm_mean(r, "batch 512 + sam", "hessian_top_eigenvalue_ratio"),
+        arm_mean(r, "batch 512", "hessian_trace_ratio"), arm_mean(r, "batch 512 + sam", "hessian_trace_ratio"),
+        arm_steps(r, "batch512-seed"))),
+    (STUDIES_DOC, "studies/sharpness-sam-rho-mnist5k.json", lambda r: f"study.sam_rho=0.2`, {r['wall_minutes']:.0f} "
+                                                                   "minutes; `sharpness-sam-rho-mnist5k/`)"),
+    (STUDIES_DOC, SAM_RHO, lambda r: "eigenvalue ratio {} ({:.1f}-{:.1f}), trace {}, adaptive sharpness {}, in {} steps.".format(
+        arm_mean(r, "batch 512 + sam", "hessian_top_eigenvalue_ratio"),
+        *spread_of(arm_measures(r, "batch 512 + sam"), "hessian_top_eigenvalue_ratio"),
+        arm_mean(r, "batch 512 + sam", "hessian_trace_ratio"), arm_mean(r, "batch 512 + sam", "adaptive_sharpness_eps1e-3_ratio"),
+        arm_steps(r, "batch512-sam-seed"))),
+]
+
+
+SHARPNESS = "studies/sharpness-mnist5k/results.json"
+SHARPNESS_COLUMNS = ("sharpness_eps1e-3_ratio", "sharpness_eps5e-4_ratio", "subspace_sharpness_eps1e-3_ratio",
+                     "hessian_top_eigenvalue_ratio", "hessian_trace_ratio", "adaptive_sharpness_eps1e-3_ratio")
+PINS += [
+    # studies.py: sharpness-mnist5k
+    (STUDIES_DOC, "studies/sharpness-mnist5k.json", lambda r: f"**Time:** {r['wall_minutes']:.0f} minutes in all on 2 "
+                                                           "cores (`python benchmarks/studies.py sharpness-mnist5k`)"),
+    (STUDIES_DOC, SHARPNESS, lambda r: "| equal_epochs ({:,} vs {:,} steps) | ".format(
+        steps_of(r, "equal_epochs", 1000), steps_of(r, "equal_epochs", 32)) + protocol_row(r, "equal_epochs")),
+    (STUDIES_DOC, SHARPNESS, lambda r: "| equal_steps ({:,} each) | ".format(steps_of(r, "equal_steps", 32))
+     + protocol_row(r, "equal_steps")),
+    (STUDIES_DOC, SHARPNESS, lambda r: "**Noise scale B_simple** (second half of training): {} at batch 32; {} at batch "
+     "1,000 after {} steps; {} after {:,} steps.".format(
+         noise_scales(r, "equal_epochs", 32), noise_scales(r, "equal_epochs", 1000), steps_of(r, "equal_epochs", 1000),
+         noise_scales(r, "equal_steps", 1000), steps_of(r, "equal_steps", 1000))),
+]
+
+
+def sig2(value: float) -> str:
+    """Two significant figures, as the sharpness table prints them (1.9e-5, 0.013, 2.3, 14)."""
+    return f"{value:.0f}" if abs(value) >= 10 else f"{value:#.2g}".replace("e-0", "e-")
+
+
+def protocol_row(record: dict[str, Any], protocol: str) -> str:
+    """A protocol's ratios of the large batch over the small, seed by seed."""
+    rows = [row for row in record["ratios"].values() if row["protocol"] == protocol]
+    cells = [", ".join(sig2(row[key]) for row in rows) for key in SHARPNESS_COLUMNS]
+    cells.append(", ".join(f"{100 * row['test_accuracy_difference']:+.1f}" for row in rows) + " points")
+    cells.append(", ".join(f"{sig2(row['train_loss_large'])} / {sig2(row['train_loss_small'])}" for row in rows))
+    return " | ".join(cells) + " |"
+
+
+def steps_of(record: dict[str, Any], protocol: str, batch: int) -> int:
+    steps = {entry["steps"] for entry in record["entries"] if entry["protocol"] == protocol and entry["batch_size"] == batch}
+    assert len(steps) == 1, steps
+    return steps.pop()
+
+
+def noise_scales(record: dict[str, Any], protocol: str, batch: int) -> str:
+    """Each seed's B_simple, to the hundred: '1,500 and 2,500', or one figure where the seeds agree."""
+    scales = [f"{round(entry['noise_scale'], -2):,.0f}" for entry in record["entries"]
+              if entry["protocol"] == protocol and entry["batch_size"] == batch]
+    return scales[0] if len(set(scales)) == 1 else " and ".join(scales)
+
+
+ADAM = "studies/sharpness-variants-adam-equal-epochs-mnist5k/results.json"
+PINS += [
+    # studies.py: sharpness-variants-adam-equal-epochs-mnist5k
+    (STUDIES_DOC, "studies/sharpness-variants-adam-equal-epochs-mnist5k.json", lambda r: f"model; {r['wall_minutes']:.0f} "
+     "minutes, `python benchmarks/studies.py sharpness-variants-adam-equal-epochs-mnist5k`)"),
+    (STUDIES_DOC, ADAM, lambda r: "stayed under-trained (train loss {:.2f}, sharper)".format(
+        statistics.mean(row["train_loss"] for row in arm_measures(r, "batch 1000 + minibatch noise")))),
+    (STUDIES_DOC, ADAM, lambda r: "({:.1e}) changed nothing there either: top eigenvalue ratios {} and {}, as the plain arm's "
+     "{} and {}.".format(r["matched_temperature"]["equal_epochs"],
+                        *(f"{row['hessian_top_eigenvalue_ratio']:.1f}" for row in arm_measures(r, "batch 1000 + isotropic noise")),
+                        *(f"{row['hessian_top_eigenvalue_ratio']:.1f}" for row in arm_measures(r, "batch 1000")))),
+]
+
+
+def arm_mean(record: dict[str, Any], arm: str, key: str) -> str:
+    return f"{statistics.mean(row[key] for row in arm_measures(record, arm)):.1f}"
+
+
+def spread_of(rows: list[dict[str, Any]], key: str) -> tuple[float, float]:
+    return min(row[key] for row in rows), max(row[key] for row in rows)
+
+
+def arm_measures(record: dict[str, Any], arm: str) -> list[dict[str, Any]]:
+    return [row for row in record["variants"] if row["arm"] == arm]
+
+
+def arm_steps(record: dict[str, Any], prefix: str) -> str:
+    """The steps an arm's trials took to the target: '60', or '210-270' where they differ."""
+    steps = sorted(entry["steps"] for entry in record["entries"] if entry["trial"].startswith(prefix))
+    return str(steps[0]) if steps[0] == steps[-1] else f"{steps[0]}-{steps[-1]}"
+
+
+def arm_row(record: dict[str, Any], arm: str, prefix: str, unit: str = "") -> str:
+    """A large-batch arm's row of the variants table: steps, the test-accuracy gap (mean ± sample
+    standard deviation, points), and the mean curvature ratios (the eigenvalue's with its range)."""
+    rows = arm_measures(record, arm)
+
+    def mean(key: str) -> str:
+        return f"{statistics.mean(row[key] for row in rows):.1f}"
+
+    gaps = [100 * row["test_accuracy_gap"] for row in rows]
+    eigen = [row["hessian_top_eigenvalue_ratio"] for row in rows]
+    gap = f"{statistics.mean(gaps):.1f}".replace("-", "−")  # the docs' minus sign
+    return (f"{arm_steps(record, prefix)} | {gap} ± {statistics.stdev(gaps):.1f}{unit} | "
+            f"{mean('hessian_top_eigenvalue_ratio')} ({min(eigen):.1f}-{max(eigen):.1f}) | "
+            f"{mean('hessian_trace_ratio')} | {mean('sharpness_eps1e-3_ratio')} | "
+            f"{mean('adaptive_sharpness_eps1e-3_ratio')} |")
+
+
+def fit_row(record: dict[str, Any], label: str) -> str:
+    """A measure's row of a temperature table, up to its R²: k and its 95% interval."""
+    fitted = record["fits"][MEASURES[label]]
+    low, high = fitted["interval"]
+    return f"| {label} | {fitted['exponent']:.2f} | [{low:.2f}, {high:.2f}] |"
+
+
+def spread(record: dict[str, Any], measure: str) -> tuple[float, float]:
+    values = [entry[measure] for entry in record["entries"]]
+    return min(values), max(values)
+
+
+def cell(record: dict[str, Any], lr: float, batch: int) -> dict[str, Any]:
+    return next(entry for entry in record["entries"] if entry["lr"] == lr and entry["batch_size"] == batch)
+
+
+def width_row(entry: dict[str, Any]) -> str:
+    """A width's row of the overparam table: distance, patterns changed, rate (R²), losses and errors."""
+    def share(value: float) -> str:
+        return f"{value:.1%}" if value else "0"
+
+    rate = f"{entry['convergence_rate']:.1e}".replace("e-0", "e-")
+    return (f"| {entry['width']} | {entry['relative_distance']:.3f} | {entry['activation_change']:.1%} | "
+            f"{rate} ({entry['convergence_fit_r2']:.2f}) | {entry['train_loss']:.3f} | {share(entry['train_error'])} | "
+            f"{share(entry['test_error'])} |")
+
+
+def mean_steps(record: dict[str, Any], optimizer: str) -> dict[int, int]:
+    """Steps to the target by batch, the mean over seeds rounded half up (192.5 -> 193)."""
+    steps = collections.defaultdict(list)
+    for entry in record["entries"]:
+        if entry.get("kind") == "target" and entry["optimizer"] == optimizer:
+            steps[entry["batch_size"]].append(entry["steps_to_target"])
+    return {batch: int(statistics.mean(runs) + 0.5) for batch, runs in sorted(steps.items())}
+
+
+def fit(record: dict[str, Any], optimizer: str) -> tuple[float, float]:
+    fitted = record["by_optimizer"][optimizer]
+    return fitted["critical_batch_size"], fitted["fit_r2_log"]
+
+
+def tens(value: float) -> str:
+    return f"{round(value, -1):,.0f}"
+
+
+def throughput(record: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return sorted((row for row in record["throughput"] if row["kind"] == kind), key=lambda row: row["workers"])
+
+
+def listed(values: list[Any]) -> str:
+    """'1, 2 and 3'."""
+    return ", ".join(f"{value:,}" for value in values[:-1]) + f" and {values[-1]:,}"
 
 
 def within(record: dict[str, Any]) -> int:

@@ -10,11 +10,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.helpers.benchmark_scripts import BENCHMARKS, load_benchmark
 from tests.helpers.shared import REPO
 
-RESULTS = sorted((BENCHMARKS / "results").glob("*.json"))
+STUDIES = BENCHMARKS / "results/studies"
+# A kept study's record (benchmarks/studies.py) stands beside the folder holding what the study wrote.
+STUDY_RECORDS = sorted(STUDIES.glob("*.json"))
+RESULTS = sorted((BENCHMARKS / "results").glob("*.json")) + STUDY_RECORDS
 COMMAND = re.compile(r"^python benchmarks/(?P<script>\w+)\.py( |$)")
 # Changes that cannot alter what a benchmark measures; anything else uncommitted makes a record unrepeatable.
 HARMLESS = re.compile(r"^(tests|docs)/|\.(md|png)$")
@@ -49,10 +53,10 @@ def provenance_module():
 
 
 def test_results_files_exist():
-    assert len(RESULTS) >= 18, [path.name for path in RESULTS]
+    assert len(RESULTS) - len(STUDY_RECORDS) >= 18, [path.name for path in RESULTS]
 
 
-@pytest.mark.parametrize("path", RESULTS, ids=[path.name for path in RESULTS])
+@pytest.mark.parametrize("path", RESULTS, ids=[str(path.relative_to(BENCHMARKS / "results")) for path in RESULTS])
 def test_each_results_file_says_how_to_make_it_again(path, provenance_module):
     record = json.loads(path.read_text())
     provenance = record.get("provenance")
@@ -72,13 +76,47 @@ def test_each_results_file_says_how_to_make_it_again(path, provenance_module):
         changed = unrepeatable(provenance.get(key, []), script)
         assert not changed, f"{path.name}: {key} holds {changed}, which can change what it measured"
     assert re.fullmatch(r"[0-9a-f]{40}", provenance["commit"])
-    if git("rev-parse", "--is-shallow-repository").stdout.strip() != "true":  # a shallow clone lacks the commit
+    if not shallow():  # a shallow clone lacks the commit
         ancestor = git("merge-base", "--is-ancestor", provenance["commit"], "HEAD")
         assert ancestor.returncode == 0, f"{path.name}: commit {provenance['commit']} is not in this history"
 
     unwritten = set(record) - {"provenance"} - script_literals(script)
     assert not unwritten, f"{path.name} holds keys {sorted(unwritten)} that {script.name} never writes (a hand edit?)"
     assert provenance_module.machine_paths(record) == [], f"{path.name} holds paths of the machine it ran on"
+
+
+def test_every_study_the_docs_quote_is_kept_with_its_record(monkeypatch):
+    studies = load_benchmark("studies", monkeypatch)
+    assert sorted(path.stem for path in STUDY_RECORDS) == sorted(studies.STUDIES)
+    assert sorted(path.name for path in STUDIES.iterdir()) == sorted(
+        name for study in studies.STUDIES for name in (study, f"{study}.json")), "only the kept studies and their records"
+
+
+@pytest.mark.parametrize("path", STUDY_RECORDS, ids=[path.stem for path in STUDY_RECORDS])
+def test_a_kept_study_is_what_its_command_makes_today(path):
+    """Its settings are those its config and overrides give now, and its results were made by the
+    code of the commit its record names (or one that differs from it in nothing that runs)."""
+    from distdl.studies.base import RESULTS_FILE, STUDY_FILE
+    from distdl.studies.runner import read_study, saved_settings
+
+    record = json.loads(path.read_text())
+    folder = path.with_suffix("")
+    assert sorted(entry.name for entry in folder.iterdir()) == sorted(record["files"])
+    _, section, base = read_study(record["study"], REPO / record["config"], record["overrides"])
+    expected = saved_settings(record["study"], section, base)
+    expected["training"]["run"]["storage_path"] = yaml.safe_load((REPO / record["config"]).read_text())["run"]["storage_path"]
+    assert yaml.safe_load((folder / STUDY_FILE).read_text()) == json.loads(json.dumps(expected))
+
+    made_by = json.loads((folder / RESULTS_FILE).read_text())["provenance"]["software"]["distdl"]
+    assert made_by["uncommitted_changes"] is False, f"{folder.name} ran on uncommitted code"
+    if made_by["commit"] != record["provenance"]["commit"] and not shallow():
+        between = git("diff", "--name-only", record["provenance"]["commit"], made_by["commit"]).stdout.split()
+        changed = unrepeatable(between, BENCHMARKS / "studies.py")
+        assert not changed, f"{folder.name}: {changed} changed while it ran"
+
+
+def shallow() -> bool:
+    return git("rev-parse", "--is-shallow-repository").stdout.strip() == "true"
 
 
 def git(*arguments: str) -> subprocess.CompletedProcess:
