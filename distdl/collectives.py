@@ -33,6 +33,30 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return all_reduce_sum(torch.tensor(float(flag), device=device)).item() > 0
 
 
+class DeferredAnyRank:
+    """Whether any rank's flag is set, asked now and read later without stalling the device: the
+    all-reduce is queued behind the work already queued, and reading waits for it alone. Asked after
+    one step's work is queued and read after the next one's, it keeps the device a step ahead."""
+
+    def __init__(self, flag: bool, device: torch.device) -> None:
+        value = torch.tensor(float(flag), device=device)
+        if distributed():
+            dist.all_reduce(value, async_op=True).wait()  # NCCL: the stream waits, not the host
+        self._event = None
+        if device.type == "cuda":
+            self._value = torch.empty((), pin_memory=True)
+            self._value.copy_(value, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._value = value
+
+    def result(self) -> bool:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._value.item() > 0
+
+
 def gather_objects(value: Any) -> list[Any]:
     """A picklable value from every rank, in rank order."""
     if not distributed():

@@ -22,7 +22,7 @@ from distdl.engine.checkpoints import checkpoint_step, latest_checkpoint, traine
 from distdl.errors import TrainingFailed
 from distdl.rundir import read_metrics, read_summary
 from tests.helpers.bert_runs import QUICKSTART, overrides, run
-from tests.helpers.shared import CORPUS
+from tests.helpers.shared import CORPUS, wait_for
 
 pytestmark = pytest.mark.distributed
 # bf16: a resumed, restarted or rerun run must equal the uninterrupted one in bf16 too.
@@ -60,12 +60,6 @@ def assert_same_final_weights(straight, other) -> None:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def wait_for(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.2)
 
 
 def alive(pid: int) -> bool:
@@ -191,6 +185,45 @@ def test_a_driver_killed_while_a_checkpoint_is_written_resumes_from_the_one_befo
     assert summary["steps"] == 12 and summary["completed"]
     # Step 12's line from the killed attempt was dropped and written again by the rerun.
     assert [m["step"] for m in read_metrics(rerun.run_dir)] == [4, 8, 12]
+    assert_same_final_weights(straight_run, rerun)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_preempted_run_checkpoints_at_the_next_step_exits_3_and_its_rerun_ends_equal(straight_run, tmp_path, corpus,
+                                                                                      common, signum):
+    """SIGTERM (Kubernetes', a cloud's preemption) or SIGUSR1 (Slurm's warning) to `distdl train`: rank 0
+    takes the request in during step 6, every rank stops after step 7 (neither a log nor a checkpoint
+    step) with a checkpoint there, the driver exits with 3 ("resume me"), and the same command again
+    ends with the uninterrupted run's weights."""
+    name = f"preempted_{signal.Signals(signum).name}"
+    args = overrides(tmp_path, corpus, f"run.name={name}", "workload=bert_pretrain_paused_for_a_stop", *common)
+    config = load_config(QUICKSTART, args)
+    log_file = tmp_path / "driver.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded Ray, as a user's would be
+    driver = subprocess.Popen([sys.executable, "-m", "distdl.cli", "train", str(QUICKSTART), *args],
+                              stdout=log_file.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_for(lambda: (config.run_dir / "paused_pid").is_file() or driver.poll() is not None, 400,
+                 "rank 0 to reach step 6")
+        assert driver.poll() is None, log_file.read_text()[-3000:]
+        driver.send_signal(signum)
+        wait_for(lambda: "rank 0 saw the stop request" in log_file.read_text() or driver.poll() is not None, 60,
+                 "rank 0 to see the stop request")
+        (config.run_dir / "release").touch()
+        status = driver.wait(300)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    text = log_file.read_text()
+    assert status == 3, text[-3000:]
+    assert f"got {signal.Signals(signum).name}: checkpointing at the next step" in text
+    assert "stopped on request at step 7 with a checkpoint; run the same command to resume" in text
+    summary = read_summary(config.run_dir)
+    assert summary["stopped_on_request_step"] == 7 and summary["steps"] == 7 and not summary["completed"]
+    assert latest_checkpoint(config.run_dir).name == "checkpoint_00000007" and checkpoint_step(config.run_dir) == 7
+    rerun, summary = run(tmp_path, corpus, f"run.name={name}", "workload=bert_pretrain_paused_for_a_stop", *common)
+    assert summary["steps"] == 12 and summary["completed"] and summary["stopped_on_request_step"] is None
+    assert [m["step"] for m in read_metrics(rerun.run_dir)] == [4, 7, 8, 12]
     assert_same_final_weights(straight_run, rerun)
 
 
