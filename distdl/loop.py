@@ -26,7 +26,14 @@ import torch.distributed as dist
 from distdl.collectives import DeferredAnyRank, all_reduce_sum, gather_objects, world_size
 from distdl.collectives import rank as process_rank
 from distdl.config import Config, config_from_dict
-from distdl.engine.checkpoints import checkpoint_name, restore_rng_state, save_rng_state, saved_world_size
+from distdl.engine.checkpoints import (
+    checkpoint_name,
+    restore_rng_state,
+    save_rng_state,
+    saved_world_size,
+    verify_manifests,
+    write_manifest,
+)
 from distdl.engine.engine import Engine, EngineSet, offload_adam_factory
 from distdl.errors import CheckpointError, ConfigError
 from distdl.flops import ModelFlops, Utilization, WorldPeak, counted_flops, device_peak
@@ -182,7 +189,9 @@ def start(engines: EngineSet, workload: Workload, seed: int, rank: int,
 
 def resume(engines: EngineSet, workload: Workload, seed: int, rank: int, directory: Path,
            own_hyperparameters: bool = False) -> tuple[int, Optional[ModelFlops]]:
-    """Load a checkpoint; the step it was saved at and the model FLOPs the run counted."""
+    """Load a checkpoint, once the files this rank reads (rank 0's and its own) match their manifests;
+    the step it was saved at and the model FLOPs the run counted."""
+    verify_manifests(directory, ranks={0, rank})
     client_state = engines.load(directory, own_hyperparameters)
     workload.load_state_dict(client_state.get("workload", {}))
     # The loop's step (a GAN's engines may step different numbers of times).
@@ -616,6 +625,7 @@ def save_and_report(engines: EngineSet, workload: Workload, storage: RunStorage,
             engines.save(directory, client_state={"step": step, "workload": workload.state_dict(),
                                                   "model_flops": dataclasses.asdict(model_flops)})
             save_rng_state(directory, rank, engines.device)
+            write_manifest(directory, rank)
             ray.train.report(numeric_metrics(step, metrics), checkpoint=ray.train.Checkpoint.from_directory(directory),
                              checkpoint_dir_name=name)
     except OSError as err:

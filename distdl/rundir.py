@@ -534,6 +534,29 @@ def checkpoint_record(run_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is damaged ({err}); Ray Train cannot tell which checkpoint is complete") from None
 
 
+def point_record_at(run_dir: Path, kept: dict[str, Any]) -> None:
+    """Make checkpoint result `kept` (one of Ray Train's record) the latest, dropping the later ones,
+    so that Ray Train resumes from it. Written whole (a temporary file renamed into place)."""
+    path = Path(run_dir) / RAY_SNAPSHOT
+    record = checkpoint_record(run_dir)
+    results, indices = record.get("checkpoint_results", []), record.get("checkpoint_report_indices", [])
+    keep = [position for position, result in enumerate(results)
+            if result["checkpoint_dir_name"] <= kept["checkpoint_dir_name"]]
+    record["checkpoint_results"] = [results[position] for position in keep]
+    if len(indices) == len(results):
+        record["checkpoint_report_indices"] = [indices[position] for position in keep]
+    record["latest_checkpoint_result"] = kept
+    _write_atomically(path, json.dumps(record, indent=2))
+
+
+def aside(run_dir: Path, name: str) -> str:
+    """Move a damaged checkpoint folder out of the run's checkpoints, kept for a look; its new name."""
+    target = Path(run_dir) / f"damaged-{name}"
+    shutil.rmtree(target, ignore_errors=True)
+    (Path(run_dir) / name).rename(target)
+    return target.name
+
+
 def back_up_snapshot(storage: RunStorage, recorded: str, timeout_s: float = 120.0) -> bool:
     """Copy Ray Train's record once it names checkpoint `recorded` (its controller records a checkpoint
     shortly after the workers report it), before the next checkpoint is reported.

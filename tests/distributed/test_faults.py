@@ -227,6 +227,37 @@ def test_a_preempted_run_checkpoints_at_the_next_step_exits_3_and_its_rerun_ends
     assert_same_final_weights(straight_run, rerun)
 
 
+def test_a_flipped_byte_is_named_on_export_and_a_rerun_resumes_from_the_checkpoint_before(straight_run, tmp_path,
+                                                                                         corpus, common, capsys):
+    """A byte flipped in the middle of the latest checkpoint's model states (a tensor's bytes, which
+    torch.load would read without a word): `distdl export` names the checkpoint and the file, and the
+    rerun of the finished run names them, moves that checkpoint aside and trains again from step 6,
+    ending with the uninterrupted run's weights."""
+    from distdl.cli import main
+
+    config, summary = run(tmp_path, corpus, "run.name=flipped", *common)
+    assert summary["completed"] and sorted(config.run_storage.checkpoints()) == ["checkpoint_00000006",
+                                                                                 "checkpoint_00000012"]
+    states = config.run_dir / "checkpoint_00000012/global_step12/mp_rank_00_model_states.pt"
+    data = bytearray(states.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    states.write_bytes(bytes(data))
+    torch.load(states, weights_only=False)  # what went unnoticed before: the archive still loads
+    capsys.readouterr()
+    assert main(["export", str(config.run_dir), str(tmp_path / "export")]) == 2
+    said = capsys.readouterr().err
+    assert "checkpoint_00000012 is corrupted: global_step12/mp_rank_00_model_states.pt does not match the sha256 " \
+           "manifest_rank0.sha256 recorded when it was saved" in said, said
+    assert not (tmp_path / "export").exists()
+    rerun, summary = run(tmp_path, corpus, "run.name=flipped", *common)
+    said = capsys.readouterr().out
+    assert "Resuming from checkpoint_00000006, the newest checkpoint whose files match their manifests" in said, said
+    assert summary["steps"] == 12 and summary["completed"]
+    assert (rerun.run_dir / "damaged-checkpoint_00000012").is_dir()
+    assert [m["step"] for m in read_metrics(rerun.run_dir)] == [4, 8, 12]
+    assert_same_final_weights(straight_run, rerun)
+
+
 def test_a_diverging_loss_stops_the_run_at_once_and_keeps_the_last_good_checkpoint(ray_local, tmp_path, corpus,
                                                                                    common, capsys):
     from distdl.cli import main
