@@ -308,7 +308,9 @@ def noise_terms(engine: Engine, trainer: Any) -> dict[str, float]:
 @dataclass
 class Schedule:
     """Which steps log, evaluate and checkpoint. `stop` is the session's last step; a stop rule may
-    bring it forward, and that step then logs, evaluates and checkpoints as the last one does."""
+    bring it forward, and that step then logs, evaluates and checkpoints as the last one does, except
+    that a stop on request evaluates only where the checkpoint needs its score (a preemption's grace
+    period is for the checkpoint)."""
 
     stop: int
     log_every: int
@@ -316,6 +318,7 @@ class Schedule:
     checkpoint_every: int
     # Checkpoints kept by a metric are scored, so each one is evaluated.
     scored_checkpoints: bool
+    evaluate_at_stop: bool = True
 
     @classmethod
     def of(cls, trainer: Any, score_key: Optional[str]) -> Schedule:
@@ -329,7 +332,7 @@ class Schedule:
         return bool(self.checkpoint_every and step % self.checkpoint_every == 0) or step == self.stop
 
     def evaluates(self, step: int) -> bool:
-        return (bool(self.eval_every and step % self.eval_every == 0) or step == self.stop
+        return (bool(self.eval_every and step % self.eval_every == 0) or (step == self.stop and self.evaluate_at_stop)
                 or (self.scored_checkpoints and self.checkpoints(step)))
 
 
@@ -353,6 +356,7 @@ class StopRules:
             return
         if self._asked is not None and self._asked.result():
             self.on_request = schedule.stop = step
+            schedule.evaluate_at_stop = False
             return
         self._asked = DeferredAnyRank(rank == 0 and self.stop_requested(), device)
 

@@ -44,6 +44,7 @@ def test_the_ranks_stop_at_the_step_after_rank_0_saw_the_request():
             break
     assert rules.on_request == plan.stop == seen_at + 1
     assert plan.logs(seen_at + 1) and plan.checkpoints(seen_at + 1), "the last step logs and checkpoints"
+    assert not plan.evaluates(seen_at + 1), "a preemption's grace period is for the checkpoint, not an evaluation"
     assert rules.summary()["stopped_on_request_step"] == seen_at + 1
 
 
