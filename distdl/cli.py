@@ -14,7 +14,8 @@ from distdl.errors import USER_ERRORS, ConfigError, RunDirError, TrainingFailed
 from distdl.registry import STUDIES
 from distdl.rundir import Outcome, RunStorage, run_outcome
 
-# Exit status of `distdl train` that checkpointed and stopped on SIGUSR1 (slurm/ray_cluster.sbatch requeues on it).
+# Exit status of `distdl train` that checkpointed and stopped on SIGUSR1 or SIGTERM: "resume me" (slurm/ray_cluster.sbatch
+# requeues on it).
 STOPPED_ON_REQUEST = 3
 
 
@@ -228,8 +229,8 @@ def run_train(config_path: str, overrides: list[str], overwrite: bool) -> int:
     from distdl.cluster.connect import connect_ray
     from distdl.driver import train
 
-    # A warning signal before or after training must not kill the driver (its default action);
-    # during training the driver turns it into a checkpoint (driver.stop_on_signal).
+    # Slurm's warning before or after training must not kill the driver (its default action);
+    # during training the driver turns it, and SIGTERM, into a checkpoint (driver.stop_on_signal).
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
     config = load_config(config_path, overrides)

@@ -114,8 +114,8 @@ def train(config: Config, connect: Connect, overwrite: bool = False, tune_callba
     on to Tune, whose scheduler may stop the run. `start_from`: another run's checkpoint that a new
     run starts from, under its own hyperparameters (population-based training); the run's own
     checkpoints, once it has some, come first."""
-    with stop_on_signal(config.run_storage):
-        return run_training(config, connect, overwrite, tune_callback, start_from)
+    with stop_on_signal(config.run_storage) as signals:
+        return run_training(config, signals.connecting(connect), overwrite, tune_callback, start_from)
 
 
 def run_training(config: Config, connect: Connect, overwrite: bool, tune_callback: Optional[Any] = None,
@@ -126,7 +126,7 @@ def run_training(config: Config, connect: Connect, overwrite: bool, tune_callbac
         return read_summary(config.run_dir)
     connect(config)  # the embedded local Ray starts only once the run is known to be good
     payload = {**payload, "report_evaluations": tune_callback is not None,
-               "start_from": str(start_from) if start_from else None}
+               "start_from": str(start_from) if start_from else None, "signal_seconds": slurm_signal_seconds()}
     trainer = build_trainer(config, payload, [tune_callback] if tune_callback else [])
     storage = config.run_storage
     try:
@@ -242,28 +242,63 @@ def make_writable_run_dir(storage: RunStorage) -> None:
                           "choose a writable run.storage_path (every node must be able to write there)") from None
 
 
-@contextlib.contextmanager
-def stop_on_signal(storage: RunStorage) -> Iterator[None]:
-    """SIGUSR1 (Slurm's warning before a time limit) asks the workers to checkpoint and stop.
+# What asks a run to checkpoint and stop: Slurm's warning before a time limit (--signal=B:USR1@...), and
+# the SIGTERM of a preemption (Kubernetes, a cloud's spot notice, `kill`), which leaves a grace period.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
-    The request is a file in the run directory, which every node sees; rank 0 looks for it at each
-    log step. A request left by an earlier session is dropped first.
+
+class StopSignals:
+    """SIGUSR1 and SIGTERM, while taken, ask the workers to checkpoint and stop at their next step.
+
+    The request is a file in the run directory, which every node sees; rank 0 watches for it
+    (distdl.stop_requests). `ray.init` puts in its own SIGTERM handler (exit at once), so the
+    signals are taken again once connected (`connecting`), and given back at the end.
     """
+
+    def __init__(self, storage: RunStorage) -> None:
+        self.storage, self.replaced = storage, {}
+
+    def request_stop(self, signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        self.storage.write_text(STOP_REQUEST_FILE, f"{name} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        print(f"distdl: got {name}: checkpointing at the next step, then stopping", flush=True)
+
+    def take(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers belong to the main thread (a study's trials run elsewhere)
+        for signum in STOP_SIGNALS:
+            current = signal.getsignal(signum)
+            if current != self.request_stop:
+                self.replaced[signum] = current
+                signal.signal(signum, self.request_stop)
+
+    def give_back(self) -> None:
+        for signum, handler in self.replaced.items():
+            signal.signal(signum, handler)
+
+    def connecting(self, connect: Connect) -> Connect:
+        def connect_then_take(config: Config) -> None:
+            connect(config)
+            self.take()
+        return connect_then_take
+
+
+@contextlib.contextmanager
+def stop_on_signal(storage: RunStorage) -> Iterator[StopSignals]:
+    """The stop signals taken for a run (a request left by an earlier session dropped first)."""
     storage.delete(STOP_REQUEST_FILE)
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers belong to the main thread (a study's trials run elsewhere)
-        return
-
-    def request_stop(signum: int, _frame: Any) -> None:
-        storage.write_text(STOP_REQUEST_FILE, f"{signal.Signals(signum).name} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        print(f"distdl: got {signal.Signals(signum).name}: checkpointing at the next log step, then stopping",
-              flush=True)
-
-    previous = signal.signal(signal.SIGUSR1, request_stop)
+    signals = StopSignals(storage)
+    signals.take()
     try:
-        yield
+        yield signals
     finally:
-        signal.signal(signal.SIGUSR1, previous)
+        signals.give_back()
+
+
+def slurm_signal_seconds() -> Optional[int]:
+    """How long before its time limit Slurm warns this job (`distdl submit slurm --signal-seconds`), if it does."""
+    value = os.environ.get("DISTDL_SIGNAL_SECONDS", "")
+    return int(value) if value.isdigit() else None
 
 
 def reached_target(config: Config) -> bool:

@@ -23,12 +23,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from distdl.collectives import all_reduce_sum, any_rank, gather_objects, world_size
+from distdl.collectives import DeferredAnyRank, all_reduce_sum, gather_objects, world_size
 from distdl.collectives import rank as process_rank
 from distdl.config import Config, config_from_dict
-from distdl.engine.checkpoints import checkpoint_name, restore_rng_state, save_rng_state, saved_world_size
+from distdl.engine.checkpoints import (
+    checkpoint_name,
+    restore_rng_state,
+    save_rng_state,
+    saved_world_size,
+    verify_manifests,
+    write_manifest,
+)
 from distdl.engine.engine import Engine, EngineSet, offload_adam_factory
-from distdl.errors import CheckpointError, ConfigError, RunDirError
+from distdl.errors import CheckpointError, ConfigError
 from distdl.flops import ModelFlops, Utilization, WorldPeak, counted_flops, device_peak
 from distdl.noise_scale import step_terms, with_noise_scale
 from distdl.optim import (
@@ -46,13 +53,13 @@ from distdl.registry import WORKLOADS
 from distdl.rundir import (
     CHECKPOINT_SCORE,
     METRICS_FILE,
-    STOP_REQUEST_FILE,
     WANDB_ID_FILE,
     RunStorage,
     RunSummary,
     back_up_snapshot,
 )
 from distdl.seeds import micro_batch_seed
+from distdl.stop_requests import SignalMarginCheck, stop_request_watch
 from distdl.tracking import Tracker
 from distdl.workloads.base import WorkerContext, Workload, initial_models
 
@@ -77,9 +84,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         tracker = Tracker(config.tracking, config.run_dir, config.run.name, config.to_dict(),
                           payload["wandb_mode"], start_step, config.trainer.max_steps,
                           payload.get("console_is_terminal", False))
-    run_steps(config, workload, engines, tracker, start_step, rank, model_flops,
-              report_evaluations=payload.get("report_evaluations", False),
-              previous_checkpoint=checkpoint_name(start_step) if resumed else None)
+    with stop_request_watch(config.run_storage, rank) as stop_requested:
+        run_steps(config, workload, engines, tracker, start_step, rank, model_flops,
+                  report_evaluations=payload.get("report_evaluations", False),
+                  previous_checkpoint=checkpoint_name(start_step) if resumed else None,
+                  stop_requested=stop_requested, signal_seconds=payload.get("signal_seconds"))
 
 
 def pull_run_files(storage: RunStorage) -> None:
@@ -180,7 +189,9 @@ def start(engines: EngineSet, workload: Workload, seed: int, rank: int,
 
 def resume(engines: EngineSet, workload: Workload, seed: int, rank: int, directory: Path,
            own_hyperparameters: bool = False) -> tuple[int, Optional[ModelFlops]]:
-    """Load a checkpoint; the step it was saved at and the model FLOPs the run counted."""
+    """Load a checkpoint, once the files this rank reads (rank 0's and its own) match their manifests;
+    the step it was saved at and the model FLOPs the run counted."""
+    verify_manifests(directory, ranks={0, rank})
     client_state = engines.load(directory, own_hyperparameters)
     workload.load_state_dict(client_state.get("workload", {}))
     # The loop's step (a GAN's engines may step different numbers of times).
@@ -297,7 +308,9 @@ def noise_terms(engine: Engine, trainer: Any) -> dict[str, float]:
 @dataclass
 class Schedule:
     """Which steps log, evaluate and checkpoint. `stop` is the session's last step; a stop rule may
-    bring it forward, and that step then logs, evaluates and checkpoints as the last one does."""
+    bring it forward, and that step then logs, evaluates and checkpoints as the last one does, except
+    that a stop on request evaluates only where the checkpoint needs its score (a preemption's grace
+    period is for the checkpoint)."""
 
     stop: int
     log_every: int
@@ -305,6 +318,7 @@ class Schedule:
     checkpoint_every: int
     # Checkpoints kept by a metric are scored, so each one is evaluated.
     scored_checkpoints: bool
+    evaluate_at_stop: bool = True
 
     @classmethod
     def of(cls, trainer: Any, score_key: Optional[str]) -> Schedule:
@@ -318,27 +332,36 @@ class Schedule:
         return bool(self.checkpoint_every and step % self.checkpoint_every == 0) or step == self.stop
 
     def evaluates(self, step: int) -> bool:
-        return (bool(self.eval_every and step % self.eval_every == 0) or step == self.stop
+        return (bool(self.eval_every and step % self.eval_every == 0) or (step == self.stop and self.evaluate_at_stop)
                 or (self.scored_checkpoints and self.checkpoints(step)))
 
 
 @dataclass
 class StopRules:
     """Why a session ends before its last step, decided alike on every rank: a target loss reached,
-    a stop request (the request file, written on SIGUSR1), or a value that was not finite."""
+    a stop request (SIGTERM or SIGUSR1 to the driver; rank 0 watches for it), or a value that was not finite."""
 
     target_loss: Optional[float]
-    stop_requested: Callable[[], bool]
+    stop_requested: Callable[[], bool]  # rank 0's answer; the others' is False
     at_loss: Optional[int] = None
     on_request: Optional[int] = None
     non_finite: Optional[int] = None
+    _asked: Optional[DeferredAnyRank] = None
 
-    def after_log(self, step: int, metrics: dict[str, float], schedule: Schedule, rank: int,
-                  device: torch.device) -> None:
-        """At a log step: a stop request or a reached target loss makes this step the last."""
-        # Not at the last step: that one checkpoints and completes anyway.
-        if step < schedule.stop and any_rank(rank == 0 and self.stop_requested(), device):
+    def after_step(self, step: int, schedule: Schedule, rank: int, device: torch.device) -> None:
+        """At every step, once its work is queued: a stop request rank 0 had seen by the previous step
+        makes this step the last (it then logs and checkpoints). The question is all-reduced a step
+        behind, so that no step waits for the answer."""
+        if step >= schedule.stop:  # the last step checkpoints and completes anyway
+            return
+        if self._asked is not None and self._asked.result():
             self.on_request = schedule.stop = step
+            schedule.evaluate_at_stop = False
+            return
+        self._asked = DeferredAnyRank(rank == 0 and self.stop_requested(), device)
+
+    def after_log(self, step: int, metrics: dict[str, float], schedule: Schedule) -> None:
+        """At a log step: a reached target loss makes this step the last."""
         # The window's loss is all-reduced, so every rank decides alike.
         if self.target_loss is not None and metrics.get("loss", float("inf")) <= self.target_loss:
             self.at_loss = schedule.stop = step
@@ -351,15 +374,6 @@ class StopRules:
     def summary(self) -> dict[str, Optional[int]]:
         return {"stopped_at_loss_step": self.at_loss, "stopped_on_request_step": self.on_request,
                 "non_finite_step": self.non_finite}
-
-
-def stop_requested(storage: RunStorage) -> bool:
-    """Whether the run's stop request is there; a store that fails to answer once is not a request."""
-    try:
-        return storage.exists(STOP_REQUEST_FILE)
-    except RunDirError as err:
-        warnings.warn(f"could not look for a stop request: {err}")
-        return False
 
 
 def train_step(config: Config, workload: Workload, engines: EngineSet, batches: Iterator[dict], window: Window,
@@ -478,17 +492,20 @@ def compile_failures_named(config: Config) -> Iterator[None]:
 
 def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: Optional[Tracker],
               start_step: int, rank: int, model_flops: Optional[ModelFlops] = None,
-              report_evaluations: bool = False, previous_checkpoint: Optional[str] = None) -> None:
+              report_evaluations: bool = False, previous_checkpoint: Optional[str] = None,
+              stop_requested: Callable[[], bool] = lambda: False, signal_seconds: Optional[int] = None) -> None:
     """Train from `start_step` to the schedule's stop, logging, evaluating and checkpointing on its
     steps, until a stop rule ends the session; then write the summary. With `report_evaluations`
     (a run inside a Tune trial), an evaluation without a checkpoint is reported to Ray Train too,
     so that Tune's scheduler sees every one. `previous_checkpoint`: the run's own checkpoint it resumed
-    from (not another run's that it started from)."""
+    from (not another run's that it started from). `stop_requested`: whether the run was asked to stop
+    (rank 0's watch); `signal_seconds`: how long before its time limit Slurm warns the job, if it does."""
     session_started, session_clock = time.perf_counter(), config.run_storage.clock()
     score_key = workload.checkpoint_metric(config.sections)
     schedule = Schedule.of(config.trainer, score_key)
     storage = config.run_storage
-    rules = StopRules(config.trainer.stop_at_loss, lambda: stop_requested(storage))
+    rules = StopRules(config.trainer.stop_at_loss, stop_requested)
+    margin = SignalMarginCheck(signal_seconds, storage)
     batches = workload.train_batches(start=start_step * config.trainer.gradient_accumulation_steps)
     peak = session_peak(config, engines, rank)  # before the first window's clock starts
     window, watch, logged = Window(), FiniteWatch(), {}
@@ -513,6 +530,7 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
         profiler.end(step)
         if tracker:
             tracker.advance()
+        rules.after_step(step, schedule, rank, engines.device)
         metrics: dict[str, Any] = {}
         log_step = schedule.logs(step)
         if log_step:
@@ -521,7 +539,7 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
                        **engines.log_metrics()}
             if compile_s is not None and "compile_s" not in logged:
                 metrics["compile_s"] = compile_s
-            rules.after_log(step, metrics, schedule, rank, engines.device)
+            rules.after_log(step, metrics, schedule)
         checkpoint_step = schedule.checkpoints(step)
         # Before evaluating and saving: a diverged model is never saved over the last good checkpoint.
         if (log_step or checkpoint_step) and rules.diverged(watch, engines.device):
@@ -539,8 +557,12 @@ def run_steps(config: Config, workload: Workload, engines: EngineSet, tracker: O
         logged.update(metrics)
         if checkpoint_step:
             reported = {**metrics, CHECKPOINT_SCORE: metrics[score_key]} if score_key else metrics
+            saving = time.perf_counter()
             save_and_report(engines, workload, storage, rank, step, reported, previous_checkpoint,
                             utilization.model_flops)
+            if rank == 0:
+                margin.after_save(time.perf_counter() - saving, logged.get("samples_per_s"),
+                                  config.trainer.global_batch_size)
             previous_checkpoint = checkpoint_name(step)
         elif evaluate and report_evaluations:
             import ray.train
@@ -607,6 +629,7 @@ def save_and_report(engines: EngineSet, workload: Workload, storage: RunStorage,
             engines.save(directory, client_state={"step": step, "workload": workload.state_dict(),
                                                   "model_flops": dataclasses.asdict(model_flops)})
             save_rng_state(directory, rank, engines.device)
+            write_manifest(directory, rank)
             ray.train.report(numeric_metrics(step, metrics), checkpoint=ray.train.Checkpoint.from_directory(directory),
                              checkpoint_dir_name=name)
     except OSError as err:

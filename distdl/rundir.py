@@ -33,7 +33,7 @@ METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_id"
 # A Slurm job's logs, written into the run directory before the run itself starts.
 SLURM_LOGS = "slurm"
-# A file whose presence asks a running run to checkpoint and stop (SIGUSR1 to the driver writes it).
+# A file whose presence asks a running run to checkpoint and stop (SIGUSR1 or SIGTERM to the driver writes it).
 STOP_REQUEST_FILE = "stop_request"
 # Ray Train's record of the checkpoints it holds complete, and which one a resume starts from.
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -466,7 +466,7 @@ class RunSummary(TypedDict, total=False):
     max_steps: int
     completed: bool  # reached max_steps (or the target loss) with every value finite
     stopped_at_loss_step: Optional[int]  # trainer.stop_at_loss reached at this log step
-    stopped_on_request_step: Optional[int]  # checkpointed and stopped on SIGUSR1 / the stop request
+    stopped_on_request_step: Optional[int]  # checkpointed and stopped on SIGUSR1 or SIGTERM (the stop request)
     non_finite_step: Optional[int]  # the first step whose loss or gradient norm was not finite
     world_size: int
     backend: Optional[str]  # the process group's: gloo or nccl
@@ -495,7 +495,7 @@ class Outcome(Enum):
 
     FINISHED = "finished"  # trained to trainer.max_steps with every value finite
     TARGET_REACHED = "target reached"  # trainer.stop_at_loss reached: finished early, by design
-    STOPPED = "stopped"  # checkpointed and stopped on request (SIGUSR1, the stop request): a rerun goes on
+    STOPPED = "stopped"  # checkpointed and stopped on request (SIGUSR1 or SIGTERM): a rerun goes on
     DIVERGED = "diverged"  # a loss or gradient norm was not finite; nothing after the last good checkpoint saved
     UNFINISHED = "unfinished"  # ended before its last step otherwise (trainer.stop_at_step)
     NO_SUMMARY = "no summary"  # the session wrote none (it never ended on its own)
@@ -532,6 +532,29 @@ def checkpoint_record(run_dir: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path} is damaged ({err}); Ray Train cannot tell which checkpoint is complete") from None
+
+
+def point_record_at(run_dir: Path, kept: dict[str, Any]) -> None:
+    """Make checkpoint result `kept` (one of Ray Train's record) the latest, dropping the later ones,
+    so that Ray Train resumes from it. Written whole (a temporary file renamed into place)."""
+    path = Path(run_dir) / RAY_SNAPSHOT
+    record = checkpoint_record(run_dir)
+    results, indices = record.get("checkpoint_results", []), record.get("checkpoint_report_indices", [])
+    keep = [position for position, result in enumerate(results)
+            if result["checkpoint_dir_name"] <= kept["checkpoint_dir_name"]]
+    record["checkpoint_results"] = [results[position] for position in keep]
+    if len(indices) == len(results):
+        record["checkpoint_report_indices"] = [indices[position] for position in keep]
+    record["latest_checkpoint_result"] = kept
+    _write_atomically(path, json.dumps(record, indent=2))
+
+
+def aside(run_dir: Path, name: str) -> str:
+    """Move a damaged checkpoint folder out of the run's checkpoints, kept for a look; its new name."""
+    target = Path(run_dir) / f"damaged-{name}"
+    shutil.rmtree(target, ignore_errors=True)
+    (Path(run_dir) / name).rename(target)
+    return target.name
 
 
 def back_up_snapshot(storage: RunStorage, recorded: str, timeout_s: float = 120.0) -> bool:

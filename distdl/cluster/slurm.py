@@ -156,6 +156,7 @@ def render_script(request: SlurmRequest, plan: JobPlan, workers_follow_nodes: bo
         "DISTDL_ON_SIGNAL": plan.on_signal,
         "DISTDL_RAY_PORT_BASE": "" if request.ray_port_base is None else str(request.ray_port_base),
         "DISTDL_WORKERS_PER_NODE": str(request.slots_per_node) if workers_follow_nodes else "",
+        "DISTDL_SIGNAL_SECONDS": str(request.signal_seconds),
     }
     header = ["#!/bin/bash", *directives(request, job_name(plan.run_name)), "",
               "# Set by distdl submit slurm.",

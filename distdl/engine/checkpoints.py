@@ -4,14 +4,17 @@ consolidation to fp32, resharding for another worker count, which checkpoint of 
 
 A checkpoint folder (`checkpoint_<step>`) holds DeepSpeed's own sharded files (`latest`, then
 `global_step<N>/` with the model states and each rank's ZeRO shards), one `rng_state_rank<r>.pt` per
-rank, and for a workload with several engines (a GAN) one such DeepSpeed folder per engine.
+rank, and for a workload with several engines (a GAN) one such DeepSpeed folder per engine. Each rank
+records the sha256 of every file it saved in `manifest_rank<r>.sha256`, which every reader checks.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -26,14 +29,18 @@ from distdl.rundir import (
     CHECKPOINT_SCORE,
     CONFIG_FILE,
     RunStorage,
+    aside,
     checkpoint_record,
     is_checkpoint,
     is_uri,
+    point_record_at,
     saved_config,
 )
 
 # Each rank's random state (torch's, and its own GPU's), beside DeepSpeed's files.
 RNG_FILE = "rng_state_rank{rank}.pt"
+# Each rank's record of the files it saved, in sha256sum's format: `sha256sum -c` checks one by hand.
+MANIFEST = "manifest_rank{rank}.sha256"
 
 
 def checkpoint_name(step: int) -> str:
@@ -81,6 +88,59 @@ def deepspeed_tag(step: int) -> str:
     return f"global_step{step}"
 
 
+# ----------------------------------------------------------------------------- integrity
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(2**22), b""):
+            digest.update(block)  # releases the GIL: files hash side by side in threads
+    return digest.hexdigest()
+
+
+def _sha256_of(paths: list[Path]) -> list[str]:
+    with ThreadPoolExecutor(max_workers=min(8, len(paths) or 1)) as pool:
+        return list(pool.map(file_sha256, paths))
+
+
+def write_manifest(directory: str | Path, rank: int) -> None:
+    """Record the sha256 of every file this rank saved into `directory`, its own checkpoint folder
+    (Ray Train merges the ranks' folders into the checkpoint)."""
+    directory = Path(directory)
+    manifests = MANIFEST.format(rank="*")
+    files = sorted(path for path in directory.rglob("*") if path.is_file() and not fnmatch.fnmatch(path.name, manifests))
+    lines = [f"{digest}  {path.relative_to(directory).as_posix()}\n" for path, digest in zip(files, _sha256_of(files))]
+    (directory / MANIFEST.format(rank=rank)).write_text("".join(lines))
+
+
+def verify_manifests(checkpoint_dir: str | Path, ranks: Optional[Collection[int]] = None) -> None:
+    """Every file the ranks' manifests list (`ranks`: only theirs) is there, with the sha256 it had
+    when it was saved; an error names the checkpoint and the file. A checkpoint saved before
+    manifests were written has none and passes."""
+    checkpoint_dir = Path(checkpoint_dir)
+    expected: dict[Path, tuple[str, str]] = {}
+    for manifest in sorted(checkpoint_dir.glob(MANIFEST.format(rank="*"))):
+        if ranks is not None and manifest.name not in {MANIFEST.format(rank=rank) for rank in ranks}:
+            continue
+        for line in manifest.read_text().splitlines():
+            digest, _, name = line.partition("  ")
+            relative = Path(name)
+            if not re.fullmatch(r"[0-9a-f]{64}", digest) or relative.is_absolute() or ".." in relative.parts:
+                raise CheckpointError(f"checkpoint {checkpoint_dir}: {manifest.name} is damaged (a line reads "
+                                      f"{line[:120]!r}; each must be a sha256 and a path inside the checkpoint)")
+            expected[checkpoint_dir / relative] = (digest, manifest.name)
+    missing = [path for path in expected if not path.is_file()]
+    if missing:
+        path = missing[0]
+        raise CheckpointError(f"checkpoint {checkpoint_dir} is incomplete: {path.relative_to(checkpoint_dir)} is "
+                              f"missing ({expected[path][1]} lists it)")
+    for path, digest in zip(expected, _sha256_of(list(expected))):
+        if digest != expected[path][0]:
+            raise CheckpointError(f"checkpoint {checkpoint_dir} is corrupted: {path.relative_to(checkpoint_dir)} "
+                                  f"does not match the sha256 {expected[path][1]} recorded when it was saved")
+
+
 # ----------------------------------------------------------------------------- DeepSpeed's files
 
 
@@ -98,16 +158,22 @@ def _tagged_model_states(checkpoint_dir: Path) -> tuple[Path, list[Path]]:
 
 
 def verify_checkpoint(checkpoint_dir: str | Path) -> None:
-    """Cheap integrity check before workers start: the tag exists and every torch file is a whole archive.
+    """Integrity check before workers start: every file has the sha256 it was saved with, the tag
+    exists and every torch file is a whole archive.
 
-    torch.save writes zip archives whose index sits at the end, so a truncated file fails to open.
+    torch.save writes zip archives whose index sits at the end, so a truncated file fails to open
+    (the check for checkpoints saved before the manifests).
     """
-    checkpoint_dir = Path(checkpoint_dir)
+    verify_manifests(checkpoint_dir)
+    _verify_archives(Path(checkpoint_dir))
+
+
+def _verify_archives(checkpoint_dir: Path) -> None:
     engine_dirs = _engine_folders(checkpoint_dir)
     if engine_dirs and engine_dirs != [checkpoint_dir]:
         # Several engines (a GAN): each saved into its own sub-folder.
         for engine_dir in engine_dirs:
-            verify_checkpoint(engine_dir)
+            _verify_archives(engine_dir)
         _check_archives(sorted(checkpoint_dir.glob("*.pt")), checkpoint_dir)
         return
     tag_dir, _ = _tagged_model_states(checkpoint_dir)
@@ -379,10 +445,12 @@ def find_checkpoint(run_dir: Path, which: str, kept: Optional[Collection[str]] =
 
 def resume_checkpoint(storage: RunStorage) -> Optional[str]:
     """The checkpoint a rerun of this run resumes from, checked before any worker starts; None when Ray
-    Train recorded none yet.
+    Train recorded none yet. A local checkpoint whose files do not match their manifests gives way
+    to the newest earlier one that does (`intact_checkpoint`).
 
-    On object storage it is not read back: an object is written whole or not at all, and Ray Train
-    records a checkpoint only once every rank's upload finished; its presence is checked."""
+    On object storage it is not read back here: an object is written whole or not at all, Ray Train
+    records a checkpoint only once every rank's upload finished, and the workers check the files
+    they download; its presence is checked."""
     if checkpoint_step(storage.local) is None:
         return None
     name = latest_checkpoint(storage.local).name
@@ -390,10 +458,46 @@ def resume_checkpoint(storage: RunStorage) -> Optional[str]:
         if name not in storage.checkpoints():
             raise CheckpointError(f"{storage.location(name)} is missing; Ray Train recorded it as the run's latest "
                                   "checkpoint")
-    else:
-        verify_checkpoint(storage.local / name)
-        check_tensors_only(storage.local / name)
+        return name
+    name = intact_checkpoint(storage, name)
+    check_tensors_only(storage.local / name)
     return name
+
+
+def intact_checkpoint(storage: RunStorage, latest: str) -> str:
+    """`latest` if it verifies; else the newest earlier checkpoint of Ray Train's record that does,
+    made the one Ray Train resumes from (the damaged ones moved aside, kept for a look). An error
+    names each checkpoint that failed when none verifies."""
+    failures = []
+    for result in [_latest_recorded(storage.local), *_earlier_results(storage.local, latest)]:
+        name = result["checkpoint_dir_name"]
+        try:
+            verify_checkpoint(storage.local / name)
+        except CheckpointError as err:
+            failures.append(str(err))
+            continue
+        if name != latest:
+            damaged = [aside(storage.local, result["checkpoint_dir_name"])
+                       for result in _later_results(storage.local, result)]
+            point_record_at(storage.local, result)
+            print(f"distdl: {failures[0]}. Resuming from {name}, the newest checkpoint whose files match their "
+                  f"manifests; moved aside: {', '.join(damaged)}", flush=True)
+        return name
+    raise CheckpointError("; ".join(failures) + ". No earlier checkpoint of the run verifies: start afresh "
+                          "(--overwrite), or from a copy of the run you trust")
+
+
+def _earlier_results(run_dir: Path, latest: str) -> list[dict[str, Any]]:
+    """Ray Train's records of the run's kept checkpoints before `latest`, newest first."""
+    results = [result for result in checkpoint_record(run_dir).get("checkpoint_results", [])
+               if result["checkpoint_dir_name"] != latest and (run_dir / result["checkpoint_dir_name"]).is_dir()]
+    return sorted(results, key=lambda result: result["checkpoint_dir_name"], reverse=True)
+
+
+def _later_results(run_dir: Path, kept: dict[str, Any]) -> list[dict[str, Any]]:
+    return [result for result in checkpoint_record(run_dir).get("checkpoint_results", [])
+            if result["checkpoint_dir_name"] > kept["checkpoint_dir_name"]
+            and (run_dir / result["checkpoint_dir_name"]).is_dir()]
 
 
 @dataclass(frozen=True)
@@ -411,7 +515,10 @@ def reshard_for_workers(storage: RunStorage, name: str, workers: int) -> Optiona
     if saved in (None, workers):
         return None
     stored = storage.file_names(name)
-    universal = reshard_checkpoint(storage.pull_checkpoint(name), workers)
+    folder = storage.pull_checkpoint(name)
+    if storage.remote:
+        verify_manifests(folder)  # a local one was checked before (resume_checkpoint)
+    universal = reshard_checkpoint(folder, workers)
     storage.push_new(name, stored)  # what resharding added (DeepSpeed copies some files with their times)
     return Reshard(saved, universal)
 
@@ -451,8 +558,11 @@ class TrainedState:
 
     @cached_property
     def checkpoint(self) -> Path:
-        """The checkpoint folder (once per node from object storage: the node's processes share it)."""
-        return self.storage.pull_checkpoint(self.name)
+        """The checkpoint folder (once per node from object storage: the node's processes share it),
+        its files checked against their manifests."""
+        folder = self.storage.pull_checkpoint(self.name)
+        verify_manifests(folder)
+        return folder
 
     def config(self, workload: Optional[str] = None) -> dict[str, Any]:
         """The run's saved config (of `workload`, when given: another is refused, naming the key)."""

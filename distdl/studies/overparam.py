@@ -112,6 +112,7 @@ class OverparamStudy(Study):
                            plots=figures, table=frame, summary={"distance_exponent": exponent})
 
 
+@torch.no_grad()
 def relative_distance(model: torch.nn.Module, initial: torch.nn.Module) -> float:
     """||W - W0|| / ||W0|| over the trained parameters."""
     pairs = [(p, q) for p, q in zip(model.parameters(), initial.parameters()) if q.requires_grad]

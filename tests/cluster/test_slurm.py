@@ -20,7 +20,7 @@ import pytest
 from distdl.cluster.slurm import SlurmRequest, check_request, render_script, scaling_overrides, time_limit_seconds
 from distdl.cluster.submit import plan_job
 from distdl.errors import ConfigError
-from tests.helpers.shared import QUIET, REPO
+from tests.helpers.shared import QUIET, REPO, wait_for
 
 TINY = REPO / "configs/bert/pretrain_tiny.yaml"
 HOSTILE = "it's a \"run\"; $(touch pwned) `touch pwned` & echo"
@@ -280,11 +280,6 @@ def job_field(job_id: str, field: str) -> str:
     return re.search(rf"\b{field}=(\S+)", shown).group(1)
 
 
-def wait_for(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(1.0)
 
 
 def job_tokens(job_id: str) -> set[str]:
@@ -312,7 +307,7 @@ ENDED_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 
 
 def wait_until_ended(job_id: str, run_dir: Path) -> None:
-    wait_for(lambda: job_field(job_id, "JobState") in ENDED_STATES, 600, f"job {job_id} to end")
+    wait_for(lambda: job_field(job_id, "JobState") in ENDED_STATES, 600, f"job {job_id} to end", poll_s=1.0)
     log = run_dir / "slurm" / f"slurm-{job_id}.out"
     assert job_field(job_id, "JobState") == "COMPLETED", log.read_text()[-3000:] if log.is_file() else "no job log"
 
@@ -340,7 +335,7 @@ def test_two_node_jobs_train_and_a_warned_job_requeues_and_resumes(slurm_cluster
     tokens = job_tokens(warned)
     subprocess.run(["scancel", "--signal=USR1", "--batch", warned], check=True)
     wait_for(lambda: job_field(warned, "Restarts") == "1" and job_field(warned, "JobState") == "PENDING", 300,
-             "the warned job to requeue")
+             "the warned job to requeue", poll_s=1.0)
     # Requeued onto fewer nodes: one this time (and one task, or Slurm cannot place the job's two).
     subprocess.run(["scontrol", "update", f"JobId={warned}", "NumNodes=1", "NumTasks=1"], check=True)
     release_requeue_hold(warned)

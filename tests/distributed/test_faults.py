@@ -22,7 +22,7 @@ from distdl.engine.checkpoints import checkpoint_step, latest_checkpoint, traine
 from distdl.errors import TrainingFailed
 from distdl.rundir import read_metrics, read_summary
 from tests.helpers.bert_runs import QUICKSTART, overrides, run
-from tests.helpers.shared import CORPUS
+from tests.helpers.shared import CORPUS, wait_for
 
 pytestmark = pytest.mark.distributed
 # bf16: a resumed, restarted or rerun run must equal the uninterrupted one in bf16 too.
@@ -60,12 +60,6 @@ def assert_same_final_weights(straight, other) -> None:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def wait_for(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.2)
 
 
 def alive(pid: int) -> bool:
@@ -190,6 +184,76 @@ def test_a_driver_killed_while_a_checkpoint_is_written_resumes_from_the_one_befo
                          *common)
     assert summary["steps"] == 12 and summary["completed"]
     # Step 12's line from the killed attempt was dropped and written again by the rerun.
+    assert [m["step"] for m in read_metrics(rerun.run_dir)] == [4, 8, 12]
+    assert_same_final_weights(straight_run, rerun)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_preempted_run_checkpoints_at_the_next_step_exits_3_and_its_rerun_ends_equal(straight_run, tmp_path, corpus,
+                                                                                      common, signum):
+    """SIGTERM (Kubernetes', a cloud's preemption) or SIGUSR1 (Slurm's warning) to `distdl train`: rank 0
+    takes the request in during step 6, every rank stops after step 7 (neither a log nor a checkpoint
+    step) with a checkpoint there, the driver exits with 3 ("resume me"), and the same command again
+    ends with the uninterrupted run's weights."""
+    name = f"preempted_{signal.Signals(signum).name}"
+    args = overrides(tmp_path, corpus, f"run.name={name}", "workload=bert_pretrain_paused_for_a_stop", *common)
+    config = load_config(QUICKSTART, args)
+    log_file = tmp_path / "driver.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded Ray, as a user's would be
+    driver = subprocess.Popen([sys.executable, "-m", "distdl.cli", "train", str(QUICKSTART), *args],
+                              stdout=log_file.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_for(lambda: (config.run_dir / "paused_pid").is_file() or driver.poll() is not None, 400,
+                 "rank 0 to reach step 6")
+        assert driver.poll() is None, log_file.read_text()[-3000:]
+        driver.send_signal(signum)
+        wait_for(lambda: "rank 0 saw the stop request" in log_file.read_text() or driver.poll() is not None, 60,
+                 "rank 0 to see the stop request")
+        (config.run_dir / "release").touch()
+        status = driver.wait(300)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    text = log_file.read_text()
+    assert status == 3, text[-3000:]
+    assert f"got {signal.Signals(signum).name}: checkpointing at the next step" in text
+    assert "stopped on request at step 7 with a checkpoint; run the same command to resume" in text
+    summary = read_summary(config.run_dir)
+    assert summary["stopped_on_request_step"] == 7 and summary["steps"] == 7 and not summary["completed"]
+    assert latest_checkpoint(config.run_dir).name == "checkpoint_00000007" and checkpoint_step(config.run_dir) == 7
+    rerun, summary = run(tmp_path, corpus, f"run.name={name}", "workload=bert_pretrain_paused_for_a_stop", *common)
+    assert summary["steps"] == 12 and summary["completed"] and summary["stopped_on_request_step"] is None
+    assert [m["step"] for m in read_metrics(rerun.run_dir)] == [4, 7, 8, 12]
+    assert_same_final_weights(straight_run, rerun)
+
+
+def test_a_flipped_byte_is_named_on_export_and_a_rerun_resumes_from_the_checkpoint_before(straight_run, tmp_path,
+                                                                                         corpus, common, capsys):
+    """A byte flipped in the middle of the latest checkpoint's model states (a tensor's bytes, which
+    torch.load would read without a word): `distdl export` names the checkpoint and the file, and the
+    rerun of the finished run names them, moves that checkpoint aside and trains again from step 6,
+    ending with the uninterrupted run's weights."""
+    from distdl.cli import main
+
+    config, summary = run(tmp_path, corpus, "run.name=flipped", *common)
+    assert summary["completed"] and sorted(config.run_storage.checkpoints()) == ["checkpoint_00000006",
+                                                                                 "checkpoint_00000012"]
+    states = config.run_dir / "checkpoint_00000012/global_step12/mp_rank_00_model_states.pt"
+    data = bytearray(states.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    states.write_bytes(bytes(data))
+    torch.load(states, weights_only=False)  # what went unnoticed before: the archive still loads
+    capsys.readouterr()
+    assert main(["export", str(config.run_dir), str(tmp_path / "export")]) == 2
+    said = capsys.readouterr().err
+    assert "checkpoint_00000012 is corrupted: global_step12/mp_rank_00_model_states.pt does not match the sha256 " \
+           "manifest_rank0.sha256 recorded when it was saved" in said, said
+    assert not (tmp_path / "export").exists()
+    rerun, summary = run(tmp_path, corpus, "run.name=flipped", *common)
+    said = capsys.readouterr().out
+    assert "Resuming from checkpoint_00000006, the newest checkpoint whose files match their manifests" in said, said
+    assert summary["steps"] == 12 and summary["completed"]
+    assert (rerun.run_dir / "damaged-checkpoint_00000012").is_dir()
     assert [m["step"] for m in read_metrics(rerun.run_dir)] == [4, 8, 12]
     assert_same_final_weights(straight_run, rerun)
 

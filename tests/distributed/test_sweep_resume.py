@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,16 +17,11 @@ import pytest
 from distdl.engine.checkpoints import latest_checkpoint
 from distdl.errors import ConfigError
 from distdl.rundir import read_metrics, read_summary
-from tests.helpers.shared import QUIET, REPO
+from tests.helpers.shared import QUIET, REPO, wait_for
 
 pytestmark = pytest.mark.distributed
 
 
-def wait_for(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 def recorded(run_dir: Path) -> bool:

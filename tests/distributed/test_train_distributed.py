@@ -152,14 +152,16 @@ def test_next_sentence_prediction_trains_exports_and_a_corrupted_checkpoint_is_n
     assert main(["export", str(config.run_dir), str(out)]) == 0
     model = BertForPreTraining.from_pretrained(out)
     assert model.cls.seq_relationship.out_features == 2
-    # The same run, its checkpoint then cut short as by a crash during the save: named before workers start.
+    # The same run, its only checkpoint then cut short as by a crash during the save: named before workers start.
     shard = next((latest_checkpoint(config.run_dir) / "global_step12").glob("*optim_states.pt"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     metrics_before = (config.run_dir / "metrics.jsonl").read_bytes()
     capsys.readouterr()
     # Resuming with the run's own saved config and a larger budget.
     assert main(["train", str(config.run_dir / "config.yaml"), "trainer.max_steps=16"]) == 2
-    assert f"checkpoint file {shard} is corrupted" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert f"checkpoint {shard.parent.parent} is corrupted: global_step12/{shard.name} does not match the sha256" \
+           in said and "No earlier checkpoint of the run verifies" in said, said
     assert (config.run_dir / "metrics.jsonl").read_bytes() == metrics_before, "nothing the run had is touched"
 
 

@@ -86,6 +86,22 @@ class BertPretrainKilledWhileSaving(CountingBertPretrain):
             storage._pyarrow_fs_copy_files = upload_then_hang
 
 
+@WORKLOADS.register("bert_pretrain_paused_for_a_stop")
+class BertPretrainPausedForAStop(CountingBertPretrain):
+    """Rank 0 writes its pid at micro-batch 6 and waits there until the test creates `release` (after
+    signalling the driver and seeing rank 0 take the stop request in), so the step the run stops at is known."""
+
+    def before_micro_batch(self, micro_batch):
+        if micro_batch == 6 and self.context.rank == 0 and self.first_time("paused_for_a_stop"):
+            (self.context.run_dir / "paused_pid").write_text(f"{os.getpid()}\n")
+            release = self.context.run_dir / "release"
+            deadline = time.monotonic() + WAIT_TO_BE_KILLED_S
+            while not release.exists():
+                if time.monotonic() > deadline:
+                    os._exit(1)
+                time.sleep(0.05)
+
+
 @WORKLOADS.register("bert_pretrain_fills_storage")
 class BertPretrainFillsStorage(CountingBertPretrain):
     """At micro-batch 10 rank 0 fills the storage filesystem, as another job might, leaving 256 KiB:
