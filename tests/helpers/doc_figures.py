@@ -288,6 +288,13 @@ PINS: list[tuple[str, str, Render]] = [
 ]
 
 
+PINS += [
+    # stop_question.py
+    (BENCH, "stop_question_cpu.json", lambda r: "rounds with and without the question (medians of {} rounds of {} steps): {:.2f} ms "
+     "a step without it, {:.2f} ms with it, ratio {:.3f} (about {:.1f} ms a step).".format(
+         r["settings"]["rounds"], r["settings"]["steps_per_round"], r["step_ms"]["without_question"],
+         r["step_ms"]["with_question"], r["ratio_with_to_without"], r["question_us_per_step"] / 1000)),
+]
 STUDIES_DOC = "docs/studies.md"
 SCALING = "studies/scaling-mnist5k/results.json"
 PINS += [
