@@ -41,7 +41,8 @@ class DeferredAnyRank:
     (gloo) it runs in gloo's own thread, and reading waits for it to finish."""
 
     def __init__(self, flag: bool, device: torch.device) -> None:
-        self._value = torch.tensor(float(flag), device=device)
+        # torch.full launches a fill; torch.tensor(flag, device=cuda) would wait for the queued step.
+        self._value = torch.full((), float(flag), device=device)
         self._work = dist.all_reduce(self._value, async_op=True) if distributed() else None
         self._event = None
         if device.type == "cuda":

@@ -259,8 +259,18 @@ class StopSignals:
         self.storage, self.replaced = storage, {}
 
     def request_stop(self, signum: int, _frame: Any) -> None:
-        name = signal.Signals(signum).name
-        self.storage.write_text(STOP_REQUEST_FILE, f"{name} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        # A handler runs between two bytecodes of whatever the main thread does (Ray's wait for the
+        # run): it must not raise into it, nor print while a print may be under way. A thread of its
+        # own writes the request.
+        threading.Thread(target=self.write_request, args=(signal.Signals(signum).name,), daemon=True).start()
+
+    def write_request(self, name: str) -> None:
+        try:
+            self.storage.write_text(STOP_REQUEST_FILE, f"{name} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        except (OSError, RunDirError) as err:
+            print(f"distdl: got {name} but could not write the stop request {STOP_REQUEST_FILE} ({err}); the run "
+                  "goes on", file=sys.stderr, flush=True)
+            return
         print(f"distdl: got {name}: checkpointing at the next step, then stopping", flush=True)
 
     def take(self) -> None:

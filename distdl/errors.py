@@ -19,6 +19,11 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing files or cannot be read."""
 
 
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint's files are shown to differ from what was saved (a sha256 that does not match, a
+    listed file missing, an archive cut short): not a read that failed and may succeed again."""
+
+
 class ClusterError(UserError, RuntimeError):
     """A cluster to submit to or join cannot be used: unreachable, refusing us, or missing a tool."""
 

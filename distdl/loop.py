@@ -181,17 +181,29 @@ def start(engines: EngineSet, workload: Workload, seed: int, rank: int,
 
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as directory:
+            verify_on_each_node(Path(directory))
             return resume(engines, workload, seed, rank, Path(directory))
     if start_from is not None:
+        verify_on_each_node(Path(start_from))
         return resume(engines, workload, seed, rank, Path(start_from), own_hyperparameters=True)
     return fresh_start(engines, workload, seed, rank), None
 
 
+def verify_on_each_node(directory: Path) -> None:
+    """The checkpoint's files against their manifests, once per node: every rank reads most of them
+    (DeepSpeed loads every rank's ZeRO-1/2 shards), and a node's ranks share one copy (Ray Train
+    downloads a checkpoint on object storage once per node)."""
+    import ray.train
+
+    if ray.train.get_context().get_local_rank() == 0:
+        verify_manifests(directory)
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def resume(engines: EngineSet, workload: Workload, seed: int, rank: int, directory: Path,
            own_hyperparameters: bool = False) -> tuple[int, Optional[ModelFlops]]:
-    """Load a checkpoint, once the files this rank reads (rank 0's and its own) match their manifests;
-    the step it was saved at and the model FLOPs the run counted."""
-    verify_manifests(directory, ranks={0, rank})
+    """Load a checkpoint; the step it was saved at and the model FLOPs the run counted."""
     client_state = engines.load(directory, own_hyperparameters)
     workload.load_state_dict(client_state.get("workload", {}))
     # The loop's step (a GAN's engines may step different numbers of times).
@@ -365,6 +377,7 @@ class StopRules:
         # The window's loss is all-reduced, so every rank decides alike.
         if self.target_loss is not None and metrics.get("loss", float("inf")) <= self.target_loss:
             self.at_loss = schedule.stop = step
+            schedule.evaluate_at_stop = True  # a completed run evaluates, whatever else asked it to stop
 
     def diverged(self, watch: FiniteWatch, device: torch.device) -> bool:
         """Whether any rank saw a non-finite value since the last check (a collective)."""
@@ -629,7 +642,7 @@ def save_and_report(engines: EngineSet, workload: Workload, storage: RunStorage,
             engines.save(directory, client_state={"step": step, "workload": workload.state_dict(),
                                                   "model_flops": dataclasses.asdict(model_flops)})
             save_rng_state(directory, rank, engines.device)
-            write_manifest(directory, rank)
+            write_manifest(directory, rank, world_size())
             ray.train.report(numeric_metrics(step, metrics), checkpoint=ray.train.Checkpoint.from_directory(directory),
                              checkpoint_dir_name=name)
     except OSError as err:

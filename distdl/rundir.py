@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from distdl.errors import ConfigError, RunDirError
+from distdl.errors import CheckpointDamaged, ConfigError, RunDirError
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
@@ -534,25 +534,42 @@ def checkpoint_record(run_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is damaged ({err}); Ray Train cannot tell which checkpoint is complete") from None
 
 
+# Ray Train's record as it was before a resume fell back from damaged checkpoints (for a look).
+RECORD_BEFORE_FALLBACK = "checkpoint_manager_snapshot.before-fallback.json"
+
+
 def point_record_at(run_dir: Path, kept: dict[str, Any]) -> None:
-    """Make checkpoint result `kept` (one of Ray Train's record) the latest, dropping the later ones,
-    so that Ray Train resumes from it. Written whole (a temporary file renamed into place)."""
+    """Make checkpoint result `kept` (one of Ray Train's record) the latest, dropping the later ones
+    (pending ones too), so that Ray Train resumes from it. The record is written whole (a temporary
+    file renamed into place); the one it replaces is kept beside it."""
     path = Path(run_dir) / RAY_SNAPSHOT
     record = checkpoint_record(run_dir)
+    shutil.copyfile(path, Path(run_dir) / RECORD_BEFORE_FALLBACK)
+
+    def kept_or_earlier(result: dict[str, Any]) -> bool:
+        return result.get("checkpoint_dir_name", "") <= kept["checkpoint_dir_name"]
+
     results, indices = record.get("checkpoint_results", []), record.get("checkpoint_report_indices", [])
-    keep = [position for position, result in enumerate(results)
-            if result["checkpoint_dir_name"] <= kept["checkpoint_dir_name"]]
+    keep = [position for position, result in enumerate(results) if kept_or_earlier(result)]
     record["checkpoint_results"] = [results[position] for position in keep]
     if len(indices) == len(results):
         record["checkpoint_report_indices"] = [indices[position] for position in keep]
+    record["pending_training_results"] = [pending for pending in record.get("pending_training_results", [])
+                                          if kept_or_earlier(pending)]
     record["latest_checkpoint_result"] = kept
     _write_atomically(path, json.dumps(record, indent=2))
 
 
 def aside(run_dir: Path, name: str) -> str:
-    """Move a damaged checkpoint folder out of the run's checkpoints, kept for a look; its new name."""
+    """Move a damaged checkpoint folder out of the run's checkpoints, kept for a look (an earlier one
+    moved aside under the same name is kept too); its new name."""
+    if Path(name).name != name or not is_checkpoint(name):
+        raise CheckpointDamaged(f"{RAY_SNAPSHOT} names {name!r}, which is not a checkpoint folder of {run_dir}")
     target = Path(run_dir) / f"damaged-{name}"
-    shutil.rmtree(target, ignore_errors=True)
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = Path(run_dir) / f"damaged-{name}.{suffix}"
     (Path(run_dir) / name).rename(target)
     return target.name
 

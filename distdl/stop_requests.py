@@ -28,10 +28,11 @@ SIGNAL_SAFETY = 1.5
 
 
 def stop_requested(storage: RunStorage) -> bool:
-    """Whether the run's stop request is there; a store that fails to answer once is not a request."""
+    """Whether the run's stop request is there; a look that fails (a flaky filesystem's EIO or ESTALE,
+    a store that hangs up) is not a request, and the watch looks again."""
     try:
         return storage.exists(STOP_REQUEST_FILE)
-    except RunDirError as err:
+    except (RunDirError, OSError) as err:
         warnings.warn(f"could not look for a stop request: {err}")
         return False
 
@@ -64,7 +65,8 @@ class StopRequestWatch:
 
     def close(self) -> None:
         self._closed.set()
-        self._thread.join()
+        # A look at object storage that hangs must not hold the worker: the thread is a daemon.
+        self._thread.join(timeout=30)
 
 
 @contextlib.contextmanager

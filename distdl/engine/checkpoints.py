@@ -23,7 +23,7 @@ from typing import Any, Collection, Optional
 import torch
 
 from distdl.engine.safe_loading import check_tensors_only, load_tensors, refused, tensors_only
-from distdl.errors import CheckpointError, ConfigError
+from distdl.errors import CheckpointDamaged, CheckpointError, ConfigError
 from distdl.rundir import (
     CHECKPOINT_PREFIX,
     CHECKPOINT_SCORE,
@@ -39,8 +39,10 @@ from distdl.rundir import (
 
 # Each rank's random state (torch's, and its own GPU's), beside DeepSpeed's files.
 RNG_FILE = "rng_state_rank{rank}.pt"
-# Each rank's record of the files it saved, in sha256sum's format: `sha256sum -c` checks one by hand.
-MANIFEST = "manifest_rank{rank}.sha256"
+# Each rank's record of the files it saved, in sha256sum's format (`sha256sum -c` checks one by hand);
+# its name holds the world size, so that a checkpoint missing a rank's files and manifest is seen.
+MANIFEST = "manifest_rank{rank}_of_{world}.sha256"
+_MANIFEST_NAME = re.compile(r"manifest_rank(\d+)_of_(\d+)\.sha256$")
 
 
 def checkpoint_name(step: int) -> str:
@@ -104,41 +106,56 @@ def _sha256_of(paths: list[Path]) -> list[str]:
         return list(pool.map(file_sha256, paths))
 
 
-def write_manifest(directory: str | Path, rank: int) -> None:
+def write_manifest(directory: str | Path, rank: int, world_size: int) -> None:
     """Record the sha256 of every file this rank saved into `directory`, its own checkpoint folder
     (Ray Train merges the ranks' folders into the checkpoint)."""
     directory = Path(directory)
-    manifests = MANIFEST.format(rank="*")
-    files = sorted(path for path in directory.rglob("*") if path.is_file() and not fnmatch.fnmatch(path.name, manifests))
+    files = sorted(path for path in directory.rglob("*") if path.is_file() and not _MANIFEST_NAME.match(path.name))
     lines = [f"{digest}  {path.relative_to(directory).as_posix()}\n" for path, digest in zip(files, _sha256_of(files))]
-    (directory / MANIFEST.format(rank=rank)).write_text("".join(lines))
+    (directory / MANIFEST.format(rank=rank, world=world_size)).write_text("".join(lines))
 
 
-def verify_manifests(checkpoint_dir: str | Path, ranks: Optional[Collection[int]] = None) -> None:
-    """Every file the ranks' manifests list (`ranks`: only theirs) is there, with the sha256 it had
-    when it was saved; an error names the checkpoint and the file. A checkpoint saved before
-    manifests were written has none and passes."""
+def verify_manifests(checkpoint_dir: str | Path) -> None:
+    """Every rank's manifest is there, and every file they list, with the sha256 it had when it was
+    saved; `CheckpointDamaged` names the checkpoint and the file. A checkpoint saved before manifests
+    were written has none and passes."""
     checkpoint_dir = Path(checkpoint_dir)
+    expected = _listed_files(checkpoint_dir)
+    missing = [path for path in expected if not path.is_file()]
+    if missing:
+        path = missing[0]
+        raise CheckpointDamaged(f"checkpoint {checkpoint_dir} is incomplete: {path.relative_to(checkpoint_dir)} is "
+                                f"missing ({expected[path][1]} lists it)")
+    try:
+        digests = _sha256_of(list(expected))
+    except OSError as err:  # a read that failed, which may succeed again: not evidence of damage
+        raise CheckpointError(f"could not read checkpoint {checkpoint_dir} to check it ({err})") from err
+    for path, digest in zip(expected, digests):
+        if digest != expected[path][0]:
+            raise CheckpointDamaged(f"checkpoint {checkpoint_dir} is corrupted: {path.relative_to(checkpoint_dir)} "
+                                    f"does not match the sha256 {expected[path][1]} recorded when it was saved")
+
+
+def _listed_files(checkpoint_dir: Path) -> dict[Path, tuple[str, str]]:
+    """Each file the manifests list, with its sha256 and the manifest's name; the manifests of every
+    rank of the world size they name must be there."""
+    manifests = {int(match[1]): (int(match[2]), path) for path in sorted(checkpoint_dir.iterdir())
+                 if (match := _MANIFEST_NAME.match(path.name))} if checkpoint_dir.is_dir() else {}
+    worlds = {world for world, _ in manifests.values()}
+    if manifests and (len(worlds) != 1 or set(manifests) != set(range(worlds.pop()))):
+        saved = sorted(path.name for _, path in manifests.values())
+        raise CheckpointDamaged(f"checkpoint {checkpoint_dir} is incomplete: its manifests ({', '.join(saved)}) "
+                                "are not one for each rank of one world size")
     expected: dict[Path, tuple[str, str]] = {}
-    for manifest in sorted(checkpoint_dir.glob(MANIFEST.format(rank="*"))):
-        if ranks is not None and manifest.name not in {MANIFEST.format(rank=rank) for rank in ranks}:
-            continue
+    for _, manifest in manifests.values():
         for line in manifest.read_text().splitlines():
             digest, _, name = line.partition("  ")
             relative = Path(name)
             if not re.fullmatch(r"[0-9a-f]{64}", digest) or relative.is_absolute() or ".." in relative.parts:
-                raise CheckpointError(f"checkpoint {checkpoint_dir}: {manifest.name} is damaged (a line reads "
-                                      f"{line[:120]!r}; each must be a sha256 and a path inside the checkpoint)")
+                raise CheckpointDamaged(f"checkpoint {checkpoint_dir}: {manifest.name} is damaged (a line reads "
+                                        f"{line[:120]!r}; each must be a sha256 and a path inside the checkpoint)")
             expected[checkpoint_dir / relative] = (digest, manifest.name)
-    missing = [path for path in expected if not path.is_file()]
-    if missing:
-        path = missing[0]
-        raise CheckpointError(f"checkpoint {checkpoint_dir} is incomplete: {path.relative_to(checkpoint_dir)} is "
-                              f"missing ({expected[path][1]} lists it)")
-    for path, digest in zip(expected, _sha256_of(list(expected))):
-        if digest != expected[path][0]:
-            raise CheckpointError(f"checkpoint {checkpoint_dir} is corrupted: {path.relative_to(checkpoint_dir)} "
-                                  f"does not match the sha256 {expected[path][1]} recorded when it was saved")
+    return expected
 
 
 # ----------------------------------------------------------------------------- DeepSpeed's files
@@ -148,12 +165,12 @@ def _tagged_model_states(checkpoint_dir: Path) -> tuple[Path, list[Path]]:
     """The tag folder `latest` points at and its model-state files; an error names what is missing."""
     tag_file = checkpoint_dir / "latest"
     if not tag_file.is_file():
-        raise CheckpointError(f"checkpoint {checkpoint_dir} is corrupted or not a DeepSpeed checkpoint: "
-                              "it has no 'latest' file")
+        raise CheckpointDamaged(f"checkpoint {checkpoint_dir} is corrupted or not a DeepSpeed checkpoint: "
+                                "it has no 'latest' file")
     tag_dir = checkpoint_dir / tag_file.read_text().strip()
     model_files = sorted(tag_dir.glob("*model_states.pt"))
     if not model_files:
-        raise CheckpointError(f"checkpoint {checkpoint_dir} is corrupted: {tag_dir.name}/ has no model states")
+        raise CheckpointDamaged(f"checkpoint {checkpoint_dir} is corrupted: {tag_dir.name}/ has no model states")
     return tag_dir, model_files
 
 
@@ -187,9 +204,11 @@ def _check_archives(files: list[Path], checkpoint_dir: Path) -> None:
         try:
             with zipfile.ZipFile(file) as archive:
                 archive.namelist()
-        except (zipfile.BadZipFile, OSError) as err:
-            raise CheckpointError(f"checkpoint file {file} is corrupted ({err}); the run cannot resume from "
-                                  f"{checkpoint_dir.name}") from err
+        except zipfile.BadZipFile as err:
+            raise CheckpointDamaged(f"checkpoint file {file} is corrupted ({err}); the run cannot resume from "
+                                    f"{checkpoint_dir.name}") from err
+        except OSError as err:  # a read that failed, which may succeed again
+            raise CheckpointError(f"could not read checkpoint file {file} ({err})") from err
 
 
 def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -473,17 +492,17 @@ def intact_checkpoint(storage: RunStorage, latest: str) -> str:
         name = result["checkpoint_dir_name"]
         try:
             verify_checkpoint(storage.local / name)
-        except CheckpointError as err:
+        except CheckpointDamaged as err:  # a read that failed for another reason is raised, not fallen back from
             failures.append(str(err))
             continue
         if name != latest:
-            damaged = [aside(storage.local, result["checkpoint_dir_name"])
-                       for result in _later_results(storage.local, result)]
-            point_record_at(storage.local, result)
+            later = _later_results(storage.local, result)
+            point_record_at(storage.local, result)  # first: the record never names a folder moved aside
+            damaged = [aside(storage.local, result["checkpoint_dir_name"]) for result in later]
             print(f"distdl: {failures[0]}. Resuming from {name}, the newest checkpoint whose files match their "
                   f"manifests; moved aside: {', '.join(damaged)}", flush=True)
         return name
-    raise CheckpointError("; ".join(failures) + ". No earlier checkpoint of the run verifies: start afresh "
+    raise CheckpointDamaged("; ".join(failures) + ". No earlier checkpoint of the run verifies: start afresh "
                           "(--overwrite), or from a copy of the run you trust")
 
 

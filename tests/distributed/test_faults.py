@@ -247,7 +247,7 @@ def test_a_flipped_byte_is_named_on_export_and_a_rerun_resumes_from_the_checkpoi
     assert main(["export", str(config.run_dir), str(tmp_path / "export")]) == 2
     said = capsys.readouterr().err
     assert "checkpoint_00000012 is corrupted: global_step12/mp_rank_00_model_states.pt does not match the sha256 " \
-           "manifest_rank0.sha256 recorded when it was saved" in said, said
+           "manifest_rank0_of_2.sha256 recorded when it was saved" in said, said
     assert not (tmp_path / "export").exists()
     rerun, summary = run(tmp_path, corpus, "run.name=flipped", *common)
     said = capsys.readouterr().out

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from distdl.collectives import DeferredAnyRank
-from distdl.driver import STOP_SIGNALS, stop_on_signal
+from distdl.driver import STOP_SIGNALS, StopSignals, stop_on_signal
 from distdl.loop import Schedule, StopRules
 from distdl.rundir import STOP_REQUEST_FILE, RunStorage
 from distdl.stop_requests import POLL_S, StopRequestWatch, signal_margin, stop_request_watch
@@ -81,17 +81,32 @@ def test_a_stop_signal_during_a_run_writes_the_request_and_the_handlers_are_give
     storage = RunStorage(tmp_path)
     (tmp_path / STOP_REQUEST_FILE).write_text("left by an earlier session\n")
     before = signal.getsignal(signum)
-    with stop_on_signal(storage) as signals:
-        assert not (tmp_path / STOP_REQUEST_FILE).exists(), "an earlier session's request is dropped"
-        # ray.init puts its own SIGTERM handler in place (exit at once); connecting takes the signals back.
-        signals.connecting(lambda config: signal.signal(signal.SIGTERM, signal.SIG_DFL))(None)
-        os.kill(os.getpid(), signum)
-        wait_for((tmp_path / STOP_REQUEST_FILE).exists, 10, "the request file")
-    assert (tmp_path / STOP_REQUEST_FILE).read_text().startswith(signal.Signals(signum).name)
-    assert f"got {signal.Signals(signum).name}: checkpointing at the next step" in capsys.readouterr().out
-    # The handler found when taking the signal back (Ray's, here SIG_DFL for SIGTERM) is restored.
-    assert signal.getsignal(signum) == (signal.SIG_DFL if signum == signal.SIGTERM else before)
-    signal.signal(signum, before)
+
+    def rays_handler(signum, frame):  # what ray.init puts in place for SIGTERM: exit at once
+        raise SystemExit(signum)
+
+    try:
+        with stop_on_signal(storage) as signals:
+            assert not (tmp_path / STOP_REQUEST_FILE).exists(), "an earlier session's request is dropped"
+            # Connecting lets Ray take SIGTERM; the signals are taken back after it.
+            signals.connecting(lambda config: signal.signal(signal.SIGTERM, rays_handler))(None)
+            os.kill(os.getpid(), signum)
+            wait_for(lambda: (tmp_path / STOP_REQUEST_FILE).exists()
+                     and "checkpointing at the next step" in capsys.readouterr().out, 10, "the request file")
+        assert (tmp_path / STOP_REQUEST_FILE).read_text().startswith(signal.Signals(signum).name)
+        # Given back: Ray's SIGTERM handler, found when the signals were taken again; SIGUSR1's own.
+        assert signal.getsignal(signum) is (rays_handler if signum == signal.SIGTERM else before)
+    finally:
+        signal.signal(signum, before)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if signum != signal.SIGTERM else before)
+
+
+def test_a_request_that_cannot_be_written_is_said_and_the_run_goes_on(tmp_path, capsys):
+    blocked = tmp_path / "run"
+    blocked.write_text("a file where the run directory should be: the write fails\n")
+    signals = StopSignals(RunStorage(blocked))
+    signals.write_request("SIGTERM")
+    assert "got SIGTERM but could not write the stop request" in capsys.readouterr().err
 
 
 def test_the_job_log_warns_when_slurms_warning_leaves_too_little_time():
