@@ -5,7 +5,7 @@ consolidation to fp32, resharding for another worker count, which checkpoint of 
 A checkpoint folder (`checkpoint_<step>`) holds DeepSpeed's own sharded files (`latest`, then
 `global_step<N>/` with the model states and each rank's ZeRO shards), one `rng_state_rank<r>.pt` per
 rank, and for a workload with several engines (a GAN) one such DeepSpeed folder per engine. Each rank
-records the sha256 of every file it saved in `manifest_rank<r>.sha256`, which every reader checks.
+records the sha256 of every file it saved in `manifest_rank<r>_of_<n>.sha256` (n: the world size), which every reader checks.
 """
 
 from __future__ import annotations
